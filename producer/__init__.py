@@ -1,0 +1,50 @@
+"""Wire contract and publisher for identity-verification requests."""
+
+from __future__ import annotations
+
+from producer.envelope import (
+    HEADER_MESSAGE_ID,
+    HEADER_OPERATION,
+    HEADER_SCHEMA_VERSION,
+    MAX_ID_LENGTH,
+    MAX_MESSAGE_BYTES,
+    OPERATIONS,
+    SCHEMA_VERSION,
+    Envelope,
+    Operation,
+    decode,
+    encode,
+    get_operation,
+    register_operation,
+)
+from producer.errors import (
+    EnvelopeError,
+    EnvelopeTooLarge,
+    PublishError,
+    UnknownOperation,
+    VerificationError,
+)
+from producer.ids import new_message_id, uuid7
+
+__all__ = [
+    "HEADER_MESSAGE_ID",
+    "HEADER_OPERATION",
+    "HEADER_SCHEMA_VERSION",
+    "MAX_ID_LENGTH",
+    "MAX_MESSAGE_BYTES",
+    "OPERATIONS",
+    "SCHEMA_VERSION",
+    "Envelope",
+    "EnvelopeError",
+    "EnvelopeTooLarge",
+    "Operation",
+    "PublishError",
+    "UnknownOperation",
+    "VerificationError",
+    "decode",
+    "encode",
+    "get_operation",
+    "new_message_id",
+    "register_operation",
+    "uuid7",
+]

@@ -1,0 +1,260 @@
+"""The wire contract: the JSON envelope of one verification request.
+
+A request travels as one Kafka record:
+
+* **value** – the envelope, a JSON object encoded with orjson::
+
+      {"schema_version": 1,
+       "message_id": "01936f0e-...",          # the idempotency anchor, 1..128 chars
+       "operation": "aml_screening",           # a name from OPERATIONS
+       "subject_id": "applicant-42",           # also the Kafka key
+       "correlation_id": "checkout-9",          # optional, for tracing upstream
+       "created_at": "2026-11-28T22:00:00.123Z",
+       "request": {...}}                        # the body sent to the provider
+
+* **key** – ``subject_id`` in UTF-8, so one applicant's requests share a partition and stay ordered.
+* **headers** – ``idv-message-id``, ``idv-operation``, ``idv-schema-version``. When the header
+  ``idv-message-id`` is present it must equal the envelope's ``message_id``.
+
+Unknown top-level fields are ignored (a newer producer may add some); an unknown
+``schema_version`` is rejected. Errors name the field and never echo field values, since
+requests carry personal data.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from producer.errors import EnvelopeError, EnvelopeTooLarge, UnknownOperation
+
+__all__ = [
+    "HEADER_MESSAGE_ID",
+    "HEADER_OPERATION",
+    "HEADER_SCHEMA_VERSION",
+    "MAX_ID_LENGTH",
+    "MAX_MESSAGE_BYTES",
+    "OPERATIONS",
+    "SCHEMA_VERSION",
+    "Envelope",
+    "Operation",
+    "decode",
+    "encode",
+    "get_operation",
+    "register_operation",
+]
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_ID_LENGTH = 128
+MAX_SUBJECT_LENGTH = 256
+MAX_CORRELATION_LENGTH = 256
+
+HEADER_MESSAGE_ID = "idv-message-id"
+HEADER_OPERATION = "idv-operation"
+HEADER_SCHEMA_VERSION = "idv-schema-version"
+
+# Printable, URL- and header-safe; covers UUIDs, ULIDs and most upstream business IDs.
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]*")
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """A kind of request and where the provider takes it.
+
+    ``required`` lists request fields that must be non-empty strings; the provider validates the
+    rest (its 4xx answers are recorded as outcomes, not retried).
+    """
+
+    name: str
+    path: str
+    required: tuple[str, ...] = ()
+    # The response field whose value is the provider's reference for the created object.
+    reference_field: str = "request_id"
+
+
+OPERATIONS: dict[str, Operation] = {}
+
+
+def register_operation(operation: Operation) -> Operation:
+    """Add an operation to the registry (the set is extensible); returns it."""
+    if not _ID_RE.fullmatch(operation.name):
+        raise ValueError(f"invalid operation name {operation.name!r}")
+    if not operation.path.startswith("/"):
+        raise ValueError("operation path must start with '/'")
+    OPERATIONS[operation.name] = operation
+    return operation
+
+
+def get_operation(name: str) -> Operation:
+    try:
+        return OPERATIONS[name]
+    except KeyError:
+        raise UnknownOperation(name) from None
+
+
+register_operation(Operation("create_session", "/v3/session/", ("workflow_id",), "session_id"))
+register_operation(Operation("id_verification", "/v3/id-verification/", ("document_type", "front_image")))
+register_operation(Operation("aml_screening", "/v3/aml/", ("full_name",)))
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    message_id: str
+    operation: str
+    subject_id: str
+    request: Mapping[str, Any]
+    created_at: str = field(default_factory=_now_iso)
+    correlation_id: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        validate_fields(
+            {
+                "schema_version": self.schema_version,
+                "message_id": self.message_id,
+                "operation": self.operation,
+                "subject_id": self.subject_id,
+                "correlation_id": self.correlation_id,
+                "created_at": self.created_at,
+                "request": self.request,
+            }
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "schema_version": self.schema_version,
+            "message_id": self.message_id,
+            "operation": self.operation,
+            "subject_id": self.subject_id,
+            "created_at": self.created_at,
+            "request": self.request,
+        }
+        if self.correlation_id is not None:
+            out["correlation_id"] = self.correlation_id
+        return out
+
+    @property
+    def key(self) -> bytes:
+        """The Kafka record key."""
+        return self.subject_id.encode()
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [
+            (HEADER_MESSAGE_ID, self.message_id.encode()),
+            (HEADER_OPERATION, self.operation.encode()),
+            (HEADER_SCHEMA_VERSION, str(self.schema_version).encode()),
+        ]
+
+
+def _invalid(detail: str) -> EnvelopeError:
+    return EnvelopeError("invalid_envelope", detail)
+
+
+def _check_id(name: str, value: object, limit: int, *, missing_reason: str = "invalid_envelope") -> str:
+    if value is None or value == "":
+        raise EnvelopeError(missing_reason, f"{name} is missing or empty")
+    if not isinstance(value, str):
+        raise _invalid(f"{name} must be a string, got {type(value).__name__}")
+    if len(value) > limit:
+        raise _invalid(f"{name} is {len(value)} characters, limit is {limit}")
+    if not _ID_RE.fullmatch(value):
+        raise _invalid(f"{name} has characters outside [A-Za-z0-9._:@/+=-] or starts with a symbol")
+    return value
+
+
+def validate_fields(obj: Mapping[str, Any]) -> None:
+    """Check a decoded envelope object; raise :class:`EnvelopeError` naming the first bad field."""
+    version = obj.get("schema_version")
+    if type(version) is not int:
+        raise _invalid("schema_version must be an integer")
+    if version != SCHEMA_VERSION:
+        raise _invalid(f"unsupported schema_version {version}, this build reads {SCHEMA_VERSION}")
+    _check_id("message_id", obj.get("message_id"), MAX_ID_LENGTH, missing_reason="missing_message_id")
+    op_name = obj.get("operation")
+    if not isinstance(op_name, str) or not op_name:
+        raise _invalid("operation must be a non-empty string")
+    operation = get_operation(op_name)
+    _check_id("subject_id", obj.get("subject_id"), MAX_SUBJECT_LENGTH)
+    correlation = obj.get("correlation_id")
+    if correlation is not None:
+        if not isinstance(correlation, str) or len(correlation) > MAX_CORRELATION_LENGTH:
+            raise _invalid(f"correlation_id must be a string of at most {MAX_CORRELATION_LENGTH} characters")
+    created = obj.get("created_at")
+    if not isinstance(created, str) or len(created) > 64:
+        raise _invalid("created_at must be an ISO 8601 timestamp string")
+    try:
+        parsed = datetime.fromisoformat(created)
+    except ValueError:
+        raise _invalid("created_at is not an ISO 8601 timestamp") from None
+    if parsed.tzinfo is None:
+        raise _invalid("created_at must carry a UTC offset")
+    request = obj.get("request")
+    if not isinstance(request, Mapping):
+        raise _invalid("request must be a JSON object")
+    for name in operation.required:
+        value = request.get(name)
+        if not isinstance(value, str) or not value:
+            raise _invalid(f"request.{name} is required for {operation.name} and must be a non-empty string")
+
+
+def encode(envelope: Envelope, *, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
+    data = orjson.dumps(envelope.to_dict())
+    if len(data) > max_bytes:
+        raise EnvelopeTooLarge(len(data), max_bytes)
+    return data
+
+
+def _header(headers: Iterable[tuple[str, bytes]] | None, name: str) -> bytes | None:
+    if not headers:
+        return None
+    found: bytes | None = None
+    for key, value in headers:
+        if key == name:
+            if found is not None and value != found:
+                raise _invalid(f"header {name} appears more than once with different values")
+            found = value
+    return found
+
+
+def decode(
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes]] | None = None,
+    *,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+) -> Envelope:
+    """Parse and validate one Kafka record value; raise :class:`EnvelopeError` with a reason code."""
+    if value is None or len(value) == 0:
+        raise EnvelopeError("invalid_json", "message value is empty")
+    if len(value) > max_bytes:
+        raise EnvelopeTooLarge(len(value), max_bytes)
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise EnvelopeError("invalid_encoding", "message value is not valid UTF-8") from None
+        # orjson's message gives line/column only, never the document text.
+        raise EnvelopeError("invalid_json", f"message value is not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise _invalid(f"envelope must be a JSON object, got {type(obj).__name__}")
+    validate_fields(obj)
+    header_id = _header(headers, HEADER_MESSAGE_ID)
+    if header_id is not None and header_id.decode("utf-8", "replace") != obj["message_id"]:
+        raise _invalid(f"header {HEADER_MESSAGE_ID} does not match the envelope's message_id")
+    # Already validated above: build without running __post_init__ a second time (hot path).
+    env = object.__new__(Envelope)
+    for name in ("message_id", "operation", "subject_id", "request", "created_at", "schema_version"):
+        object.__setattr__(env, name, obj[name])
+    object.__setattr__(env, "correlation_id", obj.get("correlation_id"))
+    return env
