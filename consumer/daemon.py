@@ -1,0 +1,345 @@
+"""The consumer daemon: fetch → dispatch by key → process → mark done → commit.
+
+Tasks (one anyio task group):
+
+* **fetch loop** – ``getmany`` in batches; each message takes an in-flight slot (a global bound) and is
+  dispatched to its *lane*: messages with the same Kafka key in the same partition run one after another
+  in offset order, different keys run concurrently on a fixed pool of workers (a queue feeding workers, not
+  a task per message).
+* **workers** – run :meth:`Processor.handle`; when it returns the outcome is durable, so the offset is
+  marked done in its partition's :class:`~consumer.offsets.PartitionOffsets`.
+* **commit loop** – every ``commit_interval_s`` or ``commit_every`` finished messages, commits each
+  partition's watermark: the lowest offset not yet done. Never per message, never past a pending one.
+* **rebalance listener** – on revoke: stop starting new work for those partitions, wait up to
+  ``rebalance_drain_s`` for in-flight calls, cancel what is left (their leases are released, their offsets
+  stay uncommitted), commit the watermark, then let the partitions go ("drain first, fence second").
+* **signals** – SIGTERM/SIGINT stop fetching, drain within ``drain_timeout_s``, commit, exit 0.
+
+A provider 401/403 stops the daemon with exit code 3: everything in flight is abandoned and the commit
+stays below the message that met the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
+
+from consumer.errors import ConfigurationError, ProviderAuthError
+from consumer.faults import FaultPoints
+from consumer.offsets import PartitionOffsets
+from consumer.pipeline import Processor, Stats
+from consumer.provider import ProviderClient, RetryPolicy
+from consumer.settings import Settings
+from consumer.store import DedupeStore, open_store
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EXIT_CONFIG", "EXIT_OK", "EXIT_PROVIDER_AUTH", "Daemon"]
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_PROVIDER_AUTH = 3
+EXIT_UNAVAILABLE = 4
+
+
+@dataclass(eq=False)
+class _Partition:
+    tp: TopicPartition
+    offsets: PartitionOffsets = field(default_factory=PartitionOffsets)
+    inflight: set[anyio.CancelScope] = field(default_factory=set)
+    revoked: bool = False
+
+
+_Item = tuple[_Partition, Any, ConsumerRecord]
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.daemon._on_revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.daemon._on_assigned(list(assigned))
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: DedupeStore | None = None,
+        provider: ProviderClient | None = None,
+        consumer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store or open_store(settings.store_url)
+        self.provider = provider or ProviderClient(
+            settings.provider_url,
+            settings.provider_api_key,
+            timeout_s=settings.provider_timeout_s,
+            retry=RetryPolicy(
+                settings.provider_max_attempts, settings.provider_backoff_base_s, settings.provider_backoff_max_s
+            ),
+            max_connections=settings.provider_max_connections,
+        )
+        self.owner = f"{settings.instance_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.stats = Stats()
+        self.faults = FaultPoints(settings.fault_kill_at)
+        self.processor = Processor(
+            store=self.store,
+            provider=self.provider,
+            owner=self.owner,
+            namespace=settings.namespace,
+            lease_s=settings.lease_s,
+            retention_s=settings.retention_s,
+            max_message_bytes=settings.max_message_bytes,
+            faults=self.faults,
+            stats=self.stats,
+        )
+        self._consumer_kwargs = consumer_kwargs or {}
+        self.consumer: AIOKafkaConsumer | None = None
+        self.partitions: dict[TopicPartition, _Partition] = {}
+        self._lanes: dict[Any, deque[tuple[_Partition, ConsumerRecord]]] = {}
+        self._slots = anyio.Semaphore(settings.max_in_flight)
+        self._ready_send, self._ready_recv = anyio.create_memory_object_stream[_Item](settings.max_in_flight + 1)
+        self._fetch_scope = anyio.CancelScope()
+        self._commit_wakeup = anyio.Event()
+        self._done_since_commit = 0
+        self._stopping = False
+        self._abandon = False  # shutdown deadline passed: start nothing more
+        self.fatal: BaseException | None = None
+        self.committed: dict[TopicPartition, int] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def _make_consumer(self) -> AIOKafkaConsumer:
+        s = self.settings
+        return AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap,
+            group_id=s.group_id,
+            client_id=s.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset=s.auto_offset_reset,
+            max_poll_records=s.fetch_max_records,
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+            max_poll_interval_ms=s.max_poll_interval_ms,
+            isolation_level="read_committed",
+            **self._consumer_kwargs,
+        )
+
+    async def run(self) -> int:
+        """Run until stopped; returns the process exit code."""
+        topics = [t.strip() for t in self.settings.topic.split(",") if t.strip()]
+        async with self.store, self.provider:
+            consumer = self.consumer = self._make_consumer()
+            try:
+                await consumer.start()
+            except KafkaError as exc:
+                await consumer.stop()
+                raise ConfigurationError(
+                    f"cannot reach Kafka at {self.settings.kafka_bootstrap}: {type(exc).__name__}"
+                ) from None
+            try:
+                existing = await consumer.topics()
+                missing = [t for t in topics if t not in existing]
+                if missing:
+                    raise ConfigurationError(f"topic(s) {', '.join(missing)} do not exist on the broker")
+                consumer.subscribe(topics, listener=_Listener(self))
+                log.info("consumer started", extra={"owner": self.owner, "topics": topics})
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._watch_signals)
+                    for _ in range(self.settings.max_in_flight):
+                        tg.start_soon(self._worker)
+                    tg.start_soon(self._commit_loop)
+                    await self._fetch_loop()
+                    await self._drain(0.0 if self.fatal else self.settings.drain_timeout_s)
+                    await self._commit_now("shutdown")
+                    tg.cancel_scope.cancel()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await consumer.stop()
+        if isinstance(self.fatal, ProviderAuthError):
+            log.error("stopped: %s", self.fatal)
+            return EXIT_PROVIDER_AUTH
+        log.info("stopped cleanly", extra={"stats": self.stats.by_disposition, "consumed": self.stats.consumed})
+        return EXIT_OK
+
+    def stop(self) -> None:
+        """Stop fetching; :meth:`run` drains, commits and returns."""
+        self._stopping = True
+        self._fetch_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s: draining", signal.Signals(signum).name)
+                self.stop()
+                return
+
+    # -- fetch and dispatch ----------------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        assert self.consumer is not None
+        with self._fetch_scope:
+            while not self._stopping:
+                batch = await self.consumer.getmany(timeout_ms=500, max_records=self.settings.fetch_max_records)
+                for tp, messages in batch.items():
+                    part = self.partitions.get(tp)
+                    for msg in messages:
+                        await self._slots.acquire()
+                        # The partition may have been revoked (and even re-assigned) while we waited.
+                        if part is None or part.revoked or self.partitions.get(tp) is not part:
+                            self._slots.release()
+                            break
+                        last = part.offsets.last_seen
+                        if last is not None and msg.offset <= last:
+                            self._slots.release()
+                            continue
+                        part.offsets.add(msg.offset)
+                        self._dispatch(part, msg)
+
+    def _dispatch(self, part: _Partition, msg: ConsumerRecord) -> None:
+        # Same key, same partition → same lane → offset order. No key → no ordering promise.
+        lane = (part.tp, msg.key) if msg.key is not None else (part.tp, None, msg.offset)
+        queue = self._lanes.get(lane)
+        if queue is None:
+            self._lanes[lane] = deque()
+            self._ready_send.send_nowait((part, lane, msg))
+        else:
+            queue.append((part, msg))
+
+    async def _worker(self) -> None:
+        async for part, lane, msg in self._ready_recv:
+            if not part.revoked and not self._abandon and self.fatal is None:
+                finished = False
+                with anyio.CancelScope() as scope:
+                    part.inflight.add(scope)
+                    try:
+                        await self.processor.handle(msg)
+                        finished = True
+                    except ProviderAuthError as exc:
+                        self._set_fatal(exc)
+                    finally:
+                        part.inflight.discard(scope)
+                if finished:
+                    part.offsets.done(msg.offset)
+                    self._done_since_commit += 1
+                    if self._done_since_commit >= self.settings.commit_every:
+                        self._commit_wakeup.set()
+            self._slots.release()
+            queue = self._lanes[lane]
+            if queue:
+                nxt_part, nxt = queue.popleft()
+                self._ready_send.send_nowait((nxt_part, lane, nxt))
+            else:
+                del self._lanes[lane]
+
+    def _set_fatal(self, exc: BaseException) -> None:
+        if self.fatal is None:
+            self.fatal = exc
+            log.error("fatal: %s; stopping without committing past this message", exc)
+            for part in self.partitions.values():
+                for scope in list(part.inflight):
+                    scope.cancel()
+            self.stop()
+
+    # -- commits ---------------------------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        while True:
+            with anyio.move_on_after(self.settings.commit_interval_s):
+                await self._commit_wakeup.wait()
+            self._commit_wakeup = anyio.Event()
+            await self._commit_now("periodic")
+
+    async def _commit_now(self, why: str, parts: list[_Partition] | None = None) -> None:
+        assert self.consumer is not None
+        if parts is None:
+            parts = [p for p in self.partitions.values() if not p.revoked]
+        offsets = {}
+        for part in parts:
+            offset = part.offsets.needs_commit()
+            if offset is not None:
+                offsets[part.tp] = offset
+        if not offsets:
+            return
+        self._done_since_commit = 0
+        try:
+            await self.consumer.commit(offsets)
+        except KafkaError as exc:
+            # Rebalance in progress or membership lost: the offsets stay uncommitted and are redelivered to
+            # whoever owns the partition next; the dedupe store turns that into skipped duplicates.
+            log.warning("commit (%s) failed: %s", why, type(exc).__name__)
+            return
+        for part in parts:
+            if part.tp in offsets:
+                part.offsets.committed = offsets[part.tp]
+                self.committed[part.tp] = offsets[part.tp]
+        log.debug("committed (%s) %d partition(s)", why, len(offsets))
+        self.faults.hit("after_commit")
+
+    # -- rebalance -------------------------------------------------------------------------------------
+
+    def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        for tp in assigned:
+            if tp not in self.partitions:
+                self.partitions[tp] = _Partition(tp)
+        log.info("partitions assigned: %s", sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+
+    async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
+        parts = [self.partitions[tp] for tp in revoked if tp in self.partitions]
+        for part in parts:
+            part.revoked = True  # queued messages of these partitions are no longer started
+        with anyio.move_on_after(self.settings.rebalance_drain_s):
+            while any(part.inflight for part in parts):
+                await anyio.sleep(0.02)
+        abandoned = sum(len(part.inflight) for part in parts)
+        for part in parts:
+            for scope in list(part.inflight):
+                scope.cancel()
+        if abandoned:
+            log.warning("rebalance: abandoned %d in-flight message(s) after %.1fs", abandoned,
+                        self.settings.rebalance_drain_s)
+            with anyio.move_on_after(5.0):
+                while any(part.inflight for part in parts):
+                    await anyio.sleep(0.01)
+        await self._commit_now("revoke", parts)
+        for part in parts:
+            if self.partitions.get(part.tp) is part:
+                del self.partitions[part.tp]
+        if revoked:
+            log.info("partitions revoked: %s", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
+
+    # -- shutdown --------------------------------------------------------------------------------------
+
+    def in_flight(self) -> int:
+        return self.settings.max_in_flight - self._slots.value
+
+    async def _drain(self, timeout: float) -> None:
+        with anyio.move_on_after(timeout):
+            while self.in_flight():
+                await anyio.sleep(0.02)
+        left = self.in_flight()
+        if left:
+            log.warning("drain deadline reached with %d message(s) unfinished; abandoning them", left)
+            self._abandon = True
+            for part in self.partitions.values():
+                for scope in list(part.inflight):
+                    scope.cancel()
+            with anyio.move_on_after(5.0):
+                while any(part.inflight for part in self.partitions.values()):
+                    await anyio.sleep(0.01)

@@ -1,0 +1,78 @@
+"""Log context and the daemon's JSON log format.
+
+Library code only calls ``logging.getLogger(__name__)``; :func:`configure` is called by the CLI.
+:data:`message_context` carries topic/partition/offset/message ID/key hash of the message being handled
+and :class:`ContextFilter` stamps them on every record, so a line can be traced without ever logging
+the payload.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+
+__all__ = ["ContextFilter", "JsonFormatter", "configure", "message_context"]
+
+message_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "idv_message_context", default=None
+)
+
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
+
+
+class ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = message_context.get()
+        if ctx:
+            for key, value in ctx.items():
+                if not hasattr(record, key):
+                    setattr(record, key, value)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            out["exc_type"] = record.exc_info[0].__name__
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        ctx = {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+        if ctx:
+            line += " " + " ".join(f"{k}={v}" for k, v in ctx.items())
+        return line
+
+
+def configure(level: str = "INFO", fmt: str = "json") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(ContextFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiokafka is chatty at INFO about group membership; keep it, but not its DEBUG.
+    logging.getLogger("aiokafka").setLevel(max(logging.INFO, root.level))
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)

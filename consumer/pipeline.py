@@ -1,0 +1,212 @@
+"""One message's journey: decode → key → fingerprint → claim → provider → record.
+
+The order is what makes exactly-once hold (see docs/guarantees.md):
+
+* **Claim before call.** The provider is called only by the holder of the key's lease. A redelivered
+  message whose key is COMPLETED or FAILED is answered from the store and never sent again; one whose
+  fingerprint differs is a conflict and never sent at all.
+* **Record before commit.** :meth:`Processor.handle` returns only after the outcome is durably in the
+  store; the daemon marks the offset done only then, and commits only up to the lowest offset not yet
+  done (:mod:`consumer.offsets`).
+* **Same key on every attempt.** If the process dies after the provider performed the side effect but
+  before the record, the lease runs out, the message is redelivered (its offset was never committed),
+  and the next claimant calls again with the same ``Idempotency-Key``: the provider replays its stored
+  response instead of acting twice.
+* **Never delete on error.** A failed attempt releases the lease and keeps the record and its attempt
+  count (PITFALLS: powertools #801).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+
+import anyio
+from aiokafka.structs import ConsumerRecord
+
+from consumer.errors import LeaseLost, ProviderAuthError, RetriesExhausted, StoreError
+from consumer.faults import FaultPoints
+from consumer.keys import fingerprint, idempotency_key, key_hash
+from consumer.logs import message_context
+from consumer.provider import ProviderClient
+from consumer.store.base import ClaimStatus, DedupeStore
+from producer.envelope import decode, get_operation
+from producer.errors import EnvelopeError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Disposition", "Processor", "Stats"]
+
+
+class Disposition(enum.Enum):
+    COMPLETED = "completed"  # provider answered 2xx; outcome recorded
+    FAILED = "failed"  # provider answered a terminal 4xx; failed outcome recorded
+    DUPLICATE = "duplicate"  # key already COMPLETED/FAILED: skipped, provider not called
+    CONFLICT = "conflict"  # same message ID, different payload: recorded, provider not called
+    INVALID = "invalid"  # not a valid envelope: logged (no payload), set aside
+    SET_ASIDE = "set_aside"  # provider kept failing past the retry ceiling: lease released, set aside
+
+
+@dataclass
+class Stats:
+    consumed: int = 0
+    by_disposition: dict[str, int] = field(default_factory=lambda: {d.value: 0 for d in Disposition})
+    invalid_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def count(self, disposition: Disposition) -> None:
+        self.by_disposition[disposition.value] += 1
+
+
+_STORE_RETRY_MAX_S = 5.0
+
+
+class Processor:
+    def __init__(
+        self,
+        *,
+        store: DedupeStore,
+        provider: ProviderClient,
+        owner: str,
+        namespace: str,
+        lease_s: float,
+        retention_s: float,
+        max_message_bytes: int,
+        faults: FaultPoints | None = None,
+        stats: Stats | None = None,
+    ) -> None:
+        self.store = store
+        self.provider = provider
+        self.owner = owner
+        self.namespace = namespace
+        self.lease_s = lease_s
+        self.retention_s = retention_s
+        self.max_message_bytes = max_message_bytes
+        self.faults = faults or FaultPoints()
+        self.stats = stats or Stats()
+
+    async def _store_call(self, what: str, fn: object, *args: object, **kwargs: object) -> object:
+        """Retry a store operation until it succeeds: the message waits, nothing is committed past it."""
+        delay = 0.05
+        while True:
+            try:
+                return await fn(*args, **kwargs)  # type: ignore[operator]
+            except StoreError as exc:
+                log.warning("dedupe store %s failed (%s); retrying in %.2fs", what, exc, delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, _STORE_RETRY_MAX_S)
+
+    async def handle(self, msg: ConsumerRecord) -> Disposition:
+        token = message_context.set({"topic": msg.topic, "partition": msg.partition, "offset": msg.offset})
+        try:
+            disposition = await self._handle(msg)
+        finally:
+            message_context.reset(token)
+        self.stats.consumed += 1
+        self.stats.count(disposition)
+        return disposition
+
+    async def _handle(self, msg: ConsumerRecord) -> Disposition:
+        try:
+            envelope = decode(msg.value, msg.headers, max_bytes=self.max_message_bytes)
+        except EnvelopeError as exc:
+            self.stats.invalid_by_reason[exc.reason] = self.stats.invalid_by_reason.get(exc.reason, 0) + 1
+            log.warning("invalid message set aside: %s: %s", exc.reason, exc.detail, extra={"reason": exc.reason})
+            return Disposition.INVALID
+
+        operation = get_operation(envelope.operation)
+        key = idempotency_key(self.namespace, envelope.operation, envelope.message_id)
+        fp = fingerprint(envelope)
+        ctx = message_context.get() or {}
+        message_context.set({**ctx, "message_id": envelope.message_id, "key_hash": key_hash(key)})
+
+        self.faults.hit("before_claim")
+        while True:
+            claim = await self._store_call(
+                "claim",
+                self.store.claim,
+                key=key,
+                message_id=envelope.message_id,
+                operation=envelope.operation,
+                fingerprint=fp,
+                owner=self.owner,
+                lease_s=self.lease_s,
+                retention_s=self.retention_s,
+            )
+            status, record = claim.status, claim.record  # type: ignore[attr-defined]
+            if status is ClaimStatus.CONFLICT:
+                await self._store_call(
+                    "record_conflict",
+                    self.store.record_conflict,
+                    key=key,
+                    message_id=envelope.message_id,
+                    fingerprint=fp,
+                    stored_fingerprint=record.fingerprint,
+                    source=f"{msg.topic}/{msg.partition}@{msg.offset}",
+                )
+                log.warning("idempotency conflict: message ID reused with a different payload; not sent")
+                return Disposition.CONFLICT
+            if status is ClaimStatus.DONE:
+                log.info("duplicate skipped: already %s", record.state.value)
+                return Disposition.DUPLICATE
+            if status is ClaimStatus.ACQUIRED:
+                break
+            # BUSY: another consumer holds a live lease (e.g. the partition moved while its call was in
+            # flight). Wait for it to finish or for its lease to run out; never call concurrently.
+            wait = max(0.05, min(1.0, (record.lease_until or 0.0) - self.store.clock()))
+            log.debug("key busy under another owner; waiting %.2fs", wait)
+            await anyio.sleep(wait)
+
+        self.faults.hit("after_claim")
+        try:
+            result = await self.provider.call(
+                operation, envelope.request, key, before_attempt=self._renewer(key)
+            )
+        except RetriesExhausted as exc:
+            await self._release(key, "retries_exhausted")
+            log.error("provider kept failing; message set aside: %s", exc)
+            return Disposition.SET_ASIDE
+        except ProviderAuthError:
+            await self._release(key, "provider_auth")
+            raise
+        except LeaseLost:
+            log.warning("lease lost before the provider call; another owner has the key")
+            return await self._handle(msg)
+        except BaseException:
+            # Cancelled (rebalance bound or shutdown) or a bug: hand the key back so the next owner need
+            # not wait for the lease to expire. The provider key covers a side effect already performed.
+            with anyio.CancelScope(shield=True):
+                await self._release(key, "abandoned")
+            raise
+        self.faults.hit("after_provider_call")
+        try:
+            await self._store_call(
+                "complete", self.store.complete, key, self.owner, result.outcome, failed=result.terminal_failure
+            )
+        except LeaseLost:
+            # Our lease ran out during the call and someone took the key over. They call with the same key
+            # and record the outcome; start again, which ends as DUPLICATE (or waits while they are busy).
+            log.warning("lease lost while calling the provider; re-checking the record")
+            return await self._handle(msg)
+        self.faults.hit("after_record")
+        log.info(
+            "outcome recorded: %s %s",
+            envelope.operation,
+            result.outcome.status,
+            extra={"status": result.outcome.status, "attempts": result.attempts},
+        )
+        return Disposition.FAILED if result.terminal_failure else Disposition.COMPLETED
+
+    def _renewer(self, key: str):  # type: ignore[no-untyped-def]
+        async def renew(attempt: int) -> None:
+            if attempt > 1:
+                await self._store_call("renew", self.store.renew, key, self.owner, self.lease_s)
+
+        return renew
+
+    async def _release(self, key: str, error: str) -> None:
+        try:
+            await self.store.release(key, self.owner, error)
+        except (LeaseLost, StoreError) as exc:
+            # Not fatal: the lease expires on its own; the record stays (never deleted on error).
+            log.warning("could not release the lease (%s); it will expire", exc)

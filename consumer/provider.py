@@ -1,0 +1,221 @@
+"""HTTP client for the identity-verification provider (Didit-style v3 API).
+
+Every attempt of one request carries the same ``Idempotency-Key``: it is derived once from the message
+ID (see :mod:`consumer.keys`) and never regenerated, so a retry after a lost answer is recognised by the
+provider's server-side idempotency and answered from its stored response instead of being performed
+again.
+
+Classification of answers:
+
+====================  ===========================================================================
+2xx                   success; a business "Declined" is a successful call and recorded as such
+400, 404, 422, other  terminal: recorded as a FAILED outcome, never retried
+4xx
+401, 403              configuration (bad key, out of credit): :class:`ProviderAuthError` stops the daemon
+408, 409, 425, 429,   retried with exponential backoff and jitter up to a ceiling; ``Retry-After`` on
+5xx, transport        429/503 is a minimum wait
+errors, timeouts
+====================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from datetime import UTC, datetime
+from typing import Any, Self
+
+import anyio
+import httpx
+import orjson
+
+from consumer.errors import ProviderAuthError, ProviderRetriableError, RetriesExhausted
+from consumer.store.base import Outcome
+from producer.envelope import Operation
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CallResult", "ProviderClient", "RetryPolicy", "classify_status"]
+
+_RETRIABLE_STATUS = frozenset({408, 409, 425, 429})
+_TERMINAL_STATUS_NOTE = "terminal"
+
+_DECISIONS = {
+    "approved": "approved",
+    "declined": "declined",
+    "rejected": "declined",
+    "in review": "review",
+    "in_review": "review",
+    "review": "review",
+    "not started": "created",
+    "in progress": "created",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 6
+    base_delay_s: float = 0.2
+    max_delay_s: float = 10.0
+
+    def backoff(self, attempt: int, rng: random.Random) -> float:
+        """Delay before attempt ``attempt + 1``: exponential with "equal jitter" (half fixed, half random)."""
+        ceiling = min(self.max_delay_s, self.base_delay_s * (2 ** (attempt - 1)))
+        return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    outcome: Outcome
+    terminal_failure: bool
+    attempts: int
+
+
+def classify_status(status: int) -> str:
+    """``"ok"``, ``"auth"``, ``"retry"`` or ``"terminal"``."""
+    if 200 <= status < 300:
+        return "ok"
+    if status in (401, 403):
+        return "auth"
+    if status in _RETRIABLE_STATUS or status >= 500:
+        return "retry"
+    return "terminal"
+
+
+def parse_retry_after(value: str | None, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date); ``None`` when absent or invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now()).total_seconds())
+
+
+def _decision(operation: Operation, body: Any) -> tuple[str, str | None]:
+    """Map the provider's JSON answer to (status, provider reference)."""
+    if not isinstance(body, dict):
+        return "unknown", None
+    reference = body.get(operation.reference_field) or body.get("request_id") or body.get("session_id")
+    raw: Any = body.get("status")
+    for section in ("id_verification", "aml", "decision"):
+        part = body.get(section)
+        if isinstance(part, dict) and "status" in part:
+            raw = part["status"]
+            break
+    status = _DECISIONS.get(str(raw).strip().lower(), "unknown") if raw is not None else "unknown"
+    return status, str(reference)[:128] if reference is not None else None
+
+
+def _error_code(response: httpx.Response) -> str:
+    """A short machine code from an error answer; never the body itself (it may echo personal data)."""
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return f"http_{response.status_code}"
+    code = body.get("error") if isinstance(body, dict) else None
+    if isinstance(code, str) and code.replace("_", "").isalnum() and len(code) <= 64:
+        return code
+    return f"http_{response.status_code}"
+
+
+class ProviderClient:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout_s: float = 10.0,
+        retry: RetryPolicy | None = None,
+        max_connections: int = 64,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self.retry = retry or RetryPolicy()
+        self._sleep = sleep
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout_s),
+            limits=limits,
+            transport=transport,
+            headers={"user-agent": "idv-exactly-once/0.1", "content-type": "application/json"},
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def call(
+        self,
+        operation: Operation,
+        request: Mapping[str, Any],
+        idempotency_key: str,
+        *,
+        before_attempt: Callable[[int], Awaitable[None]] | None = None,
+    ) -> CallResult:
+        """POST ``request`` to the operation's endpoint, retrying retriable failures with the same key.
+
+        ``before_attempt(n)`` runs before each attempt (the pipeline renews its lease there).
+        Raises :class:`ProviderAuthError` or :class:`RetriesExhausted`.
+        """
+        body = orjson.dumps(request)
+        headers = {"x-api-key": self._api_key, "Idempotency-Key": idempotency_key}
+        last: ProviderRetriableError | None = None
+        for attempt in range(1, self.retry.max_attempts + 1):
+            if before_attempt is not None:
+                await before_attempt(attempt)
+            try:
+                response = await self._client.post(operation.path, content=body, headers=headers)
+            except httpx.TransportError as exc:
+                last = ProviderRetriableError(f"{type(exc).__name__} talking to the provider")
+            else:
+                kind = classify_status(response.status_code)
+                if kind == "ok":
+                    try:
+                        parsed = orjson.loads(response.content)
+                    except orjson.JSONDecodeError:
+                        parsed = None
+                    status, reference = _decision(operation, parsed)
+                    outcome = Outcome(status, response.status_code, reference)
+                    return CallResult(outcome, terminal_failure=False, attempts=attempt)
+                if kind == "auth":
+                    raise ProviderAuthError(response.status_code)
+                if kind == "terminal":
+                    outcome = Outcome("failed", response.status_code, None, _error_code(response))
+                    return CallResult(outcome, terminal_failure=True, attempts=attempt)
+                last = ProviderRetriableError(
+                    f"provider answered HTTP {response.status_code}",
+                    status=response.status_code,
+                    retry_after=parse_retry_after(response.headers.get("retry-after")),
+                )
+            if attempt == self.retry.max_attempts:
+                break
+            delay = self.retry.backoff(attempt, self._rng)
+            if last.retry_after is not None:
+                # Retry-After is the provider's minimum; jittered backoff may only lengthen it.
+                delay = max(delay, last.retry_after)
+            log.info(
+                "provider attempt %d failed (%s); retrying in %.2fs", attempt, last, delay,
+            )
+            await self._sleep(delay)
+        assert last is not None
+        raise RetriesExhausted(self.retry.max_attempts, last)

@@ -1,0 +1,157 @@
+"""Daemon settings: one frozen object, read from ``IDV_*`` environment variables.
+
+Every variable is documented in docs/configuration.md (a test keeps the two in step). A secret may be
+given as ``NAME_FILE`` pointing at a file instead of ``NAME``. Invalid values raise
+:class:`ConfigurationError` with one line naming the variable; the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from consumer.errors import ConfigurationError
+
+__all__ = ["PREFIX", "Settings"]
+
+PREFIX = "IDV_"
+T = TypeVar("T")
+
+
+def _secret(env: Mapping[str, str], name: str) -> str | None:
+    file_var = f"{PREFIX}{name}_FILE"
+    if file_var in env:
+        try:
+            return Path(env[file_var]).read_text().strip()
+        except OSError as exc:
+            raise ConfigurationError(f"{file_var}: cannot read {env[file_var]!r}: {exc.strerror}") from None
+    return env.get(PREFIX + name)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Kafka
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    topic: str = "idv.requests"
+    group_id: str = "idv-verifier"
+    client_id: str = "idv-consumer"
+    auto_offset_reset: str = "earliest"
+    fetch_max_records: int = 500
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    max_poll_interval_ms: int = 300_000
+    # Processing
+    namespace: str = "idv"
+    instance_id: str = field(default_factory=socket.gethostname)
+    max_in_flight: int = 64
+    max_message_bytes: int = 1024 * 1024
+    commit_interval_s: float = 1.0
+    commit_every: int = 500
+    drain_timeout_s: float = 20.0
+    rebalance_drain_s: float = 10.0
+    # Dedupe store
+    store_url: str = "sqlite:///.run/dedupe.db"
+    lease_s: float = 60.0
+    retention_s: float = 30 * 24 * 3600.0
+    # Provider
+    provider_url: str = "http://127.0.0.1:8080"
+    provider_api_key: str = field(default="", repr=False)
+    provider_timeout_s: float = 10.0
+    provider_max_attempts: int = 6
+    provider_backoff_base_s: float = 0.2
+    provider_backoff_max_s: float = 10.0
+    provider_max_connections: int = 64
+    # Logging
+    log_level: str = "INFO"
+    log_format: str = "json"
+    # Testing only: "<fault point>:<n>" SIGKILLs the process the n-th time that point is reached.
+    fault_kill_at: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        converters: dict[str, Callable[[str], Any]] = {}
+        for f in fields(cls):
+            default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+            converters[f.name] = _converter(type(default))
+        for name, convert in converters.items():
+            var = PREFIX + name.upper()
+            raw = _secret(env, name.upper()) if name == "provider_api_key" else env.get(var)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[name] = convert(raw)
+            except ValueError:
+                raise ConfigurationError(f"{var}: invalid value (expected {convert.__name__})") from None
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        def need(cond: bool, var: str, why: str) -> None:
+            if not cond:
+                raise ConfigurationError(f"{PREFIX}{var.upper()}: {why}")
+
+        need(bool(self.kafka_bootstrap), "kafka_bootstrap", "must not be empty")
+        need(bool(self.topic), "topic", "must not be empty")
+        need(bool(self.group_id), "group_id", "must not be empty")
+        need(self.auto_offset_reset in ("earliest", "latest", "none"), "auto_offset_reset",
+             "must be earliest, latest or none")
+        need(bool(self.provider_api_key), "provider_api_key",
+             "is required (set IDV_PROVIDER_API_KEY or IDV_PROVIDER_API_KEY_FILE)")
+        need(self.provider_url.startswith(("http://", "https://")), "provider_url", "must be an http(s) URL")
+        need(1 <= self.max_in_flight <= 10_000, "max_in_flight", "must be between 1 and 10000")
+        need(self.fetch_max_records >= 1, "fetch_max_records", "must be at least 1")
+        need(self.provider_max_attempts >= 1, "provider_max_attempts", "must be at least 1")
+        need(self.provider_max_connections >= 1, "provider_max_connections", "must be at least 1")
+        need(self.commit_interval_s > 0, "commit_interval_s", "must be positive")
+        need(self.commit_every >= 1, "commit_every", "must be at least 1")
+        need(self.retention_s > self.lease_s, "retention_s", "must be longer than the lease")
+        need(self.lease_s > self.provider_timeout_s, "lease_s",
+             "must be longer than IDV_PROVIDER_TIMEOUT_S so a live call never outlasts its lease")
+        need(self.log_format in ("json", "text"), "log_format", "must be json or text")
+        need(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
+             "must be DEBUG, INFO, WARNING or ERROR")
+        need(self.max_message_bytes >= 1024, "max_message_bytes", "must be at least 1024")
+        need(self.namespace.isascii() and bool(self.namespace), "namespace", "must be non-empty ASCII")
+
+    def env_names(self) -> list[str]:
+        return [PREFIX + f.name.upper() for f in fields(self)]
+
+
+def _converter(kind: type) -> Callable[[str], Any]:
+    if kind is bool:
+        def to_bool(raw: str) -> bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+
+        to_bool.__name__ = "a boolean"
+        return to_bool
+    if kind is int:
+        def to_int(raw: str) -> int:
+            return int(raw.strip())
+
+        to_int.__name__ = "an integer"
+        return to_int
+    if kind is float:
+        def to_float(raw: str) -> float:
+            return float(raw.strip())
+
+        to_float.__name__ = "a number"
+        return to_float
+
+    def to_str(raw: str) -> str:
+        return raw.strip()
+
+    to_str.__name__ = "a string"
+    return to_str
