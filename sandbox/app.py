@@ -1,0 +1,322 @@
+"""Request pipeline of the sandbox, independent of the transport.
+
+A request on a business endpoint passes, in order (as at Stripe or Persona):
+
+1. authentication (``x-api-key``): 403 for out-of-credit keys, 401 for unknown ones;
+2. the per-key rate limit: 429 with ``Retry-After``;
+3. injected gateway faults (``faults``): 5xx/429 answered here, nothing stored;
+4. the idempotency layer (``idempotency``): 400, 409, 422 or a replay;
+5. business handling (``provider``), whose response is stored under the key.
+
+Steps 1-3 never touch the idempotency store, so a client may retry them with the same key and
+still get the request processed once. Every request is recorded in the ledger with the step it
+ended at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+import orjson
+
+from .config import SandboxConfig, api_key_id
+from .errors import SandboxConfigError
+from .faults import Fault, FaultAction, FaultInjector
+from .idempotency import (
+    MAX_KEY_LENGTH,
+    Claimed,
+    IdempotencyStore,
+    InFlight,
+    Mismatch,
+    StoredResponse,
+    fingerprint,
+    parse_key,
+)
+from .ledger import Attempt, Ledger, Outcome
+from .provider import Endpoint, Provider
+from .ratelimit import RateLimiter
+
+__all__ = ["Drop", "Request", "Response", "SandboxApp", "json_response"]
+
+logger = logging.getLogger(__name__)
+
+Response = StoredResponse
+
+
+class Drop(enum.Enum):
+    DROP = "drop"
+    """Close the connection without answering."""
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    peer_is_loopback: bool
+
+
+_CONTENT_TYPE = (b"content-type", b"application/json")
+_REPLAYED = (b"idempotent-replayed", b"true")
+_ENDPOINTS = {endpoint.value.rstrip("/"): endpoint for endpoint in Endpoint}
+
+
+def json_response(
+    status: int, payload: object, extra_headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> Response:
+    body = orjson.dumps(payload)
+    headers = (_CONTENT_TYPE, (b"content-length", b"%d" % len(body)), *extra_headers)
+    return StoredResponse(status, headers, body)
+
+
+def _error(status: int, error: str, extra_headers: tuple[tuple[bytes, bytes], ...] = ()) -> Response:
+    return json_response(status, {"error": error}, extra_headers)
+
+
+def _retry_after(seconds: float) -> tuple[tuple[bytes, bytes], ...]:
+    return ((b"retry-after", b"%d" % max(1, math.ceil(seconds))),)
+
+
+def _method_not_allowed(*allowed: str) -> Response:
+    return _error(405, "method_not_allowed", ((b"allow", ", ".join(allowed).encode()),))
+
+
+_NOT_FOUND = _error(404, "not_found")
+
+
+class SandboxApp:
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+        self.ledger = Ledger()
+        self.faults = FaultInjector(config.faults)
+        self.idempotency = IdempotencyStore(config.idempotency_ttl_s, config.clock)
+        self.provider = Provider()
+        self.limiter = (
+            RateLimiter(config.rate_limit_per_min, config.clock, config.rate_limit_burst)
+            if config.rate_limit_per_min is not None
+            else None
+        )
+        self._clock = config.clock
+        self._api_keys = {key.encode(): api_key_id(key) for key in config.api_keys}
+        self._out_of_credit = {key.encode(): api_key_id(key) for key in config.out_of_credit_keys}
+        self.base_url = f"http://{config.host}:{config.port}"
+        """Fallback for session URLs when a request has no ``Host`` header; set by the server."""
+
+    def reset(self) -> None:
+        self.ledger.clear()
+        self.idempotency.clear()
+        self.faults.reset()
+        self.provider.reset()
+        if self.limiter is not None:
+            self.limiter.clear()
+
+    def totals(self) -> dict[str, object]:
+        totals = self.ledger.totals()
+        totals["in_flight"] = self.idempotency.in_flight
+        return totals
+
+    def snapshot(self) -> dict[str, object]:
+        snapshot = self.ledger.snapshot()
+        snapshot["totals"] = self.totals()
+        return snapshot
+
+    async def handle(self, request: Request) -> Response | Drop:
+        path = request.target.partition(b"?")[0].decode("latin-1")
+        route = path.rstrip("/") or "/"
+        endpoint = _ENDPOINTS.get(route)
+        if endpoint is not None:
+            if request.method != b"POST":
+                return _method_not_allowed("POST")
+            return await self._business(endpoint, path, request)
+        if route == "/healthz":
+            if request.method != b"GET":
+                return _method_not_allowed("GET")
+            return json_response(200, {"status": "ok"})
+        if route == "/_admin" or route.startswith("/_admin/"):
+            return self._admin(request, route, path)
+        return _NOT_FOUND
+
+    # -- business endpoints -------------------------------------------------------------------
+
+    async def _business(self, endpoint: Endpoint, path: str, request: Request) -> Response | Drop:
+        at = self._clock()
+        api_key = raw_key = host = None
+        for name, value in request.headers:
+            if name == b"x-api-key":
+                api_key = value
+            elif name == b"idempotency-key":
+                raw_key = value
+            elif name == b"host":
+                host = value
+        key = parse_key(raw_key) if raw_key is not None else None
+        key_ok = key is not None and len(key) <= MAX_KEY_LENGTH
+        attempt = Attempt(
+            at=at,
+            path=path,
+            status=None,
+            replayed=False,
+            fault=None,
+            idempotency_key=raw_key.decode("latin-1") if raw_key is not None else None,
+            api_key_id=None,
+            side_effect=False,
+            delivered=True,
+        )
+        ledger_key = key if key_ok else None
+
+        if api_key is not None and api_key in self._out_of_credit:
+            attempt.api_key_id = self._out_of_credit[api_key]
+            return self._finish(
+                ledger_key, attempt, Outcome.OUT_OF_CREDIT, _error(403, "insufficient_credits")
+            )
+        scope = self._api_keys.get(api_key) if api_key is not None else None
+        if scope is None:
+            return self._finish(ledger_key, attempt, Outcome.UNAUTHORIZED, _error(401, "unauthorized"))
+        attempt.api_key_id = scope
+
+        if self.limiter is not None:
+            wait_s = self.limiter.acquire(scope)
+            if wait_s > 0:
+                response = _error(429, "rate_limited", _retry_after(wait_s))
+                return self._finish(ledger_key, attempt, Outcome.RATE_LIMITED, response)
+
+        fault = self.faults.next_fault()
+        if fault is not None:
+            attempt.fault = fault.kind
+            if fault.action is FaultAction.RESPOND:
+                return self._finish(ledger_key, attempt, Outcome.GATEWAY_FAULT, self._fault_response(fault))
+            if fault.action is FaultAction.DROP_BEFORE:
+                attempt.delivered = False
+                self.ledger.record(ledger_key, attempt, Outcome.DROPPED_BEFORE)
+                return Drop.DROP
+
+        if key is None:
+            outcome, response = Outcome.MISSING_KEY, _error(400, "idempotency_key_missing")
+        elif not key_ok:
+            outcome, response = (
+                Outcome.INVALID_KEY,
+                json_response(
+                    400,
+                    {
+                        "error": "idempotency_key_invalid",
+                        "detail": f"longer than {MAX_KEY_LENGTH} characters",
+                    },
+                ),
+            )
+        else:
+            claim = self.idempotency.begin(scope, key, fingerprint(b"POST", endpoint.value, request.body))
+            if isinstance(claim, Claimed):
+                processed = await self._process(claim, endpoint, request.body, host, fault)
+                if processed is None:
+                    outcome, response = Outcome.INTERNAL_ERROR, _error(500, "internal")
+                else:
+                    outcome, (response, attempt.side_effect) = Outcome.PROCESSED, processed
+            elif isinstance(claim, InFlight):
+                outcome, response = (
+                    Outcome.IN_FLIGHT,
+                    _error(409, "idempotency_request_in_flight", _retry_after(1)),
+                )
+            elif isinstance(claim, Mismatch):
+                outcome, response = Outcome.KEY_REUSED, _error(422, "idempotency_key_reused")
+            else:
+                outcome = Outcome.REPLAYED
+                stored = claim.response
+                response = StoredResponse(stored.status, (*stored.headers, _REPLAYED), stored.body)
+                attempt.replayed = True
+
+        if fault is not None and fault.action is FaultAction.DROP_AFTER:
+            attempt.status = response.status
+            attempt.delivered = False
+            self.ledger.record(ledger_key, attempt, outcome)
+            return Drop.DROP
+        return self._finish(ledger_key, attempt, outcome, response)
+
+    async def _process(
+        self, claim: Claimed, endpoint: Endpoint, body: bytes, host: bytes | None, fault: Fault | None
+    ) -> tuple[Response, bool] | None:
+        """Run business handling under a claimed key: ``(response, side_effect)``, ``None`` on a bug."""
+        try:
+            delay_s = self.faults.latency_s()
+            if fault is not None and fault.action is FaultAction.DELAY:
+                delay_s += fault.delay_s
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+            base_url = f"http://{host.decode('latin-1')}" if host else self.base_url
+            result = self.provider.handle(endpoint, body, base_url)
+        except Exception:
+            self.idempotency.release(claim)
+            logger.exception("business handling failed on %s", endpoint.value)
+            return None
+        except BaseException:
+            # Cancelled (server stopping): nothing was stored, so a retry must be able to run.
+            self.idempotency.release(claim)
+            raise
+        response = json_response(result.status, result.body)
+        self.idempotency.complete(claim, response)
+        return response, result.side_effect
+
+    def _fault_response(self, fault: Fault) -> Response:
+        if fault.status == 429:
+            retry_after = fault.retry_after_s or self.faults.default_retry_after_s()
+            return _error(429, "rate_limited", _retry_after(retry_after))
+        return _error(fault.status, "injected")
+
+    def _finish(self, key: str | None, attempt: Attempt, outcome: Outcome, response: Response) -> Response:
+        attempt.status = response.status
+        self.ledger.record(key, attempt, outcome)
+        return response
+
+    # -- admin ----------------------------------------------------------------------------------
+
+    def _admin(self, request: Request, route: str, path: str) -> Response:
+        if not request.peer_is_loopback:
+            return _error(403, "forbidden")
+        method = request.method
+        if route == "/_admin/ledger":
+            if method != b"GET":
+                return _method_not_allowed("GET")
+            return json_response(200, self.snapshot())
+        if path.startswith("/_admin/ledger/") and len(path) > len("/_admin/ledger/"):
+            if method != b"GET":
+                return _method_not_allowed("GET")
+            key = unquote(path[len("/_admin/ledger/") :])
+            record = self.ledger.get(key)
+            if record is None:
+                return _error(404, "unknown_key")
+            return json_response(200, {"key": key, **record.to_dict()})
+        if route == "/_admin/stats":
+            if method != b"GET":
+                return _method_not_allowed("GET")
+            return json_response(200, self.totals())
+        if route == "/_admin/faults":
+            if method == b"GET":
+                return json_response(200, self.faults.config.to_dict())
+            if method != b"POST":
+                return _method_not_allowed("GET", "POST")
+            return self._set_faults(request.body)
+        if route == "/_admin/reset":
+            if method != b"POST":
+                return _method_not_allowed("POST")
+            self.reset()
+            logger.info("sandbox state reset")
+            return json_response(200, {"reset": True})
+        return _NOT_FOUND
+
+    def _set_faults(self, body: bytes) -> Response:
+        try:
+            changes = orjson.loads(body or b"{}")
+        except orjson.JSONDecodeError:
+            return json_response(400, {"error": "invalid_faults", "detail": "body is not JSON"})
+        if not isinstance(changes, dict):
+            return json_response(400, {"error": "invalid_faults", "detail": "body must be a JSON object"})
+        try:
+            config = self.faults.update(changes)
+        except SandboxConfigError as exc:
+            return json_response(400, {"error": "invalid_faults", "detail": str(exc)})
+        logger.info("fault configuration changed: %s", ", ".join(sorted(changes)))
+        return json_response(200, config.to_dict())

@@ -1,0 +1,197 @@
+"""``idv-sandbox``: run the sandbox provider until SIGTERM or SIGINT.
+
+API keys come from ``--api-key`` (repeatable), ``IDV_SANDBOX_API_KEYS`` (comma-separated) and
+``IDV_SANDBOX_API_KEYS_FILE`` (a file of keys, one per line or comma-separated), all merged.
+Every other option can also be set by the ``IDV_SANDBOX_*`` variable named in ``--help``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+
+import click
+
+from .config import SandboxConfig
+from .errors import SandboxConfigError
+from .faults import FaultConfig
+from .server import SandboxServer
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+_ENV = "IDV_SANDBOX_"
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for line in text.splitlines() for part in line.split(",") if part.strip()]
+
+
+def _collect_api_keys(flags: Iterable[str]) -> tuple[str, ...]:
+    keys = [k.strip() for k in flags if k.strip()]
+    keys += _split(os.environ.get(f"{_ENV}API_KEYS", ""))
+    keys_file = os.environ.get(f"{_ENV}API_KEYS_FILE")
+    if keys_file:
+        try:
+            keys += _split(Path(keys_file).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise click.UsageError(f"cannot read {_ENV}API_KEYS_FILE: {exc.strerror}") from None
+    return tuple(dict.fromkeys(keys))
+
+
+def _write_ready_file(path: Path, url: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(url + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+async def _serve(config: SandboxConfig, ready_file: Path | None) -> None:
+    server = SandboxServer(config)
+    try:
+        await server.start()
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        if ready_file is not None:
+            _write_ready_file(ready_file, server.url)
+        click.echo(f"idv-sandbox listening on {server.url}", err=True)
+        await stop.wait()
+        logger.info("shutting down")
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await server.stop()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--host", default="127.0.0.1", envvar=f"{_ENV}HOST", help="Address to bind.")
+@click.option(
+    "--port", default=8080, type=click.IntRange(0, 65535), envvar=f"{_ENV}PORT", help="0 picks a free port."
+)
+@click.option("--api-key", "api_keys", multiple=True, help="Accepted API key (repeatable).")
+@click.option("--out-of-credit-key", "out_of_credit_keys", multiple=True, help="API key answered with 403.")
+@click.option("--latency-ms", type=click.FloatRange(min=0), default=0.0, envvar=f"{_ENV}LATENCY_MS")
+@click.option(
+    "--latency-jitter-ms", type=click.FloatRange(min=0), default=0.0, envvar=f"{_ENV}LATENCY_JITTER_MS"
+)
+@click.option(
+    "--error-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    envvar=f"{_ENV}ERROR_RATE",
+    help="Probability of an injected gateway 500.",
+)
+@click.option(
+    "--rate-429",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    envvar=f"{_ENV}RATE_429",
+    help="Probability of an injected gateway 429.",
+)
+@click.option(
+    "--retry-after",
+    type=click.IntRange(min=1),
+    default=1,
+    envvar=f"{_ENV}RETRY_AFTER",
+    help="Retry-After seconds of injected 429s.",
+)
+@click.option(
+    "--drop-after-effect-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    envvar=f"{_ENV}DROP_AFTER_EFFECT_RATE",
+    help="Probability of closing the connection after the side effect, without answering.",
+)
+@click.option(
+    "--script",
+    default="",
+    envvar=f"{_ENV}SCRIPT",
+    help="Comma-separated fault script, e.g. '500,500,ok' or 'drop' or '429:2'.",
+)
+@click.option(
+    "--rate-limit-per-min",
+    type=click.IntRange(min=1),
+    default=None,
+    envvar=f"{_ENV}RATE_LIMIT_PER_MIN",
+    help="Requests per minute per API key (default: unlimited).",
+)
+@click.option(
+    "--idempotency-ttl",
+    type=click.FloatRange(min=0, min_open=True),
+    default=24 * 3600.0,
+    envvar=f"{_ENV}IDEMPOTENCY_TTL",
+    help="Seconds an idempotency key is remembered.",
+)
+@click.option("--seed", type=int, default=None, envvar=f"{_ENV}SEED", help="Seed of the fault rolls.")
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    envvar=f"{_ENV}READY_FILE",
+    help="Write the bound URL here once listening (removed on exit).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    envvar=f"{_ENV}LOG_LEVEL",
+    help="DEBUG logs one line per request.",
+)
+def main(
+    host: str,
+    port: int,
+    api_keys: tuple[str, ...],
+    out_of_credit_keys: tuple[str, ...],
+    latency_ms: float,
+    latency_jitter_ms: float,
+    error_rate: float,
+    rate_429: float,
+    retry_after: int,
+    drop_after_effect_rate: float,
+    script: str,
+    rate_limit_per_min: int | None,
+    idempotency_ttl: float,
+    seed: int | None,
+    ready_file: Path | None,
+    log_level: str,
+) -> None:
+    """Sandbox identity-verification provider (Didit-style v3 API) with an exactly-once ledger."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keys = _collect_api_keys(api_keys)
+    if not keys:
+        raise click.UsageError(f"no API key: pass --api-key or set {_ENV}API_KEYS or {_ENV}API_KEYS_FILE")
+    try:
+        config = SandboxConfig(
+            host=host,
+            port=port,
+            api_keys=keys,
+            out_of_credit_keys=tuple(out_of_credit_keys),
+            rate_limit_per_min=rate_limit_per_min,
+            idempotency_ttl_s=idempotency_ttl,
+            faults=FaultConfig(
+                latency_ms=latency_ms,
+                latency_jitter_ms=latency_jitter_ms,
+                error_rate=error_rate,
+                rate_429=rate_429,
+                retry_after_s=retry_after,
+                drop_after_effect_rate=drop_after_effect_rate,
+                seed=seed,
+                script=tuple(p.strip() for p in script.split(",") if p.strip()),
+            ),
+        )
+    except SandboxConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        asyncio.run(_serve(config, ready_file))
+    finally:
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)

@@ -1,0 +1,145 @@
+"""The ledger: what the sandbox did, for tests to assert exactly-once against.
+
+Every request on a business endpoint is an *attempt*. Attempts carrying a usable ``Idempotency-Key``
+are filed under that key (the key string as the client meant it, across API keys; each attempt
+names its API key by a non-secret ``api_key_id``), together with the number of side effects
+performed for the key. Requests without a usable key only count in the totals.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["Attempt", "KeyRecord", "Ledger", "Outcome"]
+
+
+class Outcome(enum.Enum):
+    """Where in the pipeline a request ended."""
+
+    UNAUTHORIZED = "unauthorized_401"
+    OUT_OF_CREDIT = "out_of_credit_403"
+    RATE_LIMITED = "rate_limited_429"
+    GATEWAY_FAULT = "gateway_fault"
+    DROPPED_BEFORE = "dropped_before"
+    MISSING_KEY = "missing_key_400"
+    INVALID_KEY = "invalid_key_400"
+    IN_FLIGHT = "conflicts_409"
+    KEY_REUSED = "reuse_422"
+    REPLAYED = "replays"
+    PROCESSED = "processed"
+    INTERNAL_ERROR = "internal_errors_500"
+
+
+# Faults are counted by kind instead, and a processed request by what it did (side effect or 422).
+_COUNTED = [o for o in Outcome if o not in (Outcome.GATEWAY_FAULT, Outcome.DROPPED_BEFORE, Outcome.PROCESSED)]
+
+
+@dataclass(slots=True)
+class Attempt:
+    at: float
+    path: str
+    status: int | None
+    """Status produced; ``None`` when the connection was dropped before anything was produced."""
+    replayed: bool
+    fault: str | None
+    idempotency_key: str | None
+    """The ``Idempotency-Key`` header value exactly as received."""
+    api_key_id: str | None
+    side_effect: bool
+    delivered: bool
+    """``False`` when the connection was closed instead of sending the response."""
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "at": self.at,
+            "path": self.path,
+            "status": self.status,
+            "replayed": self.replayed,
+            "fault": self.fault,
+            "idempotency_key": self.idempotency_key,
+            "api_key_id": self.api_key_id,
+            "side_effect": self.side_effect,
+            "delivered": self.delivered,
+        }
+
+
+@dataclass(slots=True)
+class KeyRecord:
+    first_seen: float
+    last_seen: float
+    side_effects: int = 0
+    side_effects_by_api_key: dict[str, int] = field(default_factory=dict)
+    attempts: list[Attempt] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "side_effects": self.side_effects,
+            "side_effects_by_api_key": dict(self.side_effects_by_api_key),
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+            "attempts": [a.to_dict() for a in self.attempts],
+        }
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self._keys: dict[str, KeyRecord] = {}
+        self._outcomes: Counter[Outcome] = Counter()
+        self._faults: Counter[str] = Counter()
+        self._requests = 0
+        self._side_effects = 0
+        self._validation_422 = 0
+        self._dropped = 0
+
+    def record(self, key: str | None, attempt: Attempt, outcome: Outcome) -> None:
+        self._requests += 1
+        self._outcomes[outcome] += 1
+        if attempt.fault is not None:
+            self._faults[attempt.fault] += 1
+        if not attempt.delivered:
+            self._dropped += 1
+        if outcome is Outcome.PROCESSED and attempt.status == 422:
+            self._validation_422 += 1
+        if attempt.side_effect:
+            self._side_effects += 1
+        if key is None:
+            return
+        record = self._keys.get(key)
+        if record is None:
+            record = self._keys[key] = KeyRecord(first_seen=attempt.at, last_seen=attempt.at)
+        record.last_seen = attempt.at
+        record.attempts.append(attempt)
+        if attempt.side_effect:
+            record.side_effects += 1
+            scope = attempt.api_key_id or ""
+            record.side_effects_by_api_key[scope] = record.side_effects_by_api_key.get(scope, 0) + 1
+
+    def get(self, key: str) -> KeyRecord | None:
+        return self._keys.get(key)
+
+    def totals(self) -> dict[str, object]:
+        totals: dict[str, object] = {
+            "requests": self._requests,
+            "side_effects": self._side_effects,
+            "validation_422": self._validation_422,
+            "dropped_connections": self._dropped,
+        }
+        for outcome in _COUNTED:
+            totals[outcome.value] = self._outcomes[outcome]
+        totals["faults"] = dict(self._faults)
+        totals["keys"] = len(self._keys)
+        return totals
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "keys": {key: record.to_dict() for key, record in self._keys.items()},
+            "totals": self.totals(),
+        }
+
+    def clear(self) -> None:
+        self._keys.clear()
+        self._outcomes.clear()
+        self._faults.clear()
+        self._requests = self._side_effects = self._validation_422 = self._dropped = 0

@@ -1,0 +1,102 @@
+"""Business handling of the three Didit-style v3 endpoints.
+
+This is the only place a *side effect* happens (a session created, a check run): the pipeline in
+``app`` calls it at most once per idempotency key, and the ledger counts the calls that performed
+one. Responses never echo images, document numbers or names.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass
+
+import orjson
+
+from .decisions import aml_details, decide, id_warnings
+
+__all__ = ["Endpoint", "Provider", "Result"]
+
+
+class Endpoint(enum.Enum):
+    SESSION = "/v3/session/"
+    ID_VERIFICATION = "/v3/id-verification/"
+    AML = "/v3/aml/"
+
+
+_REQUIRED = {
+    Endpoint.SESSION: ("workflow_id",),
+    Endpoint.ID_VERIFICATION: ("document_type", "front_image"),
+    Endpoint.AML: ("full_name",),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    status: int
+    body: dict[str, object]
+    side_effect: bool
+
+
+def _invalid(detail: str) -> Result:
+    return Result(422, {"error": "validation_error", "detail": detail}, side_effect=False)
+
+
+class Provider:
+    def __init__(self) -> None:
+        self._sessions = 0
+
+    def reset(self) -> None:
+        self._sessions = 0
+
+    def handle(self, endpoint: Endpoint, raw_body: bytes, base_url: str) -> Result:
+        try:
+            body = orjson.loads(raw_body)
+        except orjson.JSONDecodeError:
+            return _invalid("body")
+        if not isinstance(body, dict):
+            return _invalid("body")
+        for name in _REQUIRED[endpoint]:
+            if not isinstance(body.get(name), str):
+                return _invalid(name)
+        decision = decide(body)
+        request_id = str(uuid.uuid4())
+        if endpoint is Endpoint.SESSION:
+            self._sessions += 1
+            return Result(
+                201,
+                {
+                    "session_id": request_id,
+                    "session_number": self._sessions,
+                    "session_token": uuid.uuid4().hex[:12],
+                    "workflow_id": body["workflow_id"],
+                    "status": "Not Started",
+                    "url": f"{base_url}/session/{request_id}",
+                    "vendor_data": body.get("vendor_data"),
+                    "callback": body.get("callback"),
+                    "decision_hint": decision.value,
+                },
+                side_effect=True,
+            )
+        if endpoint is Endpoint.ID_VERIFICATION:
+            return Result(
+                200,
+                {
+                    "request_id": request_id,
+                    "id_verification": {
+                        "status": decision.value,
+                        "document_type": body["document_type"],
+                        "warnings": id_warnings(decision),
+                    },
+                },
+                side_effect=True,
+            )
+        total_hits, score = aml_details(decision)
+        return Result(
+            200,
+            {
+                "request_id": request_id,
+                "aml": {"status": decision.value, "total_hits": total_hits, "score": score},
+            },
+            side_effect=True,
+        )
