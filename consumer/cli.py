@@ -37,9 +37,11 @@ def run() -> None:
 
     settings = _settings()
     configure(settings.log_level, settings.log_format)
+    async def main_() -> int:
+        return await Daemon(settings).run()
+
     try:
-        daemon = Daemon(settings)
-        code = anyio.run(daemon.run)
+        code = anyio.run(main_)
     except ConfigurationError as exc:
         click.echo(f"idv-consumer: {exc}", err=True)
         sys.exit(EXIT_CONFIG)

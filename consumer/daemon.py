@@ -113,10 +113,12 @@ class Daemon:
         self.consumer: AIOKafkaConsumer | None = None
         self.partitions: dict[TopicPartition, _Partition] = {}
         self._lanes: dict[Any, deque[tuple[_Partition, ConsumerRecord]]] = {}
-        self._slots = anyio.Semaphore(settings.max_in_flight)
-        self._ready_send, self._ready_recv = anyio.create_memory_object_stream[_Item](settings.max_in_flight + 1)
-        self._fetch_scope = anyio.CancelScope()
-        self._commit_wakeup = anyio.Event()
+        # anyio primitives are made in run(): they need the running event loop.
+        self._slots: anyio.Semaphore
+        self._ready_send: anyio.abc.ObjectSendStream[_Item]
+        self._ready_recv: anyio.abc.ObjectReceiveStream[_Item]
+        self._fetch_scope: anyio.CancelScope | None = None
+        self._commit_wakeup: anyio.Event
         self._done_since_commit = 0
         self._stopping = False
         self._abandon = False  # shutdown deadline passed: start nothing more
@@ -144,6 +146,33 @@ class Daemon:
     async def run(self) -> int:
         """Run until stopped; returns the process exit code."""
         topics = [t.strip() for t in self.settings.topic.split(",") if t.strip()]
+        self._slots = anyio.Semaphore(self.settings.max_in_flight)
+        self._ready_send, self._ready_recv = anyio.create_memory_object_stream[_Item](
+            self.settings.max_in_flight + 1
+        )
+        self._fetch_scope = anyio.CancelScope()
+        if self._stopping:
+            self._fetch_scope.cancel()
+        self._commit_wakeup = anyio.Event()
+        # Signals are watched from the very start, so a SIGTERM during start-up is a clean stop too.
+        error: ConfigurationError | None = None
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self._watch_signals)
+            try:
+                await self._run(topics)
+            except ConfigurationError as exc:
+                error = exc  # re-raised bare, not inside an exception group, for the CLI's one-line message
+            finally:
+                outer.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        if isinstance(self.fatal, ProviderAuthError):
+            log.error("stopped: %s", self.fatal)
+            return EXIT_PROVIDER_AUTH
+        log.info("stopped cleanly", extra={"stats": self.stats.by_disposition, "consumed": self.stats.consumed})
+        return EXIT_OK
+
+    async def _run(self, topics: list[str]) -> None:
         async with self.store, self.provider:
             consumer = self.consumer = self._make_consumer()
             try:
@@ -161,7 +190,6 @@ class Daemon:
                 consumer.subscribe(topics, listener=_Listener(self))
                 log.info("consumer started", extra={"owner": self.owner, "topics": topics})
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._watch_signals)
                     for _ in range(self.settings.max_in_flight):
                         tg.start_soon(self._worker)
                     tg.start_soon(self._commit_loop)
@@ -170,18 +198,16 @@ class Daemon:
                     await self._commit_now("shutdown")
                     tg.cancel_scope.cancel()
             finally:
+                self._ready_send.close()
+                self._ready_recv.close()
                 with anyio.CancelScope(shield=True):
                     await consumer.stop()
-        if isinstance(self.fatal, ProviderAuthError):
-            log.error("stopped: %s", self.fatal)
-            return EXIT_PROVIDER_AUTH
-        log.info("stopped cleanly", extra={"stats": self.stats.by_disposition, "consumed": self.stats.consumed})
-        return EXIT_OK
 
     def stop(self) -> None:
         """Stop fetching; :meth:`run` drains, commits and returns."""
         self._stopping = True
-        self._fetch_scope.cancel()
+        if self._fetch_scope is not None:
+            self._fetch_scope.cancel()
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -193,7 +219,7 @@ class Daemon:
     # -- fetch and dispatch ----------------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
-        assert self.consumer is not None
+        assert self.consumer is not None and self._fetch_scope is not None
         with self._fetch_scope:
             while not self._stopping:
                 batch = await self.consumer.getmany(timeout_ms=500, max_records=self.settings.fetch_max_records)

@@ -1,0 +1,89 @@
+"""Shared fixtures: the real local Kafka broker, topics, the sandbox provider, dedupe stores.
+
+Integration tests use the real services. When ``CI`` is set a missing service fails the test; locally it
+is skipped with the command that starts it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+KAFKA_BOOTSTRAP = os.environ.get("IDV_TEST_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+
+
+def _reachable(hostport: str) -> bool:
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def service_missing(what: str, how: str) -> None:
+    """Fail under CI (a missing service is a failure there), skip elsewhere."""
+    message = f"{what} is not available; start it with: {how}"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    if not _reachable(KAFKA_BOOTSTRAP):
+        if os.environ.get("IDV_TEST_START_KAFKA", "1") == "1":
+            subprocess.run(["bash", str(ROOT / "scripts" / "kafka.sh"), "start"], check=False, timeout=300)
+        if not _reachable(KAFKA_BOOTSTRAP):
+            service_missing("Kafka broker at " + KAFKA_BOOTSTRAP, "bash scripts/kafka.sh start")
+    return KAFKA_BOOTSTRAP
+
+
+def random_topic_name(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+async def create_topic(bootstrap: str, name: str, partitions: int = 8) -> str:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+    finally:
+        await admin.close()
+    return name
+
+
+@pytest.fixture
+async def topic(kafka_bootstrap: str) -> AsyncIterator[str]:
+    """A fresh topic with 8 partitions (aiokafka's random_topic_name pattern)."""
+    name = random_topic_name()
+    await create_topic(kafka_bootstrap, name, 8)
+    yield name
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'dedupe.db'}"
+
+
+@pytest.fixture
+def sandbox() -> Iterator[object]:
+    """The sandbox provider over real HTTP on loopback, in a background thread."""
+    from sandbox import SandboxConfig, run_in_thread
+
+    with run_in_thread(SandboxConfig(port=0, api_keys=("test-key",), out_of_credit_keys=("broke-key",))) as handle:
+        yield handle

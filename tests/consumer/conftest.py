@@ -1,0 +1,206 @@
+"""Helpers for end-to-end tests: publish, run the daemon (in-process or as a real process), read offsets,
+read the sandbox ledger."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from consumer.keys import idempotency_key
+from producer.envelope import Envelope, encode
+
+API_KEY = "test-key"
+
+
+async def publish(bootstrap: str, topic: str, envelopes: Iterable[Envelope]) -> int:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
+    await producer.start()
+    n = 0
+    try:
+        futures = []
+        for env in envelopes:
+            futures.append(await producer.send(topic, encode(env), key=env.key, headers=env.headers()))
+            n += 1
+        for fut in futures:
+            await fut
+    finally:
+        await producer.stop()
+    return n
+
+
+async def publish_raw(
+    bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]],
+    partition: int | None = None,
+) -> list[tuple[int, int]]:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all",
+                                max_request_size=16 * 1024 * 1024)
+    await producer.start()
+    out = []
+    try:
+        for key, value, headers in records:
+            md = await producer.send_and_wait(topic, value, key=key, headers=headers, partition=partition)
+            out.append((md.partition, md.offset))
+    finally:
+        await producer.stop()
+    return out
+
+
+async def partitions_of(bootstrap: str, topic: str) -> list[int]:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (desc,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    parts = sorted(p["partition"] for p in desc["partitions"])
+    assert parts, f"topic {topic} has no partitions"
+    return parts
+
+
+async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        parts = await partitions_of(bootstrap, topic)
+        tps = [TopicPartition(topic, p) for p in parts]
+        ends = await consumer.end_offsets(tps)
+        return {tp.partition: off for tp, off in ends.items()}
+    finally:
+        # aiokafka 0.14: stop() right after start() awaits a background task cancelled before it ran,
+        # which raises CancelledError in the caller; one scheduling round lets it start first.
+        await anyio.sleep(0)
+        await consumer.stop()
+
+
+async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = await partitions_of(bootstrap, topic)
+        out = {}
+        for p in parts:
+            off = await consumer.committed(TopicPartition(topic, p))
+            out[p] = off if off is not None else 0
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def read_all(bootstrap: str, topic: str) -> list[Any]:
+    """Every record of the topic, from the beginning (no group)."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    ends = await end_offsets(bootstrap, topic)
+    total = sum(ends.values())
+    out: list[Any] = []
+    try:
+        with anyio.fail_after(60):
+            while len(out) < total:
+                batch = await consumer.getmany(timeout_ms=500)
+                for msgs in batch.values():
+                    out.extend(msgs)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def wait_committed_to_end(bootstrap: str, group: str, topic: str, timeout: float = 60.0) -> dict[int, int]:
+    ends = await end_offsets(bootstrap, topic)
+    deadline = time.monotonic() + timeout
+    committed: dict[int, int] = {}
+    while time.monotonic() < deadline:
+        committed = await committed_offsets(bootstrap, group, topic)
+        if all(committed.get(p, 0) >= end for p, end in ends.items()):
+            return committed
+        await anyio.sleep(0.5)
+    raise AssertionError(f"offsets not committed to the end in {timeout}s: committed={committed} ends={ends}")
+
+
+class Sandbox:
+    """Admin view of the sandbox provider over HTTP."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def ledger(self) -> dict[str, Any]:
+        r = httpx.get(self.url + "/_admin/ledger", timeout=30)
+        r.raise_for_status()
+        return r.json()  # type: ignore[no-any-return]
+
+    def side_effects(self) -> dict[str, int]:
+        return {k: v["side_effects"] for k, v in self.ledger()["keys"].items()}
+
+    def faults(self, **config: Any) -> dict[str, Any]:
+        r = httpx.post(self.url + "/_admin/faults", json=config, timeout=10)
+        r.raise_for_status()
+        return r.json()  # type: ignore[no-any-return]
+
+
+def keys_for(envelopes: Iterable[Envelope], namespace: str = "idv") -> set[str]:
+    return {idempotency_key(namespace, e.operation, e.message_id) for e in envelopes}
+
+
+def daemon_env(
+    *, bootstrap: str, topic: str, group: str, store_url: str, provider_url: str, **extra: Any
+) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDV_")}
+    env.update(
+        IDV_KAFKA_BOOTSTRAP=bootstrap,
+        IDV_TOPIC=topic,
+        IDV_GROUP_ID=group,
+        IDV_STORE_URL=store_url,
+        IDV_PROVIDER_URL=provider_url,
+        IDV_PROVIDER_API_KEY=API_KEY,
+        IDV_COMMIT_INTERVAL_S="0.2",
+        IDV_LOG_FORMAT="json",
+        IDV_PROVIDER_BACKOFF_BASE_S="0.05",
+        IDV_PROVIDER_BACKOFF_MAX_S="0.5",
+        IDV_SESSION_TIMEOUT_MS="6000",
+        IDV_HEARTBEAT_INTERVAL_MS="1000",
+    )
+    env.update({f"IDV_{k.upper()}": str(v) for k, v in extra.items()})
+    return env
+
+
+@dataclass
+class DaemonProcess:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_daemon(env: Mapping[str, str], log_path: Path) -> DaemonProcess:
+    """The daemon as a real process (``python -m consumer run``), stderr to ``log_path``."""
+    fh = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "consumer", "run"], env=dict(env), stdout=fh, stderr=fh, stdin=subprocess.DEVNULL
+    )
+    fh.close()
+    return DaemonProcess(proc, log_path)

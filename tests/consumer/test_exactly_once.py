@@ -1,0 +1,337 @@
+"""Acceptance tests of the foundation, against the real broker and the sandbox provider over HTTP."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from pathlib import Path
+
+import anyio
+import pytest
+
+from consumer.daemon import Daemon
+from consumer.keys import idempotency_key
+from consumer.settings import Settings
+from consumer.store import State, open_store
+from producer.envelope import Envelope, encode
+from tests.conftest import create_topic, random_topic_name
+from tests.consumer.conftest import (
+    API_KEY,
+    Sandbox,
+    committed_offsets,
+    daemon_env,
+    end_offsets,
+    keys_for,
+    publish,
+    publish_raw,
+    read_all,
+    start_daemon,
+    wait_committed_to_end,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
+
+OPS = [
+    ("aml_screening", {"full_name": "Test Person"}),
+    ("id_verification", {"document_type": "passport", "front_image": "aGVsbG8="}),
+    ("create_session", {"workflow_id": "wf-1"}),
+]
+
+
+def make_envelopes(n: int, *, subjects: int = 50, seed: int = 1) -> list[Envelope]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        op, req = OPS[i % 3]
+        req = dict(req, vendor_data=f"case-{i}")
+        out.append(Envelope(message_id=f"msg-{uuid.uuid4()}", operation=op,
+                            subject_id=f"subject-{rng.randrange(subjects)}", request=req))
+    return out
+
+
+def with_duplicates(unique: list[Envelope], ratio: float, seed: int = 2) -> list[Envelope]:
+    rng = random.Random(seed)
+    dups = rng.sample(unique, int(len(unique) * ratio))
+    stream = list(unique)
+    for d in dups:  # re-insert later in the stream: same ID, same payload (an upstream retry)
+        stream.insert(rng.randrange(stream.index(d) + 1, len(stream) + 1), d)
+    return stream
+
+
+def settings_for(bootstrap: str, topic: str, group: str, store_url: str, provider_url: str, **kw: object) -> Settings:
+    base: dict[str, object] = dict(
+        kafka_bootstrap=bootstrap, topic=topic, group_id=group, store_url=store_url,
+        provider_url=provider_url, provider_api_key=API_KEY, commit_interval_s=0.2,
+        provider_backoff_base_s=0.05, provider_backoff_max_s=0.5, session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+    )
+    base.update(kw)
+    return Settings.from_env({}, **base)
+
+
+async def run_until_committed(settings: Settings, timeout: float = 90.0) -> Daemon:
+    daemon = Daemon(settings)
+    codes: list[int] = []
+
+    async def run() -> None:
+        codes.append(await daemon.run())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await wait_committed_to_end(settings.kafka_bootstrap, settings.group_id, settings.topic, timeout)
+        daemon.stop()
+    assert codes == [0]
+    return daemon
+
+
+async def assert_exactly_once(sandbox: Sandbox, store_url: str, unique: list[Envelope]) -> None:
+    effects = sandbox.side_effects()
+    expected = keys_for(unique)
+    missing = expected - effects.keys()
+    assert not missing, f"{len(missing)} message IDs never reached the provider"
+    over = {k: v for k, v in effects.items() if k in expected and v != 1}
+    assert not over, f"keys with more than one side effect: {list(over.items())[:5]}"
+    assert sum(effects[k] for k in expected) == len(unique)
+    async with open_store(store_url) as store:
+        for env in unique:
+            record = await store.get(idempotency_key("idv", env.operation, env.message_id))
+            assert record is not None, env.message_id
+            assert record.state is State.COMPLETED, (env.message_id, record.state)
+
+
+async def test_thousand_requests_with_ten_percent_duplicates(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+) -> None:
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    unique = make_envelopes(909)
+    stream = with_duplicates(unique, 0.1)
+    assert len(stream) == 999
+    await publish(kafka_bootstrap, topic, stream)
+    group = "g-" + uuid.uuid4().hex[:8]
+    daemon = await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
+    await assert_exactly_once(sb, sqlite_url, unique)
+    assert daemon.stats.consumed == len(stream)
+    assert daemon.stats.by_disposition["duplicate"] == len(stream) - len(unique)
+    assert await committed_offsets(kafka_bootstrap, group, topic) == await end_offsets(kafka_bootstrap, topic)
+
+
+async def test_redelivery_to_a_new_group_is_not_sent_again(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+) -> None:
+    """A new consumer group replays the whole topic; the key ignores group/partition/offset."""
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    unique = make_envelopes(60)
+    await publish(kafka_bootstrap, topic, unique)
+    await run_until_committed(settings_for(kafka_bootstrap, topic, "g1-" + uuid.uuid4().hex[:6], sqlite_url, sb.url))
+    second = await run_until_committed(
+        settings_for(kafka_bootstrap, topic, "g2-" + uuid.uuid4().hex[:6], sqlite_url, sb.url)
+    )
+    assert second.stats.by_disposition["duplicate"] == 60
+    await assert_exactly_once(sb, sqlite_url, unique)
+
+
+async def test_conflicting_payload_is_not_sent_and_does_not_stall(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+) -> None:
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    original = Envelope(message_id="conflict-1", operation="aml_screening", subject_id="subj-c",
+                        request={"full_name": "Original Name"})
+    changed = Envelope(message_id="conflict-1", operation="aml_screening", subject_id="subj-c",
+                       request={"full_name": "Different Name"})
+    after = [Envelope(message_id=f"after-{i}", operation="aml_screening", subject_id="subj-c",
+                      request={"full_name": "Next"}) for i in range(5)]
+    await publish(kafka_bootstrap, topic, [original, changed, *after])
+    group = "g-" + uuid.uuid4().hex[:8]
+    daemon = await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
+    assert daemon.stats.by_disposition["conflict"] == 1
+    effects = sb.side_effects()
+    key = idempotency_key("idv", "aml_screening", "conflict-1")
+    assert effects[key] == 1
+    ledger_key = sb.ledger()["keys"][key]
+    assert len(ledger_key["attempts"]) == 1  # the changed payload never reached the provider
+    async with open_store(sqlite_url) as store:
+        conflicts = await store.conflicts("conflict-1")
+        assert len(conflicts) == 1
+    await assert_exactly_once(sb, sqlite_url, [original, *after])
+
+
+async def test_invalid_messages_are_set_aside_without_stalling(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+) -> None:
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    secret = "SECRET-PAYLOAD-9f8e7d"
+    good = Envelope(message_id="good-1", operation="aml_screening", subject_id="k", request={"full_name": "A"})
+    good2 = Envelope(message_id="good-2", operation="aml_screening", subject_id="k", request={"full_name": "B"})
+    no_id = dict(good.to_dict(), request={"full_name": secret})
+    del no_id["message_id"]
+    unknown = dict(good.to_dict(), message_id="u-1", operation="teleport", request={"x": secret})
+    import orjson
+
+    records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = [
+        (b"k", encode(good), good.headers()),
+        (b"k", b"{not json " + secret.encode(), []),
+        (b"k", orjson.dumps(no_id), []),
+        (b"k", orjson.dumps(unknown), []),
+        (b"k", b"\xff\xfe" + secret.encode(), []),
+        (b"k", b"[1, 2, 3]", []),
+        (b"k", None, []),
+        (b"k", b'{"pad": "' + b"x" * (200 * 1024) + b'"}', []),
+        (b"k", encode(good2), good2.headers()),
+    ]
+    await publish_raw(kafka_bootstrap, topic, records, partition=3)
+    group = "g-" + uuid.uuid4().hex[:8]
+    env = daemon_env(bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url,
+                     provider_url=sb.url, max_message_bytes=64 * 1024)
+    proc = start_daemon(env, tmp_path / "daemon.log")
+    try:
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
+        assert proc.proc.poll() is None, "daemon crashed on bad input"
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    log = proc.log()
+    assert secret not in log
+    for reason in ("invalid_json", "missing_message_id", "unknown_operation", "invalid_encoding",
+                   "invalid_envelope", "too_large"):
+        assert f'"reason":"{reason}"' in log, reason
+    assert '"partition":3' in log and '"offset":1' in log
+    await assert_exactly_once(sb, sqlite_url, [good, good2])
+
+
+@pytest.mark.parametrize(
+    ("point", "nth"),
+    [("before_claim", 40), ("after_claim", 40), ("after_provider_call", 40), ("after_record", 40),
+     ("after_commit", 2)],
+)
+async def test_crash_window_then_restart(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path, point: str, nth: int
+) -> None:
+    """SIGKILL at a named step, restart: no extra side effect, every message completed."""
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    unique = make_envelopes(120, subjects=40)
+    await publish(kafka_bootstrap, topic, unique)
+    group = "g-" + uuid.uuid4().hex[:8]
+    common = dict(bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url, provider_url=sb.url,
+                  lease_s=3, provider_timeout_s=2, max_in_flight=16)
+    crashing = start_daemon(daemon_env(**common, fault_kill_at=f"{point}:{nth}"), tmp_path / "crash.log")
+    try:
+        code = crashing.wait(90)
+    finally:
+        crashing.kill()
+    assert code == -9, f"fault point did not fire (exit {code})\n{crashing.log()[-2000:]}"
+    before = sum(sb.side_effects().values())
+    assert before < len(unique) or point == "after_commit"
+    restarted = start_daemon(daemon_env(**common), tmp_path / "restart.log")
+    try:
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
+        restarted.terminate()
+        assert restarted.wait(30) == 0
+    finally:
+        restarted.kill()
+    await assert_exactly_once(sb, sqlite_url, unique)
+
+
+async def test_crash_with_many_in_flight(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+) -> None:
+    """Slow provider, 48 calls in flight when the process dies after one side effect."""
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    sb.faults(latency_ms=300)
+    unique = make_envelopes(300, subjects=300)
+    await publish(kafka_bootstrap, topic, unique)
+    group = "g-" + uuid.uuid4().hex[:8]
+    common = dict(bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url, provider_url=sb.url,
+                  lease_s=3, provider_timeout_s=2, max_in_flight=48)
+    crashing = start_daemon(daemon_env(**common, fault_kill_at="after_provider_call:60"), tmp_path / "c.log")
+    try:
+        assert crashing.wait(90) == -9
+    finally:
+        crashing.kill()
+    await anyio.sleep(0.5)  # let the sandbox finish the requests the dead process left behind
+    async with open_store(sqlite_url) as store:
+        counts = await store.counts()
+    assert counts["in_progress"] > 1, counts  # many were in flight at the kill
+    sb.faults(latency_ms=0)
+    restarted = start_daemon(daemon_env(**common), tmp_path / "r.log")
+    try:
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 120)
+        restarted.terminate()
+        assert restarted.wait(30) == 0
+    finally:
+        restarted.kill()
+    await assert_exactly_once(sb, sqlite_url, unique)
+
+
+async def test_sigterm_drains_and_never_commits_past_unrecorded(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+) -> None:
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    sb.faults(latency_ms=200)
+    unique = make_envelopes(400, subjects=400)
+    await publish(kafka_bootstrap, topic, unique)
+    group = "g-" + uuid.uuid4().hex[:8]
+    env = daemon_env(bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url,
+                     provider_url=sb.url, max_in_flight=32, drain_timeout_s=10)
+    proc = start_daemon(env, tmp_path / "d.log")
+    try:
+        deadline = time.monotonic() + 60
+        while sum(sb.side_effects().values()) < 60 and time.monotonic() < deadline:
+            await anyio.sleep(0.1)
+        t0 = time.monotonic()
+        proc.terminate()
+        code = proc.wait(30)
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert code == 0, proc.log()[-2000:]
+    assert elapsed < 10 + 5
+    committed = await committed_offsets(kafka_bootstrap, group, topic)
+    assert sum(committed.values()) > 0
+    # Every message below a committed offset has a durable outcome.
+    messages = await read_all(kafka_bootstrap, topic)
+    async with open_store(sqlite_url) as store:
+        for msg in messages:
+            if msg.offset < committed.get(msg.partition, 0):
+                env_ = __import__("producer").decode(msg.value, msg.headers)
+                record = await store.get(idempotency_key("idv", env_.operation, env_.message_id))
+                assert record is not None and record.state is State.COMPLETED, (msg.partition, msg.offset)
+    sb.faults(latency_ms=0)
+
+
+async def test_wrong_api_key_stops_the_daemon_and_commits_nothing(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+) -> None:
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    unique = make_envelopes(20)
+    await publish(kafka_bootstrap, topic, unique)
+    group = "g-" + uuid.uuid4().hex[:8]
+    env = daemon_env(bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url,
+                     provider_url=sb.url)
+    env["IDV_PROVIDER_API_KEY"] = "wrong-key-123"
+    proc = start_daemon(env, tmp_path / "d.log")
+    try:
+        code = proc.wait(60)
+    finally:
+        proc.kill()
+    assert code == 3
+    log = proc.log()
+    assert "API key" in log and "wrong-key-123" not in log
+    assert sum((await committed_offsets(kafka_bootstrap, group, topic)).values()) == 0
+    effects = sb.side_effects()
+    assert all(effects.get(k, 0) == 0 for k in keys_for(unique))
+
+
+async def test_missing_topic_is_a_clear_error(kafka_bootstrap: str, sandbox: object, sqlite_url: str,
+                                              tmp_path: Path) -> None:
+    env = daemon_env(bootstrap=kafka_bootstrap, topic=random_topic_name("missing"), group="g",
+                     store_url=sqlite_url, provider_url=sandbox.url)  # type: ignore[attr-defined]
+    proc = start_daemon(env, tmp_path / "d.log")
+    try:
+        assert proc.wait(60) == 2
+    finally:
+        proc.kill()
+    assert "do not exist" in proc.log()
+    assert "Traceback" not in proc.log()
+

@@ -1,0 +1,198 @@
+"""The dedupe store contract: every backend must pass the same suite.
+
+Backends: SQLite always; PostgreSQL when ``IDV_TEST_POSTGRES_URL`` is set (CI sets it). Each transition is
+a compare-and-set; these tests pin the rules PITFALLS lists (take-over only after lease expiry, only the
+owner completes or releases, nothing deleted on error, completed records never overwritten).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from consumer.errors import LeaseLost
+from consumer.store import ClaimStatus, DedupeStore, Outcome, State, open_store
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+BACKENDS = ["sqlite"]
+if os.environ.get("IDV_TEST_POSTGRES_URL"):
+    BACKENDS.append("postgres")
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[DedupeStore]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'contract.db'}"
+    else:
+        url = os.environ.get("IDV_TEST_POSTGRES_URL", "")
+        if not url:
+            pytest.fail("CI is set but IDV_TEST_POSTGRES_URL is not: PostgreSQL is required")
+    s = open_store(url)
+    s.clock = FakeClock()
+    async with s:
+        yield s
+
+
+def _key() -> str:
+    return "idv_" + uuid.uuid4().hex
+
+
+async def _claim(store: DedupeStore, key: str, owner: str = "a", fp: str = "fp1", lease: float = 30.0):  # type: ignore[no-untyped-def]
+    return await store.claim(
+        key=key, message_id="m-" + key[-6:], operation="aml_screening", fingerprint=fp,
+        owner=owner, lease_s=lease, retention_s=3600.0,
+    )
+
+
+async def test_first_claim_acquires(store: DedupeStore) -> None:
+    key = _key()
+    claim = await _claim(store, key)
+    assert claim.status is ClaimStatus.ACQUIRED
+    assert claim.record.state is State.IN_PROGRESS
+    assert claim.record.owner == "a"
+    assert claim.record.attempts == 1
+
+
+async def test_live_lease_is_not_taken_over(store: DedupeStore) -> None:
+    key = _key()
+    await _claim(store, key, owner="a")
+    claim = await _claim(store, key, owner="b")
+    assert claim.status is ClaimStatus.BUSY
+    assert claim.record.owner == "a"
+    # The same owner is not re-entrant either: two concurrent handlers in one process must not both call.
+    assert (await _claim(store, key, owner="a")).status is ClaimStatus.BUSY
+
+
+async def test_expired_lease_is_taken_over_and_counts_attempts(store: DedupeStore) -> None:
+    key = _key()
+    await _claim(store, key, owner="a", lease=10)
+    store.clock.now += 11  # type: ignore[attr-defined]
+    claim = await _claim(store, key, owner="b")
+    assert claim.status is ClaimStatus.ACQUIRED
+    assert claim.record.owner == "b"
+    assert claim.record.attempts == 2
+    # The old owner can no longer complete or release.
+    with pytest.raises(LeaseLost):
+        await store.complete(key, "a", Outcome("approved", 200, "ref"))
+    with pytest.raises(LeaseLost):
+        await store.release(key, "a", "x")
+
+
+async def test_only_owner_completes(store: DedupeStore) -> None:
+    key = _key()
+    await _claim(store, key, owner="a")
+    with pytest.raises(LeaseLost):
+        await store.complete(key, "intruder", Outcome("approved"))
+    await store.complete(key, "a", Outcome("approved", 200, "ref-1"))
+    record = await store.get(key)
+    assert record is not None
+    assert record.state is State.COMPLETED
+    assert record.outcome == Outcome("approved", 200, "ref-1")
+    assert record.owner is None
+
+
+async def test_completed_is_done_and_never_overwritten(store: DedupeStore) -> None:
+    key = _key()
+    await _claim(store, key, owner="a")
+    await store.complete(key, "a", Outcome("declined", 200, "ref-1"))
+    store.clock.now += 10_000  # type: ignore[attr-defined]  # way past any lease
+    claim = await _claim(store, key, owner="b")
+    assert claim.status is ClaimStatus.DONE
+    assert claim.record.outcome is not None and claim.record.outcome.status == "declined"
+    with pytest.raises(LeaseLost):
+        await store.complete(key, "a", Outcome("approved"))
+    with pytest.raises(LeaseLost):
+        await store.complete(key, "b", Outcome("approved"))
+    record = await store.get(key)
+    assert record is not None and record.outcome == Outcome("declined", 200, "ref-1")
+
+
+async def test_failed_is_terminal(store: DedupeStore) -> None:
+    key = _key()
+    await _claim(store, key)
+    await store.complete(key, "a", Outcome("failed", 422, None, "validation_error"), failed=True)
+    claim = await _claim(store, key, owner="b")
+    assert claim.status is ClaimStatus.DONE
+    assert claim.record.state is State.FAILED
+
+
+async def test_fingerprint_mismatch_is_conflict_on_every_path(store: DedupeStore) -> None:
+    key = _key()
+    await _claim(store, key, fp="fp1")
+    assert (await _claim(store, key, owner="b", fp="fp2")).status is ClaimStatus.CONFLICT
+    await store.complete(key, "a", Outcome("approved"))
+    # The shortcut path that returns a stored outcome checks the fingerprint too (powertools #3781).
+    assert (await _claim(store, key, owner="b", fp="fp2")).status is ClaimStatus.CONFLICT
+    await store.record_conflict(key=key, message_id="m", fingerprint="fp2", stored_fingerprint="fp1", source="t/0@5")
+    conflicts = await store.conflicts("m")
+    assert len(conflicts) == 1 and conflicts[0]["source"] == "t/0@5"
+
+
+async def test_release_keeps_record_and_allows_reclaim(store: DedupeStore) -> None:
+    key = _key()
+    await _claim(store, key, owner="a")
+    await store.release(key, "a", "retries_exhausted")
+    record = await store.get(key)
+    assert record is not None
+    assert record.state is State.RELEASED and record.last_error == "retries_exhausted"
+    claim = await _claim(store, key, owner="b")
+    assert claim.status is ClaimStatus.ACQUIRED and claim.record.attempts == 2
+
+
+async def test_renew_extends_only_own_lease(store: DedupeStore) -> None:
+    key = _key()
+    await _claim(store, key, owner="a", lease=10)
+    store.clock.now += 8  # type: ignore[attr-defined]
+    await store.renew(key, "a", 10)
+    store.clock.now += 8  # type: ignore[attr-defined]  # 16 s after claim, 8 s after renewal: still live
+    assert (await _claim(store, key, owner="b")).status is ClaimStatus.BUSY
+    with pytest.raises(LeaseLost):
+        await store.renew(key, "b", 10)
+
+
+async def test_concurrent_claims_have_one_winner(store: DedupeStore) -> None:
+    key = _key()
+    results: list[ClaimStatus] = []
+
+    async def claim(owner: str) -> None:
+        results.append((await _claim(store, key, owner=owner)).status)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(claim, f"o{i}")
+    assert results.count(ClaimStatus.ACQUIRED) == 1
+    assert results.count(ClaimStatus.BUSY) == 19
+
+
+async def test_purge_respects_retention_and_in_progress(store: DedupeStore) -> None:
+    done, live = _key(), _key()
+    await _claim(store, done)
+    await store.complete(done, "a", Outcome("approved"))
+    await _claim(store, live, lease=1e9)
+    store.clock.now += 3601  # type: ignore[attr-defined]
+    assert await store.purge_expired() >= 1
+    assert await store.get(done) is None
+    assert await store.get(live) is not None
+
+
+async def test_counts(store: DedupeStore) -> None:
+    before = await store.counts()
+    key = _key()
+    await _claim(store, key)
+    after = await store.counts()
+    assert after["in_progress"] == before["in_progress"] + 1
