@@ -1,0 +1,167 @@
+"""The provider client against the sandbox provider over real HTTP (and a few MockTransport edge cases)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from consumer.errors import ProviderAuthError, RetriesExhausted
+from consumer.provider import ProviderClient, RetryPolicy, classify_status, parse_retry_after
+from producer.envelope import OPERATIONS
+from tests.consumer.conftest import API_KEY, Sandbox
+
+pytestmark = pytest.mark.anyio
+
+AML = OPERATIONS["aml_screening"]
+FAST = RetryPolicy(max_attempts=5, base_delay_s=0.01, max_delay_s=0.05)
+
+
+@pytest.fixture
+def sb(sandbox: object) -> Iterator[Sandbox]:
+    yield Sandbox(sandbox.url)  # type: ignore[attr-defined]
+
+
+def client(sb: Sandbox, key: str = API_KEY, retry: RetryPolicy = FAST) -> ProviderClient:
+    return ProviderClient(sb.url, key, retry=retry, timeout_s=5, rng=random.Random(0))
+
+
+async def test_500_500_then_200_is_one_side_effect_with_the_same_key(sb: Sandbox) -> None:
+    sb.faults(script=["500", "500"])
+    async with client(sb) as c:
+        result = await c.call(AML, {"full_name": "A"}, "idv_key-500")
+    assert result.outcome.status == "approved"
+    assert result.attempts == 3
+    entry = sb.ledger()["keys"]["idv_key-500"]
+    assert entry["side_effects"] == 1
+    assert [a["status"] for a in entry["attempts"]] == [500, 500, 200]
+    assert {a["idempotency_key"] for a in entry["attempts"]} == {"idv_key-500"}
+
+
+async def test_429_retry_after_is_a_minimum_wait(sb: Sandbox) -> None:
+    sb.faults(script=["429:2"])
+    async with client(sb) as c:
+        t0 = time.monotonic()
+        result = await c.call(AML, {"full_name": "A"}, "idv_key-429")
+        waited = time.monotonic() - t0
+    assert result.attempts == 2
+    assert waited >= 2.0  # backoff alone would be ~0.01 s
+    attempts = sb.ledger()["keys"]["idv_key-429"]["attempts"]
+    assert attempts[1]["at"] - attempts[0]["at"] >= 2.0
+
+
+async def test_dropped_connection_after_side_effect_replays_stored_response(sb: Sandbox) -> None:
+    sb.faults(script=["drop"])
+    async with client(sb) as c:
+        result = await c.call(AML, {"full_name": "REVIEW me"}, "idv_key-drop")
+    assert result.outcome.status == "review"
+    entry = sb.ledger()["keys"]["idv_key-drop"]
+    assert entry["side_effects"] == 1
+    assert len(entry["attempts"]) == 2
+    assert entry["attempts"][1]["replayed"] is True
+
+
+async def test_declined_is_a_successful_call(sb: Sandbox) -> None:
+    async with client(sb) as c:
+        result = await c.call(AML, {"full_name": "DECLINE this"}, "idv_key-decl")
+    assert not result.terminal_failure
+    assert result.outcome.status == "declined"
+    assert result.outcome.provider_reference
+
+
+async def test_create_session_reference_is_the_session_id(sb: Sandbox) -> None:
+    async with client(sb) as c:
+        result = await c.call(OPERATIONS["create_session"], {"workflow_id": "wf"}, "idv_key-sess")
+    assert result.outcome.status == "created"
+    assert result.outcome.http_status == 201
+    assert result.outcome.provider_reference and len(result.outcome.provider_reference) >= 8
+
+
+async def test_422_is_terminal_and_not_retried(sb: Sandbox) -> None:
+    async with client(sb) as c:
+        result = await c.call(AML, {"no_name": "x"}, "idv_key-422")
+    assert result.terminal_failure
+    assert result.outcome.status == "failed" and result.outcome.http_status == 422
+    assert result.outcome.detail == "validation_error"
+    assert len(sb.ledger()["keys"]["idv_key-422"]["attempts"]) == 1
+
+
+@pytest.mark.parametrize("api_key", ["wrong-key", "broke-key"])
+async def test_401_and_403_are_configuration_errors(sb: Sandbox, api_key: str) -> None:
+    async with client(sb, key=api_key) as c:
+        with pytest.raises(ProviderAuthError) as info:
+            await c.call(AML, {"full_name": "A"}, "idv_key-auth-" + api_key)
+    assert info.value.status in (401, 403)
+    assert api_key not in str(info.value)
+
+
+async def test_retry_ceiling(sb: Sandbox) -> None:
+    sb.faults(error_rate=1.0)
+    try:
+        async with client(sb, retry=RetryPolicy(3, 0.01, 0.02)) as c:
+            with pytest.raises(RetriesExhausted) as info:
+                await c.call(AML, {"full_name": "A"}, "idv_key-ceiling")
+    finally:
+        sb.faults(error_rate=0.0)
+    assert info.value.attempts == 3
+    entry = sb.ledger()["keys"]["idv_key-ceiling"]
+    assert len(entry["attempts"]) == 3 and entry["side_effects"] == 0
+
+
+async def test_409_in_flight_is_retried_until_the_first_finishes() -> None:
+    """A 409 (the first request with this key still running) is retried, not recorded as a failure."""
+    answers = iter([httpx.Response(409, json={"error": "idempotency_request_in_flight"}),
+                    httpx.Response(200, json={"request_id": "r1", "aml": {"status": "Approved"}})])
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["Idempotency-Key"])
+        assert request.headers["x-api-key"] == "k"
+        return next(answers)
+
+    async with ProviderClient("http://provider", "k", retry=FAST, transport=httpx.MockTransport(handler)) as c:
+        result = await c.call(AML, {"full_name": "A"}, "idv_same")
+    assert result.outcome.status == "approved" and result.outcome.provider_reference == "r1"
+    assert seen == ["idv_same", "idv_same"]
+
+
+async def test_connect_error_is_retried() -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json={"request_id": "r", "aml": {"status": "Approved"}})
+
+    async with ProviderClient("http://provider", "k", retry=FAST, transport=httpx.MockTransport(handler)) as c:
+        result = await c.call(AML, {"full_name": "A"}, "idv_x")
+    assert result.attempts == 3
+
+
+def test_classification_table() -> None:
+    assert classify_status(200) == classify_status(201) == "ok"
+    assert classify_status(401) == classify_status(403) == "auth"
+    for status in (408, 409, 425, 429, 500, 502, 503, 504):
+        assert classify_status(status) == "retry", status
+    for status in (400, 404, 405, 413, 422):
+        assert classify_status(status) == "terminal", status
+
+
+def test_retry_after_parsing() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    policy = RetryPolicy(max_attempts=10, base_delay_s=0.1, max_delay_s=1.0)
+    rng = random.Random(1)
+    delays = [policy.backoff(n, rng) for n in range(1, 9)]
+    assert all(0.05 <= d <= 1.0 for d in delays)
+    assert delays[0] <= 0.1 and delays[-1] >= 0.5
