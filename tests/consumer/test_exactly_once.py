@@ -335,3 +335,43 @@ async def test_missing_topic_is_a_clear_error(kafka_bootstrap: str, sandbox: obj
     assert "do not exist" in proc.log()
     assert "Traceback" not in proc.log()
 
+
+
+async def test_rebalance_mid_stream_causes_no_duplicate_side_effects(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+) -> None:
+    """A second daemon joins the group while the first has calls in flight, then the first leaves.
+
+    Each rebalance revokes partitions with work in flight: the daemon drains it, commits, then lets go, and
+    the leases plus the provider key stop the new owner from repeating anything.
+    """
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    sb.faults(latency_ms=100)
+    unique = make_envelopes(400, subjects=200)
+    await publish(kafka_bootstrap, topic, unique)
+    group = "g-" + uuid.uuid4().hex[:8]
+    common = dict(bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url, provider_url=sb.url,
+                  max_in_flight=16, rebalance_drain_s=5, lease_s=10, provider_timeout_s=5)
+    first = start_daemon(daemon_env(**common, instance_id="first"), tmp_path / "first.log")
+    second = None
+    try:
+        deadline = time.monotonic() + 60
+        while sum(sb.side_effects().values()) < 50 and time.monotonic() < deadline:
+            await anyio.sleep(0.1)
+        second = start_daemon(daemon_env(**common, instance_id="second"), tmp_path / "second.log")
+        while sum(sb.side_effects().values()) < 200 and time.monotonic() < deadline:
+            await anyio.sleep(0.1)
+        first.terminate()  # leaves the group: another rebalance with work in flight
+        assert first.wait(30) == 0
+        sb.faults(latency_ms=0)
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
+        second.terminate()
+        assert second.wait(30) == 0
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+    assert "partitions revoked" in first.log()
+    assert "partitions assigned" in second.log()
+    assert "outcome recorded" in second.log()  # the newcomer really took work over
+    await assert_exactly_once(sb, sqlite_url, unique)
