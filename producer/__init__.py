@@ -14,6 +14,7 @@ from producer.envelope import (
     Operation,
     decode,
     encode,
+    envelope_from_dict,
     get_operation,
     register_operation,
 )
@@ -25,6 +26,8 @@ from producer.errors import (
     VerificationError,
 )
 from producer.ids import new_message_id, uuid7
+from producer.publisher import Publisher, PublishResult
+from producer.samples import sample_envelopes
 
 __all__ = [
     "HEADER_MESSAGE_ID",
@@ -39,12 +42,16 @@ __all__ = [
     "EnvelopeTooLarge",
     "Operation",
     "PublishError",
+    "PublishResult",
+    "Publisher",
     "UnknownOperation",
     "VerificationError",
     "decode",
     "encode",
+    "envelope_from_dict",
     "get_operation",
     "new_message_id",
     "register_operation",
+    "sample_envelopes",
     "uuid7",
 ]

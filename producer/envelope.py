@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 
 from producer.errors import EnvelopeError, EnvelopeTooLarge, UnknownOperation
+from producer.ids import new_message_id
 
 __all__ = [
     "HEADER_MESSAGE_ID",
@@ -45,6 +46,7 @@ __all__ = [
     "Operation",
     "decode",
     "encode",
+    "envelope_from_dict",
     "get_operation",
     "register_operation",
 ]
@@ -205,6 +207,31 @@ def validate_fields(obj: Mapping[str, Any]) -> None:
         value = request.get(name)
         if not isinstance(value, str) or not value:
             raise _invalid(f"request.{name} is required for {operation.name} and must be a non-empty string")
+
+
+def envelope_from_dict(obj: object) -> Envelope:
+    """Build an envelope from producer input, e.g. one parsed JSON Lines object.
+
+    Takes the envelope's fields; ``message_id`` is generated only when the key is absent (an explicit
+    ``null`` or ``""`` is rejected as ``missing_message_id``, since it usually means a lost upstream ID),
+    ``created_at`` defaults to now and ``schema_version`` to the current one. Unknown fields are ignored,
+    as on the wire. Raises :class:`EnvelopeError` naming the first bad field, never its value.
+    """
+    if not isinstance(obj, dict):
+        raise _invalid(f"envelope must be a JSON object, got {type(obj).__name__}")
+    # Any: the values are checked by Envelope.__post_init__, which names the first bad one.
+    operation: Any = obj.get("operation")
+    subject_id: Any = obj.get("subject_id")
+    request: Any = obj.get("request")
+    return Envelope(
+        message_id=obj["message_id"] if "message_id" in obj else new_message_id(),
+        operation=operation,
+        subject_id=subject_id,
+        request=request,
+        created_at=obj["created_at"] if "created_at" in obj else _now_iso(),
+        correlation_id=obj.get("correlation_id"),
+        schema_version=obj.get("schema_version", SCHEMA_VERSION),
+    )
 
 
 def encode(envelope: Envelope, *, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:

@@ -1,0 +1,481 @@
+"""``idv-publish``: put verification requests on the Kafka topic.
+
+::
+
+    idv-publish one --operation aml_screening --subject applicant-42 --request '{"full_name": "..."}'
+    idv-publish file requests.jsonl          # or "-" for standard input
+    idv-publish samples --count 10000 --duplicates 0.1 --seed 7
+
+Exit status: 0 when everything was published, 1 when some input was invalid (reported and skipped),
+2 on a usage error or when the broker failed. Human-readable progress and the summary go to stderr;
+``--json`` prints the summary as one JSON object on stdout instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import functools
+import logging
+import os
+import secrets
+import ssl
+import sys
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import click
+import orjson
+from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type information
+
+from producer.envelope import OPERATIONS, Envelope, encode, envelope_from_dict
+from producer.errors import EnvelopeError, PublishError
+from producer.ids import new_message_id
+from producer.publisher import DEFAULT_BOOTSTRAP, DEFAULT_TOPIC, Publisher, PublishResult
+from producer.samples import iter_sample_envelopes
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_FAILURE = 2
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    bootstrap: str
+    topic: str
+    security_protocol: str
+    sasl_mechanism: str | None
+    sasl_username: str | None
+    sasl_password: str | None = field(repr=False)
+    ssl_cafile: str | None
+
+    def publisher(self) -> Publisher:
+        context: ssl.SSLContext | None = None
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            context = ssl.create_default_context(cafile=self.ssl_cafile)
+        return Publisher(
+            [host.strip() for host in self.bootstrap.split(",") if host.strip()],
+            self.topic,
+            security_protocol=self.security_protocol,
+            sasl_mechanism=self.sasl_mechanism,
+            sasl_plain_username=self.sasl_username,
+            sasl_plain_password=self.sasl_password,
+            ssl_context=context,
+        )
+
+
+def _sasl_password() -> str | None:
+    # Only from the environment or a file: a command-line argument would show in `ps`.
+    path = os.environ.get("IDV_KAFKA_SASL_PASSWORD_FILE")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise click.UsageError(
+                f"IDV_KAFKA_SASL_PASSWORD_FILE: cannot read {path!r}: {exc.strerror}"
+            ) from None
+    return os.environ.get("IDV_KAFKA_SASL_PASSWORD")
+
+
+def _common_options(func: F) -> F:
+    options = [
+        click.option(
+            "--bootstrap",
+            envvar="IDV_KAFKA_BOOTSTRAP",
+            default=DEFAULT_BOOTSTRAP,
+            show_default=True,
+            show_envvar=True,
+            help="Kafka bootstrap servers, comma-separated host:port.",
+        ),
+        click.option(
+            "--topic",
+            envvar="IDV_TOPIC",
+            default=DEFAULT_TOPIC,
+            show_default=True,
+            show_envvar=True,
+            help="Topic to publish to (must exist).",
+        ),
+        click.option(
+            "--security-protocol",
+            envvar="IDV_KAFKA_SECURITY_PROTOCOL",
+            type=click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]),
+            default="PLAINTEXT",
+            show_default=True,
+            show_envvar=True,
+        ),
+        click.option(
+            "--sasl-mechanism",
+            envvar="IDV_KAFKA_SASL_MECHANISM",
+            type=click.Choice(["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]),
+            show_envvar=True,
+            help="SASL mechanism; the password comes from IDV_KAFKA_SASL_PASSWORD or "
+            "IDV_KAFKA_SASL_PASSWORD_FILE, never from the command line.",
+        ),
+        click.option("--sasl-username", envvar="IDV_KAFKA_SASL_USERNAME", show_envvar=True),
+        click.option(
+            "--ssl-cafile",
+            envvar="IDV_KAFKA_SSL_CAFILE",
+            type=click.Path(exists=True, dir_okay=False),
+            show_envvar=True,
+            help="CA bundle for SSL / SASL_SSL (default: the system's).",
+        ),
+        click.option("--json", "json_output", is_flag=True, help="Print the summary as JSON on stdout."),
+        click.option("-v", "--verbose", is_flag=True, help="Log the Kafka client's warnings to stderr."),
+    ]
+
+    @functools.wraps(func)
+    def wrapper(
+        *args: Any,
+        bootstrap: str,
+        topic: str,
+        security_protocol: str,
+        sasl_mechanism: str | None,
+        sasl_username: str | None,
+        ssl_cafile: str | None,
+        verbose: bool,
+        **kwargs: Any,
+    ) -> Any:
+        _configure_logging(verbose)
+        connection = Connection(
+            bootstrap=bootstrap,
+            topic=topic,
+            security_protocol=security_protocol,
+            sasl_mechanism=sasl_mechanism,
+            sasl_username=sasl_username,
+            sasl_password=_sasl_password(),
+            ssl_cafile=ssl_cafile,
+        )
+        return func(*args, connection=connection, **kwargs)
+
+    decorated: Any = wrapper
+    for option in reversed(options):
+        decorated = option(decorated)
+    return decorated  # type: ignore[no-any-return]
+
+
+def _configure_logging(verbose: bool) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    # aiokafka logs every connection retry; our own error line says what failed. Never DEBUG: aiokafka's
+    # producer logs record values (personal data) at that level.
+    logging.getLogger("aiokafka").setLevel(logging.WARNING if verbose else logging.CRITICAL)
+    logging.getLogger("producer").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+@dataclass(slots=True)
+class Summary:
+    command: str
+    topic: str
+    published: int = 0
+    invalid: int = 0
+    duplicate_ids: int = 0
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.started
+        out: dict[str, Any] = {
+            "command": self.command,
+            "topic": self.topic,
+            "published": self.published,
+            "invalid": self.invalid,
+            "duplicate_ids": self.duplicate_ids,
+            "elapsed_s": round(elapsed, 3),
+            "msg_per_s": round(self.published / elapsed, 1) if elapsed > 0 else 0.0,
+        }
+        out.update(self.extra)
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+    def emit(self, json_output: bool) -> None:
+        data = self.as_dict()
+        if json_output:
+            click.echo(orjson.dumps(data).decode())
+            return
+        line = (
+            f"published {data['published']}, invalid {data['invalid']}, "
+            f"duplicate IDs in input {data['duplicate_ids']}, "
+            f"{data['elapsed_s']:.2f} s, {data['msg_per_s']:.0f} msg/s"
+        )
+        if "seed" in data:
+            line += f" (seed {data['seed']})"
+        click.echo(line, err=True)
+
+
+class Progress:
+    """A tqdm bar on stderr, only when stderr is a terminal; notes are printed without breaking it."""
+
+    def __init__(self, total: int | None) -> None:
+        stream = sys.stderr
+        self._bar = tqdm(
+            total=total,
+            unit="msg",
+            unit_scale=True,
+            file=stream,
+            disable=not stream.isatty(),
+            dynamic_ncols=True,
+        )
+
+    def update(self, n: int) -> None:
+        self._bar.update(n)
+
+    def note(self, message: str) -> None:
+        if self._bar.disable:
+            click.echo(message, err=True)
+        else:
+            self._bar.write(message, file=sys.stderr)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class DuplicateCounter:
+    """Counts envelopes whose message ID already appeared earlier in the same input."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self.count = 0
+
+    def add(self, message_id: str) -> None:
+        if message_id in self._seen:
+            self.count += 1
+        else:
+            self._seen.add(message_id)
+
+
+def parse_line(line: bytes) -> Envelope:
+    """One JSON Lines record → envelope; :class:`EnvelopeError` without echoing the line."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise EnvelopeError("invalid_encoding", "line is not valid UTF-8") from None
+        # orjson's message gives a position only, never the document text.
+        raise EnvelopeError("invalid_json", f"line is not valid JSON ({exc})") from None
+    return envelope_from_dict(obj)
+
+
+async def _publish_all(
+    publisher: Publisher, envelopes: Iterable[Envelope], summary: Summary, progress: Progress
+) -> None:
+    window: list[Envelope] = []
+    for envelope in envelopes:
+        window.append(envelope)
+        if len(window) >= publisher.window:
+            summary.published += len(await publisher.publish_many(window))
+            progress.update(len(window))
+            window = []
+    if window:
+        summary.published += len(await publisher.publish_many(window))
+        progress.update(len(window))
+
+
+def _run(
+    summary: Summary,
+    json_output: bool,
+    work: Callable[[Progress], Coroutine[Any, Any, None]],
+    total: int | None,
+) -> None:
+    """Run one command's coroutine; report the summary and exit with the documented status."""
+    progress = Progress(total)
+    status = EXIT_OK
+    try:
+        asyncio.run(work(progress))
+    except PublishError as exc:
+        summary.error = str(exc)
+        status = EXIT_FAILURE
+    finally:
+        progress.close()
+    if summary.error is not None:
+        click.echo(f"error: {summary.error} (published {summary.published} before the failure)", err=True)
+    elif summary.invalid:
+        status = EXIT_INVALID
+    summary.emit(json_output)
+    sys.exit(status)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main() -> None:
+    """Publish identity-verification requests to Kafka, exactly as the consumer expects them.
+
+    Exit status: 0 all published, 1 some input invalid (skipped, reported on stderr as
+    "line N: <reason>: <detail>"), 2 usage error or broker failure.
+    """
+
+
+@main.command()
+@click.option(
+    "--operation", required=True, type=click.Choice(sorted(OPERATIONS)), help="The kind of request."
+)
+@click.option("--subject", "subject_id", required=True, help="Subject (applicant) ID; the Kafka key.")
+@click.option("--request", "request_json", required=True, help="Request body as a JSON object.")
+@click.option(
+    "--message-id",
+    help="Idempotency anchor. Pass the same ID when re-sending the same business request; "
+    "default: a new UUIDv7.",
+)
+@click.option("--correlation-id", help="Upstream tracing ID.")
+@_common_options
+def one(
+    operation: str,
+    subject_id: str,
+    request_json: str,
+    message_id: str | None,
+    correlation_id: str | None,
+    connection: Connection,
+    json_output: bool,
+) -> None:
+    """Publish one request and print where it was stored."""
+    try:
+        request = orjson.loads(request_json)
+    except orjson.JSONDecodeError:
+        raise click.BadParameter("not valid JSON", param_hint="--request") from None
+    if not isinstance(request, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--request")
+    summary = Summary("one", connection.topic)
+    try:
+        envelope = Envelope(
+            message_id=new_message_id() if message_id is None else message_id,
+            operation=operation,
+            subject_id=subject_id,
+            request=request,
+            correlation_id=correlation_id,
+        )
+        encode(envelope)
+    except EnvelopeError as exc:
+        click.echo(f"invalid: {exc.reason}: {exc.detail}", err=True)
+        summary.invalid = 1
+        summary.emit(json_output)
+        sys.exit(EXIT_INVALID)
+
+    async def publish(progress: Progress) -> None:
+        async with connection.publisher() as publisher:
+            result: PublishResult = await publisher.publish_envelope(envelope)
+        summary.published = 1
+        progress.update(1)
+        summary.extra.update(message_id=result.message_id, partition=result.partition, offset=result.offset)
+        if not json_output:
+            click.echo(
+                f"published {result.message_id} to {result.topic}[{result.partition}]@{result.offset}",
+                err=True,
+            )
+
+    _run(summary, json_output, publish, total=1)
+
+
+@main.command("file")
+@click.argument("path", type=click.File("rb"))
+@click.option(
+    "--fail-fast",
+    is_flag=True,
+    help="Stop at the first invalid line (the lines before it are published, none after).",
+)
+@_common_options
+def file_command(path: IO[bytes], fail_fast: bool, connection: Connection, json_output: bool) -> None:
+    """Publish the requests in a JSON Lines file (PATH, or - for standard input).
+
+    Each line is an object with "operation", "subject_id", "request" and optionally "message_id" and
+    "correlation_id". A line without "message_id" gets a new one, so publishing the same file twice then
+    yields new requests; give IDs to make a re-run a replay. Blank lines are skipped.
+    """
+    summary = Summary("file", connection.topic)
+    duplicates = DuplicateCounter()
+
+    def valid_envelopes(progress: Progress) -> Iterable[Envelope]:
+        for lineno, raw in enumerate(path, start=1):
+            line = raw.strip()
+            if lineno == 1:
+                line = line.removeprefix(codecs.BOM_UTF8)
+            if not line:
+                continue
+            try:
+                envelope = parse_line(line)
+                encode(envelope)
+            except EnvelopeError as exc:
+                summary.invalid += 1
+                progress.note(f"line {lineno}: {exc.reason}: {exc.detail}")
+                if fail_fast:
+                    return
+                continue
+            duplicates.add(envelope.message_id)
+            summary.duplicate_ids = duplicates.count
+            yield envelope
+
+    async def publish(progress: Progress) -> None:
+        async with connection.publisher() as publisher:
+            await _publish_all(publisher, valid_envelopes(progress), summary, progress)
+
+    _run(summary, json_output, publish, total=None)
+
+
+@main.command()
+@click.option("--count", required=True, type=click.IntRange(min=0), help="How many envelopes.")
+@click.option(
+    "--duplicates",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    default=0.0,
+    show_default=True,
+    help="Share of envelopes that repeat an earlier one (same message ID and payload).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    help="Makes the output reproducible (same IDs and payloads: a replay); default: a random seed, "
+    "printed in the summary.",
+)
+@click.option(
+    "--decision-mix/--no-decision-mix",
+    default=True,
+    show_default=True,
+    help="Put DECLINE / REVIEW tokens in some requests so the sandbox varies its decision.",
+)
+@_common_options
+def samples(
+    count: int,
+    duplicates: float,
+    seed: int | None,
+    decision_mix: bool,
+    connection: Connection,
+    json_output: bool,
+) -> None:
+    """Publish COUNT synthetic requests across the three operations."""
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    summary = Summary("samples", connection.topic, extra={"seed": seed})
+    counter = DuplicateCounter()
+
+    def envelopes() -> Iterable[Envelope]:
+        for envelope in iter_sample_envelopes(
+            count,
+            seed=seed,
+            duplicate_ratio=duplicates,
+            decision_mix=decision_mix,
+            start=datetime.now(UTC),
+        ):
+            counter.add(envelope.message_id)
+            summary.duplicate_ids = counter.count
+            yield envelope
+
+    async def publish(progress: Progress) -> None:
+        async with connection.publisher() as publisher:
+            await _publish_all(publisher, envelopes(), summary, progress)
+
+    _run(summary, json_output, publish, total=count)
+
+
+if __name__ == "__main__":
+    main(prog_name="idv-publish")
