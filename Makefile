@@ -1,0 +1,49 @@
+# Run `make help` for the list.
+PY ?= python3
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: help install run test test-fast lint typecheck bench broker-up broker-down postgres-up postgres-down compose-check clean
+
+help: ## This list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+install: ## pip install the package with test, PostgreSQL and dev extras
+	$(PY) -m pip install -q -e '.[dev]'
+
+run: ## Set up everything and run the daemon on embedded defaults (Kafka, SQLite, sandbox, samples)
+	bash scripts/quickstart.sh
+
+test: ## Set up everything (packages, Kafka, PostgreSQL) and run the whole test suite
+	bash scripts/test.sh
+
+test-fast: ## Run the tests without the set-up step (services must already run)
+	$(PY) -m pytest -q
+
+lint: ## ruff
+	$(PY) -m ruff check .
+
+typecheck: ## mypy --strict on the packages
+	$(PY) -m mypy
+
+bench: ## Dedupe-store micro-benchmark (prints a table)
+	$(PY) bench/store_bench.py
+
+broker-up: ## Start the local Apache Kafka broker
+	bash scripts/kafka.sh start
+
+broker-down: ## Stop the local Apache Kafka broker
+	bash scripts/kafka.sh stop
+
+postgres-up: ## Start the local PostgreSQL 15
+	bash scripts/postgres.sh start
+
+postgres-down: ## Stop the local PostgreSQL 15
+	bash scripts/postgres.sh stop
+
+compose-check: ## Validate docker-compose.yml with a compose parser
+	bash scripts/check-compose.sh
+
+clean: ## Stop services and remove local state (.run/)
+	-bash scripts/kafka.sh stop --wipe
+	-[ -f .run/sandbox.pid ] && kill $$(cat .run/sandbox.pid)
+	rm -rf .run

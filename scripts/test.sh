@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The test command (`make test`, called by .ci/run): installs and starts everything the tests need, then
+# runs pytest. Extra arguments go to pytest.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+
+echo "==> installing the package with test extras"
+"$PY" -m pip install -q -e '.[test,postgres]' 2>&1 | grep -v "Running pip as the 'root' user" || true
+command -v kcat >/dev/null || { apt-get update -qq && apt-get install -y -qq kcat >/dev/null; } || true
+
+echo "==> starting Apache Kafka"
+bash scripts/kafka.sh start
+
+if [[ -f consumer/store/postgres.py ]]; then
+    echo "==> starting PostgreSQL"
+    IDV_TEST_POSTGRES_URL="$(bash scripts/postgres.sh start | tail -n 1)"
+    export IDV_TEST_POSTGRES_URL
+fi
+
+echo "==> pytest"
+set +e
+"$PY" -m pytest "$@"
+code=$?
+set -e
+if [[ $code -eq 5 ]]; then
+    echo "pytest collected no tests: treating as a failure" >&2
+    exit 1
+fi
+exit $code
