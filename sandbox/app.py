@@ -87,7 +87,18 @@ def _method_not_allowed(*allowed: str) -> Response:
     return _error(405, "method_not_allowed", ((b"allow", ", ".join(allowed).encode()),))
 
 
+# Fixed answers are serialised once: they are the same bytes every time.
 _NOT_FOUND = _error(404, "not_found")
+_UNAUTHORIZED = _error(401, "unauthorized")
+_OUT_OF_CREDIT = _error(403, "insufficient_credits")
+_FORBIDDEN = _error(403, "forbidden")
+_KEY_MISSING = _error(400, "idempotency_key_missing")
+_KEY_TOO_LONG = json_response(
+    400, {"error": "idempotency_key_invalid", "detail": f"longer than {MAX_KEY_LENGTH} characters"}
+)
+_IN_FLIGHT = _error(409, "idempotency_request_in_flight", _retry_after(1))
+_KEY_REUSED = _error(422, "idempotency_key_reused")
+_INTERNAL = _error(500, "internal")
 
 
 class SandboxApp:
@@ -171,19 +182,17 @@ class SandboxApp:
 
         if api_key is not None and api_key in self._out_of_credit:
             attempt.api_key_id = self._out_of_credit[api_key]
-            return self._finish(
-                ledger_key, attempt, Outcome.OUT_OF_CREDIT, _error(403, "insufficient_credits")
-            )
+            return self._finish(ledger_key, attempt, Outcome.OUT_OF_CREDIT, _OUT_OF_CREDIT)
         scope = self._api_keys.get(api_key) if api_key is not None else None
         if scope is None:
-            return self._finish(ledger_key, attempt, Outcome.UNAUTHORIZED, _error(401, "unauthorized"))
+            return self._finish(ledger_key, attempt, Outcome.UNAUTHORIZED, _UNAUTHORIZED)
         attempt.api_key_id = scope
 
         if self.limiter is not None:
             wait_s = self.limiter.acquire(scope)
             if wait_s > 0:
-                response = _error(429, "rate_limited", _retry_after(wait_s))
-                return self._finish(ledger_key, attempt, Outcome.RATE_LIMITED, response)
+                limited = _error(429, "rate_limited", _retry_after(wait_s))
+                return self._finish(ledger_key, attempt, Outcome.RATE_LIMITED, limited)
 
         fault = self.faults.next_fault()
         if fault is not None:
@@ -196,33 +205,21 @@ class SandboxApp:
                 return Drop.DROP
 
         if key is None:
-            outcome, response = Outcome.MISSING_KEY, _error(400, "idempotency_key_missing")
+            outcome, response = Outcome.MISSING_KEY, _KEY_MISSING
         elif not key_ok:
-            outcome, response = (
-                Outcome.INVALID_KEY,
-                json_response(
-                    400,
-                    {
-                        "error": "idempotency_key_invalid",
-                        "detail": f"longer than {MAX_KEY_LENGTH} characters",
-                    },
-                ),
-            )
+            outcome, response = Outcome.INVALID_KEY, _KEY_TOO_LONG
         else:
             claim = self.idempotency.begin(scope, key, fingerprint(b"POST", endpoint.value, request.body))
             if isinstance(claim, Claimed):
                 processed = await self._process(claim, endpoint, request.body, host, fault)
                 if processed is None:
-                    outcome, response = Outcome.INTERNAL_ERROR, _error(500, "internal")
+                    outcome, response = Outcome.INTERNAL_ERROR, _INTERNAL
                 else:
                     outcome, (response, attempt.side_effect) = Outcome.PROCESSED, processed
             elif isinstance(claim, InFlight):
-                outcome, response = (
-                    Outcome.IN_FLIGHT,
-                    _error(409, "idempotency_request_in_flight", _retry_after(1)),
-                )
+                outcome, response = Outcome.IN_FLIGHT, _IN_FLIGHT
             elif isinstance(claim, Mismatch):
-                outcome, response = Outcome.KEY_REUSED, _error(422, "idempotency_key_reused")
+                outcome, response = Outcome.KEY_REUSED, _KEY_REUSED
             else:
                 outcome = Outcome.REPLAYED
                 stored = claim.response
@@ -275,7 +272,7 @@ class SandboxApp:
 
     def _admin(self, request: Request, route: str, path: str) -> Response:
         if not request.peer_is_loopback:
-            return _error(403, "forbidden")
+            return _FORBIDDEN
         method = request.method
         if route == "/_admin/ledger":
             if method != b"GET":

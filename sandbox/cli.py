@@ -1,8 +1,9 @@
 """``idv-sandbox``: run the sandbox provider until SIGTERM or SIGINT.
 
 API keys come from ``--api-key`` (repeatable), ``IDV_SANDBOX_API_KEYS`` (comma-separated) and
-``IDV_SANDBOX_API_KEYS_FILE`` (a file of keys, one per line or comma-separated), all merged.
-Every other option can also be set by the ``IDV_SANDBOX_*`` variable named in ``--help``.
+``IDV_SANDBOX_API_KEYS_FILE`` (a file of keys, one per line or comma-separated), all merged; the
+same goes for ``--out-of-credit-key`` / ``IDV_SANDBOX_OUT_OF_CREDIT_KEYS[_FILE]``. Every other
+option can also be set by the ``IDV_SANDBOX_*`` variable shown in ``--help``.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ def _split(text: str) -> list[str]:
     return [part.strip() for line in text.splitlines() for part in line.split(",") if part.strip()]
 
 
-def _collect_api_keys(flags: Iterable[str]) -> tuple[str, ...]:
+def _collect_keys(flags: Iterable[str], env_name: str) -> tuple[str, ...]:
+    """Keys from the flags, ``<env_name>`` (comma-separated) and ``<env_name>_FILE``, deduplicated."""
     keys = [k.strip() for k in flags if k.strip()]
-    keys += _split(os.environ.get(f"{_ENV}API_KEYS", ""))
-    keys_file = os.environ.get(f"{_ENV}API_KEYS_FILE")
+    keys += _split(os.environ.get(env_name, ""))
+    keys_file = os.environ.get(f"{env_name}_FILE")
     if keys_file:
         try:
             keys += _split(Path(keys_file).read_text(encoding="utf-8"))
         except OSError as exc:
-            raise click.UsageError(f"cannot read {_ENV}API_KEYS_FILE: {exc.strerror}") from None
+            raise click.UsageError(f"cannot read {env_name}_FILE: {exc.strerror}") from None
     return tuple(dict.fromkeys(keys))
 
 
@@ -73,21 +75,49 @@ async def _serve(config: SandboxConfig, ready_file: Path | None) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--host", default="127.0.0.1", envvar=f"{_ENV}HOST", help="Address to bind.")
+@click.option("--host", default="127.0.0.1", envvar=f"{_ENV}HOST", show_envvar=True, help="Address to bind.")
 @click.option(
-    "--port", default=8080, type=click.IntRange(0, 65535), envvar=f"{_ENV}PORT", help="0 picks a free port."
+    "--port",
+    default=8080,
+    type=click.IntRange(0, 65535),
+    envvar=f"{_ENV}PORT",
+    show_envvar=True,
+    help="0 picks a free port.",
 )
-@click.option("--api-key", "api_keys", multiple=True, help="Accepted API key (repeatable).")
-@click.option("--out-of-credit-key", "out_of_credit_keys", multiple=True, help="API key answered with 403.")
-@click.option("--latency-ms", type=click.FloatRange(min=0), default=0.0, envvar=f"{_ENV}LATENCY_MS")
 @click.option(
-    "--latency-jitter-ms", type=click.FloatRange(min=0), default=0.0, envvar=f"{_ENV}LATENCY_JITTER_MS"
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    help=f"Accepted API key (repeatable; also {_ENV}API_KEYS or {_ENV}API_KEYS_FILE).",
+)
+@click.option(
+    "--out-of-credit-key",
+    "out_of_credit_keys",
+    multiple=True,
+    help=f"API key answered with 403 (repeatable; also {_ENV}OUT_OF_CREDIT_KEYS).",
+)
+@click.option(
+    "--latency-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    envvar=f"{_ENV}LATENCY_MS",
+    show_envvar=True,
+    help="Delay before business handling, so requests stay in flight.",
+)
+@click.option(
+    "--latency-jitter-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    envvar=f"{_ENV}LATENCY_JITTER_MS",
+    show_envvar=True,
+    help="Extra random delay, uniform in [0, this].",
 )
 @click.option(
     "--error-rate",
     type=click.FloatRange(0, 1),
     default=0.0,
     envvar=f"{_ENV}ERROR_RATE",
+    show_envvar=True,
     help="Probability of an injected gateway 500.",
 )
 @click.option(
@@ -95,6 +125,7 @@ async def _serve(config: SandboxConfig, ready_file: Path | None) -> None:
     type=click.FloatRange(0, 1),
     default=0.0,
     envvar=f"{_ENV}RATE_429",
+    show_envvar=True,
     help="Probability of an injected gateway 429.",
 )
 @click.option(
@@ -102,6 +133,7 @@ async def _serve(config: SandboxConfig, ready_file: Path | None) -> None:
     type=click.IntRange(min=1),
     default=1,
     envvar=f"{_ENV}RETRY_AFTER",
+    show_envvar=True,
     help="Retry-After seconds of injected 429s.",
 )
 @click.option(
@@ -109,12 +141,14 @@ async def _serve(config: SandboxConfig, ready_file: Path | None) -> None:
     type=click.FloatRange(0, 1),
     default=0.0,
     envvar=f"{_ENV}DROP_AFTER_EFFECT_RATE",
+    show_envvar=True,
     help="Probability of closing the connection after the side effect, without answering.",
 )
 @click.option(
     "--script",
     default="",
     envvar=f"{_ENV}SCRIPT",
+    show_envvar=True,
     help="Comma-separated fault script, e.g. '500,500,ok' or 'drop' or '429:2'.",
 )
 @click.option(
@@ -122,21 +156,34 @@ async def _serve(config: SandboxConfig, ready_file: Path | None) -> None:
     type=click.IntRange(min=1),
     default=None,
     envvar=f"{_ENV}RATE_LIMIT_PER_MIN",
+    show_envvar=True,
     help="Requests per minute per API key (default: unlimited).",
+)
+@click.option(
+    "--rate-limit-burst",
+    type=click.IntRange(min=1),
+    default=None,
+    envvar=f"{_ENV}RATE_LIMIT_BURST",
+    show_envvar=True,
+    help="Token bucket capacity (default: the per-minute rate).",
 )
 @click.option(
     "--idempotency-ttl",
     type=click.FloatRange(min=0, min_open=True),
     default=24 * 3600.0,
     envvar=f"{_ENV}IDEMPOTENCY_TTL",
+    show_envvar=True,
     help="Seconds an idempotency key is remembered.",
 )
-@click.option("--seed", type=int, default=None, envvar=f"{_ENV}SEED", help="Seed of the fault rolls.")
+@click.option(
+    "--seed", type=int, default=None, envvar=f"{_ENV}SEED", show_envvar=True, help="Seed of the fault rolls."
+)
 @click.option(
     "--ready-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     envvar=f"{_ENV}READY_FILE",
+    show_envvar=True,
     help="Write the bound URL here once listening (removed on exit).",
 )
 @click.option(
@@ -144,6 +191,7 @@ async def _serve(config: SandboxConfig, ready_file: Path | None) -> None:
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     default="INFO",
     envvar=f"{_ENV}LOG_LEVEL",
+    show_envvar=True,
     help="DEBUG logs one line per request.",
 )
 def main(
@@ -159,6 +207,7 @@ def main(
     drop_after_effect_rate: float,
     script: str,
     rate_limit_per_min: int | None,
+    rate_limit_burst: int | None,
     idempotency_ttl: float,
     seed: int | None,
     ready_file: Path | None,
@@ -166,7 +215,8 @@ def main(
 ) -> None:
     """Sandbox identity-verification provider (Didit-style v3 API) with an exactly-once ledger."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keys = _collect_api_keys(api_keys)
+    keys = _collect_keys(api_keys, f"{_ENV}API_KEYS")
+    broke_keys = _collect_keys(out_of_credit_keys, f"{_ENV}OUT_OF_CREDIT_KEYS")
     if not keys:
         raise click.UsageError(f"no API key: pass --api-key or set {_ENV}API_KEYS or {_ENV}API_KEYS_FILE")
     try:
@@ -174,8 +224,9 @@ def main(
             host=host,
             port=port,
             api_keys=keys,
-            out_of_credit_keys=tuple(out_of_credit_keys),
+            out_of_credit_keys=broke_keys,
             rate_limit_per_min=rate_limit_per_min,
+            rate_limit_burst=rate_limit_burst,
             idempotency_ttl_s=idempotency_ttl,
             faults=FaultConfig(
                 latency_ms=latency_ms,

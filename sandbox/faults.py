@@ -33,6 +33,7 @@ import random
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import SandboxConfigError
 
@@ -143,7 +144,7 @@ class FaultConfig:
         unknown = sorted(set(changes) - known)
         if unknown:
             raise SandboxConfigError(f"unknown fault setting(s): {', '.join(unknown)}")
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}
         for name, value in changes.items():
             if name == "script":
                 values[name] = _script_value(value)
@@ -159,7 +160,7 @@ class FaultConfig:
                 if not isinstance(value, int | float) or isinstance(value, bool):
                     raise SandboxConfigError(f"{name} must be a number")
                 values[name] = float(value)
-        return dataclasses.replace(self, **values)  # type: ignore[arg-type]
+        return dataclasses.replace(self, **values)
 
     def to_dict(self) -> dict[str, object]:
         data = dataclasses.asdict(self)

@@ -7,6 +7,7 @@ close a connection after the side effect happened but before the response was se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
@@ -146,12 +147,12 @@ class SandboxServer:
             # StreamReaderProtocol calls task.exception() on them, which raises for a cancelled task.
             pass
         finally:
-            self._connections.discard(task)
             writer.close()
-            try:
+            # Suppressing cancellation here too, for the same reason as above (stop() may cancel a
+            # connection that is already closing).
+            with contextlib.suppress(ConnectionError, TimeoutError, asyncio.CancelledError):
                 await writer.wait_closed()
-            except (ConnectionError, TimeoutError):
-                pass
+            self._connections.discard(task)
 
     async def _serve(
         self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

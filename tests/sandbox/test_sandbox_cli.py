@@ -70,7 +70,11 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
 def test_cli_keys_from_env_and_file_and_fault_flags(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys"
     keys_file.write_text("file-key-1\nfile-key-2, file-key-3\n")
-    env = {"IDV_SANDBOX_API_KEYS": "env-key-1,env-key-2", "IDV_SANDBOX_API_KEYS_FILE": str(keys_file)}
+    env = {
+        "IDV_SANDBOX_API_KEYS": "env-key-1,env-key-2",
+        "IDV_SANDBOX_API_KEYS_FILE": str(keys_file),
+        "IDV_SANDBOX_OUT_OF_CREDIT_KEYS": "broke",
+    }
     args = ("--script", "500,ok", "--latency-ms", "1", "--seed", "3", "--rate-limit-per-min", "600")
     with _sandbox_process(tmp_path, *args, env=env) as (url, _):
         with httpx.Client(base_url=url) as client:
@@ -81,9 +85,9 @@ def test_cli_keys_from_env_and_file_and_fault_flags(tmp_path: Path) -> None:
                 client.post(
                     "/v3/aml/", json={"full_name": "x"}, headers={"x-api-key": key, "idempotency-key": key}
                 ).status_code
-                for key in ("env-key-1", "file-key-3", "file-key-1", "nope")
+                for key in ("env-key-1", "file-key-3", "file-key-1", "nope", "broke")
             ]
-            assert statuses == [500, 200, 200, 401]
+            assert statuses == [500, 200, 200, 401, 403]
 
 
 @pytest.mark.parametrize(
