@@ -8,7 +8,7 @@ import anyio
 import click
 import orjson
 
-from consumer.errors import ConfigurationError
+from consumer.errors import ConfigurationError, StoreError
 from consumer.logs import configure
 from consumer.settings import Settings
 from consumer.store import open_store
@@ -37,12 +37,13 @@ def run() -> None:
 
     settings = _settings()
     configure(settings.log_level, settings.log_format)
+
     async def main_() -> int:
         return await Daemon(settings).run()
 
     try:
         code = anyio.run(main_)
-    except ConfigurationError as exc:
+    except (ConfigurationError, StoreError) as exc:
         click.echo(f"idv-consumer: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     sys.exit(code)
@@ -75,6 +76,6 @@ def status(key: str | None) -> None:
 
     try:
         anyio.run(main_)
-    except ConfigurationError as exc:
+    except (ConfigurationError, StoreError) as exc:
         click.echo(f"idv-consumer: {exc}", err=True)
         sys.exit(2)

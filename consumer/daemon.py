@@ -34,6 +34,7 @@ import anyio.abc
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from consumer.errors import ConfigurationError, ProviderAuthError
 from consumer.faults import FaultPoints
@@ -91,7 +92,9 @@ class Daemon:
             settings.provider_api_key,
             timeout_s=settings.provider_timeout_s,
             retry=RetryPolicy(
-                settings.provider_max_attempts, settings.provider_backoff_base_s, settings.provider_backoff_max_s
+                settings.provider_max_attempts,
+                settings.provider_backoff_base_s,
+                settings.provider_backoff_max_s,
             ),
             max_connections=settings.provider_max_connections,
         )
@@ -115,8 +118,8 @@ class Daemon:
         self._lanes: dict[Any, deque[tuple[_Partition, ConsumerRecord]]] = {}
         # anyio primitives are made in run(): they need the running event loop.
         self._slots: anyio.Semaphore
-        self._ready_send: anyio.abc.ObjectSendStream[_Item]
-        self._ready_recv: anyio.abc.ObjectReceiveStream[_Item]
+        self._ready_send: MemoryObjectSendStream[_Item]
+        self._ready_recv: MemoryObjectReceiveStream[_Item]
         self._fetch_scope: anyio.CancelScope | None = None
         self._commit_wakeup: anyio.Event
         self._done_since_commit = 0
@@ -169,7 +172,9 @@ class Daemon:
         if isinstance(self.fatal, ProviderAuthError):
             log.error("stopped: %s", self.fatal)
             return EXIT_PROVIDER_AUTH
-        log.info("stopped cleanly", extra={"stats": self.stats.by_disposition, "consumed": self.stats.consumed})
+        log.info(
+            "stopped cleanly", extra={"stats": self.stats.by_disposition, "consumed": self.stats.consumed}
+        )
         return EXIT_OK
 
     async def _run(self, topics: list[str]) -> None:
@@ -222,7 +227,9 @@ class Daemon:
         assert self.consumer is not None and self._fetch_scope is not None
         with self._fetch_scope:
             while not self._stopping:
-                batch = await self.consumer.getmany(timeout_ms=500, max_records=self.settings.fetch_max_records)
+                batch = await self.consumer.getmany(
+                    timeout_ms=500, max_records=self.settings.fetch_max_records
+                )
                 for tp, messages in batch.items():
                     part = self.partitions.get(tp)
                     for msg in messages:
@@ -338,8 +345,11 @@ class Daemon:
             for scope in list(part.inflight):
                 scope.cancel()
         if abandoned:
-            log.warning("rebalance: abandoned %d in-flight message(s) after %.1fs", abandoned,
-                        self.settings.rebalance_drain_s)
+            log.warning(
+                "rebalance: abandoned %d in-flight message(s) after %.1fs",
+                abandoned,
+                self.settings.rebalance_drain_s,
+            )
             with anyio.move_on_after(5.0):
                 while any(part.inflight for part in parts):
                     await anyio.sleep(0.01)
@@ -355,8 +365,8 @@ class Daemon:
     def in_flight(self) -> int:
         return self.settings.max_in_flight - self._slots.value
 
-    async def _drain(self, timeout: float) -> None:
-        with anyio.move_on_after(timeout):
+    async def _drain(self, deadline_s: float) -> None:
+        with anyio.move_on_after(deadline_s):
             while self.in_flight():
                 await anyio.sleep(0.02)
         left = self.in_flight()

@@ -111,7 +111,9 @@ class Processor:
             envelope = decode(msg.value, msg.headers, max_bytes=self.max_message_bytes)
         except EnvelopeError as exc:
             self.stats.invalid_by_reason[exc.reason] = self.stats.invalid_by_reason.get(exc.reason, 0) + 1
-            log.warning("invalid message set aside: %s: %s", exc.reason, exc.detail, extra={"reason": exc.reason})
+            log.warning(
+                "invalid message set aside: %s: %s", exc.reason, exc.detail, extra={"reason": exc.reason}
+            )
             return Disposition.INVALID
 
         operation = get_operation(envelope.operation)
@@ -181,7 +183,12 @@ class Processor:
         self.faults.hit("after_provider_call")
         try:
             await self._store_call(
-                "complete", self.store.complete, key, self.owner, result.outcome, failed=result.terminal_failure
+                "complete",
+                self.store.complete,
+                key,
+                self.owner,
+                result.outcome,
+                failed=result.terminal_failure,
             )
         except LeaseLost:
             # Our lease ran out during the call and someone took the key over. They call with the same key

@@ -24,8 +24,8 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, Self
 
 import anyio
@@ -63,7 +63,7 @@ class RetryPolicy:
 
     def backoff(self, attempt: int, rng: random.Random) -> float:
         """Delay before attempt ``attempt + 1``: exponential with "equal jitter" (half fixed, half random)."""
-        ceiling = min(self.max_delay_s, self.base_delay_s * (2 ** (attempt - 1)))
+        ceiling = min(self.max_delay_s, self.base_delay_s * 2.0 ** (attempt - 1))
         return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
@@ -85,7 +85,9 @@ def classify_status(status: int) -> str:
     return "terminal"
 
 
-def parse_retry_after(value: str | None, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> float | None:
+def parse_retry_after(
+    value: str | None, now: Callable[[], datetime] = lambda: datetime.now(UTC)
+) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date); ``None`` when absent or invalid."""
     if not value:
         return None
@@ -98,7 +100,8 @@ def parse_retry_after(value: str | None, now: Callable[[], datetime] = lambda: d
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - now()).total_seconds())
+    delta: float = (when - now()).total_seconds()
+    return max(0.0, delta)
 
 
 def _decision(operation: Operation, body: Any) -> tuple[str, str | None]:
@@ -214,7 +217,10 @@ class ProviderClient:
                 # Retry-After is the provider's minimum; jittered backoff may only lengthen it.
                 delay = max(delay, last.retry_after)
             log.info(
-                "provider attempt %d failed (%s); retrying in %.2fs", attempt, last, delay,
+                "provider attempt %d failed (%s); retrying in %.2fs",
+                attempt,
+                last,
+                delay,
             )
             await self._sleep(delay)
         assert last is not None

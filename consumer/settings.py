@@ -77,7 +77,8 @@ class Settings:
         values: dict[str, Any] = {}
         converters: dict[str, Callable[[str], Any]] = {}
         for f in fields(cls):
-            default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+            factory: Any = f.default_factory
+            default = factory() if f.default is MISSING else f.default
             converters[f.name] = _converter(type(default))
         for name, convert in converters.items():
             var = PREFIX + name.upper()
@@ -101,10 +102,16 @@ class Settings:
         need(bool(self.kafka_bootstrap), "kafka_bootstrap", "must not be empty")
         need(bool(self.topic), "topic", "must not be empty")
         need(bool(self.group_id), "group_id", "must not be empty")
-        need(self.auto_offset_reset in ("earliest", "latest", "none"), "auto_offset_reset",
-             "must be earliest, latest or none")
-        need(bool(self.provider_api_key), "provider_api_key",
-             "is required (set IDV_PROVIDER_API_KEY or IDV_PROVIDER_API_KEY_FILE)")
+        need(
+            self.auto_offset_reset in ("earliest", "latest", "none"),
+            "auto_offset_reset",
+            "must be earliest, latest or none",
+        )
+        need(
+            bool(self.provider_api_key),
+            "provider_api_key",
+            "is required (set IDV_PROVIDER_API_KEY or IDV_PROVIDER_API_KEY_FILE)",
+        )
         need(self.provider_url.startswith(("http://", "https://")), "provider_url", "must be an http(s) URL")
         need(1 <= self.max_in_flight <= 10_000, "max_in_flight", "must be between 1 and 10000")
         need(self.fetch_max_records >= 1, "fetch_max_records", "must be at least 1")
@@ -113,11 +120,17 @@ class Settings:
         need(self.commit_interval_s > 0, "commit_interval_s", "must be positive")
         need(self.commit_every >= 1, "commit_every", "must be at least 1")
         need(self.retention_s > self.lease_s, "retention_s", "must be longer than the lease")
-        need(self.lease_s > self.provider_timeout_s, "lease_s",
-             "must be longer than IDV_PROVIDER_TIMEOUT_S so a live call never outlasts its lease")
+        need(
+            self.lease_s > self.provider_timeout_s,
+            "lease_s",
+            "must be longer than IDV_PROVIDER_TIMEOUT_S so a live call never outlasts its lease",
+        )
         need(self.log_format in ("json", "text"), "log_format", "must be json or text")
-        need(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
-             "must be DEBUG, INFO, WARNING or ERROR")
+        need(
+            self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+            "log_level",
+            "must be DEBUG, INFO, WARNING or ERROR",
+        )
         need(self.max_message_bytes >= 1024, "max_message_bytes", "must be at least 1024")
         need(self.namespace.isascii() and bool(self.namespace), "namespace", "must be non-empty ASCII")
 
@@ -127,6 +140,7 @@ class Settings:
 
 def _converter(kind: type) -> Callable[[str], Any]:
     if kind is bool:
+
         def to_bool(raw: str) -> bool:
             low = raw.strip().lower()
             if low in ("1", "true", "yes", "on"):
@@ -138,12 +152,14 @@ def _converter(kind: type) -> Callable[[str], Any]:
         to_bool.__name__ = "a boolean"
         return to_bool
     if kind is int:
+
         def to_int(raw: str) -> int:
             return int(raw.strip())
 
         to_int.__name__ = "an integer"
         return to_int
     if kind is float:
+
         def to_float(raw: str) -> float:
             return float(raw.strip())
 

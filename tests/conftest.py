@@ -85,5 +85,7 @@ def sandbox() -> Iterator[object]:
     """The sandbox provider over real HTTP on loopback, in a background thread."""
     from sandbox import SandboxConfig, run_in_thread
 
-    with run_in_thread(SandboxConfig(port=0, api_keys=("test-key",), out_of_credit_keys=("broke-key",))) as handle:
+    with run_in_thread(
+        SandboxConfig(port=0, api_keys=("test-key",), out_of_credit_keys=("broke-key",))
+    ) as handle:
         yield handle

@@ -31,10 +31,14 @@ def open_store(url: str) -> DedupeStore:
             raise ConfigurationError(str(exc)) from None
     if parts.scheme in ("postgresql", "postgres"):
         try:
-            from consumer.store.postgres import PostgresStore
+            from consumer.store.postgres import PostgresStore  # type: ignore[import-not-found,unused-ignore]
         except ImportError as exc:
             raise ConfigurationError(
-                f"the PostgreSQL store needs the 'postgres' extra (pip install 'idv-exactly-once[postgres]'): {exc}"
+                "the PostgreSQL store needs the 'postgres' extra "
+                f"(pip install 'idv-exactly-once[postgres]'): {exc}"
             ) from None
-        return PostgresStore(url)
-    raise ConfigurationError(f"unsupported store URL scheme {parts.scheme!r} (use sqlite:// or postgresql://)")
+        store: DedupeStore = PostgresStore(url)
+        return store
+    raise ConfigurationError(
+        f"unsupported store URL scheme {parts.scheme!r} (use sqlite:// or postgresql://)"
+    )

@@ -151,7 +151,10 @@ class DedupeStore(abc.ABC):
     async def record_conflict(
         self, *, key: str, message_id: str, fingerprint: str, stored_fingerprint: str, source: str
     ) -> None:
-        """Remember that ``message_id`` arrived with a different payload (``source``: topic/partition@offset)."""
+        """Remember that ``message_id`` arrived with a different payload.
+
+        ``source`` is ``topic/partition@offset``.
+        """
 
     @abc.abstractmethod
     async def get(self, key: str) -> Record | None: ...

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -40,11 +41,14 @@ async def publish(bootstrap: str, topic: str, envelopes: Iterable[Envelope]) -> 
 
 
 async def publish_raw(
-    bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]],
+    bootstrap: str,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]],
     partition: int | None = None,
 ) -> list[tuple[int, int]]:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all",
-                                max_request_size=16 * 1024 * 1024)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", max_request_size=16 * 1024 * 1024
+    )
     await producer.start()
     out = []
     try:
@@ -81,7 +85,7 @@ async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     finally:
         # aiokafka 0.14: stop() right after start() awaits a background task cancelled before it ran,
         # which raises CancelledError in the caller; one scheduling round lets it start first.
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         await consumer.stop()
 
 
@@ -101,8 +105,9 @@ async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int,
 
 async def read_all(bootstrap: str, topic: str) -> list[Any]:
     """Every record of the topic, from the beginning (no group)."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
     await consumer.start()
     ends = await end_offsets(bootstrap, topic)
     total = sum(ends.values())
@@ -118,7 +123,9 @@ async def read_all(bootstrap: str, topic: str) -> list[Any]:
     return out
 
 
-async def wait_committed_to_end(bootstrap: str, group: str, topic: str, timeout: float = 60.0) -> dict[int, int]:
+async def wait_committed_to_end(
+    bootstrap: str, group: str, topic: str, timeout: float = 60.0
+) -> dict[int, int]:
     ends = await end_offsets(bootstrap, topic)
     deadline = time.monotonic() + timeout
     committed: dict[int, int] = {}
@@ -185,6 +192,12 @@ class DaemonProcess:
         return self.proc.wait(timeout)
 
     def terminate(self) -> None:
+        """SIGTERM once the daemon runs (a signal during interpreter start-up would kill it outright)."""
+        deadline = time.monotonic() + 30
+        while "consumer started" not in self.log() and self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError("daemon did not start:\n" + self.log()[-2000:])
+            time.sleep(0.05)
         self.proc.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
@@ -198,9 +211,13 @@ class DaemonProcess:
 
 def start_daemon(env: Mapping[str, str], log_path: Path) -> DaemonProcess:
     """The daemon as a real process (``python -m consumer run``), stderr to ``log_path``."""
-    fh = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    fh = open(log_path, "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "consumer", "run"], env=dict(env), stdout=fh, stderr=fh, stdin=subprocess.DEVNULL
+        [sys.executable, "-m", "consumer", "run"],
+        env=dict(env),
+        stdout=fh,
+        stderr=fh,
+        stdin=subprocess.DEVNULL,
     )
     fh.close()
     return DaemonProcess(proc, log_path)

@@ -15,7 +15,7 @@ from consumer.keys import idempotency_key
 from consumer.settings import Settings
 from consumer.store import State, open_store
 from producer.envelope import Envelope, encode
-from tests.conftest import create_topic, random_topic_name
+from tests.conftest import random_topic_name
 from tests.consumer.conftest import (
     API_KEY,
     Sandbox,
@@ -45,8 +45,14 @@ def make_envelopes(n: int, *, subjects: int = 50, seed: int = 1) -> list[Envelop
     for i in range(n):
         op, req = OPS[i % 3]
         req = dict(req, vendor_data=f"case-{i}")
-        out.append(Envelope(message_id=f"msg-{uuid.uuid4()}", operation=op,
-                            subject_id=f"subject-{rng.randrange(subjects)}", request=req))
+        out.append(
+            Envelope(
+                message_id=f"msg-{uuid.uuid4()}",
+                operation=op,
+                subject_id=f"subject-{rng.randrange(subjects)}",
+                request=req,
+            )
+        )
     return out
 
 
@@ -59,11 +65,20 @@ def with_duplicates(unique: list[Envelope], ratio: float, seed: int = 2) -> list
     return stream
 
 
-def settings_for(bootstrap: str, topic: str, group: str, store_url: str, provider_url: str, **kw: object) -> Settings:
+def settings_for(
+    bootstrap: str, topic: str, group: str, store_url: str, provider_url: str, **kw: object
+) -> Settings:
     base: dict[str, object] = dict(
-        kafka_bootstrap=bootstrap, topic=topic, group_id=group, store_url=store_url,
-        provider_url=provider_url, provider_api_key=API_KEY, commit_interval_s=0.2,
-        provider_backoff_base_s=0.05, provider_backoff_max_s=0.5, session_timeout_ms=6000,
+        kafka_bootstrap=bootstrap,
+        topic=topic,
+        group_id=group,
+        store_url=store_url,
+        provider_url=provider_url,
+        provider_api_key=API_KEY,
+        commit_interval_s=0.2,
+        provider_backoff_base_s=0.05,
+        provider_backoff_max_s=0.5,
+        session_timeout_ms=6000,
         heartbeat_interval_ms=1000,
     )
     base.update(kw)
@@ -123,7 +138,9 @@ async def test_redelivery_to_a_new_group_is_not_sent_again(
     sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     unique = make_envelopes(60)
     await publish(kafka_bootstrap, topic, unique)
-    await run_until_committed(settings_for(kafka_bootstrap, topic, "g1-" + uuid.uuid4().hex[:6], sqlite_url, sb.url))
+    await run_until_committed(
+        settings_for(kafka_bootstrap, topic, "g1-" + uuid.uuid4().hex[:6], sqlite_url, sb.url)
+    )
     second = await run_until_committed(
         settings_for(kafka_bootstrap, topic, "g2-" + uuid.uuid4().hex[:6], sqlite_url, sb.url)
     )
@@ -135,12 +152,27 @@ async def test_conflicting_payload_is_not_sent_and_does_not_stall(
     kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
 ) -> None:
     sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
-    original = Envelope(message_id="conflict-1", operation="aml_screening", subject_id="subj-c",
-                        request={"full_name": "Original Name"})
-    changed = Envelope(message_id="conflict-1", operation="aml_screening", subject_id="subj-c",
-                       request={"full_name": "Different Name"})
-    after = [Envelope(message_id=f"after-{i}", operation="aml_screening", subject_id="subj-c",
-                      request={"full_name": "Next"}) for i in range(5)]
+    original = Envelope(
+        message_id="conflict-1",
+        operation="aml_screening",
+        subject_id="subj-c",
+        request={"full_name": "Original Name"},
+    )
+    changed = Envelope(
+        message_id="conflict-1",
+        operation="aml_screening",
+        subject_id="subj-c",
+        request={"full_name": "Different Name"},
+    )
+    after = [
+        Envelope(
+            message_id=f"after-{i}",
+            operation="aml_screening",
+            subject_id="subj-c",
+            request={"full_name": "Next"},
+        )
+        for i in range(5)
+    ]
     await publish(kafka_bootstrap, topic, [original, changed, *after])
     group = "g-" + uuid.uuid4().hex[:8]
     daemon = await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
@@ -161,8 +193,12 @@ async def test_invalid_messages_are_set_aside_without_stalling(
 ) -> None:
     sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     secret = "SECRET-PAYLOAD-9f8e7d"
-    good = Envelope(message_id="good-1", operation="aml_screening", subject_id="k", request={"full_name": "A"})
-    good2 = Envelope(message_id="good-2", operation="aml_screening", subject_id="k", request={"full_name": "B"})
+    good = Envelope(
+        message_id="good-1", operation="aml_screening", subject_id="k", request={"full_name": "A"}
+    )
+    good2 = Envelope(
+        message_id="good-2", operation="aml_screening", subject_id="k", request={"full_name": "B"}
+    )
     no_id = dict(good.to_dict(), request={"full_name": secret})
     del no_id["message_id"]
     unknown = dict(good.to_dict(), message_id="u-1", operation="teleport", request={"x": secret})
@@ -181,8 +217,14 @@ async def test_invalid_messages_are_set_aside_without_stalling(
     ]
     await publish_raw(kafka_bootstrap, topic, records, partition=3)
     group = "g-" + uuid.uuid4().hex[:8]
-    env = daemon_env(bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url,
-                     provider_url=sb.url, max_message_bytes=64 * 1024)
+    env = daemon_env(
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        group=group,
+        store_url=sqlite_url,
+        provider_url=sb.url,
+        max_message_bytes=64 * 1024,
+    )
     proc = start_daemon(env, tmp_path / "daemon.log")
     try:
         await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
@@ -193,8 +235,14 @@ async def test_invalid_messages_are_set_aside_without_stalling(
         proc.kill()
     log = proc.log()
     assert secret not in log
-    for reason in ("invalid_json", "missing_message_id", "unknown_operation", "invalid_encoding",
-                   "invalid_envelope", "too_large"):
+    for reason in (
+        "invalid_json",
+        "missing_message_id",
+        "unknown_operation",
+        "invalid_encoding",
+        "invalid_envelope",
+        "too_large",
+    ):
         assert f'"reason":"{reason}"' in log, reason
     assert '"partition":3' in log and '"offset":1' in log
     await assert_exactly_once(sb, sqlite_url, [good, good2])
@@ -202,8 +250,13 @@ async def test_invalid_messages_are_set_aside_without_stalling(
 
 @pytest.mark.parametrize(
     ("point", "nth"),
-    [("before_claim", 40), ("after_claim", 40), ("after_provider_call", 40), ("after_record", 40),
-     ("after_commit", 2)],
+    [
+        ("before_claim", 40),
+        ("after_claim", 40),
+        ("after_provider_call", 40),
+        ("after_record", 40),
+        ("after_commit", 2),
+    ],
 )
 async def test_crash_window_then_restart(
     kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path, point: str, nth: int
@@ -213,8 +266,16 @@ async def test_crash_window_then_restart(
     unique = make_envelopes(120, subjects=40)
     await publish(kafka_bootstrap, topic, unique)
     group = "g-" + uuid.uuid4().hex[:8]
-    common = dict(bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url, provider_url=sb.url,
-                  lease_s=3, provider_timeout_s=2, max_in_flight=16)
+    common = dict(
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        group=group,
+        store_url=sqlite_url,
+        provider_url=sb.url,
+        lease_s=3,
+        provider_timeout_s=2,
+        max_in_flight=16,
+    )
     crashing = start_daemon(daemon_env(**common, fault_kill_at=f"{point}:{nth}"), tmp_path / "crash.log")
     try:
         code = crashing.wait(90)
@@ -242,8 +303,16 @@ async def test_crash_with_many_in_flight(
     unique = make_envelopes(300, subjects=300)
     await publish(kafka_bootstrap, topic, unique)
     group = "g-" + uuid.uuid4().hex[:8]
-    common = dict(bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url, provider_url=sb.url,
-                  lease_s=3, provider_timeout_s=2, max_in_flight=48)
+    common = dict(
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        group=group,
+        store_url=sqlite_url,
+        provider_url=sb.url,
+        lease_s=3,
+        provider_timeout_s=2,
+        max_in_flight=48,
+    )
     crashing = start_daemon(daemon_env(**common, fault_kill_at="after_provider_call:60"), tmp_path / "c.log")
     try:
         assert crashing.wait(90) == -9
@@ -272,8 +341,15 @@ async def test_sigterm_drains_and_never_commits_past_unrecorded(
     unique = make_envelopes(400, subjects=400)
     await publish(kafka_bootstrap, topic, unique)
     group = "g-" + uuid.uuid4().hex[:8]
-    env = daemon_env(bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url,
-                     provider_url=sb.url, max_in_flight=32, drain_timeout_s=10)
+    env = daemon_env(
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        group=group,
+        store_url=sqlite_url,
+        provider_url=sb.url,
+        max_in_flight=32,
+        drain_timeout_s=10,
+    )
     proc = start_daemon(env, tmp_path / "d.log")
     try:
         deadline = time.monotonic() + 60
@@ -307,8 +383,9 @@ async def test_wrong_api_key_stops_the_daemon_and_commits_nothing(
     unique = make_envelopes(20)
     await publish(kafka_bootstrap, topic, unique)
     group = "g-" + uuid.uuid4().hex[:8]
-    env = daemon_env(bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url,
-                     provider_url=sb.url)
+    env = daemon_env(
+        bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url, provider_url=sb.url
+    )
     env["IDV_PROVIDER_API_KEY"] = "wrong-key-123"
     proc = start_daemon(env, tmp_path / "d.log")
     try:
@@ -323,10 +400,16 @@ async def test_wrong_api_key_stops_the_daemon_and_commits_nothing(
     assert all(effects.get(k, 0) == 0 for k in keys_for(unique))
 
 
-async def test_missing_topic_is_a_clear_error(kafka_bootstrap: str, sandbox: object, sqlite_url: str,
-                                              tmp_path: Path) -> None:
-    env = daemon_env(bootstrap=kafka_bootstrap, topic=random_topic_name("missing"), group="g",
-                     store_url=sqlite_url, provider_url=sandbox.url)  # type: ignore[attr-defined]
+async def test_missing_topic_is_a_clear_error(
+    kafka_bootstrap: str, sandbox: object, sqlite_url: str, tmp_path: Path
+) -> None:
+    env = daemon_env(
+        bootstrap=kafka_bootstrap,
+        topic=random_topic_name("missing"),
+        group="g",
+        store_url=sqlite_url,
+        provider_url=sandbox.url,
+    )  # type: ignore[attr-defined]
     proc = start_daemon(env, tmp_path / "d.log")
     try:
         assert proc.wait(60) == 2
@@ -334,7 +417,6 @@ async def test_missing_topic_is_a_clear_error(kafka_bootstrap: str, sandbox: obj
         proc.kill()
     assert "do not exist" in proc.log()
     assert "Traceback" not in proc.log()
-
 
 
 async def test_rebalance_mid_stream_causes_no_duplicate_side_effects(
@@ -350,8 +432,17 @@ async def test_rebalance_mid_stream_causes_no_duplicate_side_effects(
     unique = make_envelopes(400, subjects=200)
     await publish(kafka_bootstrap, topic, unique)
     group = "g-" + uuid.uuid4().hex[:8]
-    common = dict(bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url, provider_url=sb.url,
-                  max_in_flight=16, rebalance_drain_s=5, lease_s=10, provider_timeout_s=5)
+    common = dict(
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        group=group,
+        store_url=sqlite_url,
+        provider_url=sb.url,
+        max_in_flight=16,
+        rebalance_drain_s=5,
+        lease_s=10,
+        provider_timeout_s=5,
+    )
     first = start_daemon(daemon_env(**common, instance_id="first"), tmp_path / "first.log")
     second = None
     try:

@@ -113,8 +113,12 @@ async def test_retry_ceiling(sb: Sandbox) -> None:
 
 async def test_409_in_flight_is_retried_until_the_first_finishes() -> None:
     """A 409 (the first request with this key still running) is retried, not recorded as a failure."""
-    answers = iter([httpx.Response(409, json={"error": "idempotency_request_in_flight"}),
-                    httpx.Response(200, json={"request_id": "r1", "aml": {"status": "Approved"}})])
+    answers = iter(
+        [
+            httpx.Response(409, json={"error": "idempotency_request_in_flight"}),
+            httpx.Response(200, json={"request_id": "r1", "aml": {"status": "Approved"}}),
+        ]
+    )
     seen: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -122,7 +126,9 @@ async def test_409_in_flight_is_retried_until_the_first_finishes() -> None:
         assert request.headers["x-api-key"] == "k"
         return next(answers)
 
-    async with ProviderClient("http://provider", "k", retry=FAST, transport=httpx.MockTransport(handler)) as c:
+    async with ProviderClient(
+        "http://provider", "k", retry=FAST, transport=httpx.MockTransport(handler)
+    ) as c:
         result = await c.call(AML, {"full_name": "A"}, "idv_same")
     assert result.outcome.status == "approved" and result.outcome.provider_reference == "r1"
     assert seen == ["idv_same", "idv_same"]
@@ -138,7 +144,9 @@ async def test_connect_error_is_retried() -> None:
             raise httpx.ConnectError("refused", request=request)
         return httpx.Response(200, json={"request_id": "r", "aml": {"status": "Approved"}})
 
-    async with ProviderClient("http://provider", "k", retry=FAST, transport=httpx.MockTransport(handler)) as c:
+    async with ProviderClient(
+        "http://provider", "k", retry=FAST, transport=httpx.MockTransport(handler)
+    ) as c:
         result = await c.call(AML, {"full_name": "A"}, "idv_x")
     assert result.attempts == 3
 

@@ -54,8 +54,13 @@ def _key() -> str:
 
 async def _claim(store: DedupeStore, key: str, owner: str = "a", fp: str = "fp1", lease: float = 30.0):  # type: ignore[no-untyped-def]
     return await store.claim(
-        key=key, message_id="m-" + key[-6:], operation="aml_screening", fingerprint=fp,
-        owner=owner, lease_s=lease, retention_s=3600.0,
+        key=key,
+        message_id="m-" + key[-6:],
+        operation="aml_screening",
+        fingerprint=fp,
+        owner=owner,
+        lease_s=lease,
+        retention_s=3600.0,
     )
 
 
@@ -138,7 +143,9 @@ async def test_fingerprint_mismatch_is_conflict_on_every_path(store: DedupeStore
     await store.complete(key, "a", Outcome("approved"))
     # The shortcut path that returns a stored outcome checks the fingerprint too (powertools #3781).
     assert (await _claim(store, key, owner="b", fp="fp2")).status is ClaimStatus.CONFLICT
-    await store.record_conflict(key=key, message_id="m", fingerprint="fp2", stored_fingerprint="fp1", source="t/0@5")
+    await store.record_conflict(
+        key=key, message_id="m", fingerprint="fp2", stored_fingerprint="fp1", source="t/0@5"
+    )
     conflicts = await store.conflicts("m")
     assert len(conflicts) == 1 and conflicts[0]["source"] == "t/0@5"
 

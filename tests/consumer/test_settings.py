@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from consumer.errors import ConfigurationError
+from consumer.settings import Settings
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+
+
+def test_every_setting_is_documented() -> None:
+    text = DOC.read_text()
+    missing = [name for name in Settings(provider_api_key="x").env_names() if f"`{name}`" not in text]
+    assert not missing, f"settings missing from docs/configuration.md: {missing}"
+
+
+def test_reads_env_and_converts_types() -> None:
+    s = Settings.from_env({"IDV_PROVIDER_API_KEY": "k", "IDV_MAX_IN_FLIGHT": "8", "IDV_LEASE_S": "30.5"})
+    assert s.max_in_flight == 8 and s.lease_s == 30.5 and s.provider_api_key == "k"
+
+
+def test_secret_from_file(tmp_path: Path) -> None:
+    f = tmp_path / "key"
+    f.write_text("file-key\n")
+    s = Settings.from_env({"IDV_PROVIDER_API_KEY": "env-key", "IDV_PROVIDER_API_KEY_FILE": str(f)})
+    assert s.provider_api_key == "file-key"
+    assert "file-key" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({}, "IDV_PROVIDER_API_KEY: is required"),
+        ({"IDV_PROVIDER_API_KEY": "k", "IDV_MAX_IN_FLIGHT": "many"}, "IDV_MAX_IN_FLIGHT: invalid value"),
+        ({"IDV_PROVIDER_API_KEY": "k", "IDV_MAX_IN_FLIGHT": "0"}, "IDV_MAX_IN_FLIGHT"),
+        ({"IDV_PROVIDER_API_KEY": "k", "IDV_LEASE_S": "5"}, "IDV_LEASE_S"),
+        ({"IDV_PROVIDER_API_KEY": "k", "IDV_AUTO_OFFSET_RESET": "middle"}, "IDV_AUTO_OFFSET_RESET"),
+        ({"IDV_PROVIDER_API_KEY_FILE": "/nonexistent/key"}, "IDV_PROVIDER_API_KEY_FILE: cannot read"),
+        ({"IDV_PROVIDER_API_KEY": "k", "IDV_PROVIDER_URL": "ftp://x"}, "IDV_PROVIDER_URL"),
+    ],
+)
+def test_invalid_settings_name_the_variable(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigurationError, match=fragment):
+        Settings.from_env(env)
+
+
+def test_fault_spec_is_validated() -> None:
+    from consumer.faults import FaultPoints
+
+    with pytest.raises(ConfigurationError, match="IDV_FAULT_KILL_AT"):
+        FaultPoints("somewhere:1")
+    assert FaultPoints("after_record:3").at == 3

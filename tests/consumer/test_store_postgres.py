@@ -1,0 +1,447 @@
+"""PostgreSQL-specific store behaviour: migrations, several pools racing, outages.
+
+The shared contract lives in ``test_store_contract.py``; these tests cover what only a server backend has.
+They need ``IDV_TEST_POSTGRES_URL`` (``bash scripts/postgres.sh start`` prints it): skipped without it,
+failed without it when ``CI`` is set. Tests that need exact counts or a pristine schema run in a schema of
+their own (``?search_path=…``), dropped afterwards; the others use random keys in the shared database.
+Outages are made with a TCP proxy between the store and the server, never by stopping the shared server.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import anyio.abc
+import asyncpg
+import pytest
+from anyio.abc import SocketAttribute
+
+from consumer.errors import LeaseLost, StoreError
+from consumer.store import Claim, ClaimStatus, Outcome, State, open_store
+from consumer.store.postgres import SCHEMA_VERSION, PostgresStore, migrate, migrate_url
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 2_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def pg_url() -> str:
+    url = os.environ.get("IDV_TEST_POSTGRES_URL", "")
+    if not url:
+        message = "IDV_TEST_POSTGRES_URL is not set; start PostgreSQL with: bash scripts/postgres.sh start"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
+
+
+def _with_query(url: str, **params: str) -> str:
+    parts = urlsplit(url)
+    query = "&".join([parts.query] * bool(parts.query) + [f"{k}={v}" for k, v in params.items()])
+    return urlunsplit(parts._replace(query=query))
+
+
+@pytest.fixture
+async def schema_url(pg_url: str) -> AsyncIterator[str]:
+    """A URL whose connections work in a fresh, empty schema of their own."""
+    schema = "idv_test_" + uuid.uuid4().hex[:12]
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await admin.execute(f"CREATE SCHEMA {schema}")
+        yield _with_query(pg_url, search_path=schema)
+    finally:
+        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await admin.close()
+
+
+def _key() -> str:
+    return "idv_pg_" + uuid.uuid4().hex
+
+
+async def _claim(
+    store: PostgresStore, key: str, owner: str = "a", fp: str = "fp1", lease: float = 30.0, retention: float = 3600.0
+) -> Claim:
+    return await store.claim(
+        key=key, message_id="m-" + key[-6:], operation="aml_screening", fingerprint=fp,
+        owner=owner, lease_s=lease, retention_s=retention,
+    )
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to the server; ``stop()`` is an outage (listener and connections gone)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.port = 0
+        self._scope: anyio.CancelScope | None = None
+
+    async def start(self, tg: anyio.abc.TaskGroup) -> None:
+        await tg.start(self._serve)
+
+    def stop(self) -> None:
+        assert self._scope is not None
+        self._scope.cancel()
+
+    async def _serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        with anyio.CancelScope() as scope:
+            self._scope = scope
+            listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=self.port)
+            self.port = listener.extra(SocketAttribute.local_port)
+            task_status.started()
+            async with listener:
+                await listener.serve(self._handle)
+
+    async def _handle(self, client: anyio.abc.SocketStream) -> None:
+        async with client:
+            try:
+                upstream = await anyio.connect_tcp(*self.upstream)
+            except OSError:
+                return
+            async with upstream, anyio.create_task_group() as tg:
+                tg.start_soon(self._pump, client, upstream, tg.cancel_scope)
+                tg.start_soon(self._pump, upstream, client, tg.cancel_scope)
+
+    @staticmethod
+    async def _pump(src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream, scope: anyio.CancelScope) -> None:
+        try:
+            async for chunk in src:
+                await dst.send(chunk)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            scope.cancel()
+
+    def url(self, base: str) -> str:
+        parts = urlsplit(base)
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _upstream(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 5432
+
+
+async def _lock_row(url: str, key: str) -> Any:
+    """Open a connection holding ``key``'s row lock (a slow concurrent writer); close it to let go."""
+    conn = await asyncpg.connect(url)
+    await conn.execute("BEGIN")
+    await conn.execute("SELECT 1 FROM idempotency_records WHERE key = $1 FOR UPDATE", key)
+    return conn
+
+
+# -- migrations ---------------------------------------------------------------------------------------
+
+
+async def test_migrate_is_idempotent(schema_url: str) -> None:
+    assert await migrate_url(schema_url) == SCHEMA_VERSION
+    assert await migrate_url(schema_url) == SCHEMA_VERSION
+    conn = await asyncpg.connect(schema_url)
+    try:
+        assert await migrate(conn) == SCHEMA_VERSION
+        versions = [r["version"] for r in await conn.fetch("SELECT version FROM idv_schema_version ORDER BY 1")]
+        assert versions == list(range(1, SCHEMA_VERSION + 1))
+        schema = await conn.fetchval("SELECT current_schema()")
+        tables = {
+            r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
+        }
+        assert tables == {"idv_schema_version", "idempotency_records", "idempotency_conflicts"}
+        indexes = {
+            r["indexname"] for r in await conn.fetch("SELECT indexname FROM pg_indexes WHERE schemaname = $1", schema)
+        }
+        assert {"idempotency_records_expires", "idempotency_records_lease"} <= indexes
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_migrations_do_not_race(schema_url: str) -> None:
+    """Daemons starting together on an empty database: all succeed, every step is applied once."""
+    results: list[int] = []
+
+    async def one() -> None:
+        conn = await asyncpg.connect(schema_url)
+        try:
+            results.append(await migrate(conn))
+        finally:
+            await conn.close()
+
+    async def open_store_once() -> None:
+        async with PostgresStore(schema_url, max_size=2):
+            results.append(SCHEMA_VERSION)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(6):
+            tg.start_soon(one)
+            tg.start_soon(open_store_once)
+    assert results == [SCHEMA_VERSION] * 12
+    conn = await asyncpg.connect(schema_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM idv_schema_version") == SCHEMA_VERSION
+    finally:
+        await conn.close()
+
+
+async def test_newer_schema_refuses_to_open(schema_url: str) -> None:
+    await migrate_url(schema_url)
+    conn = await asyncpg.connect(schema_url)
+    try:
+        await conn.execute("INSERT INTO idv_schema_version (version) VALUES ($1)", SCHEMA_VERSION + 1)
+    finally:
+        await conn.close()
+    with pytest.raises(StoreError, match="newer than this build"):
+        await PostgresStore(schema_url).open()
+
+
+async def test_open_store_picks_postgres(pg_url: str) -> None:
+    assert isinstance(open_store(pg_url), PostgresStore)
+    assert isinstance(open_store("postgres://u:p@127.0.0.1:1/db"), PostgresStore)
+    # The password never shows in the store's repr (it ends up in logs and error messages).
+    assert "p@" not in repr(open_store("postgresql://user:secret@127.0.0.1:5432/idv"))
+    assert "secret" not in repr(open_store("postgresql://user:secret@127.0.0.1:5432/idv"))
+
+
+# -- several pools, as several daemons ----------------------------------------------------------------
+
+
+async def test_two_pools_claiming_the_same_keys_have_one_winner_per_key(pg_url: str) -> None:
+    keys = [_key() for _ in range(25)]
+    results: dict[str, list[ClaimStatus]] = {k: [] for k in keys}
+    async with PostgresStore(pg_url, max_size=8) as s1, PostgresStore(pg_url, max_size=8) as s2:
+
+        async def claim(store: PostgresStore, key: str, owner: str) -> None:
+            results[key].append((await _claim(store, key, owner=owner)).status)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                for key in keys:
+                    tg.start_soon(claim, s1, key, f"d1-{i}")
+                    tg.start_soon(claim, s2, key, f"d2-{i}")
+        for key in keys:
+            assert results[key].count(ClaimStatus.ACQUIRED) == 1, results[key]
+            assert results[key].count(ClaimStatus.BUSY) == 7
+            record = await s1.get(key)
+            assert record is not None and record.attempts == 1 and record.state is State.IN_PROGRESS
+
+
+async def test_two_pools_racing_to_take_over_an_expired_lease(pg_url: str) -> None:
+    clock = FakeClock()
+    key = _key()
+    async with PostgresStore(pg_url, clock=clock) as s1, PostgresStore(pg_url, clock=clock) as s2:
+        await _claim(s1, key, owner="dead", lease=10)
+        clock.now += 11
+        claims: list[Claim] = []
+
+        async def claim(store: PostgresStore, owner: str) -> None:
+            claims.append(await _claim(store, key, owner=owner))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(claim, s1, f"d1-{i}")
+                tg.start_soon(claim, s2, f"d2-{i}")
+        winners = [c for c in claims if c.status is ClaimStatus.ACQUIRED]
+        assert len(winners) == 1
+        assert sorted(c.status.value for c in claims if c.status is not ClaimStatus.ACQUIRED) == ["busy"] * 19
+        record = await s2.get(key)
+        assert record is not None
+        assert record.owner == winners[0].record.owner and record.attempts == 2
+        with pytest.raises(LeaseLost):
+            await s1.complete(key, "dead", Outcome("approved"))
+
+
+async def test_racing_releases_and_claims_stay_consistent(pg_url: str) -> None:
+    """Owners keep releasing while others claim: never two live owners, attempts count every acquisition."""
+    key = _key()
+    acquired = 0
+    holders: set[str] = set()
+    async with PostgresStore(pg_url) as s1, PostgresStore(pg_url) as s2:
+
+        async def worker(store: PostgresStore, owner: str) -> None:
+            nonlocal acquired
+            for _ in range(15):
+                claim = await _claim(store, key, owner=owner)
+                if claim.status is ClaimStatus.ACQUIRED:
+                    assert not holders, f"{owner} acquired while {holders} held the lease"
+                    holders.add(owner)
+                    acquired += 1
+                    await anyio.sleep(0)
+                    holders.discard(owner)
+                    await store.release(key, owner, "again")
+                else:
+                    assert claim.status is ClaimStatus.BUSY
+                    await anyio.sleep(0)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                tg.start_soon(worker, s1, f"d1-{i}")
+                tg.start_soon(worker, s2, f"d2-{i}")
+        record = await s1.get(key)
+        assert record is not None and record.state is State.RELEASED
+        assert acquired >= 1 and record.attempts == acquired
+
+
+# -- retention ----------------------------------------------------------------------------------------
+
+
+async def test_purge_works_in_batches_and_keeps_in_progress(schema_url: str) -> None:
+    clock = FakeClock()
+    async with PostgresStore(schema_url, clock=clock) as store:
+        store.purge_batch = 7
+        for i in range(30):
+            key = _key()
+            await _claim(store, key, retention=100)
+            if i % 3:
+                await store.complete(key, "a", Outcome("approved", 200, f"ref-{i}"))
+            else:
+                await store.release(key, "a", "retries_exhausted")
+        live = [_key() for _ in range(4)]
+        for key in live:
+            await _claim(store, key, lease=1e9, retention=100)
+        fresh = _key()
+        clock.now += 101
+        await _claim(store, fresh, retention=100)
+        assert await store.purge_expired() == 30
+        assert await store.counts() == {"in_progress": 5, "completed": 0, "failed": 0, "released": 0}
+        assert await store.purge_expired() == 0
+
+
+# -- outages ------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_unreachable_server_is_a_store_error(pg_url: str) -> None:
+    url = TcpProxy("127.0.0.1", 0)
+    url.port = _free_port()
+    store = PostgresStore(url.url(pg_url), connect_timeout=2)
+    with pytest.raises(StoreError, match="cannot open") as info:
+        await store.open()
+    assert info.value.retriable
+    assert "idv:idv" not in str(info.value)
+    with pytest.raises(StoreError, match="not open"):
+        await _claim(store, _key())
+    with pytest.raises(StoreError):
+        await migrate_url(url.url(pg_url), connect_timeout=2)
+
+
+async def test_outage_is_a_store_error_and_the_store_recovers(pg_url: str) -> None:
+    async with anyio.create_task_group() as tg:
+        proxy = TcpProxy(*_upstream(pg_url))
+        await proxy.start(tg)
+        key = _key()
+        async with PostgresStore(proxy.url(pg_url), connect_timeout=2) as store:
+            assert (await _claim(store, key)).status is ClaimStatus.ACQUIRED
+
+            proxy.stop()
+            await anyio.sleep(0.05)
+            for op in (lambda: _claim(store, _key()), lambda: store.renew(key, "a", 30), store.counts):
+                with pytest.raises(StoreError) as info:
+                    await op()
+                assert info.value.__cause__ is not None
+
+            await proxy.start(tg)  # same port: the server is back
+            record = await _retry_store(lambda: store.get(key))
+            assert record is not None and record.state is State.IN_PROGRESS and record.owner == "a"
+            await store.complete(key, "a", Outcome("approved", 200, "ref"))
+            assert (await _claim(store, key, owner="b")).status is ClaimStatus.DONE
+        proxy.stop()
+
+
+async def _retry_store(fn: Callable[[], Awaitable[Any]]) -> Any:
+    """What the pipeline does: retry on StoreError (a pooled connection may still be the dead one)."""
+    for _ in range(20):
+        try:
+            return await fn()
+        except StoreError:
+            await anyio.sleep(0.1)
+    return await fn()
+
+
+async def test_connection_lost_mid_statement_is_a_store_error(pg_url: str) -> None:
+    """The reply is lost, the outcome ambiguous; a retry then succeeds or raises LeaseLost, and either way
+    the record ends COMPLETED with our outcome (the pipeline re-checks after LeaseLost and finds it DONE)."""
+    key = _key()
+    async with anyio.create_task_group() as tg:
+        proxy = TcpProxy(*_upstream(pg_url))
+        await proxy.start(tg)
+        async with PostgresStore(proxy.url(pg_url), connect_timeout=2) as store:
+            await _claim(store, key)
+            locker = await _lock_row(pg_url, key)
+            errors: list[BaseException] = []
+
+            async def complete() -> None:
+                try:
+                    await store.complete(key, "a", Outcome("approved", 200, "ref"))
+                except StoreError as exc:
+                    errors.append(exc)
+
+            try:
+                async with anyio.create_task_group() as inner:
+                    inner.start_soon(complete)
+                    await anyio.sleep(0.3)  # the UPDATE is now waiting for the row lock
+                    proxy.stop()
+            finally:
+                await locker.close()
+            assert len(errors) == 1 and isinstance(errors[0], StoreError)
+
+            await proxy.start(tg)
+            try:
+                await _retry_store(lambda: store.complete(key, "a", Outcome("approved", 200, "ref")))
+            except LeaseLost:
+                pass  # the orphaned statement committed after all
+            record = await _retry_store(lambda: store.get(key))
+            assert record is not None and record.state is State.COMPLETED
+            assert record.outcome == Outcome("approved", 200, "ref")
+        proxy.stop()
+
+
+async def test_command_timeout_is_a_store_error(pg_url: str) -> None:
+    key = _key()
+    async with PostgresStore(pg_url, command_timeout=0.5) as store:
+        await _claim(store, key)
+        locker = await _lock_row(pg_url, key)
+        try:
+            with pytest.raises(StoreError, match="renew"):
+                await store.renew(key, "a", 30)
+        finally:
+            await locker.close()
+        await store.renew(key, "a", 30)  # the pool's connection is still usable
+        record = await store.get(key)
+        assert record is not None and record.owner == "a"
+
+
+async def test_cancelled_caller_still_gets_its_transition(pg_url: str) -> None:
+    """Like the SQLite writer, a call is shielded: a cancelled claim still finishes and reports back,
+    so the caller can release the key instead of leaving it locked until the lease runs out."""
+    key = _key()
+    got: list[Claim] = []
+    async with PostgresStore(pg_url) as store:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            got.append(await _claim(store, key))
+            await anyio.sleep(0)
+            pytest.fail("not cancelled")  # pragma: no cover
+        assert scope.cancelled_caught
+        assert got and got[0].status is ClaimStatus.ACQUIRED
+        await store.release(key, "a", "abandoned")
+        record = await store.get(key)
+        assert record is not None and record.state is State.RELEASED
