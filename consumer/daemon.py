@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,12 +37,14 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from consumer.breaker import CircuitBreaker
 from consumer.errors import ConfigurationError, ProviderAuthError
 from consumer.faults import FaultPoints
 from consumer.offsets import PartitionOffsets
 from consumer.pipeline import Processor, Stats
 from consumer.provider import ProviderClient, RetryPolicy
 from consumer.settings import Settings
+from consumer.sinks import Sinks
 from consumer.store import DedupeStore, open_store
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,12 @@ class Daemon:
     ) -> None:
         self.settings = settings
         self.store = store or open_store(settings.store_url)
+        self.breaker = CircuitBreaker(
+            failure_ratio=settings.breaker_failure_ratio,
+            min_calls=settings.breaker_min_calls,
+            window=max(settings.breaker_min_calls, 20),
+            open_s=settings.breaker_open_s,
+        )
         self.provider = provider or ProviderClient(
             settings.provider_url,
             settings.provider_api_key,
@@ -97,6 +106,7 @@ class Daemon:
                 settings.provider_backoff_max_s,
             ),
             max_connections=settings.provider_max_connections,
+            breaker=self.breaker,
         )
         self.owner = f"{settings.instance_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stats = Stats()
@@ -111,6 +121,13 @@ class Daemon:
             max_message_bytes=settings.max_message_bytes,
             faults=self.faults,
             stats=self.stats,
+            want_records=settings.result_topic is not None,
+        )
+        self.sinks = Sinks(
+            bootstrap=settings.kafka_bootstrap,
+            dlq_topic=settings.dead_letter_topic,
+            results_topic=settings.result_topic,
+            group_id=settings.group_id,
         )
         self._consumer_kwargs = consumer_kwargs or {}
         self.consumer: AIOKafkaConsumer | None = None
@@ -122,6 +139,7 @@ class Daemon:
         self._ready_recv: MemoryObjectReceiveStream[_Item]
         self._fetch_scope: anyio.CancelScope | None = None
         self._commit_wakeup: anyio.Event
+        self._slot_freed: anyio.Event
         self._done_since_commit = 0
         self._stopping = False
         self._abandon = False  # shutdown deadline passed: start nothing more
@@ -148,7 +166,7 @@ class Daemon:
 
     async def run(self) -> int:
         """Run until stopped; returns the process exit code."""
-        topics = [t.strip() for t in self.settings.topic.split(",") if t.strip()]
+        topics = self.settings.topics
         self._slots = anyio.Semaphore(self.settings.max_in_flight)
         self._ready_send, self._ready_recv = anyio.create_memory_object_stream[_Item](
             self.settings.max_in_flight + 1
@@ -157,6 +175,7 @@ class Daemon:
         if self._stopping:
             self._fetch_scope.cancel()
         self._commit_wakeup = anyio.Event()
+        self._slot_freed = anyio.Event()
         # Signals are watched from the very start, so a SIGTERM during start-up is a clean stop too.
         error: ConfigurationError | None = None
         async with anyio.create_task_group() as outer:
@@ -189,9 +208,14 @@ class Daemon:
                 ) from None
             try:
                 existing = await consumer.topics()
-                missing = [t for t in topics if t not in existing]
+                needed = [*topics, self.settings.dead_letter_topic, self.settings.result_topic]
+                missing = [t for t in needed if t is not None and t not in existing]
                 if missing:
                     raise ConfigurationError(f"topic(s) {', '.join(missing)} do not exist on the broker")
+                try:
+                    await self.sinks.start()
+                except KafkaError as exc:
+                    raise ConfigurationError(f"cannot start the producer: {type(exc).__name__}") from None
                 consumer.subscribe(topics, listener=_Listener(self))
                 log.info("consumer started", extra={"owner": self.owner, "topics": topics})
                 async with anyio.create_task_group() as tg:
@@ -206,6 +230,7 @@ class Daemon:
                 self._ready_send.close()
                 self._ready_recv.close()
                 with anyio.CancelScope(shield=True):
+                    await self.sinks.stop()
                     await consumer.stop()
 
     def stop(self) -> None:
@@ -225,25 +250,47 @@ class Daemon:
 
     async def _fetch_loop(self) -> None:
         assert self.consumer is not None and self._fetch_scope is not None
+        consumer = self.consumer
+        paused = False
         with self._fetch_scope:
             while not self._stopping:
-                batch = await self.consumer.getmany(
-                    timeout_ms=500, max_records=self.settings.fetch_max_records
+                free = self._slots.value
+                if free == 0:
+                    # Buffer full (slow provider, open breaker): pause every partition but keep polling,
+                    # so the broker does not consider this consumer dead (max.poll.interval.ms).
+                    if not paused:
+                        consumer.pause(*consumer.assignment())
+                        paused = True
+                    self._slot_freed = anyio.Event()
+                    with anyio.move_on_after(1.0):
+                        await self._slot_freed.wait()
+                    if self._slots.value == 0:
+                        batch = await consumer.getmany(timeout_ms=0, max_records=1)
+                        await self._dispatch_batch(batch)  # normally empty: all partitions are paused
+                    continue
+                if paused:
+                    consumer.resume(*consumer.assignment())
+                    paused = False
+                batch = await consumer.getmany(
+                    timeout_ms=500, max_records=min(free, self.settings.fetch_max_records)
                 )
-                for tp, messages in batch.items():
-                    part = self.partitions.get(tp)
-                    for msg in messages:
-                        await self._slots.acquire()
-                        # The partition may have been revoked (and even re-assigned) while we waited.
-                        if part is None or part.revoked or self.partitions.get(tp) is not part:
-                            self._slots.release()
-                            break
-                        last = part.offsets.last_seen
-                        if last is not None and msg.offset <= last:
-                            self._slots.release()
-                            continue
-                        part.offsets.add(msg.offset)
-                        self._dispatch(part, msg)
+                await self._dispatch_batch(batch)
+
+    async def _dispatch_batch(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        for tp, messages in batch.items():
+            part = self.partitions.get(tp)
+            for msg in messages:
+                await self._slots.acquire()
+                # The partition may have been revoked (and even re-assigned) while we waited.
+                if part is None or part.revoked or self.partitions.get(tp) is not part:
+                    self._slots.release()
+                    break
+                last = part.offsets.last_seen
+                if last is not None and msg.offset <= last:
+                    self._slots.release()
+                    continue
+                part.offsets.add(msg.offset)
+                self._dispatch(part, msg)
 
     def _dispatch(self, part: _Partition, msg: ConsumerRecord) -> None:
         # Same key, same partition → same lane → offset order. No key → no ordering promise.
@@ -262,7 +309,13 @@ class Daemon:
                 with anyio.CancelScope() as scope:
                     part.inflight.add(scope)
                     try:
-                        await self.processor.handle(msg)
+                        handled = await self.processor.handle(msg)
+                        # Dead letter or result first, then the offset: both must be on the broker
+                        # before the watermark may pass this message.
+                        if handled.dead_letter is not None:
+                            await self.sinks.dead_letter(msg, handled.dead_letter, time.time())
+                        elif handled.record is not None:
+                            await self.sinks.result(handled.record, msg.key, handled.subject_id or "")
                         finished = True
                     except ProviderAuthError as exc:
                         self._set_fatal(exc)
@@ -274,6 +327,7 @@ class Daemon:
                     if self._done_since_commit >= self.settings.commit_every:
                         self._commit_wakeup.set()
             self._slots.release()
+            self._slot_freed.set()
             queue = self._lanes[lane]
             if queue:
                 nxt_part, nxt = queue.popleft()

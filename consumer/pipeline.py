@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import anyio
 from aiokafka.structs import ConsumerRecord
@@ -30,13 +32,15 @@ from consumer.faults import FaultPoints
 from consumer.keys import fingerprint, idempotency_key, key_hash
 from consumer.logs import message_context
 from consumer.provider import ProviderClient
-from consumer.store.base import ClaimStatus, DedupeStore
+from consumer.sinks import DeadLetter
+from consumer.store.base import ClaimStatus, DedupeStore, Record
 from producer.envelope import decode, get_operation
 from producer.errors import EnvelopeError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-__all__ = ["Disposition", "Processor", "Stats"]
+__all__ = ["Disposition", "Handled", "Processor", "Stats"]
 
 
 class Disposition(enum.Enum):
@@ -46,6 +50,17 @@ class Disposition(enum.Enum):
     CONFLICT = "conflict"  # same message ID, different payload: recorded, provider not called
     INVALID = "invalid"  # not a valid envelope: logged (no payload), set aside
     SET_ASIDE = "set_aside"  # provider kept failing past the retry ceiling: lease released, set aside
+
+
+@dataclass(slots=True)
+class Handled:
+    """What became of one message. ``dead_letter`` is set for messages to set aside; ``record`` (the stored
+    COMPLETED/FAILED record) for messages whose outcome event should be published."""
+
+    disposition: Disposition
+    dead_letter: DeadLetter | None = None
+    record: Record | None = None
+    subject_id: str | None = None
 
 
 @dataclass
@@ -74,7 +89,9 @@ class Processor:
         max_message_bytes: int,
         faults: FaultPoints | None = None,
         stats: Stats | None = None,
+        want_records: bool = False,
     ) -> None:
+        self.want_records = want_records
         self.store = store
         self.provider = provider
         self.owner = owner
@@ -85,28 +102,28 @@ class Processor:
         self.faults = faults or FaultPoints()
         self.stats = stats or Stats()
 
-    async def _store_call(self, what: str, fn: object, *args: object, **kwargs: object) -> object:
+    async def _store_call(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Retry a store operation until it succeeds: the message waits, nothing is committed past it."""
         delay = 0.05
         while True:
             try:
-                return await fn(*args, **kwargs)  # type: ignore[operator]
+                return await fn(*args, **kwargs)
             except StoreError as exc:
                 log.warning("dedupe store %s failed (%s); retrying in %.2fs", what, exc, delay)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, _STORE_RETRY_MAX_S)
 
-    async def handle(self, msg: ConsumerRecord) -> Disposition:
+    async def handle(self, msg: ConsumerRecord) -> Handled:
         token = message_context.set({"topic": msg.topic, "partition": msg.partition, "offset": msg.offset})
         try:
-            disposition = await self._handle(msg)
+            handled = await self._handle(msg)
         finally:
             message_context.reset(token)
         self.stats.consumed += 1
-        self.stats.count(disposition)
-        return disposition
+        self.stats.count(handled.disposition)
+        return handled
 
-    async def _handle(self, msg: ConsumerRecord) -> Disposition:
+    async def _handle(self, msg: ConsumerRecord) -> Handled:
         try:
             envelope = decode(msg.value, msg.headers, max_bytes=self.max_message_bytes)
         except EnvelopeError as exc:
@@ -114,7 +131,7 @@ class Processor:
             log.warning(
                 "invalid message set aside: %s: %s", exc.reason, exc.detail, extra={"reason": exc.reason}
             )
-            return Disposition.INVALID
+            return Handled(Disposition.INVALID, DeadLetter(exc.reason, exc.detail))
 
         operation = get_operation(envelope.operation)
         key = idempotency_key(self.namespace, envelope.operation, envelope.message_id)
@@ -135,7 +152,7 @@ class Processor:
                 lease_s=self.lease_s,
                 retention_s=self.retention_s,
             )
-            status, record = claim.status, claim.record  # type: ignore[attr-defined]
+            status, record = claim.status, claim.record
             if status is ClaimStatus.CONFLICT:
                 await self._store_call(
                     "record_conflict",
@@ -147,11 +164,17 @@ class Processor:
                     source=f"{msg.topic}/{msg.partition}@{msg.offset}",
                 )
                 log.warning("idempotency conflict: message ID reused with a different payload; not sent")
-                return Disposition.CONFLICT
+                letter = DeadLetter(
+                    "idempotency_conflict",
+                    "message ID already used with a different payload (fingerprint differs); not sent",
+                    first_failure_at=record.created_at,
+                )
+                return Handled(Disposition.CONFLICT, letter)
             if status is ClaimStatus.DONE:
                 log.info("duplicate skipped: already %s", record.state.value)
-                return Disposition.DUPLICATE
+                return Handled(Disposition.DUPLICATE, record=record, subject_id=envelope.subject_id)
             if status is ClaimStatus.ACQUIRED:
+                claimed: Record = record
                 break
             # BUSY: another consumer holds a live lease (e.g. the partition moved while its call was in
             # flight). Wait for it to finish or for its lease to run out; never call concurrently.
@@ -167,7 +190,10 @@ class Processor:
         except RetriesExhausted as exc:
             await self._release(key, "retries_exhausted")
             log.error("provider kept failing; message set aside: %s", exc)
-            return Disposition.SET_ASIDE
+            letter = DeadLetter(
+                "retries_exhausted", str(exc), attempts=exc.attempts, first_failure_at=claimed.created_at
+            )
+            return Handled(Disposition.SET_ASIDE, letter)
         except ProviderAuthError:
             await self._release(key, "provider_auth")
             raise
@@ -202,9 +228,11 @@ class Processor:
             result.outcome.status,
             extra={"status": result.outcome.status, "attempts": result.attempts},
         )
-        return Disposition.FAILED if result.terminal_failure else Disposition.COMPLETED
+        stored = await self._store_call("get", self.store.get, key) if self.want_records else None
+        disposition = Disposition.FAILED if result.terminal_failure else Disposition.COMPLETED
+        return Handled(disposition, record=stored, subject_id=envelope.subject_id)
 
-    def _renewer(self, key: str):  # type: ignore[no-untyped-def]
+    def _renewer(self, key: str) -> Callable[[int], Awaitable[None]]:
         async def renew(attempt: int) -> None:
             if attempt > 1:
                 await self._store_call("renew", self.store.renew, key, self.owner, self.lease_s)

@@ -32,6 +32,7 @@ import anyio
 import httpx
 import orjson
 
+from consumer.breaker import CircuitBreaker
 from consumer.errors import ProviderAuthError, ProviderRetriableError, RetriesExhausted
 from consumer.store.base import Outcome
 from producer.envelope import Operation
@@ -143,7 +144,9 @@ class ProviderClient:
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         rng: random.Random | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
+        self.breaker = breaker
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
         self.retry = retry or RetryPolicy()
@@ -167,6 +170,10 @@ class ProviderClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    def _record(self, success: bool, probe: bool) -> None:
+        if self.breaker is not None:
+            self.breaker.record(success, probe=probe)
+
     async def call(
         self,
         operation: Operation,
@@ -184,14 +191,24 @@ class ProviderClient:
         headers = {"x-api-key": self._api_key, "Idempotency-Key": idempotency_key}
         last: ProviderRetriableError | None = None
         for attempt in range(1, self.retry.max_attempts + 1):
-            if before_attempt is not None:
-                await before_attempt(attempt)
+            probe = False
+            if self.breaker is not None:
+                # While the breaker is open the attempt waits here without spending the retry budget.
+                probe = await self.breaker.acquire()
             try:
+                if before_attempt is not None:
+                    await before_attempt(attempt)
                 response = await self._client.post(operation.path, content=body, headers=headers)
             except httpx.TransportError as exc:
                 last = ProviderRetriableError(f"{type(exc).__name__} talking to the provider")
+                self._record(False, probe)
+            except BaseException:
+                if probe and self.breaker is not None:
+                    self.breaker.abort_probe()
+                raise
             else:
                 kind = classify_status(response.status_code)
+                self._record(kind != "retry", probe)
                 if kind == "ok":
                     try:
                         parsed = orjson.loads(response.content)

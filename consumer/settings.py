@@ -53,6 +53,9 @@ class Settings:
     commit_every: int = 500
     drain_timeout_s: float = 20.0
     rebalance_drain_s: float = 10.0
+    # Where handled messages go: empty = "<first topic>.dlq" / "<first topic>.results"; "none" disables.
+    dlq_topic: str = ""
+    results_topic: str = ""
     # Dedupe store
     store_url: str = "sqlite:///.run/dedupe.db"
     lease_s: float = 60.0
@@ -65,6 +68,9 @@ class Settings:
     provider_backoff_base_s: float = 0.2
     provider_backoff_max_s: float = 10.0
     provider_max_connections: int = 64
+    breaker_failure_ratio: float = 0.5
+    breaker_min_calls: int = 20
+    breaker_open_s: float = 5.0
     # Logging
     log_level: str = "INFO"
     log_format: str = "json"
@@ -132,7 +138,27 @@ class Settings:
             "must be DEBUG, INFO, WARNING or ERROR",
         )
         need(self.max_message_bytes >= 1024, "max_message_bytes", "must be at least 1024")
+        need(0 < self.breaker_failure_ratio <= 1, "breaker_failure_ratio", "must be in (0, 1]")
+        need(self.breaker_min_calls >= 1, "breaker_min_calls", "must be at least 1")
+        need(self.breaker_open_s > 0, "breaker_open_s", "must be positive")
         need(self.namespace.isascii() and bool(self.namespace), "namespace", "must be non-empty ASCII")
+
+    @property
+    def topics(self) -> list[str]:
+        return [t.strip() for t in self.topic.split(",") if t.strip()]
+
+    def _derived(self, value: str, suffix: str) -> str | None:
+        if value.lower() == "none":
+            return None
+        return value or f"{self.topics[0]}.{suffix}"
+
+    @property
+    def dead_letter_topic(self) -> str | None:
+        return self._derived(self.dlq_topic, "dlq")
+
+    @property
+    def result_topic(self) -> str | None:
+        return self._derived(self.results_topic, "results")
 
     def env_names(self) -> list[str]:
         return [PREFIX + f.name.upper() for f in fields(self)]

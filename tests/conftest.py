@@ -55,13 +55,28 @@ def random_topic_name(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
-async def create_topic(bootstrap: str, name: str, partitions: int = 8) -> str:
+async def create_topic(
+    bootstrap: str,
+    name: str,
+    partitions: int = 8,
+    *,
+    with_sinks: bool = False,
+    max_message_bytes: int | None = None,
+) -> str:
+    """Create ``name`` (and, with ``with_sinks``, its ``.dlq`` and ``.results`` topics)."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+    configs = {"max.message.bytes": str(max_message_bytes)} if max_message_bytes else {}
+    names = [name, f"{name}.dlq", f"{name}.results"] if with_sinks else [name]
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+        await admin.create_topics(
+            [
+                NewTopic(n, num_partitions=partitions, replication_factor=1, topic_configs=configs)
+                for n in names
+            ]
+        )
     finally:
         await admin.close()
     return name
@@ -69,9 +84,9 @@ async def create_topic(bootstrap: str, name: str, partitions: int = 8) -> str:
 
 @pytest.fixture
 async def topic(kafka_bootstrap: str) -> AsyncIterator[str]:
-    """A fresh topic with 8 partitions (aiokafka's random_topic_name pattern)."""
+    """A fresh topic with 8 partitions (aiokafka's random_topic_name pattern), plus its .dlq and .results."""
     name = random_topic_name()
-    await create_topic(kafka_bootstrap, name, 8)
+    await create_topic(kafka_bootstrap, name, 8, with_sinks=True)
     yield name
 
 

@@ -36,16 +36,30 @@ if os.environ.get("IDV_TEST_POSTGRES_URL"):
 
 @pytest.fixture(params=BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[DedupeStore]:
+    admin, schema = None, ""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'contract.db'}"
     else:
         url = os.environ.get("IDV_TEST_POSTGRES_URL", "")
         if not url:
             pytest.fail("CI is set but IDV_TEST_POSTGRES_URL is not: PostgreSQL is required")
+        # The database is shared and outlives the run, while some tests look rows up by a fixed message ID
+        # or purge by (fake) time: give each test an empty schema of its own, like SQLite's fresh file.
+        import asyncpg
+
+        schema = "idv_contract_" + uuid.uuid4().hex[:12]
+        admin = await asyncpg.connect(url)
+        await admin.execute(f"CREATE SCHEMA {schema}")
+        url += ("&" if "?" in url else "?") + f"search_path={schema}"
     s = open_store(url)
     s.clock = FakeClock()
-    async with s:
-        yield s
+    try:
+        async with s:
+            yield s
+    finally:
+        if admin is not None:
+            await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            await admin.close()
 
 
 def _key() -> str:

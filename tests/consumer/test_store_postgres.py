@@ -2,8 +2,9 @@
 
 The shared contract lives in ``test_store_contract.py``; these tests cover what only a server backend has.
 They need ``IDV_TEST_POSTGRES_URL`` (``bash scripts/postgres.sh start`` prints it): skipped without it,
-failed without it when ``CI`` is set. Tests that need exact counts or a pristine schema run in a schema of
-their own (``?search_path=…``), dropped afterwards; the others use random keys in the shared database.
+failed without it when ``CI`` is set. The database is shared and persistent (and other runs may purge it
+by real time while these use a fake clock), so each test works in an empty schema of its own
+(``?search_path=…``), dropped afterwards.
 Outages are made with a TCP proxy between the store and the server, never by stopping the shared server.
 """
 
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import asyncpg
 import pytest
 from anyio.abc import SocketAttribute
@@ -71,11 +73,21 @@ def _key() -> str:
 
 
 async def _claim(
-    store: PostgresStore, key: str, owner: str = "a", fp: str = "fp1", lease: float = 30.0, retention: float = 3600.0
+    store: PostgresStore,
+    key: str,
+    owner: str = "a",
+    fp: str = "fp1",
+    lease: float = 30.0,
+    retention: float = 3600.0,
 ) -> Claim:
     return await store.claim(
-        key=key, message_id="m-" + key[-6:], operation="aml_screening", fingerprint=fp,
-        owner=owner, lease_s=lease, retention_s=retention,
+        key=key,
+        message_id="m-" + key[-6:],
+        operation="aml_screening",
+        fingerprint=fp,
+        owner=owner,
+        lease_s=lease,
+        retention_s=retention,
     )
 
 
@@ -114,7 +126,9 @@ class TcpProxy:
                 tg.start_soon(self._pump, upstream, client, tg.cancel_scope)
 
     @staticmethod
-    async def _pump(src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream, scope: anyio.CancelScope) -> None:
+    async def _pump(
+        src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream, scope: anyio.CancelScope
+    ) -> None:
         try:
             async for chunk in src:
                 await dst.send(chunk)
@@ -152,15 +166,19 @@ async def test_migrate_is_idempotent(schema_url: str) -> None:
     conn = await asyncpg.connect(schema_url)
     try:
         assert await migrate(conn) == SCHEMA_VERSION
-        versions = [r["version"] for r in await conn.fetch("SELECT version FROM idv_schema_version ORDER BY 1")]
+        versions = [
+            r["version"] for r in await conn.fetch("SELECT version FROM idv_schema_version ORDER BY 1")
+        ]
         assert versions == list(range(1, SCHEMA_VERSION + 1))
         schema = await conn.fetchval("SELECT current_schema()")
         tables = {
-            r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
+            r["tablename"]
+            for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
         }
         assert tables == {"idv_schema_version", "idempotency_records", "idempotency_conflicts"}
         indexes = {
-            r["indexname"] for r in await conn.fetch("SELECT indexname FROM pg_indexes WHERE schemaname = $1", schema)
+            r["indexname"]
+            for r in await conn.fetch("SELECT indexname FROM pg_indexes WHERE schemaname = $1", schema)
         }
         assert {"idempotency_records_expires", "idempotency_records_lease"} <= indexes
     finally:
@@ -216,10 +234,10 @@ async def test_open_store_picks_postgres(pg_url: str) -> None:
 # -- several pools, as several daemons ----------------------------------------------------------------
 
 
-async def test_two_pools_claiming_the_same_keys_have_one_winner_per_key(pg_url: str) -> None:
+async def test_two_pools_claiming_the_same_keys_have_one_winner_per_key(schema_url: str) -> None:
     keys = [_key() for _ in range(25)]
     results: dict[str, list[ClaimStatus]] = {k: [] for k in keys}
-    async with PostgresStore(pg_url, max_size=8) as s1, PostgresStore(pg_url, max_size=8) as s2:
+    async with PostgresStore(schema_url, max_size=8) as s1, PostgresStore(schema_url, max_size=8) as s2:
 
         async def claim(store: PostgresStore, key: str, owner: str) -> None:
             results[key].append((await _claim(store, key, owner=owner)).status)
@@ -236,10 +254,10 @@ async def test_two_pools_claiming_the_same_keys_have_one_winner_per_key(pg_url: 
             assert record is not None and record.attempts == 1 and record.state is State.IN_PROGRESS
 
 
-async def test_two_pools_racing_to_take_over_an_expired_lease(pg_url: str) -> None:
+async def test_two_pools_racing_to_take_over_an_expired_lease(schema_url: str) -> None:
     clock = FakeClock()
     key = _key()
-    async with PostgresStore(pg_url, clock=clock) as s1, PostgresStore(pg_url, clock=clock) as s2:
+    async with PostgresStore(schema_url, clock=clock) as s1, PostgresStore(schema_url, clock=clock) as s2:
         await _claim(s1, key, owner="dead", lease=10)
         clock.now += 11
         claims: list[Claim] = []
@@ -261,12 +279,12 @@ async def test_two_pools_racing_to_take_over_an_expired_lease(pg_url: str) -> No
             await s1.complete(key, "dead", Outcome("approved"))
 
 
-async def test_racing_releases_and_claims_stay_consistent(pg_url: str) -> None:
+async def test_racing_releases_and_claims_stay_consistent(schema_url: str) -> None:
     """Owners keep releasing while others claim: never two live owners, attempts count every acquisition."""
     key = _key()
     acquired = 0
     holders: set[str] = set()
-    async with PostgresStore(pg_url) as s1, PostgresStore(pg_url) as s2:
+    async with PostgresStore(schema_url) as s1, PostgresStore(schema_url) as s2:
 
         async def worker(store: PostgresStore, owner: str) -> None:
             nonlocal acquired
@@ -276,12 +294,12 @@ async def test_racing_releases_and_claims_stay_consistent(pg_url: str) -> None:
                     assert not holders, f"{owner} acquired while {holders} held the lease"
                     holders.add(owner)
                     acquired += 1
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
                     holders.discard(owner)
                     await store.release(key, owner, "again")
                 else:
                     assert claim.status is ClaimStatus.BUSY
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
 
         async with anyio.create_task_group() as tg:
             for i in range(4):
@@ -343,12 +361,12 @@ async def test_unreachable_server_is_a_store_error(pg_url: str) -> None:
         await migrate_url(url.url(pg_url), connect_timeout=2)
 
 
-async def test_outage_is_a_store_error_and_the_store_recovers(pg_url: str) -> None:
+async def test_outage_is_a_store_error_and_the_store_recovers(schema_url: str) -> None:
     async with anyio.create_task_group() as tg:
-        proxy = TcpProxy(*_upstream(pg_url))
+        proxy = TcpProxy(*_upstream(schema_url))
         await proxy.start(tg)
         key = _key()
-        async with PostgresStore(proxy.url(pg_url), connect_timeout=2) as store:
+        async with PostgresStore(proxy.url(schema_url), connect_timeout=2) as store:
             assert (await _claim(store, key)).status is ClaimStatus.ACQUIRED
 
             proxy.stop()
@@ -376,16 +394,16 @@ async def _retry_store(fn: Callable[[], Awaitable[Any]]) -> Any:
     return await fn()
 
 
-async def test_connection_lost_mid_statement_is_a_store_error(pg_url: str) -> None:
+async def test_connection_lost_mid_statement_is_a_store_error(schema_url: str) -> None:
     """The reply is lost, the outcome ambiguous; a retry then succeeds or raises LeaseLost, and either way
     the record ends COMPLETED with our outcome (the pipeline re-checks after LeaseLost and finds it DONE)."""
     key = _key()
     async with anyio.create_task_group() as tg:
-        proxy = TcpProxy(*_upstream(pg_url))
+        proxy = TcpProxy(*_upstream(schema_url))
         await proxy.start(tg)
-        async with PostgresStore(proxy.url(pg_url), connect_timeout=2) as store:
+        async with PostgresStore(proxy.url(schema_url), connect_timeout=2) as store:
             await _claim(store, key)
-            locker = await _lock_row(pg_url, key)
+            locker = await _lock_row(schema_url, key)
             errors: list[BaseException] = []
 
             async def complete() -> None:
@@ -414,11 +432,11 @@ async def test_connection_lost_mid_statement_is_a_store_error(pg_url: str) -> No
         proxy.stop()
 
 
-async def test_command_timeout_is_a_store_error(pg_url: str) -> None:
+async def test_command_timeout_is_a_store_error(schema_url: str) -> None:
     key = _key()
-    async with PostgresStore(pg_url, command_timeout=0.5) as store:
+    async with PostgresStore(schema_url, command_timeout=0.5) as store:
         await _claim(store, key)
-        locker = await _lock_row(pg_url, key)
+        locker = await _lock_row(schema_url, key)
         try:
             with pytest.raises(StoreError, match="renew"):
                 await store.renew(key, "a", 30)
@@ -429,16 +447,16 @@ async def test_command_timeout_is_a_store_error(pg_url: str) -> None:
         assert record is not None and record.owner == "a"
 
 
-async def test_cancelled_caller_still_gets_its_transition(pg_url: str) -> None:
+async def test_cancelled_caller_still_gets_its_transition(schema_url: str) -> None:
     """Like the SQLite writer, a call is shielded: a cancelled claim still finishes and reports back,
     so the caller can release the key instead of leaving it locked until the lease runs out."""
     key = _key()
     got: list[Claim] = []
-    async with PostgresStore(pg_url) as store:
+    async with PostgresStore(schema_url) as store:
         with anyio.CancelScope() as scope:
             scope.cancel()
             got.append(await _claim(store, key))
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             pytest.fail("not cancelled")  # pragma: no cover
         assert scope.cancelled_caught
         assert got and got[0].status is ClaimStatus.ACQUIRED

@@ -1,0 +1,203 @@
+"""Where handled messages go besides the store: the dead-letter topic and the results topic.
+
+Both are written **before** the message's offset is marked done, with an idempotent producer and
+``acks=all``. If a write fails the message waits and the write is retried (backoff, no ceiling): nothing
+is committed past a message whose dead letter or result is not on the broker.
+
+Dead letters carry the original key, value and headers unchanged, plus ``idv-dlq-*`` headers describing
+why; the detail never contains payload contents. Result events are built from the stored record only, so
+a redelivered duplicate re-emits byte-identical content (downstream dedupes by message ID).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
+
+from consumer.store.base import Record
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DLQ_REASONS", "DeadLetter", "Sinks", "dead_letter_headers", "result_event"]
+
+DLQ_REASONS = (
+    "invalid_encoding",
+    "invalid_json",
+    "invalid_envelope",
+    "missing_message_id",
+    "unknown_operation",
+    "too_large",
+    "idempotency_conflict",
+    "retries_exhausted",
+)
+
+H_REASON = "idv-dlq-reason"
+H_DETAIL = "idv-dlq-detail"
+H_TOPIC = "idv-dlq-original-topic"
+H_PARTITION = "idv-dlq-original-partition"
+H_OFFSET = "idv-dlq-original-offset"
+H_TIMESTAMP = "idv-dlq-original-timestamp"
+H_GROUP = "idv-dlq-consumer-group"
+H_FIRST_FAILURE = "idv-dlq-first-failure-at"
+H_ATTEMPTS = "idv-dlq-attempts"
+DLQ_HEADERS = (
+    H_REASON,
+    H_DETAIL,
+    H_TOPIC,
+    H_PARTITION,
+    H_OFFSET,
+    H_TIMESTAMP,
+    H_GROUP,
+    H_FIRST_FAILURE,
+    H_ATTEMPTS,
+)
+
+RESULT_SCHEMA_VERSION = 1
+
+
+class DeadLetter:
+    """Why a message is set aside; becomes the dead-letter headers."""
+
+    __slots__ = ("attempts", "detail", "first_failure_at", "reason")
+
+    def __init__(self, reason: str, detail: str, *, attempts: int = 0, first_failure_at: float | None = None):
+        if reason not in DLQ_REASONS:
+            raise ValueError(f"unknown dead-letter reason {reason!r}")
+        self.reason = reason
+        self.detail = detail[:500]
+        self.attempts = attempts
+        self.first_failure_at = first_failure_at
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def dead_letter_headers(
+    msg: ConsumerRecord, letter: DeadLetter, group_id: str, now: float
+) -> list[tuple[str, bytes]]:
+    # Any idv-dlq-* headers already present (a redriven dead letter failing again) are replaced, the rest
+    # of the original headers are kept as they were, in order.
+    original = [(k, v) for k, v in (msg.headers or ()) if k not in DLQ_HEADERS]
+    first = letter.first_failure_at if letter.first_failure_at is not None else now
+    return [
+        *original,
+        (H_REASON, letter.reason.encode()),
+        (H_DETAIL, letter.detail.encode("utf-8", "replace")),
+        (H_TOPIC, msg.topic.encode()),
+        (H_PARTITION, str(msg.partition).encode()),
+        (H_OFFSET, str(msg.offset).encode()),
+        (H_TIMESTAMP, str(msg.timestamp).encode()),
+        (H_GROUP, group_id.encode()),
+        (H_FIRST_FAILURE, _iso(first).encode()),
+        (H_ATTEMPTS, str(letter.attempts).encode()),
+    ]
+
+
+def result_event(record: Record, subject_id: str) -> bytes:
+    """The outcome event for a COMPLETED or FAILED record (no request data, no personal data)."""
+    outcome = record.outcome
+    status = outcome.status if outcome else record.state.value
+    return orjson.dumps(
+        {
+            "schema_version": RESULT_SCHEMA_VERSION,
+            "message_id": record.message_id,
+            "idempotency_key": record.key,
+            "operation": record.operation,
+            "subject_id": subject_id,
+            "status": status,
+            "provider_reference": outcome.provider_reference if outcome else None,
+            "http_status": outcome.http_status if outcome else None,
+            "detail": outcome.detail if outcome else None,
+            "attempts": record.attempts,
+            "first_seen_at": _iso(record.created_at),
+            "recorded_at": _iso(record.updated_at),
+        }
+    )
+
+
+class Sinks:
+    """The producer for dead letters and results (one idempotent producer, ``acks=all``)."""
+
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        dlq_topic: str | None,
+        results_topic: str | None,
+        group_id: str,
+        producer_kwargs: dict[str, Any] | None = None,
+        max_request_size: int = 16 * 1024 * 1024,
+    ) -> None:
+        self.dlq_topic = dlq_topic
+        self.results_topic = results_topic
+        self.group_id = group_id
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            enable_idempotence=True,
+            acks="all",
+            max_request_size=max_request_size,
+            linger_ms=2,
+            **(producer_kwargs or {}),
+        )
+        self.dead_letters = 0
+        self.results = 0
+        self._started = False
+
+    async def start(self) -> None:
+        await self._producer.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self._producer.stop()
+
+    async def _send(
+        self,
+        what: str,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        headers: Sequence[tuple[str, bytes]],
+    ) -> None:
+        delay = 0.1
+        while True:
+            try:
+                fut = await self._producer.send(topic, value, key=key, headers=list(headers))
+                await fut
+                return
+            except KafkaError as exc:
+                # The message waits (its offset stays uncommitted) until the broker takes the write.
+                log.warning(
+                    "writing the %s to %s failed (%s); retrying in %.1fs",
+                    what,
+                    topic,
+                    type(exc).__name__,
+                    delay,
+                )
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def dead_letter(self, msg: ConsumerRecord, letter: DeadLetter, now: float) -> None:
+        if self.dlq_topic is None:
+            return
+        headers = dead_letter_headers(msg, letter, self.group_id, now)
+        await self._send("dead letter", self.dlq_topic, msg.value, msg.key, headers)
+        self.dead_letters += 1
+        log.warning("dead-lettered: %s: %s", letter.reason, letter.detail, extra={"reason": letter.reason})
+
+    async def result(self, record: Record, key: bytes | None, subject_id: str) -> None:
+        if self.results_topic is None:
+            return
+        headers = [("idv-message-id", record.message_id.encode())]
+        await self._send("result", self.results_topic, result_event(record, subject_id), key, headers)
+        self.results += 1
