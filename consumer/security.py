@@ -49,7 +49,7 @@ SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _V_PROTOCOL = "IDV_KAFKA_SECURITY_PROTOCOL"
 _V_MECHANISM = "IDV_KAFKA_SASL_MECHANISM"
 _V_USERNAME = "IDV_KAFKA_SASL_USERNAME"
-_V_PASSWORD = "IDV_KAFKA_SASL_PASSWORD"
+_V_PASSWORD = "IDV_KAFKA_SASL_PASSWORD"  # noqa: S105 - the name of the variable, not a password
 _V_CAFILE = "IDV_KAFKA_SSL_CAFILE"
 _V_CERTFILE = "IDV_KAFKA_SSL_CERTFILE"
 _V_KEYFILE = "IDV_KAFKA_SSL_KEYFILE"
@@ -143,7 +143,7 @@ def kafka_security_kwargs(
 
 def _ssl_context(cafile: str | None, certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
     try:
-        context = create_ssl_context(cafile=cafile)
+        context: ssl.SSLContext = create_ssl_context(cafile=cafile)
     except FileNotFoundError:
         _fail(_V_CAFILE, f"{cafile!r} does not exist")
     except OSError as exc:  # ssl.SSLError is an OSError too
@@ -154,7 +154,10 @@ def _ssl_context(cafile: str | None, certfile: str | None, keyfile: str | None) 
     try:
         context.load_cert_chain(certfile, keyfile, password=_no_key_password)
     except _EncryptedKey:
-        _fail(_V_KEYFILE if keyfile else _V_CERTFILE, "the private key is encrypted; give an unencrypted key file")
+        _fail(
+            _V_KEYFILE if keyfile else _V_CERTFILE,
+            "the private key is encrypted; give an unencrypted key file",
+        )
     except FileNotFoundError as exc:
         missing = keyfile if keyfile is not None and exc.filename == keyfile else certfile
         var = _V_KEYFILE if missing == keyfile and keyfile is not None else _V_CERTFILE
@@ -271,5 +274,5 @@ async def check_kafka_connection(
             continue
         return
     assert worst is not None
-    _, where, exc = worst
-    raise ConfigurationError(f"Kafka {where}: {describe_kafka_error(exc, security)}")
+    _, where, cause = worst
+    raise ConfigurationError(f"Kafka {where}: {describe_kafka_error(cause, security)}")

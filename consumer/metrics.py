@@ -1,0 +1,315 @@
+"""Prometheus metrics of one daemon.
+
+Each :class:`Metrics` owns its own :class:`~prometheus_client.CollectorRegistry` instead of the library's
+global one, so tests and several daemons in one process never collide, and :meth:`Metrics.render` shows
+exactly this daemon's samples.
+
+The recording methods are called on the hot path (several per message). Labelled children are looked up
+once and cached in plain dictionaries keyed by the label values, so a call costs a dict lookup and an
+increment, not a ``labels(**kwargs)`` round with string conversion. Label values with a fixed vocabulary
+(disposition, outcome status, circuit state) are checked against it; anything unexpected is counted as
+``other`` rather than raising, because a metric must never fail the message it describes, and must never
+grow a label set from data.
+
+Metric names (all prefixed ``idv_``) are listed in :data:`METRIC_NAMES` and in docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Iterator
+from types import TracebackType
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics_core import Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "CIRCUIT_STATES",
+    "CONTENT_TYPE",
+    "DISPOSITIONS",
+    "METRIC_NAMES",
+    "OUTCOME_STATUSES",
+    "PROVIDER_LATENCY_BUCKETS",
+    "STORE_LATENCY_BUCKETS",
+    "Metrics",
+]
+
+# The classic text format (what prometheus_client itself answers a scraper that sends no Accept header);
+# every metric and label name here is a legacy-valid name, so the output is 0.0.4 as it stands.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+DISPOSITIONS = frozenset(
+    {"completed", "failed", "duplicate", "conflict", "invalid", "set_aside", "dead_lettered"}
+)
+OUTCOME_STATUSES = frozenset({"approved", "declined", "review", "created", "failed", "unknown"})
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
+
+# Provider calls: a fast sandbox answers in ~5 ms, a slow real one in seconds, the timeout is 10-30 s.
+PROVIDER_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0)
+# Store operations: a shared SQLite fsync is ~1 ms, a PostgreSQL round trip a few ms; seconds mean trouble.
+STORE_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+METRIC_NAMES = (
+    "idv_messages_consumed_total",
+    "idv_messages_finished_total",
+    "idv_dead_letters_total",
+    "idv_provider_calls_total",
+    "idv_provider_call_duration_seconds",
+    "idv_provider_retries_total",
+    "idv_messages_in_flight",
+    "idv_committed_offset",
+    "idv_consumer_lag",
+    "idv_store_operation_duration_seconds",
+    "idv_circuit_breaker_state",
+)
+
+_NONE = "none"
+_OTHER = "other"
+
+
+def _label(value: str | enum.Enum | None) -> str:
+    if value is None:
+        return _NONE
+    if isinstance(value, enum.Enum):
+        value = value.value
+    return str(value)
+
+
+class _StoreTimer:
+    """``with metrics.time_store("claim"):`` — observes the block's duration, also when it raises."""
+
+    __slots__ = ("_histogram", "_started")
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._histogram.observe(time.perf_counter() - self._started)
+
+
+class _WithoutCreated(Collector):
+    """The registry's samples minus the ``*_created`` timestamps prometheus_client adds to every counter and
+    histogram child. In the text format they become a second series per child that dashboards never use
+    (Prometheus tracks resets itself); dropping them here halves the scrape without touching the
+    process-wide ``disable_created_metrics()`` switch other code in the process may rely on."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
+
+
+class Metrics:
+    """The daemon's metrics in a registry of their own.
+
+    ::
+
+        metrics = Metrics()
+        metrics.consumed("idv.requests", 3)
+        metrics.finished("completed", "approved")
+        with metrics.time_store("claim"):
+            ...
+        body = metrics.render()   # Prometheus text format, serve with CONTENT_TYPE
+    """
+
+    def __init__(self, *, registry: CollectorRegistry | None = None, process_metrics: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._exposed = _WithoutCreated(self.registry)
+        if process_metrics:
+            # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+            ProcessCollector(registry=self.registry)
+        r = self.registry
+        self._consumed = Counter(
+            "idv_messages_consumed",
+            "Records fetched from Kafka and dispatched for processing.",
+            ("topic", "partition"),
+            registry=r,
+        )
+        self._finished = Counter(
+            "idv_messages_finished",
+            "Messages whose handling ended, by disposition and provider outcome status "
+            "(status is 'none' where no outcome applies).",
+            ("disposition", "status"),
+            registry=r,
+        )
+        self._dead_letters = Counter(
+            "idv_dead_letters",
+            "Messages written to the dead-letter topic, by reason.",
+            ("reason",),
+            registry=r,
+        )
+        self._provider_calls = Counter(
+            "idv_provider_calls",
+            "Provider HTTP attempts by response status code, or 'transport_error' when none came back.",
+            ("status",),
+            registry=r,
+        )
+        self._provider_latency = Histogram(
+            "idv_provider_call_duration_seconds",
+            "Duration of one provider HTTP attempt (each retry is observed separately).",
+            buckets=PROVIDER_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._provider_retries = Counter(
+            "idv_provider_retries", "Provider attempts that were retries of an earlier attempt.", registry=r
+        )
+        self._in_flight = Gauge(
+            "idv_messages_in_flight",
+            "Messages between fetch and done (bounded by IDV_MAX_IN_FLIGHT).",
+            registry=r,
+        )
+        self._committed = Gauge(
+            "idv_committed_offset",
+            "Last offset committed to Kafka for the consumer group (the next offset to read).",
+            ("topic", "partition"),
+            registry=r,
+        )
+        self._lag = Gauge(
+            "idv_consumer_lag",
+            "Records between the committed offset and the partition's end (high watermark).",
+            ("topic", "partition"),
+            registry=r,
+        )
+        self._store_latency = Histogram(
+            "idv_store_operation_duration_seconds",
+            "Duration of one dedupe-store operation (including its durable commit).",
+            ("op",),
+            buckets=STORE_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._circuit = Gauge(
+            "idv_circuit_breaker_state",
+            "Provider circuit breaker: 0 closed, 1 half-open, 2 open.",
+            registry=r,
+        )
+        # Caches of labelled children, keyed by the raw label values the caller passes.
+        self._consumed_children: dict[tuple[str, int], Counter] = {}
+        self._finished_children: dict[tuple[str, str], Counter] = {}
+        self._dead_letter_children: dict[str, Counter] = {}
+        self._provider_children: dict[int | str, Counter] = {}
+        self._committed_children: dict[tuple[str, int], Gauge] = {}
+        self._lag_children: dict[tuple[str, int], Gauge] = {}
+        self._store_children: dict[str, Histogram] = {}
+
+    # -- messages ------------------------------------------------------------------------------------
+
+    def consumed(self, topic: str, partition: int) -> None:
+        """One record fetched and dispatched."""
+        key = (topic, partition)
+        child = self._consumed_children.get(key)
+        if child is None:
+            child = self._consumed_children[key] = self._consumed.labels(topic, str(partition))
+        child.inc()
+
+    def finished(self, disposition: str | enum.Enum, status: str | None = None) -> None:
+        """A message's handling ended. ``disposition`` is a :data:`DISPOSITIONS` value (or an enum whose
+        value is one, such as ``pipeline.Disposition``); ``status`` the outcome's status, if any."""
+        d = _label(disposition)
+        s = _NONE if status is None else status
+        key = (d, s)
+        child = self._finished_children.get(key)
+        if child is None:
+            d_label = d if d in DISPOSITIONS else _OTHER
+            s_label = s if s == _NONE or s in OUTCOME_STATUSES else _OTHER
+            child = self._finished_children[key] = self._finished.labels(d_label, s_label)
+        child.inc()
+
+    def dead_letter(self, reason: str) -> None:
+        """One message written to the dead-letter topic. ``reason`` is a short code (``too_large``,
+        ``retries_exhausted``, an envelope reason code …), never free text."""
+        child = self._dead_letter_children.get(reason)
+        if child is None:
+            child = self._dead_letter_children[reason] = self._dead_letters.labels(reason)
+        child.inc()
+
+    def set_in_flight(self, n: int) -> None:
+        self._in_flight.set(n)
+
+    # -- provider ------------------------------------------------------------------------------------
+
+    def provider_call(self, status: int | None, seconds: float) -> None:
+        """One HTTP attempt: its response status code, or ``None`` when no response came back (timeout,
+        refused, reset), counted as ``transport_error``."""
+        key: int | str = "transport_error" if status is None else status
+        child = self._provider_children.get(key)
+        if child is None:
+            child = self._provider_children[key] = self._provider_calls.labels(str(key))
+        child.inc()
+        self._provider_latency.observe(seconds)
+
+    def provider_retry(self) -> None:
+        self._provider_retries.inc()
+
+    def circuit(self, state: int | str) -> None:
+        """Circuit-breaker state: 0/'closed', 1/'half_open', 2/'open' (a ``BreakerState`` works as is,
+        so ``CircuitBreaker(on_change=metrics.circuit)``)."""
+        value = CIRCUIT_STATES[state.lower()] if isinstance(state, str) else int(state)
+        if value not in (0, 1, 2):
+            raise ValueError(f"circuit state must be 0, 1 or 2, not {state!r}")
+        self._circuit.set(value)
+
+    # -- offsets -------------------------------------------------------------------------------------
+
+    def committed(self, topic: str, partition: int, offset: int) -> None:
+        key = (topic, partition)
+        child = self._committed_children.get(key)
+        if child is None:
+            child = self._committed_children[key] = self._committed.labels(topic, str(partition))
+        child.set(offset)
+
+    def lag(self, topic: str, partition: int, n: int) -> None:
+        key = (topic, partition)
+        child = self._lag_children.get(key)
+        if child is None:
+            child = self._lag_children[key] = self._lag.labels(topic, str(partition))
+        child.set(n)
+
+    def forget_partition(self, topic: str, partition: int) -> None:
+        """Drop a revoked partition's offset and lag gauges, so a partition now owned by another instance
+        does not keep reporting this instance's last values. (Counters stay: they are cumulative.)"""
+        key = (topic, partition)
+        for children, gauge in ((self._committed_children, self._committed), (self._lag_children, self._lag)):
+            if children.pop(key, None) is not None:
+                gauge.remove(topic, str(partition))
+
+    # -- store ---------------------------------------------------------------------------------------
+
+    def _store_child(self, op: str) -> Histogram:
+        child = self._store_children.get(op)
+        if child is None:
+            child = self._store_children[op] = self._store_latency.labels(op)
+        return child
+
+    def store_op(self, op: str, seconds: float) -> None:
+        """One store operation (``claim``, ``complete``, ``fail``, ``release``, ``renew`` …) took
+        ``seconds``."""
+        self._store_child(op).observe(seconds)
+
+    def time_store(self, op: str) -> _StoreTimer:
+        """``with metrics.time_store("claim"): await store.claim(...)`` — :meth:`store_op` with the
+        block's duration, observed also when the block raises."""
+        # A fresh (slotted, small) timer per use: concurrent tasks timing the same op must not share a
+        # start time. Only the histogram child is cached.
+        return _StoreTimer(self._store_child(op))
+
+    # -- exposition ----------------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """All samples in the Prometheus text format (serve with :data:`CONTENT_TYPE`)."""
+        return generate_latest(self._exposed)

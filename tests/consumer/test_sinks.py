@@ -1,0 +1,238 @@
+"""Dead-letter topic, results topic and the circuit breaker, on the real broker with the sandbox."""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+
+from consumer.keys import idempotency_key
+from producer.envelope import Envelope, encode
+from tests.consumer.conftest import (
+    Sandbox,
+    committed_offsets,
+    daemon_env,
+    publish,
+    publish_raw,
+    read_all,
+    start_daemon,
+    wait_committed_to_end,
+)
+from tests.consumer.test_exactly_once import (
+    assert_exactly_once,
+    make_envelopes,
+    run_until_committed,
+    settings_for,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
+
+
+def headers_of(msg: object) -> dict[str, bytes]:
+    return dict(msg.headers or ())  # type: ignore[attr-defined]
+
+
+async def test_results_topic_has_one_event_per_message_and_duplicates_reemit_the_same_content(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+) -> None:
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    unique = make_envelopes(30)
+    unique[0] = Envelope(
+        message_id="declined-1",
+        operation="aml_screening",
+        subject_id="s-d",
+        request={"full_name": "DECLINE me"},
+    )
+    unique[1] = Envelope(
+        message_id="review-1",
+        operation="id_verification",
+        subject_id="s-r",
+        request={"document_type": "passport", "front_image": "x", "vendor_data": "REVIEW"},
+    )
+    unique[2] = Envelope(
+        message_id="bad-1",
+        operation="aml_screening",
+        subject_id="s-b",
+        request={"full_name": "x", "date_of_birth": 5},
+    )
+    stream = unique + unique[:5]
+    await publish(kafka_bootstrap, topic, stream)
+    group = "g-" + uuid.uuid4().hex[:8]
+    await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
+    events = await read_all(kafka_bootstrap, f"{topic}.results")
+    assert len(events) == len(stream)
+    by_id: dict[str, list[bytes]] = defaultdict(list)
+    for ev in events:
+        by_id[orjson.loads(ev.value)["message_id"]].append(ev.value)
+        assert ev.key == orjson.loads(ev.value)["subject_id"].encode()  # keyed like the request
+    assert set(by_id) == {e.message_id for e in unique}
+    for mid, values in by_id.items():
+        assert len(set(values)) == 1, f"{mid}: redelivery changed the event content"
+    statuses = {mid: orjson.loads(v[0])["status"] for mid, v in by_id.items()}
+    assert statuses["declined-1"] == "declined"
+    assert statuses["review-1"] == "review"
+    first = orjson.loads(by_id[unique[3].message_id][0])
+    assert first["idempotency_key"] == idempotency_key("idv", unique[3].operation, unique[3].message_id)
+    assert first["provider_reference"]
+    raw = b"".join(ev.value for ev in events)
+    assert b"full_name" not in raw and b"front_image" not in raw  # no request data in results
+
+
+async def test_every_dead_letter_reason_with_original_bytes_and_headers(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+) -> None:
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    good = Envelope(message_id="ok-1", operation="aml_screening", subject_id="k", request={"full_name": "A"})
+    conflict = Envelope(
+        message_id="ok-1", operation="aml_screening", subject_id="k", request={"full_name": "B"}
+    )
+    doomed = Envelope(
+        message_id="doomed-1", operation="aml_screening", subject_id="k", request={"full_name": "C"}
+    )
+    base = good.to_dict()
+    cases: dict[str, tuple[bytes | None, list[tuple[str, bytes]]]] = {
+        "invalid_json": (b'{"message_id": ', [("trace", b"t-1")]),
+        "invalid_encoding": (b"\xc3\x28\xff", [("trace", b"t-2"), ("trace", b"t-2b")]),
+        "invalid_envelope": (orjson.dumps(dict(base, message_id="e-1", subject_id=7)), []),
+        "missing_message_id": (orjson.dumps({k: v for k, v in base.items() if k != "message_id"}), []),
+        "unknown_operation": (orjson.dumps(dict(base, message_id="u-1", operation="levitate")), []),
+        "too_large": (b'{"x": "' + b"y" * 70_000 + b'"}', []),
+    }
+    # Same key, one partition: strictly in order. The first message meets the scripted 500, 500 and, with
+    # two attempts allowed, exhausts its retries; the rest find the provider healthy.
+    records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = [
+        (b"k", encode(doomed), doomed.headers()),
+        (b"k", encode(good), good.headers()),
+    ]
+    records += [(b"k", value, hdrs) for value, hdrs in cases.values()]
+    records += [(b"k", encode(conflict), conflict.headers())]
+    positions = await publish_raw(kafka_bootstrap, topic, records, partition=2)
+    sb.faults(script=["500", "500"])
+    group = "g-" + uuid.uuid4().hex[:8]
+    env = daemon_env(
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        group=group,
+        store_url=sqlite_url,
+        provider_url=sb.url,
+        max_message_bytes=64 * 1024,
+        provider_max_attempts=2,
+        max_in_flight=1,
+    )
+    proc = start_daemon(env, tmp_path / "d.log")
+    try:
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    letters = await read_all(kafka_bootstrap, f"{topic}.dlq")
+    by_reason = {headers_of(m)["idv-dlq-reason"].decode(): m for m in letters}
+    expected = {*cases, "idempotency_conflict", "retries_exhausted"}
+    assert set(by_reason) == expected, proc.log()[-3000:]
+    for i, reason in enumerate(cases, start=2):
+        m = by_reason[reason]
+        value, hdrs = cases[reason]
+        assert m.value == value  # original bytes unchanged
+        assert m.key == b"k"
+        h = list(m.headers)
+        assert h[: len(hdrs)] == hdrs  # original headers first, unchanged, duplicates kept
+        hd = headers_of(m)
+        assert hd["idv-dlq-original-topic"] == topic.encode()
+        assert hd["idv-dlq-original-partition"] == b"2"
+        assert hd["idv-dlq-original-offset"] == str(positions[i][1]).encode()
+        assert hd["idv-dlq-consumer-group"] == group.encode()
+        assert hd["idv-dlq-detail"] and b"y" * 100 not in hd["idv-dlq-detail"]
+        assert hd["idv-dlq-first-failure-at"].endswith(b"Z")
+    assert headers_of(by_reason["retries_exhausted"])["idv-dlq-attempts"] == b"2"
+    assert by_reason["idempotency_conflict"].value == encode(conflict)
+    effects = sb.side_effects()
+    assert effects[idempotency_key("idv", "aml_screening", "ok-1")] == 1
+    assert effects.get(idempotency_key("idv", "aml_screening", "doomed-1"), 0) == 0
+
+
+async def test_unwritable_dead_letter_topic_holds_the_partition(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+) -> None:
+    """If the DLQ cannot be written, nothing is committed past the unhandled message; it resumes later."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from tests.conftest import create_topic
+
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    group = "g-" + uuid.uuid4().hex[:8]
+    env = daemon_env(
+        bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url, provider_url=sb.url
+    )
+    proc = start_daemon(env, tmp_path / "d.log")
+    try:
+        await publish_raw(kafka_bootstrap, topic, [(b"k", encode(make_envelopes(1)[0]), [])], partition=5)
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_topics([f"{topic}.dlq"])
+        finally:
+            await admin.close()
+        after = make_envelopes(3)
+        await publish_raw(
+            kafka_bootstrap,
+            topic,
+            [(b"k", b"not json", []), *[(b"k", encode(e), e.headers()) for e in after]],
+            partition=5,
+        )
+        await anyio.sleep(6)
+        committed = await committed_offsets(kafka_bootstrap, group, topic)
+        assert committed[5] == 1, committed  # stuck at the poison message, not past it
+        assert proc.proc.poll() is None
+        await create_topic(kafka_bootstrap, f"{topic}.dlq", 8)
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 120)
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    letters = await read_all(kafka_bootstrap, f"{topic}.dlq")
+    assert [m.value for m in letters] == [b"not json"]
+
+
+async def test_provider_outage_pauses_instead_of_flooding_the_dead_letter_topic(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+) -> None:
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    sb.faults(error_rate=1.0)
+    unique = make_envelopes(200, subjects=200)
+    await publish(kafka_bootstrap, topic, unique)
+    group = "g-" + uuid.uuid4().hex[:8]
+    env = daemon_env(
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        group=group,
+        store_url=sqlite_url,
+        provider_url=sb.url,
+        provider_max_attempts=4,
+        breaker_min_calls=10,
+        breaker_open_s=1,
+        max_in_flight=16,
+    )
+    proc = start_daemon(env, tmp_path / "d.log")
+    try:
+        await anyio.sleep(8)  # an 8-second outage
+        dead_during_outage = len(await read_all(kafka_bootstrap, f"{topic}.dlq"))
+        sb.faults(error_rate=0.0)
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    log = proc.log()
+    assert "circuit breaker open" in log
+    letters = await read_all(kafka_bootstrap, f"{topic}.dlq")
+    # Without the breaker all 200 would exhaust their 4 attempts within the outage.
+    assert dead_during_outage <= 16, dead_during_outage
+    assert len(letters) == dead_during_outage
+    dead_ids = {orjson.loads(m.value)["message_id"] for m in letters}
+    await assert_exactly_once(sb, sqlite_url, [e for e in unique if e.message_id not in dead_ids])
