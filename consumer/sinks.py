@@ -174,7 +174,6 @@ class Sinks:
             try:
                 fut = await self._producer.send(topic, value, key=key, headers=list(headers))
                 await fut
-                return
             except KafkaError as exc:
                 # The message waits (its offset stays uncommitted) until the broker takes the write.
                 log.warning(
@@ -186,6 +185,8 @@ class Sinks:
                 )
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+            else:
+                return
 
     async def dead_letter(self, msg: ConsumerRecord, letter: DeadLetter, now: float) -> None:
         if self.dlq_topic is None:

@@ -19,7 +19,9 @@ class Clock:
 async def test_opens_on_failure_ratio_and_closes_after_successful_probe() -> None:
     clock = Clock()
     states: list[BreakerState] = []
-    b = CircuitBreaker(window=10, failure_ratio=0.5, min_calls=4, open_s=5, clock=clock, on_change=states.append)
+    b = CircuitBreaker(
+        window=10, failure_ratio=0.5, min_calls=4, open_s=5, clock=clock, on_change=states.append
+    )
     for ok in (True, False, False, True):
         assert await b.acquire() is False
         b.record(ok)
