@@ -138,10 +138,15 @@ class TcpProxy:
             scope.cancel()
 
     def url(self, base: str) -> str:
-        parts = urlsplit(base)
-        userinfo = parts.netloc.rpartition("@")[0]
-        netloc = f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        return _on_port(base, self.port)
+
+
+def _on_port(url: str, port: int) -> str:
+    """``url`` pointed at 127.0.0.1:``port``, keeping credentials, database and query."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@127.0.0.1:{port}" if userinfo else f"127.0.0.1:{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _upstream(url: str) -> tuple[str, int]:
@@ -155,6 +160,15 @@ async def _lock_row(url: str, key: str) -> Any:
     await conn.execute("BEGIN")
     await conn.execute("SELECT 1 FROM idempotency_records WHERE key = $1 FOR UPDATE", key)
     return conn
+
+
+async def _wait_until_blocked(locker: Any) -> None:
+    """Return once some other backend is waiting for ``locker``'s lock (our statement is in flight)."""
+    sql = "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+    pid = locker.get_server_pid()
+    with anyio.fail_after(10):
+        while not await locker.fetchval(sql, pid):
+            await anyio.sleep(0.02)
 
 
 # -- migrations ---------------------------------------------------------------------------------------
@@ -348,9 +362,8 @@ def _free_port() -> int:
 
 
 async def test_unreachable_server_is_a_store_error(pg_url: str) -> None:
-    url = TcpProxy("127.0.0.1", 0)
-    url.port = _free_port()
-    store = PostgresStore(url.url(pg_url), connect_timeout=2)
+    nowhere = _on_port(pg_url, _free_port())
+    store = PostgresStore(nowhere, connect_timeout=2)
     with pytest.raises(StoreError, match="cannot open") as info:
         await store.open()
     assert info.value.retriable
@@ -358,7 +371,7 @@ async def test_unreachable_server_is_a_store_error(pg_url: str) -> None:
     with pytest.raises(StoreError, match="not open"):
         await _claim(store, _key())
     with pytest.raises(StoreError):
-        await migrate_url(url.url(pg_url), connect_timeout=2)
+        await migrate_url(nowhere, connect_timeout=2)
 
 
 async def test_outage_is_a_store_error_and_the_store_recovers(schema_url: str) -> None:
@@ -370,7 +383,6 @@ async def test_outage_is_a_store_error_and_the_store_recovers(schema_url: str) -
             assert (await _claim(store, key)).status is ClaimStatus.ACQUIRED
 
             proxy.stop()
-            await anyio.sleep(0.05)
             for op in (lambda: _claim(store, _key()), lambda: store.renew(key, "a", 30), store.counts):
                 with pytest.raises(StoreError) as info:
                     await op()
@@ -415,7 +427,7 @@ async def test_connection_lost_mid_statement_is_a_store_error(schema_url: str) -
             try:
                 async with anyio.create_task_group() as inner:
                     inner.start_soon(complete)
-                    await anyio.sleep(0.3)  # the UPDATE is now waiting for the row lock
+                    await _wait_until_blocked(locker)  # the UPDATE is waiting for the row lock
                     proxy.stop()
             finally:
                 await locker.close()
