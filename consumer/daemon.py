@@ -128,6 +128,11 @@ class Daemon:
             dlq_topic=settings.dead_letter_topic,
             results_topic=settings.result_topic,
             group_id=settings.group_id,
+            # Stable across restarts of this instance, so a restarted process fences (and aborts the open
+            # transaction of) its SIGKILLed predecessor. Must be unique among live instances.
+            transactional_id=(
+                f"idv-{settings.group_id}-{settings.instance_id}" if settings.results_transactional else None
+            ),
         )
         self._consumer_kwargs = consumer_kwargs or {}
         self.consumer: AIOKafkaConsumer | None = None
@@ -315,7 +320,12 @@ class Daemon:
                         if handled.dead_letter is not None:
                             await self.sinks.dead_letter(msg, handled.dead_letter, time.time())
                         elif handled.record is not None:
-                            await self.sinks.result(handled.record, msg.key, handled.subject_id or "")
+                            if self.sinks.transactional:
+                                self.sinks.buffer_result(
+                                    part.tp, msg.offset, handled.record, msg.key, handled.subject_id or ""
+                                )
+                            else:
+                                await self.sinks.result(handled.record, msg.key, handled.subject_id or "")
                         finished = True
                     except ProviderAuthError as exc:
                         self._set_fatal(exc)
@@ -365,6 +375,14 @@ class Daemon:
         if not offsets:
             return
         self._done_since_commit = 0
+        if self.sinks.transactional:
+            # Results and offsets in one transaction: no result without its commit, no commit without them.
+            if not await self.sinks.commit_transaction(
+                offsets, on_sent=lambda: self.faults.hit("in_transaction")
+            ):
+                return
+            self._committed(parts, offsets, why)
+            return
         try:
             await self.consumer.commit(offsets)
         except KafkaError as exc:
@@ -372,6 +390,9 @@ class Daemon:
             # whoever owns the partition next; the dedupe store turns that into skipped duplicates.
             log.warning("commit (%s) failed: %s", why, type(exc).__name__)
             return
+        self._committed(parts, offsets, why)
+
+    def _committed(self, parts: list[_Partition], offsets: dict[TopicPartition, int], why: str) -> None:
         for part in parts:
             if part.tp in offsets:
                 part.offsets.committed = offsets[part.tp]
@@ -409,6 +430,7 @@ class Daemon:
                     await anyio.sleep(0.01)
         await self._commit_now("revoke", parts)
         for part in parts:
+            self.sinks.drop_pending(part.tp)
             if self.partitions.get(part.tp) is part:
                 del self.partitions[part.tp]
         if revoked:

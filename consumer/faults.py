@@ -16,7 +16,14 @@ from consumer.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
-POINTS = ("before_claim", "after_claim", "after_provider_call", "after_record", "after_commit")
+POINTS = (
+    "before_claim",
+    "after_claim",
+    "after_provider_call",
+    "after_record",
+    "in_transaction",  # transactional results: events sent, offsets added, transaction not yet committed
+    "after_commit",
+)
 
 __all__ = ["POINTS", "FaultPoints"]
 

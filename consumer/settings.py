@@ -56,6 +56,8 @@ class Settings:
     # Where handled messages go: empty = "<first topic>.dlq" / "<first topic>.results"; "none" disables.
     dlq_topic: str = ""
     results_topic: str = ""
+    # Publish result events and commit offsets in one Kafka transaction (see docs/guarantees.md).
+    results_transactional: bool = False
     # Dedupe store
     store_url: str = "sqlite:///.run/dedupe.db"
     lease_s: float = 60.0
@@ -138,6 +140,11 @@ class Settings:
             "must be DEBUG, INFO, WARNING or ERROR",
         )
         need(self.max_message_bytes >= 1024, "max_message_bytes", "must be at least 1024")
+        need(
+            not self.results_transactional or self.result_topic is not None,
+            "results_transactional",
+            "needs a results topic",
+        )
         need(0 < self.breaker_failure_ratio <= 1, "breaker_failure_ratio", "must be in (0, 1]")
         need(self.breaker_min_calls >= 1, "breaker_min_calls", "must be at least 1")
         need(self.breaker_open_s > 0, "breaker_open_s", "must be positive")

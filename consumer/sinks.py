@@ -12,13 +12,13 @@ a redelivered duplicate re-emits byte-identical content (downstream dedupes by m
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
@@ -136,18 +136,25 @@ class Sinks:
         group_id: str,
         producer_kwargs: dict[str, Any] | None = None,
         max_request_size: int = 16 * 1024 * 1024,
+        transactional_id: str | None = None,
     ) -> None:
         self.dlq_topic = dlq_topic
         self.results_topic = results_topic
         self.group_id = group_id
+        self.transactional = transactional_id is not None
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
             enable_idempotence=True,
             acks="all",
             max_request_size=max_request_size,
             linger_ms=2,
+            transactional_id=transactional_id,
             **(producer_kwargs or {}),
         )
+        # Transactional mode: result events wait here, per partition, until the transaction that also
+        # commits their offsets. Dead letters are still written (and acknowledged) before the offset is done.
+        self._pending: dict[TopicPartition, list[tuple[int, bytes | None, bytes, str]]] = {}
+        self._txn_lock = anyio.Lock()
         self.dead_letters = 0
         self.results = 0
         self._started = False
@@ -195,6 +202,61 @@ class Sinks:
         await self._send("dead letter", self.dlq_topic, msg.value, msg.key, headers)
         self.dead_letters += 1
         log.warning("dead-lettered: %s: %s", letter.reason, letter.detail, extra={"reason": letter.reason})
+
+    def buffer_result(
+        self, tp: TopicPartition, offset: int, record: Record, key: bytes | None, subject_id: str
+    ) -> None:
+        self._pending.setdefault(tp, []).append(
+            (offset, key, result_event(record, subject_id), record.message_id)
+        )
+
+    def drop_pending(self, tp: TopicPartition) -> None:
+        """Forget buffered results of a partition we no longer own (they were never made visible)."""
+        self._pending.pop(tp, None)
+
+    async def commit_transaction(
+        self, offsets: dict[TopicPartition, int], on_sent: Callable[[], None] | None = None
+    ) -> bool:
+        """One transaction: the results below each partition's new offset, then the offsets themselves.
+
+        Either both become visible (to ``read_committed`` readers and to the group) or neither does. On
+        failure the transaction is aborted, the results stay buffered and the next commit tries again.
+        """
+        assert self.results_topic is not None
+        async with self._txn_lock:
+            batches = {
+                tp: [item for item in self._pending.get(tp, ()) if item[0] < offset]
+                for tp, offset in offsets.items()
+            }
+            try:
+                async with self._producer.transaction():
+                    futures = []
+                    for items in batches.values():
+                        for _, key, value, message_id in items:
+                            futures.append(
+                                await self._producer.send(
+                                    self.results_topic,
+                                    value,
+                                    key=key,
+                                    headers=[("idv-message-id", message_id.encode())],
+                                )
+                            )
+                    for fut in futures:
+                        await fut
+                    await self._producer.send_offsets_to_transaction(offsets, self.group_id)
+                    if on_sent is not None:
+                        on_sent()
+            except KafkaError as exc:
+                log.warning("results transaction failed (%s); will retry", type(exc).__name__)
+                return False
+            for tp, offset in offsets.items():
+                left = [item for item in self._pending.get(tp, ()) if item[0] >= offset]
+                if left:
+                    self._pending[tp] = left
+                else:
+                    self._pending.pop(tp, None)
+            self.results += sum(len(b) for b in batches.values())
+            return True
 
     async def result(self, record: Record, key: bytes | None, subject_id: str) -> None:
         if self.results_topic is None:

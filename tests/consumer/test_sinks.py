@@ -236,3 +236,78 @@ async def test_provider_outage_pauses_instead_of_flooding_the_dead_letter_topic(
     assert len(letters) == dead_during_outage
     dead_ids = {orjson.loads(m.value)["message_id"] for m in letters}
     await assert_exactly_once(sb, sqlite_url, [e for e in unique if e.message_id not in dead_ids])
+
+
+async def read_results(bootstrap: str, topic: str, isolation: str) -> list[bytes]:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level=isolation,
+    )
+    await consumer.start()
+    out: list[bytes] = []
+    try:
+        idle = 0
+        while idle < 4:  # until the topic has been quiet for 2 s
+            batch = await consumer.getmany(timeout_ms=500)
+            got = [m.value for msgs in batch.values() for m in msgs]
+            out.extend(got)
+            idle = 0 if got else idle + 1
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def test_transactional_results_survive_sigkill_between_results_and_commit(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+) -> None:
+    """Results and offsets commit atomically: a kill inside the transaction leaves no visible result without
+    its commit, and after the restart every message has exactly one visible result."""
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    sb.faults(latency_ms=50)  # ~2 s of work at 8 in flight: several transactions
+    unique = make_envelopes(300, subjects=300)
+    await publish(kafka_bootstrap, topic, unique)
+    group = "g-" + uuid.uuid4().hex[:8]
+    common = dict(
+        max_in_flight=8,
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        group=group,
+        store_url=sqlite_url,
+        provider_url=sb.url,
+        results_transactional="true",
+        instance_id="txn-1",
+        commit_interval_s=0.3,
+        lease_s=3,
+        provider_timeout_s=2,
+    )
+    crashing = start_daemon(daemon_env(**common, fault_kill_at="in_transaction:2"), tmp_path / "c.log")
+    try:
+        assert crashing.wait(90) == -9, crashing.log()[-2000:]
+    finally:
+        crashing.kill()
+    committed_before = await committed_offsets(kafka_bootstrap, group, topic)
+    visible = await read_results(kafka_bootstrap, f"{topic}.results", "read_committed")
+    # Every visible result belongs to a message below a committed offset (no result without its commit).
+    messages = await read_all(kafka_bootstrap, topic)
+    below = {
+        orjson.loads(m.value)["message_id"] for m in messages if m.offset < committed_before[m.partition]
+    }
+    assert {orjson.loads(v)["message_id"] for v in visible} <= below
+    restarted = start_daemon(daemon_env(**common), tmp_path / "r.log")
+    try:
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
+        restarted.terminate()
+        assert restarted.wait(30) == 0
+    finally:
+        restarted.kill()
+    committed_results = await read_results(kafka_bootstrap, f"{topic}.results", "read_committed")
+    ids = [orjson.loads(v)["message_id"] for v in committed_results]
+    assert sorted(ids) == sorted(e.message_id for e in unique)  # one each: none lost, none doubled
+    everything = await read_results(kafka_bootstrap, f"{topic}.results", "read_uncommitted")
+    assert len(everything) > len(committed_results)  # the killed transaction's events exist, aborted
+    await assert_exactly_once(sb, sqlite_url, unique)
