@@ -13,7 +13,7 @@ echo "==> installing the package (pip install -e .)"
 
 echo "==> starting Apache Kafka (KRaft, 127.0.0.1:9092)"
 bash scripts/kafka.sh start
-bash scripts/kafka.sh topic idv.requests 8
+for t in idv.requests idv.requests.dlq idv.requests.results; do bash scripts/kafka.sh topic "$t" 8; done
 
 SANDBOX_PORT="${IDV_SANDBOX_PORT:-8080}"
 export IDV_PROVIDER_URL="${IDV_PROVIDER_URL:-http://127.0.0.1:$SANDBOX_PORT}"
