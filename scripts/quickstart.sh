@@ -21,14 +21,15 @@ export IDV_PROVIDER_API_KEY="${IDV_PROVIDER_API_KEY:-sandbox-demo-key}"
 if ! curl -fsS "$IDV_PROVIDER_URL/healthz" >/dev/null 2>&1; then
     echo "==> starting the sandbox provider on $IDV_PROVIDER_URL (log: .run/sandbox.log)"
     rm -f .run/sandbox.url
-    nohup "$PY" -m sandbox --port "$SANDBOX_PORT" --api-key "$IDV_PROVIDER_API_KEY" \
+    # setsid: its own session, so Ctrl-C on the daemon below does not stop the sandbox too.
+    setsid nohup "$PY" -m sandbox --port "$SANDBOX_PORT" --api-key "$IDV_PROVIDER_API_KEY" \
         --latency-ms 50 --ready-file .run/sandbox.url >.run/sandbox.log 2>&1 &
     echo $! >.run/sandbox.pid
     for _ in $(seq 1 50); do [[ -s .run/sandbox.url ]] && break; sleep 0.2; done
     [[ -s .run/sandbox.url ]] || { echo "sandbox did not start:"; cat .run/sandbox.log; exit 1; }
 fi
 
-echo "==> publishing 12 sample requests (2 are duplicates of earlier ones)"
+echo "==> publishing 10 sample requests (2 of them repeat an earlier message ID, as an upstream retry would)"
 "$PY" -m producer samples --count 10 --duplicates 0.2 --seed "$(date +%s)"
 
 export IDV_STORE_URL="${IDV_STORE_URL:-sqlite:///.run/dedupe.db}"
