@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
+from types import TracebackType
 from typing import Any
 
 import anyio
@@ -30,6 +31,7 @@ import anyio.abc
 import h11
 import orjson
 from anyio.abc import SocketAttribute
+from anyio.streams.stapled import MultiListener
 
 from consumer.errors import ConfigurationError
 from consumer.metrics import CONTENT_TYPE, Metrics
@@ -176,11 +178,14 @@ class HealthServer:
 
     ::
 
-        server = HealthServer("127.0.0.1", 9400, metrics, readiness)
-        async with anyio.create_task_group() as tg:
-            port = await tg.start(server.serve)     # bound and listening from here on
-            ...
-            tg.cancel_scope.cancel()                # stops the server and closes its connections
+        async with HealthServer("127.0.0.1", 9400, metrics, readiness) as server:  # binds: errors here
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(server.serve)
+                ...
+                tg.cancel_scope.cancel()            # stops the server and closes its connections
+
+    or, without the ``async with``, ``port = await tg.start(server.serve)`` (a bind error then arrives
+    inside the task group's exception group).
 
     ``readiness`` is called on every ``/readyz`` request, in the event loop: it must be cheap and must not
     block. If it raises, the answer is 503.
@@ -198,12 +203,13 @@ class HealthServer:
         self.metrics = metrics
         self.readiness = readiness
         self._port: int | None = None
+        self._listener: MultiListener[anyio.abc.SocketStream] | None = None
 
     @property
     def port(self) -> int:
-        """The bound port (useful with port 0); only once :meth:`serve` has started."""
+        """The bound port (useful with port 0), once bound (:meth:`bind`, ``async with``, :meth:`serve`)."""
         if self._port is None:
-            raise RuntimeError("the health server is not listening yet")
+            raise RuntimeError("the health server is not bound yet")
         return self._port
 
     @property
@@ -217,24 +223,60 @@ class HealthServer:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
 
-    async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Listen and serve until cancelled. Reports the bound port through ``task_status``.
+    async def bind(self) -> int:
+        """Open the listening socket now and return the bound port (idempotent).
 
         A host/port that cannot be bound raises :class:`ConfigurationError` naming ``IDV_HEALTH_PORT``.
+        Binding before the task group (``async with server:`` does it) lets that error reach the CLI as
+        itself; raised inside a task group it would arrive wrapped in an exception group.
         """
-        try:
-            listener = await anyio.create_tcp_listener(local_host=self.host, local_port=self.requested_port)
-        except OSError as exc:
-            raise ConfigurationError(
-                f"IDV_HEALTH_PORT: cannot listen on {self.host}:{self.requested_port} "
-                f"({exc.strerror or type(exc).__name__})"
-            ) from None
-        async with listener:
+        if self._listener is None:
+            try:
+                listener = await anyio.create_tcp_listener(
+                    local_host=self.host, local_port=self.requested_port
+                )
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"IDV_HEALTH_PORT: cannot listen on {self.host}:{self.requested_port} "
+                    f"({exc.strerror or type(exc).__name__})"
+                ) from None
+            self._listener = listener
             # S610 is about Django's QuerySet.extra; this is anyio's typed-attribute lookup.
             self._port = int(listener.listeners[0].extra(SocketAttribute.local_port))  # noqa: S610
+        assert self._port is not None
+        return self._port
+
+    async def aclose(self) -> None:
+        """Close the listening socket (a no-op when not bound). :meth:`serve` does this when it ends."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.aclose()
+
+    async def __aenter__(self) -> HealthServer:
+        await self.bind()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled (binding first if :meth:`bind` was not called); reports the bound port
+        through ``task_status``, so ``port = await tg.start(server.serve)``."""
+        port = await self.bind()
+        listener = self._listener
+        assert listener is not None
+        try:
             log.info("health endpoint listening on %s", self.url)
-            task_status.started(self._port)
+            task_status.started(port)
             await listener.serve(self._connection)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
 
     async def _connection(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:
@@ -251,7 +293,12 @@ class HealthServer:
             request = await self._receive(conn, stream)
             if request is None:
                 return
-            response = self._route(request)
+            try:
+                response = self._route(request)
+            except Exception:
+                # The endpoint must never take the daemon down: its task group is the daemon's.
+                log.exception("health endpoint failed to answer %s", bytes(request.target).decode("latin-1"))
+                response = _json(500, {"error": "internal"})
             head_only = request.method == b"HEAD"
             headers = [
                 (b"content-type", response.content_type),

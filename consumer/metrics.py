@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from types import TracebackType
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -40,7 +39,7 @@ __all__ = [
 
 # The classic text format (what prometheus_client itself answers a scraper that sends no Accept header);
 # every metric and label name here is a legacy-valid name, so the output is 0.0.4 as it stands.
-CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 DISPOSITIONS = frozenset(
     {"completed", "failed", "duplicate", "conflict", "invalid", "set_aside", "dead_lettered"}

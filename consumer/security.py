@@ -17,6 +17,7 @@ The returned dictionary holds the SASL password: never log it.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from collections.abc import Mapping
 from typing import Any, NoReturn
@@ -142,10 +143,13 @@ def kafka_security_kwargs(
 
 
 def _ssl_context(cafile: str | None, certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
+    # OpenSSL's errors do not say which file they are about; checking existence first lets the message
+    # name the variable.
+    for var, path in ((_V_CAFILE, cafile), (_V_CERTFILE, certfile), (_V_KEYFILE, keyfile)):
+        if path is not None and not os.path.isfile(path):
+            _fail(var, f"{path!r} does not exist or is not a file")
     try:
         context: ssl.SSLContext = create_ssl_context(cafile=cafile)
-    except FileNotFoundError:
-        _fail(_V_CAFILE, f"{cafile!r} does not exist")
     except OSError as exc:  # ssl.SSLError is an OSError too
         reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
         _fail(_V_CAFILE, f"cannot load CA certificates from {cafile!r} ({reason})")
@@ -158,10 +162,6 @@ def _ssl_context(cafile: str | None, certfile: str | None, keyfile: str | None) 
             _V_KEYFILE if keyfile else _V_CERTFILE,
             "the private key is encrypted; give an unencrypted key file",
         )
-    except FileNotFoundError as exc:
-        missing = keyfile if keyfile is not None and exc.filename == keyfile else certfile
-        var = _V_KEYFILE if missing == keyfile and keyfile is not None else _V_CERTFILE
-        _fail(var, f"{missing!r} does not exist")
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             _fail(_V_KEYFILE if keyfile else _V_CERTFILE, "the private key does not match the certificate")
