@@ -208,7 +208,7 @@ class Processor:
             raise
         self.faults.hit("after_provider_call")
         try:
-            await self._store_call(
+            stored = await self._store_call(
                 "complete",
                 self.store.complete,
                 key,
@@ -228,9 +228,10 @@ class Processor:
             result.outcome.status,
             extra={"status": result.outcome.status, "attempts": result.attempts},
         )
-        stored = await self._store_call("get", self.store.get, key) if self.want_records else None
         disposition = Disposition.FAILED if result.terminal_failure else Disposition.COMPLETED
-        return Handled(disposition, record=stored, subject_id=envelope.subject_id)
+        return Handled(
+            disposition, record=stored if self.want_records else None, subject_id=envelope.subject_id
+        )
 
     def _renewer(self, key: str) -> Callable[[int], Awaitable[None]]:
         async def renew(attempt: int) -> None:

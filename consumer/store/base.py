@@ -136,8 +136,10 @@ class DedupeStore(abc.ABC):
         """Insert an IN_PROGRESS record owned by ``owner``, or report why not."""
 
     @abc.abstractmethod
-    async def complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool = False) -> None:
-        """IN_PROGRESS(owner) → COMPLETED (or FAILED when ``failed``); raises LeaseLost otherwise."""
+    async def complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool = False) -> Record:
+        """IN_PROGRESS(owner) → COMPLETED (or FAILED when ``failed``); returns the stored record.
+
+        Raises LeaseLost otherwise."""
 
     @abc.abstractmethod
     async def release(self, key: str, owner: str, error: str) -> None:

@@ -128,10 +128,11 @@ RETURNING {_COLUMNS}
 
 _GET_SQL = f"SELECT {_COLUMNS} FROM idempotency_records WHERE key = $1"  # noqa: S608 - as above
 
-_COMPLETE_SQL = """
+_COMPLETE_SQL = f"""
 UPDATE idempotency_records
 SET state = $3, outcome = $4::jsonb, owner = NULL, lease_until = NULL, updated_at = $5
 WHERE key = $1 AND state = 'in_progress' AND owner = $2
+RETURNING {_COLUMNS}
 """
 
 _RELEASE_SQL = """
@@ -396,10 +397,18 @@ class PostgresStore(DedupeStore):
         if _rowcount(await self._run(what, fn)) != 1:
             raise LeaseLost(f"record {args[0]} is not in progress under this owner")
 
-    async def complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool = False) -> None:
+    async def complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool = False) -> Record:
         state = State.FAILED if failed else State.COMPLETED
         payload = orjson.dumps(outcome.to_json()).decode()
-        await self._transition("complete", _COMPLETE_SQL, key, owner, state.value, payload, self.clock())
+        args = (key, owner, state.value, payload, self.clock())
+
+        async def fn(conn: Any) -> Any:
+            return await conn.fetchrow(_COMPLETE_SQL, *args)
+
+        row = await self._run("complete", fn)
+        if row is None:
+            raise LeaseLost(f"record {key} is not in progress under this owner")
+        return _row_to_record(row)
 
     async def release(self, key: str, owner: str, error: str) -> None:
         await self._transition("release", _RELEASE_SQL, key, owner, error[:200], self.clock())

@@ -256,11 +256,11 @@ class SqliteStore(DedupeStore):
 
         return await self._submit(fn)
 
-    async def complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool = False) -> None:
+    async def complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool = False) -> Record:
         state = State.FAILED if failed else State.COMPLETED
         payload = orjson.dumps(outcome.to_json()).decode()
 
-        def fn(conn: sqlite3.Connection) -> None:
+        def fn(conn: sqlite3.Connection) -> Record:
             cur = conn.execute(
                 "UPDATE idempotency_records SET state = ?, outcome = ?, owner = NULL, lease_until = NULL, "
                 "updated_at = ? WHERE key = ? AND state = 'in_progress' AND owner = ?",
@@ -268,8 +268,9 @@ class SqliteStore(DedupeStore):
             )
             if cur.rowcount != 1:
                 raise LeaseLost(f"record {key} is not in progress under this owner")
+            return _fetch(conn, key)
 
-        await self._submit(fn)
+        return await self._submit(fn)
 
     async def release(self, key: str, owner: str, error: str) -> None:
         def fn(conn: sqlite3.Connection) -> None:

@@ -117,9 +117,10 @@ async def test_only_owner_completes(store: DedupeStore) -> None:
     await _claim(store, key, owner="a")
     with pytest.raises(LeaseLost):
         await store.complete(key, "intruder", Outcome("approved"))
-    await store.complete(key, "a", Outcome("approved", 200, "ref-1"))
+    returned = await store.complete(key, "a", Outcome("approved", 200, "ref-1"))
     record = await store.get(key)
     assert record is not None
+    assert returned == record  # complete returns the stored record (used for result events)
     assert record.state is State.COMPLETED
     assert record.outcome == Outcome("approved", 200, "ref-1")
     assert record.owner is None
