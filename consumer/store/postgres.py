@@ -133,7 +133,7 @@ UPDATE idempotency_records
 SET state = $3, outcome = $4::jsonb, owner = NULL, lease_until = NULL, updated_at = $5
 WHERE key = $1 AND state = 'in_progress' AND owner = $2
 RETURNING {_COLUMNS}
-"""
+"""  # noqa: S608 - constant column list
 
 _RELEASE_SQL = """
 UPDATE idempotency_records
