@@ -12,6 +12,7 @@ command -v kcat >/dev/null || { apt-get update -qq && apt-get install -y -qq kca
 
 echo "==> starting Apache Kafka"
 bash scripts/kafka.sh start
+export IDV_TEST_KAFKA_BOOTSTRAP="127.0.0.1:${KAFKA_PORT:-9092}"
 
 if [[ -f consumer/store/postgres.py ]]; then
     echo "==> starting PostgreSQL"
