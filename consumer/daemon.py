@@ -40,9 +40,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from consumer.breaker import CircuitBreaker
 from consumer.errors import ConfigurationError, ProviderAuthError
 from consumer.faults import FaultPoints
+from consumer.health import HealthServer, PartitionProgress, readiness_report
+from consumer.metrics import Metrics
 from consumer.offsets import PartitionOffsets
 from consumer.pipeline import Processor, Stats
-from consumer.provider import ProviderClient, RetryPolicy
+from consumer.provider import ProviderClient, RetryPolicy, classify_status
+from consumer.security import check_kafka_connection
 from consumer.settings import Settings
 from consumer.sinks import Sinks
 from consumer.store import DedupeStore, open_store
@@ -89,8 +92,12 @@ class Daemon:
         consumer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.settings = settings
+        self.security = settings.kafka_security()
+        self.metrics = Metrics()
+        self.progress = PartitionProgress()
         self.store = store or open_store(settings.store_url)
         self.breaker = CircuitBreaker(
+            on_change=self.metrics.circuit,
             failure_ratio=settings.breaker_failure_ratio,
             min_calls=settings.breaker_min_calls,
             window=max(settings.breaker_min_calls, 20),
@@ -107,6 +114,7 @@ class Daemon:
             ),
             max_connections=settings.provider_max_connections,
             breaker=self.breaker,
+            on_attempt=self._on_attempt,
         )
         self.owner = f"{settings.instance_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stats = Stats()
@@ -122,12 +130,14 @@ class Daemon:
             faults=self.faults,
             stats=self.stats,
             want_records=settings.result_topic is not None,
+            on_store_op=self.metrics.store_op,
         )
         self.sinks = Sinks(
             bootstrap=settings.kafka_bootstrap,
             dlq_topic=settings.dead_letter_topic,
             results_topic=settings.result_topic,
             group_id=settings.group_id,
+            producer_kwargs=self.security,
             # Stable across restarts of this instance, so a restarted process fences (and aborts the open
             # transaction of) its SIGKILLed predecessor. Must be unique among live instances.
             transactional_id=(
@@ -149,6 +159,7 @@ class Daemon:
         self._stopping = False
         self._abandon = False  # shutdown deadline passed: start nothing more
         self.fatal: BaseException | None = None
+        self._broker_ok = True
         self.committed: dict[TopicPartition, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -166,6 +177,7 @@ class Daemon:
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             max_poll_interval_ms=s.max_poll_interval_ms,
             isolation_level="read_committed",
+            **self.security,
             **self._consumer_kwargs,
         )
 
@@ -186,6 +198,13 @@ class Daemon:
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._watch_signals)
             try:
+                if self.settings.health_port >= 0:
+                    health = HealthServer(
+                        self.settings.health_host, self.settings.health_port, self.metrics, self.readiness
+                    )
+                    await health.bind()
+                    outer.start_soon(health.serve)
+                    log.info("health and metrics on %s", health.url, extra={"health_url": health.url})
                 await self._run(topics)
             except ConfigurationError as exc:
                 error = exc  # re-raised bare, not inside an exception group, for the CLI's one-line message
@@ -202,6 +221,9 @@ class Daemon:
         return EXIT_OK
 
     async def _run(self, topics: list[str]) -> None:
+        # One clear line for a wrong address, port, protocol, certificate or password (aiokafka itself only
+        # says "Unable to bootstrap"); raises ConfigurationError.
+        await check_kafka_connection(self.settings.kafka_bootstrap, self.security)
         async with self.store, self.provider:
             consumer = self.consumer = self._make_consumer()
             try:
@@ -295,6 +317,7 @@ class Daemon:
                     self._slots.release()
                     continue
                 part.offsets.add(msg.offset)
+                self.progress.started(msg.topic, msg.partition)
                 self._dispatch(part, msg)
 
     def _dispatch(self, part: _Partition, msg: ConsumerRecord) -> None:
@@ -311,6 +334,7 @@ class Daemon:
         async for part, lane, msg in self._ready_recv:
             if not part.revoked and not self._abandon and self.fatal is None:
                 finished = False
+                self.metrics.consumed(msg.topic, msg.partition)
                 with anyio.CancelScope() as scope:
                     part.inflight.add(scope)
                     try:
@@ -319,6 +343,7 @@ class Daemon:
                         # before the watermark may pass this message.
                         if handled.dead_letter is not None:
                             await self.sinks.dead_letter(msg, handled.dead_letter, time.time())
+                            self.metrics.dead_letter(handled.dead_letter.reason)
                         elif handled.record is not None:
                             if self.sinks.transactional:
                                 self.sinks.buffer_result(
@@ -332,6 +357,9 @@ class Daemon:
                     finally:
                         part.inflight.discard(scope)
                 if finished:
+                    outcome = handled.record.outcome if handled.record is not None else None
+                    self.metrics.finished(handled.disposition, outcome.status if outcome else None)
+                    self.progress.finished(msg.topic, msg.partition)
                     part.offsets.done(msg.offset)
                     self._done_since_commit += 1
                     if self._done_since_commit >= self.settings.commit_every:
@@ -362,6 +390,7 @@ class Daemon:
                 await self._commit_wakeup.wait()
             self._commit_wakeup = anyio.Event()
             await self._commit_now("periodic")
+            self._update_gauges()
 
     async def _commit_now(self, why: str, parts: list[_Partition] | None = None) -> None:
         assert self.consumer is not None
@@ -389,14 +418,42 @@ class Daemon:
             # Rebalance in progress or membership lost: the offsets stay uncommitted and are redelivered to
             # whoever owns the partition next; the dedupe store turns that into skipped duplicates.
             log.warning("commit (%s) failed: %s", why, type(exc).__name__)
+            self._broker_ok = False
             return
         self._committed(parts, offsets, why)
 
+    def _update_gauges(self) -> None:
+        self.metrics.set_in_flight(self.in_flight())
+        if self.consumer is None:
+            return
+        for tp, part in list(self.partitions.items()):
+            committed = part.offsets.committed
+            highwater = self.consumer.highwater(tp)
+            if committed is not None and highwater is not None:
+                self.metrics.lag(tp.topic, tp.partition, max(0, highwater - committed))
+
+    def _on_attempt(self, status: int | None, seconds: float) -> None:
+        self.metrics.provider_call(status, seconds)
+        if status is None or classify_status(status) == "retry":
+            self.metrics.provider_retry()
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        return readiness_report(
+            assigned=len(self.partitions),
+            broker_ok=self._broker_ok,
+            store_ok=not self.processor.store_failing,
+            partition_progress=self.progress.snapshot(),
+            now=time.monotonic(),
+            stall_after_s=self.settings.stall_after_s,
+        )
+
     def _committed(self, parts: list[_Partition], offsets: dict[TopicPartition, int], why: str) -> None:
+        self._broker_ok = True
         for part in parts:
             if part.tp in offsets:
                 part.offsets.committed = offsets[part.tp]
                 self.committed[part.tp] = offsets[part.tp]
+                self.metrics.committed(part.tp.topic, part.tp.partition, offsets[part.tp])
         log.debug("committed (%s) %d partition(s)", why, len(offsets))
         self.faults.hit("after_commit")
 
@@ -431,6 +488,8 @@ class Daemon:
         await self._commit_now("revoke", parts)
         for part in parts:
             self.sinks.drop_pending(part.tp)
+            self.progress.remove(part.tp.topic, part.tp.partition)
+            self.metrics.forget_partition(part.tp.topic, part.tp.partition)
             if self.partitions.get(part.tp) is part:
                 del self.partitions[part.tp]
         if revoked:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -90,8 +91,11 @@ class Processor:
         faults: FaultPoints | None = None,
         stats: Stats | None = None,
         want_records: bool = False,
+        on_store_op: Callable[[str, float], None] | None = None,
     ) -> None:
         self.want_records = want_records
+        self.on_store_op = on_store_op
+        self.store_failing = False  # the last store operation failed (readiness)
         self.store = store
         self.provider = provider
         self.owner = owner
@@ -106,12 +110,19 @@ class Processor:
         """Retry a store operation until it succeeds: the message waits, nothing is committed past it."""
         delay = 0.05
         while True:
+            started = time.perf_counter()
             try:
-                return await fn(*args, **kwargs)
+                result = await fn(*args, **kwargs)
             except StoreError as exc:
+                self.store_failing = True
                 log.warning("dedupe store %s failed (%s); retrying in %.2fs", what, exc, delay)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, _STORE_RETRY_MAX_S)
+            else:
+                self.store_failing = False
+                if self.on_store_op is not None:
+                    self.on_store_op(what, time.perf_counter() - started)
+                return result
 
     async def handle(self, msg: ConsumerRecord) -> Handled:
         token = message_context.set({"topic": msg.topic, "partition": msg.partition, "offset": msg.offset})

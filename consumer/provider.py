@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,13 +34,20 @@ import httpx
 import orjson
 
 from consumer.breaker import CircuitBreaker
-from consumer.errors import ProviderAuthError, ProviderRetriableError, RetriesExhausted
+from consumer.errors import ConfigurationError, ProviderAuthError, ProviderRetriableError, RetriesExhausted
 from consumer.store.base import Outcome
 from producer.envelope import Operation
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CallResult", "ProviderClient", "RetryPolicy", "classify_status"]
+__all__ = [
+    "TRANSPORT_KINDS",
+    "CallResult",
+    "ProviderClient",
+    "RetryPolicy",
+    "classify_status",
+    "make_transport",
+]
 
 _RETRIABLE_STATUS = frozenset({408, 409, 425, 429})
 _TERMINAL_STATUS_NOTE = "terminal"
@@ -132,6 +140,33 @@ def _error_code(response: httpx.Response) -> str:
     return f"http_{response.status_code}"
 
 
+TRANSPORT_KINDS = ("httpx", "aiohttp")
+
+
+def make_transport(kind: str, limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
+    """The transport for ``transport_kind``; ``None`` means httpx's own (httpcore) connection pool.
+
+    ``"aiohttp"`` keeps the httpx API (requests, responses, timeouts, ``httpx.TransportError`` on
+    connection failures, so retries are classified exactly as before) on an aiohttp connection pool:
+    httpcore's pool scans every connection on every request and degrades past ~64 concurrent requests
+    on one client (httpx #3215, httpcore #924); see docs/performance.md for the measurements.
+    """
+    if kind == "httpx":
+        return None
+    if kind == "aiohttp":
+        try:
+            from httpx_aiohttp import AiohttpTransport
+        except ImportError:
+            raise ConfigurationError(
+                "provider transport 'aiohttp' needs the httpx-aiohttp package (pip install httpx-aiohttp)"
+            ) from None
+        transport: httpx.AsyncBaseTransport = AiohttpTransport(limits=limits)
+        return transport
+    raise ConfigurationError(
+        f"unknown provider transport {kind!r} (use one of: {', '.join(TRANSPORT_KINDS)})"
+    )
+
+
 class ProviderClient:
     def __init__(
         self,
@@ -142,17 +177,27 @@ class ProviderClient:
         retry: RetryPolicy | None = None,
         max_connections: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
+        transport_kind: str = "httpx",
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         rng: random.Random | None = None,
         breaker: CircuitBreaker | None = None,
+        on_attempt: Callable[[int | None, float], None] | None = None,
     ) -> None:
         self.breaker = breaker
+        # Called after every attempt with (HTTP status or None for a transport error, seconds): metrics.
+        self.on_attempt = on_attempt
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        if transport is not None and transport_kind != "httpx":
+            raise ValueError("pass either transport or transport_kind, not both")
+        # An explicit transport (tests: httpx.MockTransport) is used as given; else transport_kind picks one.
+        self.transport_kind = transport_kind
+        if transport is None:
+            transport = make_transport(transport_kind, limits)
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout_s),
@@ -195,13 +240,17 @@ class ProviderClient:
             if self.breaker is not None:
                 # While the breaker is open the attempt waits here without spending the retry budget.
                 probe = await self.breaker.acquire()
+            started = time.perf_counter()
             try:
                 if before_attempt is not None:
                     await before_attempt(attempt)
+                started = time.perf_counter()
                 response = await self._client.post(operation.path, content=body, headers=headers)
             except httpx.TransportError as exc:
                 last = ProviderRetriableError(f"{type(exc).__name__} talking to the provider")
                 self._record(False, probe)
+                if self.on_attempt is not None:
+                    self.on_attempt(None, time.perf_counter() - started)
             except BaseException:
                 if probe and self.breaker is not None:
                     self.breaker.abort_probe()
@@ -209,6 +258,8 @@ class ProviderClient:
             else:
                 kind = classify_status(response.status_code)
                 self._record(kind != "retry", probe)
+                if self.on_attempt is not None:
+                    self.on_attempt(response.status_code, time.perf_counter() - started)
                 if kind == "ok":
                     try:
                         parsed = orjson.loads(response.content)

@@ -20,6 +20,7 @@ __all__ = ["PREFIX", "Settings"]
 
 PREFIX = "IDV_"
 T = TypeVar("T")
+_SECRETS = frozenset({"provider_api_key", "kafka_sasl_password"})
 
 
 def _secret(env: Mapping[str, str], name: str) -> str | None:
@@ -44,6 +45,14 @@ class Settings:
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
     max_poll_interval_ms: int = 300_000
+    # Kafka security (passed to aiokafka; see consumer/security.py)
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = ""
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = field(default="", repr=False)
+    kafka_ssl_cafile: str = ""
+    kafka_ssl_certfile: str = ""
+    kafka_ssl_keyfile: str = ""
     # Processing
     namespace: str = "idv"
     instance_id: str = field(default_factory=socket.gethostname)
@@ -73,6 +82,10 @@ class Settings:
     breaker_failure_ratio: float = 0.5
     breaker_min_calls: int = 20
     breaker_open_s: float = 5.0
+    # Health and metrics endpoint (/metrics, /healthz, /readyz); port -1 disables it, 0 picks a free port.
+    health_host: str = "127.0.0.1"
+    health_port: int = 9400
+    stall_after_s: float = 120.0
     # Logging
     log_level: str = "INFO"
     log_format: str = "json"
@@ -90,7 +103,7 @@ class Settings:
             converters[f.name] = _converter(type(default))
         for name, convert in converters.items():
             var = PREFIX + name.upper()
-            raw = _secret(env, name.upper()) if name == "provider_api_key" else env.get(var)
+            raw = _secret(env, name.upper()) if name in _SECRETS else env.get(var)
             if raw is None or raw == "":
                 continue
             try:
@@ -149,6 +162,23 @@ class Settings:
         need(self.breaker_min_calls >= 1, "breaker_min_calls", "must be at least 1")
         need(self.breaker_open_s > 0, "breaker_open_s", "must be positive")
         need(self.namespace.isascii() and bool(self.namespace), "namespace", "must be non-empty ASCII")
+        need(-1 <= self.health_port <= 65535, "health_port", "must be a port number, 0 (any) or -1 (off)")
+        need(self.stall_after_s > 0, "stall_after_s", "must be positive")
+        self.kafka_security()  # raises ConfigurationError naming the IDV_KAFKA_* variable
+
+    def kafka_security(self) -> dict[str, Any]:
+        """aiokafka keyword arguments for TLS/SASL (contains the password: never log it)."""
+        from consumer.security import kafka_security_kwargs
+
+        return kafka_security_kwargs(
+            self.kafka_security_protocol,
+            self.kafka_sasl_mechanism,
+            self.kafka_sasl_username,
+            self.kafka_sasl_password,
+            self.kafka_ssl_cafile,
+            self.kafka_ssl_certfile,
+            self.kafka_ssl_keyfile,
+        )
 
     @property
     def topics(self) -> list[str]:

@@ -178,6 +178,7 @@ def daemon_env(
         IDV_PROVIDER_BACKOFF_MAX_S="0.5",
         IDV_SESSION_TIMEOUT_MS="6000",
         IDV_HEARTBEAT_INTERVAL_MS="1000",
+        IDV_HEALTH_PORT="0",  # several daemons run at once in tests
     )
     env.update({f"IDV_{k.upper()}": str(v) for k, v in extra.items()})
     return env

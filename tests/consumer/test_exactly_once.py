@@ -80,6 +80,7 @@ def settings_for(
         provider_backoff_max_s=0.5,
         session_timeout_ms=6000,
         heartbeat_interval_ms=1000,
+        health_port=0,
     )
     base.update(kw)
     return Settings.from_env({}, **base)
