@@ -500,7 +500,7 @@ async def test_per_key_order_holds_under_concurrency(
     for subject, items in by_subject.items():
         items.sort()
         arrivals = [ledger[idempotency_key("idv", "aml_screening", mid)]["attempts"][0]["at"] for _, mid in items]
-        assert arrivals == sorted(arrivals), f"{subject!r}: provider saw requests out of offset order"
+        assert arrivals == sorted(arrivals), f"{subject!r}: requests reached the provider out of order"
         overlaps += 1
     assert overlaps == len(subjects)
     # Concurrency really happened: one message at a time would space arrivals by at least the 5 ms minimum
