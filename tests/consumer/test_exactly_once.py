@@ -499,7 +499,8 @@ async def test_per_key_order_holds_under_concurrency(
     overlaps = 0
     for subject, items in by_subject.items():
         items.sort()
-        arrivals = [ledger[idempotency_key("idv", "aml_screening", mid)]["attempts"][0]["at"] for _, mid in items]
+        keys = [idempotency_key("idv", "aml_screening", mid) for _, mid in items]
+        arrivals = [ledger[k]["attempts"][0]["at"] for k in keys]
         assert arrivals == sorted(arrivals), f"{subject!r}: requests reached the provider out of order"
         overlaps += 1
     assert overlaps == len(subjects)
