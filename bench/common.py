@@ -1,0 +1,436 @@
+"""Shared pieces of the throughput benchmark: the sandbox process, topics, messages, store and process probes.
+
+Everything here talks to real services: the local Kafka broker, a sandbox provider started as its own
+process (one per measured variant, so its ledger counts that variant alone) and the SQLite dedupe store
+that the variant under test writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from consumer.keys import idempotency_key
+from producer.envelope import Envelope, encode
+from producer.samples import iter_sample_envelopes
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOTSTRAP = os.environ.get("IDV_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+API_KEY = "bench-key"
+NAMESPACE = "idv"
+
+
+# -- messages ------------------------------------------------------------------------------------------
+
+
+def make_envelopes(count: int, keys: int, *, seed: int = 0) -> list[Envelope]:
+    """``count`` valid, distinct requests whose Kafka key (the subject) takes ``keys`` distinct values.
+
+    The payloads are the deterministic samples of :mod:`producer.samples`; only the subject is replaced so
+    the key cardinality is exact: message ``i`` belongs to subject ``i % keys``.
+    """
+    out = []
+    for i, env in enumerate(iter_sample_envelopes(count, seed=seed, duplicate_ratio=0.0)):
+        out.append(dataclasses.replace(env, subject_id=f"bench-subject-{i % keys:06d}"))
+    return out
+
+
+def expected_keys(envelopes: Sequence[Envelope]) -> set[str]:
+    return {idempotency_key(NAMESPACE, e.operation, e.message_id) for e in envelopes}
+
+
+# -- Kafka ---------------------------------------------------------------------------------------------
+
+
+def random_topic(prefix: str) -> str:
+    return f"bench-{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def create_topic(name: str, partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+        # Wait until the metadata shows every partition with a leader.
+        for _ in range(100):
+            (desc,) = await admin.describe_topics([name])
+            parts = desc.get("partitions") or []
+            if len(parts) == partitions and all(p.get("leader", -1) >= 0 for p in parts):
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"topic {name} has no leaders after 5 s")
+    finally:
+        await admin.close()
+
+
+async def delete_topics(names: Sequence[str]) -> None:
+    if not names:
+        return
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        await admin.delete_topics(list(names))
+    except Exception as exc:  # noqa: BLE001 - clean-up only; a leftover topic is harmless
+        print(f"  (could not delete bench topics: {type(exc).__name__})", file=sys.stderr)
+    finally:
+        await admin.close()
+
+
+def _producer() -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=BOOTSTRAP,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=5,
+        max_batch_size=512 * 1024,
+    )
+
+
+async def publish(topic: str, envelopes: Sequence[Envelope]) -> None:
+    """Publish everything as fast as the producer goes (the backlog a variant then drains)."""
+    producer = _producer()
+    await producer.start()
+    try:
+        futures = []
+        for env in envelopes:
+            futures.append(await producer.send(topic, encode(env), key=env.key, headers=env.headers()))
+            if len(futures) >= 2000:
+                await asyncio.gather(*futures)
+                futures.clear()
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def publish_paced(topic: str, envelopes: Sequence[Envelope], rate: float) -> dict[str, float]:
+    """Publish at ``rate`` records/s; returns message ID → the record's Kafka timestamp (seconds).
+
+    The timestamp is set explicitly to the send time, so the record's CreateTime is exactly the moment the
+    request entered the system; end-to-end latency is measured from it.
+    """
+    producer = _producer()
+    await producer.start()
+    sent: dict[str, float] = {}
+    try:
+        futures = []
+        start = time.monotonic()
+        for i, env in enumerate(envelopes):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            ts_ms = int(time.time() * 1000)
+            futures.append(
+                await producer.send(
+                    topic, encode(env), key=env.key, headers=env.headers(), timestamp_ms=ts_ms
+                )
+            )
+            sent[env.message_id] = ts_ms / 1000.0
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return sent
+
+
+async def end_offsets(topic: str) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP)
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        if not parts:
+            await consumer.topics()
+            parts = consumer.partitions_for_topic(topic) or set()
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in sorted(parts)])
+        return {tp.partition: off for tp, off in ends.items()}
+    finally:
+        await asyncio.sleep(0)
+        await consumer.stop()
+
+
+async def committed_offsets(group: str, topic: str, partitions: Sequence[int]) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        out = {}
+        for p in partitions:
+            off = await consumer.committed(TopicPartition(topic, p))
+            out[p] = off if off is not None else 0
+        return out
+    finally:
+        await asyncio.sleep(0)
+        await consumer.stop()
+
+
+# -- the sandbox provider ------------------------------------------------------------------------------
+
+
+class Sandbox:
+    """A sandbox provider process (``python -m sandbox``) and its admin API."""
+
+    def __init__(self, latency_ms: float, workdir: Path) -> None:
+        self.latency_ms = latency_ms
+        self.ready = workdir / f"sandbox-{uuid.uuid4().hex[:6]}.url"
+        self.log = open(workdir / "sandbox.log", "ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sandbox",
+                "--port",
+                "0",
+                "--api-key",
+                API_KEY,
+                "--latency-ms",
+                str(latency_ms),
+                "--ready-file",
+                str(self.ready),
+                "--log-level",
+                "WARNING",
+            ],
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while not self.ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"sandbox did not start (see {workdir / 'sandbox.log'})")
+            time.sleep(0.02)
+        self.url = self.ready.read_text().strip()
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+
+    def stats(self) -> dict[str, Any]:
+        r = self.http.get("/_admin/stats")
+        r.raise_for_status()
+        return r.json()  # type: ignore[no-any-return]
+
+    def ledger(self) -> dict[str, Any]:
+        r = self.http.get("/_admin/ledger")
+        r.raise_for_status()
+        return r.json()  # type: ignore[no-any-return]
+
+    def reset(self) -> None:
+        """Clear the ledger and idempotency store; ``/_admin/reset`` also clears faults, so the latency
+        is set again."""
+        self.http.post("/_admin/reset").raise_for_status()
+        self.set_latency(self.latency_ms)
+
+    def set_latency(self, latency_ms: float) -> None:
+        self.http.post("/_admin/faults", json={"latency_ms": latency_ms}).raise_for_status()
+
+    def stop(self) -> None:
+        self.http.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def ledger_check(ledger: dict[str, Any], expected: set[str]) -> dict[str, int]:
+    """Duplicate side effects per key, read from the real ledger.
+
+    ``duplicates``: side effects beyond the first, summed over keys (must be 0). ``missing``: expected keys
+    (messages the variant reported as recorded) with no side effect. ``unexpected``: keys the benchmark
+    never sent.
+    """
+    keys: dict[str, Any] = ledger["keys"]
+    duplicates = sum(max(0, rec["side_effects"] - 1) for rec in keys.values())
+    keys_over_one = sum(1 for rec in keys.values() if rec["side_effects"] > 1)
+    missing = sum(1 for k in expected if keys.get(k, {}).get("side_effects", 0) == 0)
+    unexpected = sum(1 for k in keys if k not in expected)
+    return {
+        "side_effects": int(ledger["totals"]["side_effects"]),
+        "requests": int(ledger["totals"]["requests"]),
+        "duplicates": duplicates,
+        "keys_with_duplicates": keys_over_one,
+        "missing": missing,
+        "unexpected": unexpected,
+    }
+
+
+# -- the dedupe store (read from outside) --------------------------------------------------------------
+
+
+class StoreProbe:
+    """Reads the SQLite dedupe store that a variant writes (WAL: readers never block its writer)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection | None:
+        if self._conn is None:
+            if not self.path.exists():
+                return None
+            self._conn = sqlite3.connect(self.path, timeout=5)
+        return self._conn
+
+    def progress(self) -> tuple[int, float | None, float | None]:
+        """(records with a recorded outcome, first claim time, last outcome time)."""
+        conn = self._connect()
+        if conn is None:
+            return 0, None, None
+        try:
+            row = conn.execute(
+                "SELECT COUNT(*), MIN(created_at), MAX(updated_at) FROM idempotency_records "
+                "WHERE state IN ('completed', 'failed')"
+            ).fetchone()
+        except sqlite3.OperationalError:  # schema not created yet
+            return 0, None, None
+        return int(row[0]), row[1], row[2]
+
+    def mean_in_flight(self) -> float:
+        """Average number of messages between claim and recorded outcome (Little's law over the run)."""
+        conn = self._connect()
+        if conn is None:
+            return float("nan")
+        busy, first, last = conn.execute(
+            "SELECT SUM(updated_at - created_at), MIN(created_at), MAX(updated_at) FROM idempotency_records "
+            "WHERE state IN ('completed', 'failed')"
+        ).fetchone()
+        if not busy or last is None or last <= first:
+            return float("nan")
+        return float(busy / (last - first))
+
+    def outcome_times(self, message_ids: Sequence[str]) -> dict[str, tuple[float, float]]:
+        """message ID → (first claim, outcome recorded), i.e. ``created_at``/``updated_at``."""
+        conn = self._connect()
+        assert conn is not None
+        out: dict[str, tuple[float, float]] = {}
+        ids = list(message_ids)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = conn.execute(
+                f"SELECT message_id, created_at, updated_at FROM idempotency_records "
+                f"WHERE state IN ('completed', 'failed') AND message_id IN ({marks})",
+                chunk,
+            )
+            out.update({mid: (created, updated) for mid, created, updated in rows})
+        return out
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+# -- the process under test ----------------------------------------------------------------------------
+
+
+class ProcessProbe:
+    """CPU seconds and peak RSS of a subprocess (and of its children, if it has any)."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+
+    def cpu_s(self) -> float:
+        try:
+            t = self.proc.cpu_times()
+            total = t.user + t.system
+            for child in self.proc.children(recursive=True):
+                ct = child.cpu_times()
+                total += ct.user + ct.system
+        except psutil.NoSuchProcess:
+            return float("nan")
+        return total
+
+    def thread_cpu_s(self) -> dict[str, float]:
+        """CPU seconds of the main thread and of all other threads (SQLite writer, to_thread pool, ...)."""
+        try:
+            threads = self.proc.threads()
+        except psutil.NoSuchProcess:
+            return {}
+        main = sum(t.user_time + t.system_time for t in threads if t.id == self.proc.pid)
+        rest = sum(t.user_time + t.system_time for t in threads if t.id != self.proc.pid)
+        return {"main_thread": main, "other_threads": rest}
+
+    def peak_rss_mib(self) -> float:
+        """VmHWM: the kernel's high-water mark of resident memory over the process's life."""
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return float("nan")
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+        return float("nan")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    idx = min(len(ordered) - 1, max(0, round(q / 100.0 * (len(ordered) - 1))))
+    return ordered[idx]
+
+
+def workdir(prefix: str = "idv-bench-") -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def broker_pid() -> int | None:
+    """The local broker's pid (scripts/kafka.sh writes it), to count its CPU apart from other load."""
+    path = ROOT / ".run" / "kafka" / "kafka.pid"
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if psutil.pid_exists(pid) else None
+
+
+class MachineProbe:
+    """Where the machine's CPU went during a window: the variant, the sandbox, the broker, everything else.
+
+    The benchmark shares 2 cores with whatever else runs; ``other_cores`` makes that visible per run.
+    """
+
+    def __init__(self, variant: ProcessProbe, sandbox_pid: int) -> None:
+        self.variant = variant
+        self.sandbox = ProcessProbe(sandbox_pid)
+        pid = broker_pid()
+        self.broker = ProcessProbe(pid) if pid else None
+        self._start: tuple[float, float, float, float, float] | None = None
+
+    def _sample(self) -> tuple[float, float, float, float, float]:
+        t = psutil.cpu_times()
+        busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+        broker = self.broker.cpu_s() if self.broker else 0.0
+        return time.monotonic(), busy, self.variant.cpu_s(), self.sandbox.cpu_s(), broker
+
+    def start(self) -> None:
+        self._start = self._sample()
+
+    def stop(self) -> dict[str, float]:
+        if self._start is None:
+            return {}
+        end = self._sample()
+        wall = end[0] - self._start[0]
+        if wall <= 0:
+            return {}
+        busy, variant, sandbox, broker = (end[i] - self._start[i] for i in range(1, 5))
+        return {
+            "variant_cores": round(variant / wall, 2),
+            "sandbox_cores": round(sandbox / wall, 2),
+            "broker_cores": round(broker / wall, 2),
+            "other_cores": round(max(0.0, busy - variant - sandbox - broker) / wall, 2),
+            "machine_busy_cores": round(busy / wall, 2),
+        }

@@ -1,0 +1,44 @@
+"""``python -m consumer run`` with the provider transport chosen by ``IDV_PROVIDER_TRANSPORT``.
+
+``BENCH_UVLOOP=1`` also runs it on uvloop (a proposed change, measured here before it is made).
+
+The benchmark measures the daemon on the aiohttp transport before the daemon's settings know that
+variable: when set to anything but ``httpx``, every :class:`~consumer.provider.ProviderClient` built
+without an explicit transport gets ``transport_kind`` from it. Once the daemon passes ``transport_kind``
+itself, its value wins and this wrapper changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import consumer.provider
+from consumer.cli import main
+
+KIND = os.environ.get("IDV_PROVIDER_TRANSPORT", "httpx")
+
+if KIND != "httpx":
+    _init = consumer.provider.ProviderClient.__init__
+
+    def _with_transport_kind(self: consumer.provider.ProviderClient, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("transport") is None:
+            kwargs.setdefault("transport_kind", KIND)
+        _init(self, *args, **kwargs)
+
+    consumer.provider.ProviderClient.__init__ = _with_transport_kind  # type: ignore[method-assign]
+
+if os.environ.get("BENCH_UVLOOP") == "1":
+    # What `anyio.run(main_, backend_options={"use_uvloop": True})` in consumer/cli.py would do.
+    import asyncio
+
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+if __name__ == "__main__":
+    main(["run"])
