@@ -222,3 +222,29 @@ def start_daemon(env: Mapping[str, str], log_path: Path) -> DaemonProcess:
     )
     fh.close()
     return DaemonProcess(proc, log_path)
+
+
+async def run_to_end(env: Mapping[str, str], log_path: Path, *, timeout: float = 90.0) -> DaemonProcess:
+    """Run the daemon until its group has committed to the end of the topic, then SIGTERM: exit 0 expected."""
+    proc = start_daemon(env, log_path)
+    try:
+        await wait_committed_to_end(
+            env["IDV_KAFKA_BOOTSTRAP"], env["IDV_GROUP_ID"], env["IDV_TOPIC"], timeout
+        )
+        proc.terminate()
+        code = proc.wait(30)
+        assert code == 0, f"exit {code}\n{proc.log()[-3000:]}"
+    finally:
+        proc.kill()
+    return proc
+
+
+def run_until_killed(env: Mapping[str, str], log_path: Path, *, timeout: float = 90.0) -> DaemonProcess:
+    """Run a daemon armed with IDV_FAULT_KILL_AT until the fault point SIGKILLs it."""
+    proc = start_daemon(env, log_path)
+    try:
+        code = proc.wait(timeout)
+    finally:
+        proc.kill()
+    assert code == -9, f"fault point did not fire (exit {code})\n{proc.log()[-2000:]}"
+    return proc

@@ -26,6 +26,8 @@ from tests.consumer.conftest import (
     publish,
     publish_raw,
     read_all,
+    run_to_end,
+    run_until_killed,
     start_daemon,
     wait_committed_to_end,
 )
@@ -277,21 +279,10 @@ async def test_crash_window_then_restart(
         provider_timeout_s=2,
         max_in_flight=16,
     )
-    crashing = start_daemon(daemon_env(**common, fault_kill_at=f"{point}:{nth}"), tmp_path / "crash.log")
-    try:
-        code = crashing.wait(90)
-    finally:
-        crashing.kill()
-    assert code == -9, f"fault point did not fire (exit {code})\n{crashing.log()[-2000:]}"
+    run_until_killed(daemon_env(**common, fault_kill_at=f"{point}:{nth}"), tmp_path / "crash.log")
     before = sum(sb.side_effects().values())
     assert before < len(unique) or point == "after_commit"
-    restarted = start_daemon(daemon_env(**common), tmp_path / "restart.log")
-    try:
-        await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
-        restarted.terminate()
-        assert restarted.wait(30) == 0
-    finally:
-        restarted.kill()
+    await run_to_end(daemon_env(**common), tmp_path / "restart.log", timeout=90)
     await assert_exactly_once(sb, sqlite_url, unique)
 
 
@@ -314,23 +305,13 @@ async def test_crash_with_many_in_flight(
         provider_timeout_s=2,
         max_in_flight=48,
     )
-    crashing = start_daemon(daemon_env(**common, fault_kill_at="after_provider_call:60"), tmp_path / "c.log")
-    try:
-        assert crashing.wait(90) == -9
-    finally:
-        crashing.kill()
+    run_until_killed(daemon_env(**common, fault_kill_at="after_provider_call:60"), tmp_path / "c.log")
     await anyio.sleep(0.5)  # let the sandbox finish the requests the dead process left behind
     async with open_store(sqlite_url) as store:
         counts = await store.counts()
     assert counts["in_progress"] > 1, counts  # many were in flight at the kill
     sb.faults(latency_ms=0)
-    restarted = start_daemon(daemon_env(**common), tmp_path / "r.log")
-    try:
-        await wait_committed_to_end(kafka_bootstrap, group, topic, 120)
-        restarted.terminate()
-        assert restarted.wait(30) == 0
-    finally:
-        restarted.kill()
+    await run_to_end(daemon_env(**common), tmp_path / "r.log", timeout=120)
     await assert_exactly_once(sb, sqlite_url, unique)
 
 
@@ -481,8 +462,12 @@ async def test_per_key_order_holds_under_concurrency(
     sb.faults(latency_ms=5, latency_jitter_ms=40, seed=7)
     subjects = [f"applicant-{i}" for i in range(12)]
     envelopes = [
-        Envelope(message_id=f"ord-{s}-{n}-{uuid.uuid4().hex[:6]}", operation="aml_screening", subject_id=s,
-                 request={"full_name": "Ordered", "vendor_data": str(n)})
+        Envelope(
+            message_id=f"ord-{s}-{n}-{uuid.uuid4().hex[:6]}",
+            operation="aml_screening",
+            subject_id=s,
+            request={"full_name": "Ordered", "vendor_data": str(n)},
+        )
         for n in range(25)
         for s in subjects
     ]

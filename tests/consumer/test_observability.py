@@ -12,7 +12,15 @@ import httpx
 import pytest
 
 from producer.envelope import Envelope
-from tests.consumer.conftest import API_KEY, Sandbox, daemon_env, publish, start_daemon, wait_committed_to_end
+from tests.consumer.conftest import (
+    API_KEY,
+    Sandbox,
+    daemon_env,
+    publish,
+    run_to_end,
+    start_daemon,
+    wait_committed_to_end,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -146,13 +154,7 @@ async def test_logs_never_contain_the_api_key_or_personal_data(
     key_file = tmp_path / "key"
     key_file.write_text(API_KEY)
     env["IDV_PROVIDER_API_KEY_FILE"] = str(key_file)
-    proc = start_daemon(env, tmp_path / "d.log")
-    try:
-        await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
-        proc.terminate()
-        assert proc.wait(30) == 0
-    finally:
-        proc.kill()
+    proc = await run_to_end(env, tmp_path / "d.log", timeout=60)
     log = proc.log()
     assert "outcome recorded" in log and "dead-lettered" in log  # the run did log its work
     for secret in (API_KEY, name, "Oyelaran", doc, dob, "aGVsbG8="):

@@ -19,6 +19,8 @@ from tests.consumer.conftest import (
     publish,
     publish_raw,
     read_all,
+    run_to_end,
+    run_until_killed,
     start_daemon,
     wait_committed_to_end,
 )
@@ -123,13 +125,7 @@ async def test_every_dead_letter_reason_with_original_bytes_and_headers(
         provider_max_attempts=2,
         max_in_flight=1,
     )
-    proc = start_daemon(env, tmp_path / "d.log")
-    try:
-        await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
-        proc.terminate()
-        assert proc.wait(30) == 0
-    finally:
-        proc.kill()
+    proc = await run_to_end(env, tmp_path / "d.log", timeout=60)
     letters = await read_all(kafka_bootstrap, f"{topic}.dlq")
     by_reason = {headers_of(m)["idv-dlq-reason"].decode(): m for m in letters}
     expected = {*cases, "idempotency_conflict", "retries_exhausted"}
@@ -285,11 +281,7 @@ async def test_transactional_results_survive_sigkill_between_results_and_commit(
         lease_s=3,
         provider_timeout_s=2,
     )
-    crashing = start_daemon(daemon_env(**common, fault_kill_at="in_transaction:2"), tmp_path / "c.log")
-    try:
-        assert crashing.wait(90) == -9, crashing.log()[-2000:]
-    finally:
-        crashing.kill()
+    run_until_killed(daemon_env(**common, fault_kill_at="in_transaction:2"), tmp_path / "c.log")
     committed_before = await committed_offsets(kafka_bootstrap, group, topic)
     visible = await read_results(kafka_bootstrap, f"{topic}.results", "read_committed")
     # Every visible result belongs to a message below a committed offset (no result without its commit).
@@ -298,13 +290,7 @@ async def test_transactional_results_survive_sigkill_between_results_and_commit(
         orjson.loads(m.value)["message_id"] for m in messages if m.offset < committed_before[m.partition]
     }
     assert {orjson.loads(v)["message_id"] for v in visible} <= below
-    restarted = start_daemon(daemon_env(**common), tmp_path / "r.log")
-    try:
-        await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
-        restarted.terminate()
-        assert restarted.wait(30) == 0
-    finally:
-        restarted.kill()
+    await run_to_end(daemon_env(**common), tmp_path / "r.log", timeout=90)
     committed_results = await read_results(kafka_bootstrap, f"{topic}.results", "read_committed")
     ids = [orjson.loads(v)["message_id"] for v in committed_results]
     assert sorted(ids) == sorted(e.message_id for e in unique)  # one each: none lost, none doubled
