@@ -43,11 +43,11 @@ from consumer.faults import FaultPoints
 from consumer.health import HealthServer, PartitionProgress, readiness_report
 from consumer.metrics import Metrics
 from consumer.offsets import PartitionOffsets
-from consumer.pipeline import Processor, Stats
+from consumer.pipeline import Disposition, Handled, Processor, Stats
 from consumer.provider import ProviderClient, RetryPolicy, classify_status
 from consumer.security import check_kafka_connection
 from consumer.settings import Settings
-from consumer.sinks import Sinks
+from consumer.sinks import DeadLetter, Sinks
 from consumer.store import DedupeStore, open_store
 
 log = logging.getLogger(__name__)
@@ -338,7 +338,7 @@ class Daemon:
                 with anyio.CancelScope() as scope:
                     part.inflight.add(scope)
                     try:
-                        handled = await self.processor.handle(msg)
+                        handled = await self._handle(msg)
                         # Dead letter or result first, then the offset: both must be on the broker
                         # before the watermark may pass this message.
                         if handled.dead_letter is not None:
@@ -372,6 +372,21 @@ class Daemon:
                 self._ready_send.send_nowait((nxt_part, lane, nxt))
             else:
                 del self._lanes[lane]
+
+    async def _handle(self, msg: ConsumerRecord) -> Handled:
+        try:
+            return await self.processor.handle(msg)
+        except ProviderAuthError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one message hitting a bug must not stop the daemon
+            # The pipeline released any lease it held; the message is set aside with its original bytes.
+            log.error(
+                "unexpected %s while handling a message; dead-lettering it",
+                type(exc).__name__,
+                extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
+            )
+            letter = DeadLetter("internal_error", f"{type(exc).__name__} in the consumer (see its logs)")
+            return Handled(Disposition.ERROR, letter)
 
     def _set_fatal(self, exc: BaseException) -> None:
         if self.fatal is None:

@@ -51,6 +51,7 @@ class Disposition(enum.Enum):
     CONFLICT = "conflict"  # same message ID, different payload: recorded, provider not called
     INVALID = "invalid"  # not a valid envelope: logged (no payload), set aside
     SET_ASIDE = "set_aside"  # provider kept failing past the retry ceiling: lease released, set aside
+    ERROR = "error"  # an unexpected exception in the consumer: dead-lettered (internal_error)
 
 
 @dataclass(slots=True)

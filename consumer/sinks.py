@@ -37,6 +37,7 @@ DLQ_REASONS = (
     "too_large",
     "idempotency_conflict",
     "retries_exhausted",
+    "internal_error",  # a bug in the consumer met this message; redrive after the fix
 )
 
 H_REASON = "idv-dlq-reason"

@@ -297,3 +297,40 @@ async def test_transactional_results_survive_sigkill_between_results_and_commit(
     everything = await read_results(kafka_bootstrap, f"{topic}.results", "read_uncommitted")
     assert len(everything) > len(committed_results)  # the killed transaction's events exist, aborted
     await assert_exactly_once(sb, sqlite_url, unique)
+
+
+async def test_an_unexpected_error_on_one_message_dead_letters_it_and_the_daemon_goes_on(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+) -> None:
+    from consumer.daemon import Daemon
+
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    unique = make_envelopes(30, subjects=3)
+    await publish(kafka_bootstrap, topic, unique)
+    group = "g-" + uuid.uuid4().hex[:8]
+    settings = settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url)
+    daemon = Daemon(settings)
+    real = daemon.processor.handle
+    victim = unique[7].message_id
+
+    async def buggy(msg: object) -> object:
+        if victim.encode() in msg.value:  # type: ignore[attr-defined]
+            raise RuntimeError("simulated bug")
+        return await real(msg)  # type: ignore[arg-type]
+
+    daemon.processor.handle = buggy  # type: ignore[method-assign]
+
+    async with anyio.create_task_group() as tg:
+        codes: list[int] = []
+
+        async def run() -> None:
+            codes.append(await daemon.run())
+
+        tg.start_soon(run)
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
+        daemon.stop()
+    assert codes == [0]
+    letters = await read_all(kafka_bootstrap, f"{topic}.dlq")
+    assert [headers_of(m)["idv-dlq-reason"] for m in letters] == [b"internal_error"]
+    assert orjson.loads(letters[0].value)["message_id"] == victim
+    await assert_exactly_once(sb, sqlite_url, [e for e in unique if e.message_id != victim])
