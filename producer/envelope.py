@@ -207,6 +207,14 @@ def validate_fields(obj: Mapping[str, Any]) -> None:
         value = request.get(name)
         if not isinstance(value, str) or not value:
             raise _invalid(f"request.{name} is required for {operation.name} and must be a non-empty string")
+    # The request is encoded again: inside the fingerprint's object (one level down) and as the provider
+    # call's body. orjson decodes up to 1024 levels of nesting but encodes only about 250, so a request
+    # that decoded fine could still fail there, with a TypeError instead of a reason code. Encode it the
+    # deeper of the two ways here, where every path passes.
+    try:
+        orjson.dumps({"request": request})
+    except orjson.JSONEncodeError:
+        raise _invalid("request cannot be encoded as JSON (nested too deeply, or a non-JSON value)") from None
 
 
 def envelope_from_dict(obj: object) -> Envelope:
