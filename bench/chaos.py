@@ -1030,6 +1030,7 @@ async def check(
         "table": table,
         "violations": violations,
         "self_exits": self_exits,
+        "dead_letters": dict(dlq_reasons),
         "faults": faults,
         "stats": stats,
     }
@@ -1091,7 +1092,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the summary here")
     ap.add_argument(
-        "--fail-on-crash", action="store_true", help="a daemon crash after start-up fails the run too"
+        "--fail-on-crash",
+        action="store_true",
+        help="a crash after start-up or an internal_error dead letter fails the run",
     )
     ap.add_argument("--schedule-only", action="store_true", help="print the seed and schedule, run nothing")
     args = ap.parse_args(argv)
@@ -1189,6 +1192,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(!) {len(crashes)} daemon crash(es) after start-up:")
         for error, n in Counter(e["error"] or f"exit {e['code']}" for e in crashes).most_common():
             print(f"      {n}x {error}")
+        failed |= args.fail_on_crash
+    internal = outcome.summary["dead_letters"].get("internal_error", 0)
+    if internal:
+        print(
+            f"(!) {internal} dead letter(s) for internal errors: messages set aside by a consumer error, "
+            "not by their content (see the daemon logs)"
+        )
         failed |= args.fail_on_crash
     odd = [e for e in outcome.summary["self_exits"] if not e["crash"] and e["code"] != 2]
     if odd:

@@ -398,7 +398,8 @@ async def test_drain_bound_longer_than_the_session_timeout_still_drains_first(
         "consumer/store/postgres.py: asyncpg raises InternalClientError ('cannot switch to state 12; "
         "another operation (2) is in progress') on a pooled connection the server has just terminated "
         "(pg_terminate_backend, fast shutdown, failover); it is not in _DB_ERRORS, so it escapes as a "
-        "non-StoreError and kills the worker task and the daemon (exit 1). Fix: add "
+        "non-StoreError instead of being retried: the daemon dead-letters the message as internal_error "
+        "(before 67064e4 the daemon exited 1), even one the provider already performed. Fix: add "
         "asyncpg.InternalClientError to _DB_ERRORS."
     ),
 )
