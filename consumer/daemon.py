@@ -37,17 +37,16 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from consumer.breaker import CircuitBreaker
 from consumer.errors import ConfigurationError, ProviderAuthError
 from consumer.faults import FaultPoints
 from consumer.health import HealthServer, PartitionProgress, readiness_report
 from consumer.metrics import Metrics
 from consumer.offsets import PartitionOffsets
-from consumer.pipeline import Disposition, Handled, Processor, Stats
-from consumer.provider import ProviderClient, RetryPolicy, classify_status
+from consumer.pipeline import Processor, Stats
+from consumer.provider import ProviderClient, classify_status
 from consumer.security import check_kafka_connection
 from consumer.settings import Settings
-from consumer.sinks import DeadLetter, Sinks
+from consumer.sinks import Sinks
 from consumer.store import DedupeStore, open_store
 
 log = logging.getLogger(__name__)
@@ -96,25 +95,8 @@ class Daemon:
         self.metrics = Metrics()
         self.progress = PartitionProgress()
         self.store = store or open_store(settings.store_url)
-        self.breaker = CircuitBreaker(
-            on_change=self.metrics.circuit,
-            failure_ratio=settings.breaker_failure_ratio,
-            min_calls=settings.breaker_min_calls,
-            window=max(settings.breaker_min_calls, 20),
-            open_s=settings.breaker_open_s,
-        )
-        self.provider = provider or ProviderClient(
-            settings.provider_url,
-            settings.provider_api_key,
-            timeout_s=settings.provider_timeout_s,
-            retry=RetryPolicy(
-                settings.provider_max_attempts,
-                settings.provider_backoff_base_s,
-                settings.provider_backoff_max_s,
-            ),
-            max_connections=settings.provider_max_connections,
-            breaker=self.breaker,
-            on_attempt=self._on_attempt,
+        self.provider = provider or ProviderClient.from_settings(
+            settings, on_breaker_change=self.metrics.circuit, on_attempt=self._on_attempt
         )
         self.owner = f"{settings.instance_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stats = Stats()
@@ -338,7 +320,7 @@ class Daemon:
                 with anyio.CancelScope() as scope:
                     part.inflight.add(scope)
                     try:
-                        handled = await self._handle(msg)
+                        handled = await self.processor.handle_safely(msg)
                         # Dead letter or result first, then the offset: both must be on the broker
                         # before the watermark may pass this message.
                         if handled.dead_letter is not None:
@@ -372,21 +354,6 @@ class Daemon:
                 self._ready_send.send_nowait((nxt_part, lane, nxt))
             else:
                 del self._lanes[lane]
-
-    async def _handle(self, msg: ConsumerRecord) -> Handled:
-        try:
-            return await self.processor.handle(msg)
-        except ProviderAuthError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - one message hitting a bug must not stop the daemon
-            # The pipeline released any lease it held; the message is set aside with its original bytes.
-            log.error(
-                "unexpected %s while handling a message; dead-lettering it",
-                type(exc).__name__,
-                extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
-            )
-            letter = DeadLetter("internal_error", f"{type(exc).__name__} in the consumer (see its logs)")
-            return Handled(Disposition.ERROR, letter)
 
     def _set_fatal(self, exc: BaseException) -> None:
         if self.fatal is None:

@@ -125,17 +125,37 @@ class Processor:
                     self.on_store_op(what, time.perf_counter() - started)
                 return result
 
-    async def handle(self, msg: ConsumerRecord) -> Handled:
+    async def handle_safely(self, msg: ConsumerRecord, *, generation: int = 0) -> Handled:
+        """:meth:`handle`, except that an unexpected exception (a bug meeting this message) dead-letters
+        the message as ``internal_error`` instead of propagating; a rejected API key still propagates."""
+        try:
+            return await self.handle(msg, generation=generation)
+        except ProviderAuthError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one message hitting a bug must not stop the consumer
+            # Any lease was released by handle(); the message is set aside with its original bytes.
+            log.error(
+                "unexpected %s while handling a message; dead-lettering it",
+                type(exc).__name__,
+                extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
+            )
+            self.stats.consumed += 1
+            self.stats.count(Disposition.ERROR)
+            letter = DeadLetter("internal_error", f"{type(exc).__name__} in the consumer (see its logs)")
+            return Handled(Disposition.ERROR, letter)
+
+    async def handle(self, msg: ConsumerRecord, *, generation: int = 0) -> Handled:
+        """Process one record; ``generation`` > 0 re-verifies under a new, derived key (replay tool)."""
         token = message_context.set({"topic": msg.topic, "partition": msg.partition, "offset": msg.offset})
         try:
-            handled = await self._handle(msg)
+            handled = await self._handle(msg, generation)
         finally:
             message_context.reset(token)
         self.stats.consumed += 1
         self.stats.count(handled.disposition)
         return handled
 
-    async def _handle(self, msg: ConsumerRecord) -> Handled:
+    async def _handle(self, msg: ConsumerRecord, generation: int) -> Handled:
         try:
             envelope = decode(msg.value, msg.headers, max_bytes=self.max_message_bytes)
         except EnvelopeError as exc:
@@ -146,7 +166,7 @@ class Processor:
             return Handled(Disposition.INVALID, DeadLetter(exc.reason, exc.detail))
 
         operation = get_operation(envelope.operation)
-        key = idempotency_key(self.namespace, envelope.operation, envelope.message_id)
+        key = idempotency_key(self.namespace, envelope.operation, envelope.message_id, generation)
         fp = fingerprint(envelope)
         ctx = message_context.get() or {}
         message_context.set({**ctx, "message_id": envelope.message_id, "key_hash": key_hash(key)})
@@ -211,7 +231,7 @@ class Processor:
             raise
         except LeaseLost:
             log.warning("lease lost before the provider call; another owner has the key")
-            return await self._handle(msg)
+            return await self._handle(msg, generation)
         except BaseException:
             # Cancelled (rebalance bound or shutdown) or a bug: hand the key back so the next owner need
             # not wait for the lease to expire. The provider key covers a side effect already performed.
@@ -232,7 +252,7 @@ class Processor:
             # Our lease ran out during the call and someone took the key over. They call with the same key
             # and record the outcome; start again, which ends as DUPLICATE (or waits while they are busy).
             log.warning("lease lost while calling the provider; re-checking the record")
-            return await self._handle(msg)
+            return await self._handle(msg, generation)
         self.faults.hit("after_record")
         log.info(
             "outcome recorded: %s %s",

@@ -27,16 +27,19 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 import httpx
 import orjson
 
-from consumer.breaker import CircuitBreaker
+from consumer.breaker import BreakerState, CircuitBreaker
 from consumer.errors import ConfigurationError, ProviderAuthError, ProviderRetriableError, RetriesExhausted
 from consumer.store.base import Outcome
 from producer.envelope import Operation
+
+if TYPE_CHECKING:
+    from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +217,36 @@ class ProviderClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        on_breaker_change: Callable[[BreakerState], None] | None = None,
+        on_attempt: Callable[[int | None, float], None] | None = None,
+    ) -> ProviderClient:
+        """The client the daemon and the replay tool use: settings' timeouts, retries, pool and breaker."""
+        breaker = CircuitBreaker(
+            failure_ratio=settings.breaker_failure_ratio,
+            min_calls=settings.breaker_min_calls,
+            window=max(settings.breaker_min_calls, 20),
+            open_s=settings.breaker_open_s,
+            on_change=on_breaker_change,
+        )
+        return cls(
+            settings.provider_url,
+            settings.provider_api_key,
+            timeout_s=settings.provider_timeout_s,
+            retry=RetryPolicy(
+                settings.provider_max_attempts,
+                settings.provider_backoff_base_s,
+                settings.provider_backoff_max_s,
+            ),
+            max_connections=settings.provider_max_connections,
+            breaker=breaker,
+            on_attempt=on_attempt,
+        )
 
     def _record(self, success: bool, probe: bool) -> None:
         if self.breaker is not None:

@@ -52,11 +52,10 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
-from consumer.breaker import CircuitBreaker
-from consumer.errors import ConsumerError, LeaseLost, ProviderAuthError, RetriesExhausted, StoreError
+from consumer.errors import ConsumerError, ProviderAuthError
 from consumer.keys import fingerprint, idempotency_key
 from consumer.pipeline import Disposition, Handled, Processor
-from consumer.provider import ProviderClient, RetryPolicy
+from consumer.provider import ProviderClient
 from consumer.security import check_kafka_connection
 from consumer.settings import Settings
 from consumer.sinks import (
@@ -71,8 +70,8 @@ from consumer.sinks import (
     DeadLetter,
     Sinks,
 )
-from consumer.store import ClaimStatus, DedupeStore, Record, State, open_store
-from producer.envelope import decode, get_operation
+from consumer.store import DedupeStore, Record, State, open_store
+from producer.envelope import decode
 from producer.errors import EnvelopeError
 
 log = logging.getLogger(__name__)
@@ -529,23 +528,7 @@ def _owner(settings: Settings) -> str:
 
 
 def _provider(settings: Settings) -> ProviderClient:
-    # Built like the daemon's (consumer/daemon.py): same timeouts, retry policy and breaker settings.
-    breaker = CircuitBreaker(
-        failure_ratio=settings.breaker_failure_ratio,
-        min_calls=settings.breaker_min_calls,
-        window=max(settings.breaker_min_calls, 20),
-        open_s=settings.breaker_open_s,
-    )
-    return ProviderClient(
-        settings.provider_url,
-        settings.provider_api_key,
-        timeout_s=settings.provider_timeout_s,
-        retry=RetryPolicy(
-            settings.provider_max_attempts, settings.provider_backoff_base_s, settings.provider_backoff_max_s
-        ),
-        max_connections=settings.provider_max_connections,
-        breaker=breaker,
-    )
+    return ProviderClient.from_settings(settings)  # built exactly like the daemon's
 
 
 def _processor(
@@ -785,7 +768,7 @@ async def _replay(
         await sinks.start()
         try:
             if req.reverify:
-                reverifier = _Reverifier(settings, store, provider, processor.owner, req)
+                reverifier = _Reverifier(settings, store, processor, req)
                 handle = reverifier.handler(run, sinks)
             else:
                 handle = _replay_handler(processor, sinks, run, req)
@@ -814,23 +797,6 @@ async def _commit_progress(consumer: AIOKafkaConsumer, batch: Sequence[ConsumerR
         log.warning("could not record the replay's progress in its group: %s", type(exc).__name__)
 
 
-async def _handle(processor: Processor, msg: ConsumerRecord) -> Handled:
-    """``processor.handle`` as the daemon runs it: an unexpected error on one message dead-letters it
-    (``internal_error``) instead of stopping the run; a rejected API key still stops it."""
-    try:
-        return await processor.handle(msg)
-    except ProviderAuthError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - one message hitting a bug must not stop the replay
-        log.error(
-            "unexpected %s while handling a message; dead-lettering it",
-            type(exc).__name__,
-            extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
-        )
-        letter = DeadLetter("internal_error", f"{type(exc).__name__} in the consumer (see its logs)")
-        return Handled(Disposition.ERROR, letter)
-
-
 _DISPOSITION_LABEL = {
     Disposition.COMPLETED: "completed",
     Disposition.FAILED: "failed (provider 4xx)",
@@ -847,7 +813,7 @@ def _replay_handler(
 ) -> Callable[[ConsumerRecord], Awaitable[None]]:
     async def handle(msg: ConsumerRecord) -> None:
         try:
-            handled = await _handle(processor, msg)
+            handled = await processor.handle_safely(msg)
         except ProviderAuthError as exc:
             run.fatal(exc)
             return
@@ -897,17 +863,11 @@ class _Reverifier:
     """
 
     def __init__(
-        self,
-        settings: Settings,
-        store: DedupeStore,
-        provider: ProviderClient,
-        owner: str,
-        req: ReplayRequest,
+        self, settings: Settings, store: DedupeStore, processor: Processor, req: ReplayRequest
     ) -> None:
         self.settings = settings
         self.store = store
-        self.provider = provider
-        self.owner = owner
+        self.processor = processor
         self.req = req
         self.seen: set[str] = set()
         self._audit_lock = anyio.Lock()
@@ -985,52 +945,21 @@ class _Reverifier:
                 "source": f"{msg.topic}/{msg.partition}@{msg.offset}",
             }
         )
-        # Claim → call → record, as in consumer.pipeline.Processor, under the generation-N key.
-        while True:
-            claim = await self.store.claim(
-                key=key,
-                message_id=envelope.message_id,
-                operation=envelope.operation,
-                fingerprint=fp,
-                owner=self.owner,
-                lease_s=settings.lease_s,
-                retention_s=settings.retention_s,
-            )
-            if claim.status is ClaimStatus.DONE:
-                return "already reverified (same generation)", None
-            if claim.status is ClaimStatus.CONFLICT:
-                return "conflict (skipped)", None
-            if claim.status is ClaimStatus.ACQUIRED:
-                break
-            await anyio.sleep(max(0.05, min(1.0, (claim.record.lease_until or 0.0) - self.store.clock())))
-
-        async def renew(attempt: int) -> None:
-            if attempt > 1:
-                await self.store.renew(key, self.owner, settings.lease_s)
-
-        try:
-            result = await self.provider.call(
-                get_operation(envelope.operation), envelope.request, key, before_attempt=renew
-            )
-        except RetriesExhausted:
-            await self._release(key, "retries_exhausted")
+        # Claim → call → record by the same pipeline as the daemon, under the generation-N key.
+        handled = await self.processor.handle_safely(msg, generation=gen)
+        if handled.disposition is Disposition.DUPLICATE:
+            return "already reverified (same generation)", None
+        if handled.disposition is Disposition.CONFLICT:
+            return "conflict (skipped)", None
+        if handled.disposition is Disposition.SET_ASIDE:
             return "set aside (retries exhausted)", None
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._release(key, "abandoned")
-            raise
-        await self.store.complete(key, self.owner, result.outcome, failed=result.terminal_failure)
-        if sinks.results_topic is not None:
-            stored = await self.store.get(key)
-            if stored is not None:
-                await sinks.result(stored, msg.key, envelope.subject_id)
-        return ("reverified" if not result.terminal_failure else "reverified: failed (provider 4xx)"), None
-
-    async def _release(self, key: str, error: str) -> None:
-        try:
-            await self.store.release(key, self.owner, error)
-        except (LeaseLost, StoreError) as exc:
-            log.warning("could not release the lease (%s); it will expire", exc)
+        if handled.disposition is Disposition.ERROR:
+            return "internal error", None
+        if handled.record is not None and sinks.results_topic is not None:
+            await sinks.result(handled.record, msg.key, envelope.subject_id)
+        if handled.disposition is Disposition.FAILED:
+            return "reverified: failed (provider 4xx)", None
+        return "reverified", None
 
 
 # -- dead letters ----------------------------------------------------------------------------------
@@ -1351,7 +1280,7 @@ async def _redrive(
         async def handle(original: ConsumerRecord) -> None:
             entry = entries[(original.topic, original.partition, original.offset)]
             try:
-                handled = await _handle(processor, original)
+                handled = await processor.handle_safely(original)
             except ProviderAuthError as exc:
                 run.fatal(exc)
                 return

@@ -313,10 +313,10 @@ async def test_an_unexpected_error_on_one_message_dead_letters_it_and_the_daemon
     real = daemon.processor.handle
     victim = unique[7].message_id
 
-    async def buggy(msg: object) -> object:
+    async def buggy(msg: object, **kwargs: int) -> object:
         if victim.encode() in msg.value:  # type: ignore[attr-defined]
             raise RuntimeError("simulated bug")
-        return await real(msg)  # type: ignore[arg-type]
+        return await real(msg, **kwargs)  # type: ignore[arg-type]
 
     daemon.processor.handle = buggy  # type: ignore[method-assign]
 
