@@ -90,6 +90,23 @@ def status(key: str | None) -> None:
         sys.exit(2)
 
 
+@main.command()
+def purge() -> None:
+    """Delete dedupe records past IDV_RETENTION_S now (the daemon also does it every IDV_PURGE_INTERVAL_S)."""
+    settings = _settings(require_key=False)
+
+    async def main_() -> int:
+        async with open_store(settings.store_url) as store:
+            return await store.purge_expired()
+
+    try:
+        purged = anyio.run(main_)
+    except (ConfigurationError, StoreError) as exc:
+        click.echo(f"idv-consumer: {exc}", err=True)
+        sys.exit(2)
+    click.echo(orjson.dumps({"purged": purged}).decode())
+
+
 # -- replay and dead letters (docs/replay.md, docs/dead-letters.md) ------------------------------------
 
 

@@ -37,7 +37,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from consumer.errors import ConfigurationError, ProviderAuthError
+from consumer.errors import ConfigurationError, ProviderAuthError, StoreError
 from consumer.faults import FaultPoints
 from consumer.health import HealthServer, PartitionProgress, readiness_report
 from consumer.metrics import Metrics
@@ -158,6 +158,10 @@ class Daemon:
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             max_poll_interval_ms=s.max_poll_interval_ms,
+            # aiokafka defaults this to the session timeout; a revoke that drains longer would get the
+            # member expelled while its calls still run. Cover the drain, the wait for cancelled work and
+            # the commit.
+            rebalance_timeout_ms=int((s.rebalance_drain_s + 10) * 1000),
             isolation_level="read_committed",
             **self.security,
             **self._consumer_kwargs,
@@ -176,7 +180,7 @@ class Daemon:
         self._commit_wakeup = anyio.Event()
         self._slot_freed = anyio.Event()
         # Signals are watched from the very start, so a SIGTERM during start-up is a clean stop too.
-        error: ConfigurationError | None = None
+        error: ConfigurationError | StoreError | None = None
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._watch_signals)
             try:
@@ -188,7 +192,7 @@ class Daemon:
                     outer.start_soon(health.serve)
                     log.info("health and metrics on %s", health.url, extra={"health_url": health.url})
                 await self._run(topics)
-            except ConfigurationError as exc:
+            except (ConfigurationError, StoreError) as exc:
                 error = exc  # re-raised bare, not inside an exception group, for the CLI's one-line message
             finally:
                 outer.cancel_scope.cancel()
@@ -231,6 +235,8 @@ class Daemon:
                     for _ in range(self.settings.max_in_flight):
                         tg.start_soon(self._worker)
                     tg.start_soon(self._commit_loop)
+                    if self.settings.purge_interval_s > 0:
+                        tg.start_soon(self._reaper)
                     await self._fetch_loop()
                     await self._drain(0.0 if self.fatal else self.settings.drain_timeout_s)
                     await self._commit_now("shutdown")
@@ -403,6 +409,19 @@ class Daemon:
             self._broker_ok = False
             return
         self._committed(parts, offsets, why)
+
+    async def _reaper(self) -> None:
+        """Delete records past their retention (never IN_PROGRESS ones). Every instance may run it: the
+        deletes are idempotent, and a record still needed is by definition within retention."""
+        while True:
+            await anyio.sleep(self.settings.purge_interval_s)
+            try:
+                purged = await self.store.purge_expired()
+            except StoreError as exc:
+                log.warning("retention purge failed (%s); will retry", exc)
+                continue
+            if purged:
+                log.info("retention purge removed %d record(s)", purged, extra={"purged": purged})
 
     def _update_gauges(self) -> None:
         self.metrics.set_in_flight(self.in_flight())

@@ -71,6 +71,7 @@ class Settings:
     store_url: str = "sqlite:///.run/dedupe.db"
     lease_s: float = 60.0
     retention_s: float = 30 * 24 * 3600.0
+    purge_interval_s: float = 3600.0
     # Provider
     provider_url: str = "http://127.0.0.1:8080"
     provider_api_key: str = field(default="", repr=False)
@@ -164,6 +165,7 @@ class Settings:
         need(self.namespace.isascii() and bool(self.namespace), "namespace", "must be non-empty ASCII")
         need(-1 <= self.health_port <= 65535, "health_port", "must be a port number, 0 (any) or -1 (off)")
         need(self.stall_after_s > 0, "stall_after_s", "must be positive")
+        need(self.purge_interval_s >= 0, "purge_interval_s", "must be 0 (off) or positive")
         self.kafka_security()  # raises ConfigurationError naming the IDV_KAFKA_* variable
 
     def kafka_security(self) -> dict[str, Any]:

@@ -167,6 +167,8 @@ _CLAIM_ROUNDS = 8
 _DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # Raised on a pooled connection the server has just terminated (restart, failover).
+    asyncpg.InternalClientError,
     OSError,
     TimeoutError,
 )

@@ -495,3 +495,33 @@ async def test_per_key_order_holds_under_concurrency(
     close = sum(1 for a, b in zip(arr, arr[1:], strict=False) if b - a < 0.004)
     assert close > len(arr) // 4, f"only {close} close arrivals: messages were processed one at a time"
     assert daemon.stats.by_disposition["completed"] == len(envelopes)
+
+
+async def test_the_reaper_purges_records_past_retention(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+) -> None:
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    unique = make_envelopes(20)
+    await publish(kafka_bootstrap, topic, unique)
+    group = "g-" + uuid.uuid4().hex[:8]
+    settings = settings_for(
+        kafka_bootstrap,
+        topic,
+        group,
+        sqlite_url,
+        sb.url,
+        lease_s=2,
+        provider_timeout_s=1,
+        retention_s=3,
+        purge_interval_s=1,
+    )
+    daemon = Daemon(settings)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(daemon.run)
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
+        async with open_store(sqlite_url) as store:
+            assert (await store.counts())["completed"] == 20
+            with anyio.fail_after(15):
+                while (await store.counts())["completed"]:
+                    await anyio.sleep(0.5)
+        daemon.stop()

@@ -327,17 +327,6 @@ async def test_partition_moving_mid_call_is_not_repeated_at_the_provider(
         assert "outcome recorded" in second.log()  # the moved partitions' messages finished there
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "consumer/daemon.py: aiokafka's rebalance_timeout_ms defaults to session_timeout_ms and the daemon "
-        "does not set it, so a revoke that drains longer than the session timeout gets the member expelled: "
-        "its partitions go to the new owner while its calls still run (the lease keeps that safe, but the "
-        "drain-first bound IDV_REBALANCE_DRAIN_S is not honoured). Fix: pass rebalance_timeout_ms="
-        "int((rebalance_drain_s + 5 + 5) * 1000) in Daemon._make_consumer (drain, the 5 s wait for "
-        "cancelled work, the commit)."
-    ),
-)
 @pytest.mark.timeout(180)
 async def test_drain_bound_longer_than_the_session_timeout_still_drains_first(
     kafka_bootstrap: str, sandbox: object, store_url: str, tmp_path: Path
@@ -392,17 +381,6 @@ async def test_drain_bound_longer_than_the_session_timeout_still_drains_first(
     assert "duplicate skipped" not in second.log() and "outcome recorded" not in second.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "consumer/store/postgres.py: asyncpg raises InternalClientError ('cannot switch to state 12; "
-        "another operation (2) is in progress') on a pooled connection the server has just terminated "
-        "(pg_terminate_backend, fast shutdown, failover); it is not in _DB_ERRORS, so it escapes as a "
-        "non-StoreError instead of being retried: the daemon dead-letters the message as internal_error "
-        "(before 67064e4 the daemon exited 1), even one the provider already performed. Fix: add "
-        "asyncpg.InternalClientError to _DB_ERRORS."
-    ),
-)
 @pytest.mark.timeout(60)
 async def test_server_terminated_connections_are_store_errors(store_url: str) -> None:
     """Every failure of a store call while the server drops connections is a (retriable) StoreError.
@@ -540,16 +518,6 @@ async def test_store_outage_holds_commits_and_resumes(
                 assert record["updated_at"] < restarted_at, (partition, offset, "committed before recorded")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "consumer/daemon.py: a StoreError from opening the store is raised inside Daemon.run's outer task "
-        "group, which only unwraps ConfigurationError, so it leaves as an ExceptionGroup: exit 1 with a "
-        "traceback instead of the documented exit 2 with one line. Fix: in Daemon.run catch "
-        "(ConfigurationError, StoreError) where it catches ConfigurationError (error: ConfigurationError | "
-        "StoreError | None) and re-raise it bare after the task group, as it does for ConfigurationError."
-    ),
-)
 @pytest.mark.timeout(60)
 async def test_daemon_started_while_the_store_is_down_exits_2_with_one_line(
     kafka_bootstrap: str, sandbox: object, tmp_path: Path
