@@ -15,6 +15,9 @@ connection set-up is not measured). Clients:
 * ``ProviderClient(httpx)`` / ``ProviderClient(aiohttp)``: the daemon's own client, both transports
   (the second only if ``consumer.provider`` has ``transport_kind``).
 
+``load`` is the CPU (in cores) used by every other process on the machine meanwhile: the numbers are only
+comparable between rows with similar load.
+
 The sandbox runs as its own process with a fresh ledger per measurement; its CPU share is printed too,
 because on a 2-core machine it competes with the client (it serves ~3,000 req/s to a raw keep-alive
 client, which is the ceiling here, not 1000 x C / latency).
@@ -193,6 +196,11 @@ async def measure(factory, url: str, c: int, seconds: float, warmup: float) -> t
     return n / (t1 - t0), (cpu1 - cpu0) * 1000 / max(n, 1), bad
 
 
+def _machine_busy() -> float:
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0))
+
+
 def _version(name: str) -> str:
     try:
         return importlib.metadata.version(name)
@@ -223,7 +231,7 @@ def main() -> None:
     try:
         header = (
             f"{'client':<24} {'in-flight':>9} {'req/s':>8} {'bound':>7} {'client CPU ms/req':>17} "
-            f"{'client CPU %':>12} {'sandbox CPU %':>13} {'errors':>6}"
+            f"{'client CPU %':>12} {'sandbox CPU %':>13} {'errors':>6} {'load':>6}"
         )
         print(header)
         print("-" * len(header))
@@ -231,18 +239,22 @@ def main() -> None:
             for c in levels:
                 sandbox.reset()
                 s0 = sb.cpu_times()
+                m0 = _machine_busy()
                 t0 = time.perf_counter()
                 rate, cpu_ms, bad = asyncio.run(
                     measure(available[name], sandbox.url, c, args.seconds, args.warmup)
                 )
                 t1 = time.perf_counter()
                 s1 = sb.cpu_times()
+                m1 = _machine_busy()
                 sandbox_pct = ((s1.user + s1.system) - (s0.user + s0.system)) / (t1 - t0) * 100
+                # Everything but this process and the sandbox (over the whole run incl. warm-up).
+                other = max(0.0, (m1 - m0) / (t1 - t0) - sandbox_pct / 100 - rate * cpu_ms / 1000)
                 bound = c / (args.latency_ms / 1000.0)
                 rows.append((name, c, rate, cpu_ms, bad))
                 print(
                     f"{name:<24} {c:>9} {rate:>8,.0f} {bound:>7,.0f} {cpu_ms:>17.3f} "
-                    f"{rate * cpu_ms / 10:>11.0f}% {sandbox_pct:>12.0f}% {bad:>6}",
+                    f"{rate * cpu_ms / 10:>11.0f}% {sandbox_pct:>12.0f}% {bad:>6} {other:>6.1f}",
                     flush=True,
                 )
     finally:

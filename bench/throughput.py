@@ -637,6 +637,24 @@ def print_profile(path: Path, out: Path, top: int = 30) -> None:
 # -- main ----------------------------------------------------------------------------------------------
 
 
+def _code_version() -> str:
+    """The commit measured, with ``+dirty`` when the work tree differed from it (the daemon runs from it)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "consumer", "producer", "sandbox"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
@@ -699,12 +717,14 @@ async def amain(args: argparse.Namespace) -> int:
     print(report)
     if args.profile:
         return 0
-    RESULTS.with_suffix(".txt").write_text(report + "\n")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    results = args.results
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.with_suffix(".txt").write_text(report + "\n")
+    results.write_text(
         json.dumps(
             {
                 "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "code": _code_version(),
                 "machine": {
                     "cpus": os.cpu_count(),
                     "python": platform.python_version(),
@@ -722,10 +742,10 @@ async def amain(args: argparse.Namespace) -> int:
         )
         + "\n"
     )
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    print(f"wrote {results}")
     if not args.no_plot:
-        plot(runs, ceilings, args.in_flight, PLOT)
-        print(f"wrote {PLOT.relative_to(ROOT)}")
+        plot(runs, ceilings, args.in_flight, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -789,15 +809,17 @@ def main() -> None:
         metavar="PROF",
         help="only print a saved cProfile file (as --profile does) and exit",
     )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON (and .txt table) go")
+    parser.add_argument("--plot", type=Path, default=PLOT, help="where the PNG goes")
     parser.add_argument(
         "--replot", action="store_true", help="redraw docs/performance.png from bench/results/throughput.json"
     )
     args = parser.parse_args()
     if args.replot:
-        data = json.loads(RESULTS.read_text())
+        data = json.loads(args.results.read_text())
         runs = [Run(**r) for r in data["runs"]]
         ceilings = {c["keys"]: Ceiling(**c) for c in data["ceilings"]}
-        plot(runs, ceilings, data["parameters"]["in_flight"], PLOT)
+        plot(runs, ceilings, data["parameters"]["in_flight"], args.plot)
         return
     if args.print_profile is not None:
         print_profile(args.print_profile, PROFILE_TXT)
