@@ -33,7 +33,7 @@ pom_version = ET.parse("kafka/pom.xml").getroot().find("m:properties/m:kafka.ver
 
 errors = []
 services = compose.get("services", {})
-for name in ("kafka", "kafka-init", "postgres", "sandbox", "consumer"):
+for name in ("kafka", "kafka-init", "postgres", "sandbox", "consumer-1", "consumer-2"):
     if name not in services:
         errors.append(f"service {name!r} missing")
 for name, svc in services.items():
@@ -41,12 +41,28 @@ for name, svc in services.items():
     m = re.fullmatch(r"apache/kafka:(.+)", image)
     if m and m.group(1) != pom_version:
         errors.append(f"{name}: image {image} but kafka/pom.xml has kafka.version {pom_version}")
-    for dep, cond in (svc.get("depends_on") or {}).items():
+    deps = svc.get("depends_on") or {}
+    if isinstance(deps, list):  # short form: no conditions
+        deps = {d: {} for d in deps}
+    for dep, cond in deps.items():
         if dep not in services:
             errors.append(f"{name}: depends on unknown service {dep!r}")
         wanted = cond.get("condition") if isinstance(cond, dict) else None
         if wanted == "service_healthy" and "healthcheck" not in services.get(dep, {}):
             errors.append(f"{name}: waits for {dep} to be healthy, but {dep} has no healthcheck")
+
+# Every IDV_* variable a consumer gets must be a setting the daemon knows (a typo would be ignored).
+sys.path.insert(0, ".")
+from consumer.settings import PREFIX, Settings  # noqa: E402
+
+known = set(Settings(provider_api_key="x").env_names())
+known |= {f"{PREFIX}{name.upper()}_FILE" for name in ("provider_api_key", "kafka_sasl_password")}
+for name, svc in services.items():
+    if not name.startswith("consumer"):
+        continue
+    for var in svc.get("environment") or {}:
+        if var.startswith(PREFIX) and var not in known:
+            errors.append(f"{name}: {var} is not a consumer setting (docs/configuration.md)")
 
 if errors:
     for e in errors:
