@@ -56,7 +56,14 @@ def _processor(args: argparse.Namespace, store: object, provider: ProviderClient
 
 def _provider(args: argparse.Namespace) -> ProviderClient:
     # The same client, and the same transport, as the daemon under comparison.
-    kwargs = {} if args.provider_transport == "httpx" else {"transport_kind": args.provider_transport}
+    kind = args.provider_transport
+    if kind == "aiohttp-native":
+        from bench import native_aiohttp
+
+        client = ProviderClient(args.provider_url, API_KEY, max_connections=args.partitions)
+        native_aiohttp.install(client, timeout_s=10.0, max_connections=args.partitions)
+        return client
+    kwargs = {} if kind == "httpx" else {"transport_kind": kind}
     return ProviderClient(args.provider_url, API_KEY, max_connections=args.partitions, **kwargs)
 
 
@@ -225,7 +232,9 @@ def main() -> None:
     parser.add_argument("--store", default="")
     parser.add_argument("--provider-url", default="")
     parser.add_argument("--partitions", type=int, default=8)
-    parser.add_argument("--provider-transport", default="httpx", choices=["httpx", "aiohttp"])
+    parser.add_argument(
+        "--provider-transport", default="httpx", choices=["httpx", "aiohttp", "aiohttp-native"]
+    )
     parser.add_argument("--expect", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args()

@@ -1,6 +1,7 @@
 """``python -m consumer run`` with the provider transport chosen by ``IDV_PROVIDER_TRANSPORT``.
 
-``BENCH_UVLOOP=1`` also runs it on uvloop (a proposed change, measured here before it is made).
+``BENCH_UVLOOP=1`` also runs it on uvloop, and ``IDV_PROVIDER_TRANSPORT=aiohttp-native`` swaps the httpx
+client for ``bench/native_aiohttp.py``: proposed changes, measured here before they are made.
 
 The benchmark measures the daemon on the aiohttp transport before the daemon's settings know that
 variable: when set to anything but ``httpx``, every :class:`~consumer.provider.ProviderClient` built
@@ -26,9 +27,21 @@ if KIND != "httpx":
     _init = consumer.provider.ProviderClient.__init__
 
     def _with_transport_kind(self: consumer.provider.ProviderClient, *args: Any, **kwargs: Any) -> None:
-        if kwargs.get("transport") is None:
+        if kwargs.get("transport") is not None:
+            _init(self, *args, **kwargs)
+        elif KIND == "aiohttp-native":
+            # Proposed change 1 of docs/performance.md, measured before it is written for real.
+            from bench import native_aiohttp
+
+            _init(self, *args, **kwargs)
+            native_aiohttp.install(
+                self,
+                timeout_s=kwargs.get("timeout_s", 10.0),
+                max_connections=kwargs.get("max_connections", 64),
+            )
+        else:
             kwargs.setdefault("transport_kind", KIND)
-        _init(self, *args, **kwargs)
+            _init(self, *args, **kwargs)
 
     consumer.provider.ProviderClient.__init__ = _with_transport_kind  # type: ignore[method-assign]
 

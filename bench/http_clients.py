@@ -13,7 +13,9 @@ connection set-up is not measured). Clients:
 * ``httpx-aiohttp``: one ``httpx.AsyncClient`` on ``httpx_aiohttp.AiohttpTransport`` (same httpx API);
 * ``aiohttp``: a bare ``aiohttp.ClientSession``, the reference;
 * ``ProviderClient(httpx)`` / ``ProviderClient(aiohttp)``: the daemon's own client, both transports
-  (the second only if ``consumer.provider`` has ``transport_kind``).
+  (the second only if ``consumer.provider`` has ``transport_kind``);
+* ``ProviderClient(native)``: the same ``call()`` on ``bench/native_aiohttp.py`` (aiohttp without httpx),
+  a prototype of a proposed change.
 
 ``load`` is the CPU (in cores) used by every other process on the machine meanwhile: the numbers are only
 comparable between rows with similar load.
@@ -131,8 +133,12 @@ async def aiohttp_bare(url: str, c: int):  # type: ignore[no-untyped-def]
 def _provider_client(kind: str):  # type: ignore[no-untyped-def]
     @contextlib.asynccontextmanager
     async def factory(url: str, c: int):  # type: ignore[no-untyped-def]
-        kwargs = {"transport_kind": kind} if kind != "httpx" else {}
+        kwargs = {"transport_kind": kind} if kind not in ("httpx", "aiohttp-native") else {}
         client = ProviderClient(url, API_KEY, max_connections=c, **kwargs)  # type: ignore[arg-type]
+        if kind == "aiohttp-native":
+            from bench import native_aiohttp
+
+            native_aiohttp.install(client, timeout_s=10.0, max_connections=c)
         operation = get_operation("aml_screening")
         request = {
             "full_name": "Sample Person 000042",
@@ -162,6 +168,7 @@ def clients() -> dict[str, Callable[[str, int], contextlib.AbstractAsyncContextM
     }
     if "transport_kind" in inspect.signature(ProviderClient.__init__).parameters:
         out["ProviderClient(aiohttp)"] = _provider_client("aiohttp")
+    out["ProviderClient(native)"] = _provider_client("aiohttp-native")
     return out
 
 

@@ -2,7 +2,7 @@
 
 One command runs the whole matrix (provider latency × key cardinality) on the local Kafka broker::
 
-    python bench/throughput.py                      # default matrix, ~15 minutes on 2 cores
+    python bench/throughput.py                      # default matrix, ~10 minutes on 2 cores
     python bench/throughput.py --quick              # 20 ms, 10,000 keys only, fewer messages
     python bench/throughput.py --latency-ms 20 --keys 10000 --variants daemon --profile
 
@@ -265,7 +265,11 @@ async def run_variant(
     store = StoreProbe(store_path)
     log_path = tmp / f"{variant}.log"
     cmd, env = _command(variant, args, topic, group, store_path, sandbox.url, profile_out)
-    proc = _spawn(cmd, env, log_path)
+    try:
+        proc = _spawn(cmd, env, log_path)
+    except BaseException:
+        sandbox.stop()
+        raise
     probe = ProcessProbe(proc.pid)
     machine = MachineProbe(probe, sandbox.proc.pid)
     try:
@@ -335,9 +339,13 @@ async def run_variant(
             if len(lats) < n_late:
                 run.notes.append(f"latency: {n_late - len(lats)} of {n_late} not recorded in time")
         run.peak_rss_mib = probe.peak_rss_mib()
+    except BaseException:
+        _stop(proc)
+        sandbox.stop()
+        raise
     finally:
-        run.exit_code = _stop(proc)
         store.close()
+    run.exit_code = _stop(proc)
 
     # -- verification -------------------------------------------------------------------------------
     try:
@@ -464,6 +472,26 @@ def table(runs: list[Run], ceilings: dict[int, Ceiling], in_flight: int, message
             f" (these keys allow {_fmt(bound)}; one-at-a-time per partition {_fmt(seq_bound)})"
         )
     return "\n".join(lines)
+
+
+def render(
+    runs: list[Run],
+    ceilings: dict[int, Ceiling],
+    in_flight: int,
+    messages: int,
+    goals: list[tuple[str, bool, str]],
+    elapsed: float,
+) -> str:
+    return "\n".join(
+        [
+            table(runs, ceilings, in_flight, messages),
+            "",
+            *(f"  [{'met' if ok else 'MISSED'}] {name}: {detail}" for name, ok, detail in goals),
+            "",
+            f"{len(runs)} runs in {elapsed / 60:.1f} min; load = CPU cores used by other processes on the "
+            "machine during the run (not the variant, its sandbox or the broker)",
+        ]
+    )
 
 
 def targets(runs: list[Run]) -> list[tuple[str, bool, str]]:
@@ -665,6 +693,7 @@ def _ints(text: str) -> list[int]:
 
 async def amain(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    code = _code_version()  # the work tree the variants are started from
     variants = [v for v in args.variants.split(",") if v]
     late_pool = make_envelopes(int(args.latency_max_rate * args.latency_s) + 50, 1, seed=2)
     runs: list[Run] = []
@@ -704,16 +733,7 @@ async def amain(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     print()
     goals = targets(runs)
-    report = "\n".join(
-        [
-            table(runs, ceilings, args.in_flight, args.messages),
-            "",
-            *(f"  [{'met' if ok else 'MISSED'}] {name}: {detail}" for name, ok, detail in goals),
-            "",
-            f"{len(runs)} runs in {elapsed / 60:.1f} min; load = CPU cores used by other processes on the "
-            "machine during the run (not the variant, its sandbox or the broker)",
-        ]
-    )
+    report = render(runs, ceilings, args.in_flight, args.messages, goals, elapsed)
     print(report)
     if args.profile:
         return 0
@@ -724,7 +744,7 @@ async def amain(args: argparse.Namespace) -> int:
         json.dumps(
             {
                 "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "code": _code_version(),
+                "code": code,
                 "machine": {
                     "cpus": os.cpu_count(),
                     "python": platform.python_version(),
@@ -768,7 +788,7 @@ def main() -> None:
     parser.add_argument(
         "--provider-transport",
         default="aiohttp",
-        choices=["httpx", "aiohttp"],
+        choices=["httpx", "aiohttp", "aiohttp-native"],
         help="provider transport of every variant (the daemon's IDV_PROVIDER_TRANSPORT)",
     )
     parser.add_argument(
@@ -812,14 +832,19 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON (and .txt table) go")
     parser.add_argument("--plot", type=Path, default=PLOT, help="where the PNG goes")
     parser.add_argument(
-        "--replot", action="store_true", help="redraw docs/performance.png from bench/results/throughput.json"
+        "--replot", action="store_true", help="redraw the PNG and the .txt table from the results JSON"
     )
     args = parser.parse_args()
     if args.replot:
         data = json.loads(args.results.read_text())
         runs = [Run(**r) for r in data["runs"]]
         ceilings = {c["keys"]: Ceiling(**c) for c in data["ceilings"]}
-        plot(runs, ceilings, data["parameters"]["in_flight"], args.plot)
+        params = data["parameters"]
+        plot(runs, ceilings, params["in_flight"], args.plot)
+        report = render(
+            runs, ceilings, params["in_flight"], params["messages"], targets(runs), data["elapsed_s"]
+        )
+        args.results.with_suffix(".txt").write_text(report + "\n")
         return
     if args.print_profile is not None:
         print_profile(args.print_profile, PROFILE_TXT)
