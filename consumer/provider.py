@@ -246,6 +246,7 @@ class ProviderClient:
             max_connections=settings.provider_max_connections,
             breaker=breaker,
             on_attempt=on_attempt,
+            transport_kind=settings.provider_transport,
         )
 
     def _record(self, success: bool, probe: bool) -> None:

@@ -56,7 +56,7 @@ class Settings:
     # Processing
     namespace: str = "idv"
     instance_id: str = field(default_factory=socket.gethostname)
-    max_in_flight: int = 64
+    max_in_flight: int = 128
     max_message_bytes: int = 1024 * 1024
     commit_interval_s: float = 1.0
     commit_every: int = 500
@@ -79,7 +79,10 @@ class Settings:
     provider_max_attempts: int = 6
     provider_backoff_base_s: float = 0.2
     provider_backoff_max_s: float = 10.0
-    provider_max_connections: int = 64
+    provider_max_connections: int = 128
+    # "aiohttp": httpx's API on an aiohttp connection pool (httpx-aiohttp); "httpx": httpcore's own pool,
+    # which degrades past ~16-64 concurrent requests (docs/performance.md).
+    provider_transport: str = "aiohttp"
     breaker_failure_ratio: float = 0.5
     breaker_min_calls: int = 20
     breaker_open_s: float = 5.0
@@ -139,6 +142,7 @@ class Settings:
         need(self.fetch_max_records >= 1, "fetch_max_records", "must be at least 1")
         need(self.provider_max_attempts >= 1, "provider_max_attempts", "must be at least 1")
         need(self.provider_max_connections >= 1, "provider_max_connections", "must be at least 1")
+        need(self.provider_transport in ("httpx", "aiohttp"), "provider_transport", "must be aiohttp or httpx")
         need(self.commit_interval_s > 0, "commit_interval_s", "must be positive")
         need(self.commit_every >= 1, "commit_every", "must be at least 1")
         need(self.retention_s > self.lease_s, "retention_s", "must be longer than the lease")

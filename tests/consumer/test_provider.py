@@ -25,8 +25,21 @@ def sb(sandbox: object) -> Iterator[Sandbox]:
     yield Sandbox(sandbox.url)  # type: ignore[attr-defined]
 
 
+TRANSPORT = {"kind": "httpx"}
+
+
+@pytest.fixture(autouse=True, params=["httpx", "aiohttp"])
+def transport_kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs on both provider transports (IDV_PROVIDER_TRANSPORT)."""
+    TRANSPORT["kind"] = request.param
+    yield request.param
+    TRANSPORT["kind"] = "httpx"
+
+
 def client(sb: Sandbox, key: str = API_KEY, retry: RetryPolicy = FAST) -> ProviderClient:
-    return ProviderClient(sb.url, key, retry=retry, timeout_s=5, rng=random.Random(0))
+    return ProviderClient(
+        sb.url, key, retry=retry, timeout_s=5, rng=random.Random(0), transport_kind=TRANSPORT["kind"]
+    )
 
 
 async def test_500_500_then_200_is_one_side_effect_with_the_same_key(sb: Sandbox) -> None:
