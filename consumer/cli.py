@@ -52,8 +52,11 @@ def run() -> None:
 
     try:
         code = anyio.run(main_)
-    except (ConfigurationError, StoreError) as exc:
+    except ConfigurationError as exc:
         click.echo(f"idv-consumer: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except StoreError as exc:
+        click.echo(f"idv-consumer: dedupe store: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     sys.exit(code)
 

@@ -37,7 +37,14 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from consumer.errors import ConfigurationError, ProviderAuthError, StoreError
+from consumer.errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    ProviderAuthError,
+    StoreError,
+    StoreUnavailable,
+    TopicMissing,
+)
 from consumer.faults import FaultPoints
 from consumer.health import HealthServer, PartitionProgress, readiness_report
 from consumer.metrics import Metrics
@@ -209,14 +216,28 @@ class Daemon:
     async def _run(self, topics: list[str]) -> None:
         # One clear line for a wrong address, port, protocol, certificate or password (aiokafka itself only
         # says "Unable to bootstrap"); raises ConfigurationError.
-        await check_kafka_connection(self.settings.kafka_bootstrap, self.security)
-        async with self.store, self.provider:
+        try:
+            await check_kafka_connection(self.settings.kafka_bootstrap, self.security)
+        except ConfigurationError as exc:
+            raise BrokerUnavailable(str(exc)) from None
+        try:
+            await self.store.open()
+        except StoreError as exc:
+            raise StoreUnavailable(f"cannot open the dedupe store: {exc}") from None
+        try:
+            await self._run_open(topics)
+        finally:
+            # Not inside a shielded scope: the SQLite store's writer task group was entered in open().
+            await self.store.close()
+
+    async def _run_open(self, topics: list[str]) -> None:
+        async with self.provider:
             consumer = self.consumer = self._make_consumer()
             try:
                 await consumer.start()
             except KafkaError as exc:
                 await consumer.stop()
-                raise ConfigurationError(
+                raise BrokerUnavailable(
                     f"cannot reach Kafka at {self.settings.kafka_bootstrap}: {type(exc).__name__}"
                 ) from None
             try:
@@ -224,11 +245,11 @@ class Daemon:
                 needed = [*topics, self.settings.dead_letter_topic, self.settings.result_topic]
                 missing = [t for t in needed if t is not None and t not in existing]
                 if missing:
-                    raise ConfigurationError(f"topic(s) {', '.join(missing)} do not exist on the broker")
+                    raise TopicMissing(f"topic(s) {', '.join(missing)} do not exist on the broker")
                 try:
                     await self.sinks.start()
                 except KafkaError as exc:
-                    raise ConfigurationError(f"cannot start the producer: {type(exc).__name__}") from None
+                    raise BrokerUnavailable(f"cannot start the producer: {type(exc).__name__}") from None
                 consumer.subscribe(topics, listener=_Listener(self))
                 log.info("consumer started", extra={"owner": self.owner, "topics": topics})
                 async with anyio.create_task_group() as tg:

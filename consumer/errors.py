@@ -10,7 +10,29 @@ class ConsumerError(VerificationError):
 
 
 class ConfigurationError(ConsumerError):
-    """Settings are invalid or the environment is unusable; the daemon does not start or stops."""
+    """Settings are invalid or the environment is unusable; the daemon does not start or stops.
+
+    ``exit_code`` is what ``idv-consumer run`` exits with (docs/configuration.md, "Exit codes")."""
+
+    exit_code = 2
+
+
+class BrokerUnavailable(ConfigurationError):
+    """Kafka cannot be reached, or refused the connection settings (address, TLS, SASL)."""
+
+    exit_code = 4
+
+
+class StoreUnavailable(ConfigurationError):
+    """The dedupe store cannot be opened at start-up."""
+
+    exit_code = 5
+
+
+class TopicMissing(ConfigurationError):
+    """A request, dead-letter or results topic does not exist."""
+
+    exit_code = 6
 
 
 class StoreError(ConsumerError):

@@ -99,12 +99,13 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
         converters: dict[str, Callable[[str], Any]] = {}
         for f in fields(cls):
             factory: Any = f.default_factory
             default = factory() if f.default is MISSING else f.default
             converters[f.name] = _converter(type(default))
+        # Precedence: built-in defaults < IDV_CONFIG_FILE < environment variables < explicit overrides.
+        values: dict[str, Any] = _config_file(env.get(PREFIX + "CONFIG_FILE"), converters)
         for name, convert in converters.items():
             var = PREFIX + name.upper()
             raw = _secret(env, name.upper()) if name in _SECRETS else env.get(var)
@@ -142,7 +143,9 @@ class Settings:
         need(self.fetch_max_records >= 1, "fetch_max_records", "must be at least 1")
         need(self.provider_max_attempts >= 1, "provider_max_attempts", "must be at least 1")
         need(self.provider_max_connections >= 1, "provider_max_connections", "must be at least 1")
-        need(self.provider_transport in ("httpx", "aiohttp"), "provider_transport", "must be aiohttp or httpx")
+        need(
+            self.provider_transport in ("httpx", "aiohttp"), "provider_transport", "must be aiohttp or httpx"
+        )
         need(self.commit_interval_s > 0, "commit_interval_s", "must be positive")
         need(self.commit_every >= 1, "commit_every", "must be at least 1")
         need(self.retention_s > self.lease_s, "retention_s", "must be longer than the lease")
@@ -205,6 +208,36 @@ class Settings:
 
     def env_names(self) -> list[str]:
         return [PREFIX + f.name.upper() for f in fields(self)]
+
+
+def _config_file(path: str | None, converters: Mapping[str, Callable[[str], Any]]) -> dict[str, Any]:
+    """Settings from a TOML file: top-level keys named like the settings (``max_in_flight = 64``),
+    optionally under an ``[idv]`` table. Unknown keys are an error, not silently ignored."""
+    if not path:
+        return {}
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigurationError(f"{PREFIX}CONFIG_FILE: cannot read {path!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"{PREFIX}CONFIG_FILE: {path} is not valid TOML ({exc})") from None
+    table = data.get("idv", data)
+    if not isinstance(table, dict):
+        raise ConfigurationError(f"{PREFIX}CONFIG_FILE: [idv] must be a table")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in converters:
+            raise ConfigurationError(f"{PREFIX}CONFIG_FILE: unknown setting {key!r} in {path}")
+        if isinstance(value, dict | list):
+            raise ConfigurationError(f"{PREFIX}CONFIG_FILE: {key} must be a single value")
+        try:
+            values[key] = converters[key](str(value).lower() if isinstance(value, bool) else str(value))
+        except ValueError:
+            raise ConfigurationError(f"{PREFIX}CONFIG_FILE: {key}: invalid value") from None
+    return values
 
 
 def _converter(kind: type) -> Callable[[str], Any]:

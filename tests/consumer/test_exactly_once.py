@@ -394,7 +394,7 @@ async def test_missing_topic_is_a_clear_error(
     )  # type: ignore[attr-defined]
     proc = start_daemon(env, tmp_path / "d.log")
     try:
-        assert proc.wait(60) == 2
+        assert proc.wait(60) == 6  # TopicMissing
     finally:
         proc.kill()
     assert "do not exist" in proc.log()

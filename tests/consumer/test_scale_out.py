@@ -519,10 +519,10 @@ async def test_store_outage_holds_commits_and_resumes(
 
 
 @pytest.mark.timeout(60)
-async def test_daemon_started_while_the_store_is_down_exits_2_with_one_line(
+async def test_daemon_started_while_the_store_is_down_exits_5_with_one_line(
     kafka_bootstrap: str, sandbox: object, tmp_path: Path
 ) -> None:
-    """A daemon (re)started during a store outage: a supervisor sees exit 2 and one line, then retries."""
+    """A daemon (re)started during a store outage: a supervisor sees exit 5 and one line, then retries."""
     topic = await create_topic(kafka_bootstrap, random_topic_name("nostore"), 2, with_sinks=True)
     env = daemon_env(
         bootstrap=kafka_bootstrap,
@@ -540,4 +540,4 @@ async def test_daemon_started_while_the_store_is_down_exits_2_with_one_line(
     log = proc.log()
     assert "cannot open the PostgreSQL store" in log
     assert "Traceback" not in log, log[-1500:]
-    assert code == 2
+    assert code == 5  # StoreUnavailable

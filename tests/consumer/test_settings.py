@@ -52,3 +52,29 @@ def test_fault_spec_is_validated() -> None:
     with pytest.raises(ConfigurationError, match="IDV_FAULT_KILL_AT"):
         FaultPoints("somewhere:1")
     assert FaultPoints("after_record:3").at == 3
+
+
+def test_config_file_is_read_and_environment_wins(tmp_path: Path) -> None:
+    cfg = tmp_path / "idv.toml"
+    cfg.write_text('[idv]\nmax_in_flight = 32\nlog_format = "text"\nresults_transactional = true\n')
+    s = Settings.from_env(
+        {"IDV_CONFIG_FILE": str(cfg), "IDV_PROVIDER_API_KEY": "k", "IDV_MAX_IN_FLIGHT": "8"}
+    )
+    assert s.max_in_flight == 8  # the environment overrides the file
+    assert s.log_format == "text" and s.results_transactional is True
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("max_in_flihgt = 3\n", "unknown setting 'max_in_flihgt'"),
+        ("max_in_flight = 'many'\n", "max_in_flight: invalid value"),
+        ("max_in_flight = [1]\n", "single value"),
+        ("max_in_flight = \n", "not valid TOML"),
+    ],
+)
+def test_bad_config_file_is_one_clear_error(tmp_path: Path, content: str, fragment: str) -> None:
+    cfg = tmp_path / "idv.toml"
+    cfg.write_text(content)
+    with pytest.raises(ConfigurationError, match=fragment):
+        Settings.from_env({"IDV_CONFIG_FILE": str(cfg), "IDV_PROVIDER_API_KEY": "k"})
