@@ -141,7 +141,7 @@ class SqliteStore(DedupeStore):
     async def open(self) -> None:
         try:
             self._conn = await anyio.to_thread.run_sync(self._connect)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open SQLite store at {self.path}: {exc}") from exc
         send, receive = anyio.create_memory_object_stream[_Op[Any]](math.inf)
         self._send = send

@@ -525,3 +525,39 @@ async def test_the_reaper_purges_records_past_retention(
                 while (await store.counts())["completed"]:
                     await anyio.sleep(0.5)
         daemon.stop()
+
+
+@pytest.mark.parametrize(
+    ("override", "code", "fragment"),
+    [
+        ({"IDV_KAFKA_BOOTSTRAP": "127.0.0.1:1"}, 4, "127.0.0.1:1"),
+        ({"IDV_MAX_IN_FLIGHT": "lots"}, 2, "IDV_MAX_IN_FLIGHT"),
+        ({"IDV_STORE_URL": "sqlite:////proc/nope/dedupe.db"}, 5, "dedupe store"),
+    ],
+)
+async def test_start_up_failures_are_one_line_with_a_distinct_exit_code(
+    kafka_bootstrap: str,
+    topic: str,
+    sandbox: object,
+    sqlite_url: str,
+    tmp_path: Path,
+    override: dict[str, str],
+    code: int,
+    fragment: str,
+) -> None:
+    env = daemon_env(
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        group="g-" + uuid.uuid4().hex[:8],
+        store_url=sqlite_url,
+        provider_url=sandbox.url,
+    )  # type: ignore[attr-defined]
+    env.update(override)
+    proc = start_daemon(env, tmp_path / "d.log")
+    try:
+        assert proc.wait(60) == code, proc.log()[-2000:]
+    finally:
+        proc.kill()
+    log = proc.log()
+    assert fragment in log and "Traceback" not in log
+    assert sum((await committed_offsets(kafka_bootstrap, env["IDV_GROUP_ID"], topic)).values()) == 0
