@@ -15,7 +15,7 @@ import orjson
 from consumer.errors import ConfigurationError, StoreError
 from consumer.logs import configure
 from consumer.settings import Settings
-from consumer.store import open_store
+from consumer.store import DedupeStore, open_store
 
 if TYPE_CHECKING:
     from consumer.replay import DeadLetterEntry, Report
@@ -61,53 +61,55 @@ def run() -> None:
     sys.exit(code)
 
 
+def _with_store(fn: Callable[[DedupeStore], Awaitable[object]]) -> None:
+    """Open the configured store, run ``fn`` on it and print its result as JSON; one line and exit 2 when
+    the settings or the store fail."""
+    settings = _settings(require_key=False)
+
+    async def main_() -> object:
+        async with open_store(settings.store_url) as store:
+            return await fn(store)
+
+    try:
+        out = anyio.run(main_)
+    except (ConfigurationError, StoreError) as exc:
+        click.echo(f"idv-consumer: {exc}", err=True)
+        sys.exit(2)
+    click.echo(orjson.dumps(out).decode())
+
+
 @main.command()
 @click.option("--key", "key", default=None, help="Show one record by idempotency key.")
 def status(key: str | None) -> None:
     """Print record counts per state (or one record) from the dedupe store as JSON."""
-    settings = _settings(require_key=False)
 
-    async def main_() -> None:
-        async with open_store(settings.store_url) as store:
-            if key:
-                record = await store.get(key)
-                out: object = None
-                if record is not None:
-                    out = {
-                        "key": record.key,
-                        "message_id": record.message_id,
-                        "operation": record.operation,
-                        "state": record.state.value,
-                        "attempts": record.attempts,
-                        "outcome": record.outcome.to_json() if record.outcome else None,
-                        "last_error": record.last_error,
-                    }
-            else:
-                out = {"records": await store.counts(), "conflicts": len(await store.conflicts())}
-            click.echo(orjson.dumps(out).decode())
+    async def show(store: DedupeStore) -> object:
+        if not key:
+            return {"records": await store.counts(), "conflicts": len(await store.conflicts())}
+        record = await store.get(key)
+        if record is None:
+            return None
+        return {
+            "key": record.key,
+            "message_id": record.message_id,
+            "operation": record.operation,
+            "state": record.state.value,
+            "attempts": record.attempts,
+            "outcome": record.outcome.to_json() if record.outcome else None,
+            "last_error": record.last_error,
+        }
 
-    try:
-        anyio.run(main_)
-    except (ConfigurationError, StoreError) as exc:
-        click.echo(f"idv-consumer: {exc}", err=True)
-        sys.exit(2)
+    _with_store(show)
 
 
 @main.command()
 def purge() -> None:
     """Delete dedupe records past IDV_RETENTION_S now (the daemon also does it every IDV_PURGE_INTERVAL_S)."""
-    settings = _settings(require_key=False)
 
-    async def main_() -> int:
-        async with open_store(settings.store_url) as store:
-            return await store.purge_expired()
+    async def purge_(store: DedupeStore) -> object:
+        return {"purged": await store.purge_expired()}
 
-    try:
-        purged = anyio.run(main_)
-    except (ConfigurationError, StoreError) as exc:
-        click.echo(f"idv-consumer: {exc}", err=True)
-        sys.exit(2)
-    click.echo(orjson.dumps({"purged": purged}).decode())
+    _with_store(purge_)
 
 
 # -- replay and dead letters (docs/replay.md, docs/dead-letters.md) ------------------------------------

@@ -149,7 +149,6 @@ class Daemon:
         self._abandon = False  # shutdown deadline passed: start nothing more
         self.fatal: BaseException | None = None
         self._broker_ok = True
-        self.committed: dict[TopicPartition, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -474,7 +473,6 @@ class Daemon:
         for part in parts:
             if part.tp in offsets:
                 part.offsets.committed = offsets[part.tp]
-                self.committed[part.tp] = offsets[part.tp]
                 self.metrics.committed(part.tp.topic, part.tp.partition, offsets[part.tp])
         log.debug("committed (%s) %d partition(s)", why, len(offsets))
         self.faults.hit("after_commit")

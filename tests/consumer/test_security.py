@@ -105,7 +105,7 @@ class Pki:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
+        service_missing("openssl", "apt-get install -y openssl")
     d = tmp_path_factory.mktemp("pki")
 
     def run(*args: str) -> None:

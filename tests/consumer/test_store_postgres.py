@@ -26,6 +26,7 @@ from anyio.abc import SocketAttribute
 from consumer.errors import LeaseLost, StoreError
 from consumer.store import Claim, ClaimStatus, Outcome, State, open_store
 from consumer.store.postgres import SCHEMA_VERSION, PostgresStore, migrate, migrate_url
+from tests.conftest import service_missing
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -42,10 +43,7 @@ class FakeClock:
 def pg_url() -> str:
     url = os.environ.get("IDV_TEST_POSTGRES_URL", "")
     if not url:
-        message = "IDV_TEST_POSTGRES_URL is not set; start PostgreSQL with: bash scripts/postgres.sh start"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        service_missing("PostgreSQL (IDV_TEST_POSTGRES_URL is not set)", "bash scripts/postgres.sh start")
     return url
 
 

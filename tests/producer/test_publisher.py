@@ -19,6 +19,7 @@ from producer.envelope import HEADER_MESSAGE_ID, HEADER_OPERATION, HEADER_SCHEMA
 from producer.errors import EnvelopeError, EnvelopeTooLarge, PublishError
 from producer.publisher import Publisher, PublishResult
 from producer.samples import sample_envelopes
+from tests.conftest import service_missing
 
 ReadTopic = Callable[[str, int], Awaitable[list[ConsumerRecord[bytes, bytes]]]]
 
@@ -269,7 +270,7 @@ async def test_kcat_reads_what_was_published(kafka_bootstrap: str, topic: str) -
     """An independent client (librdkafka) sees the key, the headers and a decodable value."""
     kcat = shutil.which("kcat") or shutil.which("kafkacat")
     if kcat is None:
-        pytest.skip("kcat is not installed (apt-get install kcat)")
+        service_missing("kcat", "apt-get install -y kcat")
     envelopes = [envelope(n, subject=f"applicant-{n % 3}") for n in range(6)]
     async with Publisher(kafka_bootstrap, topic) as publisher:
         results = await publisher.publish_many(envelopes)
