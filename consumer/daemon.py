@@ -63,7 +63,6 @@ __all__ = ["EXIT_CONFIG", "EXIT_OK", "EXIT_PROVIDER_AUTH", "Daemon"]
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_PROVIDER_AUTH = 3
-EXIT_UNAVAILABLE = 4
 
 
 @dataclass(eq=False)

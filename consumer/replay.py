@@ -289,12 +289,6 @@ class Span:
         return max(0, self.end - self.start)
 
 
-def _kafka_kwargs(settings: Settings) -> dict[str, Any]:
-    """Security options (TLS/SASL) shared by every Kafka client of the tool; they hold the SASL password,
-    never log them."""
-    return settings.kafka_security()
-
-
 def _consumer(settings: Settings, group: str | None) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
@@ -304,14 +298,14 @@ def _consumer(settings: Settings, group: str | None) -> AIOKafkaConsumer:
         auto_offset_reset="earliest",
         isolation_level="read_committed",
         max_poll_records=500,
-        **_kafka_kwargs(settings),
+        **settings.kafka_security(),
     )
 
 
 async def _start(consumer: AIOKafkaConsumer, settings: Settings) -> None:
     # One clear line (wrong password, untrusted certificate, refused connection) instead of aiokafka's
     # "Unable to bootstrap"; raises ConfigurationError.
-    await check_kafka_connection(settings.kafka_bootstrap, _kafka_kwargs(settings))
+    await check_kafka_connection(settings.kafka_bootstrap, settings.kafka_security())
     try:
         await consumer.start()
     except KafkaError as exc:
@@ -330,7 +324,7 @@ async def _stop(consumer: AIOKafkaConsumer) -> None:
 
 async def _partitions(settings: Settings, topic: str, wanted: Sequence[int] | None) -> list[int]:
     # The consumer only knows metadata of topics it subscribed to; ask the cluster instead.
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **_kafka_kwargs(settings))
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **settings.kafka_security())
     try:
         await admin.start()
         try:
@@ -762,7 +756,7 @@ async def _replay(
             dlq_topic=settings.dead_letter_topic if req.dead_letters else None,
             results_topic=settings.result_topic,
             group_id=req.group or DEFAULT_GROUP_LABEL,
-            producer_kwargs=_kafka_kwargs(settings),
+            producer_kwargs=settings.kafka_security(),
         )
         processor = _processor(settings, store, provider, want_records=settings.result_topic is not None)
         await sinks.start()
@@ -1271,7 +1265,7 @@ async def _redrive(
             dlq_topic=settings.dead_letter_topic,
             results_topic=settings.result_topic,
             group_id=group or DEFAULT_GROUP_LABEL,
-            producer_kwargs=_kafka_kwargs(settings),
+            producer_kwargs=settings.kafka_security(),
         )
         processor = _processor(settings, store, provider, want_records=settings.result_topic is not None)
         await sinks.start()
@@ -1337,7 +1331,7 @@ async def _republish(
         acks="all",
         max_request_size=16 * 1024 * 1024,
         linger_ms=2,
-        **_kafka_kwargs(settings),
+        **settings.kafka_security(),
     )
     await producer.start()
 
