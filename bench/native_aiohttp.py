@@ -4,9 +4,8 @@ Not used by the daemon. ``bench/daemon_entry.py`` installs it when ``IDV_PROVIDE
 and ``bench/http_clients.py`` measures it, to price proposed change 1 in docs/performance.md before anyone
 writes it for real.
 
-It replaces only ``ProviderClient._client`` with an object that has the two methods ``call()`` uses
-(``post(path, content=, headers=)`` and ``aclose()``) and answers with the three attributes it reads
-(``status_code``, ``content``, ``headers.get``). Connection failures and timeouts are raised as
+It replaces only ``ProviderClient._post`` (the one method ``call()`` sends through) and answers with the
+three attributes ``call()`` reads (``status_code``, ``content``, ``headers.get``). Connection failures and timeouts are raised as
 ``httpx.TransportError``, so ``call()``'s retry and classification logic runs unchanged.
 """
 
@@ -65,8 +64,19 @@ class NativeAiohttpClient:
 
 
 def install(client: Any, *, timeout_s: float, max_connections: int) -> None:
-    """Swap ``client._client`` (a :class:`consumer.provider.ProviderClient`'s httpx client) for aiohttp."""
-    headers = {"user-agent": "idv-exactly-once/0.1", "content-type": "application/json"}
-    client._client = NativeAiohttpClient(
-        client.base_url, timeout_s=timeout_s, max_connections=max_connections, headers=headers
+    """Swap the httpx transport of a :class:`consumer.provider.ProviderClient` for bare aiohttp."""
+    native = NativeAiohttpClient(
+        client.base_url, timeout_s=timeout_s, max_connections=max_connections, headers={}
     )
+
+    async def post(path: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> NativeResponse:
+        return await native.post(path, content=body, headers={k.decode(): v.decode() for k, v in headers})
+
+    transport = client._transport
+
+    async def aclose() -> None:
+        await native.aclose()
+        await transport.aclose()
+
+    client._post = post
+    client.aclose = aclose

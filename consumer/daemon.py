@@ -2,10 +2,13 @@
 
 Tasks (one anyio task group):
 
-* **fetch loop** – ``getmany`` in batches; each message takes an in-flight slot (a global bound) and is
-  dispatched to its *lane*: messages with the same Kafka key in the same partition run one after another
-  in offset order, different keys run concurrently on a fixed pool of workers (a queue feeding workers, not
-  a task per message).
+* **fetch loop** – ``getmany`` in batches; each message takes a buffer slot (``max_buffered``, a global
+  bound) and is dispatched to its *lane*: messages with the same Kafka key in the same partition run one
+  after another in offset order, different keys run concurrently on a fixed pool of ``max_in_flight``
+  workers (a queue feeding workers, not a task per message). When the buffer is full every partition is
+  paused; while it is more than half full, a partition holding more than its share is paused (its unsent
+  records are fetched again later), so one partition with few keys cannot fill the buffer with messages
+  waiting behind those keys while other partitions' messages wait unfetched.
 * **workers** – run :meth:`Processor.handle`; when it returns the outcome is durable, so the offset is
   marked done in its partition's :class:`~consumer.offsets.PartitionOffsets`.
 * **commit loop** – every ``commit_interval_s`` or ``commit_every`` finished messages, commits each
@@ -33,7 +36,7 @@ from typing import Any
 import anyio
 import anyio.abc
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -71,6 +74,8 @@ class _Partition:
     offsets: PartitionOffsets = field(default_factory=PartitionOffsets)
     inflight: set[anyio.CancelScope] = field(default_factory=set)
     revoked: bool = False
+    active: int = 0  # dispatched (running or queued in a lane) and not yet through a worker
+    held: bool = False  # paused because it holds more than its share of the in-flight slots
 
 
 _Item = tuple[_Partition, Any, ConsumerRecord]
@@ -144,6 +149,7 @@ class Daemon:
         self._commit_wakeup: anyio.Event
         self._slot_freed: anyio.Event
         self._done_since_commit = 0
+        self._all_paused = False  # the fetch loop paused every partition: no free slot at all
         self._stopping = False
         self._abandon = False  # shutdown deadline passed: start nothing more
         self.fatal: BaseException | None = None
@@ -175,9 +181,9 @@ class Daemon:
     async def run(self) -> int:
         """Run until stopped; returns the process exit code."""
         topics = self.settings.topics
-        self._slots = anyio.Semaphore(self.settings.max_in_flight)
+        self._slots = anyio.Semaphore(self.settings.max_buffered)
         self._ready_send, self._ready_recv = anyio.create_memory_object_stream[_Item](
-            self.settings.max_in_flight + 1
+            self.settings.max_buffered + 1
         )
         self._fetch_scope = anyio.CancelScope()
         if self._stopping:
@@ -285,16 +291,15 @@ class Daemon:
     async def _fetch_loop(self) -> None:
         assert self.consumer is not None and self._fetch_scope is not None
         consumer = self.consumer
-        paused = False
         with self._fetch_scope:
             while not self._stopping:
                 free = self._slots.value
                 if free == 0:
                     # Buffer full (slow provider, open breaker): pause every partition but keep polling,
                     # so the broker does not consider this consumer dead (max.poll.interval.ms).
-                    if not paused:
+                    if not self._all_paused:
                         consumer.pause(*consumer.assignment())
-                        paused = True
+                        self._all_paused = True
                     self._slot_freed = anyio.Event()
                     with anyio.move_on_after(1.0):
                         await self._slot_freed.wait()
@@ -302,15 +307,27 @@ class Daemon:
                         batch = await consumer.getmany(timeout_ms=0, max_records=1)
                         await self._dispatch_batch(batch)  # normally empty: all partitions are paused
                     continue
-                if paused:
-                    consumer.resume(*consumer.assignment())
-                    paused = False
+                if self._all_paused:
+                    held = {p.tp for p in self.partitions.values() if p.held}
+                    consumer.resume(*(tp for tp in consumer.assignment() if tp not in held))
+                    self._all_paused = False
                 batch = await consumer.getmany(
                     timeout_ms=500, max_records=min(free, self.settings.fetch_max_records)
                 )
                 await self._dispatch_batch(batch)
 
+    def _share(self) -> int:
+        """Buffer slots a partition may hold while the buffer is more than half full."""
+        return max(1, self.settings.max_buffered // max(1, len(self.partitions)))
+
+    def _over_share(self, part: _Partition) -> bool:
+        # A partition may borrow beyond its share only while more than half of the pool is free: one
+        # fetch of a partition with few keys must not fill every slot with messages queued behind those
+        # keys while other partitions' keys wait unfetched (head-of-line blocking across partitions).
+        return part.active >= self._share() and self._slots.value <= self.settings.max_buffered // 2
+
     async def _dispatch_batch(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        assert self.consumer is not None
         for tp, messages in batch.items():
             part = self.partitions.get(tp)
             for msg in messages:
@@ -323,7 +340,16 @@ class Daemon:
                 if last is not None and msg.offset <= last:
                     self._slots.release()
                     continue
+                if self._over_share(part):
+                    # Hand the rest of this batch back: fetch it again from this offset once the partition
+                    # is below half its share. Nothing was dispatched from here on, so nothing is skipped.
+                    self._slots.release()
+                    self.consumer.seek(tp, msg.offset)
+                    self.consumer.pause(tp)
+                    part.held = True
+                    break
                 part.offsets.add(msg.offset)
+                part.active += 1
                 self.progress.started(msg.topic, msg.partition)
                 self._dispatch(part, msg)
 
@@ -371,7 +397,12 @@ class Daemon:
                     self._done_since_commit += 1
                     if self._done_since_commit >= self.settings.commit_every:
                         self._commit_wakeup.set()
+            part.active -= 1
             self._slots.release()
+            if part.held and (
+                part.active <= self._share() // 2 or self._slots.value > self.settings.max_buffered // 2
+            ):
+                self._unhold(part)
             self._slot_freed.set()
             queue = self._lanes[lane]
             if queue:
@@ -379,6 +410,14 @@ class Daemon:
                 self._ready_send.send_nowait((nxt_part, lane, nxt))
             else:
                 del self._lanes[lane]
+
+    def _unhold(self, part: _Partition) -> None:
+        part.held = False
+        if self.consumer is not None and not self._all_paused and not part.revoked:
+            try:
+                self.consumer.resume(part.tp)
+            except IllegalStateError:  # no longer assigned; the next owner starts unpaused
+                pass
 
     def _set_fatal(self, exc: BaseException) -> None:
         if self.fatal is None:
@@ -517,7 +556,8 @@ class Daemon:
     # -- shutdown --------------------------------------------------------------------------------------
 
     def in_flight(self) -> int:
-        return self.settings.max_in_flight - self._slots.value
+        """Messages between fetch and done: running, or waiting in a lane behind the same key."""
+        return self.settings.max_buffered - self._slots.value
 
     async def _drain(self, deadline_s: float) -> None:
         with anyio.move_on_after(deadline_s):

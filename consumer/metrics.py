@@ -170,7 +170,7 @@ class Metrics:
         )
         self._in_flight = Gauge(
             "idv_messages_in_flight",
-            "Messages between fetch and done (bounded by IDV_MAX_IN_FLIGHT).",
+            "Messages between fetch and done, running or waiting behind their key (max IDV_MAX_BUFFERED).",
             registry=r,
         )
         self._committed = Gauge(

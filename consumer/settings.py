@@ -57,6 +57,7 @@ class Settings:
     namespace: str = "idv"
     instance_id: str = field(default_factory=socket.gethostname)
     max_in_flight: int = 128
+    max_buffered: int = 1024
     max_message_bytes: int = 1024 * 1024
     commit_interval_s: float = 1.0
     commit_every: int = 500
@@ -140,6 +141,11 @@ class Settings:
         )
         need(self.provider_url.startswith(("http://", "https://")), "provider_url", "must be an http(s) URL")
         need(1 <= self.max_in_flight <= 10_000, "max_in_flight", "must be between 1 and 10000")
+        need(
+            self.max_in_flight <= self.max_buffered <= 100_000,
+            "max_buffered",
+            "must be at least IDV_MAX_IN_FLIGHT and at most 100000",
+        )
         need(self.fetch_max_records >= 1, "fetch_max_records", "must be at least 1")
         need(self.provider_max_attempts >= 1, "provider_max_attempts", "must be at least 1")
         need(self.provider_max_connections >= 1, "provider_max_connections", "must be at least 1")

@@ -497,6 +497,57 @@ async def test_per_key_order_holds_under_concurrency(
     assert daemon.stats.by_disposition["completed"] == len(envelopes)
 
 
+async def test_a_partition_with_one_busy_key_does_not_starve_the_others(
+    kafka_bootstrap: str, sandbox: object, sqlite_url: str
+) -> None:
+    """Partition 0 holds 40 messages of one subject (they must run one at a time), partition 1 gets 40
+    messages of 40 subjects once partition 0's fill the buffer (8). Without a per-partition share,
+    partition 1 would wait until nearly all of partition 0 is dispatched; with it, it runs alongside and
+    finishes first."""
+    from tests.conftest import create_topic
+
+    name = await create_topic(kafka_bootstrap, random_topic_name("share"), partitions=2, with_sinks=True)
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    sb.faults(latency_ms=30)
+
+    def env(subject: str, n: int) -> Envelope:
+        return Envelope(
+            message_id=f"share-{subject}-{n}-{uuid.uuid4().hex[:6]}",
+            operation="aml_screening",
+            subject_id=subject,
+            request={"full_name": "Share Test", "vendor_data": str(n)},
+        )
+
+    hot = [env("hot-subject", n) for n in range(40)]
+    spread = [env(f"subject-{n}", n) for n in range(40)]
+    await publish_raw(kafka_bootstrap, name, [(e.key, encode(e), e.headers()) for e in hot], partition=0)
+    group = "g-" + uuid.uuid4().hex[:8]
+    settings = settings_for(kafka_bootstrap, name, group, sqlite_url, sb.url, max_in_flight=8, max_buffered=8)
+    daemon = Daemon(settings)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(daemon.run)
+        # Partition 1's messages arrive once partition 0's are fetched and the buffer is full of them.
+        with anyio.fail_after(30):
+            while not sb.side_effects():
+                await anyio.sleep(0.01)
+        await publish_raw(
+            kafka_bootstrap, name, [(e.key, encode(e), e.headers()) for e in spread], partition=1
+        )
+        await wait_committed_to_end(kafka_bootstrap, group, name, 60)
+        daemon.stop()
+    ledger = sb.ledger()["keys"]
+
+    def first_arrivals(envs: list[Envelope]) -> list[float]:
+        keys = [idempotency_key("idv", e.operation, e.message_id) for e in envs]
+        return sorted(ledger[k]["attempts"][0]["at"] for k in keys)
+
+    hot_at, spread_at = first_arrivals(hot), first_arrivals(spread)
+    hot_before = sum(1 for t in hot_at if t < spread_at[-1])
+    assert hot_before < len(hot) // 2, (
+        f"partition 1 finished only after {hot_before} of partition 0's 40 one-at-a-time messages"
+    )
+
+
 async def test_the_reaper_purges_records_past_retention(
     kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
 ) -> None:

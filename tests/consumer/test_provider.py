@@ -186,3 +186,40 @@ def test_backoff_grows_and_is_capped() -> None:
     delays = [policy.backoff(n, rng) for n in range(1, 9)]
     assert all(0.05 <= d <= 1.0 for d in delays)
     assert delays[0] <= 0.1 and delays[-1] >= 0.5
+
+
+async def test_a_provider_slower_than_the_timeout_is_a_retriable_transport_error(sb: Sandbox) -> None:
+    """The timeout reaches the transport (requests bypass httpx.AsyncClient): each attempt is cut at
+    ~0.3 s instead of waiting the sandbox's 2 s, and the same key is sent every time."""
+    sb.faults(latency_ms=2000)
+    retry = RetryPolicy(max_attempts=2, base_delay_s=0.01, max_delay_s=0.01)
+    c = ProviderClient(sb.url, API_KEY, retry=retry, timeout_s=0.3, transport_kind=TRANSPORT["kind"])
+    async with c:
+        t0 = time.monotonic()
+        with pytest.raises(RetriesExhausted):
+            await c.call(AML, {"full_name": "Slow"}, "idv_key-timeout")
+        elapsed = time.monotonic() - t0
+    assert elapsed < 1.5, f"two attempts took {elapsed:.2f}s: the 0.3 s timeout was not applied"
+    keys = {a["idempotency_key"] for a in sb.ledger()["keys"]["idv_key-timeout"]["attempts"]}
+    assert keys == {"idv_key-timeout"}
+
+
+async def test_requests_carry_the_client_headers(sb: Sandbox) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"status": "Approved"})
+
+    c = ProviderClient("http://provider/", "secret-key", retry=FAST, transport=httpx.MockTransport(handler))
+    async with c:
+        await c.call(AML, {"full_name": "A"}, "idv_key-h")
+    (request,) = seen
+    assert str(request.url) == "http://provider" + AML.path
+    assert request.method == "POST"
+    assert request.headers["x-api-key"] == "secret-key"
+    assert request.headers["idempotency-key"] == "idv_key-h"
+    assert request.headers["content-type"] == "application/json"
+    assert request.headers["host"] == "provider"
+    assert request.headers["content-length"] == str(len(request.content))
+    assert request.extensions["timeout"]["read"] == 10.0
