@@ -35,6 +35,7 @@ from aiokafka.structs import ConsumerRecord
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from consumer.cli import event_loop_options
 from consumer.pipeline import Processor
 from consumer.provider import ProviderClient
 from consumer.store import open_store
@@ -235,11 +236,18 @@ def main() -> None:
     parser.add_argument(
         "--provider-transport", default="httpx", choices=["httpx", "aiohttp", "aiohttp-native"]
     )
+    parser.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"])
     parser.add_argument("--expect", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args()
     fn = {"naive": naive, "faststream": faststream, "raw": raw}[args.kind]
-    asyncio.run(fn(args))
+    # The same event loop as the daemon (IDV_EVENT_LOOP), so the comparison is about scheduling only.
+    if event_loop_options(args.event_loop).get("use_uvloop"):
+        import uvloop
+
+        uvloop.run(fn(args))
+    else:
+        asyncio.run(fn(args))
 
 
 if __name__ == "__main__":

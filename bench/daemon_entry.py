@@ -1,7 +1,7 @@
 """``python -m consumer run`` with the provider transport chosen by ``IDV_PROVIDER_TRANSPORT``.
 
-``BENCH_UVLOOP=1`` also runs it on uvloop, and ``IDV_PROVIDER_TRANSPORT=aiohttp-native`` swaps the httpx
-client for ``bench/native_aiohttp.py``: proposed changes, measured here before they are made.
+``IDV_PROVIDER_TRANSPORT=aiohttp-native`` swaps the httpx transport for ``bench/native_aiohttp.py`` (bare
+aiohttp): a comparison point, measured here, not a daemon setting.
 
 The benchmark measures the daemon on the aiohttp transport before the daemon's settings know that
 variable: when set to anything but ``httpx``, every :class:`~consumer.provider.ProviderClient` built
@@ -44,14 +44,6 @@ if KIND != "httpx":
             _init(self, *args, **kwargs)
 
     consumer.provider.ProviderClient.__init__ = _with_transport_kind  # type: ignore[method-assign]
-
-if os.environ.get("BENCH_UVLOOP") == "1":
-    # What `anyio.run(main_, backend_options={"use_uvloop": True})` in consumer/cli.py would do.
-    import asyncio
-
-    import uvloop
-
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 if __name__ == "__main__":
     main(["run"])

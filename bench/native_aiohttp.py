@@ -5,8 +5,9 @@ and ``bench/http_clients.py`` measures it, to price proposed change 1 in docs/pe
 writes it for real.
 
 It replaces only ``ProviderClient._post`` (the one method ``call()`` sends through) and answers with the
-three attributes ``call()`` reads (``status_code``, ``content``, ``headers.get``). Connection failures and timeouts are raised as
-``httpx.TransportError``, so ``call()``'s retry and classification logic runs unchanged.
+three attributes ``call()`` reads (``status_code``, ``content``, ``headers.get``). Connection failures
+and timeouts are raised as ``httpx.TransportError``, so ``call()``'s retry and classification logic runs
+unchanged.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ import anyio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from consumer.store import DedupeStore, Outcome, open_store  # noqa: E402 - after the path set-up
+from consumer.cli import event_loop_options  # noqa: E402 - after the path set-up
+from consumer.store import DedupeStore, Outcome, open_store  # noqa: E402
 
 Factory = Callable[[], Awaitable[tuple[DedupeStore, Callable[[], Awaitable[None]]]]]
 DEFAULT_PG_URL = "postgresql://idv:idv@127.0.0.1:5432/idv"
@@ -189,7 +190,11 @@ async def main(args: argparse.Namespace) -> None:
         ("sqlite FULL", sqlite_factory(directory, "FULL")),
         ("sqlite NORMAL", sqlite_factory(directory, "NORMAL")),
     ]
-    print(f"# Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs")
+    loop = "uvloop" if event_loop_options(args.event_loop) else "asyncio"
+    print(
+        f"# Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs, "
+        f"{loop} event loop"
+    )
     print(f"# SQLite files under {directory}")
     pg_url = args.postgres_url
     if pg_url and (info := await postgres_info(pg_url)):
@@ -212,12 +217,18 @@ async def main(args: argparse.Namespace) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--records", type=int, default=2000, help="records per run (default 2000)")
+    parser.add_argument("--records", type=int, default=20000, help="records per run (default 20000)")
     parser.add_argument(
         "--warmup", type=int, default=100, help="untimed records before each run (default 100)"
     )
     parser.add_argument(
-        "--concurrency", default="1,16,64", help="comma-separated worker counts (default 1,16,64)"
+        "--concurrency", default="1,16,64,256", help="comma-separated worker counts (default 1,16,64,256)"
+    )
+    parser.add_argument(
+        "--event-loop",
+        default="auto",
+        choices=["auto", "uvloop", "asyncio"],
+        help="as the daemon's IDV_EVENT_LOOP (default auto: uvloop when installed)",
     )
     parser.add_argument("--dir", default=str(ROOT / ".run" / "bench"), help="where SQLite files are created")
     parser.add_argument(
@@ -236,4 +247,4 @@ if __name__ == "__main__":
     arguments = parse_args()
     arguments.dir = Path(arguments.dir).resolve()
     arguments.dir.mkdir(parents=True, exist_ok=True)
-    anyio.run(main, arguments)
+    anyio.run(main, arguments, backend_options=event_loop_options(arguments.event_loop))

@@ -177,8 +177,7 @@ def _command(
             IDV_LOG_FORMAT="json",
         )
         env["IDV_PROVIDER_TRANSPORT"] = args.provider_transport
-        if args.uvloop:
-            env["BENCH_UVLOOP"] = "1"
+        env["IDV_EVENT_LOOP"] = args.event_loop
         env.update(dict(kv.split("=", 1) for kv in args.daemon_env))
         # bench/daemon_entry.py is `python -m consumer run` plus IDV_PROVIDER_TRANSPORT (see its docstring).
         entry = str(ROOT / "bench" / "daemon_entry.py")
@@ -215,6 +214,8 @@ def _command(
         str(args.partitions),
         "--provider-transport",
         args.provider_transport,
+        "--event-loop",
+        args.event_loop,
     ]
     env["BENCH_API_KEY"] = API_KEY
     return cmd, env
@@ -792,9 +793,10 @@ def main() -> None:
         help="provider transport of every variant (the daemon's IDV_PROVIDER_TRANSPORT)",
     )
     parser.add_argument(
-        "--uvloop",
-        action="store_true",
-        help="run the daemon on uvloop (a proposed change, measured before it is made)",
+        "--event-loop",
+        default="auto",
+        choices=["auto", "uvloop", "asyncio"],
+        help="event loop of every variant (the daemon's IDV_EVENT_LOOP; auto = uvloop when installed)",
     )
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument(

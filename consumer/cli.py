@@ -6,7 +6,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import click
@@ -33,6 +33,22 @@ def _settings(require_key: bool = True) -> Settings:
         sys.exit(2)
 
 
+def event_loop_options(choice: str) -> dict[str, Any]:
+    """anyio backend options for ``IDV_EVENT_LOOP``: uvloop when asked for (or, for ``auto``, when it is
+    installed), else the standard asyncio loop."""
+    if choice == "asyncio":
+        return {}
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigurationError(
+                "IDV_EVENT_LOOP=uvloop needs the uvloop package (pip install uvloop)"
+            ) from None
+        return {}
+    return {"use_uvloop": True}
+
+
 @click.group()
 def main() -> None:
     """Exactly-once identity-verification consumer. Settings come from IDV_* variables
@@ -51,7 +67,7 @@ def run() -> None:
         return await Daemon(settings).run()
 
     try:
-        code = anyio.run(main_)
+        code = anyio.run(main_, backend_options=event_loop_options(settings.event_loop))
     except ConfigurationError as exc:
         click.echo(f"idv-consumer: {exc}", err=True)
         sys.exit(exc.exit_code)

@@ -84,6 +84,7 @@ class Settings:
     # "aiohttp": httpx's API on an aiohttp connection pool (httpx-aiohttp); "httpx": httpcore's own pool,
     # which degrades past ~16-64 concurrent requests (docs/performance.md).
     provider_transport: str = "aiohttp"
+    event_loop: str = "auto"
     breaker_failure_ratio: float = 0.5
     breaker_min_calls: int = 20
     breaker_open_s: float = 5.0
@@ -151,6 +152,9 @@ class Settings:
         need(self.provider_max_connections >= 1, "provider_max_connections", "must be at least 1")
         need(
             self.provider_transport in ("httpx", "aiohttp"), "provider_transport", "must be aiohttp or httpx"
+        )
+        need(
+            self.event_loop in ("auto", "uvloop", "asyncio"), "event_loop", "must be auto, uvloop or asyncio"
         )
         need(self.commit_interval_s > 0, "commit_interval_s", "must be positive")
         need(self.commit_every >= 1, "commit_every", "must be at least 1")

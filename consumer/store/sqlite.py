@@ -1,8 +1,9 @@
 """SQLite dedupe store (the embedded default): WAL, one writer, group commit.
 
-All operations go through one queue to one connection. The writer takes whatever operations are waiting
-(up to ``max_batch``), runs each inside its own SAVEPOINT within a single ``BEGIN IMMEDIATE`` transaction,
-commits, and only then wakes the callers. So a caller that got an answer knows its transition is durable
+All operations go through one queue to one connection, owned by one writer thread. The writer takes
+whatever operations are waiting (up to ``max_batch``), runs each inside its own SAVEPOINT within a single
+``BEGIN IMMEDIATE`` transaction, commits, and only then wakes the callers (one hop to the event loop per
+batch, not per operation). So a caller that got an answer knows its transition is durable
 (``synchronous=FULL`` by default), while the fsync cost is shared by every operation in the batch: with
 100 messages in flight that is one fsync for up to 100 transitions instead of 100.
 
@@ -12,18 +13,18 @@ another process shares the file.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import math
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import anyio
-import anyio.abc
 import orjson
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from consumer.errors import LeaseLost, StoreError
 from consumer.store.base import Claim, ClaimStatus, Clock, DedupeStore, Outcome, Record, State
@@ -69,6 +70,33 @@ _COLUMNS = (
     "last_error, created_at, updated_at, expires_at"
 )
 
+# Statements built once (the column list is a constant, never input).
+_SQL_FETCH = f"SELECT {_COLUMNS} FROM idempotency_records WHERE key = ?"  # noqa: S608
+_SQL_INSERT = (
+    f"INSERT INTO idempotency_records ({_COLUMNS}) "  # noqa: S608
+    "VALUES (?, ?, ?, ?, 'in_progress', ?, ?, 1, NULL, NULL, ?, ?, ?) "
+    "ON CONFLICT (key) DO NOTHING"
+)
+_SQL_TAKE_OVER = (
+    "UPDATE idempotency_records SET state = 'in_progress', owner = ?, lease_until = ?, "  # noqa: S608
+    "attempts = attempts + 1, updated_at = ?, expires_at = MAX(expires_at, ?) "
+    f"WHERE key = ? AND state = ? AND owner IS ? AND attempts = ? RETURNING {_COLUMNS}"
+)
+_SQL_COMPLETE = (
+    "UPDATE idempotency_records SET state = ?, outcome = ?, owner = NULL, lease_until = NULL, "
+    "updated_at = ? WHERE key = ? AND state = 'in_progress' AND owner = ?"
+)
+# A record this store claimed and has not completed or released yet is kept in memory (only by the writer
+# thread), so ``complete`` knows the resulting row without reading it back. Bounded: past this many the
+# cache is dropped and rows are read back instead.
+_CLAIMED_CACHE_MAX = 100_000
+
+
+def _one(cur: sqlite3.Cursor) -> tuple[Any, ...] | None:
+    """The single row of a RETURNING statement (read to the end, so the statement is finished)."""
+    rows = cur.fetchall()
+    return rows[0] if rows else None
+
 
 def _row_to_record(row: tuple[Any, ...]) -> Record:
     outcome = Outcome.from_json(orjson.loads(row[8])) if row[8] else None
@@ -92,11 +120,17 @@ def _row_to_record(row: tuple[Any, ...]) -> Record:
 class _Op(Generic[T]):
     __slots__ = ("done", "error", "fn", "result")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], T]) -> None:
+    def __init__(self, fn: Callable[[sqlite3.Connection], T], done: asyncio.Future[None]) -> None:
         self.fn = fn
-        self.done = anyio.Event()
+        self.done = done  # resolved on the event loop once the batch holding this operation committed
         self.result: T | None = None
         self.error: BaseException | None = None
+
+
+def _wake(ops: list[_Op[Any]]) -> None:
+    for op in ops:
+        if not op.done.done():  # a caller cancelled by plain asyncio (not anyio) may have left already
+            op.done.set_result(None)
 
 
 class SqliteStore(DedupeStore):
@@ -115,8 +149,10 @@ class SqliteStore(DedupeStore):
         self.synchronous = synchronous.upper()
         self.max_batch = max_batch
         self._conn: sqlite3.Connection | None = None
-        self._send: MemoryObjectSendStream[_Op[Any]] | None = None
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._queue: queue.SimpleQueue[_Op[Any] | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._claimed: dict[str, Record] = {}  # writer thread only; see _CLAIMED_CACHE_MAX
         self.batches = 0
         self.ops = 0
 
@@ -143,38 +179,63 @@ class SqliteStore(DedupeStore):
             self._conn = await anyio.to_thread.run_sync(self._connect)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open SQLite store at {self.path}: {exc}") from exc
-        send, receive = anyio.create_memory_object_stream[_Op[Any]](math.inf)
-        self._send = send
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._tg.start_soon(self._writer, receive)
+        self._loop = asyncio.get_running_loop()
+        self._queue = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._writer, args=(self._queue, self._loop), name="idv-sqlite-writer", daemon=True
+        )
+        self._thread.start()
 
     async def close(self) -> None:
-        if self._send is not None:
-            await self._send.aclose()
-            self._send = None
-        if self._tg is not None:
-            await self._tg.__aexit__(None, None, None)
-            self._tg = None
+        if self._queue is not None:
+            # Operations already queued run first: the writer stops at the sentinel, in FIFO order.
+            self._queue.put(None)
+            self._queue = None
+        if self._thread is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._thread.join)
+            self._thread = None
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await anyio.to_thread.run_sync(conn.close)
 
     # -- the writer ------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _run_fast(conn: sqlite3.Connection, ops: list[_Op[Any]]) -> bool:
+        """Every operation writes with at most one statement, and raises :class:`LeaseLost` only when that
+        statement changed nothing, so no per-operation SAVEPOINT is needed. Any other exception means an
+        operation may have stopped half-way: returns False and the batch is re-run isolated."""
+        for op in ops:
+            try:
+                op.result = op.fn(conn)
+                op.error = None
+            except LeaseLost as exc:
+                op.result, op.error = None, exc
+            except Exception:  # noqa: BLE001 - re-run below, each operation in its own SAVEPOINT
+                return False
+        return True
+
+    @staticmethod
+    def _run_isolated(conn: sqlite3.Connection, ops: list[_Op[Any]]) -> None:
+        for op in ops:
+            conn.execute("SAVEPOINT op")
+            try:
+                op.result, op.error = op.fn(conn), None
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting caller, not swallowed
+                conn.execute("ROLLBACK TO SAVEPOINT op")
+                op.result, op.error = None, exc
+            conn.execute("RELEASE SAVEPOINT op")
+
     def _run_batch(self, ops: list[_Op[Any]]) -> None:
         conn = self._conn
         assert conn is not None
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for op in ops:
-                conn.execute("SAVEPOINT op")
-                try:
-                    op.result = op.fn(conn)
-                except Exception as exc:  # noqa: BLE001 - handed to the waiting caller, not swallowed
-                    conn.execute("ROLLBACK TO SAVEPOINT op")
-                    op.error = exc
-                conn.execute("RELEASE SAVEPOINT op")
+            if not self._run_fast(conn, ops):
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                self._run_isolated(conn, ops)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
@@ -184,36 +245,63 @@ class SqliteStore(DedupeStore):
                 op.result = None
                 op.error = err
 
-    async def _writer(self, receive: MemoryObjectReceiveStream[_Op[Any]]) -> None:
-        async with receive:
-            async for first in receive:
-                ops: list[_Op[Any]] = [first]
-                while len(ops) < self.max_batch:
-                    try:
-                        ops.append(receive.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                # Shielded: once a batch is handed to the thread its callers must hear the result.
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self._run_batch, ops)
-                self.batches += 1
-                self.ops += len(ops)
+    def _writer(self, ops_queue: queue.SimpleQueue[_Op[Any] | None], loop: asyncio.AbstractEventLoop) -> None:
+        """The writer thread: group commit of whatever is queued, then one wake-up call for the batch."""
+        stop = False
+        while not stop:
+            first = ops_queue.get()
+            if first is None:
+                return
+            ops: list[_Op[Any]] = [first]
+            while len(ops) < self.max_batch:
+                try:
+                    nxt = ops_queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                ops.append(nxt)
+            try:
+                self._run_batch(ops)
+            except BaseException as exc:  # the thread must outlive a bug: callers wait
+                log.exception("SQLite writer failed a batch")
                 for op in ops:
-                    op.done.set()
+                    op.error = StoreError(f"SQLite writer failed: {type(exc).__name__}")
+            self.batches += 1
+            self.ops += len(ops)
+            try:
+                loop.call_soon_threadsafe(_wake, ops)
+            except RuntimeError:  # the event loop is closed: nobody is waiting any more
+                return
 
     async def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._send is None:
+        ops_queue, loop = self._queue, self._loop
+        if ops_queue is None or loop is None:
             raise StoreError("store is not open")
-        op: _Op[T] = _Op(fn)
-        await self._send.send(op)
-        with anyio.CancelScope(shield=True):
-            # A cancelled caller must not leave before its transition is known to be durable or not.
-            await op.done.wait()
+        op: _Op[T] = _Op(fn, loop.create_future())
+        ops_queue.put(op)
+        try:
+            await op.done
+        except asyncio.CancelledError:
+            # A cancelled caller must not leave before its transition is known to be durable or not. Its
+            # cancellation also cancelled op.done, which _wake (on this thread, so no race) has not
+            # resolved yet: hand it a fresh future and wait for that one, shielded.
+            op.done = loop.create_future()
+            with anyio.CancelScope(shield=True):
+                await op.done
+            raise
         if op.error is not None:
             raise op.error
         return op.result  # type: ignore[return-value]
 
     # -- operations ------------------------------------------------------------------------------------
+
+    def _remember(self, record: Record) -> Record:
+        if len(self._claimed) >= _CLAIMED_CACHE_MAX:
+            self._claimed.clear()
+        self._claimed[record.key] = record
+        return record
 
     async def claim(
         self,
@@ -228,14 +316,18 @@ class SqliteStore(DedupeStore):
     ) -> Claim:
         def fn(conn: sqlite3.Connection) -> Claim:
             now = self.clock()
+            lease_until, expires_at = now + lease_s, now + retention_s
             cur = conn.execute(
-                f"INSERT INTO idempotency_records ({_COLUMNS}) "  # noqa: S608 - constant column list
-                "VALUES (?, ?, ?, ?, 'in_progress', ?, ?, 1, NULL, NULL, ?, ?, ?) "
-                "ON CONFLICT (key) DO NOTHING",
-                (key, message_id, operation, fingerprint, owner, now + lease_s, now, now, now + retention_s),
+                _SQL_INSERT,
+                (key, message_id, operation, fingerprint, owner, lease_until, now, now, expires_at),
             )
             if cur.rowcount == 1:
-                return Claim(ClaimStatus.ACQUIRED, _fetch(conn, key))
+                # Exactly the row just inserted; no need to read it back.
+                record = Record(
+                    key, message_id, operation, fingerprint, State.IN_PROGRESS, owner, lease_until, 1,
+                    None, None, now, now, expires_at,
+                )  # fmt: skip
+                return Claim(ClaimStatus.ACQUIRED, self._remember(record))
             row = _fetch(conn, key)
             if row.fingerprint != fingerprint:
                 return Claim(ClaimStatus.CONFLICT, row)
@@ -244,15 +336,24 @@ class SqliteStore(DedupeStore):
             if row.state == State.IN_PROGRESS and (row.lease_until or 0.0) > now:
                 return Claim(ClaimStatus.BUSY, row)
             # RELEASED, or IN_PROGRESS whose lease has run out: take it over, conditioned on what we read.
-            cur = conn.execute(
-                "UPDATE idempotency_records SET state = 'in_progress', owner = ?, lease_until = ?, "
-                "attempts = attempts + 1, updated_at = ?, expires_at = MAX(expires_at, ?) "
-                "WHERE key = ? AND state = ? AND owner IS ? AND attempts = ?",
-                (owner, now + lease_s, now, now + retention_s, key, row.state.value, row.owner, row.attempts),
+            taken = _one(
+                conn.execute(
+                    _SQL_TAKE_OVER,
+                    (
+                        owner,
+                        now + lease_s,
+                        now,
+                        now + retention_s,
+                        key,
+                        row.state.value,
+                        row.owner,
+                        row.attempts,
+                    ),
+                )
             )
-            if cur.rowcount != 1:  # pragma: no cover - impossible under BEGIN IMMEDIATE, kept as a guard
+            if taken is None:  # pragma: no cover - impossible under BEGIN IMMEDIATE, kept as a guard
                 return Claim(ClaimStatus.BUSY, _fetch(conn, key))
-            return Claim(ClaimStatus.ACQUIRED, _fetch(conn, key))
+            return Claim(ClaimStatus.ACQUIRED, self._remember(_row_to_record(taken)))
 
         return await self._submit(fn)
 
@@ -261,19 +362,26 @@ class SqliteStore(DedupeStore):
         payload = orjson.dumps(outcome.to_json()).decode()
 
         def fn(conn: sqlite3.Connection) -> Record:
-            cur = conn.execute(
-                "UPDATE idempotency_records SET state = ?, outcome = ?, owner = NULL, lease_until = NULL, "
-                "updated_at = ? WHERE key = ? AND state = 'in_progress' AND owner = ?",
-                (state.value, payload, self.clock(), key, owner),
-            )
+            now = self.clock()
+            cur = conn.execute(_SQL_COMPLETE, (state.value, payload, now, key, owner))
+            claimed = self._claimed.pop(key, None)
             if cur.rowcount != 1:
                 raise LeaseLost(f"record {key} is not in progress under this owner")
+            if claimed is not None and claimed.owner == owner:
+                # The CAS matched our in-progress row, which only this owner changed since the claim
+                # (renew moves lease_until, overwritten here): the new row is the claim plus these columns.
+                c = claimed
+                return Record(
+                    key, c.message_id, c.operation, c.fingerprint, state, None, None, c.attempts, outcome,
+                    c.last_error, c.created_at, now, c.expires_at,
+                )  # fmt: skip
             return _fetch(conn, key)
 
         return await self._submit(fn)
 
     async def release(self, key: str, owner: str, error: str) -> None:
         def fn(conn: sqlite3.Connection) -> None:
+            self._claimed.pop(key, None)
             cur = conn.execute(
                 "UPDATE idempotency_records SET state = 'released', owner = NULL, lease_until = NULL, "
                 "last_error = ?, updated_at = ? WHERE key = ? AND state = 'in_progress' AND owner = ?",
@@ -312,8 +420,7 @@ class SqliteStore(DedupeStore):
 
     async def get(self, key: str) -> Record | None:
         def fn(conn: sqlite3.Connection) -> Record | None:
-            sql = f"SELECT {_COLUMNS} FROM idempotency_records WHERE key = ?"  # noqa: S608 - constant columns
-            row = conn.execute(sql, (key,)).fetchone()
+            row = conn.execute(_SQL_FETCH, (key,)).fetchone()
             return _row_to_record(row) if row else None
 
         return await self._submit(fn)
@@ -352,8 +459,7 @@ class SqliteStore(DedupeStore):
 
 
 def _fetch(conn: sqlite3.Connection, key: str) -> Record:
-    sql = f"SELECT {_COLUMNS} FROM idempotency_records WHERE key = ?"  # noqa: S608 - constant columns
-    row = conn.execute(sql, (key,)).fetchone()
+    row = conn.execute(_SQL_FETCH, (key,)).fetchone()
     if row is None:
         raise StoreError(f"record {key} vanished inside a transaction")
     return _row_to_record(row)
