@@ -234,7 +234,9 @@ def main() -> None:
     parser.add_argument("--provider-url", default="")
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument(
-        "--provider-transport", default="httpx", choices=["httpx", "aiohttp", "aiohttp-native"]
+        "--provider-transport",
+        default="httpx",
+        choices=["httpx", "aiohttp", "httpx-aiohttp", "aiohttp-native"],
     )
     parser.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"])
     parser.add_argument("--expect", type=int, default=0)

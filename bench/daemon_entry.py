@@ -1,12 +1,9 @@
-"""``python -m consumer run`` with the provider transport chosen by ``IDV_PROVIDER_TRANSPORT``.
+"""``python -m consumer run``, optionally with the bare-aiohttp comparison point.
 
-``IDV_PROVIDER_TRANSPORT=aiohttp-native`` swaps the httpx transport for ``bench/native_aiohttp.py`` (bare
-aiohttp): a comparison point, measured here, not a daemon setting.
-
-The benchmark measures the daemon on the aiohttp transport before the daemon's settings know that
-variable: when set to anything but ``httpx``, every :class:`~consumer.provider.ProviderClient` built
-without an explicit transport gets ``transport_kind`` from it. Once the daemon passes ``transport_kind``
-itself, its value wins and this wrapper changes nothing.
+``IDV_PROVIDER_TRANSPORT=aiohttp-native`` is not a daemon setting: this wrapper turns it into ``aiohttp``
+for the daemon and then swaps every :class:`~consumer.provider.ProviderClient`'s sending method for
+``bench/native_aiohttp.py`` (aiohttp with no httpx objects at all), so the benchmark can show what the
+httpx layer costs. Any other value is passed to the daemon unchanged.
 """
 
 from __future__ import annotations
@@ -21,29 +18,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import consumer.provider
 from consumer.cli import main
 
-KIND = os.environ.get("IDV_PROVIDER_TRANSPORT", "httpx")
-
-if KIND != "httpx":
+if os.environ.get("IDV_PROVIDER_TRANSPORT") == "aiohttp-native":
+    os.environ["IDV_PROVIDER_TRANSPORT"] = "aiohttp"
     _init = consumer.provider.ProviderClient.__init__
 
-    def _with_transport_kind(self: consumer.provider.ProviderClient, *args: Any, **kwargs: Any) -> None:
-        if kwargs.get("transport") is not None:
-            _init(self, *args, **kwargs)
-        elif KIND == "aiohttp-native":
-            # Proposed change 1 of docs/performance.md, measured before it is written for real.
-            from bench import native_aiohttp
+    def _native(self: consumer.provider.ProviderClient, *args: Any, **kwargs: Any) -> None:
+        from bench import native_aiohttp
 
-            _init(self, *args, **kwargs)
+        _init(self, *args, **kwargs)
+        if kwargs.get("transport") is None:
             native_aiohttp.install(
                 self,
                 timeout_s=kwargs.get("timeout_s", 10.0),
                 max_connections=kwargs.get("max_connections", 64),
             )
-        else:
-            kwargs.setdefault("transport_kind", KIND)
-            _init(self, *args, **kwargs)
 
-    consumer.provider.ProviderClient.__init__ = _with_transport_kind  # type: ignore[method-assign]
+    consumer.provider.ProviderClient.__init__ = _native  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     main(["run"])

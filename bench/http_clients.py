@@ -168,6 +168,7 @@ def clients() -> dict[str, Callable[[str, int], contextlib.AbstractAsyncContextM
     }
     if "transport_kind" in inspect.signature(ProviderClient.__init__).parameters:
         out["ProviderClient(aiohttp)"] = _provider_client("aiohttp")
+    out["ProviderClient(httpx-aiohttp)"] = _provider_client("httpx-aiohttp")
     out["ProviderClient(native)"] = _provider_client("aiohttp-native")
     return out
 

@@ -789,7 +789,7 @@ def main() -> None:
     parser.add_argument(
         "--provider-transport",
         default="aiohttp",
-        choices=["httpx", "aiohttp", "aiohttp-native"],
+        choices=["httpx", "aiohttp", "httpx-aiohttp", "aiohttp-native"],
         help="provider transport of every variant (the daemon's IDV_PROVIDER_TRANSPORT)",
     )
     parser.add_argument(

@@ -143,7 +143,7 @@ def _error_code(response: httpx.Response) -> str:
     return f"http_{response.status_code}"
 
 
-TRANSPORT_KINDS = ("httpx", "aiohttp")
+TRANSPORT_KINDS = ("httpx", "aiohttp", "httpx-aiohttp")
 
 
 def make_transport(kind: str, limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
@@ -157,13 +157,18 @@ def make_transport(kind: str, limits: httpx.Limits) -> httpx.AsyncBaseTransport 
     if kind == "httpx":
         return None
     if kind == "aiohttp":
+        from consumer.http import AiohttpTransport
+
+        assert limits.max_connections is not None
+        return AiohttpTransport(max_connections=limits.max_connections)
+    if kind == "httpx-aiohttp":
         try:
-            from httpx_aiohttp import AiohttpTransport
+            from httpx_aiohttp import AiohttpTransport as PackagedTransport
         except ImportError:
             raise ConfigurationError(
-                "provider transport 'aiohttp' needs the httpx-aiohttp package (pip install httpx-aiohttp)"
+                "provider transport 'httpx-aiohttp' needs pip install httpx-aiohttp"
             ) from None
-        transport: httpx.AsyncBaseTransport = AiohttpTransport(limits=limits)
+        transport: httpx.AsyncBaseTransport = PackagedTransport(limits=limits)
         return transport
     raise ConfigurationError(
         f"unknown provider transport {kind!r} (use one of: {', '.join(TRANSPORT_KINDS)})"

@@ -81,8 +81,9 @@ class Settings:
     provider_backoff_base_s: float = 0.2
     provider_backoff_max_s: float = 10.0
     provider_max_connections: int = 128
-    # "aiohttp": httpx's API on an aiohttp connection pool (httpx-aiohttp); "httpx": httpcore's own pool,
-    # which degrades past ~16-64 concurrent requests (docs/performance.md).
+    # "aiohttp": httpx's API on an aiohttp connection pool (consumer/http.py); "httpx-aiohttp": the same
+    # through that package (optional); "httpx": httpcore's own pool, which degrades past ~16-64 concurrent
+    # requests (docs/performance.md).
     provider_transport: str = "aiohttp"
     event_loop: str = "auto"
     breaker_failure_ratio: float = 0.5
@@ -151,7 +152,9 @@ class Settings:
         need(self.provider_max_attempts >= 1, "provider_max_attempts", "must be at least 1")
         need(self.provider_max_connections >= 1, "provider_max_connections", "must be at least 1")
         need(
-            self.provider_transport in ("httpx", "aiohttp"), "provider_transport", "must be aiohttp or httpx"
+            self.provider_transport in ("httpx", "aiohttp", "httpx-aiohttp"),
+            "provider_transport",
+            "must be aiohttp, httpx-aiohttp or httpx",
         )
         need(
             self.event_loop in ("auto", "uvloop", "asyncio"), "event_loop", "must be auto, uvloop or asyncio"

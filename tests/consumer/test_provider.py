@@ -28,7 +28,7 @@ def sb(sandbox: object) -> Iterator[Sandbox]:
 TRANSPORT = {"kind": "httpx"}
 
 
-@pytest.fixture(autouse=True, params=["httpx", "aiohttp"])
+@pytest.fixture(autouse=True, params=["httpx", "aiohttp", "httpx-aiohttp"])
 def transport_kind(request: pytest.FixtureRequest) -> Iterator[str]:
     """Every test runs on both provider transports (IDV_PROVIDER_TRANSPORT)."""
     TRANSPORT["kind"] = request.param
