@@ -35,7 +35,7 @@ from aiokafka.structs import ConsumerRecord
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from consumer.cli import event_loop_options
+from consumer.cli import event_loop_options, tune_gc
 from consumer.pipeline import Processor
 from consumer.provider import ProviderClient
 from consumer.store import open_store
@@ -243,7 +243,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args()
     fn = {"naive": naive, "faststream": faststream, "raw": raw}[args.kind]
-    # The same event loop as the daemon (IDV_EVENT_LOOP), so the comparison is about scheduling only.
+    # The same event loop and GC settings as the daemon, so the comparison is about scheduling only.
+    tune_gc()
     if event_loop_options(args.event_loop).get("use_uvloop"):
         import uvloop
 

@@ -408,13 +408,15 @@ class MachineProbe:
         self.sandbox = ProcessProbe(sandbox_pid)
         pid = broker_pid()
         self.broker = ProcessProbe(pid) if pid else None
-        self._start: tuple[float, float, float, float, float] | None = None
+        self._start: tuple[float, float, float, float, float, float] | None = None
 
-    def _sample(self) -> tuple[float, float, float, float, float]:
+    def _sample(self) -> tuple[float, float, float, float, float, float]:
         t = psutil.cpu_times()
         busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
         broker = self.broker.cpu_s() if self.broker else 0.0
-        return time.monotonic(), busy, self.variant.cpu_s(), self.sandbox.cpu_s(), broker
+        # Steal: time the hypervisor gave this VM's CPUs to someone else (0 on bare metal).
+        steal = getattr(t, "steal", 0.0)
+        return time.monotonic(), busy, self.variant.cpu_s(), self.sandbox.cpu_s(), broker, steal
 
     def start(self) -> None:
         self._start = self._sample()
@@ -426,11 +428,12 @@ class MachineProbe:
         wall = end[0] - self._start[0]
         if wall <= 0:
             return {}
-        busy, variant, sandbox, broker = (end[i] - self._start[i] for i in range(1, 5))
+        busy, variant, sandbox, broker, steal = (end[i] - self._start[i] for i in range(1, 6))
         return {
             "variant_cores": round(variant / wall, 2),
             "sandbox_cores": round(sandbox / wall, 2),
             "broker_cores": round(broker / wall, 2),
             "other_cores": round(max(0.0, busy - variant - sandbox - broker) / wall, 2),
             "machine_busy_cores": round(busy / wall, 2),
+            "steal_cores": round(steal / wall, 2),
         }

@@ -432,7 +432,7 @@ def table(runs: list[Run], ceilings: dict[int, Ceiling], in_flight: int, message
     header = (
         f"{'lat':>5} {'keys':>6} {'variant':<10} {'msgs':>7} {'msg/s':>8} {'vs naive':>9} {'vs FS':>7} "
         f"{'CPU ms/msg':>10} {'RSS MiB':>8} {'p50 ms':>8} {'p99 ms':>8} {'@msg/s':>7} {'dup':>4} "
-        f"{'ok':>3} {'load':>5}  notes"
+        f"{'ok':>3} {'load':>5} {'steal':>5}  notes"
     )
     lines = [header, "-" * len(header)]
     cells: dict[tuple[float, int], dict[str, Run]] = {}
@@ -461,7 +461,8 @@ def table(runs: list[Run], ceilings: dict[int, Ceiling], in_flight: int, message
                 f"{_ratio(r.msg_per_s, fs.msg_per_s) if fs and r is not fs else '':>7} "
                 f"{_fmt(r.cpu_ms_per_msg, 2):>10} {_fmt(r.peak_rss_mib):>8} {_fmt(r.p50_ms):>8} "
                 f"{_fmt(r.p99_ms):>8} {_fmt(r.latency_rate):>7} {r.duplicates:>4} {'yes' if ok else 'NO':>3} "
-                f"{_fmt(r.cpu_split.get('other_cores', float('nan')), 1):>5}  " + "; ".join(notes)
+                f"{_fmt(r.cpu_split.get('other_cores', float('nan')), 1):>5} "
+                f"{_fmt(r.cpu_split.get('steal_cores', float('nan')), 2):>5}  " + "; ".join(notes)
             )
         ceiling = ceilings.get(keys)
         bound = min(in_flight, keys) / (lat / 1000.0)
@@ -490,7 +491,8 @@ def render(
             *(f"  [{'met' if ok else 'MISSED'}] {name}: {detail}" for name, ok, detail in goals),
             "",
             f"{len(runs)} runs in {elapsed / 60:.1f} min; load = CPU cores used by other processes on the "
-            "machine during the run (not the variant, its sandbox or the broker)",
+            "machine during the run (not the variant, its sandbox or the broker); steal = cores the "
+            "hypervisor took from this VM meanwhile",
         ]
     )
 

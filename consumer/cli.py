@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -49,6 +50,20 @@ def event_loop_options(choice: str) -> dict[str, Any]:
     return {"use_uvloop": True}
 
 
+def tune_gc() -> None:
+    """Garbage-collector settings for the daemon's steady state.
+
+    Every message allocates a few hundred container objects (records, coroutines, futures, HTTP and Kafka
+    objects), so with CPython's default first-generation threshold (700) the collector ran ~800 times per
+    12,000 messages and took ~1 s of CPU: ~9 % of the daemon's time (measured with ``gc.callbacks`` in
+    bench/throughput.py's target cell). At 10,000 it ran 5 times for 0.01 s; peak RSS grew by ~20 MiB.
+    Freezing the start-up heap (modules, settings) keeps the rare full collections from rescanning it.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 @click.group()
 def main() -> None:
     """Exactly-once identity-verification consumer. Settings come from IDV_* variables
@@ -66,6 +81,7 @@ def run() -> None:
     async def main_() -> int:
         return await Daemon(settings).run()
 
+    tune_gc()
     try:
         code = anyio.run(main_, backend_options=event_loop_options(settings.event_loop))
     except ConfigurationError as exc:

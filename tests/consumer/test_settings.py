@@ -39,6 +39,9 @@ def test_secret_from_file(tmp_path: Path) -> None:
         ({"IDV_PROVIDER_API_KEY": "k", "IDV_AUTO_OFFSET_RESET": "middle"}, "IDV_AUTO_OFFSET_RESET"),
         ({"IDV_PROVIDER_API_KEY_FILE": "/nonexistent/key"}, "IDV_PROVIDER_API_KEY_FILE: cannot read"),
         ({"IDV_PROVIDER_API_KEY": "k", "IDV_PROVIDER_URL": "ftp://x"}, "IDV_PROVIDER_URL"),
+        ({"IDV_PROVIDER_API_KEY": "k", "IDV_MAX_BUFFERED": "64"}, "IDV_MAX_BUFFERED: must be at least"),
+        ({"IDV_PROVIDER_API_KEY": "k", "IDV_EVENT_LOOP": "trio"}, "IDV_EVENT_LOOP"),
+        ({"IDV_PROVIDER_API_KEY": "k", "IDV_PROVIDER_TRANSPORT": "curl"}, "IDV_PROVIDER_TRANSPORT"),
     ],
 )
 def test_invalid_settings_name_the_variable(env: dict[str, str], fragment: str) -> None:
@@ -78,3 +81,11 @@ def test_bad_config_file_is_one_clear_error(tmp_path: Path, content: str, fragme
     cfg.write_text(content)
     with pytest.raises(ConfigurationError, match=fragment):
         Settings.from_env({"IDV_CONFIG_FILE": str(cfg), "IDV_PROVIDER_API_KEY": "k"})
+
+
+def test_event_loop_choice() -> None:
+    from consumer.cli import event_loop_options
+
+    assert event_loop_options("asyncio") == {}
+    assert event_loop_options("auto") == {"use_uvloop": True}  # uvloop is a dependency on this platform
+    assert event_loop_options("uvloop") == {"use_uvloop": True}
