@@ -1,4 +1,4 @@
-"""consumer.http.AiohttpTransport against real sockets: what goes on the wire, and failures as httpx errors."""
+"""consumer.http.AiohttpTransport on real sockets: what goes on the wire, failures as httpx errors."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ async def test_sends_exactly_the_request_headers_and_body(transport: AiohttpTran
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         seen.append(await _read_request(reader))
         writer.write(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nX-Trace: t1\r\n")
-        writer.write(b"Content-Length: 15\r\n\r\n{\"status\":\"ok\"}")
+        writer.write(b'Content-Length: 15\r\n\r\n{"status":"ok"}')
         await writer.drain()
         writer.close()
 
@@ -137,7 +137,9 @@ async def test_a_silent_server_is_a_read_timeout(transport: AiohttpTransport) ->
         await asyncio.wait_for(closed.wait(), 5)
 
 
-async def test_a_connection_closed_before_the_answer_is_a_transport_error(transport: AiohttpTransport) -> None:
+async def test_a_connection_closed_before_the_answer_is_a_transport_error(
+    transport: AiohttpTransport,
+) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)
         writer.close()
