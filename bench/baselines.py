@@ -35,7 +35,8 @@ from aiokafka.structs import ConsumerRecord
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from consumer.cli import event_loop_options, tune_gc
+from consumer.cli import event_loop_options
+from consumer.gcpolicy import tune_gc
 from consumer.pipeline import Processor
 from consumer.provider import ProviderClient
 from consumer.store import open_store

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -14,6 +13,7 @@ import click
 import orjson
 
 from consumer.errors import ConfigurationError, StoreError
+from consumer.gcpolicy import tune_gc
 from consumer.logs import configure
 from consumer.settings import Settings
 from consumer.store import DedupeStore, open_store
@@ -48,20 +48,6 @@ def event_loop_options(choice: str) -> dict[str, Any]:
             ) from None
         return {}
     return {"use_uvloop": True}
-
-
-def tune_gc() -> None:
-    """Garbage-collector settings for the daemon's steady state.
-
-    Every message allocates a few hundred container objects (records, coroutines, futures, HTTP and Kafka
-    objects), so with CPython's default first-generation threshold (700) the collector ran ~800 times per
-    12,000 messages and took ~1 s of CPU: ~9 % of the daemon's time (measured with ``gc.callbacks`` in
-    bench/throughput.py's target cell). At 10,000 it ran 5 times for 0.01 s; peak RSS grew by ~20 MiB.
-    Freezing the start-up heap (modules, settings) keeps the rare full collections from rescanning it.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
 
 
 @click.group()

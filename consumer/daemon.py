@@ -49,6 +49,7 @@ from consumer.errors import (
     TopicMissing,
 )
 from consumer.faults import FaultPoints
+from consumer.gcpolicy import collect_young
 from consumer.health import HealthServer, PartitionProgress, readiness_report
 from consumer.metrics import Metrics
 from consumer.offsets import PartitionOffsets
@@ -262,6 +263,7 @@ class Daemon:
                     tg.start_soon(self._commit_loop)
                     if self.settings.purge_interval_s > 0:
                         tg.start_soon(self._reaper)
+                    tg.start_soon(self._collect_garbage)
                     await self._fetch_loop()
                     await self._drain(0.0 if self.fatal else self.settings.drain_timeout_s)
                     await self._commit_now("shutdown")
@@ -467,6 +469,12 @@ class Daemon:
             self._broker_ok = False
             return
         self._committed(parts, offsets, why)
+
+    async def _collect_garbage(self) -> None:
+        """Free cyclic garbage (some holds fetch buffers) within a second; see consumer/gcpolicy.py."""
+        while True:
+            await anyio.sleep(1.0)
+            collect_young()
 
     async def _reaper(self) -> None:
         """Delete records past their retention (never IN_PROGRESS ones). Every instance may run it: the

@@ -1,0 +1,33 @@
+"""Garbage-collector policy for the daemon's steady state.
+
+Every message allocates a few hundred container objects (records, coroutines, futures, HTTP and Kafka
+objects), so with CPython's default first-generation threshold (700) the collector ran ~800 times per
+12,000 messages and took ~1 s of CPU, ~9 % of the daemon's time (measured with ``gc.callbacks`` in the
+target cell of bench/throughput.py). :func:`tune_gc` raises the threshold to 10,000 (5 runs, 0.01 s for the
+same messages) and freezes the start-up heap (modules, settings) so full collections do not rescan it.
+
+A high threshold alone lets cyclic garbage live longer, and some of it is large: a Kafka fetch response
+(up to 1 MiB per partition) stays reachable from a reference cycle after its records are dispatched. So
+the daemon also runs :func:`collect_young` about once a second, which frees such cycles within a second
+whatever the allocation count (without it, peak RSS grew with the backlog: 240 MiB after 40,000
+messages instead of ~75).
+"""
+
+from __future__ import annotations
+
+import gc
+
+__all__ = ["collect_young", "tune_gc"]
+
+FIRST_GENERATION_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(FIRST_GENERATION_THRESHOLD, 10, 10)
+
+
+def collect_young() -> int:
+    """Collect the two younger generations (cheap: they hold at most ~10,000 objects each)."""
+    return gc.collect(1)
