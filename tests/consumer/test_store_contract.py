@@ -218,3 +218,23 @@ async def test_counts(store: DedupeStore) -> None:
     await _claim(store, key)
     after = await store.counts()
     assert after["in_progress"] == before["in_progress"] + 1
+
+
+async def test_returned_records_are_the_stored_rows(store: DedupeStore) -> None:
+    """claim/complete answer with the row as stored (the SQLite store builds them without reading back)."""
+    key = _key()
+    claim = await _claim(store, key)
+    assert claim.record == await store.get(key)
+    store.clock.now += 5  # type: ignore[attr-defined]
+    await store.renew(key, "a", 30.0)
+    done = await store.complete(key, "a", Outcome("approved", 200, "ref-1"))
+    assert done == await store.get(key)
+    assert done.state is State.COMPLETED and done.lease_until is None and done.owner is None
+    # A take-over (expired lease) and its completion too.
+    key2 = _key()
+    await _claim(store, key2, owner="a", lease=1.0)
+    store.clock.now += 2  # type: ignore[attr-defined]
+    taken = await _claim(store, key2, owner="b")
+    assert taken.status is ClaimStatus.ACQUIRED and taken.record == await store.get(key2)
+    failed = await store.complete(key2, "b", Outcome("failed", 422, None, "bad_request"), failed=True)
+    assert failed == await store.get(key2)
