@@ -367,7 +367,9 @@ class Daemon:
 
     async def _worker(self) -> None:
         async for part, lane, msg in self._ready_recv:
-            if not part.revoked and not self._abandon and self.fatal is None:
+            # Stopping (SIGTERM), revoked or fatal: messages not started yet are left uncommitted for the
+            # next owner; only running calls are drained. (The buffer may hold ~1,000 of them.)
+            if not part.revoked and not self._stopping and not self._abandon and self.fatal is None:
                 finished = False
                 self.metrics.consumed(msg.topic, msg.partition)
                 with anyio.CancelScope() as scope:

@@ -118,18 +118,20 @@ def _row_to_record(row: tuple[Any, ...]) -> Record:
 
 
 class _Op(Generic[T]):
-    __slots__ = ("done", "error", "fn", "result")
+    __slots__ = ("done", "error", "finished", "fn", "result")
 
     def __init__(self, fn: Callable[[sqlite3.Connection], T], done: asyncio.Future[None]) -> None:
         self.fn = fn
         self.done = done  # resolved on the event loop once the batch holding this operation committed
+        self.finished = False  # set on the event loop, with `done`, once the outcome is known
         self.result: T | None = None
         self.error: BaseException | None = None
 
 
 def _wake(ops: list[_Op[Any]]) -> None:
     for op in ops:
-        if not op.done.done():  # a caller cancelled by plain asyncio (not anyio) may have left already
+        op.finished = True
+        if not op.done.done():  # cancelled: its caller is about to wait on a fresh future, or has left
             op.done.set_result(None)
 
 
@@ -284,12 +286,14 @@ class SqliteStore(DedupeStore):
         try:
             await op.done
         except asyncio.CancelledError:
-            # A cancelled caller must not leave before its transition is known to be durable or not. Its
-            # cancellation also cancelled op.done, which _wake (on this thread, so no race) has not
-            # resolved yet: hand it a fresh future and wait for that one, shielded.
-            op.done = loop.create_future()
-            with anyio.CancelScope(shield=True):
-                await op.done
+            # A cancelled caller must not leave before its transition is known to be durable or not. The
+            # cancellation may have come before the batch finished (it then cancelled op.done too) or just
+            # after (op.done resolved, this task not yet resumed). `finished` tells which; it and op.done
+            # are only touched on this thread, so nothing can happen between the check and the swap.
+            if not op.finished:
+                op.done = loop.create_future()
+                with anyio.CancelScope(shield=True):
+                    await op.done
             raise
         if op.error is not None:
             raise op.error

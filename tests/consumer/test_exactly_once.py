@@ -278,6 +278,9 @@ async def test_crash_window_then_restart(
         lease_s=3,
         provider_timeout_s=2,
         max_in_flight=16,
+        # A commit every 10 finished messages: the 120 can finish within one commit interval, and then
+        # "the second commit" would never come.
+        commit_every=10,
     )
     run_until_killed(daemon_env(**common, fault_kill_at=f"{point}:{nth}"), tmp_path / "crash.log")
     before = sum(sb.side_effects().values())

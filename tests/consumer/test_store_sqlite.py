@@ -84,3 +84,36 @@ async def test_a_cancelled_caller_leaves_only_after_its_transition_is_durable(tm
         assert row == ("o",)
     finally:
         await store.close()
+
+
+@pytest.mark.timeout(15)  # the bug this pins is a hang inside a shielded wait, which fail_after cannot end
+async def test_a_caller_cancelled_while_its_batch_commits_does_not_hang(tmp_path: Path) -> None:
+    """The cancellation is delivered in the same loop iteration as the writer's wake-up, just before it:
+    the wake-up then finds the caller's future already cancelled. The caller must still leave once the
+    transition is durable, not wait for a second wake-up that never comes."""
+    import asyncio
+
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    scope = anyio.CancelScope()
+    loop = asyncio.get_running_loop()
+    run_batch = store._run_batch
+
+    def run_batch_then_cancel(ops: list[object]) -> None:
+        run_batch(ops)  # type: ignore[arg-type]
+        loop.call_soon_threadsafe(scope.cancel)  # queued before the writer queues its wake-up
+
+    store._run_batch = run_batch_then_cancel  # type: ignore[method-assign]
+    try:
+        with anyio.fail_after(5):
+            with scope:
+                await store.claim(
+                    key="k", message_id="k", operation="aml_screening", fingerprint="fp", owner="o",
+                    lease_s=30, retention_s=3600,
+                )  # fmt: skip
+        assert scope.cancelled_caught
+        store._run_batch = run_batch  # type: ignore[method-assign]
+        record = await store.get("k")
+        assert record is not None and record.owner == "o"
+    finally:
+        await store.close()
