@@ -588,9 +588,9 @@ class Outcome:
     summary: dict[str, Any]
 
 
-async def run(opts: Options) -> Outcome:
-    counts = Counts()
-    schedule = make_schedule(
+def schedule_for(opts: Options) -> list[Event]:
+    """The fault schedule of a run: a pure function of the seed and the options."""
+    return make_schedule(
         opts.seed,
         duration=opts.duration,
         kills=opts.kills,
@@ -599,6 +599,11 @@ async def run(opts: Options) -> Outcome:
         processes=opts.processes,
         spikes=opts.spikes,
     )
+
+
+async def run(opts: Options) -> Outcome:
+    counts = Counts()
+    schedule = schedule_for(opts)
     records = make_records(opts.seed, opts.messages, opts.dup_ratio, opts.invalid_ratio)
     run_id = opts.run_dir.name
     print(f"run dir: {opts.run_dir}")
@@ -1143,15 +1148,7 @@ def main(argv: list[str] | None = None) -> int:
     args, opts = parse_args(argv)
     print(f"seed: {opts.seed}", flush=True)
     if args.schedule_only:
-        schedule = make_schedule(
-            opts.seed,
-            duration=opts.duration,
-            kills=opts.kills,
-            broker_restarts=opts.broker_restarts,
-            pg_restarts=opts.pg_restarts,
-            processes=opts.processes,
-            spikes=opts.spikes,
-        )
+        schedule = schedule_for(opts)
         for event in schedule:
             print(f"  t+{event.at:7.2f}s  {event.describe()}")
         return 0

@@ -76,7 +76,7 @@ class _Partition:
     inflight: set[anyio.CancelScope] = field(default_factory=set)
     revoked: bool = False
     active: int = 0  # dispatched (running or queued in a lane) and not yet through a worker
-    held: bool = False  # paused because it holds more than its share of the in-flight slots
+    held: bool = False  # paused because it holds more than its share of the buffer
 
 
 _Item = tuple[_Partition, Any, ConsumerRecord]
@@ -403,10 +403,8 @@ class Daemon:
                         self._commit_wakeup.set()
             part.active -= 1
             self._slots.release()
-            if part.held and (
-                part.active <= self._share() // 2 or self._slots.value > self.settings.max_buffered // 2
-            ):
-                self._unhold(part)
+            if part.held:
+                self._maybe_resume(part)
             self._slot_freed.set()
             queue = self._lanes[lane]
             if queue:
@@ -415,7 +413,10 @@ class Daemon:
             else:
                 del self._lanes[lane]
 
-    def _unhold(self, part: _Partition) -> None:
+    def _maybe_resume(self, part: _Partition) -> None:
+        """Resume a held partition once it is down to half its share, or the buffer is half free again."""
+        if part.active > self._share() // 2 and self._slots.value <= self.settings.max_buffered // 2:
+            return
         part.held = False
         if self.consumer is not None and not self._all_paused and not part.revoked:
             try:

@@ -4,8 +4,10 @@
 ``httpx`` timeouts and exceptions) and sends through an ``httpx.AsyncBaseTransport``. httpx's own pool
 (httpcore) scans every pooled connection on every request and degrades past ~16 concurrent requests on
 one client (httpx #3215, httpcore #924); aiohttp's pool stays flat to 256 in flight. This transport keeps
-the httpx API and uses aiohttp underneath, like the ``httpx-aiohttp`` package, with less work per request
-(measured in docs/performance.md), because the provider's answers are small and never streamed:
+the httpx API and uses aiohttp underneath, like the ``httpx-aiohttp`` package (the same speed within the
+noise, docs/performance.md), but maps each aiohttp failure to the matching httpx exception (that package
+reports a connection closed after the request arrived as ``ConnectTimeout``), and, because the
+provider's answers are small and never streamed:
 
 * the whole body is read inside the transport and handed over as ``content`` (no async byte-stream
   wrapper around aiohttp's reader, no per-chunk iteration);
@@ -46,8 +48,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     def _open(self) -> aiohttp.ClientSession:
         # Made on first use: an aiohttp session belongs to the running event loop.
-        ssl_arg: ssl.SSLContext | bool = self._verify
-        connector = aiohttp.TCPConnector(limit=self._limit, keepalive_timeout=self._keepalive, ssl=ssl_arg)
+        connector = aiohttp.TCPConnector(
+            limit=self._limit, keepalive_timeout=self._keepalive, ssl=self._verify
+        )
         self._session = aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),

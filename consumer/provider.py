@@ -146,16 +146,16 @@ def _error_code(response: httpx.Response) -> str:
 TRANSPORT_KINDS = ("httpx", "aiohttp", "httpx-aiohttp")
 
 
-def make_transport(kind: str, limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
-    """The transport for ``transport_kind``; ``None`` means httpx's own (httpcore) connection pool.
+def make_transport(kind: str, limits: httpx.Limits) -> httpx.AsyncBaseTransport:
+    """The transport for ``transport_kind``: ``"httpx"`` is httpx's own (httpcore) connection pool.
 
-    ``"aiohttp"`` keeps the httpx API (requests, responses, timeouts, ``httpx.TransportError`` on
-    connection failures, so retries are classified exactly as before) on an aiohttp connection pool:
-    httpcore's pool scans every connection on every request and degrades past ~64 concurrent requests
-    on one client (httpx #3215, httpcore #924); see docs/performance.md for the measurements.
+    ``"aiohttp"`` (:mod:`consumer.http`) keeps the httpx API (requests, responses, timeouts,
+    ``httpx.TransportError`` on connection failures, so retries are classified exactly as before) on an
+    aiohttp connection pool: httpcore's pool scans every connection on every request and degrades past
+    ~16 concurrent requests on one client (httpx #3215, httpcore #924); see docs/performance.md.
     """
     if kind == "httpx":
-        return None
+        return httpx.AsyncHTTPTransport(limits=limits)
     if kind == "aiohttp":
         from consumer.http import AiohttpTransport
 
@@ -195,7 +195,6 @@ class ProviderClient:
         # Called after every attempt with (HTTP status or None for a transport error, seconds): metrics.
         self.on_attempt = on_attempt
         self.base_url = base_url.rstrip("/")
-        self._api_key = api_key
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
@@ -205,7 +204,7 @@ class ProviderClient:
         # An explicit transport (tests: httpx.MockTransport) is used as given; else transport_kind picks one.
         self.transport_kind = transport_kind
         if transport is None:
-            transport = make_transport(transport_kind, limits) or httpx.AsyncHTTPTransport(limits=limits)
+            transport = make_transport(transport_kind, limits)
         # Requests go straight to the transport (httpx's public transport API) rather than through an
         # httpx.AsyncClient: the client's per-request URL merging, cookie jar (urllib's cookiejar on every
         # answer), auth and redirect machinery cost ~40 % of the daemon's HTTP CPU and none of it is

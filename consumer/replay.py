@@ -540,6 +540,30 @@ def _processor(
     )
 
 
+def _sinks(settings: Settings, dlq_topic: str | None, group: str | None) -> Sinks:
+    """The dead-letter/results producer of a replay or redrive run, labelled with the tool's group."""
+    return Sinks(
+        bootstrap=settings.kafka_bootstrap,
+        dlq_topic=dlq_topic,
+        results_topic=settings.result_topic,
+        group_id=group or DEFAULT_GROUP_LABEL,
+        producer_kwargs=settings.kafka_security(),
+    )
+
+
+async def _with_lookup(
+    settings: Settings, run: _Run, go: Callable[[Callable[[str], Awaitable[Record | None]]], Awaitable[None]]
+) -> None:
+    """Run ``go`` with the dedupe store's record lookup. A SQLite file that does not exist yet is not
+    opened (that would create it): there is nothing in it, so every valid message is new."""
+    if _sqlite_file_missing(settings.store_url):
+        run.report.notes.append("the dedupe store does not exist yet: every valid message is new")
+        await go(_no_record)
+        return
+    async with open_store(settings.store_url) as store:
+        await go(store.get)
+
+
 def _sqlite_file_missing(url: str) -> bool:
     parts = urlsplit(url)
     if parts.scheme != "sqlite":
@@ -738,26 +762,14 @@ async def _dry_run(
 
         await _guarded(run, loop)
 
-    if _sqlite_file_missing(settings.store_url):
-        # Opening would create the file; there is nothing in it to read.
-        run.report.notes.append("the dedupe store does not exist yet: every valid message is new")
-        await go(_no_record)
-        return
-    async with open_store(settings.store_url) as store:
-        await go(store.get)
+    await _with_lookup(settings, run, go)
 
 
 async def _replay(
     settings: Settings, consumer: AIOKafkaConsumer, spans: Sequence[Span], run: _Run, req: ReplayRequest
 ) -> None:
     async with open_store(settings.store_url) as store, _provider(settings) as provider:
-        sinks = Sinks(
-            bootstrap=settings.kafka_bootstrap,
-            dlq_topic=settings.dead_letter_topic if req.dead_letters else None,
-            results_topic=settings.result_topic,
-            group_id=req.group or DEFAULT_GROUP_LABEL,
-            producer_kwargs=settings.kafka_security(),
-        )
+        sinks = _sinks(settings, settings.dead_letter_topic if req.dead_letters else None, req.group)
         processor = _processor(settings, store, provider, want_records=settings.result_topic is not None)
         await sinks.start()
         try:
@@ -1237,12 +1249,7 @@ async def _redrive_dry_run(
 
         await _guarded(run, loop)
 
-    if _sqlite_file_missing(settings.store_url):
-        run.report.notes.append("the dedupe store does not exist yet: every valid message is new")
-        await go(_no_record)
-        return
-    async with open_store(settings.store_url) as store:
-        await go(store.get)
+    await _with_lookup(settings, run, go)
 
 
 async def _redrive(
@@ -1260,13 +1267,7 @@ async def _redrive(
         await _republish(settings, consumer, spans, wanted, run)
         return
     async with open_store(settings.store_url) as store, _provider(settings) as provider:
-        sinks = Sinks(
-            bootstrap=settings.kafka_bootstrap,
-            dlq_topic=settings.dead_letter_topic,
-            results_topic=settings.result_topic,
-            group_id=group or DEFAULT_GROUP_LABEL,
-            producer_kwargs=settings.kafka_security(),
-        )
+        sinks = _sinks(settings, settings.dead_letter_topic, group)
         processor = _processor(settings, store, provider, want_records=settings.result_topic is not None)
         await sinks.start()
         entries: dict[tuple[str, int, int], DeadLetterEntry] = {}

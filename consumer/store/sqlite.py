@@ -1,11 +1,12 @@
 """SQLite dedupe store (the embedded default): WAL, one writer, group commit.
 
 All operations go through one queue to one connection, owned by one writer thread. The writer takes
-whatever operations are waiting (up to ``max_batch``), runs each inside its own SAVEPOINT within a single
-``BEGIN IMMEDIATE`` transaction, commits, and only then wakes the callers (one hop to the event loop per
-batch, not per operation). So a caller that got an answer knows its transition is durable
-(``synchronous=FULL`` by default), while the fsync cost is shared by every operation in the batch: with
-100 messages in flight that is one fsync for up to 100 transitions instead of 100.
+whatever operations are waiting (up to ``max_batch``), runs them in a single ``BEGIN IMMEDIATE``
+transaction (each in its own SAVEPOINT only if one of them fails unexpectedly), commits, and only then
+wakes the callers (one hop to the event loop per batch, not per operation). So a caller that got an
+answer knows its transition is durable (``synchronous=FULL`` by default), while the fsync cost is shared
+by every operation in the batch: with 100 messages in flight that is one fsync for up to 100 transitions
+instead of 100.
 
 ``BEGIN IMMEDIATE`` takes the write lock up front, so the read-then-CAS inside ``claim`` is atomic even if
 another process shares the file.
@@ -78,9 +79,9 @@ _SQL_INSERT = (
     "ON CONFLICT (key) DO NOTHING"
 )
 _SQL_TAKE_OVER = (
-    "UPDATE idempotency_records SET state = 'in_progress', owner = ?, lease_until = ?, "  # noqa: S608
+    "UPDATE idempotency_records SET state = 'in_progress', owner = ?, lease_until = ?, "
     "attempts = attempts + 1, updated_at = ?, expires_at = MAX(expires_at, ?) "
-    f"WHERE key = ? AND state = ? AND owner IS ? AND attempts = ? RETURNING {_COLUMNS}"
+    "WHERE key = ? AND state = ? AND owner IS ? AND attempts = ?"
 )
 _SQL_COMPLETE = (
     "UPDATE idempotency_records SET state = ?, outcome = ?, owner = NULL, lease_until = NULL, "
@@ -90,12 +91,6 @@ _SQL_COMPLETE = (
 # thread), so ``complete`` knows the resulting row without reading it back. Bounded: past this many the
 # cache is dropped and rows are read back instead.
 _CLAIMED_CACHE_MAX = 100_000
-
-
-def _one(cur: sqlite3.Cursor) -> tuple[Any, ...] | None:
-    """The single row of a RETURNING statement (read to the end, so the statement is finished)."""
-    rows = cur.fetchall()
-    return rows[0] if rows else None
 
 
 def _row_to_record(row: tuple[Any, ...]) -> Record:
@@ -340,24 +335,13 @@ class SqliteStore(DedupeStore):
             if row.state == State.IN_PROGRESS and (row.lease_until or 0.0) > now:
                 return Claim(ClaimStatus.BUSY, row)
             # RELEASED, or IN_PROGRESS whose lease has run out: take it over, conditioned on what we read.
-            taken = _one(
-                conn.execute(
-                    _SQL_TAKE_OVER,
-                    (
-                        owner,
-                        now + lease_s,
-                        now,
-                        now + retention_s,
-                        key,
-                        row.state.value,
-                        row.owner,
-                        row.attempts,
-                    ),
-                )
+            cur = conn.execute(
+                _SQL_TAKE_OVER,
+                (owner, lease_until, now, expires_at, key, row.state.value, row.owner, row.attempts),
             )
-            if taken is None:  # pragma: no cover - impossible under BEGIN IMMEDIATE, kept as a guard
+            if cur.rowcount != 1:  # pragma: no cover - impossible under BEGIN IMMEDIATE, kept as a guard
                 return Claim(ClaimStatus.BUSY, _fetch(conn, key))
-            return Claim(ClaimStatus.ACQUIRED, self._remember(_row_to_record(taken)))
+            return Claim(ClaimStatus.ACQUIRED, self._remember(_fetch(conn, key)))
 
         return await self._submit(fn)
 

@@ -239,6 +239,16 @@ async def run_to_end(env: Mapping[str, str], log_path: Path, *, timeout: float =
     return proc
 
 
+async def wait_assigned(proc: DaemonProcess, timeout: float = 60.0) -> None:
+    """Until ``proc`` got its partitions: the rebalance its joining started is complete (every member
+    rejoined, so every old member ran its revoke first)."""
+    deadline = time.monotonic() + timeout
+    while "partitions assigned" not in proc.log():
+        assert proc.proc.poll() is None, proc.log()[-2000:]
+        assert time.monotonic() < deadline, "no partitions assigned in time:\n" + proc.log()[-2000:]
+        await anyio.sleep(0.05)
+
+
 def run_until_killed(env: Mapping[str, str], log_path: Path, *, timeout: float = 90.0) -> DaemonProcess:
     """Run a daemon armed with IDV_FAULT_KILL_AT until the fault point SIGKILLs it."""
     proc = start_daemon(env, log_path)

@@ -29,6 +29,7 @@ from tests.consumer.conftest import (
     run_to_end,
     run_until_killed,
     start_daemon,
+    wait_assigned,
     wait_committed_to_end,
 )
 
@@ -443,6 +444,8 @@ async def test_rebalance_mid_stream_causes_no_duplicate_side_effects(
         while sum(sb.side_effects().values()) < 50 and time.monotonic() < deadline:
             await anyio.sleep(0.1)
         second = start_daemon(daemon_env(**common, instance_id="second"), tmp_path / "second.log")
+        # The join's rebalance is complete once the newcomer has partitions (the first revoked its own).
+        await wait_assigned(second)
         while sum(sb.side_effects().values()) < 200 and time.monotonic() < deadline:
             await anyio.sleep(0.1)
         first.terminate()  # leaves the group: another rebalance with work in flight

@@ -35,6 +35,7 @@ from tests.consumer.conftest import (
     publish_raw,
     read_all,
     start_daemon,
+    wait_assigned,
     wait_committed_to_end,
 )
 from tests.consumer.test_exactly_once import make_envelopes, with_duplicates
@@ -139,16 +140,6 @@ async def wait_in_flight(sb: Sandbox, at_least: int, timeout: float = 20.0) -> i
         if in_flight >= at_least:
             return in_flight
         assert time.monotonic() < deadline, f"provider never held {at_least} requests (had {in_flight})"
-        await anyio.sleep(0.05)
-
-
-async def wait_assigned(proc: DaemonProcess, timeout: float = 60.0) -> None:
-    """Until ``proc`` got its partitions: the rebalance its joining started is complete (every member
-    rejoined, so every old member ran its revoke first)."""
-    deadline = time.monotonic() + timeout
-    while "partitions assigned" not in proc.log():
-        assert proc.proc.poll() is None, proc.log()[-2000:]
-        assert time.monotonic() < deadline, "no partitions assigned in time:\n" + proc.log()[-2000:]
         await anyio.sleep(0.05)
 
 
