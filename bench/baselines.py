@@ -30,6 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import anyio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
@@ -246,12 +247,7 @@ def main() -> None:
     fn = {"naive": naive, "faststream": faststream, "raw": raw}[args.kind]
     # The same event loop and GC settings as the daemon, so the comparison is about scheduling only.
     tune_gc()
-    if event_loop_options(args.event_loop).get("use_uvloop"):
-        import uvloop
-
-        uvloop.run(fn(args))
-    else:
-        asyncio.run(fn(args))
+    anyio.run(fn, args, backend_options=event_loop_options(args.event_loop))
 
 
 if __name__ == "__main__":
