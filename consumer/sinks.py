@@ -38,6 +38,8 @@ DLQ_REASONS = (
     "idempotency_conflict",
     "retries_exhausted",
     "internal_error",  # a bug in the consumer met this message; redrive after the fix
+    "undecodable_record",  # the Kafka client could not read the record (e.g. a non-UTF-8 header key)
+    "in_doubt",  # the provider may have acted; the outcome is unknown, an operator decides
 )
 
 H_REASON = "idv-dlq-reason"
