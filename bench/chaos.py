@@ -563,6 +563,7 @@ def daemon_env(
         IDV_STORE_URL=store_url,
         IDV_PROVIDER_URL=provider_url,
         IDV_PROVIDER_API_KEY=API_KEY,
+        IDV_FINGERPRINT_KEY="bench-fingerprint-key-not-secret",
         IDV_INSTANCE_ID=f"chaos-{i}",
         IDV_LEASE_S="4",
         IDV_PROVIDER_TIMEOUT_S="3",

@@ -171,6 +171,7 @@ def _command(
             IDV_STORE_URL=f"sqlite:///{store}",
             IDV_PROVIDER_URL=url,
             IDV_PROVIDER_API_KEY=API_KEY,
+            IDV_FINGERPRINT_KEY="bench-fingerprint-key-not-secret",
             IDV_MAX_IN_FLIGHT=str(args.in_flight),
             IDV_PROVIDER_MAX_CONNECTIONS=str(args.in_flight),
             IDV_LOG_LEVEL="WARNING",

@@ -125,6 +125,7 @@ class Daemon:
             stats=self.stats,
             want_records=settings.result_topic is not None,
             on_store_op=self.metrics.store_op,
+            fingerprint_key=settings.fingerprint_key,
         )
         self.sinks = Sinks(
             bootstrap=settings.kafka_bootstrap,

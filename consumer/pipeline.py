@@ -30,7 +30,7 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.errors import LeaseLost, ProviderAuthError, RetriesExhausted, StoreError
 from consumer.faults import FaultPoints
-from consumer.keys import fingerprint, idempotency_key, key_hash
+from consumer.keys import Fingerprinter, idempotency_key, key_hash
 from consumer.logs import message_context
 from consumer.provider import ProviderClient
 from consumer.sinks import DeadLetter
@@ -93,7 +93,10 @@ class Processor:
         stats: Stats | None = None,
         want_records: bool = False,
         on_store_op: Callable[[str, float], None] | None = None,
+        fingerprint_key: str | bytes | None = None,
     ) -> None:
+        # Keyed (HMAC) fingerprints with the key; None keeps legacy unkeyed ones (benchmarks, old tools).
+        self.fingerprints = Fingerprinter(fingerprint_key)
         self.want_records = want_records
         self.on_store_op = on_store_op
         self.store_failing = False  # the last store operation failed (readiness)
@@ -167,7 +170,7 @@ class Processor:
 
         operation = get_operation(envelope.operation)
         key = idempotency_key(self.namespace, envelope.operation, envelope.message_id, generation)
-        fp = fingerprint(envelope)
+        fp, legacy_fps = self.fingerprints.with_legacy(envelope)
         ctx = message_context.get() or {}
         message_context.set({**ctx, "message_id": envelope.message_id, "key_hash": key_hash(key)})
 
@@ -183,6 +186,7 @@ class Processor:
                 owner=self.owner,
                 lease_s=self.lease_s,
                 retention_s=self.retention_s,
+                legacy_fingerprints=legacy_fps,
             )
             status, record = claim.status, claim.record
             if status is ClaimStatus.CONFLICT:

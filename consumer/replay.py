@@ -53,7 +53,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from consumer.errors import ConsumerError, ProviderAuthError
-from consumer.keys import fingerprint, idempotency_key
+from consumer.keys import Fingerprinter, idempotency_key
 from consumer.pipeline import Disposition, Handled, Processor
 from consumer.provider import ProviderClient
 from consumer.security import check_kafka_connection
@@ -537,6 +537,7 @@ def _processor(
         retention_s=settings.retention_s,
         max_message_bytes=settings.max_message_bytes,
         want_records=want_records,
+        fingerprint_key=settings.fingerprint_key,
     )
 
 
@@ -636,7 +637,7 @@ async def classify(
     record = await get(idempotency_key(settings.namespace, envelope.operation, envelope.message_id))
     if record is None:
         return "new", None
-    if record.fingerprint != fingerprint(envelope):
+    if not Fingerprinter(settings.fingerprint_key).matches(record.fingerprint, envelope):
         return "conflict", None
     if record.state is State.IN_PROGRESS:
         expired = record.lease_until is not None and record.lease_until <= now
@@ -932,11 +933,10 @@ class _Reverifier:
         if base_key in self.seen:
             return "duplicate in range (skipped)", None
         self.seen.add(base_key)  # before any await: two copies of one request never both run
-        fp = fingerprint(envelope)
         base = await self.store.get(base_key)
         if base is None or base.state is not State.COMPLETED:
             return "not completed (skipped)", None
-        if base.fingerprint != fp:
+        if not Fingerprinter(settings.fingerprint_key).matches(base.fingerprint, envelope):
             return "conflict (skipped)", None
         gen, key = await self.generation(envelope.operation, envelope.message_id)
         await self.audit(

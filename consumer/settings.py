@@ -20,7 +20,9 @@ __all__ = ["PREFIX", "Settings"]
 
 PREFIX = "IDV_"
 T = TypeVar("T")
-_SECRETS = frozenset({"provider_api_key", "kafka_sasl_password"})
+_SECRETS = frozenset({"provider_api_key", "kafka_sasl_password", "fingerprint_key", "store_url"})
+#: Shortest accepted IDV_FINGERPRINT_KEY (characters): a short key can be guessed along with the data.
+MIN_FINGERPRINT_KEY = 16
 
 
 def _secret(env: Mapping[str, str], name: str) -> str | None:
@@ -55,6 +57,9 @@ class Settings:
     kafka_ssl_keyfile: str = ""
     # Processing
     namespace: str = "idv"
+    # HMAC key of request fingerprints (consumer/keys.py); required. Changing it turns redeliveries of
+    # messages recorded under the old key into conflicts until those records expire.
+    fingerprint_key: str = field(default="", repr=False)
     instance_id: str = field(default_factory=socket.gethostname)
     max_in_flight: int = 128
     max_buffered: int = 1024
@@ -68,8 +73,8 @@ class Settings:
     results_topic: str = ""
     # Publish result events and commit offsets in one Kafka transaction (see docs/guarantees.md).
     results_transactional: bool = False
-    # Dedupe store
-    store_url: str = "sqlite:///.run/dedupe.db"
+    # Dedupe store (the URL may hold the database password: never in repr, logs or errors)
+    store_url: str = field(default="sqlite:///.run/dedupe.db", repr=False)
     lease_s: float = 60.0
     retention_s: float = 30 * 24 * 3600.0
     purge_interval_s: float = 3600.0
@@ -140,6 +145,17 @@ class Settings:
             bool(self.provider_api_key),
             "provider_api_key",
             "is required (set IDV_PROVIDER_API_KEY or IDV_PROVIDER_API_KEY_FILE)",
+        )
+        need(
+            bool(self.fingerprint_key),
+            "fingerprint_key",
+            "is required (set IDV_FINGERPRINT_KEY or IDV_FINGERPRINT_KEY_FILE to a random secret, "
+            "e.g. `openssl rand -hex 32`)",
+        )
+        need(
+            len(self.fingerprint_key) >= MIN_FINGERPRINT_KEY,
+            "fingerprint_key",
+            f"must be at least {MIN_FINGERPRINT_KEY} characters",
         )
         need(self.provider_url.startswith(("http://", "https://")), "provider_url", "must be an http(s) URL")
         need(1 <= self.max_in_flight <= 10_000, "max_in_flight", "must be between 1 and 10000")
@@ -219,8 +235,24 @@ class Settings:
     def result_topic(self) -> str | None:
         return self._derived(self.results_topic, "results")
 
+    @property
+    def store_url_redacted(self) -> str:
+        """The store URL without its password, for logs and messages."""
+        from consumer.store import redact_url
+
+        return redact_url(self.store_url)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        return f"Settings({shown}, store_url={self.store_url_redacted!r})"
+
     def env_names(self) -> list[str]:
         return [PREFIX + f.name.upper() for f in fields(self)]
+
+    @staticmethod
+    def secret_file_names() -> list[str]:
+        """The ``*_FILE`` variables (secrets that may be given as a file)."""
+        return sorted(f"{PREFIX}{name.upper()}_FILE" for name in _SECRETS)
 
 
 def _config_file(path: str | None, converters: Mapping[str, Callable[[str], Any]]) -> dict[str, Any]:

@@ -56,7 +56,7 @@ sys.path.insert(0, ".")
 from consumer.settings import PREFIX, Settings  # noqa: E402
 
 known = set(Settings(provider_api_key="x").env_names())
-known |= {f"{PREFIX}{name.upper()}_FILE" for name in ("provider_api_key", "kafka_sasl_password")}
+known |= set(Settings.secret_file_names())
 for name, svc in services.items():
     if not name.startswith("consumer"):
         continue

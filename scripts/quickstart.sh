@@ -18,6 +18,11 @@ for t in idv.requests idv.requests.dlq idv.requests.results; do bash scripts/kaf
 SANDBOX_PORT="${IDV_SANDBOX_PORT:-8080}"
 export IDV_PROVIDER_URL="${IDV_PROVIDER_URL:-http://127.0.0.1:$SANDBOX_PORT}"
 export IDV_PROVIDER_API_KEY="${IDV_PROVIDER_API_KEY:-sandbox-demo-key}"
+# The quick start's development HMAC key for request fingerprints (docs/configuration.md): never reuse it
+# where the data is real.
+if [[ -z "${IDV_FINGERPRINT_KEY:-}" && -z "${IDV_FINGERPRINT_KEY_FILE:-}" ]]; then
+    export IDV_FINGERPRINT_KEY="quickstart-dev-fingerprint-key"
+fi
 if ! curl -fsS "$IDV_PROVIDER_URL/healthz" >/dev/null 2>&1; then
     echo "==> starting the sandbox provider on $IDV_PROVIDER_URL (log: .run/sandbox.log)"
     rm -f .run/sandbox.url

@@ -2,12 +2,54 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from consumer.errors import ConfigurationError
 from consumer.store.base import Claim, ClaimStatus, DedupeStore, Outcome, Record, State
 
-__all__ = ["Claim", "ClaimStatus", "DedupeStore", "Outcome", "Record", "State", "open_store"]
+__all__ = [
+    "Claim",
+    "ClaimStatus",
+    "DedupeStore",
+    "Outcome",
+    "Record",
+    "State",
+    "open_store",
+    "redact",
+    "redact_url",
+]
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``; anything unparsable is hidden entirely."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port else ""
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    except ValueError:
+        return "<unparsable store URL>"
+
+
+def redact(text: str, url: str) -> str:
+    """``text`` (an error message that may echo the DSN) with ``url``'s password removed, in both its
+    raw and percent-decoded forms."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if url:
+        text = text.replace(url, redact_url(url))
+    if password:
+        for form in {password, unquote(password)}:
+            if form:
+                text = text.replace(form, "***")
+    return text
 
 
 def open_store(url: str) -> DedupeStore:
@@ -17,11 +59,15 @@ def open_store(url: str) -> DedupeStore:
       query ``?synchronous=NORMAL`` trades power-loss durability for speed (see docs/configuration.md).
     * ``postgresql://user:pass@host:port/db`` (needs the ``postgres`` extra).
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid store URL {redact_url(url)}: {redact(str(exc), url)}") from None
     if parts.scheme == "sqlite":
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
         if not path:
-            raise ConfigurationError(f"SQLite store URL has no path: {url!r}")
+            raise ConfigurationError(f"SQLite store URL has no path: {redact_url(url)!r}")
         query = parse_qs(parts.query)
         from consumer.store.sqlite import SqliteStore
 

@@ -16,7 +16,14 @@ State machine of a record::
   the same key at once while the first is alive (a dead one's lease runs out).
 * Nothing is ever deleted on error: attempts are counted, the lease is released (PITFALLS: deleting the
   record on failure repeated side effects). Records leave only through retention expiry.
-* The record holds a fingerprint and the provider's reference, never the request itself.
+* The record holds a fingerprint and the provider's reference, never the request itself. A claim passes
+  the request's fingerprint in the current scheme and, as ``legacy_fingerprints``, in older schemes
+  (consumer/keys.py); a stored fingerprint equal to any of them is the same request.
+* A claim is idempotent for its owner: if an earlier claim of this owner inserted (or took over) the
+  record but its answer never arrived (connection lost after the commit, a cancelled caller), the retry is
+  ACQUIRED with the same record instead of waiting out its own lease. Two handlers of one process are
+  still never ACQUIRED together: the store tracks which of its keys a caller holds (got ACQUIRED, not yet
+  completed or released) or is claiming right now, and a re-claim while one does is BUSY.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ from __future__ import annotations
 import abc
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
+
+from consumer.errors import LeaseLost
 
 __all__ = ["Claim", "ClaimStatus", "DedupeStore", "Outcome", "Record", "State"]
 
@@ -107,6 +116,64 @@ class DedupeStore(abc.ABC):
 
     def __init__(self, clock: Clock = time.time) -> None:
         self.clock = clock
+        # Keys with a claim running now or an ACQUIRED claim not yet completed or released, by this store
+        # object (event-loop side only). See the module docstring: makes a lost-reply retry re-entrant.
+        self._holds: dict[str, int] = {}
+
+    def _claim_started(self, key: str) -> bool:
+        """Count a claim of ``key`` in progress; True when no other claim or holder of ``key`` exists in
+        this process, i.e. a live lease of our own owner found by this claim is one whose answer was lost."""
+        n = self._holds.get(key, 0)
+        self._holds[key] = n + 1
+        return n == 0
+
+    def _claim_finished(self, key: str, claim: Claim | None) -> None:
+        """The claim ended: an ACQUIRED one keeps its hold until :meth:`_hold_ended`."""
+        if claim is None or claim.status is not ClaimStatus.ACQUIRED:
+            self._hold_ended(key)
+
+    def _hold_ended(self, key: str) -> None:
+        n = self._holds.get(key, 0) - 1
+        if n > 0:
+            self._holds[key] = n
+        else:
+            self._holds.pop(key, None)
+
+    async def claim(
+        self,
+        *,
+        key: str,
+        message_id: str,
+        operation: str,
+        fingerprint: str,
+        owner: str,
+        lease_s: float,
+        retention_s: float,
+        legacy_fingerprints: Sequence[str] = (),
+    ) -> Claim:
+        """Insert an IN_PROGRESS record owned by ``owner``, or report why not.
+
+        CONFLICT when the stored fingerprint is neither ``fingerprint`` nor one of ``legacy_fingerprints``
+        (the same request in older schemes), checked on every path. ACQUIRED for a new key, a released one,
+        an expired lease, or a live lease of ``owner`` itself that no caller in this process holds (its
+        claim's answer was lost). DONE for completed or failed, BUSY for a live lease of someone else.
+        """
+        reentrant = self._claim_started(key)
+        result: Claim | None = None
+        try:
+            result = await self._claim(
+                key=key,
+                message_id=message_id,
+                operation=operation,
+                fingerprints=(fingerprint, *legacy_fingerprints),
+                owner=owner,
+                lease_s=lease_s,
+                retention_s=retention_s,
+                reentrant=reentrant,
+            )
+            return result
+        finally:
+            self._claim_finished(key, result)
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -122,32 +189,59 @@ class DedupeStore(abc.ABC):
     async def close(self) -> None: ...
 
     @abc.abstractmethod
-    async def claim(
+    async def _claim(
         self,
         *,
         key: str,
         message_id: str,
         operation: str,
-        fingerprint: str,
+        fingerprints: tuple[str, ...],
         owner: str,
         lease_s: float,
         retention_s: float,
+        reentrant: bool,
     ) -> Claim:
-        """Insert an IN_PROGRESS record owned by ``owner``, or report why not."""
+        """The backend's claim. ``fingerprints[0]`` is stored in a new record; a stored fingerprint equal
+        to any of them is the same request. With ``reentrant``, a live IN_PROGRESS lease of ``owner`` with
+        a matching fingerprint is renewed and ACQUIRED (attempts unchanged) instead of BUSY."""
 
-    @abc.abstractmethod
     async def complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool = False) -> Record:
         """IN_PROGRESS(owner) → COMPLETED (or FAILED when ``failed``); returns the stored record.
 
         Raises LeaseLost otherwise."""
+        try:
+            record = await self._complete(key, owner, outcome, failed=failed)
+        except LeaseLost:
+            self._hold_ended(key)
+            raise
+        self._hold_ended(key)
+        return record
 
-    @abc.abstractmethod
     async def release(self, key: str, owner: str, error: str) -> None:
         """IN_PROGRESS(owner) → RELEASED, keeping attempts and the error code; raises LeaseLost otherwise."""
+        try:
+            await self._release(key, owner, error)
+        except LeaseLost:
+            self._hold_ended(key)
+            raise
+        self._hold_ended(key)
 
-    @abc.abstractmethod
     async def renew(self, key: str, owner: str, lease_s: float) -> None:
         """Extend our lease; raises LeaseLost if the record is no longer ours."""
+        try:
+            await self._renew(key, owner, lease_s)
+        except LeaseLost:
+            self._hold_ended(key)
+            raise
+
+    @abc.abstractmethod
+    async def _complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool) -> Record: ...
+
+    @abc.abstractmethod
+    async def _release(self, key: str, owner: str, error: str) -> None: ...
+
+    @abc.abstractmethod
+    async def _renew(self, key: str, owner: str, lease_s: float) -> None: ...
 
     @abc.abstractmethod
     async def record_conflict(
@@ -170,4 +264,7 @@ class DedupeStore(abc.ABC):
 
     @abc.abstractmethod
     async def purge_expired(self) -> int:
-        """Delete records past their retention; returns how many. Never touches IN_PROGRESS records."""
+        """Delete records past their retention; returns how many. Never touches IN_PROGRESS records.
+
+        Conflict log entries (``idempotency_conflicts``) go with their record: those whose key no longer
+        has a record are deleted in the same run."""

@@ -47,6 +47,7 @@ import asyncpg
 import orjson
 
 from consumer.errors import LeaseLost, StoreError
+from consumer.store import redact
 from consumer.store.base import Claim, ClaimStatus, Clock, DedupeStore, Outcome, Record, State
 
 __all__ = ["MIGRATIONS", "PostgresStore", "migrate", "migrate_url"]
@@ -121,8 +122,16 @@ _TAKE_OVER_SQL = f"""
 UPDATE idempotency_records
 SET state = 'in_progress', owner = $3, lease_until = $4, attempts = attempts + 1, updated_at = $5,
     expires_at = GREATEST(expires_at, $6)
-WHERE key = $1 AND fingerprint = $2
+WHERE key = $1 AND fingerprint = ANY($2::text[])
   AND (state = 'released' OR (state = 'in_progress' AND lease_until <= $5))
+RETURNING {_COLUMNS}
+"""  # noqa: S608 - only the module's own column list is interpolated
+
+# A claim re-entering our own live lease (an earlier claim's answer was lost): renew it, same attempt.
+_REENTER_SQL = f"""
+UPDATE idempotency_records SET lease_until = $4, updated_at = $5
+WHERE key = $1 AND fingerprint = ANY($2::text[]) AND state = 'in_progress' AND owner = $3
+  AND lease_until > $5
 RETURNING {_COLUMNS}
 """  # noqa: S608 - only the module's own column list is interpolated
 
@@ -160,6 +169,12 @@ WHERE key IN (
 AND expires_at < $1 AND state <> 'in_progress'
 """
 
+# Conflict log entries go with their record (run after the records' purge).
+_PURGE_CONFLICTS_SQL = """
+DELETE FROM idempotency_conflicts c
+WHERE NOT EXISTS (SELECT 1 FROM idempotency_records r WHERE r.key = c.key)
+"""
+
 # How many times claim looks again after losing a race before answering BUSY (the caller waits, retries).
 _CLAIM_ROUNDS = 8
 
@@ -172,6 +187,8 @@ _DB_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
+
+_OPEN_ERRORS: tuple[type[BaseException], ...] = (*_DB_ERRORS, ValueError)
 
 
 class _StoreConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg ships no type stubs
@@ -213,9 +230,12 @@ def _rowcount(status: str) -> int:
 
 def _where(url: str) -> str:
     """``host:port/db`` for messages: never the user or password."""
-    parts = urlsplit(url)
-    host = parts.hostname or "localhost"
-    port = f":{parts.port}" if parts.port else ""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "localhost"
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<unparsable URL>"
     return f"{host}{port}{parts.path or '/'}"
 
 
@@ -247,11 +267,12 @@ async def migrate_url(url: str, *, connect_timeout: float = 10.0) -> int:
     try:
         conn = await asyncpg.connect(url, timeout=connect_timeout)
     except _DB_ERRORS as exc:
-        raise StoreError(f"cannot connect to PostgreSQL at {_where(url)}: {exc}") from exc
+        raise StoreError(redact(f"cannot connect to PostgreSQL at {_where(url)}: {exc}", url)) from None
     try:
         return await migrate(conn)
     except _DB_ERRORS as exc:
-        raise StoreError(f"migrating the PostgreSQL store at {_where(url)} failed: {exc}") from exc
+        message = f"migrating the PostgreSQL store at {_where(url)} failed: {exc}"
+        raise StoreError(redact(message, url)) from None
     finally:
         await conn.close()
 
@@ -307,15 +328,20 @@ class PostgresStore(DedupeStore):
                 server_settings=self._server_settings(),
                 connection_class=_StoreConnection,
             )
-        except _DB_ERRORS as exc:
-            raise StoreError(f"cannot open the PostgreSQL store at {where}: {exc}") from exc
+        except _OPEN_ERRORS as exc:  # with ValueError: asyncpg could not parse the DSN
+            # `from None`: the driver's exception (and its traceback) may carry the DSN and password.
+            raise StoreError(
+                redact(f"cannot open the PostgreSQL store at {where}: {type(exc).__name__}: {exc}", self.url)
+            ) from None
         try:
             async with pool.acquire(timeout=self.connect_timeout) as conn:
                 version = await migrate(conn)
         except BaseException as exc:
             pool.terminate()
             if isinstance(exc, _DB_ERRORS):
-                raise StoreError(f"cannot migrate the PostgreSQL store at {where}: {exc}") from exc
+                raise StoreError(
+                    redact(f"cannot migrate the PostgreSQL store at {where}: {exc}", self.url)
+                ) from None
             raise
         self._pool = pool
         log.info("dedupe store open: PostgreSQL at %s, schema version %d", where, version)
@@ -343,22 +369,26 @@ class PostgresStore(DedupeStore):
                 async with pool.acquire(timeout=self.connect_timeout) as conn:
                     result = await fn(conn)
         except _DB_ERRORS as exc:
-            raise StoreError(f"PostgreSQL {what} failed: {type(exc).__name__}: {exc}") from exc
+            message = f"PostgreSQL {what} failed: {type(exc).__name__}: {exc}"
+            raise StoreError(redact(message, self.url)) from exc
         return result
 
     # -- operations ------------------------------------------------------------------------------------
 
-    async def claim(
+    async def _claim(
         self,
         *,
         key: str,
         message_id: str,
         operation: str,
-        fingerprint: str,
+        fingerprints: tuple[str, ...],
         owner: str,
         lease_s: float,
         retention_s: float,
+        reentrant: bool,
     ) -> Claim:
+        fingerprint, accepted = fingerprints[0], list(fingerprints)
+
         async def fn(conn: Any) -> Claim:
             record: Record | None = None
             for _ in range(_CLAIM_ROUNDS):
@@ -372,15 +402,21 @@ class PostgresStore(DedupeStore):
                 record = _row_to_record(row)
                 if row["inserted"]:
                     return Claim(ClaimStatus.ACQUIRED, record)
-                if record.fingerprint != fingerprint:
+                if record.fingerprint not in fingerprints:
                     return Claim(ClaimStatus.CONFLICT, record)
                 if record.state in (State.COMPLETED, State.FAILED):
                     return Claim(ClaimStatus.DONE, record)
                 if record.state is State.IN_PROGRESS and (record.lease_until or 0.0) > now:
-                    return Claim(ClaimStatus.BUSY, record)
+                    if not (reentrant and record.owner == owner):
+                        return Claim(ClaimStatus.BUSY, record)
+                    # Our own live lease that no caller holds: a claim whose answer was lost. Renew it.
+                    row = await conn.fetchrow(_REENTER_SQL, key, accepted, owner, now + lease_s, now)
+                    if row is not None:
+                        return Claim(ClaimStatus.ACQUIRED, _row_to_record(row))
+                    continue  # changed since we read it (expired, taken over): look again
                 # RELEASED, or a lease that has run out: take it over if nobody else does first.
                 row = await conn.fetchrow(
-                    _TAKE_OVER_SQL, key, fingerprint, owner, now + lease_s, now, now + retention_s
+                    _TAKE_OVER_SQL, key, accepted, owner, now + lease_s, now, now + retention_s
                 )
                 if row is not None:
                     return Claim(ClaimStatus.ACQUIRED, _row_to_record(row))
@@ -399,7 +435,7 @@ class PostgresStore(DedupeStore):
         if _rowcount(await self._run(what, fn)) != 1:
             raise LeaseLost(f"record {args[0]} is not in progress under this owner")
 
-    async def complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool = False) -> Record:
+    async def _complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool = False) -> Record:
         state = State.FAILED if failed else State.COMPLETED
         payload = orjson.dumps(outcome.to_json()).decode()
         args = (key, owner, state.value, payload, self.clock())
@@ -412,10 +448,10 @@ class PostgresStore(DedupeStore):
             raise LeaseLost(f"record {key} is not in progress under this owner")
         return _row_to_record(row)
 
-    async def release(self, key: str, owner: str, error: str) -> None:
+    async def _release(self, key: str, owner: str, error: str) -> None:
         await self._transition("release", _RELEASE_SQL, key, owner, error[:200], self.clock())
 
-    async def renew(self, key: str, owner: str, lease_s: float) -> None:
+    async def _renew(self, key: str, owner: str, lease_s: float) -> None:
         now = self.clock()
         await self._transition("renew", _RENEW_SQL, key, owner, now + lease_s, now)
 
@@ -469,9 +505,17 @@ class PostgresStore(DedupeStore):
             status: str = await conn.execute(_PURGE_SQL, self.clock(), self.purge_batch)
             return status
 
+        async def conflicts(conn: Any) -> str:
+            status: str = await conn.execute(_PURGE_CONFLICTS_SQL)
+            return status
+
         total = 0
         while True:
             deleted = _rowcount(await self._run("purge_expired", fn))
             total += deleted
             if deleted < self.purge_batch:
-                return total
+                break
+        gone = _rowcount(await self._run("purge_expired", conflicts))
+        if gone:
+            log.info("purged %d conflict log entries whose record expired", gone)
+        return total

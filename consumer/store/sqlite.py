@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS idempotency_conflicts (
     seen_at             REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS idempotency_conflicts_message ON idempotency_conflicts (message_id);
+CREATE INDEX IF NOT EXISTS idempotency_conflicts_key ON idempotency_conflicts (key);
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 """
 
@@ -82,6 +83,11 @@ _SQL_TAKE_OVER = (
     "UPDATE idempotency_records SET state = 'in_progress', owner = ?, lease_until = ?, "
     "attempts = attempts + 1, updated_at = ?, expires_at = MAX(expires_at, ?) "
     "WHERE key = ? AND state = ? AND owner IS ? AND attempts = ?"
+)
+# A claim re-entering our own live lease (its first answer was lost): renew it, same attempt.
+_SQL_REENTER = (
+    "UPDATE idempotency_records SET lease_until = ?, updated_at = ? "
+    "WHERE key = ? AND state = 'in_progress' AND owner = ?"
 )
 _SQL_COMPLETE = (
     "UPDATE idempotency_records SET state = ?, outcome = ?, owner = NULL, lease_until = NULL, "
@@ -302,17 +308,20 @@ class SqliteStore(DedupeStore):
         self._claimed[record.key] = record
         return record
 
-    async def claim(
+    async def _claim(
         self,
         *,
         key: str,
         message_id: str,
         operation: str,
-        fingerprint: str,
+        fingerprints: tuple[str, ...],
         owner: str,
         lease_s: float,
         retention_s: float,
+        reentrant: bool,
     ) -> Claim:
+        fingerprint = fingerprints[0]
+
         def fn(conn: sqlite3.Connection) -> Claim:
             now = self.clock()
             lease_until, expires_at = now + lease_s, now + retention_s
@@ -328,11 +337,16 @@ class SqliteStore(DedupeStore):
                 )  # fmt: skip
                 return Claim(ClaimStatus.ACQUIRED, self._remember(record))
             row = _fetch(conn, key)
-            if row.fingerprint != fingerprint:
+            if row.fingerprint not in fingerprints:
                 return Claim(ClaimStatus.CONFLICT, row)
             if row.state in (State.COMPLETED, State.FAILED):
                 return Claim(ClaimStatus.DONE, row)
             if row.state == State.IN_PROGRESS and (row.lease_until or 0.0) > now:
+                if reentrant and row.owner == owner:
+                    # Our own live lease that no caller holds: an earlier claim whose answer was lost.
+                    cur = conn.execute(_SQL_REENTER, (lease_until, now, key, owner))
+                    if cur.rowcount == 1:
+                        return Claim(ClaimStatus.ACQUIRED, self._remember(_fetch(conn, key)))
                 return Claim(ClaimStatus.BUSY, row)
             # RELEASED, or IN_PROGRESS whose lease has run out: take it over, conditioned on what we read.
             cur = conn.execute(
@@ -345,7 +359,7 @@ class SqliteStore(DedupeStore):
 
         return await self._submit(fn)
 
-    async def complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool = False) -> Record:
+    async def _complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool = False) -> Record:
         state = State.FAILED if failed else State.COMPLETED
         payload = orjson.dumps(outcome.to_json()).decode()
 
@@ -367,7 +381,7 @@ class SqliteStore(DedupeStore):
 
         return await self._submit(fn)
 
-    async def release(self, key: str, owner: str, error: str) -> None:
+    async def _release(self, key: str, owner: str, error: str) -> None:
         def fn(conn: sqlite3.Connection) -> None:
             self._claimed.pop(key, None)
             cur = conn.execute(
@@ -380,7 +394,7 @@ class SqliteStore(DedupeStore):
 
         await self._submit(fn)
 
-    async def renew(self, key: str, owner: str, lease_s: float) -> None:
+    async def _renew(self, key: str, owner: str, lease_s: float) -> None:
         def fn(conn: sqlite3.Connection) -> None:
             now = self.clock()
             cur = conn.execute(
@@ -440,6 +454,11 @@ class SqliteStore(DedupeStore):
             cur = conn.execute(
                 "DELETE FROM idempotency_records WHERE expires_at < ? AND state != 'in_progress'",
                 (self.clock(),),
+            )
+            # The conflict log goes with its record (it names the record's key and fingerprint).
+            conn.execute(
+                "DELETE FROM idempotency_conflicts WHERE NOT EXISTS "
+                "(SELECT 1 FROM idempotency_records r WHERE r.key = idempotency_conflicts.key)"
             )
             return cur.rowcount
 

@@ -22,6 +22,7 @@ from consumer.keys import idempotency_key
 from producer.envelope import Envelope, encode
 
 API_KEY = "test-key"
+FINGERPRINT_KEY = "test-fingerprint-key-0123456789"  # a development HMAC key (IDV_FINGERPRINT_KEY)
 
 
 async def publish(bootstrap: str, topic: str, envelopes: Iterable[Envelope]) -> int:
@@ -172,6 +173,7 @@ def daemon_env(
         IDV_STORE_URL=store_url,
         IDV_PROVIDER_URL=provider_url,
         IDV_PROVIDER_API_KEY=API_KEY,
+        IDV_FINGERPRINT_KEY=FINGERPRINT_KEY,
         IDV_COMMIT_INTERVAL_S="0.2",
         IDV_LOG_FORMAT="json",
         IDV_PROVIDER_BACKOFF_BASE_S="0.05",

@@ -18,6 +18,7 @@ from producer.envelope import Envelope, encode
 from tests.conftest import random_topic_name
 from tests.consumer.conftest import (
     API_KEY,
+    FINGERPRINT_KEY,
     Sandbox,
     committed_offsets,
     daemon_env,
@@ -78,6 +79,7 @@ def settings_for(
         store_url=store_url,
         provider_url=provider_url,
         provider_api_key=API_KEY,
+        fingerprint_key=FINGERPRINT_KEY,
         commit_interval_s=0.2,
         provider_backoff_base_s=0.05,
         provider_backoff_max_s=0.5,

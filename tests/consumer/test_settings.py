@@ -8,23 +8,26 @@ from consumer.errors import ConfigurationError
 from consumer.settings import Settings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+FINGERPRINT_KEY = "settings-test-fingerprint-key"
+BASE = {"IDV_PROVIDER_API_KEY": "k", "IDV_FINGERPRINT_KEY": FINGERPRINT_KEY}
 
 
 def test_every_setting_is_documented() -> None:
     text = DOC.read_text()
-    missing = [name for name in Settings(provider_api_key="x").env_names() if f"`{name}`" not in text]
+    names = Settings(provider_api_key="x").env_names() + Settings.secret_file_names()
+    missing = [name for name in names if f"`{name}`" not in text]
     assert not missing, f"settings missing from docs/configuration.md: {missing}"
 
 
 def test_reads_env_and_converts_types() -> None:
-    s = Settings.from_env({"IDV_PROVIDER_API_KEY": "k", "IDV_MAX_IN_FLIGHT": "8", "IDV_LEASE_S": "30.5"})
+    s = Settings.from_env({**BASE, "IDV_MAX_IN_FLIGHT": "8", "IDV_LEASE_S": "30.5"})
     assert s.max_in_flight == 8 and s.lease_s == 30.5 and s.provider_api_key == "k"
 
 
 def test_secret_from_file(tmp_path: Path) -> None:
     f = tmp_path / "key"
     f.write_text("file-key\n")
-    s = Settings.from_env({"IDV_PROVIDER_API_KEY": "env-key", "IDV_PROVIDER_API_KEY_FILE": str(f)})
+    s = Settings.from_env({**BASE, "IDV_PROVIDER_API_KEY": "env-key", "IDV_PROVIDER_API_KEY_FILE": str(f)})
     assert s.provider_api_key == "file-key"
     assert "file-key" not in repr(s)
 
@@ -33,15 +36,18 @@ def test_secret_from_file(tmp_path: Path) -> None:
     ("env", "fragment"),
     [
         ({}, "IDV_PROVIDER_API_KEY: is required"),
-        ({"IDV_PROVIDER_API_KEY": "k", "IDV_MAX_IN_FLIGHT": "many"}, "IDV_MAX_IN_FLIGHT: invalid value"),
-        ({"IDV_PROVIDER_API_KEY": "k", "IDV_MAX_IN_FLIGHT": "0"}, "IDV_MAX_IN_FLIGHT"),
-        ({"IDV_PROVIDER_API_KEY": "k", "IDV_LEASE_S": "5"}, "IDV_LEASE_S"),
-        ({"IDV_PROVIDER_API_KEY": "k", "IDV_AUTO_OFFSET_RESET": "middle"}, "IDV_AUTO_OFFSET_RESET"),
+        ({**BASE, "IDV_MAX_IN_FLIGHT": "many"}, "IDV_MAX_IN_FLIGHT: invalid value"),
+        ({**BASE, "IDV_MAX_IN_FLIGHT": "0"}, "IDV_MAX_IN_FLIGHT"),
+        ({**BASE, "IDV_LEASE_S": "5"}, "IDV_LEASE_S"),
+        ({**BASE, "IDV_AUTO_OFFSET_RESET": "middle"}, "IDV_AUTO_OFFSET_RESET"),
         ({"IDV_PROVIDER_API_KEY_FILE": "/nonexistent/key"}, "IDV_PROVIDER_API_KEY_FILE: cannot read"),
-        ({"IDV_PROVIDER_API_KEY": "k", "IDV_PROVIDER_URL": "ftp://x"}, "IDV_PROVIDER_URL"),
-        ({"IDV_PROVIDER_API_KEY": "k", "IDV_MAX_BUFFERED": "64"}, "IDV_MAX_BUFFERED: must be at least"),
-        ({"IDV_PROVIDER_API_KEY": "k", "IDV_EVENT_LOOP": "trio"}, "IDV_EVENT_LOOP"),
-        ({"IDV_PROVIDER_API_KEY": "k", "IDV_PROVIDER_TRANSPORT": "curl"}, "IDV_PROVIDER_TRANSPORT"),
+        ({**BASE, "IDV_PROVIDER_URL": "ftp://x"}, "IDV_PROVIDER_URL"),
+        ({**BASE, "IDV_MAX_BUFFERED": "64"}, "IDV_MAX_BUFFERED: must be at least"),
+        ({**BASE, "IDV_EVENT_LOOP": "trio"}, "IDV_EVENT_LOOP"),
+        ({**BASE, "IDV_PROVIDER_TRANSPORT": "curl"}, "IDV_PROVIDER_TRANSPORT"),
+        ({"IDV_PROVIDER_API_KEY": "k"}, "IDV_FINGERPRINT_KEY: is required"),
+        ({**BASE, "IDV_FINGERPRINT_KEY": "short"}, "IDV_FINGERPRINT_KEY: must be at least 16 characters"),
+        ({**BASE, "IDV_FINGERPRINT_KEY_FILE": "/nonexistent/fp"}, "IDV_FINGERPRINT_KEY_FILE: cannot read"),
     ],
 )
 def test_invalid_settings_name_the_variable(env: dict[str, str], fragment: str) -> None:
@@ -60,9 +66,7 @@ def test_fault_spec_is_validated() -> None:
 def test_config_file_is_read_and_environment_wins(tmp_path: Path) -> None:
     cfg = tmp_path / "idv.toml"
     cfg.write_text('[idv]\nmax_in_flight = 32\nlog_format = "text"\nresults_transactional = true\n')
-    s = Settings.from_env(
-        {"IDV_CONFIG_FILE": str(cfg), "IDV_PROVIDER_API_KEY": "k", "IDV_MAX_IN_FLIGHT": "8"}
-    )
+    s = Settings.from_env({**BASE, "IDV_CONFIG_FILE": str(cfg), "IDV_MAX_IN_FLIGHT": "8"})
     assert s.max_in_flight == 8  # the environment overrides the file
     assert s.log_format == "text" and s.results_transactional is True
 
@@ -80,7 +84,7 @@ def test_bad_config_file_is_one_clear_error(tmp_path: Path, content: str, fragme
     cfg = tmp_path / "idv.toml"
     cfg.write_text(content)
     with pytest.raises(ConfigurationError, match=fragment):
-        Settings.from_env({"IDV_CONFIG_FILE": str(cfg), "IDV_PROVIDER_API_KEY": "k"})
+        Settings.from_env({**BASE, "IDV_CONFIG_FILE": str(cfg)})
 
 
 def test_event_loop_choice() -> None:
@@ -89,3 +93,36 @@ def test_event_loop_choice() -> None:
     assert event_loop_options("asyncio") == {}
     assert event_loop_options("auto") == {"use_uvloop": True}  # uvloop is a dependency on this platform
     assert event_loop_options("uvloop") == {"use_uvloop": True}
+
+
+def test_fingerprint_key_from_file_and_never_shown(tmp_path: Path) -> None:
+    f = tmp_path / "fp-key"
+    f.write_text("a-fingerprint-key-from-a-file\n")
+    s = Settings.from_env({"IDV_PROVIDER_API_KEY": "k", "IDV_FINGERPRINT_KEY_FILE": str(f)})
+    assert s.fingerprint_key == "a-fingerprint-key-from-a-file"
+    assert "a-fingerprint-key-from-a-file" not in repr(s) and "from-a-file" not in str(s)
+
+
+def test_missing_fingerprint_key_is_one_line() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env({"IDV_PROVIDER_API_KEY": "k"})
+    assert "\n" not in str(info.value)
+    assert str(info.value).startswith("IDV_FINGERPRINT_KEY: is required")
+
+
+def test_store_url_password_is_never_shown(tmp_path: Path) -> None:
+    url = "postgresql://idv:S3cr%40t-pw@db.example:5432/idv"
+    s = Settings.from_env({**BASE, "IDV_STORE_URL": url})
+    assert s.store_url == url
+    for text in (repr(s), str(s)):
+        assert "S3cr" not in text
+        assert "postgresql://idv:***@db.example:5432/idv" in text
+    assert s.store_url_redacted == "postgresql://idv:***@db.example:5432/idv"
+
+
+def test_store_url_from_file(tmp_path: Path) -> None:
+    f = tmp_path / "store-url"
+    f.write_text("postgresql://idv:file-pw@127.0.0.1:5432/idv\n")
+    s = Settings.from_env({**BASE, "IDV_STORE_URL": "sqlite:///x.db", "IDV_STORE_URL_FILE": str(f)})
+    assert s.store_url == "postgresql://idv:file-pw@127.0.0.1:5432/idv"  # the file wins, like every secret
+    assert "file-pw" not in repr(s)

@@ -11,12 +11,15 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
-from consumer.errors import LeaseLost
-from consumer.store import ClaimStatus, DedupeStore, Outcome, State, open_store
+from consumer.errors import LeaseLost, StoreError
+from consumer.keys import HMAC_V1, Fingerprinter, fingerprint
+from consumer.store import Claim, ClaimStatus, DedupeStore, Outcome, State, open_store
+from producer.envelope import Envelope
 
 pytestmark = pytest.mark.anyio
 
@@ -238,3 +241,170 @@ async def test_returned_records_are_the_stored_rows(store: DedupeStore) -> None:
     assert taken.status is ClaimStatus.ACQUIRED and taken.record == await store.get(key2)
     failed = await store.complete(key2, "b", Outcome("failed", 422, None, "bad_request"), failed=True)
     assert failed == await store.get(key2)
+
+
+# -- keyed fingerprints: records written with the legacy scheme keep matching ---------------------------
+
+KEY = "contract-fingerprint-key-0123"
+
+
+def _envelope(full_name: str, message_id: str = "m-legacy") -> Envelope:
+    return Envelope(
+        message_id=message_id,
+        operation="aml_screening",
+        subject_id="applicant-1",
+        request={"full_name": full_name, "date_of_birth": "1990-01-01", "nationality": "FR"},
+    )
+
+
+async def _claim_envelope(store: DedupeStore, key: str, envelope: Envelope, owner: str = "b") -> Claim:
+    fp, legacy = Fingerprinter(KEY).with_legacy(envelope)
+    return await store.claim(
+        key=key,
+        message_id=envelope.message_id,
+        operation=envelope.operation,
+        fingerprint=fp,
+        owner=owner,
+        lease_s=30.0,
+        retention_s=3600.0,
+        legacy_fingerprints=legacy,
+    )
+
+
+@pytest.mark.parametrize("stored_state", ["completed", "released"])
+async def test_legacy_plain_sha256_record_is_the_same_request(store: DedupeStore, stored_state: str) -> None:
+    same, other = _envelope("Jane Roe"), _envelope("John Doe")
+    key = _key()
+    # A record written by an earlier build: bare hex, plain SHA-256.
+    legacy_fp = fingerprint(same)
+    assert len(legacy_fp) == 64 and ":" not in legacy_fp
+    await _claim(store, key, owner="a", fp=legacy_fp)
+    if stored_state == "completed":
+        await store.complete(key, "a", Outcome("approved", 200, "ref-1"))
+    else:
+        await store.release(key, "a", "retries_exhausted")
+    # The same payload from a keyed build: compared in the record's (legacy) scheme → the same request.
+    claim = await _claim_envelope(store, key, same)
+    expected = ClaimStatus.DONE if stored_state == "completed" else ClaimStatus.ACQUIRED
+    assert claim.status is expected
+    assert claim.record.fingerprint == legacy_fp
+    # A different payload under the same ID is still a conflict.
+    conflict = await _claim_envelope(store, key, other, owner="c")
+    assert conflict.status is ClaimStatus.CONFLICT
+
+
+async def test_keyed_fingerprints_are_stored_with_their_scheme(store: DedupeStore) -> None:
+    same, other = _envelope("Jane Roe", "m-keyed"), _envelope("John Doe", "m-keyed")
+    key = _key()
+    claim = await _claim_envelope(store, key, same, owner="a")
+    assert claim.status is ClaimStatus.ACQUIRED
+    assert claim.record.fingerprint.startswith(HMAC_V1)
+    assert claim.record.fingerprint != HMAC_V1 + fingerprint(same)  # keyed, not the plain hash
+    await store.complete(key, "a", Outcome("approved"))
+    assert (await _claim_envelope(store, key, same)).status is ClaimStatus.DONE
+    assert (await _claim_envelope(store, key, other)).status is ClaimStatus.CONFLICT
+    # The legacy value alone does not match an h1 record (compared in the stored scheme only).
+    assert (await _claim(store, key, owner="b", fp=fingerprint(same))).status is ClaimStatus.CONFLICT
+    # A build with another key sees a different request.
+    fp2, legacy2 = Fingerprinter("another-key-0123456789").with_legacy(same)
+    again = await store.claim(
+        key=key, message_id="m-keyed", operation="aml_screening", fingerprint=fp2, owner="b",
+        lease_s=30.0, retention_s=3600.0, legacy_fingerprints=legacy2,
+    )  # fmt: skip
+    assert again.status is ClaimStatus.CONFLICT
+
+
+# -- the conflict log is purged with its record --------------------------------------------------------
+
+
+async def test_purge_removes_the_conflicts_of_expired_records(store: DedupeStore) -> None:
+    old, young = _key(), _key()
+    await _claim(store, old, fp="fp1")
+    await store.complete(old, "a", Outcome("approved"))
+    await store.record_conflict(
+        key=old, message_id="m-old", fingerprint="fp2", stored_fingerprint="fp1", source="t/0@1"
+    )
+    store.clock.now += 1800  # type: ignore[attr-defined]
+    await _claim(store, young, fp="fp1")
+    await store.complete(young, "a", Outcome("approved"))
+    await store.record_conflict(
+        key=young, message_id="m-young", fingerprint="fp2", stored_fingerprint="fp1", source="t/0@2"
+    )
+    store.clock.now += 1801  # type: ignore[attr-defined]  # `old` past its retention, `young` not
+    assert await store.purge_expired() == 1
+    assert await store.conflicts("m-old") == []
+    assert [c["source"] for c in await store.conflicts("m-young")] == ["t/0@2"]
+    store.clock.now += 3600  # type: ignore[attr-defined]
+    assert await store.purge_expired() == 1
+    assert await store.conflicts() == []
+
+
+# -- a claim whose answer was lost is re-entrant for its owner -----------------------------------------
+
+
+async def test_claim_retried_after_a_lost_reply_is_acquired(
+    store: DedupeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = _key()
+    original = store._claim
+
+    async def reply_lost(**kwargs: Any) -> Claim:
+        await original(**kwargs)  # the row is committed ...
+        raise StoreError("connection lost")  # ... but the answer never arrives
+
+    monkeypatch.setattr(store, "_claim", reply_lost)
+    with pytest.raises(StoreError):
+        await _claim(store, key, owner="a", lease=30)
+    monkeypatch.undo()
+    store.clock.now += 5  # type: ignore[attr-defined]
+    # The retry by the same owner gets its own lease back at once (renewed), not BUSY for a whole lease.
+    claim = await _claim(store, key, owner="a", lease=30)
+    assert claim.status is ClaimStatus.ACQUIRED
+    assert claim.record.owner == "a" and claim.record.attempts == 1
+    assert claim.record.lease_until == store.clock.now + 30  # type: ignore[attr-defined]
+    assert claim.record == await store.get(key)
+    # Now held: neither a second handler of the same owner nor another owner gets it.
+    assert (await _claim(store, key, owner="a")).status is ClaimStatus.BUSY
+    assert (await _claim(store, key, owner="b")).status is ClaimStatus.BUSY
+    # Another payload is still a conflict, even for the owner.
+    assert (await _claim(store, key, owner="a", fp="other")).status is ClaimStatus.CONFLICT
+    done = await store.complete(key, "a", Outcome("approved", 200, "ref-1"))
+    assert done.state is State.COMPLETED and done.attempts == 1
+
+
+async def test_a_lost_reply_to_a_take_over_is_re_entrant_too(
+    store: DedupeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = _key()
+    await _claim(store, key, owner="a", lease=10)
+    await store.release(key, "a", "abandoned")
+    original = store._claim
+
+    async def reply_lost(**kwargs: Any) -> Claim:
+        await original(**kwargs)
+        raise StoreError("connection lost")
+
+    monkeypatch.setattr(store, "_claim", reply_lost)
+    with pytest.raises(StoreError):
+        await _claim(store, key, owner="b")
+    monkeypatch.undo()
+    claim = await _claim(store, key, owner="b")
+    assert claim.status is ClaimStatus.ACQUIRED and claim.record.attempts == 2
+
+
+async def test_same_owner_concurrent_claims_have_one_winner(store: DedupeStore) -> None:
+    """Re-entrance never lets two handlers of one process hold a key at once."""
+    key = _key()
+    results: list[ClaimStatus] = []
+
+    async def claim() -> None:
+        results.append((await _claim(store, key, owner="a")).status)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(claim)
+    assert results.count(ClaimStatus.ACQUIRED) == 1
+    assert results.count(ClaimStatus.BUSY) == 9
+    # Once the holder released, the key is free again (RELEASED → take-over).
+    await store.release(key, "a", "abandoned")
+    assert (await _claim(store, key, owner="a")).status is ClaimStatus.ACQUIRED

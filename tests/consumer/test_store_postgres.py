@@ -473,3 +473,63 @@ async def test_cancelled_caller_still_gets_its_transition(schema_url: str) -> No
         await store.release(key, "a", "abandoned")
         record = await store.get(key)
         assert record is not None and record.state is State.RELEASED
+
+
+# -- the URL's password never shows ---------------------------------------------------------------------
+
+PASSWORD = "Sup3r-S3cret-pw"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://idv:{PASSWORD}@no-such-host.invalid:5432/idv",  # DNS failure
+        f"postgresql://idv:{PASSWORD}@127.0.0.1:1/idv",  # connection refused
+        f"postgresql://idv:{PASSWORD}@127.0.0.1:5432/idv?sslmode=bogus",  # the driver rejects the DSN
+    ],
+)
+async def test_a_failing_open_never_shows_the_password(url: str) -> None:
+    store = open_store(url)
+    assert PASSWORD not in repr(store)
+    with pytest.raises(StoreError) as info:
+        await store.open()
+    assert PASSWORD not in str(info.value)
+    assert "\n" not in str(info.value)
+    assert info.value.__cause__ is None  # the driver's exception (which may hold the DSN) is not chained
+
+
+async def test_a_wrong_password_is_reported_without_it(pg_url: str) -> None:
+    parts = urlsplit(pg_url)
+    wrong = urlunsplit(parts._replace(netloc=f"{parts.username}:{PASSWORD}@{parts.hostname}:{parts.port}"))
+    with pytest.raises(StoreError, match="password authentication failed") as info:
+        await open_store(wrong).open()
+    assert PASSWORD not in str(info.value)
+
+
+def test_an_unparsable_url_is_a_configuration_error_without_the_password() -> None:
+    from consumer.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError) as info:
+        open_store(f"postgresql://idv:{PASSWORD}@127.0.0.1:port/idv")
+    assert PASSWORD not in str(info.value)
+
+
+def test_the_cli_prints_the_store_error_without_the_password(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    url_file = tmp_path / "store-url"
+    url_file.write_text(f"postgresql://idv:{PASSWORD}@127.0.0.1:1/idv\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDV_")}
+    env.update(
+        IDV_STORE_URL_FILE=str(url_file),
+        IDV_FINGERPRINT_KEY="cli-test-fingerprint-key",
+        IDV_PROVIDER_API_KEY="k",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "consumer", "status"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 2
+    assert "127.0.0.1:1/idv" in result.stderr  # it reads the URL from the file
+    assert PASSWORD not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1
