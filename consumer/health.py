@@ -6,9 +6,16 @@
     GET /healthz   200 while the event loop runs (a blocked loop cannot answer: the probe times out)
     GET /readyz    200 or 503 with a JSON body saying why (see readiness_report)
 
-:class:`HealthServer` is an anyio task (``await tg.start(server.serve)``) speaking HTTP/1.1 through h11,
-like the sandbox provider, with keep-alive and short timeouts. It binds 127.0.0.1 by default: metrics
-are not secret, but nothing outside the host needs them unless a scraper is deployed there on purpose.
+:class:`HealthServer` is an anyio task (``await tg.start(server.serve)``) serving HTTP/1.1 with
+aiohttp's low-level server (``aiohttp.web.Server``): aiohttp parses the requests, limits line, header and
+field sizes and closes idle keep-alive connections; this module caps the number of open connections
+(beyond it a connection gets an immediate 503 and is closed), bounds a connection's lifetime (a client
+trickling header bytes cannot hold one for ever) and never lets the endpoint stop the daemon: once bound,
+:meth:`HealthServer.serve` only returns when cancelled, and every failure in it is logged, not raised.
+Out of file descriptors (EMFILE), the event loop's accept loop logs and retries (asyncio pauses accepting
+for a second; uvloop/libuv sheds the connection); message processing goes on either way. It binds
+127.0.0.1 by default: metrics are not secret, but nothing outside the host needs them unless a scraper is
+deployed there on purpose.
 
 Readiness is more than "the process is up". A consumer whose partition stopped moving while everything
 else looks fine is the failure that hides longest (PITFALLS: quix-streams #1124), so
@@ -18,20 +25,20 @@ else looks fine is the failure that hides longest (PITFALLS: quix-streams #1124)
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http import HTTPStatus
 from types import TracebackType
 from typing import Any
 
 import anyio
 import anyio.abc
-import h11
 import orjson
-from anyio.abc import SocketAttribute
-from anyio.streams.stapled import MultiListener
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from consumer.errors import ConfigurationError
 from consumer.metrics import CONTENT_TYPE, Metrics
@@ -52,12 +59,19 @@ DEFAULT_PORT = 9400
 
 Readiness = Callable[[], tuple[bool, dict[str, Any]]]
 
-_READ_SIZE = 16 * 1024
-_MAX_HEAD_BYTES = 16 * 1024
+_MAX_LINE_BYTES = 8 * 1024  # request line and each header line
+_MAX_HEADERS = 64
 _IDLE_TIMEOUT_S = 15.0  # an idle keep-alive connection is closed after this
-_REQUEST_TIMEOUT_S = 5.0  # a started request must arrive completely within this
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
-_JSON = b"application/json"
+_CONNECTION_LIFETIME_S = 60.0  # then a connection is closed after its current request (a scraper reconnects)
+_MAX_CONNECTIONS = 64  # open connections; more get an immediate 503 and are closed
+_BACKLOG = 64
+_SHUTDOWN_TIMEOUT_S = 2.0  # requests still running when the server stops get this long
+_JSON = "application/json"
+_REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"content-length: 28\r\ncache-control: no-store\r\nconnection: close\r\n\r\n"
+    b'{"error":"too_many_clients"}'
+)
 
 
 # -- readiness logic -----------------------------------------------------------------------------------
@@ -166,11 +180,68 @@ class PartitionProgress:
 class _Response:
     status: int
     body: bytes
-    content_type: bytes
+    content_type: str
 
 
 def _json(status: int, data: dict[str, Any]) -> _Response:
     return _Response(status, orjson.dumps(data) + b"\n", _JSON)
+
+
+class _Refuse(asyncio.Protocol):
+    """A connection over the cap: one 503 and close, so its file descriptor is freed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(_REFUSED)
+        transport.close()
+
+
+class _CappedServer(web.Server):
+    """aiohttp's low-level server with a cap on open connections and a lifetime per connection.
+
+    The count is aiohttp's own (connections set up and not yet closed), so connections accepted in one
+    burst may exceed the cap by that burst, at most the listen backlog.
+    """
+
+    def __init__(self, handler: Any, *, max_connections: int, lifetime_s: float, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.max_connections = max_connections
+        self.lifetime_s = lifetime_s
+        self.refused = 0
+        self._timers: dict[RequestHandler, asyncio.TimerHandle] = {}
+
+    def __call__(self) -> Any:
+        if len(self.connections) >= self.max_connections:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning(
+                    "health endpoint: %d connections open, refusing more (%d refused so far)",
+                    len(self.connections),
+                    self.refused,
+                )
+            return _Refuse()
+        return super().__call__()
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self._timers[handler] = self._loop.call_later(self.lifetime_s, self._expire, handler)
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        timer = self._timers.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
+        super().connection_lost(handler, exc)
+
+    def _expire(self, handler: RequestHandler) -> None:
+        # Graceful first (after the request being answered, if any), then for good.
+        handler.close()
+        self._timers[handler] = self._loop.call_later(_SHUTDOWN_TIMEOUT_S, handler.force_close)
+
+
+def _bind_error(host: str, port: int, exc: OSError) -> ConfigurationError:
+    # asyncio words it "error while attempting to bind on address ...": name the errno's own message.
+    reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or type(exc).__name__)
+    return ConfigurationError(f"IDV_HEALTH_PORT: cannot listen on {host}:{port} ({reason})")
 
 
 class HealthServer:
@@ -188,7 +259,8 @@ class HealthServer:
     inside the task group's exception group).
 
     ``readiness`` is called on every ``/readyz`` request, in the event loop: it must be cheap and must not
-    block. If it raises, the answer is 503.
+    block. If it raises, the answer is 503. Needs the asyncio backend (uvloop included): aiohttp is
+    asyncio-only.
     """
 
     def __init__(
@@ -197,13 +269,23 @@ class HealthServer:
         port: int = DEFAULT_PORT,
         metrics: Metrics | None = None,
         readiness: Readiness | None = None,
+        *,
+        max_connections: int = _MAX_CONNECTIONS,
+        idle_timeout_s: float = _IDLE_TIMEOUT_S,
+        connection_lifetime_s: float = _CONNECTION_LIFETIME_S,
+        backlog: int = _BACKLOG,
     ) -> None:
         self.host = host
         self.requested_port = port
         self.metrics = metrics
         self.readiness = readiness
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self.connection_lifetime_s = connection_lifetime_s
+        self.backlog = backlog
         self._port: int | None = None
-        self._listener: MultiListener[anyio.abc.SocketStream] | None = None
+        self._server: _CappedServer | None = None
+        self._listener: asyncio.AbstractServer | None = None
 
     @property
     def port(self) -> int:
@@ -223,34 +305,57 @@ class HealthServer:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
 
+    @property
+    def refused(self) -> int:
+        """Connections refused because the cap was reached."""
+        return self._server.refused if self._server is not None else 0
+
     async def bind(self) -> int:
-        """Open the listening socket now and return the bound port (idempotent).
+        """Open the listening socket now and return the bound port (idempotent). Connections are accepted
+        (and answered) from here on.
 
         A host/port that cannot be bound raises :class:`ConfigurationError` naming ``IDV_HEALTH_PORT``.
         Binding before the task group (``async with server:`` does it) lets that error reach the CLI as
         itself; raised inside a task group it would arrive wrapped in an exception group.
         """
         if self._listener is None:
+            server = _CappedServer(
+                self._handle,
+                max_connections=self.max_connections,
+                lifetime_s=self.connection_lifetime_s,
+                keepalive_timeout=self.idle_timeout_s,
+                max_line_size=_MAX_LINE_BYTES,
+                max_field_size=_MAX_LINE_BYTES,
+                max_headers=_MAX_HEADERS,
+                access_log=None,
+            )
             try:
-                listener = await anyio.create_tcp_listener(
-                    local_host=self.host, local_port=self.requested_port
+                listener = await asyncio.get_running_loop().create_server(
+                    server, self.host or None, self.requested_port, backlog=self.backlog
                 )
             except OSError as exc:
-                raise ConfigurationError(
-                    f"IDV_HEALTH_PORT: cannot listen on {self.host}:{self.requested_port} "
-                    f"({exc.strerror or type(exc).__name__})"
-                ) from None
-            self._listener = listener
-            # S610 is about Django's QuerySet.extra; this is anyio's typed-attribute lookup.
-            self._port = int(listener.listeners[0].extra(SocketAttribute.local_port))  # noqa: S610
+                raise _bind_error(self.host, self.requested_port, exc) from None
+            self._server, self._listener = server, listener
+            self._port = int(listener.sockets[0].getsockname()[1])
         assert self._port is not None
         return self._port
 
     async def aclose(self) -> None:
-        """Close the listening socket (a no-op when not bound). :meth:`serve` does this when it ends."""
+        """Stop listening and close the connections (a no-op when not bound). :meth:`serve` does this when
+        it ends. Never raises: a failure is logged."""
         listener, self._listener = self._listener, None
-        if listener is not None:
-            await listener.aclose()
+        server, self._server = self._server, None
+        if listener is None or server is None:
+            return
+        try:
+            listener.close()
+            server.pre_shutdown()
+            with anyio.move_on_after(_SHUTDOWN_TIMEOUT_S * 2):
+                await server.shutdown(_SHUTDOWN_TIMEOUT_S)
+            for handler in server.connections:
+                handler.force_close()
+        except Exception:
+            log.exception("health endpoint: error while closing")
 
     async def __aenter__(self) -> HealthServer:
         await self.bind()
@@ -266,108 +371,44 @@ class HealthServer:
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled (binding first if :meth:`bind` was not called); reports the bound port
-        through ``task_status``, so ``port = await tg.start(server.serve)``."""
+        through ``task_status``, so ``port = await tg.start(server.serve)``.
+
+        Only the bind can raise. Afterwards aiohttp answers requests in tasks of its own and this task
+        just waits, so nothing that happens to a connection or a request (malformed input, a failing
+        handler, EMFILE on accept) reaches the caller's task group: the daemon keeps processing messages.
+        """
         port = await self.bind()
-        listener = self._listener
-        assert listener is not None
         try:
             log.info("health endpoint listening on %s", self.url)
             task_status.started(port)
-            await listener.serve(self._connection)
+            await anyio.sleep_forever()
         finally:
             with anyio.CancelScope(shield=True):
                 await self.aclose()
 
-    async def _connection(self, stream: anyio.abc.SocketStream) -> None:
-        async with stream:
-            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD_BYTES)
-            try:
-                await self._serve(conn, stream)
-            except h11.RemoteProtocolError as exc:
-                await self._send_error(conn, stream, exc.error_status_hint)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                pass
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            response = self._route(request.method, request.path)
+        except Exception:
+            # The endpoint must never take the daemon down, nor answer with aiohttp's own error page.
+            log.exception("health endpoint failed to answer %s", request.path)
+            response = _json(500, {"error": "internal"})
+        headers = {"Content-Type": response.content_type, "Cache-Control": "no-store"}
+        if response.status == 405:
+            headers["Allow"] = "GET, HEAD"
+        return web.Response(status=response.status, body=response.body, headers=headers)
 
-    async def _serve(self, conn: h11.Connection, stream: anyio.abc.SocketStream) -> None:
-        while True:
-            request = await self._receive(conn, stream)
-            if request is None:
-                return
-            try:
-                response = self._route(request)
-            except Exception:
-                # The endpoint must never take the daemon down: its task group is the daemon's.
-                log.exception("health endpoint failed to answer %s", bytes(request.target).decode("latin-1"))
-                response = _json(500, {"error": "internal"})
-            head_only = request.method == b"HEAD"
-            headers = [
-                (b"content-type", response.content_type),
-                (b"content-length", str(len(response.body)).encode()),
-                (b"cache-control", b"no-store"),
-            ]
-            if response.status == 405:
-                headers.append((b"allow", b"GET, HEAD"))
-            data = (
-                conn.send(
-                    h11.Response(
-                        status_code=response.status,
-                        headers=headers,
-                        reason=_REASONS.get(response.status, b""),
-                    )
-                )
-                or b""
-            )
-            if not head_only:
-                data += conn.send(h11.Data(data=response.body)) or b""
-            data += conn.send(h11.EndOfMessage()) or b""
-            await stream.send(data)
-            if conn.our_state is h11.MUST_CLOSE:
-                return
-            conn.start_next_cycle()
-
-    async def _receive(self, conn: h11.Connection, stream: anyio.abc.SocketStream) -> h11.Request | None:
-        """The next request (a body, if any, is read and ignored); None when the connection should end.
-
-        Between requests a keep-alive connection may sit idle for ``_IDLE_TIMEOUT_S``; once the first
-        bytes of a request arrived, the whole request must arrive within ``_REQUEST_TIMEOUT_S`` (a client
-        trickling header bytes cannot hold the connection forever).
-        """
-        request: h11.Request | None = None
-        deadline: float | None = None
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                timeout = _IDLE_TIMEOUT_S if deadline is None else deadline - anyio.current_time()
-                with anyio.move_on_after(max(timeout, 0.0)):
-                    try:
-                        data = await stream.receive(_READ_SIZE)
-                    except anyio.EndOfStream:
-                        return None
-                    if deadline is None:
-                        deadline = anyio.current_time() + _REQUEST_TIMEOUT_S
-                    conn.receive_data(data)
-                    continue
-                return None  # timed out: close the connection
-            if isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.EndOfMessage):
-                return request
-            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                return None
-            # h11.Data: a request body, not needed by any endpoint here.
-
-    def _route(self, request: h11.Request) -> _Response:
-        path = bytes(request.target).partition(b"?")[0]
-        if path not in (b"/metrics", b"/healthz", b"/readyz"):
+    def _route(self, method: str, path: str) -> _Response:
+        if path not in ("/metrics", "/healthz", "/readyz"):
             return _json(404, {"error": "not_found"})
-        if request.method not in (b"GET", b"HEAD"):
+        if method not in ("GET", "HEAD"):
             return _json(405, {"error": "method_not_allowed"})
-        if path == b"/healthz":
+        if path == "/healthz":
             return _json(200, {"status": "ok"})
-        if path == b"/metrics":
+        if path == "/metrics":
             if self.metrics is None:
                 return _json(404, {"error": "metrics_disabled"})
-            return _Response(200, self.metrics.render(), CONTENT_TYPE.encode())
+            return _Response(200, self.metrics.render(), CONTENT_TYPE)
         return self._ready()
 
     def _ready(self) -> _Response:
@@ -382,28 +423,3 @@ class HealthServer:
             return _json(200 if ready else 503, details)
         except TypeError:
             return _json(503, {"ready": False, "reasons": ["readiness details are not JSON-serialisable"]})
-
-    @staticmethod
-    async def _send_error(conn: h11.Connection, stream: anyio.abc.SocketStream, status: int) -> None:
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        body = orjson.dumps({"error": "bad_request"})
-        try:
-            data = (
-                conn.send(
-                    h11.Response(
-                        status_code=status,
-                        headers=[
-                            (b"content-type", _JSON),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close"),
-                        ],
-                        reason=_REASONS.get(status, b""),
-                    )
-                )
-                or b""
-            )
-            data += (conn.send(h11.Data(data=body)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
-            await stream.send(data)
-        except (h11.LocalProtocolError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass
