@@ -54,6 +54,7 @@ def _processor(args: argparse.Namespace, store: object, provider: ProviderClient
         lease_s=60.0,
         retention_s=30 * 86400.0,
         max_message_bytes=1024 * 1024,
+        fingerprint_key="bench-fingerprint-key-not-secret",  # keyed like the daemon's
     )
 
 
