@@ -533,3 +533,61 @@ def test_the_cli_prints_the_store_error_without_the_password(tmp_path: Any) -> N
     assert "127.0.0.1:1/idv" in result.stderr  # it reads the URL from the file
     assert PASSWORD not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- a claim whose reply is lost on the wire -----------------------------------------------------------
+
+
+class ReplyCutter(TcpProxy):
+    """A proxy that, when armed, drops the connection at the server's next reply instead of forwarding
+    it: the statement ran (and, in autocommit, committed), the client never hears of it."""
+
+    cut_next_reply = False
+
+    async def _handle(self, client: anyio.abc.SocketStream) -> None:
+        async with client:
+            try:
+                upstream = await anyio.connect_tcp(*self.upstream)
+            except OSError:
+                return
+            async with upstream, anyio.create_task_group() as tg:
+                tg.start_soon(self._pump, client, upstream, tg.cancel_scope)
+                tg.start_soon(self._replies, upstream, client, tg.cancel_scope)
+
+    async def _replies(
+        self, src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream, scope: anyio.CancelScope
+    ) -> None:
+        try:
+            async for chunk in src:
+                if self.cut_next_reply:
+                    self.cut_next_reply = False
+                    return  # finally: both sides dropped, the reply never forwarded
+                await dst.send(chunk)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            scope.cancel()
+
+
+async def test_a_claim_retried_after_its_reply_was_lost_does_not_wait_a_lease(schema_url: str) -> None:
+    async with anyio.create_task_group() as tg:
+        proxy = ReplyCutter(*_upstream(schema_url))
+        await proxy.start(tg)
+        # One connection, its claim statement already prepared: the cut hits the execution's reply.
+        async with PostgresStore(proxy.url(schema_url), min_size=1, max_size=1, connect_timeout=2) as store:
+            assert (await _claim(store, _key())).status is ClaimStatus.ACQUIRED
+            key = _key()
+            proxy.cut_next_reply = True
+            with pytest.raises(StoreError):
+                await _claim(store, key, owner="a", lease=60.0)
+            stored = await store.get(key)  # the insert committed although the answer was lost
+            assert stored is not None and stored.state is State.IN_PROGRESS and stored.owner == "a"
+            started = anyio.current_time()
+            claim = await _claim(store, key, owner="a", lease=60.0)
+            assert claim.status is ClaimStatus.ACQUIRED  # not BUSY for the 60 s lease
+            assert claim.record.attempts == 1 and claim.record.owner == "a"
+            assert anyio.current_time() - started < 5
+            # Another owner still finds it busy; completing works as usual.
+            assert (await _claim(store, key, owner="b")).status is ClaimStatus.BUSY
+            await store.complete(key, "a", Outcome("approved", 200, "ref"))
+        tg.cancel_scope.cancel()
