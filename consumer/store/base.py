@@ -116,28 +116,32 @@ class DedupeStore(abc.ABC):
 
     def __init__(self, clock: Clock = time.time) -> None:
         self.clock = clock
-        # Keys with a claim running now or an ACQUIRED claim not yet completed or released, by this store
-        # object (event-loop side only). See the module docstring: makes a lost-reply retry re-entrant.
-        self._holds: dict[str, int] = {}
+        # This store object's view of its own callers (event-loop side only), which makes a claim whose
+        # answer was lost re-entrant without letting two handlers hold one key (see the module docstring):
+        # claims of a key running right now, and the owner that holds a key (got ACQUIRED, has not yet
+        # completed or released it, nor lost it).
+        self._claiming: dict[str, int] = {}
+        self._held: dict[str, str] = {}
 
     def _claim_started(self, key: str) -> bool:
         """Count a claim of ``key`` in progress; True when no other claim or holder of ``key`` exists in
         this process, i.e. a live lease of our own owner found by this claim is one whose answer was lost."""
-        n = self._holds.get(key, 0)
-        self._holds[key] = n + 1
-        return n == 0
+        n = self._claiming.get(key, 0)
+        self._claiming[key] = n + 1
+        return n == 0 and key not in self._held
 
-    def _claim_finished(self, key: str, claim: Claim | None) -> None:
-        """The claim ended: an ACQUIRED one keeps its hold until :meth:`_hold_ended`."""
-        if claim is None or claim.status is not ClaimStatus.ACQUIRED:
-            self._hold_ended(key)
-
-    def _hold_ended(self, key: str) -> None:
-        n = self._holds.get(key, 0) - 1
+    def _claim_finished(self, key: str, owner: str, claim: Claim | None) -> None:
+        n = self._claiming.get(key, 0) - 1
         if n > 0:
-            self._holds[key] = n
+            self._claiming[key] = n
         else:
-            self._holds.pop(key, None)
+            self._claiming.pop(key, None)
+        if claim is not None and claim.status is ClaimStatus.ACQUIRED:
+            self._held[key] = owner
+
+    def _hold_ended(self, key: str, owner: str) -> None:
+        if self._held.get(key) == owner:
+            del self._held[key]
 
     async def claim(
         self,
@@ -173,7 +177,7 @@ class DedupeStore(abc.ABC):
             )
             return result
         finally:
-            self._claim_finished(key, result)
+            self._claim_finished(key, owner, result)
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -212,9 +216,9 @@ class DedupeStore(abc.ABC):
         try:
             record = await self._complete(key, owner, outcome, failed=failed)
         except LeaseLost:
-            self._hold_ended(key)
+            self._hold_ended(key, owner)
             raise
-        self._hold_ended(key)
+        self._hold_ended(key, owner)
         return record
 
     async def release(self, key: str, owner: str, error: str) -> None:
@@ -222,16 +226,16 @@ class DedupeStore(abc.ABC):
         try:
             await self._release(key, owner, error)
         except LeaseLost:
-            self._hold_ended(key)
+            self._hold_ended(key, owner)
             raise
-        self._hold_ended(key)
+        self._hold_ended(key, owner)
 
     async def renew(self, key: str, owner: str, lease_s: float) -> None:
         """Extend our lease; raises LeaseLost if the record is no longer ours."""
         try:
             await self._renew(key, owner, lease_s)
         except LeaseLost:
-            self._hold_ended(key)
+            self._hold_ended(key, owner)
             raise
 
     @abc.abstractmethod

@@ -408,3 +408,16 @@ async def test_same_owner_concurrent_claims_have_one_winner(store: DedupeStore) 
     # Once the holder released, the key is free again (RELEASED → take-over).
     await store.release(key, "a", "abandoned")
     assert (await _claim(store, key, owner="a")).status is ClaimStatus.ACQUIRED
+
+
+async def test_a_failed_intrusion_does_not_end_the_holders_hold(store: DedupeStore) -> None:
+    key = _key()
+    assert (await _claim(store, key, owner="a")).status is ClaimStatus.ACQUIRED
+    with pytest.raises(LeaseLost):
+        await store.complete(key, "intruder", Outcome("approved"))
+    with pytest.raises(LeaseLost):
+        await store.release(key, "intruder", "x")
+    with pytest.raises(LeaseLost):
+        await store.renew(key, "intruder", 30)
+    # "a" still holds the key: a second handler of "a" is not let in.
+    assert (await _claim(store, key, owner="a")).status is ClaimStatus.BUSY
