@@ -126,3 +126,24 @@ def test_store_url_from_file(tmp_path: Path) -> None:
     s = Settings.from_env({**BASE, "IDV_STORE_URL": "sqlite:///x.db", "IDV_STORE_URL_FILE": str(f)})
     assert s.store_url == "postgresql://idv:file-pw@127.0.0.1:5432/idv"  # the file wins, like every secret
     assert "file-pw" not in repr(s)
+
+
+def test_the_daemon_refuses_to_start_without_a_fingerprint_key(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDV_")}
+    env.update(IDV_PROVIDER_API_KEY="k", PYTHONPATH=str(root))
+    result = subprocess.run(
+        [sys.executable, "-m", "consumer", "run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "IDV_FINGERPRINT_KEY: is required" in line
