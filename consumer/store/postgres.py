@@ -171,8 +171,12 @@ AND expires_at < $1 AND state <> 'in_progress'
 
 # Conflict log entries go with their record (run after the records' purge).
 _PURGE_CONFLICTS_SQL = """
-DELETE FROM idempotency_conflicts c
-WHERE NOT EXISTS (SELECT 1 FROM idempotency_records r WHERE r.key = c.key)
+DELETE FROM idempotency_conflicts
+WHERE id IN (
+    SELECT c.id FROM idempotency_conflicts c
+    WHERE NOT EXISTS (SELECT 1 FROM idempotency_records r WHERE r.key = c.key)
+    LIMIT $1
+)
 """
 
 # How many times claim looks again after losing a race before answering BUSY (the caller waits, retries).
@@ -506,7 +510,7 @@ class PostgresStore(DedupeStore):
             return status
 
         async def conflicts(conn: Any) -> str:
-            status: str = await conn.execute(_PURGE_CONFLICTS_SQL)
+            status: str = await conn.execute(_PURGE_CONFLICTS_SQL, self.purge_batch)
             return status
 
         total = 0
@@ -515,7 +519,12 @@ class PostgresStore(DedupeStore):
             total += deleted
             if deleted < self.purge_batch:
                 break
-        gone = _rowcount(await self._run("purge_expired", conflicts))
+        gone = 0
+        while True:
+            deleted = _rowcount(await self._run("purge_expired", conflicts))
+            gone += deleted
+            if deleted < self.purge_batch:
+                break
         if gone:
             log.info("purged %d conflict log entries whose record expired", gone)
         return total

@@ -332,6 +332,9 @@ async def test_purge_works_in_batches_and_keeps_in_progress(schema_url: str) -> 
         for i in range(30):
             key = _key()
             await _claim(store, key, retention=100)
+            await store.record_conflict(
+                key=key, message_id=f"m-{i}", fingerprint="fp2", stored_fingerprint="fp1", source="t/0@1"
+            )
             if i % 3:
                 await store.complete(key, "a", Outcome("approved", 200, f"ref-{i}"))
             else:
@@ -342,8 +345,13 @@ async def test_purge_works_in_batches_and_keeps_in_progress(schema_url: str) -> 
         fresh = _key()
         clock.now += 101
         await _claim(store, fresh, retention=100)
+        await store.record_conflict(
+            key=fresh, message_id="m-fresh", fingerprint="fp2", stored_fingerprint="fp1", source="t/0@2"
+        )
         assert await store.purge_expired() == 30
         assert await store.counts() == {"in_progress": 5, "completed": 0, "failed": 0, "released": 0}
+        # The conflict log went with its records, in batches too; the live record's entry stays.
+        assert [c["message_id"] for c in await store.conflicts()] == ["m-fresh"]
         assert await store.purge_expired() == 0
 
 
