@@ -125,6 +125,7 @@ class Daemon:
             stats=self.stats,
             want_records=settings.result_topic is not None,
             on_store_op=self.metrics.store_op,
+            provider_key_retention_s=settings.provider_key_retention_s,
         )
         self.sinks = Sinks(
             bootstrap=settings.kafka_bootstrap,

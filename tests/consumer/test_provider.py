@@ -169,8 +169,10 @@ def test_classification_table() -> None:
     assert classify_status(401) == classify_status(403) == "auth"
     for status in (408, 409, 425, 429, 500, 502, 503, 504):
         assert classify_status(status) == "retry", status
-    for status in (400, 404, 405, 413, 422):
+    for status in (400, 404, 413, 422):  # 404: refined by the body (route or business resource)
         assert classify_status(status) == "terminal", status
+    for status in (301, 302, 307, 308, 405):  # the endpoint is not there: configuration
+        assert classify_status(status) == "config", status
 
 
 def test_retry_after_parsing() -> None:
