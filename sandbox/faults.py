@@ -23,6 +23,9 @@ Script items:
     close the connection before the request reaches the idempotency layer (no side effect)
 ``delay:MS``
     extra delay of MS milliseconds before business handling (on top of ``latency_ms``)
+``trickle:MS``
+    process normally, then send the answer slowly: the head at once, the body in small pieces spread
+    over MS milliseconds (every gap far below a read timeout, so only a total deadline stops it)
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class FaultAction(enum.Enum):
     """Close the connection before the idempotency layer."""
     DROP_AFTER = "drop_after"
     """Process normally, then close the connection instead of answering."""
+    TRICKLE = "trickle"
+    """Process normally, then send the answer's body slowly over ``Fault.delay_s``."""
     DELAY = "delay"
     """Process normally after an extra ``Fault.delay_s``."""
 
@@ -76,6 +81,11 @@ def parse_script_item(item: str) -> Fault | None:
         if delay_ms < 0:
             raise SandboxConfigError(f"script item {item!r}: delay must be >= 0")
         return Fault("script:delay", FaultAction.DELAY, delay_s=delay_ms / 1000)
+    if head == "trickle" and sep:
+        trickle_ms = _number(arg, item)
+        if trickle_ms < 0:
+            raise SandboxConfigError(f"script item {item!r}: trickle must be >= 0")
+        return Fault("script:trickle", FaultAction.TRICKLE, delay_s=trickle_ms / 1000)
     if head.isdigit():
         status = int(head)
         if status == 429:
@@ -88,7 +98,7 @@ def parse_script_item(item: str) -> Fault | None:
         if 500 <= status <= 599 and not sep:
             return Fault(f"script:{status}", FaultAction.RESPOND, status=status)
     raise SandboxConfigError(
-        f"script item {item!r} not understood (ok, 5xx, 429[:N], drop, drop_before, delay:MS)"
+        f"script item {item!r} not understood (ok, 5xx, 429[:N], drop, drop_before, delay:MS, trickle:MS)"
     )
 
 
