@@ -267,6 +267,8 @@ class SandboxApp:
         if fault.status == 429:
             retry_after = fault.retry_after_s or self.faults.default_retry_after_s()
             return _error(429, "rate_limited", _retry_after(retry_after))
+        if 300 <= fault.status < 400:
+            return json_response(fault.status, {}, ((b"location", b"https://moved.invalid/"),))
         return _error(fault.status, "injected")
 
     def _finish(self, key: str | None, attempt: Attempt, outcome: Outcome, response: Response) -> Response:

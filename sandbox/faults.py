@@ -15,6 +15,8 @@ Script items:
     no fault for this request (the random rates are not rolled either)
 ``500`` .. ``599``
     gateway error with that status
+``301``, ``302``, ``303``, ``307``, ``308``
+    a redirect from a gateway or proxy in front of the provider (``Location`` elsewhere), nothing stored
 ``429`` / ``429:N``
     gateway rate limit with ``Retry-After: N`` (default ``retry_after_s``)
 ``drop``
@@ -95,11 +97,15 @@ def parse_script_item(item: str) -> Fault | None:
                 if retry_after < 1:
                     raise SandboxConfigError(f"script item {item!r}: Retry-After must be >= 1")
             return Fault("script:429", FaultAction.RESPOND, status=429, retry_after_s=retry_after)
-        if 500 <= status <= 599 and not sep:
+        if (500 <= status <= 599 or status in _REDIRECTS) and not sep:
             return Fault(f"script:{status}", FaultAction.RESPOND, status=status)
     raise SandboxConfigError(
-        f"script item {item!r} not understood (ok, 5xx, 429[:N], drop, drop_before, delay:MS, trickle:MS)"
+        f"script item {item!r} not understood "
+        "(ok, 5xx, 3xx redirect, 429[:N], drop, drop_before, delay:MS, trickle:MS)"
     )
+
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 def _number(text: str, item: str) -> float:

@@ -205,3 +205,25 @@ async def test_retry_failed_runs_failed_records_again_under_a_new_key_generation
     assert code == 0, err
     assert summary is not None and summary["counts"] == {"not failed (skipped)": 2}, summary
     assert sum(sb.side_effects().values()) == 2
+
+
+async def test_a_redirect_stops_the_daemon_and_commits_nothing(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+) -> None:
+    """A proxy in front of the provider answers 302: a configuration problem, not a per-message
+    failure. Exit code 3, nothing committed, nothing recorded FAILED, the key handed back."""
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    sb.faults(script=["302"])
+    env = envelope("redirect")
+    key = idempotency_key("idv", env.operation, env.message_id)
+    await publish_raw(kafka_bootstrap, topic, records_of([env]), partition=1)
+    group = "g-" + uuid.uuid4().hex[:8]
+    daemon = Daemon(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
+    with anyio.fail_after(60):
+        code = await daemon.run()
+    assert code == 3
+    assert set((await committed_offsets(kafka_bootstrap, group, topic)).values()) == {0}
+    assert [a["status"] for a in sb.ledger()["keys"][key]["attempts"]] == [302]
+    async with open_store(sqlite_url) as store:
+        record = await store.get(key)
+    assert record is not None and record.state is State.RELEASED and record.last_error == "provider_config"
