@@ -342,8 +342,10 @@ class Processor:
             held = now + self.lease_s
 
         async def before_attempt(attempt: int) -> None:
-            # Right after the claim the lease is fresh; otherwise (a retry, a long breaker wait) renew it.
-            if held - self.store.clock() < cover:
+            # Every retry renews (a compare-and-set: it also finds out if the key was lost meanwhile). The
+            # first attempt renews only if the claim's lease no longer covers it (a long wait in the
+            # circuit breaker): right after the claim it is fresh, and the hot path saves a store write.
+            if attempt > 1 or held - self.store.clock() < cover:
                 await renew()
 
         async def keep_renewed(scope: anyio.CancelScope) -> None:

@@ -108,6 +108,40 @@ async def test_a_trickling_provider_never_sees_two_owners_at_once(
     assert elapsed < 10
 
 
+async def test_the_lease_is_kept_alive_while_the_call_waits_in_an_open_circuit_breaker(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+) -> None:
+    """A's breaker is open for 3 s (longer than the 2 s lease) before its first attempt. The background
+    renewer holds the lease through the wait: B never gets the key, A makes the only call."""
+    from consumer.breaker import BreakerState, CircuitBreaker
+
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    env, msg = await one_record(kafka_bootstrap, topic)
+    key = idempotency_key("idv", env.operation, env.message_id)
+    async with open_store(sqlite_url) as store:
+        a, b = processor(store, sb, "owner-a"), processor(store, sb, "owner-b")
+        breaker = CircuitBreaker(window=1, min_calls=1, failure_ratio=1.0, open_s=3.0)
+        breaker.record(False)
+        assert breaker.state is BreakerState.OPEN
+        a.provider.breaker = breaker
+        results: dict[str, Handled] = {}
+
+        async def run(name: str, p: Processor, delay: float) -> None:
+            await anyio.sleep(delay)
+            async with p.provider:
+                results[name] = await p.handle(msg)
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, "a", a, 0.0)
+                tg.start_soon(run, "b", b, 0.2)
+        record = await store.get(key)
+    assert results["a"].disposition is Disposition.COMPLETED
+    assert results["b"].disposition is Disposition.DUPLICATE
+    assert record is not None and record.attempts == 1
+    assert len(sb.ledger()["keys"][key]["attempts"]) == 1
+
+
 class RenewStalls:
     """The shared store, except that one owner's renewals hang until ``go`` is set (a stalled store
     connection, a paused process): its lease runs out although it is alive."""
