@@ -45,7 +45,7 @@ async def one_record(kafka_bootstrap: str, topic: str) -> tuple[Envelope, Any]:
         request={"full_name": "Lease Person"},
     )
     await publish(kafka_bootstrap, topic, [env])
-    (msg,) = await read_all(kafka_bootstrap, topic)
+    (msg,) = [m for m in await read_all(kafka_bootstrap, topic) if env.message_id.encode() in m.value]
     return env, msg
 
 
@@ -216,3 +216,39 @@ def test_the_lease_must_cover_the_attempt_deadline_plus_slack() -> None:
 
     with pytest.raises(ConfigurationError, match="IDV_LEASE_S"):
         Settings.from_env({**base, "IDV_LEASE_S": "5.5"})
+
+
+async def test_a_call_cancelled_after_its_request_left_keeps_the_key_until_the_lease_expires(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+) -> None:
+    """Cancelled (rebalance drain bound, shutdown) while the provider holds the request: releasing would
+    let the next owner call while the provider may still be working. The key stays IN_PROGRESS until its
+    lease expires. Cancelled before anything was sent (waiting in an open breaker): released at once."""
+    from consumer.breaker import CircuitBreaker
+
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    sb.faults(latency_ms=900)
+    env, msg = await one_record(kafka_bootstrap, topic)
+    key = idempotency_key("idv", env.operation, env.message_id)
+    async with open_store(sqlite_url) as store:
+        a = processor(store, sb, "owner-a")
+        async with a.provider:
+            with anyio.move_on_after(0.4):
+                await a.handle(msg)
+        record = await store.get(key)
+        assert record is not None and record.state is State.IN_PROGRESS and record.owner == "owner-a"
+        assert record.lease_until is not None and record.lease_until > time.time()
+
+        # Not sent yet: the breaker holds the first attempt; the cancelled claim is handed back.
+        env2, msg2 = await one_record(kafka_bootstrap, topic)
+        key2 = idempotency_key("idv", env2.operation, env2.message_id)
+        b = processor(store, sb, "owner-b")
+        breaker = CircuitBreaker(window=1, min_calls=1, failure_ratio=1.0, open_s=5.0)
+        breaker.record(False)
+        b.provider.breaker = breaker
+        async with b.provider:
+            with anyio.move_on_after(0.4):
+                await b.handle(msg2)
+        record2 = await store.get(key2)
+    assert record2 is not None and record2.state is State.RELEASED and record2.last_error == "abandoned"
+    assert key2 not in sb.ledger()["keys"]
