@@ -242,6 +242,15 @@ def _may_hold_big_int(obj: object) -> bool:
     return False
 
 
+def check_exact_integers(raw: bytes | str, obj: object) -> None:
+    """Raise ``invalid_envelope`` if ``obj`` (``orjson.loads(raw)``) lost an integer beyond 64 bits.
+
+    For producer input parsed before an :class:`Envelope` exists (JSON Lines, ``--request``); ``decode``
+    runs the same check on the request."""
+    if _may_hold_big_int(obj) and _has_big_int(raw.encode() if isinstance(raw, str) else raw):
+        raise _invalid(_BIG_INT)
+
+
 def _has_big_int(value: bytes) -> bool:
     """Re-read the text with the standard library, which keeps integers exact (rare path)."""
     import json

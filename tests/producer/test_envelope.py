@@ -568,3 +568,15 @@ def test_canonical_request_sorts_keys_at_every_level() -> None:
         request={"full_name": "X", "z": {"a": 2, "b": 1}},
     )
     assert canonical_request(a) == canonical_request(b) == b'{"full_name":"X","z":{"a":2,"b":1}}'
+
+
+def test_producer_input_with_an_integer_beyond_64_bits_is_rejected_before_it_is_rounded() -> None:
+    from producer.cli import parse_line
+
+    line = orjson.dumps(valid_obj(request={"full_name": "X", "n": 0})).replace(
+        b'"n":0', b'"n":123456789012345678901234567890'
+    )
+    with pytest.raises(EnvelopeError) as info:
+        parse_line(line)
+    assert info.value.reason == "invalid_envelope" and "64 bits" in info.value.detail
+    assert parse_line(line.replace(b"123456789012345678901234567890", b"12")).request["n"] == 12
