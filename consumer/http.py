@@ -35,6 +35,10 @@ _TimeoutKey = tuple[float | None, float | None, float | None, float | None]
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
+    # The timeout extension's "total" becomes aiohttp's total timeout: the provider client need not wrap
+    # each exchange in its own deadline (one timer and cancel scope less per request).
+    enforces_total_deadline = True
+
     def __init__(
         self,
         *,

@@ -15,10 +15,11 @@ The order is what makes exactly-once hold (see docs/guarantees.md):
 * **Never delete on error.** A failed attempt releases the lease and keeps the record and its attempt
   count (PITFALLS: powertools #801).
 * **One live owner per key.** Every attempt has a hard total deadline below the lease; before an attempt
-  the lease is made sure to cover that deadline plus slack, and a background renewer extends it every
-  third of the lease while the call (retries, backoff, a wait in the circuit breaker) runs. A lease lost
-  anyway (the store stalled, the clock jumped) cancels the call; the loser then waits for the other
-  owner's outcome, or for its lease to run out, and never takes the key straight back.
+  the lease is made sure to cover that deadline plus slack, and while the call waits between attempts
+  (an open circuit breaker, backoff, ``Retry-After``) it is renewed every third of the lease. A lease
+  lost anyway (the store stalled, the process paused) ends the call before its next attempt; the loser
+  then waits for the other owner's outcome, or for its lease to run out, and never takes the key
+  straight back.
 * **A request that may be at the provider keeps its key.** Once a request may have left without a
   complete answer (timeout, dropped connection, cancellation by a rebalance or shutdown), the key is not
   released: it becomes claimable only when the lease runs out, so no second owner calls while the
@@ -328,11 +329,15 @@ class Processor:
     async def _call(
         self, operation: Operation, body: bytes, key: str, lease_until: float | None, progress: CallProgress
     ) -> CallResult:
-        """The provider call under a lease kept alive: made sure of before every attempt, renewed every
-        third of the lease meanwhile. Raises :class:`LeaseLost` (the call cancelled) if it is lost."""
+        """The provider call under a lease that never runs out while we are calling or waiting to call.
+
+        An attempt is bounded by the provider's hard deadline, and starts only with at least that deadline
+        plus :data:`LEASE_SLACK_S` left on the lease (renewed before every retry, and before the first
+        when the claim's lease no longer covers it). Between attempts — an open circuit breaker, backoff,
+        ``Retry-After`` — the lease is renewed every third of it. Each renewal is a compare-and-set:
+        :class:`LeaseLost` if another owner has the key, and then no further attempt is made. No renewer
+        task runs beside the call: nothing can outlast the lease while the process is alive."""
         held = lease_until if lease_until is not None else self.store.clock() + self.lease_s
-        lost = False
-        # What one attempt needs left on the lease when it starts: its hard deadline plus slack.
         cover = self.provider.timeout_s + LEASE_SLACK_S
 
         async def renew() -> None:
@@ -342,40 +347,21 @@ class Processor:
             held = now + self.lease_s
 
         async def before_attempt(attempt: int) -> None:
-            # Every retry renews (a compare-and-set: it also finds out if the key was lost meanwhile). The
-            # first attempt renews only if the claim's lease no longer covers it (a long wait in the
-            # circuit breaker): right after the claim it is fresh, and the hot path saves a store write.
+            # Every retry renews (which also finds out if the key was lost meanwhile). The first attempt
+            # renews only if the claim's lease no longer covers it (a long wait in the circuit breaker):
+            # right after the claim it is fresh, and the hot path saves a store write.
             if attempt > 1 or held - self.store.clock() < cover:
                 await renew()
 
-        async def keep_renewed(scope: anyio.CancelScope) -> None:
-            nonlocal lost
-            while True:
-                await anyio.sleep(self.lease_s / 3)
-                try:
-                    await renew()
-                except LeaseLost:
-                    lost = True
-                    scope.cancel()
-                    return
-
-        result: CallResult | None = None
-        error: Exception | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(keep_renewed, tg.cancel_scope)
-            try:
-                result = await self.provider.call(
-                    operation, body, key, before_attempt=before_attempt, progress=progress
-                )
-            except Exception as exc:  # noqa: BLE001 - re-raised below, outside the task group (no group)
-                error = exc
-            finally:
-                tg.cancel_scope.cancel()
-        if error is not None:
-            raise error
-        if lost or result is None:
-            raise LeaseLost(f"lease on {key_hash(key)} lost during the provider call")
-        return result
+        return await self.provider.call(
+            operation,
+            body,
+            key,
+            before_attempt=before_attempt,
+            progress=progress,
+            keep_alive=renew,
+            keep_alive_every_s=self.lease_s / 3,
+        )
 
     async def _await_other_owner(self, key: str) -> None:
         """After LeaseLost: poll until the other owner finished (or released) the key or its lease ran out."""

@@ -258,6 +258,9 @@ class ProviderClient:
         # answer), auth and redirect machinery cost ~40 % of the daemon's HTTP CPU and none of it is
         # wanted here (one fixed host, header auth, no redirects, no cookies).
         self._transport = transport
+        # consumer.http's aiohttp transport enforces the total deadline itself (aiohttp's total timeout);
+        # the others get an anyio.fail_after around the whole exchange (httpx's timeouts are per phase).
+        self._deadline_outside = not getattr(transport, "enforces_total_deadline", False)
         # Per phase for httpx; "total" is read by consumer.http's aiohttp transport. The hard total deadline
         # on every transport is the fail_after in _post.
         self._timeout = {**httpx.Timeout(timeout_s).as_dict(), "total": timeout_s}
@@ -287,17 +290,22 @@ class ProviderClient:
         request = httpx.Request(
             "POST", self._url(path), headers=headers, content=body, extensions={"timeout": self._timeout}
         )
+        if not self._deadline_outside:
+            return await self._exchange(request)
         try:
             with anyio.fail_after(self.timeout_s):
-                response = await self._transport.handle_async_request(request)
-                try:
-                    await response.aread()
-                finally:
-                    await response.aclose()
+                return await self._exchange(request)
         except TimeoutError:
             raise httpx.ReadTimeout(
                 f"no complete answer within the attempt deadline ({self.timeout_s:g}s)", request=request
             ) from None
+
+    async def _exchange(self, request: httpx.Request) -> httpx.Response:
+        response = await self._transport.handle_async_request(request)
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
         return response
 
     @classmethod
@@ -332,6 +340,26 @@ class ProviderClient:
             retry_after_max_s=settings.provider_retry_after_max_s,
         )
 
+    async def _acquire(self, keep_alive: Callable[[], Awaitable[None]] | None, every: float) -> bool:
+        assert self.breaker is not None
+        if keep_alive is None:
+            return await self.breaker.acquire()
+        while True:
+            with anyio.move_on_after(every):
+                return await self.breaker.acquire()
+            await keep_alive()
+
+    async def _wait(
+        self, delay: float, keep_alive: Callable[[], Awaitable[None]] | None, every: float
+    ) -> None:
+        while True:
+            step = delay if keep_alive is None else min(delay, every)
+            await self._sleep(step)
+            delay -= step
+            if delay <= 0 or keep_alive is None:
+                return
+            await keep_alive()
+
     def _record(self, success: bool, probe: bool) -> None:
         if self.breaker is not None:
             self.breaker.record(success, probe=probe)
@@ -344,12 +372,17 @@ class ProviderClient:
         *,
         before_attempt: Callable[[int], Awaitable[None]] | None = None,
         progress: CallProgress | None = None,
+        keep_alive: Callable[[], Awaitable[None]] | None = None,
+        keep_alive_every_s: float = 20.0,
     ) -> CallResult:
         """POST ``request`` to the operation's endpoint, retrying retriable failures with the same key.
 
         ``request`` is sent as given when it is bytes (the pipeline passes the canonical request), else
         encoded with sorted keys. ``before_attempt(n)`` runs before each attempt, after any wait in the
-        circuit breaker (the pipeline makes sure of its lease there). ``progress`` is kept up to date.
+        circuit breaker (the pipeline makes sure of its lease there). ``keep_alive()`` runs every
+        ``keep_alive_every_s`` while the call waits between attempts: in an open circuit breaker, in
+        backoff, behind a ``Retry-After`` (the pipeline renews its lease). An attempt itself needs none: it
+        is bounded by the deadline, which the lease covers. ``progress`` is kept up to date.
         Raises :class:`ProviderAuthError` (or its :class:`ProviderConfigError`), :class:`ProviderInDoubt`
         or :class:`RetriesExhausted`.
         """
@@ -359,9 +392,9 @@ class ProviderClient:
         last: ProviderRetriableError | None = None
         for attempt in range(1, self.retry.max_attempts + 1):
             probe = False
-            if self.breaker is not None:
+            if self.breaker is not None and self.breaker.state is not BreakerState.CLOSED:
                 # While the breaker is open the attempt waits here without spending the retry budget.
-                probe = await self.breaker.acquire()
+                probe = await self._acquire(keep_alive, keep_alive_every_s)
             started = time.perf_counter()
             try:
                 if before_attempt is not None:
@@ -426,6 +459,6 @@ class ProviderClient:
                 last,
                 delay,
             )
-            await self._sleep(delay)
+            await self._wait(delay, keep_alive, keep_alive_every_s)
         assert last is not None
         raise RetriesExhausted(self.retry.max_attempts, last)

@@ -342,3 +342,20 @@ async def test_progress_tells_whether_a_request_may_still_be_at_the_provider(sb:
         with pytest.raises(RetriesExhausted):
             await dead.call(AML, {"full_name": "A"}, "idv_key-refused", progress=refused)
     assert refused.sent == 0 and not refused.live  # never connected: nothing left
+
+
+async def test_keep_alive_runs_while_the_call_waits_behind_a_retry_after(sb: Sandbox) -> None:
+    """The pipeline renews its lease here: a wait between attempts longer than a third of the lease must
+    not let it run out."""
+    sb.faults(script=["429:2"])
+    calls: list[float] = []
+
+    async def keep_alive() -> None:
+        calls.append(time.monotonic())
+
+    async with client(sb) as c:
+        result = await c.call(
+            AML, {"full_name": "A"}, "idv_key-keepalive", keep_alive=keep_alive, keep_alive_every_s=0.5
+        )
+    assert result.attempts == 2
+    assert len(calls) >= 3  # every 0.5 s of the 2 s wait
