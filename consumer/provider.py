@@ -23,9 +23,10 @@ errors, timeouts
 
 Every attempt has a hard total deadline (``timeout_s``): httpx's timeouts are per phase (a provider that
 trickles its answer a byte at a time never trips a read timeout), so the whole attempt runs under
-``anyio.fail_after`` on every transport. The lease is sized against this deadline
-(``IDV_LEASE_S ≥ IDV_PROVIDER_TIMEOUT_S + LEASE_SLACK_S``), and the body sent is the canonical request
-(sorted keys, :func:`producer.envelope.canonical_request`), the same bytes the fingerprint covers.
+``anyio.fail_after``, or, on :mod:`consumer.http`'s transport, aiohttp's own total timeout. The lease
+is sized against this deadline (``IDV_LEASE_S ≥ IDV_PROVIDER_TIMEOUT_S + LEASE_SLACK_S``), and the body
+sent is the canonical request (sorted keys, :func:`producer.envelope.canonical_request`), the same bytes
+the fingerprint covers.
 """
 
 from __future__ import annotations
@@ -261,8 +262,14 @@ class ProviderClient:
         # consumer.http's aiohttp transport enforces the total deadline itself (aiohttp's total timeout);
         # the others get an anyio.fail_after around the whole exchange (httpx's timeouts are per phase).
         self._deadline_outside = not getattr(transport, "enforces_total_deadline", False)
-        # Per phase for httpx; "total" is read by consumer.http's aiohttp transport. The hard total deadline
-        # on every transport is the fail_after in _post.
+        # httpx-aiohttp reports a connection closed after the request arrived as ConnectTimeout (PITFALLS):
+        # there a "connect" failure does not prove that nothing reached the provider.
+        self._not_sent = (
+            (httpx.ConnectError, httpx.PoolTimeout)
+            if transport_kind == "httpx-aiohttp"
+            else (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+        )
+        # Per phase for httpx; "total" is read by consumer.http's aiohttp transport.
         self._timeout = {**httpx.Timeout(timeout_s).as_dict(), "total": timeout_s}
         self._urls: dict[str, httpx.URL] = {}
         self._base_headers = (
@@ -405,7 +412,7 @@ class ProviderClient:
                 response = await self._post(operation.path, body, headers)
                 progress.live = progress.unanswered > 0
             except httpx.TransportError as exc:
-                if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+                if isinstance(exc, self._not_sent):
                     progress.sent -= 1  # never connected: nothing reached the provider
                     progress.live = progress.unanswered > 0
                 else:
