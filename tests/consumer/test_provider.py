@@ -341,7 +341,12 @@ async def test_progress_tells_whether_a_request_may_still_be_at_the_provider(sb:
     async with dead:
         with pytest.raises(RetriesExhausted):
             await dead.call(AML, {"full_name": "A"}, "idv_key-refused", progress=refused)
-    assert refused.sent == 0 and not refused.live  # never connected: nothing left
+    if TRANSPORT["kind"] == "httpx-aiohttp":
+        # That package reports failures after the request arrived as ConnectTimeout too (PITFALLS): a
+        # "connect" timeout there proves nothing, so the key is conservatively kept.
+        assert refused.live or refused.sent == 0
+    else:
+        assert refused.sent == 0 and not refused.live  # never connected: nothing left
 
 
 async def test_keep_alive_runs_while_the_call_waits_behind_a_retry_after(sb: Sandbox) -> None:
