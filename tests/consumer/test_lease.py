@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -22,7 +23,15 @@ from consumer.settings import LEASE_SLACK_S, Settings
 from consumer.store import State, open_store
 from consumer.store.base import DedupeStore
 from producer.envelope import Envelope
-from tests.consumer.conftest import API_KEY, Sandbox, publish, read_all
+from tests.consumer.conftest import (
+    API_KEY,
+    Sandbox,
+    daemon_env,
+    publish,
+    read_all,
+    start_daemon,
+    wait_committed_to_end,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -252,3 +261,58 @@ async def test_a_call_cancelled_after_its_request_left_keeps_the_key_until_the_l
         record2 = await store.get(key2)
     assert record2 is not None and record2.state is State.RELEASED and record2.last_error == "abandoned"
     assert key2 not in sb.ledger()["keys"]
+
+
+@pytest.mark.timeout(180)
+async def test_two_daemons_sharing_one_store_never_call_one_key_at_once(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+) -> None:
+    """Two daemon processes (different groups, e.g. a second deployment or a replay beside the live one)
+    read the same messages and share one store; 2 s lease, 1 s deadline, answers trickled over 3 s."""
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    sb.faults(script=["trickle:3000"] * 6)
+    envs = [
+        Envelope(
+            message_id=f"two-{i}-{uuid.uuid4()}",
+            operation="aml_screening",
+            subject_id=f"subject-two-{i}",
+            request={"full_name": "Two Daemons"},
+        )
+        for i in range(3)
+    ]
+    await publish(kafka_bootstrap, topic, envs)
+    common: dict[str, Any] = dict(
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        store_url=sqlite_url,
+        provider_url=sb.url,
+        lease_s=LEASE_S,
+        provider_timeout_s=TIMEOUT_S,
+        provider_backoff_base_s=0.2,
+        provider_backoff_max_s=0.2,
+        provider_max_attempts=8,
+        breaker_min_calls=1000,
+    )
+    groups = ["ga-" + uuid.uuid4().hex[:6], "gb-" + uuid.uuid4().hex[:6]]
+    procs = [
+        start_daemon(daemon_env(**common, group=g, instance_id=g), tmp_path / f"{g}.log") for g in groups
+    ]
+    try:
+        for g in groups:
+            await wait_committed_to_end(kafka_bootstrap, g, topic, 90)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            assert proc.wait(30) == 0, proc.log()[-2000:]
+    finally:
+        for proc in procs:
+            proc.kill()
+    ledger = sb.ledger()["keys"]
+    async with open_store(sqlite_url) as store:
+        for env in envs:
+            key = idempotency_key("idv", env.operation, env.message_id)
+            assert ledger[key]["side_effects"] == 1
+            assert_no_overlap(ledger[key]["attempts"])
+            record = await store.get(key)
+            assert record is not None and record.state is State.COMPLETED
+            assert record.attempts == 1, record  # never taken over from a live owner
