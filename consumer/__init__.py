@@ -8,7 +8,9 @@ from consumer.errors import (
     ConsumerError,
     LeaseLost,
     ProviderAuthError,
+    ProviderConfigError,
     ProviderError,
+    ProviderInDoubt,
     ProviderRetriableError,
     RetriesExhausted,
     StoreError,
@@ -16,11 +18,12 @@ from consumer.errors import (
 from consumer.keys import fingerprint, idempotency_key
 from consumer.offsets import PartitionOffsets
 from consumer.pipeline import Disposition, Processor, Stats
-from consumer.provider import CallResult, ProviderClient, RetryPolicy
+from consumer.provider import CallProgress, CallResult, ProviderClient, RetryPolicy
 from consumer.settings import Settings
 from consumer.store import Claim, ClaimStatus, DedupeStore, Outcome, Record, State, open_store
 
 __all__ = [
+    "CallProgress",
     "CallResult",
     "Claim",
     "ClaimStatus",
@@ -35,7 +38,9 @@ __all__ = [
     "Processor",
     "ProviderAuthError",
     "ProviderClient",
+    "ProviderConfigError",
     "ProviderError",
+    "ProviderInDoubt",
     "ProviderRetriableError",
     "Record",
     "RetriesExhausted",

@@ -218,15 +218,22 @@ _PROGRESS_HELP = "Progress on stderr: a bar with ETA on a terminal, plain lines 
     "--no-dead-letters", is_flag=True, help="Do not write invalid messages and conflicts to the DLQ again."
 )
 @click.option("--reverify", is_flag=True, help="Run COMPLETED requests again under a new key generation.")
-@click.option("--reason", default=None, help="Why (required with --reverify; written to the audit file).")
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Run requests whose outcome is FAILED again under a new key generation (audited, like --reverify).",
+)
+@click.option(
+    "--reason", default=None, help="Why (required with --reverify/--retry-failed; written to the audit file)."
+)
 @click.option(
     "--audit-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=Path(".run/reverify-audit.jsonl"),
     show_default=True,
-    help="JSON Lines audit trail of --reverify.",
+    help="JSON Lines audit trail of --reverify and --retry-failed.",
 )
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation (--reverify).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (--reverify, --retry-failed).")
 @click.option("--force", is_flag=True, help="Replay messages older than the dedupe retention anyway.")
 @click.option("--concurrency", type=click.IntRange(1, 1000), default=16, show_default=True)
 @click.option("--progress/--no-progress", default=True, help=_PROGRESS_HELP)
@@ -244,6 +251,7 @@ def replay(
     emit_results: bool,
     no_dead_letters: bool,
     reverify: bool,
+    retry_failed: bool,
     reason: str | None,
     audit_file: Path,
     yes: bool,
@@ -264,10 +272,13 @@ def replay(
 
     if (since or until) and (from_offsets or to_offsets):
         raise click.UsageError("use either --since/--until or --from-offset/--to-offset, not both")
-    if reverify and dry_run:
-        raise click.UsageError("--reverify and --dry-run cannot be combined")
-    if reverify and not (reason and reason.strip()):
-        raise click.UsageError("--reverify needs --reason TEXT (it is written to the audit file)")
+    if reverify and retry_failed:
+        raise click.UsageError("--reverify and --retry-failed cannot be combined")
+    flag = "--retry-failed" if retry_failed else "--reverify"
+    if (reverify or retry_failed) and dry_run:
+        raise click.UsageError(f"{flag} and --dry-run cannot be combined")
+    if (reverify or retry_failed) and not (reason and reason.strip()):
+        raise click.UsageError(f"{flag} needs --reason TEXT (it is written to the audit file)")
     if dry_run and emit_results:
         raise click.UsageError("--dry-run writes nothing; drop --emit-results")
     settings = _settings(require_key=not dry_run)
@@ -291,6 +302,7 @@ def replay(
         emit_results=emit_results,
         dead_letters=not no_dead_letters,
         reverify=reverify,
+        retry_failed=retry_failed,
         reason=reason,
         audit_file=audit_file,
         operator=operator_name(),
@@ -340,7 +352,13 @@ def dlq_list(reasons: tuple[str, ...], since: str | None, until: str | None, lim
 @click.option("--dry-run", is_flag=True, help="Classify against the dedupe store; call and write nothing.")
 @click.option("--emit-results", is_flag=True, help="--direct: also re-publish results of completed keys.")
 @click.option("--group", default=None, help="The tool's own consumer group (never IDV_GROUP_ID).")
-@click.option("--force", is_flag=True, help="Redrive messages older than the dedupe retention anyway.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Redrive messages older than the dedupe retention anyway; with --direct also send in_doubt "
+    "records older than IDV_PROVIDER_KEY_RETENTION_S again (risk: a second side effect if the provider "
+    "forgot the key after acting).",
+)
 @click.option("--concurrency", type=click.IntRange(1, 1000), default=16, show_default=True)
 @click.option("--progress/--no-progress", default=True, help=_PROGRESS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")

@@ -126,6 +126,7 @@ class Daemon:
             want_records=settings.result_topic is not None,
             on_store_op=self.metrics.store_op,
             fingerprint_key=settings.fingerprint_key,
+            provider_key_retention_s=settings.provider_key_retention_s,
         )
         self.sinks = Sinks(
             bootstrap=settings.kafka_bootstrap,

@@ -59,6 +59,30 @@ class ProviderAuthError(ProviderError):
         self.status = status
 
 
+class ProviderConfigError(ProviderAuthError):
+    """3xx, 405, or a 404 for the endpoint itself: the provider URL or API version is wrong. Stops the
+    daemon like a rejected key (exit code 3), instead of recording every message of the backlog FAILED."""
+
+    def __init__(self, status: int, path: str) -> None:
+        ProviderError.__init__(
+            self,
+            f"provider answered HTTP {status} for {path}: the endpoint is not there "
+            "(check IDV_PROVIDER_URL: base URL, API version, a redirecting proxy)",
+        )
+        self.status = status
+
+
+class ProviderInDoubt(ProviderError):
+    """The provider says the key was used for a different request (422 ``idempotency_key_reused``): it may
+    have acted under this key, so the outcome is unknown. Dead-lettered ``in_doubt``, never FAILED."""
+
+    def __init__(self, status: int, code: str, attempts: int) -> None:
+        super().__init__(f"provider answered HTTP {status} {code}: the key was used for a different body")
+        self.status = status
+        self.code = code
+        self.attempts = attempts
+
+
 class ProviderRetriableError(ProviderError):
     retriable = True
 

@@ -15,9 +15,11 @@ provider's answers are small and never streamed:
 * one ``aiohttp.ClientTimeout`` per distinct httpx timeout, built once.
 
 Timeouts map as httpx defines them: ``connect`` → socket connect, ``read`` → gap between reads,
-``pool`` → connection set-up including the wait for a free pooled connection. Failures are raised as the
-httpx exceptions callers already handle: ``httpx.ConnectError``, ``httpx.ConnectTimeout``,
-``httpx.ReadTimeout``, ``httpx.ReadError``, ``httpx.RemoteProtocolError`` (all ``httpx.TransportError``).
+``pool`` → connection set-up including the wait for a free pooled connection; the extra ``total`` key
+(the provider client's attempt deadline) → aiohttp's total timeout, raised as ``httpx.ReadTimeout``.
+Failures are raised as the httpx exceptions callers already handle: ``httpx.ConnectError``,
+``httpx.ConnectTimeout``, ``httpx.ReadTimeout``, ``httpx.ReadError``, ``httpx.RemoteProtocolError``
+(all ``httpx.TransportError``).
 """
 
 from __future__ import annotations
@@ -29,10 +31,14 @@ import httpx
 
 __all__ = ["AiohttpTransport"]
 
-_TimeoutKey = tuple[float | None, float | None, float | None]
+_TimeoutKey = tuple[float | None, float | None, float | None, float | None]
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
+    # The timeout extension's "total" becomes aiohttp's total timeout: the provider client need not wrap
+    # each exchange in its own deadline (one timer and cancel scope less per request).
+    enforces_total_deadline = True
+
     def __init__(
         self,
         *,
@@ -64,11 +70,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     def _timeout(self, request: httpx.Request) -> aiohttp.ClientTimeout:
         spec = request.extensions.get("timeout") or {}
-        key: _TimeoutKey = (spec.get("connect"), spec.get("read"), spec.get("pool"))
+        key: _TimeoutKey = (spec.get("connect"), spec.get("read"), spec.get("pool"), spec.get("total"))
         timeout = self._timeouts.get(key)
         if timeout is None:
+            # total: the whole exchange, so an answer trickled a byte at a time cannot outlive the lease
+            # (with total=None only the gaps between reads were bounded; PITFALLS).
             timeout = self._timeouts[key] = aiohttp.ClientTimeout(
-                total=None, sock_connect=key[0], sock_read=key[1], connect=key[2]
+                total=key[3], sock_connect=key[0], sock_read=key[1], connect=key[2]
             )
         return timeout
 

@@ -42,7 +42,7 @@ __all__ = [
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 DISPOSITIONS = frozenset(
-    {"completed", "failed", "duplicate", "conflict", "invalid", "set_aside", "dead_lettered"}
+    {"completed", "failed", "duplicate", "conflict", "invalid", "set_aside", "in_doubt", "dead_lettered"}
 )
 OUTCOME_STATUSES = frozenset({"approved", "declined", "review", "created", "failed", "unknown"})
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
@@ -56,6 +56,7 @@ METRIC_NAMES = (
     "idv_messages_consumed_total",
     "idv_messages_finished_total",
     "idv_dead_letters_total",
+    "idv_in_doubt_total",
     "idv_provider_calls_total",
     "idv_provider_call_duration_seconds",
     "idv_provider_retries_total",
@@ -153,6 +154,12 @@ class Metrics:
             ("reason",),
             registry=r,
         )
+        self._in_doubt = Counter(
+            "idv_in_doubt",
+            "Messages set aside in doubt: the provider may have acted, the outcome is unknown (422 "
+            "idempotency_key_reused, or unfinished past the provider's key retention). Never FAILED.",
+            registry=r,
+        )
         self._provider_calls = Counter(
             "idv_provider_calls",
             "Provider HTTP attempts by response status code, or 'transport_error' when none came back.",
@@ -236,6 +243,8 @@ class Metrics:
         if child is None:
             child = self._dead_letter_children[reason] = self._dead_letters.labels(reason)
         child.inc()
+        if reason == "in_doubt":
+            self._in_doubt.inc()
 
     def set_in_flight(self, n: int) -> None:
         self._in_flight.set(n)

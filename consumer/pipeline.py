@@ -14,6 +14,19 @@ The order is what makes exactly-once hold (see docs/guarantees.md):
   response instead of acting twice.
 * **Never delete on error.** A failed attempt releases the lease and keeps the record and its attempt
   count (PITFALLS: powertools #801).
+* **One live owner per key.** Every attempt has a hard total deadline below the lease; before an attempt
+  the lease is made sure to cover that deadline plus slack, and while the call waits between attempts
+  (an open circuit breaker, backoff, ``Retry-After``) it is renewed every third of the lease. A lease
+  lost anyway (the store stalled, the process paused) ends the call before its next attempt; the loser
+  then waits for the other owner's outcome, or for its lease to run out, and never takes the key
+  straight back.
+* **A request that may be at the provider keeps its key.** Once a request may have left without a
+  complete answer (timeout, dropped connection, cancellation by a rebalance or shutdown), the key is not
+  released: it becomes claimable only when the lease runs out, so no second owner calls while the
+  provider may still be working on the first request. Before the first byte was sent, release is fine.
+* **In doubt is not failed.** An answer meaning "this key was used for a different request" (422
+  ``idempotency_key_reused``), or an unfinished record older than the provider's key retention, is
+  dead-lettered ``in_doubt`` and left RELEASED with ``last_error = "in_doubt"``; never recorded FAILED.
 """
 
 from __future__ import annotations
@@ -28,14 +41,22 @@ from typing import Any, TypeVar
 import anyio
 from aiokafka.structs import ConsumerRecord
 
-from consumer.errors import LeaseLost, ProviderAuthError, RetriesExhausted, StoreError
+from consumer.errors import (
+    LeaseLost,
+    ProviderAuthError,
+    ProviderConfigError,
+    ProviderInDoubt,
+    RetriesExhausted,
+    StoreError,
+)
 from consumer.faults import FaultPoints
 from consumer.keys import Fingerprinter, idempotency_key, key_hash
 from consumer.logs import message_context
-from consumer.provider import ProviderClient
+from consumer.provider import CallProgress, CallResult, ProviderClient
+from consumer.settings import LEASE_SLACK_S
 from consumer.sinks import DeadLetter
-from consumer.store.base import ClaimStatus, DedupeStore, Record
-from producer.envelope import decode, get_operation
+from consumer.store.base import ClaimStatus, DedupeStore, Record, State
+from producer.envelope import Operation, canonical_request, decode, get_operation
 from producer.errors import EnvelopeError
 
 log = logging.getLogger(__name__)
@@ -51,6 +72,7 @@ class Disposition(enum.Enum):
     CONFLICT = "conflict"  # same message ID, different payload: recorded, provider not called
     INVALID = "invalid"  # not a valid envelope: logged (no payload), set aside
     SET_ASIDE = "set_aside"  # provider kept failing past the retry ceiling: lease released, set aside
+    IN_DOUBT = "in_doubt"  # the provider may have acted, the outcome is unknown: set aside for an operator
     ERROR = "error"  # an unexpected exception in the consumer: dead-lettered (internal_error)
 
 
@@ -94,9 +116,15 @@ class Processor:
         want_records: bool = False,
         on_store_op: Callable[[str, float], None] | None = None,
         fingerprint_key: str | bytes | None = None,
+        provider_key_retention_s: float = 24 * 3600.0,
+        ignore_key_retention: bool = False,
     ) -> None:
         # Keyed (HMAC) fingerprints with the key; None keeps legacy unkeyed ones (benchmarks, old tools).
         self.fingerprints = Fingerprinter(fingerprint_key)
+        # An unfinished, already-sent record older than this is not sent again (the provider may have
+        # forgotten its key); ignore_key_retention is redrive --force's deliberate override.
+        self.provider_key_retention_s = provider_key_retention_s
+        self.ignore_key_retention = ignore_key_retention
         self.want_records = want_records
         self.on_store_op = on_store_op
         self.store_failing = False  # the last store operation failed (readiness)
@@ -171,6 +199,9 @@ class Processor:
         operation = get_operation(envelope.operation)
         key = idempotency_key(self.namespace, envelope.operation, envelope.message_id, generation)
         fp, legacy_fps = self.fingerprints.with_legacy(envelope)
+        # Exactly the bytes the fingerprint canonicalises (sorted keys), not the producer's key order: the
+        # provider fingerprints the raw body, so the same content must be the same bytes on every path.
+        body = canonical_request(envelope)
         ctx = message_context.get() or {}
         message_context.set({**ctx, "message_id": envelope.message_id, "key_hash": key_hash(key)})
 
@@ -219,28 +250,57 @@ class Processor:
             await anyio.sleep(wait)
 
         self.faults.hit("after_claim")
-        try:
-            result = await self.provider.call(
-                operation, envelope.request, key, before_attempt=self._renewer(key)
+        if (
+            claimed.attempts > 1
+            and not self.ignore_key_retention
+            and self.store.clock() - claimed.created_at > self.provider_key_retention_s
+        ):
+            # Taken over after earlier attempts, and older than the provider keeps keys: a new attempt could
+            # act a second time if the provider forgot the key. An operator decides (redrive --force).
+            await self._release(key, "in_doubt")
+            log.error("unfinished record older than the provider's key retention; not sent again (in doubt)")
+            letter = DeadLetter(
+                "in_doubt",
+                f"unfinished after {claimed.attempts - 1} earlier claim(s) and older than the provider's key "
+                f"retention ({self.provider_key_retention_s:g}s): a new attempt may act twice; not sent",
+                attempts=claimed.attempts - 1,
+                first_failure_at=claimed.created_at,
             )
+            return Handled(Disposition.IN_DOUBT, letter)
+        progress = CallProgress()
+        try:
+            result = await self._call(operation, body, key, claimed.lease_until, progress)
         except RetriesExhausted as exc:
-            await self._release(key, "retries_exhausted")
+            await self._let_go(key, "retries_exhausted", progress)
             log.error("provider kept failing; message set aside: %s", exc)
             letter = DeadLetter(
                 "retries_exhausted", str(exc), attempts=exc.attempts, first_failure_at=claimed.created_at
             )
             return Handled(Disposition.SET_ASIDE, letter)
+        except ProviderInDoubt as exc:
+            # Not FAILED: the provider may have acted under this key for the earlier body. The record stays
+            # unfinished (RELEASED, last_error in_doubt) and the message goes to an operator.
+            await self._let_go(key, "in_doubt", progress)
+            log.error("provider answered that the key was used differently; in doubt: %s", exc)
+            letter = DeadLetter(
+                "in_doubt", str(exc), attempts=exc.attempts, first_failure_at=claimed.created_at
+            )
+            return Handled(Disposition.IN_DOUBT, letter)
+        except ProviderConfigError:
+            await self._let_go(key, "provider_config", progress)
+            raise
         except ProviderAuthError:
-            await self._release(key, "provider_auth")
+            await self._let_go(key, "provider_auth", progress)
             raise
         except LeaseLost:
-            log.warning("lease lost before the provider call; another owner has the key")
+            log.warning("lease lost; waiting for the other owner's outcome instead of taking the key back")
+            await self._await_other_owner(key)
             return await self._handle(msg, generation)
         except BaseException:
-            # Cancelled (rebalance bound or shutdown) or a bug: hand the key back so the next owner need
-            # not wait for the lease to expire. The provider key covers a side effect already performed.
+            # Cancelled (rebalance bound or shutdown) or a bug. Before anything was sent the key is handed
+            # back at once; once a request may be at the provider it is kept until its lease runs out.
             with anyio.CancelScope(shield=True):
-                await self._release(key, "abandoned")
+                await self._let_go(key, "abandoned", progress)
             raise
         self.faults.hit("after_provider_call")
         try:
@@ -254,8 +314,9 @@ class Processor:
             )
         except LeaseLost:
             # Our lease ran out during the call and someone took the key over. They call with the same key
-            # and record the outcome; start again, which ends as DUPLICATE (or waits while they are busy).
-            log.warning("lease lost while calling the provider; re-checking the record")
+            # and record the outcome; wait for it, then start again, which ends as DUPLICATE.
+            log.warning("lease lost while calling the provider; waiting for the other owner's outcome")
+            await self._await_other_owner(key)
             return await self._handle(msg, generation)
         self.faults.hit("after_record")
         log.info(
@@ -269,12 +330,63 @@ class Processor:
             disposition, record=stored if self.want_records else None, subject_id=envelope.subject_id
         )
 
-    def _renewer(self, key: str) -> Callable[[int], Awaitable[None]]:
-        async def renew(attempt: int) -> None:
-            if attempt > 1:
-                await self._store_call("renew", self.store.renew, key, self.owner, self.lease_s)
+    async def _call(
+        self, operation: Operation, body: bytes, key: str, lease_until: float | None, progress: CallProgress
+    ) -> CallResult:
+        """The provider call under a lease that never runs out while we are calling or waiting to call.
 
-        return renew
+        An attempt is bounded by the provider's hard deadline, and starts only with at least that deadline
+        plus :data:`LEASE_SLACK_S` left on the lease (renewed before every retry, and before the first
+        when the claim's lease no longer covers it). Between attempts — an open circuit breaker, backoff,
+        ``Retry-After`` — the lease is renewed every third of it. Each renewal is a compare-and-set:
+        :class:`LeaseLost` if another owner has the key, and then no further attempt is made. No renewer
+        task runs beside the call: nothing can outlast the lease while the process is alive."""
+        held = lease_until if lease_until is not None else self.store.clock() + self.lease_s
+        cover = self.provider.timeout_s + LEASE_SLACK_S
+
+        async def renew() -> None:
+            nonlocal held
+            now = self.store.clock()
+            await self._store_call("renew", self.store.renew, key, self.owner, self.lease_s)
+            held = now + self.lease_s
+
+        async def before_attempt(attempt: int) -> None:
+            # Every retry renews (which also finds out if the key was lost meanwhile). The first attempt
+            # renews only if the claim's lease no longer covers it (a long wait in the circuit breaker):
+            # right after the claim it is fresh, and the hot path saves a store write.
+            if attempt > 1 or held - self.store.clock() < cover:
+                await renew()
+
+        return await self.provider.call(
+            operation,
+            body,
+            key,
+            before_attempt=before_attempt,
+            progress=progress,
+            keep_alive=renew,
+            keep_alive_every_s=self.lease_s / 3,
+        )
+
+    async def _await_other_owner(self, key: str) -> None:
+        """After LeaseLost: poll until the other owner finished (or released) the key or its lease ran out."""
+        while True:
+            record = await self._store_call("get", self.store.get, key)
+            if record is None or record.state is not State.IN_PROGRESS or record.owner == self.owner:
+                return
+            left = (record.lease_until or 0.0) - self.store.clock()
+            if left <= 0:
+                return
+            await anyio.sleep(max(0.05, min(1.0, left)))
+
+    async def _let_go(self, key: str, error: str, progress: CallProgress) -> None:
+        """Release the key, unless a request may still be at the provider: then the lease runs out on its
+        own (the record stays IN_PROGRESS until then) and only after that may another owner call."""
+        if progress.live:
+            log.warning(
+                "a request may still be at the provider (%s); the key is kept until its lease expires", error
+            )
+            return
+        await self._release(key, error)
 
     async def _release(self, key: str, error: str) -> None:
         try:

@@ -9,13 +9,24 @@ Classification of answers:
 
 ====================  ===========================================================================
 2xx                   success; a business "Declined" is a successful call and recorded as such
-400, 404, 422, other  terminal: recorded as a FAILED outcome, never retried
-4xx
+400, 422, other 4xx,  terminal: recorded as a FAILED outcome, never retried
+a business 404
 401, 403              configuration (bad key, out of credit): :class:`ProviderAuthError` stops the daemon
+3xx, 405, a 404 for   configuration (wrong ``IDV_PROVIDER_URL``, a proxy, a moved API):
+the route itself      :class:`ProviderConfigError` (a ``ProviderAuthError``) stops the daemon too
+``idempotency_key_    in doubt (:class:`ProviderInDoubt`): the provider holds this key for a different
+reused`` (any 4xx)    body; it may have acted. Never recorded as FAILED: dead-lettered ``in_doubt``
 408, 409, 425, 429,   retried with exponential backoff and jitter up to a ceiling; ``Retry-After`` on
-5xx, transport        429/503 is a minimum wait
+5xx, transport        429/503 is a minimum wait, capped at ``retry_after_max_s``
 errors, timeouts
 ====================  ===========================================================================
+
+Every attempt has a hard total deadline (``timeout_s``): httpx's timeouts are per phase (a provider that
+trickles its answer a byte at a time never trips a read timeout), so the whole attempt runs under
+``anyio.fail_after``, or, on :mod:`consumer.http`'s transport, aiohttp's own total timeout. The lease
+is sized against this deadline (``IDV_LEASE_S ≥ IDV_PROVIDER_TIMEOUT_S + LEASE_SLACK_S``), and the body
+sent is the canonical request (sorted keys, :func:`producer.envelope.canonical_request`), the same bytes
+the fingerprint covers.
 """
 
 from __future__ import annotations
@@ -34,7 +45,14 @@ import httpx
 import orjson
 
 from consumer.breaker import BreakerState, CircuitBreaker
-from consumer.errors import ConfigurationError, ProviderAuthError, ProviderRetriableError, RetriesExhausted
+from consumer.errors import (
+    ConfigurationError,
+    ProviderAuthError,
+    ProviderConfigError,
+    ProviderInDoubt,
+    ProviderRetriableError,
+    RetriesExhausted,
+)
 from consumer.store.base import Outcome
 from producer.envelope import Operation
 
@@ -45,6 +63,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "TRANSPORT_KINDS",
+    "CallProgress",
     "CallResult",
     "ProviderClient",
     "RetryPolicy",
@@ -53,6 +72,11 @@ __all__ = [
 ]
 
 _RETRIABLE_STATUS = frozenset({408, 409, 425, 429})
+# Error codes meaning "this idempotency key was used with a different request" (IETF draft: 422; Stripe:
+# idempotency_error). The provider may have acted on the first one: the outcome is unknown, not failed.
+_KEY_REUSED_CODES = frozenset({"idempotency_key_reused", "idempotency_key_mismatch", "idempotency_error"})
+# A 404 whose error code is one of these (or that has no JSON error code) is about the route, not a resource.
+_ROUTE_NOT_FOUND_CODES = frozenset({"not_found", "notfound", "http_404"})
 _TERMINAL_STATUS_NOTE = "terminal"
 
 _DECISIONS = {
@@ -79,6 +103,19 @@ class RetryPolicy:
         return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
+@dataclass(slots=True)
+class CallProgress:
+    """What a call did so far, for the caller deciding whether a key may be released.
+
+    ``live`` is True while a request may have reached the provider without a complete answer back (sent,
+    then a timeout, a dropped connection or a cancellation): the provider may still be working on it, so
+    the key must not be handed to another owner before its lease expires."""
+
+    sent: int = 0
+    live: bool = False
+    unanswered: int = 0  # requests sent that never got a complete answer (they may still be running)
+
+
 @dataclass(frozen=True, slots=True)
 class CallResult:
     outcome: Outcome
@@ -87,11 +124,13 @@ class CallResult:
 
 
 def classify_status(status: int) -> str:
-    """``"ok"``, ``"auth"``, ``"retry"`` or ``"terminal"``."""
+    """``"ok"``, ``"auth"``, ``"config"``, ``"retry"`` or ``"terminal"`` (a 404 is refined by the body)."""
     if 200 <= status < 300:
         return "ok"
     if status in (401, 403):
         return "auth"
+    if 300 <= status < 400 or status == 405:
+        return "config"
     if status in _RETRIABLE_STATUS or status >= 500:
         return "retry"
     return "terminal"
@@ -129,6 +168,12 @@ def _decision(operation: Operation, body: Any) -> tuple[str, str | None]:
             break
     status = _DECISIONS.get(str(raw).strip().lower(), "unknown") if raw is not None else "unknown"
     return status, str(reference)[:128] if reference is not None else None
+
+
+def _route_missing(response: httpx.Response) -> bool:
+    """A 404 for the endpoint itself (wrong base URL or API version) rather than a documented business 404
+    (e.g. ``session_not_found``), which carries its own error code."""
+    return _error_code(response).lower() in _ROUTE_NOT_FOUND_CODES
 
 
 def _error_code(response: httpx.Response) -> str:
@@ -190,8 +235,12 @@ class ProviderClient:
         rng: random.Random | None = None,
         breaker: CircuitBreaker | None = None,
         on_attempt: Callable[[int | None, float], None] | None = None,
+        retry_after_max_s: float = 60.0,
     ) -> None:
         self.breaker = breaker
+        self.timeout_s = timeout_s
+        # A gateway answering Retry-After: 86400 must not park a partition for a day.
+        self.retry_after_max_s = retry_after_max_s
         # Called after every attempt with (HTTP status or None for a transport error, seconds): metrics.
         self.on_attempt = on_attempt
         self.base_url = base_url.rstrip("/")
@@ -210,7 +259,18 @@ class ProviderClient:
         # answer), auth and redirect machinery cost ~40 % of the daemon's HTTP CPU and none of it is
         # wanted here (one fixed host, header auth, no redirects, no cookies).
         self._transport = transport
-        self._timeout = httpx.Timeout(timeout_s).as_dict()
+        # consumer.http's aiohttp transport enforces the total deadline itself (aiohttp's total timeout);
+        # the others get an anyio.fail_after around the whole exchange (httpx's timeouts are per phase).
+        self._deadline_outside = not getattr(transport, "enforces_total_deadline", False)
+        # httpx-aiohttp reports a connection closed after the request arrived as ConnectTimeout (PITFALLS):
+        # there a "connect" failure does not prove that nothing reached the provider.
+        self._not_sent = (
+            (httpx.ConnectError, httpx.PoolTimeout)
+            if transport_kind == "httpx-aiohttp"
+            else (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+        )
+        # Per phase for httpx; "total" is read by consumer.http's aiohttp transport.
+        self._timeout = {**httpx.Timeout(timeout_s).as_dict(), "total": timeout_s}
         self._urls: dict[str, httpx.URL] = {}
         self._base_headers = (
             (b"user-agent", b"idv-exactly-once/0.1"),
@@ -237,6 +297,17 @@ class ProviderClient:
         request = httpx.Request(
             "POST", self._url(path), headers=headers, content=body, extensions={"timeout": self._timeout}
         )
+        if not self._deadline_outside:
+            return await self._exchange(request)
+        try:
+            with anyio.fail_after(self.timeout_s):
+                return await self._exchange(request)
+        except TimeoutError:
+            raise httpx.ReadTimeout(
+                f"no complete answer within the attempt deadline ({self.timeout_s:g}s)", request=request
+            ) from None
+
+    async def _exchange(self, request: httpx.Request) -> httpx.Response:
         response = await self._transport.handle_async_request(request)
         try:
             await response.aread()
@@ -273,7 +344,28 @@ class ProviderClient:
             breaker=breaker,
             on_attempt=on_attempt,
             transport_kind=settings.provider_transport,
+            retry_after_max_s=settings.provider_retry_after_max_s,
         )
+
+    async def _acquire(self, keep_alive: Callable[[], Awaitable[None]] | None, every: float) -> bool:
+        assert self.breaker is not None
+        if keep_alive is None:
+            return await self.breaker.acquire()
+        while True:
+            with anyio.move_on_after(every):
+                return await self.breaker.acquire()
+            await keep_alive()
+
+    async def _wait(
+        self, delay: float, keep_alive: Callable[[], Awaitable[None]] | None, every: float
+    ) -> None:
+        while True:
+            step = delay if keep_alive is None else min(delay, every)
+            await self._sleep(step)
+            delay -= step
+            if delay <= 0 or keep_alive is None:
+                return
+            await keep_alive()
 
     def _record(self, success: bool, probe: bool) -> None:
         if self.breaker is not None:
@@ -282,31 +374,49 @@ class ProviderClient:
     async def call(
         self,
         operation: Operation,
-        request: Mapping[str, Any],
+        request: Mapping[str, Any] | bytes,
         idempotency_key: str,
         *,
         before_attempt: Callable[[int], Awaitable[None]] | None = None,
+        progress: CallProgress | None = None,
+        keep_alive: Callable[[], Awaitable[None]] | None = None,
+        keep_alive_every_s: float = 20.0,
     ) -> CallResult:
         """POST ``request`` to the operation's endpoint, retrying retriable failures with the same key.
 
-        ``before_attempt(n)`` runs before each attempt (the pipeline renews its lease there).
-        Raises :class:`ProviderAuthError` or :class:`RetriesExhausted`.
+        ``request`` is sent as given when it is bytes (the pipeline passes the canonical request), else
+        encoded with sorted keys. ``before_attempt(n)`` runs before each attempt, after any wait in the
+        circuit breaker (the pipeline makes sure of its lease there). ``keep_alive()`` runs every
+        ``keep_alive_every_s`` while the call waits between attempts: in an open circuit breaker, in
+        backoff, behind a ``Retry-After`` (the pipeline renews its lease). An attempt itself needs none: it
+        is bounded by the deadline, which the lease covers. ``progress`` is kept up to date.
+        Raises :class:`ProviderAuthError` (or its :class:`ProviderConfigError`), :class:`ProviderInDoubt`
+        or :class:`RetriesExhausted`.
         """
-        body = orjson.dumps(request)
+        body = request if isinstance(request, bytes) else orjson.dumps(request, option=orjson.OPT_SORT_KEYS)
+        progress = progress if progress is not None else CallProgress()
         headers = [*self._base_headers, (b"idempotency-key", idempotency_key.encode())]
         last: ProviderRetriableError | None = None
         for attempt in range(1, self.retry.max_attempts + 1):
             probe = False
-            if self.breaker is not None:
+            if self.breaker is not None and self.breaker.state is not BreakerState.CLOSED:
                 # While the breaker is open the attempt waits here without spending the retry budget.
-                probe = await self.breaker.acquire()
+                probe = await self._acquire(keep_alive, keep_alive_every_s)
             started = time.perf_counter()
             try:
                 if before_attempt is not None:
                     await before_attempt(attempt)
                 started = time.perf_counter()
+                progress.sent += 1
+                progress.live = True
                 response = await self._post(operation.path, body, headers)
+                progress.live = progress.unanswered > 0
             except httpx.TransportError as exc:
+                if isinstance(exc, self._not_sent):
+                    progress.sent -= 1  # never connected: nothing reached the provider
+                    progress.live = progress.unanswered > 0
+                else:
+                    progress.unanswered += 1
                 last = ProviderRetriableError(f"{type(exc).__name__} talking to the provider")
                 self._record(False, probe)
                 if self.on_attempt is not None:
@@ -330,8 +440,13 @@ class ProviderClient:
                     return CallResult(outcome, terminal_failure=False, attempts=attempt)
                 if kind == "auth":
                     raise ProviderAuthError(response.status_code)
+                if kind == "config" or (response.status_code == 404 and _route_missing(response)):
+                    raise ProviderConfigError(response.status_code, operation.path)
+                code = _error_code(response) if 400 <= response.status_code < 500 else ""
+                if code in _KEY_REUSED_CODES:
+                    raise ProviderInDoubt(response.status_code, code, attempt)
                 if kind == "terminal":
-                    outcome = Outcome("failed", response.status_code, None, _error_code(response))
+                    outcome = Outcome("failed", response.status_code, None, code or _error_code(response))
                     return CallResult(outcome, terminal_failure=True, attempts=attempt)
                 last = ProviderRetriableError(
                     f"provider answered HTTP {response.status_code}",
@@ -342,14 +457,15 @@ class ProviderClient:
                 break
             delay = self.retry.backoff(attempt, self._rng)
             if last.retry_after is not None:
-                # Retry-After is the provider's minimum; jittered backoff may only lengthen it.
-                delay = max(delay, last.retry_after)
+                # Retry-After is the provider's minimum; jittered backoff may only lengthen it. Capped: a
+                # message waits here holding its partition's commit, so a day-long hint is not obeyed.
+                delay = max(delay, min(last.retry_after, self.retry_after_max_s))
             log.info(
                 "provider attempt %d failed (%s); retrying in %.2fs",
                 attempt,
                 last,
                 delay,
             )
-            await self._sleep(delay)
+            await self._wait(delay, keep_alive, keep_alive_every_s)
         assert last is not None
         raise RetriesExhausted(self.retry.max_attempts, last)

@@ -526,9 +526,16 @@ def _provider(settings: Settings) -> ProviderClient:
 
 
 def _processor(
-    settings: Settings, store: DedupeStore, provider: ProviderClient, *, want_records: bool
+    settings: Settings,
+    store: DedupeStore,
+    provider: ProviderClient,
+    *,
+    want_records: bool,
+    ignore_key_retention: bool = False,
 ) -> Processor:
     return Processor(
+        provider_key_retention_s=settings.provider_key_retention_s,
+        ignore_key_retention=ignore_key_retention,
         store=store,
         provider=provider,
         owner=_owner(settings),
@@ -667,6 +674,10 @@ class ReplayRequest:
     emit_results: bool = False
     dead_letters: bool = True
     reverify: bool = False
+    # Re-run FAILED requests deliberately: like reverify (new key generation, audit line first), but for
+    # records whose latest generation is FAILED. Not the same key: the provider stored the failed answer
+    # under it and would only replay it.
+    retry_failed: bool = False
     reason: str | None = None
     audit_file: Path = Path(".run/reverify-audit.jsonl")
     operator: str = ""
@@ -691,14 +702,27 @@ async def replay(
 ) -> Report:
     """Replay (or classify, or re-verify) a range of ``req.topic``. Raises :class:`ReplayRefused`."""
     _check_group(settings, req.group)
-    if req.reverify and not (req.reason and req.reason.strip()):
-        raise ReplayRefused("--reverify needs --reason: say why these requests are run again")
-    if req.reverify and req.dry_run:
-        raise ReplayRefused("--reverify and --dry-run cannot be combined")
+    if req.reverify and req.retry_failed:
+        raise ReplayRefused("--reverify and --retry-failed cannot be combined")
+    flag = "--retry-failed" if req.retry_failed else "--reverify"
+    if (req.reverify or req.retry_failed) and not (req.reason and req.reason.strip()):
+        raise ReplayRefused(f"{flag} needs --reason: say why these requests are run again")
+    if (req.reverify or req.retry_failed) and req.dry_run:
+        raise ReplayRefused(f"{flag} and --dry-run cannot be combined")
     if req.emit_results and settings.result_topic is None:
         raise ReplayRefused("--emit-results needs a results topic (IDV_RESULTS_TOPIC is 'none')")
-    mode = "dry run" if req.dry_run else "reverify" if req.reverify else "replay"
-    bad = frozenset({"not reached", "set aside (retries exhausted)", "internal error"})
+    mode = (
+        "dry run"
+        if req.dry_run
+        else "reverify"
+        if req.reverify
+        else "retry failed"
+        if req.retry_failed
+        else "replay"
+    )
+    bad = frozenset(
+        {"not reached", "set aside (retries exhausted)", "in doubt (dead-lettered)", "internal error"}
+    )
     if req.dry_run:
         bad = frozenset({"not reached"})
     report = Report(mode, bad=bad)
@@ -724,6 +748,15 @@ async def replay(
             report.notes.append(
                 f"--force: {sum(old.values())} message(s) older than the dedupe retention replayed"
             )
+        if req.retry_failed and report.planned and confirm is not None:
+            where = ", ".join(f"{s.tp.partition}:{s.start}..{s.end - 1}" for s in spans if s.size)
+            question = (
+                f"Retry up to {report.planned} message(s) of {req.topic} (partition:offsets {where}) whose "
+                "recorded outcome is FAILED, under NEW idempotency keys? Each is sent to the provider again "
+                "(billable); one the provider had in fact performed would be performed a second time."
+            )
+            if not await anyio.to_thread.run_sync(confirm, question):
+                raise ReplayRefused("not confirmed; nothing was sent")
         if req.reverify and report.planned and confirm is not None:
             where = ", ".join(f"{s.tp.partition}:{s.start}..{s.end - 1}" for s in spans if s.size)
             question = (
@@ -774,7 +807,7 @@ async def _replay(
         processor = _processor(settings, store, provider, want_records=settings.result_topic is not None)
         await sinks.start()
         try:
-            if req.reverify:
+            if req.reverify or req.retry_failed:
                 reverifier = _Reverifier(settings, store, processor, req)
                 handle = reverifier.handler(run, sinks)
             else:
@@ -811,6 +844,7 @@ _DISPOSITION_LABEL = {
     Disposition.CONFLICT: "conflict",
     Disposition.INVALID: "invalid",
     Disposition.SET_ASIDE: "set aside (retries exhausted)",
+    Disposition.IN_DOUBT: "in doubt (dead-lettered)",
     Disposition.ERROR: "internal error",
 }
 
@@ -891,6 +925,18 @@ class _Reverifier:
                 return gen, idempotency_key(ns, operation, message_id, generation=gen)
         return gen + 1, idempotency_key(ns, operation, message_id, generation=gen + 1)
 
+    async def latest(self, operation: str, message_id: str, base: Record | None) -> Record | None:
+        """The record of the highest key generation of the message (``base`` is generation 0)."""
+        if base is None:
+            return None
+        ns, gen, latest = self.settings.namespace, 0, base
+        while True:
+            gen += 1
+            record = await self.store.get(idempotency_key(ns, operation, message_id, generation=gen))
+            if record is None:
+                return latest
+            latest = record
+
     async def audit(self, entry: dict[str, Any]) -> None:
         line = orjson.dumps(entry) + b"\n"
         path = self.req.audit_file
@@ -934,14 +980,26 @@ class _Reverifier:
             return "duplicate in range (skipped)", None
         self.seen.add(base_key)  # before any await: two copies of one request never both run
         base = await self.store.get(base_key)
-        if base is None or base.state is not State.COMPLETED:
-            return "not completed (skipped)", None
-        if not Fingerprinter(settings.fingerprint_key).matches(base.fingerprint, envelope):
-            return "conflict (skipped)", None
+        matches = Fingerprinter(settings.fingerprint_key).matches
+        if self.req.retry_failed:
+            latest = await self.latest(envelope.operation, envelope.message_id, base)
+            if latest is None or not matches(latest.fingerprint, envelope):
+                return ("not failed (skipped)" if latest is None else "conflict (skipped)"), None
+            # FAILED: a new generation. An unfinished generation >= 1 (an earlier retry interrupted) is
+            # resumed under its own key by generation(); anything else was not a failure.
+            resumable = latest is not base and latest.state in (State.IN_PROGRESS, State.RELEASED)
+            if latest.state is not State.FAILED and not resumable:
+                return "not failed (skipped)", None
+        else:
+            if base is None or base.state is not State.COMPLETED:
+                return "not completed (skipped)", None
+            if not matches(base.fingerprint, envelope):
+                return "conflict (skipped)", None
         gen, key = await self.generation(envelope.operation, envelope.message_id)
         await self.audit(
             {
                 "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "mode": "retry_failed" if self.req.retry_failed else "reverify",
                 "operator": self.req.operator,
                 "reason": self.req.reason,
                 "message_id": envelope.message_id,
@@ -959,13 +1017,18 @@ class _Reverifier:
             return "conflict (skipped)", None
         if handled.disposition is Disposition.SET_ASIDE:
             return "set aside (retries exhausted)", None
+        if handled.disposition is Disposition.IN_DOUBT:
+            if handled.dead_letter is not None and self.req.dead_letters:
+                await sinks.dead_letter(msg, handled.dead_letter, time.time())
+            return "in doubt (dead-lettered)", None
         if handled.disposition is Disposition.ERROR:
             return "internal error", None
         if handled.record is not None and sinks.results_topic is not None:
             await sinks.result(handled.record, msg.key, envelope.subject_id)
+        done = "retried" if self.req.retry_failed else "reverified"
         if handled.disposition is Disposition.FAILED:
-            return "reverified: failed (provider 4xx)", None
-        return "reverified", None
+            return f"{done}: failed (provider 4xx)", None
+        return done, None
 
 
 # -- dead letters ----------------------------------------------------------------------------------
@@ -1203,7 +1266,15 @@ async def redrive(
         if dry_run:
             await _redrive_dry_run(settings, consumer, spans, wanted, run, concurrency)
         else:
-            await _redrive(settings, consumer, spans, wanted, run, mode, group, emit_results, concurrency)
+            if force and mode is RedriveMode.DIRECT and "in_doubt" in reasons:
+                report.notes.append(
+                    "--force: unfinished records older than the provider's key retention "
+                    f"({_duration(settings.provider_key_retention_s)}) are sent again; if the provider has "
+                    "forgotten the key and had acted, that is a second side effect"
+                )
+            await _redrive(
+                settings, consumer, spans, wanted, run, mode, group, emit_results, concurrency, force=force
+            )
         if bar is not None:
             bar.close(report.counts)
     finally:
@@ -1262,13 +1333,22 @@ async def _redrive(
     group: str | None,
     emit_results: bool,
     concurrency: int,
+    *,
+    force: bool = False,
 ) -> None:
     if mode is RedriveMode.REPUBLISH:
         await _republish(settings, consumer, spans, wanted, run)
         return
     async with open_store(settings.store_url) as store, _provider(settings) as provider:
         sinks = _sinks(settings, settings.dead_letter_topic, group)
-        processor = _processor(settings, store, provider, want_records=settings.result_topic is not None)
+        # --force also overrides the in-doubt hold on records older than the provider's key retention.
+        processor = _processor(
+            settings,
+            store,
+            provider,
+            want_records=settings.result_topic is not None,
+            ignore_key_retention=force,
+        )
         await sinks.start()
         entries: dict[tuple[str, int, int], DeadLetterEntry] = {}
 

@@ -16,13 +16,16 @@ from typing import Any, TypeVar
 
 from consumer.errors import ConfigurationError
 
-__all__ = ["PREFIX", "Settings"]
+__all__ = ["LEASE_SLACK_S", "PREFIX", "Settings"]
 
 PREFIX = "IDV_"
 T = TypeVar("T")
 _SECRETS = frozenset({"provider_api_key", "kafka_sasl_password", "fingerprint_key", "store_url"})
 #: Shortest accepted IDV_FINGERPRINT_KEY (characters): a short key can be guessed along with the data.
 MIN_FINGERPRINT_KEY = 16
+# What a lease must hold beyond one attempt's hard deadline: the lease is made sure of right before an
+# attempt, so this covers the store write that records the answer (and clock jitter) after the deadline.
+LEASE_SLACK_S = 1.0
 
 
 def _secret(env: Mapping[str, str], name: str) -> str | None:
@@ -86,6 +89,12 @@ class Settings:
     provider_backoff_base_s: float = 0.2
     provider_backoff_max_s: float = 10.0
     provider_max_connections: int = 128
+    # Ceiling on a Retry-After hint: longer ones are obeyed only up to this (a gateway's "come back in a
+    # day" must not park a partition for a day).
+    provider_retry_after_max_s: float = 60.0
+    # How long the provider keeps an Idempotency-Key (the sandbox and Persona: 24 h). An unfinished record
+    # that was already sent and is older than this is not sent again automatically: dead-lettered in_doubt.
+    provider_key_retention_s: float = 24 * 3600.0
     # "aiohttp": httpx's API on an aiohttp connection pool (consumer/http.py); "httpx-aiohttp": the same
     # through that package (optional); "httpx": httpcore's own pool, which degrades past ~16-64 concurrent
     # requests (docs/performance.md).
@@ -178,11 +187,15 @@ class Settings:
         need(self.commit_interval_s > 0, "commit_interval_s", "must be positive")
         need(self.commit_every >= 1, "commit_every", "must be at least 1")
         need(self.retention_s > self.lease_s, "retention_s", "must be longer than the lease")
+        need(self.provider_timeout_s > 0, "provider_timeout_s", "must be positive")
         need(
-            self.lease_s > self.provider_timeout_s,
+            self.lease_s >= self.provider_timeout_s + LEASE_SLACK_S,
             "lease_s",
-            "must be longer than IDV_PROVIDER_TIMEOUT_S so a live call never outlasts its lease",
+            f"must be at least IDV_PROVIDER_TIMEOUT_S + {LEASE_SLACK_S:g}s (the hard deadline of one attempt "
+            "plus renewal slack) so a live call never outlasts its lease",
         )
+        need(self.provider_retry_after_max_s > 0, "provider_retry_after_max_s", "must be positive")
+        need(self.provider_key_retention_s > 0, "provider_key_retention_s", "must be positive")
         need(self.log_format in ("json", "text"), "log_format", "must be json or text")
         need(
             self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),

@@ -32,7 +32,7 @@ import click
 import orjson
 from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type information
 
-from producer.envelope import OPERATIONS, Envelope, encode, envelope_from_dict
+from producer.envelope import OPERATIONS, Envelope, check_exact_integers, encode, envelope_from_dict
 from producer.errors import EnvelopeError, PublishError
 from producer.ids import new_message_id
 from producer.publisher import DEFAULT_BOOTSTRAP, DEFAULT_TOPIC, Publisher, PublishResult
@@ -266,6 +266,7 @@ def parse_line(line: bytes) -> Envelope:
             raise EnvelopeError("invalid_encoding", "line is not valid UTF-8") from None
         # orjson's message gives a position only, never the document text.
         raise EnvelopeError("invalid_json", f"line is not valid JSON ({exc})") from None
+    check_exact_integers(line, obj)
     return envelope_from_dict(obj)
 
 
@@ -346,6 +347,10 @@ def one(
         raise click.BadParameter("not valid JSON", param_hint="--request") from None
     if not isinstance(request, dict):
         raise click.BadParameter("must be a JSON object", param_hint="--request")
+    try:
+        check_exact_integers(request_json, request)
+    except EnvelopeError as exc:
+        raise click.BadParameter(exc.detail, param_hint="--request") from None
     summary = Summary("one", connection.topic)
     try:
         envelope = Envelope(

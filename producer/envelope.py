@@ -44,6 +44,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Envelope",
     "Operation",
+    "canonical_request",
     "decode",
     "encode",
     "envelope_from_dict",
@@ -213,8 +214,70 @@ def validate_fields(obj: Mapping[str, Any]) -> None:
     # deeper of the two ways here, where every path passes.
     try:
         orjson.dumps({"request": request})
-    except orjson.JSONEncodeError:
+    except orjson.JSONEncodeError as exc:
+        if "64-bit" in str(exc):
+            raise _invalid(_BIG_INT) from None
         raise _invalid("request cannot be encoded as JSON (nested too deeply, or a non-JSON value)") from None
+
+
+_BIG_INT = "request holds an integer beyond 64 bits (it would be rounded; send it as a string)"
+# orjson decodes an integer literal outside [-2**63, 2**64 - 1] as a float: two different requests would
+# then share one fingerprint and one canonical body (PITFALLS). Such a float is the only trace left.
+_INT_FLOOR = -(2**63)
+_INT_CEILING = 2**64 - 1
+
+
+def _may_hold_big_int(obj: object) -> bool:
+    """True when the decoded object holds a float of a magnitude an out-of-range integer decodes to."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if abs(item) >= 2.0**63:  # rounding may put -(2**63 + 1) exactly on -(2**63)
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def check_exact_integers(raw: bytes | str, obj: object) -> None:
+    """Raise ``invalid_envelope`` if ``obj`` (``orjson.loads(raw)``) lost an integer beyond 64 bits.
+
+    For producer input parsed before an :class:`Envelope` exists (JSON Lines, ``--request``); ``decode``
+    runs the same check on the request."""
+    if _may_hold_big_int(obj) and _has_big_int(raw.encode() if isinstance(raw, str) else raw):
+        raise _invalid(_BIG_INT)
+
+
+def _has_big_int(value: bytes) -> bool:
+    """Re-read the text with the standard library, which keeps integers exact (rare path)."""
+    import json
+
+    found = False
+
+    def check(literal: str) -> int:
+        nonlocal found
+        number = int(literal)
+        if not _INT_FLOOR <= number <= _INT_CEILING:
+            found = True
+        return number
+
+    try:
+        json.loads(value, parse_int=check)
+    except ValueError:
+        return False
+    return found
+
+
+def canonical_request(envelope: Envelope) -> bytes:
+    """The request body exactly as it is fingerprinted and sent: JSON with sorted keys.
+
+    The provider fingerprints the raw body under the ``Idempotency-Key``; sending the canonical bytes
+    (not the producer's key order) makes a re-published message with the same content in another key
+    order the same request there too, answered from the stored response instead of 422."""
+    return orjson.dumps(envelope.request, option=orjson.OPT_SORT_KEYS)
 
 
 def envelope_from_dict(obj: object) -> Envelope:
@@ -284,6 +347,8 @@ def decode(
     if not isinstance(obj, dict):
         raise _invalid(f"envelope must be a JSON object, got {type(obj).__name__}")
     validate_fields(obj)
+    if _may_hold_big_int(obj.get("request")) and _has_big_int(value):
+        raise _invalid(_BIG_INT)
     header_id = _header(headers, HEADER_MESSAGE_ID)
     if header_id is not None and header_id.decode("utf-8", "replace") != obj["message_id"]:
         raise _invalid(f"header {HEADER_MESSAGE_ID} does not match the envelope's message_id")

@@ -19,7 +19,7 @@ import asyncio
 import enum
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 import orjson
@@ -60,6 +60,9 @@ class Request:
     headers: list[tuple[bytes, bytes]]
     body: bytes
     peer_is_loopback: bool
+    meta: dict[str, object] = field(default_factory=dict)
+    """Filled by the app for the transport: ``attempt`` (the ledger's :class:`Attempt`, to stamp its end)
+    and ``trickle_s`` (send the answer slowly)."""
 
 
 _CONTENT_TYPE = (b"content-type", b"application/json")
@@ -179,6 +182,7 @@ class SandboxApp:
             delivered=True,
         )
         ledger_key = key if key_ok else None
+        request.meta["attempt"] = attempt
 
         if api_key is not None and api_key in self._out_of_credit:
             attempt.api_key_id = self._out_of_credit[api_key]
@@ -197,6 +201,8 @@ class SandboxApp:
         fault = self.faults.next_fault()
         if fault is not None:
             attempt.fault = fault.kind
+            if fault.action is FaultAction.TRICKLE:
+                request.meta["trickle_s"] = fault.delay_s
             if fault.action is FaultAction.RESPOND:
                 return self._finish(ledger_key, attempt, Outcome.GATEWAY_FAULT, self._fault_response(fault))
             if fault.action is FaultAction.DROP_BEFORE:
@@ -261,6 +267,8 @@ class SandboxApp:
         if fault.status == 429:
             retry_after = fault.retry_after_s or self.faults.default_retry_after_s()
             return _error(429, "rate_limited", _retry_after(retry_after))
+        if 300 <= fault.status < 400:
+            return json_response(fault.status, {}, ((b"location", b"https://moved.invalid/"),))
         return _error(fault.status, "injected")
 
     def _finish(self, key: str | None, attempt: Attempt, outcome: Outcome, response: Response) -> Response:

@@ -15,6 +15,8 @@ Script items:
     no fault for this request (the random rates are not rolled either)
 ``500`` .. ``599``
     gateway error with that status
+``301``, ``302``, ``303``, ``307``, ``308``
+    a redirect from a gateway or proxy in front of the provider (``Location`` elsewhere), nothing stored
 ``429`` / ``429:N``
     gateway rate limit with ``Retry-After: N`` (default ``retry_after_s``)
 ``drop``
@@ -23,6 +25,9 @@ Script items:
     close the connection before the request reaches the idempotency layer (no side effect)
 ``delay:MS``
     extra delay of MS milliseconds before business handling (on top of ``latency_ms``)
+``trickle:MS``
+    process normally, then send the answer slowly: the head at once, the body in small pieces spread
+    over MS milliseconds (every gap far below a read timeout, so only a total deadline stops it)
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class FaultAction(enum.Enum):
     """Close the connection before the idempotency layer."""
     DROP_AFTER = "drop_after"
     """Process normally, then close the connection instead of answering."""
+    TRICKLE = "trickle"
+    """Process normally, then send the answer's body slowly over ``Fault.delay_s``."""
     DELAY = "delay"
     """Process normally after an extra ``Fault.delay_s``."""
 
@@ -76,6 +83,11 @@ def parse_script_item(item: str) -> Fault | None:
         if delay_ms < 0:
             raise SandboxConfigError(f"script item {item!r}: delay must be >= 0")
         return Fault("script:delay", FaultAction.DELAY, delay_s=delay_ms / 1000)
+    if head == "trickle" and sep:
+        trickle_ms = _number(arg, item)
+        if trickle_ms < 0:
+            raise SandboxConfigError(f"script item {item!r}: trickle must be >= 0")
+        return Fault("script:trickle", FaultAction.TRICKLE, delay_s=trickle_ms / 1000)
     if head.isdigit():
         status = int(head)
         if status == 429:
@@ -85,11 +97,15 @@ def parse_script_item(item: str) -> Fault | None:
                 if retry_after < 1:
                     raise SandboxConfigError(f"script item {item!r}: Retry-After must be >= 1")
             return Fault("script:429", FaultAction.RESPOND, status=429, retry_after_s=retry_after)
-        if 500 <= status <= 599 and not sep:
+        if (500 <= status <= 599 or status in _REDIRECTS) and not sep:
             return Fault(f"script:{status}", FaultAction.RESPOND, status=status)
     raise SandboxConfigError(
-        f"script item {item!r} not understood (ok, 5xx, 429[:N], drop, drop_before, delay:MS)"
+        f"script item {item!r} not understood "
+        "(ok, 5xx, 3xx redirect, 429[:N], drop, drop_before, delay:MS, trickle:MS)"
     )
+
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 def _number(text: str, item: str) -> float:

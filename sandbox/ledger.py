@@ -50,6 +50,9 @@ class Attempt:
     side_effect: bool
     delivered: bool
     """``False`` when the connection was closed instead of sending the response."""
+    ended_at: float | None = None
+    """When the server was done with the attempt: the last byte of the answer written, or the connection
+    closed (dropped, or gone while a trickled answer was still being sent). ``None`` while running."""
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -62,6 +65,7 @@ class Attempt:
             "api_key_id": self.api_key_id,
             "side_effect": self.side_effect,
             "delivered": self.delivered,
+            "ended_at": self.ended_at,
         }
 
 

@@ -19,7 +19,7 @@ import h11
 from .app import Drop, Request, Response, SandboxApp, json_response
 from .config import SandboxConfig
 from .faults import FaultInjector
-from .ledger import Ledger
+from .ledger import Attempt, Ledger
 
 __all__ = ["SandboxServer"]
 
@@ -177,14 +177,68 @@ class SandboxServer:
                     "dropped" if response is Drop.DROP else response.status,
                     (time.perf_counter() - started) * 1000,
                 )
+            attempt = request.meta.get("attempt")
             if response is Drop.DROP:
                 writer.transport.abort()
+                self._ended(attempt)
                 return
-            writer.write(_serialize(conn, response))
-            await writer.drain()
+            trickle_s = request.meta.get("trickle_s")
+            try:
+                if isinstance(trickle_s, float) and trickle_s > 0:
+                    if not await self._trickle(conn, reader, writer, response, trickle_s):
+                        return  # the client went away mid-answer
+                else:
+                    writer.write(_serialize(conn, response))
+                    await writer.drain()
+            finally:
+                self._ended(attempt)
             if conn.our_state is h11.MUST_CLOSE:
                 return
             conn.start_next_cycle()
+
+    def _ended(self, attempt: object) -> None:
+        if isinstance(attempt, Attempt):
+            attempt.ended_at = self.config.clock()
+
+    @staticmethod
+    async def _trickle(
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        response: Response,
+        seconds: float,
+    ) -> bool:
+        """Send the head, then the body in up to 20 pieces spread over ``seconds``; False (and the
+        connection aborted) as soon as the client is gone."""
+        writer.write(
+            conn.send(
+                h11.Response(
+                    status_code=response.status,
+                    headers=list(response.headers),
+                    reason=_REASONS.get(response.status, b""),
+                )
+            )
+            or b""
+        )
+        await writer.drain()
+        body = response.body
+        pieces = max(1, min(20, len(body)))
+        step = -(-len(body) // pieces)
+        gap = seconds / pieces
+        for start in range(0, len(body), step):
+            waited = 0.0
+            while waited < gap:  # short naps, so a client that gave up is noticed within ~10 ms
+                if reader.at_eof() or writer.is_closing():
+                    writer.transport.abort()
+                    return False
+                nap = min(0.01, gap - waited)
+                await asyncio.sleep(nap)
+                waited += nap
+            writer.write(conn.send(h11.Data(data=body[start : start + step])) or b"")
+            await writer.drain()
+        writer.write(conn.send(h11.EndOfMessage()) or b"")
+        await writer.drain()
+        return True
 
     async def _receive(
         self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, loopback: bool

@@ -628,3 +628,61 @@ async def test_start_up_failures_are_one_line_with_a_distinct_exit_code(
     log = proc.log()
     assert fragment in log and "Traceback" not in log
     assert sum((await committed_offsets(kafka_bootstrap, env["IDV_GROUP_ID"], topic)).values()) == 0
+
+
+async def test_same_message_republished_in_another_key_order_is_one_request_at_the_provider(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+) -> None:
+    """The first copy reaches the provider (side effect performed) but its answer is lost; the message is
+    re-published with the same content in another JSON key order. The fingerprint canonicalises key order,
+    so the store sees the same request and the second copy takes the key over; the provider fingerprints
+    the raw body, so the body must be those same canonical bytes. Before: the original key order was sent,
+    the second copy got 422 idempotency_key_reused and was recorded FAILED although the provider acted."""
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    sb.faults(script=["drop"])  # the first call is performed, its answer never arrives
+    first = Envelope(
+        message_id=f"order-{uuid.uuid4()}",
+        operation="aml_screening",
+        subject_id="subject-order",
+        request={
+            "full_name": "Order Person",
+            "vendor_data": "case-order",
+            "address": {"zip": "1", "city": "X"},
+        },
+    )
+    second = Envelope(
+        message_id=first.message_id,
+        operation="aml_screening",
+        subject_id="subject-order",
+        request={
+            "address": {"city": "X", "zip": "1"},
+            "vendor_data": "case-order",
+            "full_name": "Order Person",
+        },
+    )
+    assert encode(first) != encode(second)
+    await publish_raw(
+        kafka_bootstrap, topic, [(e.key, encode(e), e.headers()) for e in (first, second)], partition=2
+    )
+    group = "g-" + uuid.uuid4().hex[:8]
+    settings = settings_for(
+        kafka_bootstrap,
+        topic,
+        group,
+        sqlite_url,
+        sb.url,
+        provider_max_attempts=1,
+        lease_s=2,
+        provider_timeout_s=1,
+    )
+    daemon = await run_until_committed(settings)
+    key = idempotency_key("idv", first.operation, first.message_id)
+    entry = sb.ledger()["keys"][key]
+    assert entry["side_effects"] == 1
+    assert 422 not in [a["status"] for a in entry["attempts"]], entry["attempts"]
+    assert daemon.stats.by_disposition["failed"] == 0
+    assert daemon.stats.by_disposition["completed"] == 1
+    async with open_store(sqlite_url) as store:
+        record = await store.get(key)
+    assert record is not None and record.state is State.COMPLETED
+    assert record.outcome is not None and record.outcome.status == "approved"

@@ -172,3 +172,14 @@ def test_documented_in_operations_page() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
     missing = [name for name in METRIC_NAMES if name not in doc]
     assert not missing, f"metrics missing from docs/operations.md: {missing}"
+
+
+def test_in_doubt_dead_letters_are_also_counted_on_their_own() -> None:
+    m = Metrics()
+    m.dead_letter("retries_exhausted")
+    m.dead_letter("in_doubt")
+    m.dead_letter("in_doubt")
+    assert value(m, "idv_in_doubt_total") == 2
+    assert value(m, "idv_dead_letters_total", reason="in_doubt") == 2
+    m.finished("in_doubt")
+    assert value(m, "idv_messages_finished_total", disposition="in_doubt", status="none") == 1

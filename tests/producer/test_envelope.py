@@ -499,3 +499,84 @@ def test_from_dict_errors_name_the_field(obj: object, reason: str, message: str)
     with pytest.raises(EnvelopeError) as info:
         envelope_from_dict(obj)
     assert (info.value.reason, str(info.value)) == (reason, message)
+
+
+# -- integers beyond 64 bits (orjson would decode them as rounded floats) -------------------------------
+
+
+@pytest.mark.parametrize(
+    "literal", [b"123456789012345678901234567890", b"18446744073709551616", b"-9223372036854775809"]
+)
+def test_decode_rejects_an_integer_beyond_64_bits(literal: bytes) -> None:
+    value = orjson.dumps(valid_obj(request={"full_name": "X", "n": 0})).replace(b'"n":0', b'"n":' + literal)
+    with pytest.raises(EnvelopeError) as info:
+        decode(value)
+    assert info.value.reason == "invalid_envelope"
+    assert "64 bits" in info.value.detail
+
+
+def test_two_requests_differing_only_beyond_64_bits_are_not_both_accepted() -> None:
+    base = orjson.dumps(valid_obj(request={"full_name": "X", "n": 0}))
+    a = base.replace(b'"n":0', b'"n":123456789012345678901234567890')
+    b = base.replace(b'"n":0', b'"n":123456789012345678901234567891')
+    assert orjson.loads(a) == orjson.loads(b)  # what orjson alone makes of them: the same float
+    for value in (a, b):
+        with pytest.raises(EnvelopeError):
+            decode(value)
+
+
+@pytest.mark.parametrize(
+    "literal",
+    [
+        b"18446744073709551615",
+        b"-9223372036854775808",
+        b"1.5e30",
+        b"-2e40",
+        b'"123456789012345678901234567890"',
+    ],
+)
+def test_decode_keeps_64_bit_integers_large_floats_and_digit_strings(literal: bytes) -> None:
+    value = orjson.dumps(valid_obj(request={"full_name": "X", "n": 0})).replace(b'"n":0', b'"n":' + literal)
+    assert decode(value).request["n"] == orjson.loads(literal)
+
+
+def test_encode_rejects_an_integer_beyond_64_bits() -> None:
+    with pytest.raises(EnvelopeError) as info:
+        Envelope(
+            message_id="m-big",
+            operation="aml_screening",
+            subject_id="s",
+            request={"full_name": "X", "n": 2**64},
+        )
+    assert info.value.reason == "invalid_envelope"
+    assert "64 bits" in info.value.detail
+
+
+def test_canonical_request_sorts_keys_at_every_level() -> None:
+    from producer.envelope import canonical_request
+
+    a = Envelope(
+        message_id="m",
+        operation="aml_screening",
+        subject_id="s",
+        request={"z": {"b": 1, "a": 2}, "full_name": "X"},
+    )
+    b = Envelope(
+        message_id="m",
+        operation="aml_screening",
+        subject_id="s",
+        request={"full_name": "X", "z": {"a": 2, "b": 1}},
+    )
+    assert canonical_request(a) == canonical_request(b) == b'{"full_name":"X","z":{"a":2,"b":1}}'
+
+
+def test_producer_input_with_an_integer_beyond_64_bits_is_rejected_before_it_is_rounded() -> None:
+    from producer.cli import parse_line
+
+    line = orjson.dumps(valid_obj(request={"full_name": "X", "n": 0})).replace(
+        b'"n":0', b'"n":123456789012345678901234567890'
+    )
+    with pytest.raises(EnvelopeError) as info:
+        parse_line(line)
+    assert info.value.reason == "invalid_envelope" and "64 bits" in info.value.detail
+    assert parse_line(line.replace(b"123456789012345678901234567890", b"12")).request["n"] == 12

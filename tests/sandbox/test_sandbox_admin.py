@@ -46,6 +46,7 @@ async def test_ledger_shape(sandbox: SandboxHarness, api_key: str) -> None:
         "api_key_id",
         "side_effect",
         "delivered",
+        "ended_at",
     }
     assert attempt["path"] == "/v3/aml/"
     assert attempt["api_key_id"] == api_key_id(api_key)
