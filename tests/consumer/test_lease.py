@@ -219,7 +219,11 @@ async def test_lease_lost_waits_for_the_other_owner_instead_of_taking_the_key_ba
 
 
 def test_the_lease_must_cover_the_attempt_deadline_plus_slack() -> None:
-    base = {"IDV_PROVIDER_API_KEY": "k", "IDV_PROVIDER_TIMEOUT_S": "5"}
+    base = {
+        "IDV_PROVIDER_API_KEY": "k",
+        "IDV_PROVIDER_TIMEOUT_S": "5",
+        "IDV_FINGERPRINT_KEY": "lease-test-fingerprint-key",
+    }
     Settings.from_env({**base, "IDV_LEASE_S": str(5 + LEASE_SLACK_S)})
     from consumer.errors import ConfigurationError
 
