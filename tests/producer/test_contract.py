@@ -19,11 +19,13 @@ import ast
 import inspect
 import json
 import re
+import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 import yaml
@@ -589,3 +591,42 @@ def test_asyncapi_dead_letter_headers_match_the_sinks(asyncapi: dict[str, Any]) 
         as_text = {k: v.decode() for k, v in written}
         EcmaDraft7(header_schema).validate(as_text)
         assert [k for k, _ in written][-len(sinks.DLQ_HEADERS) :] == list(sinks.DLQ_HEADERS)
+
+
+# -- the kcat example of docs/contract.md, run as written -----------------------------------------------
+
+
+@pytest.mark.kafka
+@pytest.mark.anyio
+async def test_the_documented_kcat_example_produces_a_valid_request(kafka_bootstrap: str) -> None:
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from tests.conftest import ROOT, create_topic, random_topic_name, service_missing
+
+    if shutil.which("kcat") is None:
+        service_missing("kcat", "apt-get install -y kcat")
+    doc = (ROOT / "docs" / "contract.md").read_text(encoding="utf-8")
+    section = doc.split("## Producing from another language: kcat", 1)[1]
+    script = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    topic = await create_topic(kafka_bootstrap, random_topic_name("contract"), 8)
+    script = script.replace("B=127.0.0.1:9092", f"B={kafka_bootstrap}").replace(
+        "-t idv.requests", f"-t {topic}"
+    )
+    assert f"-t {topic}" in script
+    with anyio.fail_after(60):
+        result = await anyio.run_process(["bash", "-euo", "pipefail", "-c", script], check=False)
+    assert result.returncode == 0, result.stderr
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        batch = await consumer.getmany(timeout_ms=10_000)
+    finally:
+        await consumer.stop()
+    (record,) = [r for records in batch.values() for r in records]
+    env = decode(record.value, record.headers)  # header idv-message-id checked against the body
+    assert record.key == env.subject_id.encode()
+    assert dict(record.headers)[HEADER_MESSAGE_ID] == env.message_id.encode()
+    assert schema_accepts(envelope_schema(), orjson.loads(record.value))
+    # murmur2_random: the same partition the Java client and aiokafka (idv-publish) choose.
+    assert record.partition == DefaultPartitioner()(record.key, list(range(8)), list(range(8)))
