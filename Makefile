@@ -2,7 +2,7 @@
 PY ?= python3
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install run test test-fast lint typecheck bench chaos broker-up broker-down postgres-up postgres-down compose-check clean
+.PHONY: help install run test test-fast lint typecheck bench chaos broker-up broker-down postgres-up postgres-down compose-check alerts-check clean
 
 help: ## This list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -45,6 +45,10 @@ postgres-down: ## Stop the local PostgreSQL 15
 
 compose-check: ## Validate docker-compose.yml with a compose parser
 	bash scripts/check-compose.sh
+
+alerts-check: ## promtool: check the alert rules and Prometheus config, run the alerts' unit tests
+	promtool check config docker/prometheus.yml
+	promtool test rules docker/prometheus/alerts.test.yml
 
 clean: ## Stop services and remove local state (.run/)
 	-bash scripts/kafka.sh stop --wipe
