@@ -44,11 +44,23 @@ from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import asyncpg
-import orjson
 
 from consumer.errors import LeaseLost, StoreError
 from consumer.store import redact
-from consumer.store.base import Claim, ClaimStatus, Clock, DedupeStore, Outcome, Record, State
+from consumer.store.base import (
+    COLUMN_LIST,
+    Claim,
+    ClaimStatus,
+    Clock,
+    Decision,
+    DedupeStore,
+    Outcome,
+    Record,
+    State,
+    decide_claim,
+    dump_outcome,
+    record_from_row,
+)
 
 __all__ = ["MIGRATIONS", "PostgresStore", "migrate", "migrate_url"]
 
@@ -98,10 +110,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # pg_advisory_xact_lock key shared by every daemon migrating this database ("idv-migr" as a bigint).
 _MIGRATION_LOCK = int.from_bytes(b"idv-migr", "big")
 
-_COLUMNS = (
-    "key, message_id, operation, fingerprint, state, owner, lease_until, attempts, outcome, "
-    "last_error, created_at, updated_at, expires_at"
-)
+_COLUMNS = COLUMN_LIST
 
 # One statement: insert the record, or (when the key exists) return the existing row, flagged.
 _CLAIM_SQL = f"""
@@ -111,9 +120,9 @@ WITH ins AS (
     ON CONFLICT (key) DO NOTHING
     RETURNING {_COLUMNS}
 )
-SELECT true AS inserted, {_COLUMNS} FROM ins
+SELECT {_COLUMNS}, true AS inserted FROM ins
 UNION ALL
-SELECT false AS inserted, {_COLUMNS} FROM idempotency_records
+SELECT {_COLUMNS}, false AS inserted FROM idempotency_records
 WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM ins)
 """  # noqa: S608 - only the module's own column list is interpolated
 
@@ -206,25 +215,6 @@ class _StoreConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg shi
 
     def get_reset_query(self) -> str:
         return ""
-
-
-def _row_to_record(row: Any) -> Record:
-    raw = row["outcome"]
-    return Record(
-        key=row["key"],
-        message_id=row["message_id"],
-        operation=row["operation"],
-        fingerprint=row["fingerprint"],
-        state=State(row["state"]),
-        owner=row["owner"],
-        lease_until=row["lease_until"],
-        attempts=row["attempts"],
-        outcome=Outcome.from_json(orjson.loads(raw)) if raw is not None else None,
-        last_error=row["last_error"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        expires_at=row["expires_at"],
-    )
 
 
 def _rowcount(status: str) -> int:
@@ -403,27 +393,26 @@ class PostgresStore(DedupeStore):
                 )
                 if row is None:
                     continue  # inserted concurrently, not yet visible to this statement's snapshot
-                record = _row_to_record(row)
+                record = record_from_row(row)
                 if row["inserted"]:
                     return Claim(ClaimStatus.ACQUIRED, record)
-                if record.fingerprint not in fingerprints:
-                    return Claim(ClaimStatus.CONFLICT, record)
-                if record.state in (State.COMPLETED, State.FAILED):
-                    return Claim(ClaimStatus.DONE, record)
-                if record.state is State.IN_PROGRESS and (record.lease_until or 0.0) > now:
-                    if not (reentrant and record.owner == owner):
-                        return Claim(ClaimStatus.BUSY, record)
+                decision = decide_claim(
+                    record, fingerprints=fingerprints, owner=owner, now=now, reentrant=reentrant
+                )
+                if decision in (Decision.CONFLICT, Decision.DONE, Decision.BUSY):
+                    return Claim(decision.status, record)
+                if decision is Decision.REENTER:
                     # Our own live lease that no caller holds: a claim whose answer was lost. Renew it.
                     row = await conn.fetchrow(_REENTER_SQL, key, accepted, owner, now + lease_s, now)
                     if row is not None:
-                        return Claim(ClaimStatus.ACQUIRED, _row_to_record(row))
+                        return Claim(ClaimStatus.ACQUIRED, record_from_row(row))
                     continue  # changed since we read it (expired, taken over): look again
                 # RELEASED, or a lease that has run out: take it over if nobody else does first.
                 row = await conn.fetchrow(
                     _TAKE_OVER_SQL, key, accepted, owner, now + lease_s, now, now + retention_s
                 )
                 if row is not None:
-                    return Claim(ClaimStatus.ACQUIRED, _row_to_record(row))
+                    return Claim(ClaimStatus.ACQUIRED, record_from_row(row))
                 # Lost the race (or the row changed since we read it): look again.
             if record is None:
                 raise StoreError(f"claim of {key} kept racing with concurrent writers")
@@ -441,7 +430,7 @@ class PostgresStore(DedupeStore):
 
     async def _complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool = False) -> Record:
         state = State.FAILED if failed else State.COMPLETED
-        payload = orjson.dumps(outcome.to_json()).decode()
+        payload = dump_outcome(outcome)
         args = (key, owner, state.value, payload, self.clock())
 
         async def fn(conn: Any) -> Any:
@@ -450,7 +439,7 @@ class PostgresStore(DedupeStore):
         row = await self._run("complete", fn)
         if row is None:
             raise LeaseLost(f"record {key} is not in progress under this owner")
-        return _row_to_record(row)
+        return record_from_row(row)
 
     async def _release(self, key: str, owner: str, error: str) -> None:
         await self._transition("release", _RELEASE_SQL, key, owner, error[:200], self.clock())
@@ -475,7 +464,7 @@ class PostgresStore(DedupeStore):
     async def get(self, key: str) -> Record | None:
         async def fn(conn: Any) -> Record | None:
             row = await conn.fetchrow(_GET_SQL, key)
-            return _row_to_record(row) if row is not None else None
+            return record_from_row(row) if row is not None else None
 
         return await self._run("get", fn)
 
