@@ -141,9 +141,7 @@ def load_outcome(raw: str | bytes | None) -> Outcome | None:
     return Outcome.from_json(orjson.loads(raw)) if raw else None
 
 
-def record_from_row(
-    row: Sequence[Any], *, outcome: Callable[[Any], Outcome | None] = load_outcome
-) -> Record:
+def record_from_row(row: Sequence[Any], *, outcome: Callable[[Any], Outcome | None] = load_outcome) -> Record:
     """A row whose first values are :data:`COLUMNS`, in order, as a :class:`Record`. ``outcome`` converts
     the backend's stored outcome value (JSON text by default)."""
     values = [row[i] for i in range(len(COLUMNS))]

@@ -325,9 +325,7 @@ class SqliteStore(DedupeStore):
                 )  # fmt: skip
                 return Claim(ClaimStatus.ACQUIRED, self._remember(record))
             row = _fetch(conn, key)
-            decision = decide_claim(
-                row, fingerprints=fingerprints, owner=owner, now=now, reentrant=reentrant
-            )
+            decision = decide_claim(row, fingerprints=fingerprints, owner=owner, now=now, reentrant=reentrant)
             if decision is Decision.REENTER:
                 # Our own live lease that no caller holds: an earlier claim whose answer was lost.
                 cur = conn.execute(_SQL_REENTER, (lease_until, now, key, owner))
