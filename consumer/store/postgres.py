@@ -36,6 +36,8 @@ transaction holding an advisory lock, so daemons starting together do not race t
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -49,6 +51,7 @@ from consumer.errors import LeaseLost, StoreError
 from consumer.store import redact
 from consumer.store.base import (
     COLUMN_LIST,
+    COLUMNS,
     Claim,
     ClaimStatus,
     Clock,
@@ -111,58 +114,82 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _MIGRATION_LOCK = int.from_bytes(b"idv-migr", "big")
 
 _COLUMNS = COLUMN_LIST
+_R_COLUMNS = ", ".join(f"r.{c}" for c in COLUMNS)  # the same, qualified (UPDATE … FROM also has a `key`)
 
-# One statement: insert the record, or (when the key exists) return the existing row, flagged.
+# The batched writer's statements. Each takes one array per field (one element per caller, keys distinct
+# and sorted, so two daemons lock shared rows in the same order) and handles the whole batch in one
+# autocommit statement. Only the module's own column lists are interpolated (noqa: S608 below).
+
+# Claims: insert the records that do not exist; return those rows flagged `inserted`, and the existing
+# rows of the other keys as read by the statement's snapshot (a row inserted by a concurrent claimant
+# that committed after the snapshot is in neither: that key simply looks again).
 _CLAIM_SQL = f"""
-WITH ins AS (
+WITH v AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[],
+                         $7::float8[])
+        AS v(key, message_id, operation, fingerprint, owner, lease_until, expires_at)
+), ins AS (
     INSERT INTO idempotency_records ({_COLUMNS})
-    VALUES ($1, $2, $3, $4, 'in_progress', $5, $6, 1, NULL, NULL, $7, $7, $8)
+    SELECT key, message_id, operation, fingerprint, 'in_progress'::text, owner, lease_until, 1,
+           NULL::jsonb, NULL::text, $8::float8, $8::float8, expires_at
+    FROM v ORDER BY key
     ON CONFLICT (key) DO NOTHING
     RETURNING {_COLUMNS}
 )
 SELECT {_COLUMNS}, true AS inserted FROM ins
 UNION ALL
-SELECT {_COLUMNS}, false AS inserted FROM idempotency_records
-WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM ins)
-"""  # noqa: S608 - only the module's own column list is interpolated
+SELECT {_R_COLUMNS}, false AS inserted FROM idempotency_records r
+WHERE r.key = ANY($1::text[]) AND NOT EXISTS (SELECT 1 FROM ins WHERE ins.key = r.key)
+"""  # noqa: S608
 
-# The compare-and-set of a take-over: only RELEASED or an expired lease, only with the same fingerprint.
+# The compare-and-set of take-overs: only RELEASED or an expired lease, only with the fingerprint read
+# (one the claim accepted). At READ COMMITTED a row another claimant changed first is re-checked against
+# these conditions as that claimant left it: of racing take-overs exactly one matches.
 _TAKE_OVER_SQL = f"""
-UPDATE idempotency_records
-SET state = 'in_progress', owner = $3, lease_until = $4, attempts = attempts + 1, updated_at = $5,
-    expires_at = GREATEST(expires_at, $6)
-WHERE key = $1 AND fingerprint = ANY($2::text[])
-  AND (state = 'released' OR (state = 'in_progress' AND lease_until <= $5))
-RETURNING {_COLUMNS}
-"""  # noqa: S608 - only the module's own column list is interpolated
+UPDATE idempotency_records r
+SET state = 'in_progress', owner = v.owner, lease_until = v.lease_until, attempts = r.attempts + 1,
+    updated_at = $6, expires_at = GREATEST(r.expires_at, v.expires_at)
+FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::float8[])
+    AS v(key, fingerprint, owner, lease_until, expires_at)
+WHERE r.key = v.key AND r.fingerprint = v.fingerprint
+  AND (r.state = 'released' OR (r.state = 'in_progress' AND r.lease_until <= $6))
+RETURNING {_R_COLUMNS}
+"""  # noqa: S608
 
-# A claim re-entering our own live lease (an earlier claim's answer was lost): renew it, same attempt.
+# Claims re-entering our own live lease (an earlier claim's answer was lost): renew it, same attempt.
 _REENTER_SQL = f"""
-UPDATE idempotency_records SET lease_until = $4, updated_at = $5
-WHERE key = $1 AND fingerprint = ANY($2::text[]) AND state = 'in_progress' AND owner = $3
-  AND lease_until > $5
-RETURNING {_COLUMNS}
-"""  # noqa: S608 - only the module's own column list is interpolated
+UPDATE idempotency_records r SET lease_until = v.lease_until, updated_at = $5
+FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[]) AS v(key, fingerprint, owner, lease_until)
+WHERE r.key = v.key AND r.fingerprint = v.fingerprint AND r.state = 'in_progress' AND r.owner = v.owner
+  AND r.lease_until > $5
+RETURNING {_R_COLUMNS}
+"""  # noqa: S608
 
-_GET_SQL = f"SELECT {_COLUMNS} FROM idempotency_records WHERE key = $1"  # noqa: S608 - as above
-
+# Owner transitions: a key missing from RETURNING was not IN_PROGRESS under that owner (LeaseLost).
 _COMPLETE_SQL = f"""
-UPDATE idempotency_records
-SET state = $3, outcome = $4::jsonb, owner = NULL, lease_until = NULL, updated_at = $5
-WHERE key = $1 AND state = 'in_progress' AND owner = $2
-RETURNING {_COLUMNS}
-"""  # noqa: S608 - constant column list
+UPDATE idempotency_records r
+SET state = v.state, outcome = v.outcome::jsonb, owner = NULL, lease_until = NULL, updated_at = $5
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS v(key, owner, state, outcome)
+WHERE r.key = v.key AND r.state = 'in_progress' AND r.owner = v.owner
+RETURNING {_R_COLUMNS}
+"""  # noqa: S608
 
 _RELEASE_SQL = """
-UPDATE idempotency_records
-SET state = 'released', owner = NULL, lease_until = NULL, last_error = $3, updated_at = $4
-WHERE key = $1 AND state = 'in_progress' AND owner = $2
+UPDATE idempotency_records r
+SET state = 'released', owner = NULL, lease_until = NULL, last_error = v.error, updated_at = $4
+FROM unnest($1::text[], $2::text[], $3::text[]) AS v(key, owner, error)
+WHERE r.key = v.key AND r.state = 'in_progress' AND r.owner = v.owner
+RETURNING r.key
 """
 
 _RENEW_SQL = """
-UPDATE idempotency_records SET lease_until = $3, updated_at = $4
-WHERE key = $1 AND state = 'in_progress' AND owner = $2
+UPDATE idempotency_records r SET lease_until = v.lease_until, updated_at = $4
+FROM unnest($1::text[], $2::text[], $3::float8[]) AS v(key, owner, lease_until)
+WHERE r.key = v.key AND r.state = 'in_progress' AND r.owner = v.owner
+RETURNING r.key
 """
+
+_GET_SQL = f"SELECT {_COLUMNS} FROM idempotency_records WHERE key = $1"  # noqa: S608 - as above
 
 # The outer conditions repeat the inner ones on purpose: a row changed after the subquery's snapshot
 # (e.g. taken over) is re-checked against them before it is deleted. SKIP LOCKED: never wait on a row a
@@ -271,6 +298,50 @@ async def migrate_url(url: str, *, connect_timeout: float = 10.0) -> int:
         await conn.close()
 
 
+class _Op:
+    """One caller's queued transition; ``done`` resolves once its batch has finished (or failed)."""
+
+    __slots__ = ("args", "done", "error", "finished", "key", "kind", "result")
+
+    def __init__(self, kind: str, key: str, args: tuple[Any, ...], done: asyncio.Future[None]) -> None:
+        self.kind = kind
+        self.key = key
+        self.args = args
+        self.done = done
+        self.finished = False  # the outcome is known (result or error): later failures do not touch it
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def set(self, result: Any) -> None:
+        self.result, self.finished = result, True
+
+    def lost(self) -> None:
+        self.error = LeaseLost(f"record {self.key} is not in progress under this owner")
+        self.finished = True
+
+
+def _acquired(pending: list[tuple[_Op, Record]], rows: list[Any]) -> list[_Op]:
+    """ACQUIRED for the claims whose key a write returned; the others (lost a race) are returned."""
+    found = {row["key"]: row for row in rows}
+    again = []
+    for op, _ in pending:
+        row = found.get(op.key)
+        if row is None:
+            again.append(op)
+        else:
+            op.set(Claim(ClaimStatus.ACQUIRED, record_from_row(row)))
+    return again
+
+
+def _owned(ops: list[_Op], rows: list[Any]) -> None:
+    returned = {row["key"] for row in rows}
+    for op in ops:
+        if op.key in returned:
+            op.set(None)
+        else:
+            op.lost()
+
+
 class PostgresStore(DedupeStore):
     #: Rows deleted per statement by :meth:`purge_expired` (short transactions, bounded lock time).
     purge_batch = 5000
@@ -284,6 +355,8 @@ class PostgresStore(DedupeStore):
         clock: Clock | None = None,
         connect_timeout: float = 10.0,
         command_timeout: float = 30.0,
+        max_batch: int = 256,
+        max_inflight: int | None = None,
     ) -> None:
         super().__init__(clock or time.time)
         self.url = url
@@ -292,6 +365,16 @@ class PostgresStore(DedupeStore):
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self._pool: Any = None
+        # The batched writer (event-loop side only): queued transitions, the keys of running batches,
+        # the running batches (at most `max_inflight`, each on its own pooled connection).
+        self.max_batch = max_batch
+        self.max_inflight = max_inflight or max_size
+        self._pending: collections.deque[_Op] = collections.deque()
+        self._running_keys: set[str] = set()
+        self._batches: set[asyncio.Task[None]] = set()
+        self._kick_scheduled = False
+        self.batches = 0
+        self.ops = 0
 
     def __repr__(self) -> str:
         return f"PostgresStore({_where(self.url)!r})"
@@ -341,9 +424,15 @@ class PostgresStore(DedupeStore):
         log.info("dedupe store open: PostgreSQL at %s, schema version %d", where, version)
 
     async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
+        if self._pool is None:
             return
+        # Queued and running transitions finish first (their callers are waiting for the answer).
+        with anyio.CancelScope(shield=True):
+            while self._batches or self._pending:
+                if not self._batches:
+                    self._kick()
+                await asyncio.wait(set(self._batches))
+        pool, self._pool = self._pool, None
         try:
             with anyio.fail_after(self.command_timeout):
                 await pool.close()
@@ -367,6 +456,199 @@ class PostgresStore(DedupeStore):
             raise StoreError(redact(message, self.url)) from exc
         return result
 
+    # -- the batched writer ----------------------------------------------------------------------------
+
+    def _submit(self, kind: str, key: str, args: tuple[Any, ...]) -> Awaitable[Any]:
+        if self._pool is None:
+            raise StoreError("store is not open")
+        loop = asyncio.get_running_loop()
+        op = _Op(kind, key, args, loop.create_future())
+        self._pending.append(op)
+        if not self._kick_scheduled:
+            # Not at once: every operation queued in this turn of the event loop joins the same batch.
+            self._kick_scheduled = True
+            loop.call_soon(self._kick)
+        return self._wait(op)
+
+    async def _wait(self, op: _Op) -> Any:
+        # Shielded, as each call was before batching: a cancelled caller still learns whether its
+        # transition happened (its batch runs on regardless), so it can hand a claimed key back.
+        with anyio.CancelScope(shield=True):
+            await op.done
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    def _kick(self) -> None:
+        """Start batches while batch slots are free and queued operations can run."""
+        self._kick_scheduled = False
+        while self._pending and len(self._batches) < self.max_inflight:
+            ops = self._take()
+            if not ops:
+                return  # every queued operation waits for its key's running batch
+            task = asyncio.get_running_loop().create_task(self._run_batch(ops))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    def _take(self) -> list[_Op]:
+        """Up to ``max_batch`` queued operations of the oldest runnable one's kind, one per key: a key
+        with an operation in a running batch (or already in this one) keeps its next one for a later
+        batch, so each key's operations run one after the other, in order."""
+        batch: list[_Op] = []
+        keep: list[_Op] = []
+        kind = None
+        taken = self._running_keys
+        for op in self._pending:
+            if len(batch) < self.max_batch and op.key not in taken and kind in (None, op.kind):
+                kind = op.kind
+                batch.append(op)
+                taken.add(op.key)
+            else:
+                keep.append(op)
+        self._pending = collections.deque(keep)
+        return batch
+
+    async def _run_batch(self, ops: list[_Op]) -> None:
+        kind, pool = ops[0].kind, self._pool
+        try:
+            ops.sort(key=lambda op: op.key)  # rows locked in key order by every daemon: no deadlocks
+            async with pool.acquire(timeout=self.connect_timeout) as conn:
+                await _BATCH_HANDLERS[kind](self, conn, ops)
+        except _DB_ERRORS as exc:
+            message = redact(f"PostgreSQL {kind} failed: {type(exc).__name__}: {exc}", self.url)
+            for op in ops:
+                if not op.finished:
+                    op.error = StoreError(message)  # one per caller: each raises (and chains) its own
+                    op.error.__cause__ = exc
+        except BaseException as exc:  # a bug, or the loop shutting down: callers must not wait forever
+            log.exception("PostgreSQL store failed a %s batch", kind)
+            for op in ops:
+                if not op.finished:
+                    op.error = StoreError(f"PostgreSQL {kind} failed: {type(exc).__name__}")
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self.batches += 1
+            self.ops += len(ops)
+            for op in ops:
+                self._running_keys.discard(op.key)
+                op.finished = True
+                if not op.done.done():
+                    op.done.set_result(None)
+            self._batches.discard(asyncio.current_task())
+            self._kick()
+
+    async def _claim_batch(self, conn: Any, ops: list[_Op]) -> None:
+        """Claims: one insert-or-read statement, then one take-over and one re-enter statement for the
+        keys that need them, all decided by :func:`~consumer.store.base.decide_claim`. A key that lost a
+        race (its row changed, or was inserted by a concurrent claimant after the statement's snapshot)
+        looks again in the next round, with the others that did."""
+        seen: dict[int, Record] = {}
+        todo = ops
+        for _ in range(_CLAIM_ROUNDS):
+            if not todo:
+                return
+            now = self.clock()
+            # args: (message_id, operation, fingerprints, owner, lease_s, retention_s, reentrant)
+            rows = await conn.fetch(
+                _CLAIM_SQL,
+                [op.key for op in todo],
+                [op.args[0] for op in todo],
+                [op.args[1] for op in todo],
+                [op.args[2][0] for op in todo],
+                [op.args[3] for op in todo],
+                [now + op.args[4] for op in todo],
+                [now + op.args[5] for op in todo],
+                now,
+            )
+            found = {row["key"]: row for row in rows}
+            again: list[_Op] = []
+            take_over: list[tuple[_Op, Record]] = []
+            reenter: list[tuple[_Op, Record]] = []
+            for op in todo:
+                row = found.get(op.key)
+                if row is None:
+                    again.append(op)  # inserted concurrently, not yet visible to this snapshot
+                    continue
+                record = record_from_row(row)
+                seen[id(op)] = record
+                if row["inserted"]:
+                    op.set(Claim(ClaimStatus.ACQUIRED, record))
+                    continue
+                _, _, fingerprints, owner, _, _, reentrant = op.args
+                decision = decide_claim(
+                    record, fingerprints=fingerprints, owner=owner, now=now, reentrant=reentrant
+                )
+                if decision is Decision.TAKE_OVER:
+                    take_over.append((op, record))
+                elif decision is Decision.REENTER:
+                    reenter.append((op, record))
+                else:  # CONFLICT, DONE, BUSY: nothing to write
+                    op.set(Claim(decision.status, record))
+            if take_over:
+                rows = await conn.fetch(
+                    _TAKE_OVER_SQL,
+                    [op.key for op, _ in take_over],
+                    [record.fingerprint for _, record in take_over],
+                    [op.args[3] for op, _ in take_over],
+                    [now + op.args[4] for op, _ in take_over],
+                    [now + op.args[5] for op, _ in take_over],
+                    now,
+                )
+                again.extend(_acquired(take_over, rows))
+            if reenter:
+                rows = await conn.fetch(
+                    _REENTER_SQL,
+                    [op.key for op, _ in reenter],
+                    [record.fingerprint for _, record in reenter],
+                    [op.args[3] for op, _ in reenter],
+                    [now + op.args[4] for op, _ in reenter],
+                    now,
+                )
+                again.extend(_acquired(reenter, rows))  # changed since read (expired, taken over)
+            todo = sorted(again, key=lambda op: op.key)
+        for op in todo:  # still racing after every round: BUSY (the caller waits and retries)
+            if (last := seen.get(id(op))) is not None:
+                op.set(Claim(ClaimStatus.BUSY, last))
+            else:
+                op.error = StoreError(f"claim of {op.key} kept racing with concurrent writers")
+                op.finished = True
+
+    async def _complete_batch(self, conn: Any, ops: list[_Op]) -> None:
+        # args: (owner, state, outcome JSON)
+        rows = await conn.fetch(
+            _COMPLETE_SQL,
+            [op.key for op in ops],
+            [op.args[0] for op in ops],
+            [op.args[1] for op in ops],
+            [op.args[2] for op in ops],
+            self.clock(),
+        )
+        found = {row["key"]: row for row in rows}
+        for op in ops:
+            row = found.get(op.key)
+            if row is None:
+                op.lost()
+            else:
+                op.set(record_from_row(row))
+
+    async def _release_batch(self, conn: Any, ops: list[_Op]) -> None:
+        # args: (owner, error)
+        rows = await conn.fetch(
+            _RELEASE_SQL, [op.key for op in ops], [op.args[0] for op in ops], [op.args[1] for op in ops],
+            self.clock(),
+        )  # fmt: skip
+        _owned(ops, rows)
+
+    async def _renew_batch(self, conn: Any, ops: list[_Op]) -> None:
+        # args: (owner, lease_s)
+        now = self.clock()
+        rows = await conn.fetch(
+            _RENEW_SQL, [op.key for op in ops], [op.args[0] for op in ops],
+            [now + op.args[1] for op in ops], now,
+        )  # fmt: skip
+        _owned(ops, rows)
+
     # -- operations ------------------------------------------------------------------------------------
 
     async def _claim(
@@ -381,72 +663,20 @@ class PostgresStore(DedupeStore):
         retention_s: float,
         reentrant: bool,
     ) -> Claim:
-        fingerprint, accepted = fingerprints[0], list(fingerprints)
-
-        async def fn(conn: Any) -> Claim:
-            record: Record | None = None
-            for _ in range(_CLAIM_ROUNDS):
-                now = self.clock()
-                row = await conn.fetchrow(
-                    _CLAIM_SQL,
-                    *(key, message_id, operation, fingerprint, owner, now + lease_s, now, now + retention_s),
-                )
-                if row is None:
-                    continue  # inserted concurrently, not yet visible to this statement's snapshot
-                record = record_from_row(row)
-                if row["inserted"]:
-                    return Claim(ClaimStatus.ACQUIRED, record)
-                decision = decide_claim(
-                    record, fingerprints=fingerprints, owner=owner, now=now, reentrant=reentrant
-                )
-                if decision in (Decision.CONFLICT, Decision.DONE, Decision.BUSY):
-                    return Claim(decision.status, record)
-                if decision is Decision.REENTER:
-                    # Our own live lease that no caller holds: a claim whose answer was lost. Renew it.
-                    row = await conn.fetchrow(_REENTER_SQL, key, accepted, owner, now + lease_s, now)
-                    if row is not None:
-                        return Claim(ClaimStatus.ACQUIRED, record_from_row(row))
-                    continue  # changed since we read it (expired, taken over): look again
-                # RELEASED, or a lease that has run out: take it over if nobody else does first.
-                row = await conn.fetchrow(
-                    _TAKE_OVER_SQL, key, accepted, owner, now + lease_s, now, now + retention_s
-                )
-                if row is not None:
-                    return Claim(ClaimStatus.ACQUIRED, record_from_row(row))
-                # Lost the race (or the row changed since we read it): look again.
-            if record is None:
-                raise StoreError(f"claim of {key} kept racing with concurrent writers")
-            return Claim(ClaimStatus.BUSY, record)
-
-        return await self._run("claim", fn)
-
-    async def _transition(self, what: str, sql: str, *args: Any) -> None:
-        async def fn(conn: Any) -> str:
-            status: str = await conn.execute(sql, *args)
-            return status
-
-        if _rowcount(await self._run(what, fn)) != 1:
-            raise LeaseLost(f"record {args[0]} is not in progress under this owner")
+        args = (message_id, operation, fingerprints, owner, lease_s, retention_s, reentrant)
+        claim: Claim = await self._submit("claim", key, args)
+        return claim
 
     async def _complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool = False) -> Record:
         state = State.FAILED if failed else State.COMPLETED
-        payload = dump_outcome(outcome)
-        args = (key, owner, state.value, payload, self.clock())
-
-        async def fn(conn: Any) -> Any:
-            return await conn.fetchrow(_COMPLETE_SQL, *args)
-
-        row = await self._run("complete", fn)
-        if row is None:
-            raise LeaseLost(f"record {key} is not in progress under this owner")
-        return record_from_row(row)
+        record: Record = await self._submit("complete", key, (owner, state.value, dump_outcome(outcome)))
+        return record
 
     async def _release(self, key: str, owner: str, error: str) -> None:
-        await self._transition("release", _RELEASE_SQL, key, owner, error[:200], self.clock())
+        await self._submit("release", key, (owner, error[:200]))
 
     async def _renew(self, key: str, owner: str, lease_s: float) -> None:
-        now = self.clock()
-        await self._transition("renew", _RENEW_SQL, key, owner, now + lease_s, now)
+        await self._submit("renew", key, (owner, lease_s))
 
     async def record_conflict(
         self, *, key: str, message_id: str, fingerprint: str, stored_fingerprint: str, source: str
@@ -517,3 +747,11 @@ class PostgresStore(DedupeStore):
         if gone:
             log.info("purged %d conflict log entries whose record expired", gone)
         return total
+
+
+_BATCH_HANDLERS: dict[str, Callable[[PostgresStore, Any, list[_Op]], Awaitable[None]]] = {
+    "claim": PostgresStore._claim_batch,
+    "complete": PostgresStore._complete_batch,
+    "release": PostgresStore._release_batch,
+    "renew": PostgresStore._renew_batch,
+}
