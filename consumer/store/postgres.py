@@ -368,7 +368,7 @@ class PostgresStore(DedupeStore):
         # The batched writer (event-loop side only): queued transitions, the keys of running batches,
         # the running batches (at most `max_inflight`, each on its own pooled connection).
         self.max_batch = max_batch
-        self.max_inflight = max_inflight or max_size
+        self.max_inflight = max_inflight or min(max_size, 4)
         self._pending: collections.deque[_Op] = collections.deque()
         self._running_keys: set[str] = set()
         self._batches: set[asyncio.Task[None]] = set()
@@ -471,10 +471,18 @@ class PostgresStore(DedupeStore):
         return self._wait(op)
 
     async def _wait(self, op: _Op) -> Any:
-        # Shielded, as each call was before batching: a cancelled caller still learns whether its
-        # transition happened (its batch runs on regardless), so it can hand a claimed key back.
-        with anyio.CancelScope(shield=True):
+        try:
             await op.done
+        except asyncio.CancelledError:
+            # As each call was shielded before batching: a cancelled caller still learns whether its
+            # transition happened (its batch runs on regardless), so it can hand a claimed key back. The
+            # batch resolves whichever future `op.done` is when it finishes; `finished` tells whether it
+            # already has (both are only touched on the event loop's thread). The cancellation is
+            # delivered again at the caller's next checkpoint (anyio's cancel scopes are level-triggered).
+            if not op.finished:
+                op.done = asyncio.get_running_loop().create_future()
+                with anyio.CancelScope(shield=True):
+                    await op.done
         if op.error is not None:
             raise op.error
         return op.result
