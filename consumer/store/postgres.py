@@ -138,8 +138,9 @@ WITH v AS (
 )
 SELECT {_COLUMNS}, true AS inserted FROM ins
 UNION ALL
-SELECT {_R_COLUMNS}, false AS inserted FROM idempotency_records r
-WHERE r.key = ANY($1::text[]) AND NOT EXISTS (SELECT 1 FROM ins WHERE ins.key = r.key)
+SELECT {_R_COLUMNS}, false AS inserted
+FROM v CROSS JOIN LATERAL (SELECT * FROM idempotency_records WHERE key = v.key OFFSET 0) r
+WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.key = r.key)
 """  # noqa: S608
 
 # The compare-and-set of take-overs: only RELEASED or an expired lease, only with the fingerprint read
@@ -160,17 +161,20 @@ RETURNING {_R_COLUMNS}
 _REENTER_SQL = f"""
 UPDATE idempotency_records r SET lease_until = v.lease_until, updated_at = $5
 FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[]) AS v(key, fingerprint, owner, lease_until)
-WHERE r.key = v.key AND r.fingerprint = v.fingerprint AND r.state = 'in_progress' AND r.owner = v.owner
+WHERE r.key = v.key AND r.fingerprint = v.fingerprint AND (r.state = 'in_progress') IS TRUE AND r.owner = v.owner
   AND r.lease_until > $5
 RETURNING {_R_COLUMNS}
 """  # noqa: S608
 
 # Owner transitions: a key missing from RETURNING was not IN_PROGRESS under that owner (LeaseLost).
+# `(state = 'in_progress') IS TRUE` (state is NOT NULL: the same test) keeps the planner off the lease
+# index, whose in-progress entries include every dead version since the last vacuum: the rows are found
+# by key.
 _COMPLETE_SQL = f"""
 UPDATE idempotency_records r
 SET state = v.state, outcome = v.outcome::jsonb, owner = NULL, lease_until = NULL, updated_at = $5
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS v(key, owner, state, outcome)
-WHERE r.key = v.key AND r.state = 'in_progress' AND r.owner = v.owner
+WHERE r.key = v.key AND (r.state = 'in_progress') IS TRUE AND r.owner = v.owner
 RETURNING {_R_COLUMNS}
 """  # noqa: S608
 
@@ -178,14 +182,14 @@ _RELEASE_SQL = """
 UPDATE idempotency_records r
 SET state = 'released', owner = NULL, lease_until = NULL, last_error = v.error, updated_at = $4
 FROM unnest($1::text[], $2::text[], $3::text[]) AS v(key, owner, error)
-WHERE r.key = v.key AND r.state = 'in_progress' AND r.owner = v.owner
+WHERE r.key = v.key AND (r.state = 'in_progress') IS TRUE AND r.owner = v.owner
 RETURNING r.key
 """
 
 _RENEW_SQL = """
 UPDATE idempotency_records r SET lease_until = v.lease_until, updated_at = $4
 FROM unnest($1::text[], $2::text[], $3::float8[]) AS v(key, owner, lease_until)
-WHERE r.key = v.key AND r.state = 'in_progress' AND r.owner = v.owner
+WHERE r.key = v.key AND (r.state = 'in_progress') IS TRUE AND r.owner = v.owner
 RETURNING r.key
 """
 
