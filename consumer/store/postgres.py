@@ -1,34 +1,44 @@
 """PostgreSQL dedupe store (asyncpg): the same contract as SQLite, for several daemons on several hosts.
 
-Every transition is one SQL statement in autocommit mode, and every state change is a conditional
-``UPDATE`` whose ``WHERE`` clause *is* the compare-and-set. The sessions run at READ COMMITTED (pinned
-per connection), which is what makes that safe under concurrency: when two statements race for one row,
-the second waits for the first to commit and then re-evaluates its ``WHERE`` clause against the row as
-the first left it. So of twenty concurrent take-overs of an expired lease exactly one matches
-``lease_until <= now``, and an owner whose lease was taken over finds ``owner = $2`` false and gets
-:class:`~consumer.errors.LeaseLost`.
+Every state change is a conditional ``UPDATE`` (autocommit) whose ``WHERE`` clause *is* the
+compare-and-set. The sessions run at READ COMMITTED (pinned per connection), which is what makes that
+safe under concurrency: when two statements race for one row, the second waits for the first to commit
+and then re-evaluates its ``WHERE`` clause against the row as the first left it. So of twenty concurrent
+take-overs of an expired lease exactly one matches ``lease_until <= now``, and an owner whose lease was
+taken over finds ``owner = v.owner`` false and gets :class:`~consumer.errors.LeaseLost`.
 
-``claim`` works in at most a few round trips, usually one:
+**Batched writer.** Like the SQLite writer's group commit, callers queue their transitions (claim,
+complete, release, renew) and a batch runs *one statement per kind* for everything queued of that kind
+(up to ``max_batch``), each field passed as an array and joined with ``unnest``; up to ``max_inflight``
+batches run at once, each on its own pooled connection. Each row keeps its own compare-and-set in the
+statement's ``WHERE``; a key the statement did not return is that caller's LeaseLost (or, for a claim,
+a lost race: it looks again). A key appears at most once in running batches: its next operation waits
+for the next batch, so one key's transitions run one after the other, in order. Keys are sorted, so two
+daemons lock shared rows in the same order.
 
-1. ``INSERT … ON CONFLICT (key) DO NOTHING RETURNING``, with a fallback ``SELECT`` of the existing row in
-   the same statement. A new key is ACQUIRED here. For an existing key the row read decides: CONFLICT if
-   the fingerprint differs (checked before anything else, on every path that could return a stored
-   outcome), DONE for COMPLETED or FAILED, BUSY for a live lease.
-2. RELEASED, or IN_PROGRESS with an expired lease: a take-over ``UPDATE`` that repeats those conditions
-   (and the fingerprint) in its ``WHERE``. If another claimant got there first, it matches nothing and
-   we look again.
+A batch of claims works in at most a few statements, usually one, decided by
+:func:`~consumer.store.base.decide_claim`:
+
+1. ``INSERT … SELECT FROM unnest(…) ON CONFLICT (key) DO NOTHING RETURNING``, with a fallback read of the
+   existing rows in the same statement. New keys are ACQUIRED here. For an existing key the row read
+   decides: CONFLICT if the fingerprint differs (checked before anything else, on every path that could
+   return a stored outcome), DONE for COMPLETED or FAILED, BUSY for a live lease.
+2. RELEASED, or IN_PROGRESS with an expired lease: one take-over ``UPDATE`` for all of them that repeats
+   those conditions (and the fingerprint) in its ``WHERE``; our own live lease whose claim's answer was
+   lost: one re-enter ``UPDATE``. A key another claimant got first matches nothing and looks again.
 3. The fallback read uses the statement's snapshot. A row inserted by a transaction that committed after
    the snapshot was taken (a concurrent claimant of the same key) makes the ``INSERT`` do nothing yet is
-   invisible to the read; the statement then returns no row and we simply look again with a new one.
+   invisible to the read; that key is in neither half of the answer and simply looks again.
 
 All times come from :attr:`DedupeStore.clock` and are sent as parameters, never ``now()`` in SQL, so one
 clock decides every lease (and tests can move it). Daemons on different hosts compare each other's
 ``lease_until`` against their own clock: keep clocks synchronised and leases much longer than the skew.
 
 Driver and network failures become :class:`~consumer.errors.StoreError` (retriable: the pipeline backs
-off and the message waits). Each call is shielded from cancellation, like the SQLite writer: a caller
-that is cancelled still learns whether its transition happened, so it can hand a claimed key back.
-``command_timeout`` bounds how long that can take.
+off and the message waits); a failed batch fails each caller in it that had no answer yet, with a
+StoreError of its own. Callers are shielded from cancellation, like the SQLite writer's: a caller
+cancelled while its batch runs still learns whether its transition happened, so it can hand a claimed key
+back. ``command_timeout`` bounds how long that can take.
 
 The schema is versioned: :data:`MIGRATIONS` is applied in order by :func:`migrate`, inside one
 transaction holding an advisory lock, so daemons starting together do not race to create tables.
@@ -161,8 +171,8 @@ RETURNING {_R_COLUMNS}
 _REENTER_SQL = f"""
 UPDATE idempotency_records r SET lease_until = v.lease_until, updated_at = $5
 FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[]) AS v(key, fingerprint, owner, lease_until)
-WHERE r.key = v.key AND r.fingerprint = v.fingerprint AND (r.state = 'in_progress') IS TRUE AND r.owner = v.owner
-  AND r.lease_until > $5
+WHERE r.key = v.key AND r.fingerprint = v.fingerprint AND (r.state = 'in_progress') IS TRUE
+  AND r.owner = v.owner AND r.lease_until > $5
 RETURNING {_R_COLUMNS}
 """  # noqa: S608
 
