@@ -152,17 +152,41 @@ def kcat_envelope(bootstrap: str, topic: str, env: Envelope) -> None:
     kcat_produce(bootstrap, topic, env.key, encode(env), [(k.encode(), v) for k, v in env.headers()])
 
 
+CASE_NAMES = [c.name for c in hostile_cases()]
+
+
 @pytest.mark.parametrize("transactional", [False, True], ids=["plain", "transactional"])
-async def test_hostile_records_neither_crash_nor_stall(
+async def test_all_hostile_records_in_one_partition(
     kafka_bootstrap: str, sandbox: object, sqlite_url: str, tmp_path: Path, transactional: bool
+) -> None:
+    """Every case in one partition, each between two valid requests."""
+    await run_cases(kafka_bootstrap, sandbox, sqlite_url, tmp_path, transactional, hostile_cases())
+
+
+@pytest.mark.parametrize("transactional", [False, True], ids=["plain", "transactional"])
+@pytest.mark.parametrize("name", CASE_NAMES)
+async def test_one_hostile_record(
+    kafka_bootstrap: str, sandbox: object, sqlite_url: str, tmp_path: Path, transactional: bool, name: str
+) -> None:
+    """One case alone (valid → hostile → valid), so a regression names its case."""
+    cases = [c for c in hostile_cases() if c.name == name]
+    await run_cases(kafka_bootstrap, sandbox, sqlite_url, tmp_path, transactional, cases)
+
+
+async def run_cases(
+    kafka_bootstrap: str,
+    sandbox: object,
+    sqlite_url: str,
+    tmp_path: Path,
+    transactional: bool,
+    cases: list[Hostile],
 ) -> None:
     sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     topic = random_topic_name()
     await create_topic(kafka_bootstrap, topic, 1, max_message_bytes=REQUEST_TOPIC_MAX)
     await create_topic(kafka_bootstrap, f"{topic}.dlq", 1)
     await create_topic(kafka_bootstrap, f"{topic}.results", 1)
-    cases = hostile_cases()
-    valid = make_envelopes(len(cases) + 1, seed=11)
+    valid = make_envelopes(len(cases) + 1)
     for i, case in enumerate(cases):
         kcat_envelope(kafka_bootstrap, topic, valid[i])
         kcat_produce(kafka_bootstrap, topic, case.key, case.value, case.headers)
@@ -222,5 +246,6 @@ async def test_hostile_records_neither_crash_nor_stall(
             assert [(k.encode(), v) for k, v in msg.headers if not k.startswith("idv-dlq-")] == list(
                 case.headers
             ), case.name
-    big = next(m for o, m in by_offset.items() if expected[o].name.startswith("larger"))
-    assert b"too large for the dead-letter topic" in dict(big.headers)["idv-dlq-detail"]
+    for offset, msg in by_offset.items():
+        if expected[offset].name.startswith("larger"):
+            assert b"too large for the dead-letter topic" in dict(msg.headers)["idv-dlq-detail"]
