@@ -20,6 +20,7 @@ a redelivered duplicate re-emits byte-identical content (downstream dedupes by m
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -304,8 +305,7 @@ class Sinks:
                 self._producer = new
             self._generation += 1
         log.warning("replaced the producer after a write the broker refused for good")
-        with anyio.CancelScope(shield=True):
-            await old.stop()
+        await _stop_replaced(old)
 
     async def _send(
         self,
@@ -352,17 +352,32 @@ class Sinks:
         """One attempt: ``None`` when acknowledged, else the broker's error. Raises :class:`_Refused`
         when the client refuses the record before queueing it (larger than ``max_request_size``, neither
         key nor value, a header it cannot encode …): nothing was sent, no sequence number used."""
-        try:
-            fut = await self._dlq_producer.send(topic, value, key=key, headers=list(headers))
-        except Exception as exc:  # classified by the caller
-            if is_retriable(exc):
-                return exc
-            raise _Refused(exc) from exc
-        try:
-            await fut
-        except Exception as exc:  # noqa: BLE001 - classified by the caller
-            return exc
-        return None
+        generation = self._generation
+        # A replaced producer may never finish a send() waiting for metadata, nor resolve the futures of
+        # batches it still held: stop waiting for either once it is replaced (the caller then writes
+        # again with the new one). Shielded, so the polling timeout never cancels the write itself.
+        sending = asyncio.ensure_future(self._dlq_producer.send(topic, value, key=key, headers=list(headers)))
+        while True:
+            with anyio.move_on_after(1.0):
+                try:
+                    fut = await asyncio.shield(sending)
+                except Exception as exc:  # classified by the caller
+                    if is_retriable(exc):
+                        return exc
+                    raise _Refused(exc) from exc
+                break
+            if generation != self._generation:
+                sending.cancel()
+                return _Replaced("the producer was replaced while this write waited to be queued")
+        while True:
+            with anyio.move_on_after(1.0):
+                try:
+                    await asyncio.shield(fut)
+                except Exception as exc:  # noqa: BLE001 - classified by the caller
+                    return exc
+                return None
+            if generation != self._generation:
+                return _Replaced("the producer was replaced while this write was in flight")
 
     async def dead_letter(self, msg: ConsumerRecord, letter: DeadLetter, now: float) -> str:
         """Write the dead letter; returns ``"written"``, ``"stub"``, ``"lost"`` or ``"disabled"``.
@@ -457,12 +472,17 @@ class Sinks:
                 except ProducerFenced as exc:
                     raise Fenced(str(exc) or type(exc).__name__) from exc
                 except Exception as exc:  # the transaction is aborted; retried next tick
+                    if _fenced_state(self._producer):
+                        raise Fenced(type(exc).__name__) from exc
+                    if unwritable or isinstance(exc, _SEQUENCE_ERRORS):
+                        # A refused batch leaves aiokafka's sequence numbers out of step with the broker
+                        # (every later transaction would fail with OutOfOrderSequenceNumber): start a new
+                        # producer with the same transactional id (a new epoch, fresh sequences).
+                        await self._replace_transactional_producer()
                     if unwritable:
                         await self._set_aside(unwritable)
                         continue
                     self.txn_failures += 1
-                    if _fenced_state(self._producer):
-                        raise Fenced(type(exc).__name__) from exc
                     log.warning(
                         "results transaction failed (%s); will retry",
                         type(exc).__name__,
@@ -483,6 +503,17 @@ class Sinks:
                     self._pending.pop(tp, None)
             self.results += sum(len(b) for b in batches.values())
             return True
+
+    async def _replace_transactional_producer(self) -> None:
+        new = self._make(self.transactional_id)
+        try:
+            await new.start()  # InitProducerId: a new epoch; the broker aborts the old one's transaction
+        except Exception as exc:  # noqa: BLE001 - broker away: keep the old one, the next commit retries
+            log.warning("could not start a replacement transactional producer (%s)", type(exc).__name__)
+            return
+        old, self._producer = self._producer, new
+        log.warning("replaced the transactional producer after a batch the broker refused")
+        await _stop_replaced(old)
 
     async def _send_batches(
         self, batches: dict[TopicPartition, list[_Pending]], unwritable: list[_Unwritten]
@@ -512,7 +543,7 @@ class Sinks:
             try:
                 await fut
             except Exception as exc:  # noqa: BLE001 - classified; the first failure is raised below
-                if not is_retriable(exc) and not isinstance(exc, ProducerFenced):
+                if not is_retriable(exc) and not isinstance(exc, (ProducerFenced, *_SEQUENCE_ERRORS)):
                     unwritable.append((tp, item, _why(exc, "results")))
                 failed = failed or exc
         if failed is not None:
@@ -551,6 +582,22 @@ class Sinks:
             self._count("result", "unwritable")
             raise
         self.results += 1
+
+
+async def _stop_replaced(old: AIOKafkaProducer) -> None:
+    """Stop a replaced producer, but never wait long: its stop flushes batches that may never complete
+    (aiokafka can wait on a partition whose sequence is broken), and the caller is a worker."""
+    with anyio.move_on_after(2.0, shield=True) as scope:
+        try:
+            await old.stop()
+        except Exception as exc:  # noqa: BLE001 - fenced or broken by design; only log it
+            log.debug("stopping the replaced producer: %s", type(exc).__name__)
+    if scope.cancelled_caught:
+        log.warning("the replaced producer did not stop within 2s; left behind")
+
+
+class _Replaced(Exception):
+    """The write was in flight on a producer that has since been replaced."""
 
 
 class _Refused(Exception):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -60,7 +59,7 @@ class Hostile:
 
 
 def hostile_cases() -> list[Hostile]:
-    ok_header_value, many_headers, with_headers = make_envelopes(3, seed=7)
+    ok_header_value, many_headers, big_key = make_envelopes(3, seed=7)
     return [
         Hostile("null key and null value", None, None, reason="invalid_json"),
         Hostile("empty value", b"k-empty", b"", reason="invalid_json"),
@@ -97,6 +96,15 @@ def hostile_cases() -> list[Hostile]:
             reason="invalid_json",
         ),
         Hostile(
+            "key larger than the results topic accepts (valid request)",
+            b"s" * (1100 * 1024),
+            encode(big_key),
+            [(k.encode(), v) for k, v in big_key.headers()],
+            reason="internal_error",
+            stub=True,
+            envelope=big_key,
+        ),
+        Hostile(
             "larger than the dead-letter topic accepts",
             b"k-big",
             b"x" * (1536 * 1024),
@@ -108,25 +116,29 @@ def hostile_cases() -> list[Hostile]:
 
 
 def kcat_produce(
-    bootstrap: str, topic: str, key: bytes | None, value: bytes | None, headers: Sequence[tuple[bytes, bytes]]
+    bootstrap: str,
+    topic: str,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[bytes, bytes]],
 ) -> None:
-    """One record to partition 0 with kcat. Null key and value: line mode with -Z and an empty key and
-    value; otherwise the value comes from a file (any bytes, one record per file)."""
-    base: list[str | bytes] = [kcat(), "-b", bootstrap, "-P", "-t", topic, "-p", "0"]
-    base += ["-X", "message.max.bytes=4000000"]
+    """One record to partition 0 with kcat, in line mode on stdin (keys and values of any size; none of
+    the cases has a tab or newline in them). Null key and value: ``-Z`` with an empty key and value."""
+    args: list[str | bytes] = [kcat(), "-b", bootstrap, "-P", "-t", topic, "-p", "0"]
+    args += ["-X", "message.max.bytes=4000000"]
     for k, v in headers:
-        base += ["-H", k + b"=" + v]
-    if value is None or value == b"":
-        assert key is not None or value is None
-        line = (key or b"") + b"\t" + b"\n"
-        args = [*base, "-K", "\t", *(["-Z"] if value is None else [])]
-        subprocess.run(args, input=line, check=True, timeout=30, capture_output=True)
-        return
-    with tempfile.NamedTemporaryFile() as fh:
-        fh.write(value)
-        fh.flush()
-        args = [*base, *(["-k", key] if key is not None else []), fh.name]
-        subprocess.run(args, check=True, timeout=30, capture_output=True)
+        args += ["-H", k + b"=" + v]
+    if key is None and value is None:
+        args += ["-K", "\t", "-Z"]
+        line = b"\t"
+    elif key is None:
+        assert value
+        line = value
+    else:
+        args += ["-K", "\t"]
+        line = key + b"\t" + (value or b"")
+    assert b"\n" not in line
+    subprocess.run(args, input=line + b"\n", check=True, timeout=30, capture_output=True)
 
 
 async def wait_alive_and_committed(
@@ -247,5 +259,8 @@ async def run_cases(
                 case.headers
             ), case.name
     for offset, msg in by_offset.items():
+        detail = dict(msg.headers)["idv-dlq-detail"]
         if expected[offset].name.startswith("larger"):
-            assert b"too large for the dead-letter topic" in dict(msg.headers)["idv-dlq-detail"]
+            assert b"too large for the dead-letter topic" in detail
+        if expected[offset].name.startswith("key larger"):
+            assert b"result event could not be written" in detail, detail
