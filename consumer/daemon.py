@@ -110,6 +110,14 @@ class Daemon:
         provider: ProviderClient | None = None,
         consumer_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        if settings.dead_letter_topic is None:
+            # Without a DLQ a message set aside (retries_exhausted, invalid, conflict) would be committed
+            # past with nothing but a log line: the request would be lost silently. (The replay tool may
+            # still run without one; only the daemon refuses.)
+            raise ConfigurationError(
+                "IDV_DLQ_TOPIC: 'none' is refused by the daemon (messages set aside, e.g. "
+                "retries_exhausted, would be committed past without a trace); name a dead-letter topic"
+            )
         self.settings = settings
         self.security = settings.kafka_security()
         self.metrics = Metrics()
@@ -234,13 +242,6 @@ class Daemon:
         return EXIT_OK
 
     async def _run(self, topics: list[str]) -> None:
-        if self.settings.dead_letter_topic is None:
-            # Without a DLQ a message set aside (retries_exhausted, invalid, conflict) would be committed
-            # past with nothing but a log line: the request would be lost silently.
-            raise ConfigurationError(
-                "IDV_DLQ_TOPIC: 'none' is refused by the daemon (messages set aside, e.g. "
-                "retries_exhausted, would be committed past without a trace); name a dead-letter topic"
-            )
         # One clear line for a wrong address, port, protocol, certificate or password (aiokafka itself only
         # says "Unable to bootstrap"); raises ConfigurationError.
         try:

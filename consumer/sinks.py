@@ -521,7 +521,7 @@ class Sinks:
         """Send the results of one transaction; collect those the topic will never accept in
         ``unwritable`` and raise (which aborts the transaction) if any send failed."""
         assert self.results_topic is not None
-        futures = []
+        futures: list[tuple[TopicPartition, _Pending, asyncio.Future[Any]]] = []
         for tp, items in batches.items():
             for item in items:
                 _, msg, value, message_id = item
@@ -533,7 +533,13 @@ class Sinks:
                         headers=[("idv-message-id", message_id.encode())],
                     )
                 except Exception as exc:
-                    if is_retriable(exc):
+                    if (
+                        is_retriable(exc)
+                        or isinstance(exc, (ProducerFenced, *_SEQUENCE_ERRORS))
+                        or _fenced_state(self._producer)
+                    ):
+                        for _, _, queued in futures:  # their outcome no longer matters: aborted
+                            queued.add_done_callback(_retrieve)
                         raise
                     unwritable.append((tp, item, _why(exc, "results")))
                     continue
@@ -582,6 +588,12 @@ class Sinks:
             self._count("result", "unwritable")
             raise
         self.results += 1
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as seen (asyncio would log "Future exception was never retrieved")."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def _stop_replaced(old: AIOKafkaProducer) -> None:

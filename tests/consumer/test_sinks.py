@@ -334,3 +334,80 @@ async def test_an_unexpected_error_on_one_message_dead_letters_it_and_the_daemon
     assert [headers_of(m)["idv-dlq-reason"] for m in letters] == [b"internal_error"]
     assert orjson.loads(letters[0].value)["message_id"] == victim
     await assert_exactly_once(sb, sqlite_url, [e for e in unique if e.message_id != victim])
+
+
+async def test_dead_letter_topic_none_is_refused_at_start(
+    kafka_bootstrap: str, topic: str, sqlite_url: str
+) -> None:
+    """Without a DLQ, messages set aside (retries_exhausted, invalid) would be committed past silently."""
+    from consumer.daemon import Daemon
+    from consumer.errors import ConfigurationError
+
+    settings = settings_for(
+        kafka_bootstrap, topic, "g-none", sqlite_url, "http://127.0.0.1:1", dlq_topic="none"
+    )
+    with pytest.raises(ConfigurationError, match="IDV_DLQ_TOPIC"):
+        Daemon(settings)
+
+
+async def test_transactional_failures_turn_readiness_red_and_bound_pending_results(
+    kafka_bootstrap: str, topic: str, sqlite_url: str
+) -> None:
+    from consumer.daemon import Daemon
+
+    settings = settings_for(
+        kafka_bootstrap, topic, "g-ready", sqlite_url, "http://127.0.0.1:1", results_transactional=True
+    )
+    daemon = Daemon(settings)
+    daemon.partitions = {("t", 0): object()}  # type: ignore[dict-item]  # one assigned partition
+    assert daemon.readiness()[0]
+    daemon.sinks.txn_failures = 3
+    ready, details = daemon.readiness()
+    assert not ready and "Kafka broker unreachable" in str(details)
+    assert not daemon._results_backlogged()
+    daemon.sinks._pending_count = 2 * max(settings.max_buffered, settings.commit_every)
+    assert daemon._results_backlogged()  # the fetch loop pauses every partition
+    await daemon.sinks.start()  # (only so that the producers are closed cleanly)
+    await daemon.sinks.stop()
+
+
+async def test_two_instances_with_one_transactional_id_stop_with_a_clear_error(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+) -> None:
+    """The same IDV_INSTANCE_ID twice: the fenced instance exits 2 saying so, instead of crash-looping on an
+    AssertionError; the other one goes on and finishes the topic."""
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    group = "g-" + uuid.uuid4().hex[:8]
+    env = daemon_env(
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        group=group,
+        store_url=sqlite_url,
+        provider_url=sb.url,
+        results_transactional="true",
+        instance_id="same-" + uuid.uuid4().hex[:6],
+    )
+    await publish(kafka_bootstrap, topic, make_envelopes(40, subjects=40))
+    first = start_daemon(env, tmp_path / "first.log")
+    second = None
+    try:
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
+        second = start_daemon(env, tmp_path / "second.log")  # takes the transactional id: fences the first
+        while "partitions assigned" not in second.log():
+            assert second.proc.poll() is None, second.log()[-2000:]
+            await anyio.sleep(0.1)
+        await publish(kafka_bootstrap, topic, make_envelopes(80, subjects=80))
+        code = first.wait(60)
+        assert code == 2, first.log()[-3000:]
+        assert "set IDV_INSTANCE_ID uniquely" in first.log()
+        # aiokafka's own sender futures are logged by asyncio when fenced; nothing else may fail.
+        ours = [line for line in first.log().splitlines() if '"logger":"asyncio"' not in line]
+        assert not [line for line in ours if "Traceback" in line or "AssertionError" in line]
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
+        assert second.proc.poll() is None, second.log()[-2000:]
+        second.terminate()
+        assert second.wait(30) == 0
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
