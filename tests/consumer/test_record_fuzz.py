@@ -6,10 +6,11 @@ not a valid request is dead-lettered with the reason ``decode`` gives it (``unde
 the client cannot read); every valid request ends recorded; nothing is dead-lettered twice or as
 ``internal_error``; the group commits to the end of the topic.
 
-CI runs ``IDV_FUZZ_RECORDS`` records (default 300). The big run::
+CI runs ``IDV_FUZZ_RECORDS`` records (default 300; ``IDV_FUZZ_SEED``, ``IDV_FUZZ_TRANSACTIONAL=1`` for
+transactional results). The big run::
 
     make fuzz                                    # 10,000 records
-    python -m tests.consumer.test_record_fuzz 20000 --seed 7
+    python -m tests.consumer.test_record_fuzz 20000 --seed 7 [--transactional]
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
 RECORDS = int(os.environ.get("IDV_FUZZ_RECORDS", "300"))
 SEED = int(os.environ.get("IDV_FUZZ_SEED", "20261201"))
+TRANSACTIONAL = os.environ.get("IDV_FUZZ_TRANSACTIONAL", "") not in ("", "0", "false")
 PARTITIONS = 8
 
 
@@ -169,8 +171,11 @@ async def run_fuzz(
     records = generate(n, seed)
     await publish(bootstrap, topic, records, seed)
     group = "g-" + uuid.uuid4().hex[:8]
+    extra = {}
+    if TRANSACTIONAL:
+        extra = {"results_transactional": "true", "instance_id": "fuzz-" + uuid.uuid4().hex[:8]}
     env = daemon_env(
-        bootstrap=bootstrap, topic=topic, group=group, store_url=store_url, provider_url=sandbox_url
+        bootstrap=bootstrap, topic=topic, group=group, store_url=store_url, provider_url=sandbox_url, **extra
     )
     started = time.monotonic()
     proc = start_daemon(env, tmp / "daemon.log")
@@ -226,6 +231,7 @@ async def run_fuzz(
     return {
         "records": n,
         "seed": seed,
+        "transactional": TRANSACTIONAL,
         "kinds": dict(Counter(r.kind for r in records)),
         "dead_letters": dict(Counter(by_pos.values())),
         "processed": sum(r.expect in ("valid", "maybe") for r in records),
@@ -248,8 +254,12 @@ if __name__ == "__main__":
     env = dict(os.environ)
     if argv and argv[0].isdigit():
         env["IDV_FUZZ_RECORDS"] = argv.pop(0)
-    if argv[:1] == ["--seed"] and len(argv) > 1:
-        env["IDV_FUZZ_SEED"] = argv[1]
+    while argv:
+        flag = argv.pop(0)
+        if flag == "--seed" and argv:
+            env["IDV_FUZZ_SEED"] = argv.pop(0)
+        elif flag == "--transactional":
+            env["IDV_FUZZ_TRANSACTIONAL"] = "1"
     test = f"{__file__}::test_record_fuzz_through_the_daemon"
     cmd = [sys.executable, "-m", "pytest", test, "-q", "-s", "-p", "no:cacheprovider", "--timeout", "3600"]
     sys.exit(subprocess.call(cmd, env=env))
