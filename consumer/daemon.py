@@ -438,7 +438,11 @@ class Daemon:
             current = self._positions().get(tp)
             if current is None or current >= bad or part.held or part.revoked or self._all_paused:
                 break
-            batch = await consumer.getmany(tp, timeout_ms=1000, max_records=bad - current)
+            try:
+                batch = await consumer.getmany(tp, timeout_ms=1000, max_records=bad - current)
+            except Exception as again:  # noqa: BLE001 - not expected (the bound stops before the record)
+                log.warning("re-reading before an unreadable record failed (%s)", type(again).__name__)
+                return
             await self._dispatch_batch(batch)
         if self._positions().get(tp) != bad or part.held or part.revoked:
             return  # not there yet (paused, handed back): the next fetch meets the record again

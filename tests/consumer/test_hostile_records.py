@@ -52,14 +52,14 @@ class Hostile:
     name: str
     key: bytes | None
     value: bytes | None
-    headers: Sequence[tuple[bytes, bytes]] = ()
+    headers: Sequence[tuple[bytes, bytes | None]] = ()
     reason: str | None = None  # expected dead-letter reason; None: a valid request that must complete
     stub: bool = False  # the dead letter is a stub (no original key, value or headers)
     envelope: Envelope | None = field(default=None, repr=False)
 
 
 def hostile_cases() -> list[Hostile]:
-    ok_header_value, many_headers, big_key = make_envelopes(3, seed=7)
+    ok_header_value, many_headers, big_key, null_header = make_envelopes(4, seed=7)
     return [
         Hostile("null key and null value", None, None, reason="invalid_json"),
         Hostile("empty value", b"k-empty", b"", reason="invalid_json"),
@@ -77,6 +77,20 @@ def hostile_cases() -> list[Hostile]:
             encode(ok_header_value),
             [*((k.encode(), v) for k, v in ok_header_value.headers()), (b"x-binary", b"\xff\xfe\x80\xc0")],
             envelope=ok_header_value,
+        ),
+        Hostile(
+            "header with a null value (valid request)",
+            null_header.key,
+            encode(null_header),
+            [*((k.encode(), v) for k, v in null_header.headers()), (b"x-null", None)],
+            envelope=null_header,
+        ),
+        Hostile(
+            "header with a null value (invalid)",
+            b"k-null",
+            b"[1]",
+            [(b"x-null", None)],
+            reason="invalid_envelope",
         ),
         Hostile(
             "10,000 headers (valid request)",
@@ -120,14 +134,14 @@ def kcat_produce(
     topic: str,
     key: bytes | None,
     value: bytes | None,
-    headers: Sequence[tuple[bytes, bytes]],
+    headers: Sequence[tuple[bytes, bytes | None]],
 ) -> None:
     """One record to partition 0 with kcat, in line mode on stdin (keys and values of any size; none of
     the cases has a tab or newline in them). Null key and value: ``-Z`` with an empty key and value."""
     args: list[str | bytes] = [kcat(), "-b", bootstrap, "-P", "-t", topic, "-p", "0"]
     args += ["-X", "message.max.bytes=4000000"]
     for k, v in headers:
-        args += ["-H", k + b"=" + v]
+        args += ["-H", k if v is None else k + b"=" + v]  # no "=": a null value
     if key is None and value is None:
         args += ["-K", "\t", "-Z"]
         line = b"\t"
