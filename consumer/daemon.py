@@ -431,6 +431,7 @@ class Daemon:
             extra={"topic": tp.topic, "partition": tp.partition, "offset": bad},
         )
         if part is None or part.revoked:
+            await anyio.sleep(0.1)  # being revoked: the next owner meets the record; do not spin
             return
         # The readable records before it were lost with the failed call: read exactly those again (a
         # max_records bound stops the reader before the bad record), then the stub, then go past it.
