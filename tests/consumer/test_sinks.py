@@ -411,3 +411,63 @@ async def test_two_instances_with_one_transactional_id_stop_with_a_clear_error(
         first.kill()
         if second is not None:
             second.kill()
+
+
+async def test_a_dead_letter_that_can_never_be_written_becomes_a_stub_or_is_counted_lost(
+    kafka_bootstrap: str, topic: str
+) -> None:
+    """Non-retriable write errors are not retried forever: the original becomes a stub; if the stub is
+    refused too, the letter is counted lost and the caller moves on. Retriable ones are retried."""
+    from consumer.sinks import Sinks
+
+    sinks = Sinks(bootstrap=kafka_bootstrap, dlq_topic=f"{topic}.dlq", results_topic=None, group_id="g")
+    counted: list[tuple[str, str]] = []
+    sinks.on_unwritable = lambda sink, outcome: counted.append((sink, outcome))
+    written: list[tuple[bytes | None, bytes | None, dict[str, bytes]]] = []
+    script: list[Exception | None] = []
+
+    async def send_once(topic_: str, value: bytes | None, key: bytes | None, headers: object) -> object:
+        failure = script.pop(0)
+        if failure is None:
+            written.append((key, value, dict(headers)))  # type: ignore[call-overload]
+        return failure
+
+    sinks._send_once = send_once  # type: ignore[method-assign]
+    await sinks.start()  # real producers: a refused batch replaces them (see Sinks._replace_producer)
+    try:
+        await _stub_or_lost(sinks, topic, script, written, counted)
+    finally:
+        await sinks.stop()
+
+
+async def _stub_or_lost(
+    sinks: object,
+    topic: str,
+    script: list[Exception | None],
+    written: list[tuple[bytes | None, bytes | None, dict[str, bytes]]],
+    counted: list[tuple[str, str]],
+) -> None:
+    from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, TopicAuthorizationFailedError
+    from aiokafka.structs import ConsumerRecord
+
+    from consumer.sinks import DeadLetter, Sinks
+
+    assert isinstance(sinks, Sinks)
+    msg = ConsumerRecord(topic, 3, 42, 1700000000000, 0, b"k", b"v" * 10, None, 1, 10, (("h", b"x"),))
+    letter = DeadLetter("invalid_json", "message value is not valid JSON")
+
+    script[:] = [KafkaConnectionError(), None]  # retriable, then accepted: the original
+    assert await sinks.dead_letter(msg, letter, 0.0) == "written"
+    assert written[-1][:2] == (b"k", b"v" * 10)
+
+    script[:] = [MessageSizeTooLargeError(), None]  # never fits: a stub
+    assert await sinks.dead_letter(msg, letter, 0.0) == "stub"
+    key, value, headers = written[-1]
+    assert (key, value, "h" in headers) == (None, b"", False)
+    assert headers["idv-dlq-reason"] == b"invalid_json" and headers["idv-dlq-original-offset"] == b"42"
+    assert headers["idv-dlq-detail"].startswith(b"stub: original record too large for the dead-letter topic")
+
+    script[:] = [TopicAuthorizationFailedError(), TopicAuthorizationFailedError()]  # not even the stub
+    assert await sinks.dead_letter(msg, letter, 0.0) == "lost"
+    assert counted == [("dead_letter", "stub"), ("dead_letter", "lost")]
+    assert (sinks.stubs, sinks.lost) == (1, 1)
