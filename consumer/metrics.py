@@ -167,6 +167,10 @@ class Metrics:
             ("sink", "outcome"),
             registry=r,
         )
+        # Every series exists from the start at 0, so an alert sees the first increase (and the dashboard
+        # a flat line instead of "no data").
+        for sink, outcome in (("dead_letter", "stub"), ("dead_letter", "lost"), ("result", "unwritable")):
+            self._sink_failures.labels(sink, outcome)
         self._provider_calls = Counter(
             "idv_provider_calls",
             "Provider HTTP attempts by response status code, or 'transport_error' when none came back.",
