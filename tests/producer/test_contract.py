@@ -202,7 +202,10 @@ SCHEMA_GAPS: dict[str, tuple[str, str]] = {
         "(7) the idv-message-id header agrees with the body: headers are not in the value",
         HEADER_MESSAGE_ID,
     ),
-    "bigint": ("(8) every integer in the request fits in 64 bits: no bound covers a free-form request", "64 bits"),
+    "bigint": (
+        "(8) every integer in the request fits in 64 bits: no bound covers a free-form request",
+        "64 bits",
+    ),
 }
 
 OVERSIZED = orjson.dumps(good(padding="x" * MAX_MESSAGE_BYTES))
