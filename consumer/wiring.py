@@ -110,15 +110,21 @@ def transactional_id(settings: Settings) -> str | None:
 
 
 def build_sinks(
-    settings: Settings, *, dlq_topic: str | None, group_id: str, transactional_id: str | None = None
+    settings: Settings,
+    *,
+    dlq_topic: str | None,
+    group_id: str,
+    transactional_id: str | None = None,
+    security: dict[str, Any] | None = None,
 ) -> Sinks:
-    """The dead-letter and results producer, labelling dead letters with ``group_id``."""
+    """The dead-letter and results producer, labelling dead letters with ``group_id``. ``security`` is
+    :meth:`Settings.kafka_security`, when the caller already built it (it loads the TLS files)."""
     return Sinks(
         bootstrap=settings.kafka_bootstrap,
         dlq_topic=dlq_topic,
         results_topic=settings.result_topic,
         group_id=group_id,
-        producer_kwargs=settings.kafka_security(),
+        producer_kwargs=settings.kafka_security() if security is None else security,
         transactional_id=transactional_id,
     )
 
@@ -133,9 +139,11 @@ def kafka_consumer(
     client_id: str,
     auto_offset_reset: str,
     max_poll_records: int,
+    security: dict[str, Any] | None = None,
     **options: Any,
 ) -> AIOKafkaConsumer:
-    """A consumer that never commits on its own and never reads uncommitted transactional records."""
+    """A consumer that never commits on its own and never reads uncommitted transactional records.
+    ``options`` are further :class:`~aiokafka.AIOKafkaConsumer` arguments (timeouts)."""
     return AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=group_id,
@@ -144,16 +152,17 @@ def kafka_consumer(
         auto_offset_reset=auto_offset_reset,
         max_poll_records=max_poll_records,
         isolation_level="read_committed",
-        **settings.kafka_security(),
+        **(settings.kafka_security() if security is None else security),
         **options,
     )
 
 
-async def check_broker(settings: Settings) -> None:
+async def check_broker(settings: Settings, security: dict[str, Any] | None = None) -> None:
     """One clear line for a wrong address, port, protocol, certificate or password (aiokafka itself only
     says "Unable to bootstrap"); raises :class:`~consumer.errors.BrokerUnavailable`."""
+    security = settings.kafka_security() if security is None else security
     try:
-        await check_kafka_connection(settings.kafka_bootstrap, settings.kafka_security())
+        await check_kafka_connection(settings.kafka_bootstrap, security)
     except ConfigurationError as exc:
         raise BrokerUnavailable(str(exc)) from None
 
