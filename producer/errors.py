@@ -26,7 +26,10 @@ round, so this is the one module both sides can share. Consumer exit codes: :mod
 
 ``retriable`` says whether trying the same thing again can succeed (as aiokafka's ``KafkaError``); the
 pipeline's store calls retry exactly the errors that say so. Flow control (a duplicate skipped, a message
-set aside) is not an exception. The sandbox provider (``sandbox.errors.SandboxError``) stands in for the
+set aside) is not an exception. ``consumer.sinks.Unwritable`` (a record the broker will never accept) and
+``consumer.sinks.Fenced`` (another producer took the transactional id; the daemon turns it into a
+ConfigurationError, exit 2) are caught inside the daemon and still derive from ``Exception``; they belong
+under ConsumerError. The sandbox provider (``sandbox.errors.SandboxError``) stands in for the
 third-party provider and keeps a root of its own.
 """
 
