@@ -17,8 +17,8 @@ import orjson
 import pytest
 
 from consumer.keys import fingerprint, idempotency_key
-from consumer.replay import strip_dead_letter
 from consumer.store import State, open_store
+from consumer.tools.dlq import strip_dead_letter
 from producer.envelope import Envelope, encode
 from tests.conftest import ROOT
 from tests.consumer.conftest import (
@@ -543,7 +543,7 @@ async def test_rejected_api_key_stops_the_replay_with_exit_3(
 def test_strip_dead_letter_restores_the_original_record() -> None:
     from aiokafka.structs import ConsumerRecord
 
-    from consumer.replay import entry_of
+    from consumer.tools.dlq import entry_of
 
     headers = [
         ("trace", b"1"),
