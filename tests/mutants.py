@@ -67,7 +67,10 @@ MUTANTS: tuple[Mutant, ...] = (
             "                ),\n"
             "                before_attempt=self._renewer(key),\n"
         ),
-        tests=(f"{EO}::test_crash_window_then_restart[after_provider_call-40]",),
+        tests=(
+            f"{EO}::test_crash_window_then_restart[after_provider_call-40]",
+            f"{EO}::test_crash_with_many_in_flight",
+        ),
     ),
     Mutant(
         name="commit-before-record",
@@ -75,7 +78,10 @@ MUTANTS: tuple[Mutant, ...] = (
         file="consumer/offsets.py",
         old="        if self._order:\n            return self._order[0]\n",
         new="        if self._order:\n            return self._order[-1] + 1\n",
-        tests=(f"{EO}::test_crash_window_then_restart[after_claim-40]",),
+        tests=(
+            f"{EO}::test_crash_window_then_restart[after_claim-40]",
+            f"{EO}::test_sigterm_drains_and_never_commits_past_unrecorded",
+        ),
     ),
     Mutant(
         name="skip-fingerprint-on-duplicate",
@@ -227,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="only check that every mutant applies")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--baseline", action="store_true", help="run the tests unmutated (they must pass)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print each run's output tail")
     args = ap.parse_args(argv)
     if args.list:
         for m in MUTANTS:
@@ -252,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             verdict = f"killed by {len(failed)}/{len(m.tests)}" if failed else "SURVIVED"
         print(f"{m.name}: {verdict} in {seconds:.0f}s", file=sys.stderr, flush=True)
-        if not ok:
+        if not ok or args.verbose:
             print(tail, file=sys.stderr)
     title = "failing (must be none)" if args.baseline else "killed by"
     print(f"\n| mutant | tests run | {title} | seconds |\n|---|---|---|---|")
