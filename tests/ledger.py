@@ -7,7 +7,8 @@
   shows up as an unknown key even when every expected key has its one side effect;
 * every expected key has exactly one side effect (``at_most_once`` keys: zero or one);
 * every attempt under a key beyond the one that acted is explained: answered from the provider's stored
-  response (a replay), refused as in flight (409), or an injected fault / rate limit that did nothing.
+  response (a replay), refused as in flight (409), refused before the idempotency layer (401/403/429), or
+  an injected fault that did nothing.
 
 The store half (every expected record COMPLETED) is in :func:`assert_exactly_once`.
 """
@@ -24,8 +25,9 @@ from producer.envelope import Envelope
 
 __all__ = ["LedgerView", "assert_exactly_once", "assert_ledger_exactly_once", "keys_of"]
 
-# Attempts that did not act and need no other explanation: injected faults and throttling.
-_HARMLESS_STATUSES = {409, 429}
+# Attempts that did not act and need no other explanation: refused before the idempotency layer
+# (authentication, rate limit), or refused by it while the first request was in flight.
+_HARMLESS_STATUSES = {401, 403, 409, 429}
 
 
 def keys_of(envelopes: Iterable[Envelope], namespace: str = "idv") -> set[str]:
