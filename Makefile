@@ -2,7 +2,7 @@
 PY ?= python3
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install run test test-fast lint typecheck bench chaos broker-up broker-down postgres-up postgres-down compose-check clean
+.PHONY: help install run test test-fast lint typecheck bench chaos mutants broker-up broker-down postgres-up postgres-down compose-check clean
 
 help: ## This list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ bench: ## Dedupe-store micro-benchmark (prints a table)
 
 chaos: ## Chaos run: 3 daemons, kills, broker restart, faults; own broker and PostgreSQL (SEED=…)
 	$(PY) bench/chaos.py --seed $(or $(SEED),1) --messages 2000 --kills 4 --broker-restarts 1 --pg-restarts 0
+
+mutants: ## Mutation checks: break one guarantee at a time, the tests must fail (MUTANTS="name …" for some)
+	$(PY) tests/mutants.py $(MUTANTS)
 
 broker-up: ## Start the local Apache Kafka broker
 	bash scripts/kafka.sh start

@@ -137,6 +137,26 @@ MUTANTS: tuple[Mutant, ...] = (
 )
 
 
+MUTANTS += (
+    Mutant(
+        name="reverify-skips-unfinished-generation",
+        rule="re-verification reuses an unfinished generation (a new key would defeat the provider's)",
+        file="consumer/replay.py",
+        old="            if record.state in (State.IN_PROGRESS, State.RELEASED):\n",
+        new="            if False and record.state in (State.IN_PROGRESS, State.RELEASED):\n",
+        tests=(f"{REPLAY}::test_reverify_reuses_an_unfinished_generation",),
+    ),
+    Mutant(
+        name="reverify-id-twice",
+        rule="a message ID listed twice in a re-verification range is re-verified once",
+        file="consumer/replay.py",
+        old="        if base_key in self.seen:\n",
+        new="        if False and base_key in self.seen:\n",
+        tests=(f"{REPLAY}::test_an_id_listed_twice_is_reverified_once",),
+    ),
+)
+
+
 def by_name(name: str) -> Mutant:
     for m in MUTANTS:
         if m.name == name:
