@@ -137,7 +137,17 @@ MUTANTS: tuple[Mutant, ...] = (
 )
 
 
+FAILURES = "tests/consumer/test_failure_claims.py"
+
 MUTANTS += (
+    Mutant(
+        name="outage-never-pauses",
+        rule="a full buffer (open breaker) pauses the partitions instead of fetching on",
+        file="consumer/daemon.py",
+        old="                        consumer.pause(*consumer.assignment())\n",
+        new="                        pass  # mutant: the partitions are never paused\n",
+        tests=(f"{FAILURES}::test_a_provider_outage_pauses_every_partition_and_resumes_after_it",),
+    ),
     Mutant(
         name="reverify-skips-unfinished-generation",
         rule="re-verification reuses an unfinished generation (a new key would defeat the provider's)",

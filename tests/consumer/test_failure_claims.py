@@ -21,6 +21,7 @@ from tests.consumer.conftest import (
     publish_raw,
     read_all,
     start_daemon,
+    wait_committed_to_end,
     wait_until,
 )
 from tests.consumer.test_exactly_once import make_envelopes, run_until_committed, settings_for
@@ -126,4 +127,59 @@ async def test_a_401_mid_stream_stops_with_the_watermark_below_the_first_rejecte
     assert below < len(unique)
     assert_ledger_exactly_once(
         sb.ledger(), {k for k, v in ledger.items() if v["side_effects"]}, at_most_once=rejected
+    )
+
+
+async def test_a_provider_outage_pauses_every_partition_and_resumes_after_it(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+) -> None:
+    """During an outage the breaker opens, attempts wait instead of spending their retry budget, the buffer
+    fills and every assigned partition is paused (the consumer keeps polling: it stays in the group);
+    when the provider is back the partitions resume and everything completes exactly once."""
+    import anyio
+
+    from consumer.daemon import Daemon
+
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    sb.faults(error_rate=1.0)
+    unique = make_envelopes(120, subjects=120, seed=321)
+    await publish_raw(kafka_bootstrap, topic, records_of(unique))
+    group = "g-" + uuid.uuid4().hex[:8]
+    settings = settings_for(
+        kafka_bootstrap, topic, group, sqlite_url, sb.url,
+        provider_max_attempts=4, breaker_min_calls=10, breaker_open_s=1, max_in_flight=8, max_buffered=16,
+    )  # fmt: skip
+    daemon = Daemon(settings)
+    codes: list[int] = []
+
+    def all_paused() -> bool:
+        consumer = daemon.consumer
+        if consumer is None:
+            return False
+        assigned = consumer.assignment()
+        return bool(assigned) and consumer.paused() == assigned
+
+    async def run() -> None:
+        codes.append(await daemon.run())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await wait_until(all_paused, "every assigned partition paused during the outage", timeout=30)
+        assert daemon.consumer is not None
+        assigned = set(daemon.consumer.assignment())
+        assert len(assigned) == 8
+        dead = len(await read_all(kafka_bootstrap, f"{topic}.dlq"))
+        assert dead <= 16, f"{dead} dead letters: the outage spent retry budgets instead of waiting"
+        sb.faults(error_rate=0.0)
+        await wait_until(lambda: not daemon.consumer.paused(), "the partitions to resume", timeout=30)  # type: ignore[union-attr]
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
+        assert set(daemon.consumer.assignment()) == assigned  # type: ignore[union-attr]  # no rebalance
+        daemon.stop()
+    assert codes == [0]
+    letters = await read_all(kafka_bootstrap, f"{topic}.dlq")
+    dead_ids = {decode(m.value, m.headers).message_id for m in letters}
+    assert_ledger_exactly_once(
+        sb.ledger(),
+        keys_for([e for e in unique if e.message_id not in dead_ids]),
+        at_most_once=keys_for([e for e in unique if e.message_id in dead_ids]),
     )
