@@ -141,6 +141,14 @@ FAILURES = "tests/consumer/test_failure_claims.py"
 
 MUTANTS += (
     Mutant(
+        name="postgres-take-over-live-lease",
+        rule="the same lease rule on PostgreSQL (several daemons share it)",
+        file="consumer/store/postgres.py",
+        old="                if record.state is State.IN_PROGRESS and (record.lease_until or 0.0) > now:\n",
+        new="                if False and record.state is State.IN_PROGRESS and (record.lease_until or 0.0) > now:\n",
+        tests=(f"{CONTRACT}::test_live_lease_is_not_taken_over[postgres]",),
+    ),
+    Mutant(
         name="outage-never-pauses",
         rule="a full buffer (open breaker) pauses the partitions instead of fetching on",
         file="consumer/daemon.py",
@@ -250,7 +258,7 @@ def run_mutant(mutant: Mutant, *, baseline: bool = False) -> tuple[list[str], fl
     failed = [
         line.split()[1]
         for line in proc.stdout.splitlines()
-        if line.startswith(("FAILED ", "ERROR ")) and len(line.split()) > 1
+        if line.startswith(("FAILED ", "ERROR ")) and len(line.split()) > 1 and "::" in line.split()[1]
     ]
     if proc.returncode == 1 and not failed:
         failed = ["(unparsed failure)"]
