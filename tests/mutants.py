@@ -141,14 +141,6 @@ FAILURES = "tests/consumer/test_failure_claims.py"
 
 MUTANTS += (
     Mutant(
-        name="postgres-take-over-live-lease",
-        rule="the same lease rule on PostgreSQL (several daemons share it)",
-        file="consumer/store/postgres.py",
-        old="                if record.state is State.IN_PROGRESS and (record.lease_until or 0.0) > now:\n",
-        new="                if False and record.state is State.IN_PROGRESS and (record.lease_until or 0.0) > now:\n",
-        tests=(f"{CONTRACT}::test_live_lease_is_not_taken_over[postgres]",),
-    ),
-    Mutant(
         name="outage-never-pauses",
         rule="a full buffer (open breaker) pauses the partitions instead of fetching on",
         file="consumer/daemon.py",
