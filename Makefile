@@ -28,8 +28,8 @@ typecheck: ## mypy --strict on the packages
 bench: ## Dedupe-store micro-benchmark (prints a table)
 	$(PY) bench/store_bench.py
 
-chaos: ## Chaos run: 3 daemons, kills, broker restart, faults; own broker and PostgreSQL (SEED=…)
-	$(PY) bench/chaos.py --seed $(or $(SEED),1) --messages 2000 --kills 4 --broker-restarts 1 --pg-restarts 0
+chaos: ## Chaos run: 3 daemons, kills, broker restart, faults; own broker and PostgreSQL (SEED=…, MUTANT=…)
+	$(PY) bench/chaos.py --seed $(or $(SEED),1) --messages 2000 --kills 4 --broker-restarts 1 --pg-restarts 0 $(if $(MUTANT),--mutant $(MUTANT))
 
 mutants: ## Mutation checks: break one guarantee at a time, the tests must fail (MUTANTS="name …" for some)
 	$(PY) tests/mutants.py $(MUTANTS)

@@ -34,6 +34,10 @@ and, right after each sample, which outcomes are recorded (store) and which mess
     seconds after the faults stop.
 
 Logs of every process and a JSON summary are kept in the run directory (``.run/chaos/<run id>/``).
+
+``--mutant NAME`` runs the daemons from a copy of the tree with one mutant of ``tests/mutants.py`` applied
+(e.g. ``new-key-on-takeover``); the run must then fail, which shows the checker is not vacuous.
+``--fail-on-crash`` (CI) also fails the run on any daemon exit the harness did not cause.
 """
 
 from __future__ import annotations

@@ -180,6 +180,9 @@ async def test_conflicting_payload_is_not_sent_and_does_not_stall(
     async with open_store(sqlite_url) as store:
         conflicts = await store.conflicts("conflict-1")
         assert len(conflicts) == 1
+    (letter,) = await read_all(kafka_bootstrap, f"{topic}.dlq")  # dead-lettered, and only that one
+    assert dict(letter.headers)["idv-dlq-reason"] == b"idempotency_conflict"
+    assert letter.value == encode(changed)
     await assert_exactly_once(sb, sqlite_url, [original, *after])
 
 
