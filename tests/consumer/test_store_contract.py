@@ -55,7 +55,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
         schema = "idv_contract_" + uuid.uuid4().hex[:12]
         try:
-            admin = await asyncpg.connect(url, timeout=5)
+            admin = await asyncpg.connect(url, timeout=30)
         except (OSError, asyncpg.PostgresError) as exc:
             service_missing(f"PostgreSQL at {url} ({type(exc).__name__})", "bash scripts/postgres.sh start")
         await admin.execute(f"CREATE SCHEMA {schema}")
