@@ -58,14 +58,13 @@ MUTANTS: tuple[Mutant, ...] = (
         name="new-key-on-takeover",
         rule="the same Idempotency-Key on every attempt, by any process (a take-over sends a new key)",
         file="consumer/pipeline.py",
-        old="                operation, envelope.request, key, before_attempt=self._renewer(key)\n",
+        old="            result = await self._call(operation, body, key, claimed.lease_until, progress)\n",
         new=(
-            "                operation,\n"
-            "                envelope.request,\n"
-            "                key if claimed.attempts == 1 else idempotency_key(\n"
+            "            if claimed.attempts > 1:\n"
+            "                key = idempotency_key(\n"
             "                    self.namespace, envelope.operation, envelope.message_id, claimed.attempts\n"
-            "                ),\n"
-            "                before_attempt=self._renewer(key),\n"
+            "                )\n"
+            "            result = await self._call(operation, body, key, claimed.lease_until, progress)\n"
         ),
         tests=(
             f"{EO}::test_crash_window_then_restart[after_provider_call-40]",
@@ -88,7 +87,7 @@ MUTANTS: tuple[Mutant, ...] = (
         rule="the fingerprint is checked on every path that returns a stored outcome",
         file="consumer/store/sqlite.py",
         old=(
-            "            if row.fingerprint != fingerprint:\n"
+            "            if row.fingerprint not in fingerprints:\n"
             "                return Claim(ClaimStatus.CONFLICT, row)\n"
             "            if row.state in (State.COMPLETED, State.FAILED):\n"
             "                return Claim(ClaimStatus.DONE, row)\n"
@@ -96,7 +95,7 @@ MUTANTS: tuple[Mutant, ...] = (
         new=(
             "            if row.state in (State.COMPLETED, State.FAILED):\n"
             "                return Claim(ClaimStatus.DONE, row)\n"
-            "            if row.fingerprint != fingerprint:\n"
+            "            if row.fingerprint not in fingerprints:\n"
             "                return Claim(ClaimStatus.CONFLICT, row)\n"
         ),
         tests=(
@@ -127,8 +126,8 @@ MUTANTS: tuple[Mutant, ...] = (
         name="drop-dlq-write",
         rule="a set-aside message is on the dead-letter topic before its offset is marked done",
         file="consumer/sinks.py",
-        old='        await self._send("dead letter", self.dlq_topic, msg.value, msg.key, headers)\n',
-        new="        pass  # mutant: the dead letter is never written\n",
+        old='            await self._send("dead letter", self.dlq_topic, value, msg.key, headers)\n',
+        new="            pass  # mutant: the dead letter is never written\n",
         tests=(
             f"{SINKS}::test_every_dead_letter_reason_with_original_bytes_and_headers",
             f"{SINKS}::test_unwritable_dead_letter_topic_holds_the_partition",
@@ -151,7 +150,7 @@ MUTANTS += (
     Mutant(
         name="reverify-skips-unfinished-generation",
         rule="re-verification reuses an unfinished generation (a new key would defeat the provider's)",
-        file="consumer/replay.py",
+        file="consumer/tools/reverify.py",
         old="            if record.state in (State.IN_PROGRESS, State.RELEASED):\n",
         new="            if False and record.state in (State.IN_PROGRESS, State.RELEASED):\n",
         tests=(f"{REPLAY}::test_reverify_reuses_an_unfinished_generation",),
@@ -159,7 +158,7 @@ MUTANTS += (
     Mutant(
         name="reverify-id-twice",
         rule="a message ID listed twice in a re-verification range is re-verified once",
-        file="consumer/replay.py",
+        file="consumer/tools/reverify.py",
         old="        if base_key in self.seen:\n",
         new="        if False and base_key in self.seen:\n",
         tests=(f"{REPLAY}::test_an_id_listed_twice_is_reverified_once",),
