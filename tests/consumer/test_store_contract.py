@@ -1,6 +1,8 @@
 """The dedupe store contract: every backend must pass the same suite.
 
-Backends: SQLite always; PostgreSQL when ``IDV_TEST_POSTGRES_URL`` is set (CI sets it). Each transition is
+Backends: SQLite and PostgreSQL, always both parametrized, so the PostgreSQL half cannot vanish from the
+collected tests: without ``IDV_TEST_POSTGRES_URL`` (or with the server down) it fails under ``CI`` and is
+skipped, with the command that starts it, elsewhere. Each transition is
 a compare-and-set; these tests pin the rules PITFALLS lists (take-over only after lease expiry, only the
 owner completes or releases, nothing deleted on error, completed records never overwritten).
 """
@@ -21,6 +23,7 @@ from consumer.keys import HMAC_V1, Fingerprinter, fingerprint
 from consumer.store import Claim, ClaimStatus, DedupeStore, Outcome, Record, State, open_store
 from consumer.store.base import COLUMNS, Decision, decide_claim, dump_outcome, record_from_row
 from producer.envelope import Envelope
+from tests.conftest import service_missing
 
 pytestmark = pytest.mark.anyio
 
@@ -33,9 +36,12 @@ class FakeClock:
         return self.now
 
 
-BACKENDS = ["sqlite"]
-if os.environ.get("IDV_TEST_POSTGRES_URL"):
-    BACKENDS.append("postgres")
+BACKENDS = ["sqlite", "postgres"]
+if os.environ.get("CI") and not os.environ.get("IDV_TEST_POSTGRES_URL"):
+    # A collection error, not 13 quiet skips: CI must run the contract against PostgreSQL.
+    pytest.fail(
+        "CI is set but IDV_TEST_POSTGRES_URL is not: the PostgreSQL contract tests need it", pytrace=False
+    )
 
 
 @pytest.fixture(params=BACKENDS)
@@ -46,13 +52,16 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     else:
         url = os.environ.get("IDV_TEST_POSTGRES_URL", "")
         if not url:
-            pytest.fail("CI is set but IDV_TEST_POSTGRES_URL is not: PostgreSQL is required")
+            service_missing("PostgreSQL (IDV_TEST_POSTGRES_URL)", "bash scripts/postgres.sh start")
         # The database is shared and outlives the run, while some tests look rows up by a fixed message ID
         # or purge by (fake) time: give each test an empty schema of its own, like SQLite's fresh file.
         import asyncpg
 
         schema = "idv_contract_" + uuid.uuid4().hex[:12]
-        admin = await asyncpg.connect(url)
+        try:
+            admin = await asyncpg.connect(url, timeout=30)
+        except (OSError, asyncpg.PostgresError) as exc:
+            service_missing(f"PostgreSQL at {url} ({type(exc).__name__})", "bash scripts/postgres.sh start")
         await admin.execute(f"CREATE SCHEMA {schema}")
         url += ("&" if "?" in url else "?") + f"search_path={schema}"
     s = open_store(url)
@@ -128,6 +137,18 @@ async def test_only_owner_completes(store: DedupeStore) -> None:
     assert record.state is State.COMPLETED
     assert record.outcome == Outcome("approved", 200, "ref-1")
     assert record.owner is None
+
+
+async def test_only_owner_releases(store: DedupeStore) -> None:
+    """A live lease cannot be released by someone who never acquired it (powertools-typescript #5675)."""
+    key = _key()
+    await _claim(store, key, owner="a")
+    with pytest.raises(LeaseLost):
+        await store.release(key, "intruder", "abandoned")
+    record = await store.get(key)
+    assert record is not None
+    assert record.state is State.IN_PROGRESS and record.owner == "a" and record.last_error is None
+    assert (await _claim(store, key, owner="b")).status is ClaimStatus.BUSY
 
 
 async def test_completed_is_done_and_never_overwritten(store: DedupeStore) -> None:
