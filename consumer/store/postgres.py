@@ -520,13 +520,21 @@ class PostgresStore(DedupeStore):
         keep: list[_Op] = []
         kind = None
         taken = self._running_keys
+        waiting: set[str] = set()  # keys with an older operation left queued: later ones wait behind it
         for op in self._pending:
-            if len(batch) < self.max_batch and op.key not in taken and kind in (None, op.kind):
+            key = op.key
+            if (
+                len(batch) < self.max_batch
+                and key not in taken
+                and key not in waiting
+                and kind in (None, op.kind)
+            ):
                 kind = op.kind
                 batch.append(op)
-                taken.add(op.key)
+                taken.add(key)
             else:
                 keep.append(op)
+                waiting.add(key)
         self._pending = collections.deque(keep)
         return batch
 

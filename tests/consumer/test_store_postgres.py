@@ -686,3 +686,24 @@ async def test_a_caller_cancelled_while_its_batch_runs_still_gets_the_answer(sch
         assert got and got[0].state is State.COMPLETED
         record = await store.get(key)
         assert record is not None and record.state is State.COMPLETED
+
+
+async def test_a_keys_operations_run_in_order_across_kinds(schema_url: str) -> None:
+    """Queued together: claim(k2), complete(k1), claim(k1). The claim of k1 must not join k2's claim
+    batch ahead of k1's complete: it runs after it and finds k1 DONE."""
+    k1, k2 = _key(), _key()
+    async with PostgresStore(schema_url) as store:
+        assert (await _claim(store, k1)).status is ClaimStatus.ACQUIRED
+        got: dict[str, Any] = {}
+
+        async def claim(name: str, key: str, owner: str) -> None:
+            got[name] = (await _claim(store, key, owner=owner)).status
+
+        async def complete() -> None:
+            got["complete"] = (await store.complete(k1, "a", Outcome("approved", 200, "ref"))).state
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(claim, "k2", k2, "b")
+            tg.start_soon(complete)
+            tg.start_soon(claim, "k1", k1, "b")
+        assert got == {"k2": ClaimStatus.ACQUIRED, "complete": State.COMPLETED, "k1": ClaimStatus.DONE}
