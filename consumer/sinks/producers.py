@@ -28,7 +28,16 @@ from aiokafka.errors import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Producers", "Unwritable", "is_retriable"]
+__all__ = [
+    "SEQUENCE_ERRORS",
+    "Producers",
+    "Unwritable",
+    "fenced_state",
+    "is_retriable",
+    "retrieve",
+    "stop_replaced",
+    "why_unwritable",
+]
 
 
 class Unwritable(Exception):
