@@ -27,10 +27,8 @@ only configuration errors (rejected API key, a fenced transactional id) stop the
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
-import uuid
 from typing import Any
 
 import anyio
@@ -39,6 +37,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
+from consumer import wiring
 from consumer.commits import Committer, watermarks
 from consumer.delivery import deliver
 from consumer.errors import (
@@ -49,6 +48,7 @@ from consumer.errors import (
     StoreUnavailable,
     TopicMissing,
 )
+from consumer.exits import EXIT_CONFIG, EXIT_OK, EXIT_PROVIDER_AUTH
 from consumer.faults import FaultPoints
 from consumer.fetch import Fetcher
 from consumer.flow import Flow, Partition
@@ -56,21 +56,15 @@ from consumer.gcpolicy import collect_young_forever
 from consumer.health import HealthServer, PartitionProgress, readiness_report
 from consumer.metrics import Metrics
 from consumer.model import DeadLetter, Disposition, Handled, Stats
-from consumer.pipeline import Processor
 from consumer.provider import ProviderClient, classify_status
 from consumer.retention import purge_forever
-from consumer.security import check_kafka_connection
 from consumer.settings import Settings
-from consumer.sinks import Sinks
 from consumer.store import DedupeStore, open_store
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EXIT_CONFIG", "EXIT_OK", "EXIT_PROVIDER_AUTH", "Daemon"]
 
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_PROVIDER_AUTH = 3
 
 # Consecutive failed results transactions after which readiness reports the broker as failing.
 _TXN_FAILURES_NOT_READY = 3
@@ -109,38 +103,28 @@ class Daemon:
         self.metrics = Metrics()
         self.progress = PartitionProgress()
         self.store = store or open_store(settings.store_url)
-        self.provider = provider or ProviderClient.from_settings(
+        self.provider = provider or wiring.build_provider(
             settings, on_breaker_change=self.metrics.circuit, on_attempt=self._on_attempt
         )
-        self.owner = f"{settings.instance_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = wiring.owner_id(settings)
         self.stats = Stats()
         self.faults = FaultPoints(settings.fault_kill_at)
-        self.processor = Processor(
-            store=self.store,
-            provider=self.provider,
+        self.processor = wiring.build_processor(
+            settings,
+            self.store,
+            self.provider,
             owner=self.owner,
-            namespace=settings.namespace,
-            lease_s=settings.lease_s,
-            retention_s=settings.retention_s,
-            max_message_bytes=settings.max_message_bytes,
+            want_records=settings.result_topic is not None,
             faults=self.faults,
             stats=self.stats,
-            want_records=settings.result_topic is not None,
             on_store_op=self.metrics.store_op,
-            fingerprint_key=settings.fingerprint_key,
-            provider_key_retention_s=settings.provider_key_retention_s,
         )
-        self.sinks = Sinks(
-            bootstrap=settings.kafka_bootstrap,
+        self.sinks = wiring.build_sinks(
+            settings,
             dlq_topic=settings.dead_letter_topic,
-            results_topic=settings.result_topic,
             group_id=settings.group_id,
-            producer_kwargs=self.security,
-            # Stable across restarts of this instance, so a restarted process fences (and aborts the open
-            # transaction of) its SIGKILLed predecessor. Must be unique among live instances.
-            transactional_id=(
-                f"idv-{settings.group_id}-{settings.instance_id}" if settings.results_transactional else None
-            ),
+            transactional_id=wiring.transactional_id(settings),
+            security=self.security,
         )
         self.sinks.on_unwritable = self.metrics.sink_write_failure
         # Transactional mode: fetching pauses while this many results wait for the next transaction.
@@ -162,13 +146,13 @@ class Daemon:
 
     def _make_consumer(self) -> AIOKafkaConsumer:
         s = self.settings
-        return AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap,
+        return wiring.kafka_consumer(
+            s,
             group_id=s.group_id,
             client_id=s.client_id,
-            enable_auto_commit=False,
             auto_offset_reset=s.auto_offset_reset,
             max_poll_records=s.fetch_max_records,
+            security=self.security,
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             max_poll_interval_ms=s.max_poll_interval_ms,
@@ -176,8 +160,6 @@ class Daemon:
             # member expelled while its calls still run. Cover the drain, the wait for cancelled work and
             # the commit.
             rebalance_timeout_ms=int((s.rebalance_drain_s + 10) * 1000),
-            isolation_level="read_committed",
-            **self.security,
             **self._consumer_kwargs,
         )
 
@@ -221,10 +203,7 @@ class Daemon:
     async def _run(self, topics: list[str]) -> None:
         # One clear line for a wrong address, port, protocol, certificate or password (aiokafka itself only
         # says "Unable to bootstrap"); raises ConfigurationError.
-        try:
-            await check_kafka_connection(self.settings.kafka_bootstrap, self.security)
-        except ConfigurationError as exc:
-            raise BrokerUnavailable(str(exc)) from None
+        await wiring.check_broker(self.settings, self.security)
         try:
             await self.store.open()
         except StoreError as exc:
@@ -245,13 +224,7 @@ class Daemon:
                 max_records=self.settings.fetch_max_records,
                 backlogged=self._results_backlogged,
             )
-            try:
-                await consumer.start()
-            except KafkaError as exc:
-                await consumer.stop()
-                raise BrokerUnavailable(
-                    f"cannot reach Kafka at {self.settings.kafka_bootstrap}: {type(exc).__name__}"
-                ) from None
+            await wiring.start_consumer(consumer, self.settings)
             try:
                 existing = await consumer.topics()
                 needed = [*topics, self.settings.dead_letter_topic, self.settings.result_topic]
@@ -288,11 +261,11 @@ class Daemon:
             self._fetch_scope.cancel()
 
     async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("received %s: draining", signal.Signals(signum).name)
-                self.stop()
-                return
+        await wiring.watch_signals(self._on_signal)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("received %s: draining", sig.name)
+        self.stop()
 
     # -- fetch and workers ----------------------------------------------------------------------------
 
