@@ -124,7 +124,10 @@ class Daemon:
         self.progress = PartitionProgress()
         self.store = store or open_store(settings.store_url)
         self.provider = provider or ProviderClient.from_settings(
-            settings, on_breaker_change=self.metrics.circuit, on_attempt=self._on_attempt
+            settings,
+            on_breaker_change=self.metrics.circuit,
+            on_attempt=self._on_attempt,
+            on_replay=self.metrics.provider_replay,
         )
         self.owner = f"{settings.instance_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stats = Stats()
