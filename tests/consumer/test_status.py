@@ -110,9 +110,7 @@ async def test_replayed_answers_are_counted() -> None:
         await client.call(op, {"full_name": "x"}, "idv_k1")
     assert metrics.snapshot()["provider_replays"] == 1
     values = {
-        s.name: s.value
-        for f in text_string_to_metric_families(metrics.render().decode())
-        for s in f.samples
+        s.name: s.value for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples
     }
     assert values["idv_provider_replays_total"] == 1
 
