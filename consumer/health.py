@@ -462,7 +462,8 @@ body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafa
 h1{font-size:1.3em;margin:0 0 .2em}h2{font-size:1.05em;margin:1.2em 0 .3em}
 table{border-collapse:collapse;background:#fff}td,th{border:1px solid #ddd;padding:.25em .7em;text-align:left}
 td.n{text-align:right;font-variant-numeric:tabular-nums}.ok{color:#176b2c}.bad{color:#b3261e;font-weight:600}
-.cards{display:flex;gap:1em;flex-wrap:wrap}.card{background:#fff;border:1px solid #ddd;padding:.5em 1em}
+.cards{display:flex;gap:1em;flex-wrap:wrap;margin-top:.8em}
+.card{background:#fff;border:1px solid #ddd;padding:.5em 1em}
 .card b{display:block;font-size:1.4em}small{color:#666}
 """
 
