@@ -55,6 +55,7 @@ __all__ = [
     "PartitionProgress",
     "Readiness",
     "readiness_report",
+    "status_page",
 ]
 
 DEFAULT_HOST = "127.0.0.1"

@@ -179,7 +179,9 @@ async def _records(settings: Settings, story: Story, operations: Sequence[str]) 
                 {
                     "key_hash": key_hash(str(c["key"])),
                     "source": c.get("source"),
-                    "seen_at": _iso(seen) if isinstance(seen, int | float) else seen,
+                    "seen_at": _iso(seen)
+                    if isinstance(seen, int | float)
+                    else (seen.isoformat() if isinstance(seen, datetime) else seen),
                 }
             )
 
