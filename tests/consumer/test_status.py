@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import uuid
+
 import anyio
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.health import HealthServer, status_page
+from consumer.keys import idempotency_key
 from consumer.metrics import Metrics
 from consumer.provider import ProviderClient, RetryPolicy
-from producer.envelope import OPERATIONS
-from tests.consumer.conftest import API_KEY
+from producer.envelope import OPERATIONS, Envelope
+from tests.consumer.conftest import API_KEY, publish
+from tests.consumer.test_exactly_once import run_until_committed, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -124,3 +128,25 @@ async def test_sandbox_replay_is_counted(sandbox: object) -> None:
         again = await client.call(op, {"full_name": "Jane Roe"}, "idv_replay_test_key_000000000001")
     assert first.outcome == again.outcome
     assert metrics.snapshot()["provider_replays"] == 1
+
+
+@pytest.mark.kafka
+async def test_daemon_counts_and_logs_a_replayed_answer(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The crash window after the provider call: the provider already acted on the key, so the daemon's
+    call is answered from its cache; that shows as idv_provider_replays_total and a log field."""
+    url = sandbox.url  # type: ignore[attr-defined]
+    env = Envelope(f"msg-{uuid.uuid4()}", "aml_screening", "subject-1", {"full_name": "Jane Roe"})
+    fresh = Envelope(f"msg-{uuid.uuid4()}", "aml_screening", "subject-2", {"full_name": "John Doe"})
+    key = idempotency_key("idv", env.operation, env.message_id)
+    async with ProviderClient(url, API_KEY) as client:  # "before the crash": the provider acted
+        await client.call(OPERATIONS[env.operation], dict(env.request), key)
+    await publish(kafka_bootstrap, topic, [env, fresh])
+    group = "g-" + uuid.uuid4().hex[:8]
+    caplog.set_level("INFO", logger="consumer.provider")
+    daemon = await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, url))
+    assert daemon.metrics.snapshot()["provider_replays"] == 1
+    assert b"idv_provider_replays_total 1.0" in daemon.metrics.render()
+    replayed = [r for r in caplog.records if getattr(r, "replayed", False)]
+    assert len(replayed) == 1
