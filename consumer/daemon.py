@@ -157,6 +157,7 @@ class Daemon:
             ),
         )
         self.sinks.on_unwritable = self.metrics.sink_write_failure
+        self.sinks.dlq_cipher = settings.dlq_cipher()  # encrypted dead letters (consumer/dlqcrypto.py)
         # Records aiokafka could not read (by topic, partition, offset), dispatched as stubs: their detail.
         self._undecodable: dict[tuple[str, int, int], str] = {}
         # Transactional mode: fetching pauses while this many results wait for the next transaction.

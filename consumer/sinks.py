@@ -40,6 +40,7 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import ConsumerRecord
 
+from consumer.dlqcrypto import DeadLetterCipher, seal_dead_letter
 from consumer.store.base import Record
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,8 @@ class Sinks:
     transaction that then aborts is written again when the message is redelivered (dead letters are
     at-least-once in both modes; the DLQ tooling takes the newest per original position).
     """
+
+    dlq_cipher: DeadLetterCipher | None = None  # set by the wiring when IDV_DLQ_ENCRYPTION_KEYS is set
 
     def __init__(
         self,
@@ -392,6 +395,7 @@ class Sinks:
         except Exception as exc:  # noqa: BLE001 - odd original headers: write the stub instead
             return await self._stub(msg, letter, now, f"original headers unusable ({type(exc).__name__})")
         value = msg.value if msg.value is not None or msg.key is not None else b""
+        value, headers = seal_dead_letter(self.dlq_cipher, msg, value, headers)  # no-op without keys
         try:
             await self._send("dead letter", self.dlq_topic, value, msg.key, headers)
         except Unwritable as exc:
