@@ -59,6 +59,7 @@ from consumer.health import HealthServer, PartitionProgress, readiness_report
 from consumer.metrics import Metrics
 from consumer.offsets import PartitionOffsets
 from consumer.pipeline import Disposition, Handled, Processor, Stats
+from consumer.progress_log import CaughtUp, run_summary
 from consumer.provider import ProviderClient, classify_status
 from consumer.security import check_kafka_connection
 from consumer.settings import Settings
@@ -128,6 +129,7 @@ class Daemon:
         )
         self.owner = f"{settings.instance_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stats = Stats()
+        self._caught_up = CaughtUp()  # "caught up" once per idle period (consumer/progress_log.py)
         self.faults = FaultPoints(settings.fault_kill_at)
         self.processor = Processor(
             store=self.store,
@@ -240,7 +242,12 @@ class Daemon:
             log.error("stopped: %s", self.fatal)
             return EXIT_PROVIDER_AUTH
         log.info(
-            "stopped cleanly", extra={"stats": self.stats.by_disposition, "consumed": self.stats.consumed}
+            "stopped cleanly",
+            extra={
+                "stats": self.stats.by_disposition,
+                "consumed": self.stats.consumed,
+                "_text": f"stopped cleanly: {run_summary(self.stats)}",  # the text format's line
+            },
         )
         return EXIT_OK
 
@@ -343,6 +350,7 @@ class Daemon:
                 batch = await self._getmany(
                     timeout_ms=500, max_records=min(free, self.settings.fetch_max_records)
                 )
+                self._caught_up.observe(sum(map(len, batch.values())), self.stats)  # consumer/progress_log.py
                 await self._dispatch_batch(batch)
 
     def _results_backlogged(self) -> bool:
