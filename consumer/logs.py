@@ -36,30 +36,32 @@ class ContextFilter(logging.Filter):
 
 
 class FirstStartNoise(logging.Filter):
-    """Downgrades aiokafka's ``Group Coordinator Request failed: … CoordinatorNotAvailableError`` to DEBUG
-    during the first ``window_s`` seconds of the process.
+    """Downgrades aiokafka's first-start coordinator noise to DEBUG during the first ``window_s`` seconds
+    of the process: the ERROR ``Group Coordinator Request failed: … CoordinatorNotAvailableError`` and the
+    WARNING ``Marking the coordinator dead …`` that follows it.
 
     On a fresh broker the ``__consumer_offsets`` topic is created by the first group that asks for a
-    coordinator; until it is, aiokafka logs that ERROR and retries, and the group joins a second later. It
-    is the first thing a newcomer would read after ``make run`` and means nothing. Later occurrences (the
-    coordinator lost while running) keep their ERROR level.
+    coordinator; until it is, aiokafka logs those lines and retries, and the group joins a second later.
+    They would be the first thing a newcomer reads after ``make run`` and mean nothing. Later occurrences
+    (the coordinator lost while running) keep their level.
     """
+
+    _NOT_AVAILABLE = ("GroupCoordinatorNotAvailableError", "CoordinatorNotAvailableError")
 
     def __init__(self, window_s: float = 60.0) -> None:
         super().__init__()
         self.until = time.monotonic() + window_s
 
+    def _noise(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("aiokafka") or record.levelno < logging.WARNING:
+            return False
+        if record.msg == "Group Coordinator Request failed: %s":
+            args = record.args if isinstance(record.args, tuple) else ()
+            return bool(args) and type(args[0]).__name__ in self._NOT_AVAILABLE
+        return isinstance(record.msg, str) and record.msg.startswith("Marking the coordinator dead")
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if (
-            record.levelno == logging.ERROR
-            and record.name.startswith("aiokafka")
-            and record.msg == "Group Coordinator Request failed: %s"
-            and isinstance(record.args, tuple)
-            and record.args
-            and type(record.args[0]).__name__
-            in ("GroupCoordinatorNotAvailableError", "CoordinatorNotAvailableError")
-            and time.monotonic() < self.until
-        ):
+        if self._noise(record) and time.monotonic() < self.until:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger("aiokafka").isEnabledFor(logging.DEBUG)
         return True

@@ -84,6 +84,8 @@ def test_text_logs_are_quiet_and_first_start_coordinator_error_is_debug() -> Non
         assert f.filter(again) is True and again.levelno == logging.DEBUG  # shown at DEBUG when asked for
     finally:
         logging.getLogger("aiokafka").setLevel(aio)
+    dead = _record(name, logging.WARNING, "Marking the coordinator dead (node %s)for group %s.", 1, "g")
+    assert f.filter(dead) is False and dead.levelno == logging.DEBUG
     other = _record(name, logging.ERROR, msg, NodeNotReadyError())
     assert f.filter(other) is True and other.levelno == logging.ERROR  # other errors unchanged
     late = logs.FirstStartNoise(window_s=0)
