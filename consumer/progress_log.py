@@ -1,15 +1,17 @@
 """Progress lines for a person watching the daemon: "caught up" once per idle period, and the run summary.
 
 The daemon's fetch loop feeds :meth:`CaughtUp.observe` after every ``getmany`` with the number of records
-fetched and its :class:`~consumer.pipeline.Stats`. When a fetch comes back empty and every message
-received so far is finished, it logs ``caught up: N processed, waiting for new requests`` once; the next
-non-empty fetch starts a new busy period (and so allows the next "caught up" line). Nothing here decides
-anything: it only reads counters.
+fetched and its :class:`~consumer.pipeline.Stats`. When fetches have come back empty for ``idle_s``
+(default 1 s: two empty polls, so a partition whose first fetch is merely late does not count) and every
+message received so far is finished, it logs ``caught up: N processed, waiting for new requests`` once;
+the next non-empty fetch starts a new busy period (and so allows the next "caught up" line). Nothing here
+decides anything: it only reads counters.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -49,18 +51,22 @@ def run_summary(stats: Stats) -> str:
 class CaughtUp:
     """Logs ``caught up`` once per idle period (see the module docstring)."""
 
-    __slots__ = ("_said",)
+    __slots__ = ("_busy_at", "_said", "idle_s")
 
-    def __init__(self) -> None:
+    def __init__(self, idle_s: float = 1.0) -> None:
+        self.idle_s = idle_s
         self._said = False
+        self._busy_at = time.monotonic()  # the last non-empty fetch (or the start)
 
-    def observe(self, fetched: int, stats: Stats) -> bool:
+    def observe(self, fetched: int, stats: Stats, now: float | None = None) -> bool:
         """Feed one fetch; returns whether the line was logged now."""
+        now = time.monotonic() if now is None else now
         if fetched:
             self._said = False
+            self._busy_at = now
             return False
         done = processed(stats)
-        if self._said or done < stats.consumed:
+        if self._said or done < stats.consumed or now - self._busy_at < self.idle_s:
             return False
         self._said = True
         log.info("caught up: %d processed, waiting for new requests", done)

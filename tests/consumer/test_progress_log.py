@@ -26,14 +26,17 @@ def stats(consumed: int, **by: int) -> Stats:
 
 def test_caught_up_is_said_once_per_idle_period(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "consumer.daemon")
-    c = CaughtUp()
+    c = CaughtUp(idle_s=1.0)
     busy = stats(3, completed=2)
-    assert not c.observe(0, busy)  # empty fetch, but one message still running: not caught up
+    assert not c.observe(3, busy, now=100.0)
+    assert not c.observe(0, busy, now=101.5)  # empty fetch, but one message still running: not caught up
     done = stats(3, completed=2, duplicate=1)
-    assert c.observe(0, done)
-    assert not c.observe(0, done) and not c.observe(0, done)  # once per idle period
-    assert not c.observe(5, done)  # new requests: a new busy period
-    assert c.observe(0, stats(8, completed=7, duplicate=1))
+    assert c.observe(0, done, now=101.6)
+    assert not c.observe(0, done, now=102.0) and not c.observe(0, done, now=200.0)  # once per idle period
+    assert not c.observe(5, done, now=201.0)  # new requests: a new busy period
+    after = stats(8, completed=7, duplicate=1)
+    assert not c.observe(0, after, now=201.5)  # one empty poll is not idle yet (a late partition)
+    assert c.observe(0, after, now=202.0)
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
         "caught up: 3 processed, waiting for new requests",
