@@ -151,16 +151,9 @@ def open_dead_letter(
     if entry.key_id is None or original.value is None:
         return original
     if cipher is None:
-        raise DecryptError(
-            f"dead letter encrypted with key id {entry.key_id!r} but IDV_DLQ_ENCRYPTION_KEYS is not set"
-        )
-    plain = cipher.decrypt(
-        original.value,
-        kid=entry.key_id,
-        topic=original.topic,
-        partition=original.partition,
-        offset=original.offset,
-    )
+        raise DecryptError(f"dead letter encrypted with key id {entry.key_id!r}, no IDV_DLQ_ENCRYPTION_KEYS")
+    where = {"topic": original.topic, "partition": original.partition, "offset": original.offset}
+    plain = cipher.decrypt(original.value, kid=entry.key_id, **where)
     return dataclasses.replace(original, value=plain, serialized_value_size=len(plain))
 
 

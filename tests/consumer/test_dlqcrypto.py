@@ -112,7 +112,7 @@ def test_open_dead_letter_decrypts_and_refuses_without_keys() -> None:
     original = open_dead_letter(msg, entry, cipher)
     assert original.value == b'{"x": 1}' and original.headers == [("trace-id", b"t")]
     assert (original.topic, original.partition, original.offset) == ("idv.requests", 3, 42)
-    with pytest.raises(DecryptError, match="not set"):
+    with pytest.raises(DecryptError, match="no IDV_DLQ_ENCRYPTION_KEYS"):
         open_dead_letter(msg, entry, None)
 
 
