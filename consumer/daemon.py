@@ -56,6 +56,7 @@ from consumer.gcpolicy import collect_young_forever
 from consumer.health import HealthServer, PartitionProgress, readiness_report
 from consumer.metrics import Metrics
 from consumer.model import DeadLetter, Disposition, Handled, Stats
+from consumer.progress_log import CaughtUp, run_summary
 from consumer.provider import ProviderClient, classify_status
 from consumer.retention import purge_forever
 from consumer.settings import Settings
@@ -111,6 +112,7 @@ class Daemon:
         )
         self.owner = wiring.owner_id(settings)
         self.stats = Stats()
+        self._caught_up = CaughtUp()  # "caught up" once per idle period (consumer/progress_log.py)
         self.faults = FaultPoints(settings.fault_kill_at)
         self.processor = wiring.build_processor(
             settings,
@@ -199,7 +201,12 @@ class Daemon:
             log.error("stopped: %s", self.fatal)
             return EXIT_PROVIDER_AUTH
         log.info(
-            "stopped cleanly", extra={"stats": self.stats.by_disposition, "consumed": self.stats.consumed}
+            "stopped cleanly",
+            extra={
+                "stats": self.stats.by_disposition,
+                "consumed": self.stats.consumed,
+                "_text": f"stopped cleanly: {run_summary(self.stats)}",  # the text format's line
+            },
         )
         return EXIT_OK
 
@@ -227,6 +234,7 @@ class Daemon:
                 max_records=self.settings.fetch_max_records,
                 backlogged=self._results_backlogged,
             )
+            self.fetcher.on_fetch = lambda n: self._caught_up.observe(n, self.stats)  # progress_log.py
             await wiring.start_consumer(consumer, self.settings)
             try:
                 existing = await consumer.topics()
