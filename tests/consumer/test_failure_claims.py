@@ -5,9 +5,11 @@ watermark stays below the message that met it). Real broker, daemon as a real pr
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 
+import anyio
 import pytest
 
 from consumer.keys import idempotency_key
@@ -38,14 +40,14 @@ def _key(env: Envelope) -> str:
 async def test_retries_exhausted_releases_the_record_and_a_redrive_reuses_the_key(
     kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
 ) -> None:
-    """The provider acts but every answer is lost: past the ceiling the lease is released (RELEASED,
-    ``last_error = retries_exhausted``), the message is dead-lettered with its attempts, at most one side
-    effect; the redrive uses the same key and is answered from the provider's stored response."""
+    """The provider answers 500 to every attempt: past the ceiling the lease is released (RELEASED,
+    ``last_error = retries_exhausted``) because every request got its answer, the message is dead-lettered
+    with its attempts, no side effect; the redrive uses the same key and performs it once."""
     sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     doomed, fine = make_envelopes(2, seed=301)
     await publish_raw(kafka_bootstrap, topic, records_of([doomed]), partition=6)
     group = "live-" + uuid.uuid4().hex[:6]
-    sb.faults(drop_after_effect_rate=1.0)
+    sb.faults(error_rate=1.0)
     settings = settings_for(
         kafka_bootstrap, topic, group, sqlite_url, sb.url, provider_max_attempts=3, breaker_min_calls=1000
     )
@@ -57,11 +59,10 @@ async def test_retries_exhausted_releases_the_record_and_a_redrive_reuses_the_ke
     (letter,) = await read_all(kafka_bootstrap, f"{topic}.dlq")
     headers = dict(letter.headers)
     assert headers["idv-dlq-reason"] == b"retries_exhausted" and headers["idv-dlq-attempts"] == b"3"
-    ledger = sb.ledger()["keys"][_key(doomed)]
-    assert ledger["side_effects"] == 1 and len(ledger["attempts"]) == 3  # one effect, then two replays
+    assert sb.side_effects().get(_key(doomed), 0) == 0
 
     # The partition moved on: a later message on it is processed normally.
-    sb.faults(drop_after_effect_rate=0.0)
+    sb.faults(error_rate=0.0)
     await publish_raw(kafka_bootstrap, topic, records_of([fine]), partition=6)
     await run_until_committed(settings)
 
@@ -72,7 +73,46 @@ async def test_retries_exhausted_releases_the_record_and_a_redrive_reuses_the_ke
     async with open_store(sqlite_url) as store:
         record = await store.get(_key(doomed))
     assert record is not None and record.state is State.COMPLETED and record.attempts == 2
-    view = assert_ledger_exactly_once(sb.ledger(), keys_for([doomed, fine]))
+    assert_ledger_exactly_once(sb.ledger(), keys_for([doomed, fine]))
+
+
+async def test_lost_answers_keep_the_key_until_its_lease_expires_and_a_redrive_is_answered_by_the_provider(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+) -> None:
+    """The provider acts but every answer is lost: past the ceiling the message is dead-lettered, but its
+    key is not released (the last request may be at the provider): it stays IN_PROGRESS until the lease
+    expires, with one side effect. The redrive after that uses the same key and is answered from the
+    provider's stored response."""
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    (doomed,) = make_envelopes(1, seed=302)
+    await publish_raw(kafka_bootstrap, topic, records_of([doomed]), partition=6)
+    group = "live-" + uuid.uuid4().hex[:6]
+    sb.faults(drop_after_effect_rate=1.0)
+    settings = settings_for(
+        kafka_bootstrap, topic, group, sqlite_url, sb.url, provider_max_attempts=3, breaker_min_calls=1000,
+        lease_s=3, provider_timeout_s=1,
+    )  # fmt: skip
+    await run_until_committed(settings)
+    async with open_store(sqlite_url) as store:
+        record = await store.get(_key(doomed))
+    assert record is not None and record.state is State.IN_PROGRESS and record.attempts == 1, record
+    (letter,) = await read_all(kafka_bootstrap, f"{topic}.dlq")
+    headers = dict(letter.headers)
+    assert headers["idv-dlq-reason"] == b"retries_exhausted" and headers["idv-dlq-attempts"] == b"3"
+    ledger = sb.ledger()["keys"][_key(doomed)]
+    assert ledger["side_effects"] == 1 and len(ledger["attempts"]) == 3  # one effect, then two replays
+
+    sb.faults(drop_after_effect_rate=0.0)
+    assert record.lease_until is not None
+    await anyio.sleep(max(0.0, record.lease_until - time.time()) + 0.2)  # the kept lease runs out
+    cli = make_cli(kafka_bootstrap, topic, group, sqlite_url, sb.url, tmp_path)
+    code, summary, _, err = await cli("dlq", "redrive", "--reason", "retries_exhausted", "--direct", "--json")
+    assert code == 0, err
+    assert summary is not None and summary["counts"] == {"completed": 1}
+    async with open_store(sqlite_url) as store:
+        record = await store.get(_key(doomed))
+    assert record is not None and record.state is State.COMPLETED and record.attempts == 2
+    view = assert_ledger_exactly_once(sb.ledger(), keys_for([doomed]))
     assert view.replays[_key(doomed)] == 3  # two during the retries, one for the redrive
 
 
