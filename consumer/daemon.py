@@ -45,6 +45,7 @@ from aiokafka.errors import CorruptRecordException, IllegalStateError, KafkaErro
 from aiokafka.structs import ConsumerRecord
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from consumer import tracing
 from consumer.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -226,7 +227,8 @@ class Daemon:
                     await health.bind()
                     outer.start_soon(health.serve)
                     log.info("health and metrics on %s", health.url, extra={"health_url": health.url})
-                await self._run(topics)
+                async with tracing.session(self.settings):
+                    await self._run(topics)
             except (ConfigurationError, StoreError) as exc:
                 error = exc  # re-raised bare, not inside an exception group, for the CLI's one-line message
             finally:
@@ -515,7 +517,9 @@ class Daemon:
                 with anyio.CancelScope() as scope:
                     part.inflight.add(scope)
                     try:
-                        handled = await self._handle(part, msg)
+                        with tracing.message(msg) as span:
+                            handled = await self._handle(part, msg)
+                            span.set_attribute("idv.disposition", handled.disposition.value)
                         finished = True
                     except ProviderAuthError as exc:
                         self._set_fatal(exc)
@@ -588,7 +592,8 @@ class Daemon:
                 self.sinks.buffer_result(part.tp, msg, handled.record, handled.subject_id or "")
                 return
             try:
-                await self.sinks.result(handled.record, msg.key, handled.subject_id or "")
+                with tracing.producer_span("idv.result", self.sinks.results_topic):
+                    await self.sinks.result(handled.record, msg.key, handled.subject_id or "")
             except Unwritable as exc:
                 # The outcome is recorded; only its event can never be published. Set the message aside
                 # so the gap is visible, instead of retrying forever and stalling the partition.
@@ -603,7 +608,8 @@ class Daemon:
                 await self._write_dead_letter(msg, letter)
 
     async def _write_dead_letter(self, msg: ConsumerRecord, letter: DeadLetter) -> None:
-        written = await self.sinks.dead_letter(msg, letter, time.time())
+        with tracing.producer_span("idv.dead_letter", self.sinks.dlq_topic, letter.reason):
+            written = await self.sinks.dead_letter(msg, letter, time.time())
         if written in ("written", "stub"):
             self.metrics.dead_letter(letter.reason)
 

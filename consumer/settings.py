@@ -110,6 +110,9 @@ class Settings:
     # Logging
     log_level: str = "INFO"
     log_format: str = "json"
+    # OpenTelemetry spans per message (the tracing extra; consumer/tracing.py). Exporter, endpoint and
+    # service name come from the standard OTEL_* variables.
+    tracing: bool = False
     # Testing only: "<fault point>:<n>" SIGKILLs the process the n-th time that point is reached.
     fault_kill_at: str = ""
 
@@ -215,6 +218,14 @@ class Settings:
         need(-1 <= self.health_port <= 65535, "health_port", "must be a port number, 0 (any) or -1 (off)")
         need(self.stall_after_s > 0, "stall_after_s", "must be positive")
         need(self.purge_interval_s >= 0, "purge_interval_s", "must be 0 (off) or positive")
+        if self.tracing:
+            from consumer import tracing
+
+            need(
+                tracing.available(),
+                "tracing",
+                "needs the tracing extra: pip install 'idv-exactly-once[tracing]'",
+            )
         self.kafka_security()  # raises ConfigurationError naming the IDV_KAFKA_* variable
 
     def kafka_security(self) -> dict[str, Any]:

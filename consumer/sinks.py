@@ -40,6 +40,7 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import ConsumerRecord
 
+from consumer import tracing
 from consumer.store.base import Record
 
 log = logging.getLogger(__name__)
@@ -186,9 +187,9 @@ def result_event(record: Record, subject_id: str) -> bytes:
     )
 
 
-# A result waiting for its transaction: (offset, message, event bytes, message ID); and one the results
+# A result waiting for its transaction: (offset, message, event bytes, headers); and one the results
 # topic refused for good, with why.
-_Pending = tuple[int, ConsumerRecord, bytes, str]
+_Pending = tuple[int, ConsumerRecord, bytes, list[tuple[str, bytes]]]
 _Unwritten = tuple[TopicPartition, _Pending, str]
 
 
@@ -388,7 +389,7 @@ class Sinks:
         if self.dlq_topic is None:
             return "disabled"
         try:
-            headers = dead_letter_headers(msg, letter, self.group_id, now)
+            headers = tracing.inject(dead_letter_headers(msg, letter, self.group_id, now))
         except Exception as exc:  # noqa: BLE001 - odd original headers: write the stub instead
             return await self._stub(msg, letter, now, f"original headers unusable ({type(exc).__name__})")
         value = msg.value if msg.value is not None or msg.key is not None else b""
@@ -408,7 +409,7 @@ class Sinks:
             attempts=letter.attempts,
             first_failure_at=letter.first_failure_at,
         )
-        headers = dead_letter_headers(msg, stub, self.group_id, now, keep_original=False)
+        headers = tracing.inject(dead_letter_headers(msg, stub, self.group_id, now, keep_original=False))
         try:
             await self._send("dead letter", self.dlq_topic, b"", None, headers)
         except Unwritable as exc:
@@ -436,7 +437,12 @@ class Sinks:
 
     def buffer_result(self, tp: TopicPartition, msg: ConsumerRecord, record: Record, subject_id: str) -> None:
         self._pending.setdefault(tp, []).append(
-            (msg.offset, msg, result_event(record, subject_id), record.message_id)
+            (
+                msg.offset,
+                msg,
+                result_event(record, subject_id),
+                tracing.inject([("idv-message-id", record.message_id.encode())]),
+            )
         )
         self._pending_count += 1
 
@@ -524,14 +530,9 @@ class Sinks:
         futures: list[tuple[TopicPartition, _Pending, asyncio.Future[Any]]] = []
         for tp, items in batches.items():
             for item in items:
-                _, msg, value, message_id = item
+                _, msg, value, headers = item
                 try:
-                    fut = await self._producer.send(
-                        self.results_topic,
-                        value,
-                        key=msg.key,
-                        headers=[("idv-message-id", message_id.encode())],
-                    )
+                    fut = await self._producer.send(self.results_topic, value, key=msg.key, headers=headers)
                 except Exception as exc:
                     if (
                         is_retriable(exc)
@@ -580,7 +581,7 @@ class Sinks:
         """Write one result event (non-transactional mode); raises :class:`Unwritable`."""
         if self.results_topic is None:
             return
-        headers = [("idv-message-id", record.message_id.encode())]
+        headers = tracing.inject([("idv-message-id", record.message_id.encode())])
         try:
             await self._send("result", self.results_topic, result_event(record, subject_id), key, headers)
         except Unwritable:

@@ -7,7 +7,7 @@ cd "$ROOT"
 PY="${PYTHON:-python3}"
 
 echo "==> installing the package with test extras"
-"$PY" -m pip install -q -e '.[test,postgres]' 2>&1 | grep -v "Running pip as the 'root' user" || true
+"$PY" -m pip install -q -e '.[test,postgres,tracing]' 2>&1 | grep -v "Running pip as the 'root' user" || true
 # kcat (an independent Kafka client), docker-compose (the Compose parser) and promtool (Debian package
 # prometheus: checks and unit-tests the alert rules) for the tests that use them.
 missing=()
