@@ -11,7 +11,8 @@ COPY pyproject.toml README.md ./
 COPY consumer/ consumer/
 COPY producer/ producer/
 COPY sandbox/ sandbox/
-RUN pip install . \
+# The tracing extra so that `docker compose --profile tracing` works (imported only with IDV_TRACING=true).
+RUN pip install ".[tracing]" \
     && rm -rf /src
 
 # /data holds the SQLite dedupe store; a fresh named volume inherits this ownership.
