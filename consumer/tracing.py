@@ -137,8 +137,11 @@ class Tracer:
                 raise
 
     def message(self, msg: ConsumerRecord) -> Any:
-        # _HeaderGetter has Getter's two methods; subclassing it would import opentelemetry at import time.
-        parent = self._propagator.extract(msg.headers or (), getter=_HEADERS)  # type: ignore[arg-type]
+        try:
+            # _HeaderGetter has Getter's two methods; subclassing it would import opentelemetry here.
+            parent = self._propagator.extract(msg.headers or (), getter=_HEADERS)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - odd headers must not cost the message: start a new trace
+            parent = None
         attributes: dict[str, Any] = {
             "messaging.system": "kafka",
             "messaging.operation.type": "process",

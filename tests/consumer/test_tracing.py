@@ -200,3 +200,30 @@ async def test_without_tracing_the_records_keep_the_original_trace_context(
     assert traceparent(letter.headers) == tp.decode()
     (result,) = await read_all(kafka_bootstrap, f"{topic}.results")
     assert traceparent(result.headers) is None
+
+
+def test_odd_trace_headers_start_a_new_trace_and_injection_replaces_the_old_context() -> None:
+    from aiokafka.structs import ConsumerRecord
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = tracing.Tracer(provider, group_id="g")
+    old = b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01"
+    odd = [("traceparent", b"\xff\xfe garbage"), ("TRACEPARENT", None), ("tracestate", b"\x00")]
+    for headers in (odd, [("traceparent", old), ("traceparent", old)], []):
+        msg = ConsumerRecord("t", 0, 5, 0, 0, b"k", b"v", None, 1, 1, tuple(headers))
+        tracing.install(tracer)
+        try:
+            with tracing.message(msg):
+                out = tracing.inject([("idv-message-id", b"m"), ("traceparent", old), ("tracestate", b"x=1")])
+        finally:
+            tracing.uninstall()
+        assert [k for k, _ in out] == ["idv-message-id", "traceparent"]
+        assert out[1][1] != old
+    spans = exporter.get_finished_spans()
+    assert [s.name for s in spans] == ["idv.process"] * 3
+    assert spans[0].parent is None and spans[2].parent is None  # garbage, none: a new trace
+    assert spans[1].parent is not None and spans[1].parent.span_id == int("b" * 16, 16)  # the first one
