@@ -227,3 +227,22 @@ def test_odd_trace_headers_start_a_new_trace_and_injection_replaces_the_old_cont
     assert [s.name for s in spans] == ["idv.process"] * 3
     assert spans[0].parent is None and spans[2].parent is None  # garbage, none: a new trace
     assert spans[1].parent is not None and spans[1].parent.span_id == int("b" * 16, 16)  # the first one
+
+
+@pytest.mark.kafka
+async def test_the_daemon_turns_tracing_on_from_its_settings(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.consumer.test_exactly_once import run_until_committed, settings_for
+
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")  # spans are made and propagated, not exported
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    env = Envelope(
+        message_id=f"m-{uuid.uuid4()}", operation="aml_screening", subject_id="s", request={"full_name": "A"}
+    )
+    await publish_raw(kafka_bootstrap, topic, [(env.key, encode(env), env.headers())])
+    group = "g-" + uuid.uuid4().hex[:8]
+    await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url, tracing=True))
+    assert not tracing.enabled()  # removed again when the daemon stopped
+    (result,) = await read_all(kafka_bootstrap, f"{topic}.results")
+    assert traceparent(result.headers) is not None  # a new trace: the request had none
