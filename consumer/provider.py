@@ -236,6 +236,7 @@ class ProviderClient:
         breaker: CircuitBreaker | None = None,
         on_attempt: Callable[[int | None, float], None] | None = None,
         retry_after_max_s: float = 60.0,
+        on_replay: Callable[[], None] | None = None,
     ) -> None:
         self.breaker = breaker
         self.timeout_s = timeout_s
@@ -243,6 +244,9 @@ class ProviderClient:
         self.retry_after_max_s = retry_after_max_s
         # Called after every attempt with (HTTP status or None for a transport error, seconds): metrics.
         self.on_attempt = on_attempt
+        # Called for a success answer carrying Idempotent-Replayed: true (the provider had already acted on
+        # this key and answered from its cache: an earlier attempt reached it): metrics.
+        self.on_replay = on_replay
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
@@ -322,6 +326,7 @@ class ProviderClient:
         *,
         on_breaker_change: Callable[[BreakerState], None] | None = None,
         on_attempt: Callable[[int | None, float], None] | None = None,
+        on_replay: Callable[[], None] | None = None,
     ) -> ProviderClient:
         """The client the daemon and the replay tool use: settings' timeouts, retries, pool and breaker."""
         breaker = CircuitBreaker(
@@ -345,6 +350,7 @@ class ProviderClient:
             on_attempt=on_attempt,
             transport_kind=settings.provider_transport,
             retry_after_max_s=settings.provider_retry_after_max_s,
+            on_replay=on_replay,
         )
 
     async def _acquire(self, keep_alive: Callable[[], Awaitable[None]] | None, every: float) -> bool:
@@ -431,6 +437,12 @@ class ProviderClient:
                 if self.on_attempt is not None:
                     self.on_attempt(response.status_code, time.perf_counter() - started)
                 if kind == "ok":
+                    if response.headers.get("idempotent-replayed", "").lower() == "true":
+                        log.info(
+                            "provider answer replayed from its idempotency cache", extra={"replayed": True}
+                        )
+                        if self.on_replay is not None:
+                            self.on_replay()
                     try:
                         parsed = orjson.loads(response.content)
                     except orjson.JSONDecodeError:

@@ -85,18 +85,18 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="skip-fingerprint-on-duplicate",
         rule="the fingerprint is checked on every path that returns a stored outcome",
-        file="consumer/store/sqlite.py",
+        file="consumer/store/base.py",
         old=(
-            "            if row.fingerprint not in fingerprints:\n"
-            "                return Claim(ClaimStatus.CONFLICT, row)\n"
-            "            if row.state in (State.COMPLETED, State.FAILED):\n"
-            "                return Claim(ClaimStatus.DONE, row)\n"
+            "    if existing.fingerprint not in fingerprints:\n"
+            "        return Decision.CONFLICT\n"
+            "    if existing.state in (State.COMPLETED, State.FAILED):\n"
+            "        return Decision.DONE\n"
         ),
         new=(
-            "            if row.state in (State.COMPLETED, State.FAILED):\n"
-            "                return Claim(ClaimStatus.DONE, row)\n"
-            "            if row.fingerprint not in fingerprints:\n"
-            "                return Claim(ClaimStatus.CONFLICT, row)\n"
+            "    if existing.state in (State.COMPLETED, State.FAILED):\n"
+            "        return Decision.DONE\n"
+            "    if existing.fingerprint not in fingerprints:\n"
+            "        return Decision.CONFLICT\n"
         ),
         tests=(
             f"{CONTRACT}::test_fingerprint_mismatch_is_conflict_on_every_path[sqlite]",
@@ -106,9 +106,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="take-over-live-lease",
         rule="an IN_PROGRESS record is taken over only after its lease expired",
-        file="consumer/store/sqlite.py",
-        old="            if row.state == State.IN_PROGRESS and (row.lease_until or 0.0) > now:\n",
-        new="            if False and row.state == State.IN_PROGRESS and (row.lease_until or 0.0) > now:\n",
+        file="consumer/store/base.py",
+        old="    if existing.state is State.IN_PROGRESS and (existing.lease_until or 0.0) > now:\n",
+        new="    if False and existing.state is State.IN_PROGRESS and (existing.lease_until or 0.0) > now:\n",
         tests=(
             f"{CONTRACT}::test_live_lease_is_not_taken_over[sqlite]",
             f"{REPLAY}::test_replay_waits_for_a_live_lease_then_skips",
@@ -125,7 +125,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="drop-dlq-write",
         rule="a set-aside message is on the dead-letter topic before its offset is marked done",
-        file="consumer/sinks.py",
+        file="consumer/sinks/deadletters.py",
         old='            await self._send("dead letter", self.dlq_topic, value, msg.key, headers)\n',
         new="            pass  # mutant: the dead letter is never written\n",
         tests=(
@@ -142,9 +142,9 @@ MUTANTS += (
     Mutant(
         name="outage-never-pauses",
         rule="a full buffer (open breaker) pauses the partitions instead of fetching on",
-        file="consumer/daemon.py",
-        old="                        consumer.pause(*consumer.assignment())\n",
-        new="                        pass  # mutant: the partitions are never paused\n",
+        file="consumer/flow.py",
+        old="            self.consumer.pause(*self.consumer.assignment())\n",
+        new="            pass  # mutant: the partitions are never paused\n",
         tests=(f"{FAILURES}::test_a_provider_outage_pauses_every_partition_and_resumes_after_it",),
     ),
     Mutant(

@@ -26,6 +26,7 @@ from consumer.pipeline import Disposition, Processor
 from consumer.settings import Settings
 from consumer.sinks import Sinks
 from consumer.store import State, open_store
+from consumer.store.base import Decision, decide_claim
 from consumer.tools.report import Progress, Report, duration
 from consumer.tools.reverify import Reverifier
 from consumer.tools.runner import (
@@ -250,13 +251,14 @@ async def classify(
     except EnvelopeError as exc:
         return "invalid", exc.reason
     record = await get(idempotency_key(settings.namespace, envelope.operation, envelope.message_id))
-    if record is None:
-        return "new", None
-    if not Fingerprinter(settings.fingerprint_key).matches(record.fingerprint, envelope):
-        return "conflict", None
-    if record.state is State.IN_PROGRESS:
-        expired = record.lease_until is not None and record.lease_until <= now
-        return ("in progress (lease expired)" if expired else "in progress"), None
-    if record.state is State.RELEASED:
-        return "released (will be retried)", None
-    return record.state.value, None  # completed | failed
+    # The store's own claim rule, read-only: what a claim would decide, without claiming.
+    fp, legacy = Fingerprinter(settings.fingerprint_key).with_legacy(envelope)
+    decision = decide_claim(record, fingerprints=(fp, *legacy), owner="", now=now, reentrant=False)
+    if record is None or decision is Decision.CONFLICT:
+        return ("new" if record is None else "conflict"), None
+    if decision is Decision.BUSY:
+        return "in progress", None
+    if decision is Decision.TAKE_OVER:
+        expired = record.state is State.IN_PROGRESS
+        return ("in progress (lease expired)" if expired else "released (will be retried)"), None
+    return record.state.value, None  # DONE: completed | failed

@@ -20,7 +20,8 @@ import pytest
 
 from consumer.errors import LeaseLost, StoreError
 from consumer.keys import HMAC_V1, Fingerprinter, fingerprint
-from consumer.store import Claim, ClaimStatus, DedupeStore, Outcome, State, open_store
+from consumer.store import Claim, ClaimStatus, DedupeStore, Outcome, Record, State, open_store
+from consumer.store.base import COLUMNS, Decision, decide_claim, dump_outcome, record_from_row
 from producer.envelope import Envelope
 from tests.conftest import service_missing
 
@@ -442,3 +443,66 @@ async def test_a_failed_intrusion_does_not_end_the_holders_hold(store: DedupeSto
         await store.renew(key, "intruder", 30)
     # "a" still holds the key: a second handler of "a" is not let in.
     assert (await _claim(store, key, owner="a")).status is ClaimStatus.BUSY
+
+
+# -- the claim rule itself (consumer.store.base.decide_claim), shared by every backend -------------------
+
+
+def _record(state: State, *, owner: str | None = "a", lease_until: float | None = 1_000_030.0) -> Record:
+    if state is not State.IN_PROGRESS:
+        owner, lease_until = None, None
+    return Record(
+        key="k", message_id="m", operation="aml_screening", fingerprint="fp1", state=state, owner=owner,
+        lease_until=lease_until, attempts=1, outcome=None, last_error=None, created_at=1_000_000.0,
+        updated_at=1_000_000.0, expires_at=1_003_600.0,
+    )  # fmt: skip
+
+
+def _decide(existing: Record | None, *, owner: str = "a", fps: tuple[str, ...] = ("fp1",),
+            now: float = 1_000_010.0, reentrant: bool = False) -> Decision:  # fmt: skip
+    return decide_claim(existing, fingerprints=fps, owner=owner, now=now, reentrant=reentrant)
+
+
+def test_rule_new_key_is_acquired() -> None:
+    assert _decide(None) is Decision.ACQUIRE_NEW
+    assert Decision.ACQUIRE_NEW.status is ClaimStatus.ACQUIRED
+
+
+@pytest.mark.parametrize("state", list(State))
+def test_rule_checks_the_fingerprint_first_on_every_path(state: State) -> None:
+    assert _decide(_record(state), fps=("fp2",), reentrant=True) is Decision.CONFLICT
+    # A legacy fingerprint of the same request matches.
+    assert _decide(_record(state), fps=("h1:new", "fp1")) is not Decision.CONFLICT
+
+
+@pytest.mark.parametrize("state", [State.COMPLETED, State.FAILED])
+def test_rule_terminal_records_are_done(state: State) -> None:
+    assert _decide(_record(state), now=9e9, reentrant=True) is Decision.DONE
+
+
+def test_rule_live_lease_is_busy_unless_our_own_lost_claim() -> None:
+    live = _record(State.IN_PROGRESS, owner="a")
+    assert _decide(live, owner="b") is Decision.BUSY
+    assert _decide(live, owner="b", reentrant=True) is Decision.BUSY
+    assert _decide(live, owner="a") is Decision.BUSY  # another handler of ours holds or claims it
+    assert _decide(live, owner="a", reentrant=True) is Decision.REENTER
+
+
+def test_rule_expired_lease_and_released_are_taken_over() -> None:
+    expired = _record(State.IN_PROGRESS, owner="a", lease_until=1_000_010.0)  # lease_until <= now
+    assert _decide(expired, owner="b") is Decision.TAKE_OVER
+    assert _decide(expired, owner="a", reentrant=True) is Decision.TAKE_OVER  # counts a new attempt
+    assert _decide(_record(State.RELEASED), owner="b") is Decision.TAKE_OVER
+    assert {d.status for d in (Decision.TAKE_OVER, Decision.REENTER)} == {ClaimStatus.ACQUIRED}
+
+
+def test_rows_map_to_records_in_column_order() -> None:
+    record = _record(State.COMPLETED)
+    row = [getattr(record, c) for c in COLUMNS]
+    row[COLUMNS.index("state")] = "completed"
+    row[COLUMNS.index("outcome")] = dump_outcome(Outcome("approved", 200, "ref-1"))
+    mapped = record_from_row(row)
+    assert mapped.state is State.COMPLETED and mapped.outcome == Outcome("approved", 200, "ref-1")
+    assert mapped.key == "k" and mapped.expires_at == record.expires_at
+    row[COLUMNS.index("outcome")] = None
+    assert record_from_row(row).outcome is None
