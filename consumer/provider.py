@@ -53,7 +53,7 @@ from consumer.errors import (
     ProviderRetriableError,
     RetriesExhausted,
 )
-from consumer.store.base import Outcome
+from consumer.model import Outcome
 from producer.envelope import Operation
 
 if TYPE_CHECKING:
