@@ -11,7 +11,9 @@ COPY pyproject.toml README.md ./
 COPY consumer/ consumer/
 COPY producer/ producer/
 COPY sandbox/ sandbox/
-RUN pip install '.[encryption]' \
+# The encryption and tracing extras (each imported only when configured: IDV_DLQ_ENCRYPTION_KEYS,
+# IDV_TRACING=true), so that `docker compose --profile tracing` works.
+RUN pip install '.[encryption,tracing]' \
     && rm -rf /src
 
 # /data holds the SQLite dedupe store; a fresh named volume inherits this ownership.

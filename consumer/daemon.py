@@ -37,7 +37,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
-from consumer import wiring
+from consumer import tracing, wiring
 from consumer.commits import Committer, watermarks
 from consumer.delivery import deliver
 from consumer.errors import (
@@ -188,7 +188,8 @@ class Daemon:
                     await health.bind()
                     outer.start_soon(health.serve)
                     log.info("health and metrics on %s", health.url, extra={"health_url": health.url})
-                await self._run(topics)
+                async with tracing.session(self.settings):
+                    await self._run(topics)
             except (ConfigurationError, StoreError) as exc:
                 error = exc  # re-raised bare, not inside an exception group, for the CLI's one-line message
             finally:
@@ -306,7 +307,9 @@ class Daemon:
                 with anyio.CancelScope() as scope:
                     part.inflight.add(scope)
                     try:
-                        handled = await self._handle(msg)
+                        with tracing.message(msg) as span:
+                            handled = await self._handle(msg)
+                            span.set_attribute("idv.disposition", handled.disposition.value)
                         finished = True
                     except ProviderAuthError as exc:
                         self._set_fatal(exc)

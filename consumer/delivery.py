@@ -19,6 +19,7 @@ from collections.abc import Callable
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from consumer import tracing
 from consumer.errors import ProviderAuthError
 from consumer.model import DeadLetter, Disposition, Handled
 from consumer.sinks import Sinks, Unwritable
@@ -73,7 +74,8 @@ async def _write(
         sinks.buffer_result(TopicPartition(msg.topic, msg.partition), msg, record, handled.subject_id or "")
         return
     try:
-        await sinks.result(record, msg.key, handled.subject_id or "")
+        with tracing.producer_span("idv.result", sinks.results_topic):
+            await sinks.result(record, msg.key, handled.subject_id or "")
     except Unwritable as exc:
         # The outcome is recorded; only its event can never be published. Set the message aside so the
         # gap is visible, instead of retrying forever and stalling the partition.
@@ -90,6 +92,7 @@ async def _write(
 async def _dead_letter(
     sinks: Sinks, msg: ConsumerRecord, letter: DeadLetter, on_dead_letter: Callable[[str], None] | None
 ) -> None:
-    written = await sinks.dead_letter(msg, letter, time.time())
+    with tracing.producer_span("idv.dead_letter", sinks.dlq_topic, letter.reason):
+        written = await sinks.dead_letter(msg, letter, time.time())
     if written in ("written", "stub") and on_dead_letter is not None:
         on_dead_letter(letter.reason)

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 import anyio
 from aiokafka.structs import ConsumerRecord
 
+from consumer import tracing
 from consumer.errors import (
     LeaseLost,
     ProviderAuthError,
@@ -114,7 +115,8 @@ class Processor:
         while True:
             started = time.perf_counter()
             try:
-                result = await fn(*args, **kwargs)
+                with tracing.store_span(what):
+                    result = await fn(*args, **kwargs)
             except VerificationError as exc:
                 if not exc.retriable:
                     raise
@@ -176,6 +178,7 @@ class Processor:
         body = canonical_request(envelope)
         ctx = message_context.get() or {}
         message_context.set({**ctx, "message_id": envelope.message_id, "key_hash": key_hash(key)})
+        tracing.annotate(envelope.operation, key)
 
         self.faults.hit("before_claim")
         while True:
@@ -329,15 +332,16 @@ class Processor:
             if attempt > 1 or held - self.store.clock() < cover:
                 await renew()
 
-        return await self.provider.call(
-            operation,
-            body,
-            key,
-            before_attempt=before_attempt,
-            progress=progress,
-            keep_alive=renew,
-            keep_alive_every_s=self.lease_s / 3,
-        )
+        with tracing.span("idv.provider"):
+            return await self.provider.call(
+                operation,
+                body,
+                key,
+                before_attempt=before_attempt,
+                progress=progress,
+                keep_alive=renew,
+                keep_alive_every_s=self.lease_s / 3,
+            )
 
     async def _await_other_owner(self, key: str) -> None:
         """After LeaseLost: poll until the other owner finished (or released) the key or its lease ran out."""

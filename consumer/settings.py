@@ -118,6 +118,9 @@ class Settings:
     # Logging
     log_level: str = "INFO"
     log_format: str = "json"
+    # OpenTelemetry spans per message (the tracing extra; consumer/tracing.py). Exporter, endpoint and
+    # service name come from the standard OTEL_* variables.
+    tracing: bool = False
     # Testing only: "<fault point>:<n>" SIGKILLs the process the n-th time that point is reached.
     fault_kill_at: str = ""
 
@@ -227,6 +230,14 @@ class Settings:
             from consumer.dlqcrypto import parse_keys
 
             parse_keys(self.dlq_encryption_keys)  # raises ConfigurationError naming the variable, no key
+        if self.tracing:
+            from consumer import tracing
+
+            need(
+                tracing.available(),
+                "tracing",
+                "needs the tracing extra: pip install 'idv-exactly-once[tracing]'",
+            )
         self.kafka_security()  # raises ConfigurationError naming the IDV_KAFKA_* variable
 
     def kafka_security(self) -> dict[str, Any]:

@@ -60,6 +60,28 @@ class PublishResult:
     offset: int
 
 
+_NO_TRACING = False  # opentelemetry not importable (checked once)
+
+
+def _traced(headers: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """``headers`` plus the caller's W3C trace context (``traceparent``, ``tracestate``), when
+    opentelemetry is installed and a span is active: the consumer continues that trace."""
+    global _NO_TRACING
+    if _NO_TRACING:
+        return headers
+    try:
+        from opentelemetry import trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    except ImportError:
+        _NO_TRACING = True
+        return headers
+    if not trace.get_current_span().get_span_context().is_valid:
+        return headers
+    carrier: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(carrier)
+    return [*headers, *((k, v.encode("ascii", "replace")) for k, v in carrier.items())]
+
+
 def _wrap(exc: KafkaError, action: str) -> PublishError:
     # aiokafka marks a timeout as not retriable; for us it is (the same message_id may be sent again).
     # str() of an aiokafka error already starts with the class name, except when it has no message.
@@ -254,7 +276,9 @@ class Publisher:
         try:
             for envelope, value in zip(envelopes, encoded, strict=True):
                 futures.append(
-                    await producer.send(self.topic, value=value, key=envelope.key, headers=envelope.headers())
+                    await producer.send(
+                        self.topic, value=value, key=envelope.key, headers=_traced(envelope.headers())
+                    )
                 )
         except KafkaError as exc:
             # Let the records already handed over settle, so no future is left with an unread error.

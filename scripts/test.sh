@@ -11,7 +11,7 @@ cd "$ROOT"
 source scripts/venv.sh
 
 echo "==> installing the package with test extras into ${VIRTUAL_ENV:-the system interpreter}"
-pip_install '[test,postgres,encryption]'
+pip_install '[test,postgres,encryption,tracing]'
 # kcat (an independent Kafka client), docker-compose (the Compose parser), promtool (Debian package
 # prometheus: checks and unit-tests the alert rules) and chromium (the status-page browser test) for the
 # tests that use them.

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiokafka.structs import ConsumerRecord
 
+from consumer import tracing
 from consumer.dlqcrypto import DeadLetterCipher, seal_dead_letter
 from consumer.model import DeadLetter
 from consumer.sinks.producers import Producers, Unwritable
@@ -91,7 +92,7 @@ class DeadLetterWriter(Producers):
         if self.dlq_topic is None:
             return "disabled"
         try:
-            headers = dead_letter_headers(msg, letter, self.group_id, now)
+            headers = tracing.inject(dead_letter_headers(msg, letter, self.group_id, now))
         except Exception as exc:  # noqa: BLE001 - odd original headers: write the stub instead
             return await self._stub(msg, letter, now, f"original headers unusable ({type(exc).__name__})")
         value = msg.value if msg.value is not None or msg.key is not None else b""
@@ -112,7 +113,7 @@ class DeadLetterWriter(Producers):
             attempts=letter.attempts,
             first_failure_at=letter.first_failure_at,
         )
-        headers = dead_letter_headers(msg, stub, self.group_id, now, keep_original=False)
+        headers = tracing.inject(dead_letter_headers(msg, stub, self.group_id, now, keep_original=False))
         try:
             await self._send("dead letter", self.dlq_topic, b"", None, headers)
         except Unwritable as exc:

@@ -20,6 +20,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import ProducerFenced
 from aiokafka.structs import ConsumerRecord
 
+from consumer import tracing
 from consumer.model import DeadLetter
 from consumer.sinks.deadletters import DeadLetterWriter, iso
 from consumer.sinks.producers import (
@@ -66,9 +67,9 @@ def result_event(record: Record, subject_id: str) -> bytes:
     )
 
 
-# A result waiting for its transaction: (offset, message, event bytes, message ID); and one the results
+# A result waiting for its transaction: (offset, message, event bytes, headers); and one the results
 # topic refused for good, with why.
-_Pending = tuple[int, ConsumerRecord, bytes, str]
+_Pending = tuple[int, ConsumerRecord, bytes, list[tuple[str, bytes]]]
 _Unwritten = tuple[TopicPartition, _Pending, str]
 
 
@@ -94,7 +95,13 @@ class ResultWriter(DeadLetterWriter):
 
     def buffer_result(self, tp: TopicPartition, msg: ConsumerRecord, record: Record, subject_id: str) -> None:
         self._pending.setdefault(tp, []).append(
-            (msg.offset, msg, result_event(record, subject_id), record.message_id)
+            (
+                msg.offset,
+                msg,
+                result_event(record, subject_id),
+                # The headers now, while the message's span is current (the transaction comes later).
+                tracing.inject([("idv-message-id", record.message_id.encode())]),
+            )
         )
         self._pending_count += 1
 
@@ -182,14 +189,9 @@ class ResultWriter(DeadLetterWriter):
         futures: list[tuple[TopicPartition, _Pending, asyncio.Future[Any]]] = []
         for tp, items in batches.items():
             for item in items:
-                _, msg, value, message_id = item
+                _, msg, value, headers = item
                 try:
-                    fut = await self._producer.send(
-                        self.results_topic,
-                        value,
-                        key=msg.key,
-                        headers=[("idv-message-id", message_id.encode())],
-                    )
+                    fut = await self._producer.send(self.results_topic, value, key=msg.key, headers=headers)
                 except Exception as exc:
                     if (
                         is_retriable(exc)
@@ -238,7 +240,7 @@ class ResultWriter(DeadLetterWriter):
         """Write one result event (non-transactional mode); raises :class:`Unwritable`."""
         if self.results_topic is None:
             return
-        headers = [("idv-message-id", record.message_id.encode())]
+        headers = tracing.inject([("idv-message-id", record.message_id.encode())])
         try:
             await self._send("result", self.results_topic, result_event(record, subject_id), key, headers)
         except Unwritable:
