@@ -40,6 +40,7 @@ from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from consumer.concurrency import raise_fd_limit
 from consumer.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -110,6 +111,9 @@ class Daemon:
         self.provider = provider or ProviderClient.from_settings(
             settings, on_breaker_change=self.metrics.circuit, on_attempt=self._on_attempt
         )
+        if self.provider.gate is not None:
+            gate = self.provider.gate
+            self.metrics.watch_concurrency(lambda: gate.limit, lambda: gate.gate.in_flight)
         self.owner = f"{settings.instance_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stats = Stats()
         self.faults = FaultPoints(settings.fault_kill_at)
@@ -184,6 +188,8 @@ class Daemon:
     async def run(self) -> int:
         """Run until stopped; returns the process exit code."""
         topics = self.settings.topics
+        # One descriptor per provider connection at the ceiling, plus Kafka, the store and some slack.
+        raise_fd_limit(self.settings.provider_max_connections + 256)
         self._slots = anyio.Semaphore(self.settings.max_buffered)
         self._ready_send, self._ready_recv = anyio.create_memory_object_stream[_Item](
             self.settings.max_buffered + 1
