@@ -10,8 +10,8 @@ rate-limited one gets just enough. Waiters are served first come first served, w
 The adaptive controller (:class:`AdaptiveLimit`, chosen by simulation: docs/performance.md) is Netflix
 concurrency-limits' Gradient2 with three additions:
 
-* **latency gradient** (Gradient2): samples are grouped into windows of about one round trip (at least
-  ``min_window_s`` and ``min_samples``); a long-term RTT (an exponential average over ~10 windows) is
+* **latency gradient** (Gradient2): samples are grouped into windows of one round trip, at least
+  ``min_window_s`` (50 ms) and ``min_samples``, at most ``max_window_s`` (0.5 s); a long-term RTT (an exponential average over ~10 windows) is
   the baseline, and ``gradient = clamp(tolerance × long_rtt / window_rtt, 0.5, 1)``. Below 1 (queueing:
   the window's RTT is over ``tolerance`` × the baseline) the limit shrinks to ``limit × gradient +
   sqrt(limit)``; a window that used less than half the limit (app-limited) never raises it.
@@ -83,7 +83,7 @@ class AdaptiveLimit:
         initial: int | None = None,
         tolerance: float = 1.5,
         min_window_s: float = 0.05,
-        max_window_s: float = 1.0,
+        max_window_s: float = 0.5,
         min_samples: int = 10,
         on_change: Callable[[int], None] | None = None,
     ) -> None:
