@@ -10,9 +10,9 @@ rate-limited one gets just enough. Waiters are served first come first served, w
 The adaptive controller (:class:`AdaptiveLimit`, chosen by simulation: docs/performance.md) is Netflix
 concurrency-limits' Gradient2 with three additions:
 
-* **latency gradient** (Gradient2): samples are grouped into windows of one round trip, at least
-  ``min_window_s`` (50 ms) and ``min_samples``, at most ``max_window_s`` (0.5 s); a long-term RTT (an exponential average over ~10 windows) is
-  the baseline, and ``gradient = clamp(tolerance × long_rtt / window_rtt, 0.5, 1)``. Below 1 (queueing:
+* **latency gradient** (Gradient2): samples are grouped into windows of one round trip (at least
+  50 ms and ``min_samples``, at most 0.5 s); a long-term RTT (an exponential average over ~10 windows)
+  is the baseline, and ``gradient = clamp(tolerance × long_rtt / window_rtt, 0.5, 1)``. Below 1 (queueing:
   the window's RTT is over ``tolerance`` × the baseline) the limit shrinks to ``limit × gradient +
   sqrt(limit)``; a window that used less than half the limit (app-limited) never raises it.
 * **slow start** (TCP): until the first congestion signal the limit doubles per window, so a provider
@@ -21,8 +21,10 @@ concurrency-limits' Gradient2 with three additions:
 * **overload answers** (429, or a 503 with ``Retry-After``) shrink it at once: the first one in a window
   cuts the limit to ``min(0.9 × limit, 0.9 × goodput × RTT)`` (Little's law: the calls the provider
   actually accepted), every further one removes one slot, so a freed slot is not handed straight to the
-  next request to be refused again. The accepted level is remembered (CUBIC's ``W_max``): near it the
-  limit grows by one slot per window, elsewhere by ``sqrt(limit)``.
+  next request to be refused again; refusals of attempts sent before the cut are not counted twice. The
+  accepted level is remembered (CUBIC's ``W_max``): well below it the limit closes half the gap per
+  window, near it it grows by one slot per window, above it by ``sqrt(limit)``. Slow start ends after
+  two consecutive windows over the latency tolerance (one noisy window only holds it).
 
 An open circuit breaker (consumer/breaker.py) still pauses attempts before they reach the gate.
 """
@@ -63,7 +65,7 @@ class FixedLimit:
     def sample(self, rtt: float, in_flight: int, now: float) -> None:
         return None
 
-    def overload(self, now: float) -> None:
+    def overload(self, now: float, sent_at: float | None = None) -> None:
         return None
 
 
@@ -110,6 +112,7 @@ class AdaptiveLimit:
         self._w_sum = 0.0
         self._w_inflight = 0
         self._last_cut = -math.inf
+        self._congested = 0  # consecutive windows over the latency tolerance
         self._logged = self.limit
 
     def _set(self, value: float, why: str) -> None:
@@ -157,22 +160,36 @@ class AdaptiveLimit:
         limit = self._limit
         gradient = max(0.5, min(1.0, self.tolerance * self.long_rtt / rtt))
         if gradient < 1.0:
+            self._congested += 1
+            if self.slow_start and self._congested < 2:
+                return  # one noisy window does not end slow start: hold, and look again
             self.slow_start = False
             target = limit * gradient + math.sqrt(limit)
             if target < limit:
                 self._set(limit + (target - limit) * 0.5, "latency")
             return
+        self._congested = 0
         if used * 2 < limit or now - self._last_cut < 2 * rtt:
             return  # app-limited (the limit was not tested), or just cut: wait for its effect
         if self.slow_start:
             self._set(limit * 2, "slow start")
             return
-        near = self.w_max is not None and 0.9 * self.w_max <= limit <= 1.25 * self.w_max
-        self._set(limit + (1.0 if near else math.sqrt(limit)), "probe")
+        w_max = self.w_max
+        if w_max is not None and limit < 0.9 * w_max:
+            step = max(math.sqrt(limit), (w_max - limit) / 2)  # well below the accepted level: close in
+        elif w_max is not None and limit <= 1.25 * w_max:
+            step = 1.0  # near it: one slot per window
+        else:
+            step = math.sqrt(limit)
+        self._set(limit + step, "probe")
 
-    def overload(self, now: float) -> None:
+    def overload(self, now: float, sent_at: float | None = None) -> None:
+        """A 429 (or 503 with Retry-After) for an attempt sent at ``sent_at``. Answers to attempts sent
+        before the last cut were sent under the old limit: the cut already accounted for them."""
         self.overloads += 1
         self.slow_start = False
+        if sent_at is not None and sent_at < self._last_cut:
+            return
         limit = self._limit
         rtt = self.rtt if self.rtt is not None else self.min_window_s
         if now - self._last_cut >= max(rtt, self.min_window_s):
@@ -313,13 +330,17 @@ class ProviderGate:
         await self.gate.acquire(keep_alive, every)
         return self.gate.in_flight
 
-    def leave(self, rtt: float | None, in_flight: int, *, overload: bool = False) -> None:
-        """The attempt ended: ``rtt`` for an answer (``None`` for a transport error or cancellation)."""
+    def leave(
+        self, rtt: float | None, in_flight: int, *, overload: bool = False, sample: bool = True
+    ) -> None:
+        """The attempt ended after ``rtt`` seconds (``None``: a transport error or cancellation).
+        ``overload``: answered 429 (or 503 + Retry-After); ``sample=False``: an answer that says nothing
+        about load (other 5xx, 408/409/425), not used as an RTT sample."""
         now = self.clock()
         before = self.controller.limit
         if overload:
-            self.controller.overload(now)
-        elif rtt is not None:
+            self.controller.overload(now, now - rtt if rtt is not None else None)
+        elif rtt is not None and sample:
             self.controller.sample(rtt, in_flight, now)
         self.gate.release()
         if self.controller.limit > before:

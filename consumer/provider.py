@@ -464,7 +464,7 @@ class ProviderClient:
                     # 429, or 503 with Retry-After: "too much" - shrink at once. Other retriable answers
                     # (5xx, 408/409/425) say nothing about load here: no RTT sample (the breaker sees them).
                     overload = answered == 429 or (answered == 503 and "retry-after" in response.headers)
-                    gate.leave(elapsed if kind != "retry" else None, in_flight, overload=overload)  # type: ignore[union-attr]
+                    gate.leave(elapsed, in_flight, overload=overload, sample=kind != "retry")  # type: ignore[union-attr]
                 if self.on_attempt is not None:
                     self.on_attempt(response.status_code, elapsed)
                 if kind == "ok":

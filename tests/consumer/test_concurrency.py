@@ -60,6 +60,8 @@ def test_queueing_latency_shrinks_the_limit_and_ends_slow_start() -> None:
     t = feed(c, 0.0, 0.02, 3)
     before = c.limit
     t = feed(c, t, 0.08, 1)  # 4x the baseline: well past the 1.5x tolerance
+    assert c.limit == before and c.slow_start  # one window only holds slow start
+    t = feed(c, t, 0.08, 1)
     assert c.limit < before and not c.slow_start
     for _ in range(20):
         t = feed(c, t, 0.08, 1)
@@ -80,7 +82,9 @@ def test_overload_cuts_at_once_then_one_slot_per_further_429_never_below_the_flo
     cut = c.limit
     assert cut <= 0.9 * 800 and not c.slow_start
     assert c.w_max is not None and cut <= 0.9 * c.w_max + 1
-    c.overload(t + 0.001)
+    c.overload(t + 0.001, sent_at=t - 0.2)  # sent before the cut: already accounted for
+    assert c.limit == cut
+    c.overload(t + 0.001, sent_at=t + 0.0005)
     c.overload(t + 0.002)
     assert c.limit == cut - 2
     for i in range(1000):
