@@ -15,16 +15,18 @@ concurrency-limits' Gradient2 with three additions:
   is the baseline, and ``gradient = clamp(tolerance × long_rtt / window_rtt, 0.5, 1)``. Below 1 (queueing:
   the window's RTT is over ``tolerance`` × the baseline) the limit shrinks to ``limit × gradient +
   sqrt(limit)``; a window that used less than half the limit (app-limited) never raises it.
-* **slow start** (TCP): until the first congestion signal the limit doubles per window, so a provider
-  answering in seconds gets its thousands of calls in flight within a few seconds instead of the minutes
-  Gradient2's ``+sqrt(limit)`` steps would take.
+* **slow start** (TCP): until the first congestion signal every answer adds ``slow_start_gain`` (3)
+  slots while a quarter of the limit is in use: ×4 per round trip, so a provider answering in seconds
+  gets its thousands of calls in flight within three round trips instead of the minutes Gradient2's
+  ``+sqrt(limit)`` steps would take.
 * **overload answers** (429, or a 503 with ``Retry-After``) shrink it at once: the first one in a window
   cuts the limit to ``min(0.9 × limit, 0.9 × goodput × RTT)`` (Little's law: the calls the provider
   actually accepted), every further one removes one slot, so a freed slot is not handed straight to the
   next request to be refused again; refusals of attempts sent before the cut are not counted twice. The
   accepted level is remembered (CUBIC's ``W_max``): well below it the limit closes half the gap per
-  window, near it it grows by one slot per window, above it by ``sqrt(limit)``. Slow start ends after
-  two consecutive windows over the latency tolerance (one noisy window only holds it).
+  window, up to it by one slot per window, up to 1.25× it by a slot every fourth window, above by
+  ``sqrt(limit)``; after ``forget_s`` (3 s) without a 429 it is forgotten (the limit may have risen).
+  Slow start ends after two consecutive windows over the latency tolerance (one noisy window only holds it).
 
 An open circuit breaker (consumer/breaker.py) still pauses attempts before they reach the gate.
 """
@@ -87,6 +89,8 @@ class AdaptiveLimit:
         min_window_s: float = 0.05,
         max_window_s: float = 0.5,
         min_samples: int = 10,
+        slow_start_gain: float = 3.0,
+        forget_s: float = 3.0,
         on_change: Callable[[int], None] | None = None,
     ) -> None:
         if not 1 <= floor <= ceiling:
@@ -97,6 +101,8 @@ class AdaptiveLimit:
         self.min_window_s = min_window_s
         self.max_window_s = max_window_s
         self.min_samples = min_samples
+        self.slow_start_gain = slow_start_gain
+        self.forget_s = forget_s
         self.on_change = on_change
         start = initial if initial is not None else min(ceiling, max(floor, 64))
         self._limit = float(min(ceiling, max(floor, start)))
@@ -136,6 +142,10 @@ class AdaptiveLimit:
     def sample(self, rtt: float, in_flight: int, now: float) -> None:
         if self._w_start is None:
             self._w_start = now
+        if self.slow_start and self._congested == 0 and in_flight * (1 + self.slow_start_gain) >= self._limit:
+            # Slow start: +gain per answer sent with at least 1/(1 + gain) of the limit in use, so the
+            # limit grows (1 + gain)x per round trip whatever the timing of the answers.
+            self._set(self._limit + self.slow_start_gain, "slow start")
         self._w_count += 1
         self._w_sum += rtt
         if in_flight > self._w_inflight:
@@ -172,13 +182,16 @@ class AdaptiveLimit:
         if used * 2 < limit or now - self._last_cut < 2 * rtt:
             return  # app-limited (the limit was not tested), or just cut: wait for its effect
         if self.slow_start:
-            self._set(limit * 2, "slow start")
-            return
+            return  # grown per answer, in sample()
         w_max = self.w_max
+        if w_max is not None and now - self._last_cut > self.forget_s:
+            w_max = self.w_max = None  # no 429 for a while: the provider's limit may have gone up
         if w_max is not None and limit < 0.9 * w_max:
             step = max(math.sqrt(limit), (w_max - limit) / 2)  # well below the accepted level: close in
-        elif w_max is not None and limit <= 1.25 * w_max:
+        elif w_max is not None and limit <= w_max:
             step = 1.0  # near it: one slot per window
+        elif w_max is not None and limit <= 1.25 * w_max:
+            step = 0.25  # just above it: a slot every fourth window
         else:
             step = math.sqrt(limit)
         self._set(limit + step, "probe")
