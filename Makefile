@@ -2,7 +2,7 @@
 PY ?= python3
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install run test test-fast lint typecheck bench chaos broker-up broker-down postgres-up postgres-down compose-check alerts-check clean
+.PHONY: help install run test test-fast lint typecheck bench chaos mutants broker-up broker-down postgres-up postgres-down compose-check alerts-check fuzz clean
 
 help: ## This list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -28,8 +28,14 @@ typecheck: ## mypy --strict on the packages
 bench: ## Dedupe-store micro-benchmark (prints a table)
 	$(PY) bench/store_bench.py
 
-chaos: ## Chaos run: 3 daemons, kills, broker restart, faults; own broker and PostgreSQL (SEED=…)
-	$(PY) bench/chaos.py --seed $(or $(SEED),1) --messages 2000 --kills 4 --broker-restarts 1 --pg-restarts 0
+chaos: ## Chaos run: 3 daemons, kills, broker restart, faults; own broker and PostgreSQL (SEED=…, MUTANT=…)
+	$(PY) bench/chaos.py --seed $(or $(SEED),1) --messages 2000 --kills 4 --broker-restarts 1 --pg-restarts 0 $(if $(MUTANT),--mutant $(MUTANT))
+
+mutants: ## Mutation checks: break one guarantee at a time, the tests must fail (MUTANTS="name …" for some)
+	$(PY) tests/mutants.py $(MUTANTS)
+
+fuzz: ## Record-level fuzz run through the daemon; needs kcat (RECORDS=10000, SEED=…, TXN=1)
+	$(PY) -m tests.consumer.test_record_fuzz $(or $(RECORDS),10000) --seed $(or $(SEED),20261201) $(if $(TXN),--transactional)
 
 broker-up: ## Start the local Apache Kafka broker
 	bash scripts/kafka.sh start

@@ -34,6 +34,10 @@ and, right after each sample, which outcomes are recorded (store) and which mess
     seconds after the faults stop.
 
 Logs of every process and a JSON summary are kept in the run directory (``.run/chaos/<run id>/``).
+
+``--mutant NAME`` runs the daemons from a copy of the tree with one mutant of ``tests/mutants.py`` applied
+(e.g. ``new-key-on-takeover``); the run must then fail, which shows the checker is not vacuous.
+``--fail-on-crash`` (CI) also fails the run on any daemon exit the harness did not cause.
 """
 
 from __future__ import annotations
@@ -225,6 +229,8 @@ class Options:
     run_dir: Path
     keep_services: bool
     json_path: Path | None
+    mutant: str | None = None
+    """Run the daemons from a copy of the tree with this mutant of tests/mutants.py applied."""
 
 
 @dataclass
@@ -636,18 +642,30 @@ async def run(opts: Options) -> Outcome:
     await create_topics(kafka.bootstrap, [topic, dlq, results], opts.partitions)
 
     deps = {"broker": False, "pg": False}
+    daemon_tree = ROOT
+    if opts.mutant is not None:
+        # The checker's strength test: the daemons run a deliberately broken build (a text patch on a copy
+        # of the tree), the checker and everything else run the real code; the run must fail.
+        from tests.mutants import by_name, prepare_tree
+
+        daemon_tree = await asyncio.to_thread(prepare_tree, by_name(opts.mutant), opts.run_dir / "src")
+        print(f"MUTANT {opts.mutant}: the daemons run a broken build from {daemon_tree}")
     daemons = [
         DaemonProcess(
-            daemon_env(
-                opts,
-                bootstrap=kafka.bootstrap,
-                topic=topic,
-                group=group,
-                store_url=store_url,
-                provider_url=sandbox.url,
-                i=i,
-            ),
+            {
+                **daemon_env(
+                    opts,
+                    bootstrap=kafka.bootstrap,
+                    topic=topic,
+                    group=group,
+                    store_url=store_url,
+                    provider_url=sandbox.url,
+                    i=i,
+                ),
+                "PYTHONPATH": str(daemon_tree),
+            },
             opts.run_dir / f"daemon-{i}.log",
+            cwd=daemon_tree,
         )
         for i in range(opts.processes)
     ]
@@ -1103,7 +1121,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
     ap.add_argument(
         "--fail-on-crash",
         action="store_true",
-        help="a crash after start-up or an internal_error dead letter fails the run",
+        help="a daemon exit the harness did not cause (a crash after start-up, a start-up failure with an "
+        "undocumented code) or an internal_error dead letter fails the run (CI sets it)",
+    )
+    ap.add_argument(
+        "--mutant",
+        default=None,
+        help="run the daemons with this mutant of tests/mutants.py (e.g. new-key-on-takeover): the run "
+        "must then fail (exit 1); shows the checker is not vacuous",
     )
     ap.add_argument("--schedule-only", action="store_true", help="print the seed and schedule, run nothing")
     args = ap.parse_args(argv)
@@ -1141,6 +1166,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
         run_dir=run_dir,
         keep_services=args.keep_services,
         json_path=args.json,
+        mutant=args.mutant,
     )
     return args, opts
 
@@ -1153,6 +1179,14 @@ def main(argv: list[str] | None = None) -> int:
         for event in schedule:
             print(f"  t+{event.at:7.2f}s  {event.describe()}")
         return 0
+    if opts.mutant is not None:
+        from tests.mutants import MutantError, by_name
+
+        try:
+            by_name(opts.mutant)
+        except MutantError as exc:
+            print(f"chaos: {exc}", file=sys.stderr)
+            return EXIT_SETUP
     opts.run_dir.mkdir(parents=True, exist_ok=True)
     # The clients' own complaints while the broker or PostgreSQL is down go to a file, not the table.
     logging.basicConfig(
@@ -1206,6 +1240,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(!) {len(odd)} start-up failure(s) with an undocumented exit code (not 2, 4, 5 or 6):")
         for error, n in Counter(f"exit {e['code']}: {e['error']}" for e in odd).most_common():
             print(f"      {n}x {error}")
+        failed |= args.fail_on_crash
     outcome.summary["total_s"] = round(time.monotonic() - started, 1)
     summary = orjson.dumps(outcome.summary, option=orjson.OPT_INDENT_2)
     (opts.run_dir / "summary.json").write_bytes(summary)

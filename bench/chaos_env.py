@@ -319,9 +319,10 @@ class SandboxProcess:
 class DaemonProcess:
     """One ``python -m consumer run``; the same log file across restarts of the same instance."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path, cwd: Path = ROOT) -> None:
         self.env = dict(env)
         self.log_path = log_path
+        self.cwd = cwd  # the tree the daemon runs from (a mutated copy in `chaos.py --mutant`)
         self.starts = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
@@ -335,7 +336,7 @@ class DaemonProcess:
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
-                cwd=ROOT,
+                cwd=self.cwd,
             )
         self.starts += 1
 

@@ -12,14 +12,16 @@ import anyio
 import click
 import orjson
 
-from consumer.errors import ConfigurationError, StoreError
+from consumer.errors import ConfigurationError, ReplayRefused, StoreError
+from consumer.exits import EXIT_CONFIG, EXIT_REFUSED
 from consumer.gcpolicy import tune_gc
 from consumer.logs import configure
 from consumer.settings import Settings
 from consumer.store import DedupeStore, open_store
 
 if TYPE_CHECKING:
-    from consumer.replay import DeadLetterEntry, Report
+    from consumer.tools.dlq import DeadLetterEntry
+    from consumer.tools.report import Report
 
 T = TypeVar("T")
 
@@ -31,7 +33,7 @@ def _settings(require_key: bool = True) -> Settings:
         return Settings.from_env(provider_api_key="-")
     except ConfigurationError as exc:
         click.echo(f"idv-consumer: configuration error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
 
 
 def event_loop_options(choice: str) -> dict[str, Any]:
@@ -59,7 +61,7 @@ def main() -> None:
 @main.command()
 def run() -> None:
     """Run the consumer daemon until SIGTERM/SIGINT."""
-    from consumer.daemon import EXIT_CONFIG, Daemon
+    from consumer.daemon import Daemon
 
     settings = _settings()
     configure(settings.log_level, settings.log_format)
@@ -92,7 +94,7 @@ def _with_store(fn: Callable[[DedupeStore], Awaitable[object]]) -> None:
         out = anyio.run(main_)
     except (ConfigurationError, StoreError) as exc:
         click.echo(f"idv-consumer: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
     click.echo(orjson.dumps(out).decode())
 
 
@@ -140,7 +142,7 @@ def _tool_logging(settings: Settings, verbose: bool) -> None:
 
 
 def _times(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
-    from consumer.replay import ReplayRefused, parse_time
+    from consumer.tools.spans import parse_time
 
     try:
         return (parse_time(since) if since else None, parse_time(until) if until else None)
@@ -157,8 +159,6 @@ def _finish(report: Report, as_json: bool) -> None:
 
 
 def _run_tool(fn: Callable[[], Awaitable[T]]) -> T:
-    from consumer.replay import EXIT_REFUSED, ReplayRefused
-
     try:
         return anyio.run(fn)
     except ReplayRefused as exc:
@@ -267,8 +267,10 @@ def replay(
     Exit codes: 0 every message handled, 1 some were not (set aside, interrupted), 2 refused or
     misconfigured (e.g. messages older than IDV_RETENTION_S without --force), 3 provider rejected the key.
     """
-    from consumer.replay import ReplayRequest, operator_name, progress_factory
-    from consumer.replay import replay as run_replay
+    from consumer.tools.replay import ReplayRequest
+    from consumer.tools.replay import replay as run_replay
+    from consumer.tools.report import progress_factory
+    from consumer.tools.reverify import operator_name
 
     if (since or until) and (from_offsets or to_offsets):
         raise click.UsageError("use either --since/--until or --from-offset/--to-offset, not both")
@@ -328,8 +330,8 @@ def dlq() -> None:
 @click.option("--limit", type=click.IntRange(min=0), default=50, show_default=True, help="Newest N.")
 def dlq_list(reasons: tuple[str, ...], since: str | None, until: str | None, limit: int) -> None:
     """A table of dead letters: time, reason, original position, attempts, detail. Never payloads."""
-    from consumer.replay import dlq_list as list_letters
-    from consumer.replay import dlq_table
+    from consumer.tools.dlq import dlq_list as list_letters
+    from consumer.tools.dlq import dlq_table
 
     settings = _settings(require_key=False)
     _tool_logging(settings, False)
@@ -382,9 +384,10 @@ def redrive(
     Exit codes: 0 every selected dead letter handled, 1 some failed again or were not reached, 2 refused
     or misconfigured, 3 provider rejected the key.
     """
-    from consumer.replay import RedriveMode, progress_factory
-    from consumer.replay import redrive as run_redrive
     from consumer.sinks import DLQ_REASONS
+    from consumer.tools.dlq import RedriveMode
+    from consumer.tools.dlq import redrive as run_redrive
+    from consumer.tools.report import progress_factory
 
     if mode is None:
         raise click.UsageError("choose --direct or --republish")

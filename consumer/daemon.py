@@ -20,6 +20,11 @@ Tasks (one anyio task group):
 
 A provider 401/403 stops the daemon with exit code 3: everything in flight is abandoned and the commit
 stays below the message that met the error.
+
+**No record stops the daemon.** Whatever one record causes — a decode error inside aiokafka's record
+reader (a header key that is not UTF-8), a bug in the pipeline, a dead letter or result the broker will
+never accept — ends as a dead letter (or a stub dead letter) for that record, and the partition moves on;
+only configuration errors (rejected API key, a fenced transactional id) stop the daemon.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from typing import Any
 import anyio
 import anyio.abc
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import IllegalStateError, KafkaError
+from aiokafka.errors import CorruptRecordException, IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -54,11 +59,11 @@ from consumer.gcpolicy import collect_young
 from consumer.health import HealthServer, PartitionProgress, readiness_report
 from consumer.metrics import Metrics
 from consumer.offsets import PartitionOffsets
-from consumer.pipeline import Processor, Stats
+from consumer.pipeline import Disposition, Handled, Processor, Stats
 from consumer.provider import ProviderClient, classify_status
 from consumer.security import check_kafka_connection
 from consumer.settings import Settings
-from consumer.sinks import Sinks
+from consumer.sinks import DeadLetter, Fenced, Sinks, Unwritable
 from consumer.store import DedupeStore, open_store
 
 log = logging.getLogger(__name__)
@@ -68,6 +73,9 @@ __all__ = ["EXIT_CONFIG", "EXIT_OK", "EXIT_PROVIDER_AUTH", "Daemon"]
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_PROVIDER_AUTH = 3
+
+# Consecutive failed results transactions after which readiness reports the broker as failing.
+_TXN_FAILURES_NOT_READY = 3
 
 
 @dataclass(eq=False)
@@ -103,6 +111,14 @@ class Daemon:
         provider: ProviderClient | None = None,
         consumer_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        if settings.dead_letter_topic is None:
+            # Without a DLQ a message set aside (retries_exhausted, invalid, conflict) would be committed
+            # past with nothing but a log line: the request would be lost silently. (The replay tool may
+            # still run without one; only the daemon refuses.)
+            raise ConfigurationError(
+                "IDV_DLQ_TOPIC: 'none' is refused by the daemon (messages set aside, e.g. "
+                "retries_exhausted, would be committed past without a trace); name a dead-letter topic"
+            )
         self.settings = settings
         self.security = settings.kafka_security()
         self.metrics = Metrics()
@@ -144,6 +160,11 @@ class Daemon:
                 f"idv-{settings.group_id}-{settings.instance_id}" if settings.results_transactional else None
             ),
         )
+        self.sinks.on_unwritable = self.metrics.sink_write_failure
+        # Records aiokafka could not read (by topic, partition, offset), dispatched as stubs: their detail.
+        self._undecodable: dict[tuple[str, int, int], str] = {}
+        # Transactional mode: fetching pauses while this many results wait for the next transaction.
+        self._max_pending_results = 2 * max(settings.max_buffered, settings.commit_every)
         self._consumer_kwargs = consumer_kwargs or {}
         self.consumer: AIOKafkaConsumer | None = None
         self.partitions: dict[TopicPartition, _Partition] = {}
@@ -218,6 +239,8 @@ class Daemon:
                 outer.cancel_scope.cancel()
         if error is not None:
             raise error
+        if isinstance(self.fatal, ConfigurationError):
+            raise self.fatal
         if isinstance(self.fatal, ProviderAuthError):
             log.error("stopped: %s", self.fatal)
             return EXIT_PROVIDER_AUTH
@@ -304,27 +327,142 @@ class Daemon:
         with self._fetch_scope:
             while not self._stopping:
                 free = self._slots.value
-                if free == 0:
-                    # Buffer full (slow provider, open breaker): pause every partition but keep polling,
-                    # so the broker does not consider this consumer dead (max.poll.interval.ms).
+                if free == 0 or self._results_backlogged():
+                    # Buffer full (slow provider, open breaker), or results piling up while transactions
+                    # fail: pause every partition but keep polling, so the broker does not consider this
+                    # consumer dead (max.poll.interval.ms).
                     if not self._all_paused:
                         consumer.pause(*consumer.assignment())
                         self._all_paused = True
                     self._slot_freed = anyio.Event()
                     with anyio.move_on_after(1.0):
                         await self._slot_freed.wait()
-                    if self._slots.value == 0:
-                        batch = await consumer.getmany(timeout_ms=0, max_records=1)
+                    if self._slots.value == 0 or self._results_backlogged():
+                        batch = await self._getmany(timeout_ms=0, max_records=1)
                         await self._dispatch_batch(batch)  # normally empty: all partitions are paused
                     continue
                 if self._all_paused:
                     held = {p.tp for p in self.partitions.values() if p.held}
                     consumer.resume(*(tp for tp in consumer.assignment() if tp not in held))
                     self._all_paused = False
-                batch = await consumer.getmany(
+                batch = await self._getmany(
                     timeout_ms=500, max_records=min(free, self.settings.fetch_max_records)
                 )
                 await self._dispatch_batch(batch)
+
+    def _results_backlogged(self) -> bool:
+        return self.sinks.transactional and self.sinks.pending_results >= self._max_pending_results
+
+    def _positions(self) -> dict[TopicPartition, int]:
+        """The fetch position of every assigned partition that has one (aiokafka's subscription state;
+        ``consumer.position()`` is a coroutine that may go to the broker, this only reads memory)."""
+        assert self.consumer is not None
+        try:
+            assignment = self.consumer._subscription.subscription.assignment
+            out = {}
+            for tp in assignment.tps:
+                state = assignment.state_value(tp)
+                if state is not None and state.has_valid_position:
+                    out[tp] = state.position
+        except AttributeError:  # not subscribed or assigned yet, or a different aiokafka
+            return {}
+        return out
+
+    async def _getmany(
+        self, *, timeout_ms: int, max_records: int
+    ) -> dict[TopicPartition, list[ConsumerRecord]]:
+        """``getmany`` that survives a record aiokafka cannot read.
+
+        aiokafka decodes header keys as UTF-8 while it iterates a fetched batch, inside ``getmany``: a
+        header key that is not UTF-8 (Go and Java clients can write one) raises ``UnicodeDecodeError``
+        there, the fetch position stays before the record, and every later ``getmany`` raises again — a
+        naive loop dies on it forever. A failed call also loses what it had already drained from other
+        partitions (their positions moved on, the records were never returned), so those positions are put
+        back first; then the bad record is isolated and replaced by a stub that is dead-lettered
+        (``undecodable_record``) like any other message.
+        """
+        assert self.consumer is not None
+        before = self._positions()
+        try:
+            batch: dict[TopicPartition, list[ConsumerRecord]] = await self.consumer.getmany(
+                timeout_ms=timeout_ms, max_records=max_records
+            )
+        except KafkaError as exc:
+            if not isinstance(exc, CorruptRecordException):
+                raise
+            await self._on_unreadable(exc, before)
+        except Exception as exc:  # noqa: BLE001 - any error reading one record; see the docstring
+            await self._on_unreadable(exc, before)
+        else:
+            return batch
+        return {}
+
+    def _locate_unreadable(self) -> tuple[TopicPartition, int] | None:
+        """The partition and offset of the record aiokafka's reader just failed on.
+
+        The failed partition's fetch result is still in the fetcher with a record iterator that raised (a
+        finished generator, not cleared as after normal exhaustion); its ``next_fetch_offset`` is one past
+        the last record it yielded, i.e. the offset of the record it could not read.
+        """
+        assert self.consumer is not None
+        records = getattr(getattr(self.consumer, "_fetcher", None), "_records", None) or {}
+        for tp, res in list(records.items()):
+            partition_records = getattr(res, "_partition_records", None)
+            iterator = getattr(partition_records, "_records_iterator", None)
+            if iterator is not None and getattr(iterator, "gi_frame", True) is None:
+                return tp, int(partition_records.next_fetch_offset)  # type: ignore[union-attr]
+        return None
+
+    async def _on_unreadable(self, exc: BaseException, before: dict[TopicPartition, int]) -> None:
+        assert self.consumer is not None
+        consumer = self.consumer
+        found = self._locate_unreadable()
+        now = self._positions()
+        for tp, pos in before.items():
+            if now.get(tp, pos) != pos and (found is None or tp != found[0]):
+                consumer.seek(tp, pos)  # drained by the failed call and lost with it: fetch them again
+        if found is None:
+            log.error(
+                "a fetched record could not be read (%s) and could not be located; retrying in 1s",
+                type(exc).__name__,
+            )
+            await anyio.sleep(1.0)
+            return
+        tp, bad = found
+        part = self.partitions.get(tp)
+        log.error(
+            "record at %s/%d@%d cannot be read by the Kafka client (%s); dead-lettering a stub",
+            tp.topic,
+            tp.partition,
+            bad,
+            type(exc).__name__,
+            extra={"topic": tp.topic, "partition": tp.partition, "offset": bad},
+        )
+        if part is None or part.revoked:
+            await anyio.sleep(0.1)  # being revoked: the next owner meets the record; do not spin
+            return
+        # The readable records before it were lost with the failed call: read exactly those again (a
+        # max_records bound stops the reader before the bad record), then the stub, then go past it.
+        for _ in range(50):
+            current = self._positions().get(tp)
+            if current is None or current >= bad or part.held or part.revoked or self._all_paused:
+                break
+            try:
+                batch = await consumer.getmany(tp, timeout_ms=1000, max_records=bad - current)
+            except Exception as again:  # noqa: BLE001 - not expected (the bound stops before the record)
+                log.warning("re-reading before an unreadable record failed (%s)", type(again).__name__)
+                return
+            await self._dispatch_batch(batch)
+        if self._positions().get(tp) != bad or part.held or part.revoked:
+            return  # not there yet (paused, handed back): the next fetch meets the record again
+        detail = (
+            f"the Kafka client could not read the record ({type(exc).__name__}, e.g. a header key that "
+            "is not UTF-8); key, value, headers and timestamp are unknown"
+        )
+        self._undecodable[(tp.topic, tp.partition, bad)] = detail
+        consumer.seek(tp, bad + 1)
+        stub = ConsumerRecord(tp.topic, tp.partition, bad, -1, 0, None, None, None, -1, -1, ())
+        await self._dispatch_batch({tp: [stub]})
 
     def _share(self) -> int:
         """Buffer slots a partition may hold while the buffer is more than half full."""
@@ -383,22 +521,21 @@ class Daemon:
                 with anyio.CancelScope() as scope:
                     part.inflight.add(scope)
                     try:
-                        handled = await self.processor.handle_safely(msg)
-                        # Dead letter or result first, then the offset: both must be on the broker
-                        # before the watermark may pass this message.
-                        if handled.dead_letter is not None:
-                            await self.sinks.dead_letter(msg, handled.dead_letter, time.time())
-                            self.metrics.dead_letter(handled.dead_letter.reason)
-                        elif handled.record is not None:
-                            if self.sinks.transactional:
-                                self.sinks.buffer_result(
-                                    part.tp, msg.offset, handled.record, msg.key, handled.subject_id or ""
-                                )
-                            else:
-                                await self.sinks.result(handled.record, msg.key, handled.subject_id or "")
+                        handled = await self._handle(part, msg)
                         finished = True
                     except ProviderAuthError as exc:
                         self._set_fatal(exc)
+                    except Exception as exc:  # the worker must survive any one record
+                        # Only a bug in the dead-letter path itself gets here (everything else became a
+                        # dead letter in _handle): log it and move on rather than stop every partition.
+                        log.exception(
+                            "unexpected %s while finishing a message; moving on without a dead letter",
+                            type(exc).__name__,
+                            extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
+                        )
+                        self.metrics.sink_write_failure("dead_letter", "lost")
+                        handled = Handled(Disposition.ERROR)
+                        finished = True
                     finally:
                         part.inflight.discard(scope)
                 if finished:
@@ -420,6 +557,61 @@ class Daemon:
                 self._ready_send.send_nowait((nxt_part, lane, nxt))
             else:
                 del self._lanes[lane]
+
+    async def _handle(self, part: _Partition, msg: ConsumerRecord) -> Handled:
+        """Process one message and write its dead letter or result. Raises only ProviderAuthError (and
+        cancellation): anything else one record causes becomes its dead letter (internal_error)."""
+        detail = self._undecodable.pop((msg.topic, msg.partition, msg.offset), None)
+        if detail is not None:
+            self.stats.consumed += 1
+            self.stats.count(Disposition.INVALID)
+            handled = Handled(Disposition.INVALID, DeadLetter("undecodable_record", detail))
+        else:
+            handled = await self.processor.handle_safely(msg)
+        try:
+            await self._deliver(part, msg, handled)
+        except ProviderAuthError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug meeting one record must not stop the worker
+            log.error(
+                "unexpected %s while writing the outcome of a message; dead-lettering it",
+                type(exc).__name__,
+                extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
+            )
+            handled = Handled(
+                Disposition.ERROR, DeadLetter("internal_error", f"{type(exc).__name__} in the consumer")
+            )
+            await self._write_dead_letter(msg, handled.dead_letter)  # type: ignore[arg-type]
+        return handled
+
+    async def _deliver(self, part: _Partition, msg: ConsumerRecord, handled: Handled) -> None:
+        # Dead letter or result first, then the offset: both must be on the broker (or, transactional, in
+        # the transaction that commits the offset) before the watermark may pass this message.
+        if handled.dead_letter is not None:
+            await self._write_dead_letter(msg, handled.dead_letter)
+        elif handled.record is not None:
+            if self.sinks.transactional:
+                self.sinks.buffer_result(part.tp, msg, handled.record, handled.subject_id or "")
+                return
+            try:
+                await self.sinks.result(handled.record, msg.key, handled.subject_id or "")
+            except Unwritable as exc:
+                # The outcome is recorded; only its event can never be published. Set the message aside
+                # so the gap is visible, instead of retrying forever and stalling the partition.
+                log.error(
+                    "result event can never be written (%s); dead-lettering the message",
+                    exc.why,
+                    extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
+                )
+                letter = DeadLetter(
+                    "internal_error", f"result event could not be written: {exc.why}; outcome recorded"
+                )
+                await self._write_dead_letter(msg, letter)
+
+    async def _write_dead_letter(self, msg: ConsumerRecord, letter: DeadLetter) -> None:
+        written = await self.sinks.dead_letter(msg, letter, time.time())
+        if written in ("written", "stub"):
+            self.metrics.dead_letter(letter.reason)
 
     def _maybe_resume(self, part: _Partition) -> None:
         """Resume a held partition once it is down to half its share, or the buffer is half free again."""
@@ -465,9 +657,20 @@ class Daemon:
         self._done_since_commit = 0
         if self.sinks.transactional:
             # Results and offsets in one transaction: no result without its commit, no commit without them.
-            if not await self.sinks.commit_transaction(
-                offsets, on_sent=lambda: self.faults.hit("in_transaction")
-            ):
+            try:
+                ok = await self.sinks.commit_transaction(
+                    offsets, on_sent=lambda: self.faults.hit("in_transaction")
+                )
+            except Fenced as exc:
+                self._set_fatal(
+                    ConfigurationError(
+                        f"the results transaction was fenced ({exc}): another live instance uses the "
+                        f"transactional id {self.sinks.transactional_id!r}; set IDV_INSTANCE_ID uniquely "
+                        "(and stably) for every instance"
+                    )
+                )
+                return
+            if not ok:
                 return
             self._committed(parts, offsets, why)
             return
@@ -518,7 +721,7 @@ class Daemon:
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         return readiness_report(
             assigned=len(self.partitions),
-            broker_ok=self._broker_ok,
+            broker_ok=self._broker_ok and self.sinks.txn_failures < _TXN_FAILURES_NOT_READY,
             store_ok=not self.processor.store_failing,
             partition_progress=self.progress.snapshot(),
             now=time.monotonic(),

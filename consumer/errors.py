@@ -1,7 +1,13 @@
-"""Exceptions raised by the consumer daemon (tree drawn in :mod:`producer.errors`)."""
+"""Exceptions raised by the consumer daemon and its tools.
+
+The whole tree, rooted at :class:`producer.errors.VerificationError`, is drawn in :mod:`producer.errors`
+(the root lives in the contract package, which the consumer imports and which never imports the
+consumer). Exit codes come from :mod:`consumer.exits`.
+"""
 
 from __future__ import annotations
 
+from consumer.exits import EXIT_BROKER, EXIT_CONFIG, EXIT_STORE, EXIT_TOPIC_MISSING
 from producer.errors import VerificationError
 
 
@@ -14,25 +20,30 @@ class ConfigurationError(ConsumerError):
 
     ``exit_code`` is what ``idv-consumer run`` exits with (docs/configuration.md, "Exit codes")."""
 
-    exit_code = 2
+    exit_code = EXIT_CONFIG
 
 
 class BrokerUnavailable(ConfigurationError):
     """Kafka cannot be reached, or refused the connection settings (address, TLS, SASL)."""
 
-    exit_code = 4
+    exit_code = EXIT_BROKER
 
 
 class StoreUnavailable(ConfigurationError):
     """The dedupe store cannot be opened at start-up."""
 
-    exit_code = 5
+    exit_code = EXIT_STORE
 
 
 class TopicMissing(ConfigurationError):
     """A request, dead-letter or results topic does not exist."""
 
-    exit_code = 6
+    exit_code = EXIT_TOPIC_MISSING
+
+
+class ReplayRefused(ConsumerError):
+    """The replay or dlq tool will not do what was asked (exit 2); the message says why and what to do
+    instead."""
 
 
 class StoreError(ConsumerError):
@@ -84,6 +95,8 @@ class ProviderInDoubt(ProviderError):
 
 
 class ProviderRetriableError(ProviderError):
+    """5xx, 409, 429, a timeout or a connection error: the same call with the same key may succeed."""
+
     retriable = True
 
     def __init__(self, detail: str, *, status: int | None = None, retry_after: float | None = None) -> None:

@@ -162,6 +162,17 @@ class Metrics:
             "idempotency_key_reused, or unfinished past the provider's key retention). Never FAILED.",
             registry=r,
         )
+        self._sink_failures = Counter(
+            "idv_sink_write_failures",
+            "Writes the broker will never accept: dead letters written as stubs or lost, result events "
+            "that could not be written (their messages are dead-lettered).",
+            ("sink", "outcome"),
+            registry=r,
+        )
+        # Every series exists from the start at 0, so an alert sees the first increase (and the dashboard
+        # a flat line instead of "no data").
+        for sink, outcome in (("dead_letter", "stub"), ("dead_letter", "lost"), ("result", "unwritable")):
+            self._sink_failures.labels(sink, outcome)
         self._provider_calls = Counter(
             "idv_provider_calls",
             "Provider HTTP attempts by response status code, or 'transport_error' when none came back.",
@@ -258,6 +269,11 @@ class Metrics:
         child.inc()
         if reason == "in_doubt":
             self._in_doubt.inc()
+
+    def sink_write_failure(self, sink: str, outcome: str) -> None:
+        """A write that can never succeed: ``sink`` is dead_letter or result, ``outcome`` stub, lost or
+        unwritable (short codes, never free text)."""
+        self._sink_failures.labels(sink, outcome).inc()
 
     def set_in_flight(self, n: int) -> None:
         self._in_flight.set(n)

@@ -57,7 +57,7 @@ from consumer.settings import LEASE_SLACK_S
 from consumer.sinks import DeadLetter
 from consumer.store.base import ClaimStatus, DedupeStore, Record, State
 from producer.envelope import Operation, canonical_request, decode, get_operation
-from producer.errors import EnvelopeError
+from producer.errors import EnvelopeError, VerificationError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -139,13 +139,18 @@ class Processor:
         self.stats = stats or Stats()
 
     async def _store_call(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        """Retry a store operation until it succeeds: the message waits, nothing is committed past it."""
+        """Retry a store operation until it succeeds: the message waits, nothing is committed past it.
+
+        What is retried is what says so (``retriable``, a :class:`StoreError`); anything else, such as
+        :class:`~consumer.errors.LeaseLost`, is the caller's to handle."""
         delay = 0.05
         while True:
             started = time.perf_counter()
             try:
                 result = await fn(*args, **kwargs)
-            except StoreError as exc:
+            except VerificationError as exc:
+                if not exc.retriable:
+                    raise
                 self.store_failing = True
                 log.warning("dedupe store %s failed (%s); retrying in %.2fs", what, exc, delay)
                 await anyio.sleep(delay)

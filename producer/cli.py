@@ -40,7 +40,7 @@ from producer.samples import iter_sample_envelopes
 
 __all__ = ["main"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_INVALID = 1

@@ -8,15 +8,15 @@ callers that retry a business request pass the same ``message_id`` every time.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import ssl
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
+import anyio
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
@@ -26,7 +26,7 @@ from producer.ids import new_message_id
 
 __all__ = ["DEFAULT_BOOTSTRAP", "DEFAULT_TOPIC", "PublishResult", "Publisher"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 DEFAULT_TOPIC = "idv.requests"
@@ -66,6 +66,21 @@ def _wrap(exc: KafkaError, action: str) -> PublishError:
     err = PublishError(f"{action}: {str(exc) or type(exc).__name__}")
     err.retriable = bool(exc.retriable) or isinstance(exc, KafkaTimeoutError)
     return err
+
+
+async def _settle(futures: Sequence[Awaitable[Any]]) -> list[Any]:
+    """Wait for every acknowledgement, in order: each result, or the exception it failed with.
+
+    The records are already in flight (aiokafka's delivery futures), so waiting for them one after
+    another takes as long as waiting for all at once; no future is left with an unread error.
+    """
+    outcomes: list[Any] = []
+    for future in futures:
+        try:
+            outcomes.append(await future)
+        except Exception as exc:  # noqa: BLE001 - collected like gather(return_exceptions=True); the caller raises
+            outcomes.append(exc)
+    return outcomes
 
 
 class Publisher:
@@ -153,7 +168,8 @@ class Publisher:
             await producer.start()
             # Fail here, not at the first send, when the topic is missing or not authorised; aiokafka
             # alone would keep asking for request_timeout_ms (40 s by default).
-            await asyncio.wait_for(producer.partitions_for(self.topic), self.topic_wait_s)
+            with anyio.fail_after(self.topic_wait_s):
+                await producer.partitions_for(self.topic)
         except TimeoutError:
             await producer.stop()
             raise PublishError(f"topic {self.topic!r} not found within {self.topic_wait_s} s") from None
@@ -164,7 +180,7 @@ class Publisher:
             await producer.stop()
             raise
         self._producer = producer
-        logger.debug("publisher started for topic %s", self.topic)
+        log.debug("publisher started for topic %s", self.topic)
         return self
 
     async def __aexit__(
@@ -182,7 +198,7 @@ class Publisher:
         except KafkaError as err:
             if exc is None:
                 raise _wrap(err, "producer did not stop cleanly") from err
-            logger.warning("producer did not stop cleanly: %s", type(err).__name__)
+            log.warning("producer did not stop cleanly: %s", type(err).__name__)
 
     def _started(self) -> AIOKafkaProducer:
         if self._producer is None:
@@ -234,7 +250,7 @@ class Publisher:
         producer = self._started()
         # Encode everything first so an invalid envelope stops the window before anything is sent.
         encoded = [encode(envelope, max_bytes=self.max_message_bytes) for envelope in envelopes]
-        futures: list[asyncio.Future[Any]] = []
+        futures: list[Awaitable[Any]] = []
         try:
             for envelope, value in zip(envelopes, encoded, strict=True):
                 futures.append(
@@ -242,9 +258,9 @@ class Publisher:
                 )
         except KafkaError as exc:
             # Let the records already handed over settle, so no future is left with an unread error.
-            await asyncio.gather(*futures, return_exceptions=True)
+            await _settle(futures)
             raise _wrap(exc, "send failed") from exc
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        outcomes = await _settle(futures)
         results: list[PublishResult] = []
         for envelope, outcome in zip(envelopes, outcomes, strict=True):
             if isinstance(outcome, KafkaError):
@@ -254,5 +270,5 @@ class Publisher:
             results.append(
                 PublishResult(envelope.message_id, outcome.topic, outcome.partition, outcome.offset)
             )
-        logger.debug("published %d records to %s", len(results), self.topic)
+        log.debug("published %d records to %s", len(results), self.topic)
         return results

@@ -43,7 +43,7 @@ from .ratelimit import RateLimiter
 
 __all__ = ["Drop", "Request", "Response", "SandboxApp", "json_response"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 Response = StoredResponse
 
@@ -253,7 +253,7 @@ class SandboxApp:
             result = self.provider.handle(endpoint, body, base_url)
         except Exception:
             self.idempotency.release(claim)
-            logger.exception("business handling failed on %s", endpoint.value)
+            log.exception("business handling failed on %s", endpoint.value)
             return None
         except BaseException:
             # Cancelled (server stopping): nothing was stored, so a retry must be able to run.
@@ -314,7 +314,7 @@ class SandboxApp:
             if method != b"POST":
                 return _method_not_allowed("POST")
             self.reset()
-            logger.info("sandbox state reset")
+            log.info("sandbox state reset")
             return json_response(200, {"reset": True})
         return _NOT_FOUND
 
@@ -370,5 +370,5 @@ class SandboxApp:
             config = self.faults.update(changes)
         except SandboxConfigError as exc:
             return json_response(400, {"error": "invalid_faults", "detail": str(exc)})
-        logger.info("fault configuration changed: %s", ", ".join(sorted(changes)))
+        log.info("fault configuration changed: %s", ", ".join(sorted(changes)))
         return json_response(200, config.to_dict())

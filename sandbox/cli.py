@@ -24,7 +24,7 @@ from .server import SandboxServer
 
 __all__ = ["main"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _ENV = "IDV_SANDBOX_"
 
@@ -67,7 +67,7 @@ async def _serve(config: SandboxConfig, ready_file: Path | None) -> None:
             _write_ready_file(ready_file, server.url)
         click.echo(f"idv-sandbox listening on {server.url}", err=True)
         await stop.wait()
-        logger.info("shutting down")
+        log.info("shutting down")
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

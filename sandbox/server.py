@@ -23,7 +23,7 @@ from .ledger import Attempt, Ledger
 
 __all__ = ["SandboxServer"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _READ_SIZE = 64 * 1024
 _MAX_HEADER_BYTES = 64 * 1024
@@ -101,7 +101,7 @@ class SandboxServer:
         )
         self._port = self._server.sockets[0].getsockname()[1]
         self.app.base_url = self.url
-        logger.info("sandbox provider listening on %s", self.url)
+        log.info("sandbox provider listening on %s", self.url)
 
     async def stop(self) -> None:
         """Stop listening and close every connection; requests in flight are abandoned."""
@@ -114,7 +114,7 @@ class SandboxServer:
             task.cancel()
         await asyncio.gather(*connections, return_exceptions=True)
         await server.wait_closed()
-        logger.info("sandbox provider stopped")
+        log.info("sandbox provider stopped")
 
     async def __aenter__(self) -> SandboxServer:
         await self.start()
@@ -158,7 +158,7 @@ class SandboxServer:
         self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         loopback = _is_loopback(writer.get_extra_info("peername"))
-        debug = logger.isEnabledFor(logging.DEBUG)
+        debug = log.isEnabledFor(logging.DEBUG)
         while True:
             request = await self._receive(conn, reader, writer, loopback)
             if request is None:
@@ -167,10 +167,10 @@ class SandboxServer:
             try:
                 response = await self.app.handle(request)
             except Exception:
-                logger.exception("unhandled error serving %s", request.method.decode("latin-1"))
+                log.exception("unhandled error serving %s", request.method.decode("latin-1"))
                 response = json_response(500, {"error": "internal"})
             if debug:
-                logger.debug(
+                log.debug(
                     "%s %s -> %s in %.1f ms",
                     request.method.decode("latin-1"),
                     request.target.partition(b"?")[0].decode("latin-1"),

@@ -16,7 +16,7 @@ from .server import SandboxServer
 
 __all__ = ["SandboxThread", "run_in_thread"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -116,7 +116,7 @@ class SandboxThread:
             asyncio.run(self._main())
         except Exception as exc:
             if self._ready.is_set():
-                logger.exception("sandbox server thread failed")
+                log.exception("sandbox server thread failed")
             else:
                 self._error = exc
         finally:

@@ -11,7 +11,7 @@
 #
 # Environment (all optional):
 #   KAFKA_PORT=9092  KAFKA_CONTROLLER_PORT=9093  KAFKA_DATA_DIR=.run/kafka (relative to the repo root)
-#   KAFKA_START_TIMEOUT=90  KAFKA_HEAP_OPTS="-Xmx512m -Xms256m"
+#   KAFKA_START_TIMEOUT=90  KAFKA_HEAP_OPTS="-Xmx1536m -Xms512m"
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,7 +27,8 @@ BOOTSTRAP="$HOST:$PORT"
 DATA="${KAFKA_DATA_DIR:-.run/kafka}"
 [[ "$DATA" = /* ]] || DATA="$ROOT/$DATA"
 START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
-HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xmx512m -Xms256m}"
+# A test run creates thousands of partitions (a few topics per test); 512 MiB ran out of heap at ~18,000.
+HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xmx1536m -Xms512m}"
 
 PIDFILE="$DATA/kafka.pid"
 PROPS="$DATA/server.properties"

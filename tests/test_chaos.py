@@ -2,8 +2,11 @@
 
 Three daemons, 2000 requests (10 % duplicate IDs), three SIGKILLs, a broker restart, provider faults; the
 run's invariant checker decides (exit 0 = exactly one side effect per message ID, nothing lost, commits
-never ahead of recorded outcomes, no stuck partition). The run gets its own broker, PostgreSQL cluster and
-ports, so several test sessions on one machine do not collide, and the shared services are not touched.
+never ahead of recorded outcomes, no stuck partition; with ``--fail-on-crash``, no daemon exit the harness
+did not cause). Then the same harness runs daemons with a deliberate bug (``--mutant new-key-on-takeover``,
+a text patch on a copy of the tree) and must fail invariant (a). The runs get their own broker, PostgreSQL
+cluster and ports, so several test sessions on one machine do not collide; the shared services are not
+touched.
 """
 
 from __future__ import annotations
@@ -73,16 +76,34 @@ def test_small_chaos_run_holds_every_invariant() -> None:
     pg_base = Path(tempfile.mkdtemp(prefix="idv-chaos-pg-"))
     pg_base.chmod(0o755)
     kafka_dir = f".run/kafka-chaos-test-{uuid.uuid4().hex[:8]}"
+    services = [
+        *("--kafka-port", str(kafka_port), "--kafka-controller-port", str(controller_port)),
+        *("--kafka-data-dir", kafka_dir, "--pg-port", str(pg_port), "--pg-data-dir", str(pg_base / "data")),
+    ]
     cmd = [
         sys.executable,
         str(CHAOS),
         *("--seed", str(SEED), "--messages", "2000", "--kills", "3"),
         *("--broker-restarts", "1", "--pg-restarts", "0", "--processes", "3"),
-        *("--kafka-port", str(kafka_port), "--kafka-controller-port", str(controller_port)),
-        *("--kafka-data-dir", kafka_dir, "--pg-port", str(pg_port), "--pg-data-dir", str(pg_base / "data")),
+        # A daemon exit the harness did not cause (crash, undocumented start-up code) fails the run.
+        "--fail-on-crash",
+        *services,
+        "--keep-services",  # the mutant run below reuses the broker and the cluster
+    ]
+    # The checker's strength: the same harness with daemons that send a new key on take-over must fail.
+    mutant_cmd = [
+        sys.executable,
+        str(CHAOS),
+        *("--seed", str(SEED), "--messages", "600", "--kills", "3", "--duration", "20"),
+        *("--broker-restarts", "0", "--pg-restarts", "0", "--processes", "3"),
+        *("--mutant", "new-key-on-takeover"),
+        *services,
     ]
     try:
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=560)
+        mutant = None
+        if result.returncode == 0:
+            mutant = subprocess.run(mutant_cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     finally:
         # Normally the run stops what it started; this covers a run that died half-way.
         PrivateKafka(kafka_port, controller_port, kafka_dir).stop(wipe=True)
@@ -104,3 +125,14 @@ def test_small_chaos_run_holds_every_invariant() -> None:
     assert table["SIGKILLs"].startswith("3")
     assert table["broker restarts"] == "1"
     assert "all invariants hold" in result.stdout
+    assert "(!)" not in result.stdout, "a daemon exited on its own or set a message aside as internal_error"
+    assert mutant is not None
+    mutant_out = mutant.stdout + mutant.stderr
+    print(mutant_out[-4000:])
+    assert mutant.returncode == 1, (
+        f"the checker missed the mutant (exit {mutant.returncode}):\n{mutant_out[-4000:]}"
+    )
+    # Invariant (a) names the damage: side effects under keys no message maps to, and COMPLETED IDs with
+    # no side effect under their own key (only the first 20 violations are printed).
+    assert any(line.startswith("(a) ") and line.endswith("FAIL") for line in mutant.stdout.splitlines())
+    assert "key no message maps to" in mutant.stdout or "COMPLETED with 0 side effects" in mutant.stdout

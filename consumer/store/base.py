@@ -31,13 +31,29 @@ from __future__ import annotations
 import abc
 import enum
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
+import orjson
+
 from consumer.errors import LeaseLost
 
-__all__ = ["Claim", "ClaimStatus", "DedupeStore", "Outcome", "Record", "State"]
+__all__ = [
+    "COLUMNS",
+    "COLUMN_LIST",
+    "Claim",
+    "ClaimStatus",
+    "DedupeStore",
+    "Decision",
+    "Outcome",
+    "Record",
+    "State",
+    "decide_claim",
+    "dump_outcome",
+    "load_outcome",
+    "record_from_row",
+]
 
 
 class State(enum.StrEnum):
@@ -102,6 +118,88 @@ class ClaimStatus(enum.Enum):
 class Claim:
     status: ClaimStatus
     record: Record
+
+
+# -- one column list, one row mapping ----------------------------------------------------------------------
+
+#: The record's columns, in :class:`Record` field order: every backend selects them in this order.
+COLUMNS: tuple[str, ...] = (
+    "key", "message_id", "operation", "fingerprint", "state", "owner", "lease_until", "attempts", "outcome",
+    "last_error", "created_at", "updated_at", "expires_at",
+)  # fmt: skip
+COLUMN_LIST = ", ".join(COLUMNS)
+_STATE_INDEX, _OUTCOME_INDEX = COLUMNS.index("state"), COLUMNS.index("outcome")
+
+
+def dump_outcome(outcome: Outcome) -> str:
+    """The outcome as stored: JSON text (SQLite keeps it as TEXT, PostgreSQL casts it to jsonb)."""
+    return orjson.dumps(outcome.to_json()).decode()
+
+
+def load_outcome(raw: str | bytes | None) -> Outcome | None:
+    """The stored JSON text (or bytes) back to an :class:`Outcome`; NULL or empty is no outcome."""
+    return Outcome.from_json(orjson.loads(raw)) if raw else None
+
+
+def record_from_row(row: Sequence[Any], *, outcome: Callable[[Any], Outcome | None] = load_outcome) -> Record:
+    """A row whose first values are :data:`COLUMNS`, in order, as a :class:`Record`. ``outcome`` converts
+    the backend's stored outcome value (JSON text by default)."""
+    values = [row[i] for i in range(len(COLUMNS))]
+    values[_STATE_INDEX] = State(values[_STATE_INDEX])
+    values[_OUTCOME_INDEX] = outcome(values[_OUTCOME_INDEX])
+    return Record(*values)
+
+
+# -- one claim rule ----------------------------------------------------------------------------------------
+
+
+class Decision(enum.Enum):
+    """What a claim does with the record it found (see :func:`decide_claim`)."""
+
+    ACQUIRE_NEW = "acquire_new"  # no record: insert one, ACQUIRED
+    TAKE_OVER = "take_over"  # RELEASED, or an expired lease: compare-and-set it to ours, ACQUIRED
+    REENTER = "reenter"  # our own live lease whose claim's answer was lost: renew it, ACQUIRED
+    DONE = "done"  # COMPLETED or FAILED: never call again
+    BUSY = "busy"  # someone's live lease (or ours, held by another caller of this process)
+    CONFLICT = "conflict"  # the stored fingerprint is another request's
+
+    @property
+    def status(self) -> ClaimStatus:
+        """The claim's answer: ACQUIRED for the three that write, else the decision itself."""
+        return _DECISION_STATUS[self]
+
+
+_DECISION_STATUS = {
+    Decision.ACQUIRE_NEW: ClaimStatus.ACQUIRED,
+    Decision.TAKE_OVER: ClaimStatus.ACQUIRED,
+    Decision.REENTER: ClaimStatus.ACQUIRED,
+    Decision.DONE: ClaimStatus.DONE,
+    Decision.BUSY: ClaimStatus.BUSY,
+    Decision.CONFLICT: ClaimStatus.CONFLICT,
+}
+
+
+def decide_claim(
+    existing: Record | None, *, fingerprints: Collection[str], owner: str, now: float, reentrant: bool
+) -> Decision:
+    """The claim rule, for every backend (and the replay tool's dry run): what a claim by ``owner`` at
+    ``now`` does with the stored record ``existing``.
+
+    The fingerprint is checked first, on every path that could return a stored outcome (PITFALLS:
+    powertools #3781). A live lease is taken over never; an expired one or a RELEASED record always (the
+    backend's write repeats those conditions as its compare-and-set). With ``reentrant`` (no caller of
+    this process holds or is claiming the key), ``owner``'s own live lease is re-entered: an earlier
+    claim's answer was lost.
+    """
+    if existing is None:
+        return Decision.ACQUIRE_NEW
+    if existing.fingerprint not in fingerprints:
+        return Decision.CONFLICT
+    if existing.state in (State.COMPLETED, State.FAILED):
+        return Decision.DONE
+    if existing.state is State.IN_PROGRESS and (existing.lease_until or 0.0) > now:
+        return Decision.REENTER if reentrant and existing.owner == owner else Decision.BUSY
+    return Decision.TAKE_OVER
 
 
 Clock = Callable[[], float]

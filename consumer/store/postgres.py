@@ -1,34 +1,44 @@
 """PostgreSQL dedupe store (asyncpg): the same contract as SQLite, for several daemons on several hosts.
 
-Every transition is one SQL statement in autocommit mode, and every state change is a conditional
-``UPDATE`` whose ``WHERE`` clause *is* the compare-and-set. The sessions run at READ COMMITTED (pinned
-per connection), which is what makes that safe under concurrency: when two statements race for one row,
-the second waits for the first to commit and then re-evaluates its ``WHERE`` clause against the row as
-the first left it. So of twenty concurrent take-overs of an expired lease exactly one matches
-``lease_until <= now``, and an owner whose lease was taken over finds ``owner = $2`` false and gets
-:class:`~consumer.errors.LeaseLost`.
+Every state change is a conditional ``UPDATE`` (autocommit) whose ``WHERE`` clause *is* the
+compare-and-set. The sessions run at READ COMMITTED (pinned per connection), which is what makes that
+safe under concurrency: when two statements race for one row, the second waits for the first to commit
+and then re-evaluates its ``WHERE`` clause against the row as the first left it. So of twenty concurrent
+take-overs of an expired lease exactly one matches ``lease_until <= now``, and an owner whose lease was
+taken over finds ``owner = v.owner`` false and gets :class:`~consumer.errors.LeaseLost`.
 
-``claim`` works in at most a few round trips, usually one:
+**Batched writer.** Like the SQLite writer's group commit, callers queue their transitions (claim,
+complete, release, renew) and a batch runs *one statement per kind* for everything queued of that kind
+(up to ``max_batch``), each field passed as an array and joined with ``unnest``; up to ``max_inflight``
+batches run at once, each on its own pooled connection. Each row keeps its own compare-and-set in the
+statement's ``WHERE``; a key the statement did not return is that caller's LeaseLost (or, for a claim,
+a lost race: it looks again). A key appears at most once in running batches: its next operation waits
+for the next batch, so one key's transitions run one after the other, in order. Keys are sorted, so two
+daemons lock shared rows in the same order.
 
-1. ``INSERT … ON CONFLICT (key) DO NOTHING RETURNING``, with a fallback ``SELECT`` of the existing row in
-   the same statement. A new key is ACQUIRED here. For an existing key the row read decides: CONFLICT if
-   the fingerprint differs (checked before anything else, on every path that could return a stored
-   outcome), DONE for COMPLETED or FAILED, BUSY for a live lease.
-2. RELEASED, or IN_PROGRESS with an expired lease: a take-over ``UPDATE`` that repeats those conditions
-   (and the fingerprint) in its ``WHERE``. If another claimant got there first, it matches nothing and
-   we look again.
+A batch of claims works in at most a few statements, usually one, decided by
+:func:`~consumer.store.base.decide_claim`:
+
+1. ``INSERT … SELECT FROM unnest(…) ON CONFLICT (key) DO NOTHING RETURNING``, with a fallback read of the
+   existing rows in the same statement. New keys are ACQUIRED here. For an existing key the row read
+   decides: CONFLICT if the fingerprint differs (checked before anything else, on every path that could
+   return a stored outcome), DONE for COMPLETED or FAILED, BUSY for a live lease.
+2. RELEASED, or IN_PROGRESS with an expired lease: one take-over ``UPDATE`` for all of them that repeats
+   those conditions (and the fingerprint) in its ``WHERE``; our own live lease whose claim's answer was
+   lost: one re-enter ``UPDATE``. A key another claimant got first matches nothing and looks again.
 3. The fallback read uses the statement's snapshot. A row inserted by a transaction that committed after
    the snapshot was taken (a concurrent claimant of the same key) makes the ``INSERT`` do nothing yet is
-   invisible to the read; the statement then returns no row and we simply look again with a new one.
+   invisible to the read; that key is in neither half of the answer and simply looks again.
 
 All times come from :attr:`DedupeStore.clock` and are sent as parameters, never ``now()`` in SQL, so one
 clock decides every lease (and tests can move it). Daemons on different hosts compare each other's
 ``lease_until`` against their own clock: keep clocks synchronised and leases much longer than the skew.
 
 Driver and network failures become :class:`~consumer.errors.StoreError` (retriable: the pipeline backs
-off and the message waits). Each call is shielded from cancellation, like the SQLite writer: a caller
-that is cancelled still learns whether its transition happened, so it can hand a claimed key back.
-``command_timeout`` bounds how long that can take.
+off and the message waits); a failed batch fails each caller in it that had no answer yet, with a
+StoreError of its own. Callers are shielded from cancellation, like the SQLite writer's: a caller
+cancelled while its batch runs still learns whether its transition happened, so it can hand a claimed key
+back. ``command_timeout`` bounds how long that can take.
 
 The schema is versioned: :data:`MIGRATIONS` is applied in order by :func:`migrate`, inside one
 transaction holding an advisory lock, so daemons starting together do not race to create tables.
@@ -36,6 +46,8 @@ transaction holding an advisory lock, so daemons starting together do not race t
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -44,11 +56,24 @@ from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import asyncpg
-import orjson
 
 from consumer.errors import LeaseLost, StoreError
 from consumer.store import redact
-from consumer.store.base import Claim, ClaimStatus, Clock, DedupeStore, Outcome, Record, State
+from consumer.store.base import (
+    COLUMN_LIST,
+    COLUMNS,
+    Claim,
+    ClaimStatus,
+    Clock,
+    Decision,
+    DedupeStore,
+    Outcome,
+    Record,
+    State,
+    decide_claim,
+    dump_outcome,
+    record_from_row,
+)
 
 __all__ = ["MIGRATIONS", "PostgresStore", "migrate", "migrate_url"]
 
@@ -98,62 +123,87 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # pg_advisory_xact_lock key shared by every daemon migrating this database ("idv-migr" as a bigint).
 _MIGRATION_LOCK = int.from_bytes(b"idv-migr", "big")
 
-_COLUMNS = (
-    "key, message_id, operation, fingerprint, state, owner, lease_until, attempts, outcome, "
-    "last_error, created_at, updated_at, expires_at"
-)
+_COLUMNS = COLUMN_LIST
+_R_COLUMNS = ", ".join(f"r.{c}" for c in COLUMNS)  # the same, qualified (UPDATE … FROM also has a `key`)
 
-# One statement: insert the record, or (when the key exists) return the existing row, flagged.
+# The batched writer's statements. Each takes one array per field (one element per caller, keys distinct
+# and sorted, so two daemons lock shared rows in the same order) and handles the whole batch in one
+# autocommit statement. Only the module's own column lists are interpolated (noqa: S608 below).
+
+# Claims: insert the records that do not exist; return those rows flagged `inserted`, and the existing
+# rows of the other keys as read by the statement's snapshot (a row inserted by a concurrent claimant
+# that committed after the snapshot is in neither: that key simply looks again).
 _CLAIM_SQL = f"""
-WITH ins AS (
+WITH v AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[],
+                         $7::float8[])
+        AS v(key, message_id, operation, fingerprint, owner, lease_until, expires_at)
+), ins AS (
     INSERT INTO idempotency_records ({_COLUMNS})
-    VALUES ($1, $2, $3, $4, 'in_progress', $5, $6, 1, NULL, NULL, $7, $7, $8)
+    SELECT key, message_id, operation, fingerprint, 'in_progress'::text, owner, lease_until, 1,
+           NULL::jsonb, NULL::text, $8::float8, $8::float8, expires_at
+    FROM v ORDER BY key
     ON CONFLICT (key) DO NOTHING
     RETURNING {_COLUMNS}
 )
-SELECT true AS inserted, {_COLUMNS} FROM ins
+SELECT {_COLUMNS}, true AS inserted FROM ins
 UNION ALL
-SELECT false AS inserted, {_COLUMNS} FROM idempotency_records
-WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM ins)
-"""  # noqa: S608 - only the module's own column list is interpolated
+SELECT {_R_COLUMNS}, false AS inserted
+FROM v CROSS JOIN LATERAL (SELECT * FROM idempotency_records WHERE key = v.key OFFSET 0) r
+WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.key = r.key)
+"""  # noqa: S608
 
-# The compare-and-set of a take-over: only RELEASED or an expired lease, only with the same fingerprint.
+# The compare-and-set of take-overs: only RELEASED or an expired lease, only with the fingerprint read
+# (one the claim accepted). At READ COMMITTED a row another claimant changed first is re-checked against
+# these conditions as that claimant left it: of racing take-overs exactly one matches.
 _TAKE_OVER_SQL = f"""
-UPDATE idempotency_records
-SET state = 'in_progress', owner = $3, lease_until = $4, attempts = attempts + 1, updated_at = $5,
-    expires_at = GREATEST(expires_at, $6)
-WHERE key = $1 AND fingerprint = ANY($2::text[])
-  AND (state = 'released' OR (state = 'in_progress' AND lease_until <= $5))
-RETURNING {_COLUMNS}
-"""  # noqa: S608 - only the module's own column list is interpolated
+UPDATE idempotency_records r
+SET state = 'in_progress', owner = v.owner, lease_until = v.lease_until, attempts = r.attempts + 1,
+    updated_at = $6, expires_at = GREATEST(r.expires_at, v.expires_at)
+FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::float8[])
+    AS v(key, fingerprint, owner, lease_until, expires_at)
+WHERE r.key = v.key AND r.fingerprint = v.fingerprint
+  AND (r.state = 'released' OR (r.state = 'in_progress' AND r.lease_until <= $6))
+RETURNING {_R_COLUMNS}
+"""  # noqa: S608
 
-# A claim re-entering our own live lease (an earlier claim's answer was lost): renew it, same attempt.
+# Claims re-entering our own live lease (an earlier claim's answer was lost): renew it, same attempt.
 _REENTER_SQL = f"""
-UPDATE idempotency_records SET lease_until = $4, updated_at = $5
-WHERE key = $1 AND fingerprint = ANY($2::text[]) AND state = 'in_progress' AND owner = $3
-  AND lease_until > $5
-RETURNING {_COLUMNS}
-"""  # noqa: S608 - only the module's own column list is interpolated
+UPDATE idempotency_records r SET lease_until = v.lease_until, updated_at = $5
+FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[]) AS v(key, fingerprint, owner, lease_until)
+WHERE r.key = v.key AND r.fingerprint = v.fingerprint AND (r.state = 'in_progress') IS TRUE
+  AND r.owner = v.owner AND r.lease_until > $5
+RETURNING {_R_COLUMNS}
+"""  # noqa: S608
 
-_GET_SQL = f"SELECT {_COLUMNS} FROM idempotency_records WHERE key = $1"  # noqa: S608 - as above
-
+# Owner transitions: a key missing from RETURNING was not IN_PROGRESS under that owner (LeaseLost).
+# `(state = 'in_progress') IS TRUE` (state is NOT NULL: the same test) keeps the planner off the lease
+# index, whose in-progress entries include every dead version since the last vacuum: the rows are found
+# by key.
 _COMPLETE_SQL = f"""
-UPDATE idempotency_records
-SET state = $3, outcome = $4::jsonb, owner = NULL, lease_until = NULL, updated_at = $5
-WHERE key = $1 AND state = 'in_progress' AND owner = $2
-RETURNING {_COLUMNS}
-"""  # noqa: S608 - constant column list
+UPDATE idempotency_records r
+SET state = v.state, outcome = v.outcome::jsonb, owner = NULL, lease_until = NULL, updated_at = $5
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS v(key, owner, state, outcome)
+WHERE r.key = v.key AND (r.state = 'in_progress') IS TRUE AND r.owner = v.owner
+RETURNING {_R_COLUMNS}
+"""  # noqa: S608
 
 _RELEASE_SQL = """
-UPDATE idempotency_records
-SET state = 'released', owner = NULL, lease_until = NULL, last_error = $3, updated_at = $4
-WHERE key = $1 AND state = 'in_progress' AND owner = $2
+UPDATE idempotency_records r
+SET state = 'released', owner = NULL, lease_until = NULL, last_error = v.error, updated_at = $4
+FROM unnest($1::text[], $2::text[], $3::text[]) AS v(key, owner, error)
+WHERE r.key = v.key AND (r.state = 'in_progress') IS TRUE AND r.owner = v.owner
+RETURNING r.key
 """
 
 _RENEW_SQL = """
-UPDATE idempotency_records SET lease_until = $3, updated_at = $4
-WHERE key = $1 AND state = 'in_progress' AND owner = $2
+UPDATE idempotency_records r SET lease_until = v.lease_until, updated_at = $4
+FROM unnest($1::text[], $2::text[], $3::float8[]) AS v(key, owner, lease_until)
+WHERE r.key = v.key AND (r.state = 'in_progress') IS TRUE AND r.owner = v.owner
+RETURNING r.key
 """
+
+_GET_SQL = f"SELECT {_COLUMNS} FROM idempotency_records WHERE key = $1"  # noqa: S608 - as above
 
 # The outer conditions repeat the inner ones on purpose: a row changed after the subquery's snapshot
 # (e.g. taken over) is re-checked against them before it is deleted. SKIP LOCKED: never wait on a row a
@@ -206,25 +256,6 @@ class _StoreConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg shi
 
     def get_reset_query(self) -> str:
         return ""
-
-
-def _row_to_record(row: Any) -> Record:
-    raw = row["outcome"]
-    return Record(
-        key=row["key"],
-        message_id=row["message_id"],
-        operation=row["operation"],
-        fingerprint=row["fingerprint"],
-        state=State(row["state"]),
-        owner=row["owner"],
-        lease_until=row["lease_until"],
-        attempts=row["attempts"],
-        outcome=Outcome.from_json(orjson.loads(raw)) if raw is not None else None,
-        last_error=row["last_error"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        expires_at=row["expires_at"],
-    )
 
 
 def _rowcount(status: str) -> int:
@@ -281,6 +312,50 @@ async def migrate_url(url: str, *, connect_timeout: float = 10.0) -> int:
         await conn.close()
 
 
+class _Op:
+    """One caller's queued transition; ``done`` resolves once its batch has finished (or failed)."""
+
+    __slots__ = ("args", "done", "error", "finished", "key", "kind", "result")
+
+    def __init__(self, kind: str, key: str, args: tuple[Any, ...], done: asyncio.Future[None]) -> None:
+        self.kind = kind
+        self.key = key
+        self.args = args
+        self.done = done
+        self.finished = False  # the outcome is known (result or error): later failures do not touch it
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def set(self, result: Any) -> None:
+        self.result, self.finished = result, True
+
+    def lost(self) -> None:
+        self.error = LeaseLost(f"record {self.key} is not in progress under this owner")
+        self.finished = True
+
+
+def _acquired(pending: list[tuple[_Op, Record]], rows: list[Any]) -> list[_Op]:
+    """ACQUIRED for the claims whose key a write returned; the others (lost a race) are returned."""
+    found = {row["key"]: row for row in rows}
+    again = []
+    for op, _ in pending:
+        row = found.get(op.key)
+        if row is None:
+            again.append(op)
+        else:
+            op.set(Claim(ClaimStatus.ACQUIRED, record_from_row(row)))
+    return again
+
+
+def _owned(ops: list[_Op], rows: list[Any]) -> None:
+    returned = {row["key"] for row in rows}
+    for op in ops:
+        if op.key in returned:
+            op.set(None)
+        else:
+            op.lost()
+
+
 class PostgresStore(DedupeStore):
     #: Rows deleted per statement by :meth:`purge_expired` (short transactions, bounded lock time).
     purge_batch = 5000
@@ -294,6 +369,8 @@ class PostgresStore(DedupeStore):
         clock: Clock | None = None,
         connect_timeout: float = 10.0,
         command_timeout: float = 30.0,
+        max_batch: int = 256,
+        max_inflight: int | None = None,
     ) -> None:
         super().__init__(clock or time.time)
         self.url = url
@@ -302,6 +379,16 @@ class PostgresStore(DedupeStore):
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self._pool: Any = None
+        # The batched writer (event-loop side only): queued transitions, the keys of running batches,
+        # the running batches (at most `max_inflight`, each on its own pooled connection).
+        self.max_batch = max_batch
+        self.max_inflight = max_inflight or min(max_size, 4)
+        self._pending: collections.deque[_Op] = collections.deque()
+        self._running_keys: set[str] = set()
+        self._batches: set[asyncio.Task[None]] = set()
+        self._kick_scheduled = False
+        self.batches = 0
+        self.ops = 0
 
     def __repr__(self) -> str:
         return f"PostgresStore({_where(self.url)!r})"
@@ -351,9 +438,15 @@ class PostgresStore(DedupeStore):
         log.info("dedupe store open: PostgreSQL at %s, schema version %d", where, version)
 
     async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
+        if self._pool is None:
             return
+        # Queued and running transitions finish first (their callers are waiting for the answer).
+        with anyio.CancelScope(shield=True):
+            while self._batches or self._pending:
+                if not self._batches:
+                    self._kick()
+                await asyncio.wait(set(self._batches))
+        pool, self._pool = self._pool, None
         try:
             with anyio.fail_after(self.command_timeout):
                 await pool.close()
@@ -377,6 +470,215 @@ class PostgresStore(DedupeStore):
             raise StoreError(redact(message, self.url)) from exc
         return result
 
+    # -- the batched writer ----------------------------------------------------------------------------
+
+    def _submit(self, kind: str, key: str, args: tuple[Any, ...]) -> Awaitable[Any]:
+        if self._pool is None:
+            raise StoreError("store is not open")
+        loop = asyncio.get_running_loop()
+        op = _Op(kind, key, args, loop.create_future())
+        self._pending.append(op)
+        if not self._kick_scheduled:
+            # Not at once: every operation queued in this turn of the event loop joins the same batch.
+            self._kick_scheduled = True
+            loop.call_soon(self._kick)
+        return self._wait(op)
+
+    async def _wait(self, op: _Op) -> Any:
+        try:
+            await op.done
+        except asyncio.CancelledError:
+            # As each call was shielded before batching: a cancelled caller still learns whether its
+            # transition happened (its batch runs on regardless), so it can hand a claimed key back. The
+            # batch resolves whichever future `op.done` is when it finishes; `finished` tells whether it
+            # already has (both are only touched on the event loop's thread). The cancellation is
+            # delivered again at the caller's next checkpoint (anyio's cancel scopes are level-triggered).
+            if not op.finished:
+                op.done = asyncio.get_running_loop().create_future()
+                with anyio.CancelScope(shield=True):
+                    await op.done
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    def _kick(self) -> None:
+        """Start batches while batch slots are free and queued operations can run."""
+        self._kick_scheduled = False
+        while self._pending and len(self._batches) < self.max_inflight:
+            ops = self._take()
+            if not ops:
+                return  # every queued operation waits for its key's running batch
+            task = asyncio.get_running_loop().create_task(self._run_batch(ops))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    def _take(self) -> list[_Op]:
+        """Up to ``max_batch`` queued operations of the oldest runnable one's kind, one per key: a key
+        with an operation in a running batch (or already in this one) keeps its next one for a later
+        batch, so each key's operations run one after the other, in order."""
+        batch: list[_Op] = []
+        keep: list[_Op] = []
+        kind = None
+        taken = self._running_keys
+        waiting: set[str] = set()  # keys with an older operation left queued: later ones wait behind it
+        for op in self._pending:
+            key = op.key
+            if (
+                len(batch) < self.max_batch
+                and key not in taken
+                and key not in waiting
+                and kind in (None, op.kind)
+            ):
+                kind = op.kind
+                batch.append(op)
+                taken.add(key)
+            else:
+                keep.append(op)
+                waiting.add(key)
+        self._pending = collections.deque(keep)
+        return batch
+
+    async def _run_batch(self, ops: list[_Op]) -> None:
+        kind, pool = ops[0].kind, self._pool
+        try:
+            ops.sort(key=lambda op: op.key)  # rows locked in key order by every daemon: no deadlocks
+            async with pool.acquire(timeout=self.connect_timeout) as conn:
+                await _BATCH_HANDLERS[kind](self, conn, ops)
+        except _DB_ERRORS as exc:
+            message = redact(f"PostgreSQL {kind} failed: {type(exc).__name__}: {exc}", self.url)
+            for op in ops:
+                if not op.finished:
+                    op.error = StoreError(message)  # one per caller: each raises (and chains) its own
+                    op.error.__cause__ = exc
+        except BaseException as exc:  # a bug, or the loop shutting down: callers must not wait forever
+            log.exception("PostgreSQL store failed a %s batch", kind)
+            for op in ops:
+                if not op.finished:
+                    op.error = StoreError(f"PostgreSQL {kind} failed: {type(exc).__name__}")
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self.batches += 1
+            self.ops += len(ops)
+            for op in ops:
+                self._running_keys.discard(op.key)
+                op.finished = True
+                if not op.done.done():
+                    op.done.set_result(None)
+            self._batches.discard(asyncio.current_task())
+            self._kick()
+
+    async def _claim_batch(self, conn: Any, ops: list[_Op]) -> None:
+        """Claims: one insert-or-read statement, then one take-over and one re-enter statement for the
+        keys that need them, all decided by :func:`~consumer.store.base.decide_claim`. A key that lost a
+        race (its row changed, or was inserted by a concurrent claimant after the statement's snapshot)
+        looks again in the next round, with the others that did."""
+        seen: dict[int, Record] = {}
+        todo = ops
+        for _ in range(_CLAIM_ROUNDS):
+            if not todo:
+                return
+            now = self.clock()
+            # args: (message_id, operation, fingerprints, owner, lease_s, retention_s, reentrant)
+            rows = await conn.fetch(
+                _CLAIM_SQL,
+                [op.key for op in todo],
+                [op.args[0] for op in todo],
+                [op.args[1] for op in todo],
+                [op.args[2][0] for op in todo],
+                [op.args[3] for op in todo],
+                [now + op.args[4] for op in todo],
+                [now + op.args[5] for op in todo],
+                now,
+            )
+            found = {row["key"]: row for row in rows}
+            again: list[_Op] = []
+            take_over: list[tuple[_Op, Record]] = []
+            reenter: list[tuple[_Op, Record]] = []
+            for op in todo:
+                row = found.get(op.key)
+                if row is None:
+                    again.append(op)  # inserted concurrently, not yet visible to this snapshot
+                    continue
+                record = record_from_row(row)
+                seen[id(op)] = record
+                if row["inserted"]:
+                    op.set(Claim(ClaimStatus.ACQUIRED, record))
+                    continue
+                _, _, fingerprints, owner, _, _, reentrant = op.args
+                decision = decide_claim(
+                    record, fingerprints=fingerprints, owner=owner, now=now, reentrant=reentrant
+                )
+                if decision is Decision.TAKE_OVER:
+                    take_over.append((op, record))
+                elif decision is Decision.REENTER:
+                    reenter.append((op, record))
+                else:  # CONFLICT, DONE, BUSY: nothing to write
+                    op.set(Claim(decision.status, record))
+            if take_over:
+                rows = await conn.fetch(
+                    _TAKE_OVER_SQL,
+                    [op.key for op, _ in take_over],
+                    [record.fingerprint for _, record in take_over],
+                    [op.args[3] for op, _ in take_over],
+                    [now + op.args[4] for op, _ in take_over],
+                    [now + op.args[5] for op, _ in take_over],
+                    now,
+                )
+                again.extend(_acquired(take_over, rows))
+            if reenter:
+                rows = await conn.fetch(
+                    _REENTER_SQL,
+                    [op.key for op, _ in reenter],
+                    [record.fingerprint for _, record in reenter],
+                    [op.args[3] for op, _ in reenter],
+                    [now + op.args[4] for op, _ in reenter],
+                    now,
+                )
+                again.extend(_acquired(reenter, rows))  # changed since read (expired, taken over)
+            todo = sorted(again, key=lambda op: op.key)
+        for op in todo:  # still racing after every round: BUSY (the caller waits and retries)
+            if (last := seen.get(id(op))) is not None:
+                op.set(Claim(ClaimStatus.BUSY, last))
+            else:
+                op.error = StoreError(f"claim of {op.key} kept racing with concurrent writers")
+                op.finished = True
+
+    async def _complete_batch(self, conn: Any, ops: list[_Op]) -> None:
+        # args: (owner, state, outcome JSON)
+        rows = await conn.fetch(
+            _COMPLETE_SQL,
+            [op.key for op in ops],
+            [op.args[0] for op in ops],
+            [op.args[1] for op in ops],
+            [op.args[2] for op in ops],
+            self.clock(),
+        )
+        found = {row["key"]: row for row in rows}
+        for op in ops:
+            row = found.get(op.key)
+            if row is None:
+                op.lost()
+            else:
+                op.set(record_from_row(row))
+
+    async def _release_batch(self, conn: Any, ops: list[_Op]) -> None:
+        # args: (owner, error)
+        rows = await conn.fetch(
+            _RELEASE_SQL, [op.key for op in ops], [op.args[0] for op in ops], [op.args[1] for op in ops],
+            self.clock(),
+        )  # fmt: skip
+        _owned(ops, rows)
+
+    async def _renew_batch(self, conn: Any, ops: list[_Op]) -> None:
+        # args: (owner, lease_s)
+        now = self.clock()
+        rows = await conn.fetch(
+            _RENEW_SQL, [op.key for op in ops], [op.args[0] for op in ops],
+            [now + op.args[1] for op in ops], now,
+        )  # fmt: skip
+        _owned(ops, rows)
+
     # -- operations ------------------------------------------------------------------------------------
 
     async def _claim(
@@ -391,73 +693,20 @@ class PostgresStore(DedupeStore):
         retention_s: float,
         reentrant: bool,
     ) -> Claim:
-        fingerprint, accepted = fingerprints[0], list(fingerprints)
-
-        async def fn(conn: Any) -> Claim:
-            record: Record | None = None
-            for _ in range(_CLAIM_ROUNDS):
-                now = self.clock()
-                row = await conn.fetchrow(
-                    _CLAIM_SQL,
-                    *(key, message_id, operation, fingerprint, owner, now + lease_s, now, now + retention_s),
-                )
-                if row is None:
-                    continue  # inserted concurrently, not yet visible to this statement's snapshot
-                record = _row_to_record(row)
-                if row["inserted"]:
-                    return Claim(ClaimStatus.ACQUIRED, record)
-                if record.fingerprint not in fingerprints:
-                    return Claim(ClaimStatus.CONFLICT, record)
-                if record.state in (State.COMPLETED, State.FAILED):
-                    return Claim(ClaimStatus.DONE, record)
-                if record.state is State.IN_PROGRESS and (record.lease_until or 0.0) > now:
-                    if not (reentrant and record.owner == owner):
-                        return Claim(ClaimStatus.BUSY, record)
-                    # Our own live lease that no caller holds: a claim whose answer was lost. Renew it.
-                    row = await conn.fetchrow(_REENTER_SQL, key, accepted, owner, now + lease_s, now)
-                    if row is not None:
-                        return Claim(ClaimStatus.ACQUIRED, _row_to_record(row))
-                    continue  # changed since we read it (expired, taken over): look again
-                # RELEASED, or a lease that has run out: take it over if nobody else does first.
-                row = await conn.fetchrow(
-                    _TAKE_OVER_SQL, key, accepted, owner, now + lease_s, now, now + retention_s
-                )
-                if row is not None:
-                    return Claim(ClaimStatus.ACQUIRED, _row_to_record(row))
-                # Lost the race (or the row changed since we read it): look again.
-            if record is None:
-                raise StoreError(f"claim of {key} kept racing with concurrent writers")
-            return Claim(ClaimStatus.BUSY, record)
-
-        return await self._run("claim", fn)
-
-    async def _transition(self, what: str, sql: str, *args: Any) -> None:
-        async def fn(conn: Any) -> str:
-            status: str = await conn.execute(sql, *args)
-            return status
-
-        if _rowcount(await self._run(what, fn)) != 1:
-            raise LeaseLost(f"record {args[0]} is not in progress under this owner")
+        args = (message_id, operation, fingerprints, owner, lease_s, retention_s, reentrant)
+        claim: Claim = await self._submit("claim", key, args)
+        return claim
 
     async def _complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool = False) -> Record:
         state = State.FAILED if failed else State.COMPLETED
-        payload = orjson.dumps(outcome.to_json()).decode()
-        args = (key, owner, state.value, payload, self.clock())
-
-        async def fn(conn: Any) -> Any:
-            return await conn.fetchrow(_COMPLETE_SQL, *args)
-
-        row = await self._run("complete", fn)
-        if row is None:
-            raise LeaseLost(f"record {key} is not in progress under this owner")
-        return _row_to_record(row)
+        record: Record = await self._submit("complete", key, (owner, state.value, dump_outcome(outcome)))
+        return record
 
     async def _release(self, key: str, owner: str, error: str) -> None:
-        await self._transition("release", _RELEASE_SQL, key, owner, error[:200], self.clock())
+        await self._submit("release", key, (owner, error[:200]))
 
     async def _renew(self, key: str, owner: str, lease_s: float) -> None:
-        now = self.clock()
-        await self._transition("renew", _RENEW_SQL, key, owner, now + lease_s, now)
+        await self._submit("renew", key, (owner, lease_s))
 
     async def record_conflict(
         self, *, key: str, message_id: str, fingerprint: str, stored_fingerprint: str, source: str
@@ -475,7 +724,7 @@ class PostgresStore(DedupeStore):
     async def get(self, key: str) -> Record | None:
         async def fn(conn: Any) -> Record | None:
             row = await conn.fetchrow(_GET_SQL, key)
-            return _row_to_record(row) if row is not None else None
+            return record_from_row(row) if row is not None else None
 
         return await self._run("get", fn)
 
@@ -528,3 +777,11 @@ class PostgresStore(DedupeStore):
         if gone:
             log.info("purged %d conflict log entries whose record expired", gone)
         return total
+
+
+_BATCH_HANDLERS: dict[str, Callable[[PostgresStore, Any, list[_Op]], Awaitable[None]]] = {
+    "claim": PostgresStore._claim_batch,
+    "complete": PostgresStore._complete_batch,
+    "release": PostgresStore._release_batch,
+    "renew": PostgresStore._renew_batch,
+}

@@ -25,10 +25,22 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import anyio
-import orjson
 
 from consumer.errors import LeaseLost, StoreError
-from consumer.store.base import Claim, ClaimStatus, Clock, DedupeStore, Outcome, Record, State
+from consumer.store.base import (
+    COLUMN_LIST,
+    Claim,
+    ClaimStatus,
+    Clock,
+    Decision,
+    DedupeStore,
+    Outcome,
+    Record,
+    State,
+    decide_claim,
+    dump_outcome,
+    record_from_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +79,10 @@ CREATE INDEX IF NOT EXISTS idempotency_conflicts_key ON idempotency_conflicts (k
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 """
 
-_COLUMNS = (
-    "key, message_id, operation, fingerprint, state, owner, lease_until, attempts, outcome, "
-    "last_error, created_at, updated_at, expires_at"
-)
-
 # Statements built once (the column list is a constant, never input).
-_SQL_FETCH = f"SELECT {_COLUMNS} FROM idempotency_records WHERE key = ?"  # noqa: S608
+_SQL_FETCH = f"SELECT {COLUMN_LIST} FROM idempotency_records WHERE key = ?"  # noqa: S608
 _SQL_INSERT = (
-    f"INSERT INTO idempotency_records ({_COLUMNS}) "  # noqa: S608
+    f"INSERT INTO idempotency_records ({COLUMN_LIST}) "  # noqa: S608
     "VALUES (?, ?, ?, ?, 'in_progress', ?, ?, 1, NULL, NULL, ?, ?, ?) "
     "ON CONFLICT (key) DO NOTHING"
 )
@@ -97,25 +104,6 @@ _SQL_COMPLETE = (
 # thread), so ``complete`` knows the resulting row without reading it back. Bounded: past this many the
 # cache is dropped and rows are read back instead.
 _CLAIMED_CACHE_MAX = 100_000
-
-
-def _row_to_record(row: tuple[Any, ...]) -> Record:
-    outcome = Outcome.from_json(orjson.loads(row[8])) if row[8] else None
-    return Record(
-        key=row[0],
-        message_id=row[1],
-        operation=row[2],
-        fingerprint=row[3],
-        state=State(row[4]),
-        owner=row[5],
-        lease_until=row[6],
-        attempts=row[7],
-        outcome=outcome,
-        last_error=row[9],
-        created_at=row[10],
-        updated_at=row[11],
-        expires_at=row[12],
-    )
 
 
 class _Op(Generic[T]):
@@ -337,17 +325,15 @@ class SqliteStore(DedupeStore):
                 )  # fmt: skip
                 return Claim(ClaimStatus.ACQUIRED, self._remember(record))
             row = _fetch(conn, key)
-            if row.fingerprint not in fingerprints:
-                return Claim(ClaimStatus.CONFLICT, row)
-            if row.state in (State.COMPLETED, State.FAILED):
-                return Claim(ClaimStatus.DONE, row)
-            if row.state == State.IN_PROGRESS and (row.lease_until or 0.0) > now:
-                if reentrant and row.owner == owner:
-                    # Our own live lease that no caller holds: an earlier claim whose answer was lost.
-                    cur = conn.execute(_SQL_REENTER, (lease_until, now, key, owner))
-                    if cur.rowcount == 1:
-                        return Claim(ClaimStatus.ACQUIRED, self._remember(_fetch(conn, key)))
+            decision = decide_claim(row, fingerprints=fingerprints, owner=owner, now=now, reentrant=reentrant)
+            if decision is Decision.REENTER:
+                # Our own live lease that no caller holds: an earlier claim whose answer was lost.
+                cur = conn.execute(_SQL_REENTER, (lease_until, now, key, owner))
+                if cur.rowcount == 1:
+                    return Claim(ClaimStatus.ACQUIRED, self._remember(_fetch(conn, key)))
                 return Claim(ClaimStatus.BUSY, row)
+            if decision is not Decision.TAKE_OVER:  # CONFLICT, DONE or BUSY: nothing to write
+                return Claim(decision.status, row)
             # RELEASED, or IN_PROGRESS whose lease has run out: take it over, conditioned on what we read.
             cur = conn.execute(
                 _SQL_TAKE_OVER,
@@ -361,7 +347,7 @@ class SqliteStore(DedupeStore):
 
     async def _complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool = False) -> Record:
         state = State.FAILED if failed else State.COMPLETED
-        payload = orjson.dumps(outcome.to_json()).decode()
+        payload = dump_outcome(outcome)
 
         def fn(conn: sqlite3.Connection) -> Record:
             now = self.clock()
@@ -423,7 +409,7 @@ class SqliteStore(DedupeStore):
     async def get(self, key: str) -> Record | None:
         def fn(conn: sqlite3.Connection) -> Record | None:
             row = conn.execute(_SQL_FETCH, (key,)).fetchone()
-            return _row_to_record(row) if row else None
+            return record_from_row(row) if row else None
 
         return await self._submit(fn)
 
@@ -469,4 +455,4 @@ def _fetch(conn: sqlite3.Connection, key: str) -> Record:
     row = conn.execute(_SQL_FETCH, (key,)).fetchone()
     if row is None:
         raise StoreError(f"record {key} vanished inside a transaction")
-    return _row_to_record(row)
+    return record_from_row(row)

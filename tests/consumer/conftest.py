@@ -260,3 +260,63 @@ def run_until_killed(env: Mapping[str, str], log_path: Path, *, timeout: float =
         proc.kill()
     assert code == -9, f"fault point did not fire (exit {code})\n{proc.log()[-2000:]}"
     return proc
+
+
+async def wait_until(predicate: Any, what: str, *, timeout: float = 60.0, interval: float = 0.1) -> None:
+    """Poll ``predicate()`` (sync or async) until true; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if hasattr(value, "__await__"):
+            value = await value
+        if value:
+            return
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for: {what}"
+        await anyio.sleep(interval)
+
+
+def kill_line(log: str) -> dict[str, Any]:
+    """The JSON log line of the fault point that SIGKILLed the daemon (stamped with the message's
+    partition/offset/message ID when it fired inside a message's journey)."""
+    import orjson
+
+    for line in reversed(log.splitlines()):
+        if "fault point" in line and line.startswith("{"):
+            return orjson.loads(line)  # type: ignore[no-any-return]
+    raise AssertionError("no fault-point line in the log:\n" + log[-2000:])
+
+
+def log_records(log: str) -> list[dict[str, Any]]:
+    import orjson
+
+    out = []
+    for line in log.splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                continue
+    return out
+
+
+async def read_results(bootstrap: str, topic: str, isolation: str) -> list[bytes]:
+    """Every value of ``topic`` visible at ``isolation``, read until the topic has been quiet for 2 s."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level=isolation,
+    )
+    await consumer.start()
+    out: list[bytes] = []
+    try:
+        idle = 0
+        while idle < 4:
+            batch = await consumer.getmany(timeout_ms=500)
+            got = [m.value for msgs in batch.values() for m in msgs]
+            out.extend(got)
+            idle = 0 if got else idle + 1
+    finally:
+        await consumer.stop()
+    return out

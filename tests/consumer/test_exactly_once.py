@@ -8,13 +8,14 @@ import uuid
 from pathlib import Path
 
 import anyio
+import orjson
 import pytest
 
 from consumer.daemon import Daemon
 from consumer.keys import idempotency_key
 from consumer.settings import Settings
 from consumer.store import State, open_store
-from producer.envelope import Envelope, encode
+from producer.envelope import Envelope, decode, encode
 from tests.conftest import random_topic_name
 from tests.consumer.conftest import (
     API_KEY,
@@ -24,15 +25,20 @@ from tests.consumer.conftest import (
     daemon_env,
     end_offsets,
     keys_for,
+    kill_line,
+    log_records,
     publish,
     publish_raw,
     read_all,
+    read_results,
     run_to_end,
     run_until_killed,
     start_daemon,
     wait_assigned,
     wait_committed_to_end,
+    wait_until,
 )
+from tests.ledger import assert_exactly_once
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -106,21 +112,6 @@ async def run_until_committed(settings: Settings, timeout: float = 90.0) -> Daem
     return daemon
 
 
-async def assert_exactly_once(sandbox: Sandbox, store_url: str, unique: list[Envelope]) -> None:
-    effects = sandbox.side_effects()
-    expected = keys_for(unique)
-    missing = expected - effects.keys()
-    assert not missing, f"{len(missing)} message IDs never reached the provider"
-    over = {k: v for k, v in effects.items() if k in expected and v != 1}
-    assert not over, f"keys with more than one side effect: {list(over.items())[:5]}"
-    assert sum(effects[k] for k in expected) == len(unique)
-    async with open_store(store_url) as store:
-        for env in unique:
-            record = await store.get(idempotency_key("idv", env.operation, env.message_id))
-            assert record is not None, env.message_id
-            assert record.state is State.COMPLETED, (env.message_id, record.state)
-
-
 async def test_thousand_requests_with_ten_percent_duplicates(
     kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
 ) -> None:
@@ -191,6 +182,9 @@ async def test_conflicting_payload_is_not_sent_and_does_not_stall(
     async with open_store(sqlite_url) as store:
         conflicts = await store.conflicts("conflict-1")
         assert len(conflicts) == 1
+    (letter,) = await read_all(kafka_bootstrap, f"{topic}.dlq")  # dead-lettered, and only that one
+    assert dict(letter.headers)["idv-dlq-reason"] == b"idempotency_conflict"
+    assert letter.value == encode(changed)
     await assert_exactly_once(sb, sqlite_url, [original, *after])
 
 
@@ -254,6 +248,23 @@ async def test_invalid_messages_are_set_aside_without_stalling(
     await assert_exactly_once(sb, sqlite_url, [good, good2])
 
 
+async def assert_committed_are_recorded(
+    bootstrap: str, group: str, topic: str, store_url: str
+) -> dict[int, int]:
+    """Every message below a committed offset has a durable outcome (record before commit)."""
+    committed = await committed_offsets(bootstrap, group, topic)
+    messages = await read_all(bootstrap, topic)
+    async with open_store(store_url) as store:
+        for msg in messages:
+            if msg.offset < committed.get(msg.partition, 0):
+                env_ = decode(msg.value, msg.headers)
+                record = await store.get(idempotency_key("idv", env_.operation, env_.message_id))
+                assert record is not None and record.state in (State.COMPLETED, State.FAILED), (
+                    f"offset {msg.partition}@{msg.offset} committed without a recorded outcome: {record}"
+                )
+    return committed
+
+
 @pytest.mark.parametrize(
     ("point", "nth"),
     [
@@ -261,18 +272,25 @@ async def test_invalid_messages_are_set_aside_without_stalling(
         ("after_claim", 40),
         ("after_provider_call", 40),
         ("after_record", 40),
+        ("in_transaction", 2),
         ("after_commit", 2),
     ],
 )
 async def test_crash_window_then_restart(
     kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path, point: str, nth: int
 ) -> None:
-    """SIGKILL at a named step, restart: no extra side effect, every message completed."""
+    """SIGKILL at a named step, restart: no extra side effect, every message completed.
+
+    Between the kill and the restart the test looks at what the kill left behind for the very message the
+    fault point fired on (its log line names partition, offset and message ID), so each parameter proves
+    its window was hit; after the restart it checks how that message was finished (taken over, answered
+    from the provider's stored response, skipped as a duplicate, or not redelivered at all).
+    """
     sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     unique = make_envelopes(120, subjects=40)
     await publish(kafka_bootstrap, topic, unique)
     group = "g-" + uuid.uuid4().hex[:8]
-    common = dict(
+    common: dict[str, object] = dict(
         bootstrap=kafka_bootstrap,
         topic=topic,
         group=group,
@@ -285,11 +303,85 @@ async def test_crash_window_then_restart(
         # "the second commit" would never come.
         commit_every=10,
     )
-    run_until_killed(daemon_env(**common, fault_kill_at=f"{point}:{nth}"), tmp_path / "crash.log")
+    if point == "in_transaction":
+        common.update(results_transactional="true", instance_id="crash-txn", commit_interval_s=0.3)
+    crashed = run_until_killed(daemon_env(**common, fault_kill_at=f"{point}:{nth}"), tmp_path / "crash.log")
+    line = kill_line(crashed.log())
     before = sum(sb.side_effects().values())
-    assert before < len(unique) or point == "after_commit"
-    await run_to_end(daemon_env(**common), tmp_path / "restart.log", timeout=90)
-    await assert_exactly_once(sb, sqlite_url, unique)
+    assert before < len(unique) or point in ("in_transaction", "after_commit")
+    # -- what the kill left behind -------------------------------------------------------------------
+    committed = await assert_committed_are_recorded(kafka_bootstrap, group, topic, sqlite_url)
+    by_id = {e.message_id: e for e in unique}
+    victim = by_id.get(str(line.get("message_id")))
+    key = idempotency_key("idv", victim.operation, victim.message_id) if victim else None
+    ledger = sb.ledger()["keys"]
+    async with open_store(sqlite_url) as store:
+        record = await store.get(key) if key else None
+    if point in ("before_claim", "after_claim", "after_provider_call", "after_record"):
+        assert victim is not None and key is not None, line
+        assert line["offset"] >= committed[line["partition"]], "the victim's offset was committed"
+    if point == "before_claim":
+        assert record is None and key not in ledger, record
+    elif point == "after_claim":
+        assert record is not None and record.state is State.IN_PROGRESS and record.attempts == 1, record
+        assert key not in ledger, "the provider was called before the after_claim kill"
+    elif point == "after_provider_call":
+        assert record is not None and record.state is State.IN_PROGRESS and record.attempts == 1, record
+        assert ledger[key]["side_effects"] == 1, ledger.get(key)
+    elif point == "after_record":
+        assert record is not None and record.state is State.COMPLETED, record
+        assert ledger[key]["side_effects"] == 1 and len(ledger[key]["attempts"]) == 1
+    elif point == "in_transaction":
+        # Results were sent inside the open transaction; none is visible to read_committed readers
+        # beyond what earlier transactions committed, and a recorded message waits above the offsets.
+        visible = await read_results(kafka_bootstrap, f"{topic}.results", "read_committed")
+        everything = await read_results(kafka_bootstrap, f"{topic}.results", "read_uncommitted")
+        assert len(everything) > len(visible), "no open transaction at the kill"
+        messages = await read_all(kafka_bootstrap, topic)
+        below = {orjson.loads(m.value)["message_id"] for m in messages if m.offset < committed[m.partition]}
+        assert {orjson.loads(v)["message_id"] for v in visible} <= below
+        assert len(below) < len(messages), "the open transaction's offsets were committed"
+    elif point == "after_commit":
+        assert sum(committed.values()) > 0
+    # -- the restart ---------------------------------------------------------------------------------
+    restarted = await run_to_end(daemon_env(**common), tmp_path / "restart.log", timeout=90)
+    view = await assert_exactly_once(sb, sqlite_url, unique)
+    ledger = sb.ledger()["keys"]
+    async with open_store(sqlite_url) as store:
+        after = await store.get(key) if key else None
+    handled = [
+        r
+        for r in log_records(restarted.log())
+        if str(r.get("msg", "")).startswith(("outcome recorded", "duplicate skipped"))
+    ]
+    if point == "before_claim":
+        assert after is not None and after.attempts == 1 and len(ledger[key]["attempts"]) == 1
+    elif point == "after_claim":
+        assert after is not None and after.attempts == 2, after  # taken over after the lease ran out
+        assert len(ledger[key]["attempts"]) == 1  # the one call, by the new owner
+    elif point == "after_provider_call":
+        assert after is not None and after.attempts == 2, after
+        assert view.replays[key] >= 1, ledger[key]  # the take-over was answered from the stored response
+    elif point == "after_record":
+        assert len(ledger[key]["attempts"]) == 1  # not called again
+        assert any(
+            r["msg"].startswith("duplicate skipped") and r.get("message_id") == victim.message_id
+            for r in handled
+        ), "the victim was not redelivered and skipped as a duplicate"  # type: ignore[union-attr]
+    elif point == "in_transaction":
+        results = await read_results(kafka_bootstrap, f"{topic}.results", "read_committed")
+        ids = [orjson.loads(v)["message_id"] for v in results]
+        assert sorted(ids) == sorted(e.message_id for e in unique)  # exactly one visible result each
+        # The aborted transaction's messages came back and were skipped as duplicates, not called again.
+        assert any(
+            r["msg"].startswith("duplicate skipped") and r["offset"] >= committed[r["partition"]]
+            for r in handled
+        ), "nothing above the committed offsets was redelivered as a duplicate"
+    elif point == "after_commit":
+        redelivered = [r for r in handled if r["offset"] < committed[r["partition"]]]
+        assert not redelivered, f"committed messages processed again: {redelivered[:3]}"
+    if point != "after_commit":
+        assert view.side_effects and sum(view.side_effects.values()) == len(unique)
 
 
 async def test_crash_with_many_in_flight(
@@ -297,7 +389,9 @@ async def test_crash_with_many_in_flight(
 ) -> None:
     """Slow provider, 48 calls in flight when the process dies after one side effect."""
     sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
-    sb.faults(latency_ms=300)
+    # 1 s per call: the daemon has all 48 slots claimed and at the provider long before the first answer
+    # comes back, and the kill comes with that first answer.
+    sb.faults(latency_ms=1000)
     unique = make_envelopes(300, subjects=300)
     await publish(kafka_bootstrap, topic, unique)
     group = "g-" + uuid.uuid4().hex[:8]
@@ -311,14 +405,28 @@ async def test_crash_with_many_in_flight(
         provider_timeout_s=2,
         max_in_flight=48,
     )
-    run_until_killed(daemon_env(**common, fault_kill_at="after_provider_call:60"), tmp_path / "c.log")
-    await anyio.sleep(0.5)  # let the sandbox finish the requests the dead process left behind
+    run_until_killed(daemon_env(**common, fault_kill_at="after_provider_call:1"), tmp_path / "c.log")
+    # The sandbox finishes the requests the dead process left behind: they act, nobody records them.
+    await wait_until(lambda: sb.ledger()["totals"]["in_flight"] == 0, "the sandbox to finish", timeout=30)
+    await assert_committed_are_recorded(kafka_bootstrap, group, topic, sqlite_url)
+    ledger = sb.ledger()["keys"]
     async with open_store(sqlite_url) as store:
-        counts = await store.counts()
-    assert counts["in_progress"] > 1, counts  # many were in flight at the kill
+        pending = [
+            r
+            for e in unique
+            if (r := await store.get(idempotency_key("idv", e.operation, e.message_id))) is not None
+            and r.state is State.IN_PROGRESS
+        ]
+    # All 48 slots were busy at the kill: the first call had returned, the 47 others were at the provider.
+    # Each of them acted after the kill, and the restart must take each over and get the stored response.
+    acted = [r.key for r in pending if ledger.get(r.key, {}).get("side_effects") == 1]
+    assert len(pending) == 48, f"{len(pending)} records in progress at the kill, not 48"
+    assert len(acted) == 48, f"only {len(acted)} of the 48 in-progress records had acted"
     sb.faults(latency_ms=0)
     await run_to_end(daemon_env(**common), tmp_path / "r.log", timeout=120)
-    await assert_exactly_once(sb, sqlite_url, unique)
+    view = await assert_exactly_once(sb, sqlite_url, unique)
+    replayed = [k for k in acted if view.replays.get(k, 0) >= 1]
+    assert len(replayed) == len(acted), f"{len(acted) - len(replayed)} take-overs were not replays"
 
 
 async def test_sigterm_drains_and_never_commits_past_unrecorded(
@@ -340,9 +448,7 @@ async def test_sigterm_drains_and_never_commits_past_unrecorded(
     )
     proc = start_daemon(env, tmp_path / "d.log")
     try:
-        deadline = time.monotonic() + 60
-        while sum(sb.side_effects().values()) < 60 and time.monotonic() < deadline:
-            await anyio.sleep(0.1)
+        await wait_until(lambda: sum(sb.side_effects().values()) >= 60, "60 side effects", timeout=60)
         at_term = sum(sb.side_effects().values())
         t0 = time.monotonic()
         proc.terminate()
@@ -363,7 +469,7 @@ async def test_sigterm_drains_and_never_commits_past_unrecorded(
     async with open_store(sqlite_url) as store:
         for msg in messages:
             if msg.offset < committed.get(msg.partition, 0):
-                env_ = __import__("producer").decode(msg.value, msg.headers)
+                env_ = decode(msg.value, msg.headers)
                 record = await store.get(idempotency_key("idv", env_.operation, env_.message_id))
                 assert record is not None and record.state is State.COMPLETED, (msg.partition, msg.offset)
     sb.faults(latency_ms=0)
@@ -442,14 +548,11 @@ async def test_rebalance_mid_stream_causes_no_duplicate_side_effects(
     first = start_daemon(daemon_env(**common, instance_id="first"), tmp_path / "first.log")
     second = None
     try:
-        deadline = time.monotonic() + 60
-        while sum(sb.side_effects().values()) < 50 and time.monotonic() < deadline:
-            await anyio.sleep(0.1)
+        await wait_until(lambda: sum(sb.side_effects().values()) >= 50, "50 side effects", timeout=60)
         second = start_daemon(daemon_env(**common, instance_id="second"), tmp_path / "second.log")
         # The join's rebalance is complete once the newcomer has partitions (the first revoked its own).
         await wait_assigned(second)
-        while sum(sb.side_effects().values()) < 200 and time.monotonic() < deadline:
-            await anyio.sleep(0.1)
+        await wait_until(lambda: sum(sb.side_effects().values()) >= 200, "200 side effects", timeout=60)
         first.terminate()  # leaves the group: another rebalance with work in flight
         assert first.wait(30) == 0
         sb.faults(latency_ms=0)

@@ -20,20 +20,21 @@ AML = OPERATIONS["aml_screening"]
 FAST = RetryPolicy(max_attempts=5, base_delay_s=0.01, max_delay_s=0.05)
 
 
-@pytest.fixture
-def sb(sandbox: object) -> Iterator[Sandbox]:
-    yield Sandbox(sandbox.url)  # type: ignore[attr-defined]
-
-
 TRANSPORT = {"kind": "httpx"}
 
 
-@pytest.fixture(autouse=True, params=["httpx", "aiohttp", "httpx-aiohttp"])
+@pytest.fixture(params=["httpx", "aiohttp", "httpx-aiohttp"])
 def transport_kind(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test runs on both provider transports (IDV_PROVIDER_TRANSPORT)."""
+    """Every test that talks to the sandbox runs on each provider transport (IDV_PROVIDER_TRANSPORT);
+    MockTransport and pure-function tests do not use one, so they run once."""
     TRANSPORT["kind"] = request.param
     yield request.param
     TRANSPORT["kind"] = "httpx"
+
+
+@pytest.fixture
+def sb(sandbox: object, transport_kind: str) -> Iterator[Sandbox]:
+    yield Sandbox(sandbox.url)  # type: ignore[attr-defined]
 
 
 def client(sb: Sandbox, key: str = API_KEY, retry: RetryPolicy = FAST) -> ProviderClient:
@@ -206,7 +207,7 @@ async def test_a_provider_slower_than_the_timeout_is_a_retriable_transport_error
     assert keys == {"idv_key-timeout"}
 
 
-async def test_requests_carry_the_client_headers(sb: Sandbox) -> None:
+async def test_requests_carry_the_client_headers() -> None:
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:

@@ -17,8 +17,8 @@ import orjson
 import pytest
 
 from consumer.keys import fingerprint, idempotency_key
-from consumer.replay import strip_dead_letter
 from consumer.store import State, open_store
+from consumer.tools.dlq import strip_dead_letter
 from producer.envelope import Envelope, encode
 from tests.conftest import ROOT
 from tests.consumer.conftest import (
@@ -31,6 +31,7 @@ from tests.consumer.conftest import (
     read_all,
 )
 from tests.consumer.test_exactly_once import make_envelopes, run_until_committed, settings_for
+from tests.ledger import assert_ledger_exactly_once
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -284,7 +285,7 @@ async def test_dlq_list_and_direct_redrive_after_the_fault_is_fixed(
     code, summary, _, err = await cli("dlq", "redrive", "--reason", "retries_exhausted", "--direct", "--json")
     assert code == 0, err
     assert summary is not None and summary["counts"] == {"completed": 3}
-    assert effects_for(sb, keys_for(doomed)) == dict.fromkeys(keys_for(doomed), 1)
+    assert_ledger_exactly_once(sb.ledger(), keys_for(doomed))  # and nothing under any other key
     async with open_store(sqlite_url) as store:
         for env in doomed:
             record = await store.get(idempotency_key("idv", env.operation, env.message_id))
@@ -334,7 +335,7 @@ async def test_dlq_redrive_republish_goes_back_through_the_daemon(
 
     # The live daemon (same group) picks them up: one side effect each.
     await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
-    assert effects_for(sb, keys_for(doomed)) == dict.fromkeys(keys_for(doomed), 1)
+    assert_ledger_exactly_once(sb.ledger(), keys_for(doomed))  # and nothing under any other key
 
 
 async def test_dry_run_classifies_and_writes_nothing(
@@ -494,7 +495,7 @@ async def test_refuses_messages_older_than_the_dedupe_retention_unless_forced(
     assert code == 0, err
     assert summary is not None and summary["counts"] == {"completed": 3}
     assert any("--force" in n for n in summary["notes"])
-    assert effects_for(sb, keys_for(old + recent)) == dict.fromkeys(keys_for(old + recent), 1)
+    assert_ledger_exactly_once(sb.ledger(), keys_for(old + recent))  # and nothing under any other key
 
 
 async def test_replay_never_moves_the_live_groups_offsets(
@@ -543,7 +544,7 @@ async def test_rejected_api_key_stops_the_replay_with_exit_3(
 def test_strip_dead_letter_restores_the_original_record() -> None:
     from aiokafka.structs import ConsumerRecord
 
-    from consumer.replay import entry_of
+    from consumer.tools.dlq import entry_of
 
     headers = [
         ("trace", b"1"),

@@ -39,6 +39,7 @@ from tests.consumer.conftest import (
     wait_committed_to_end,
 )
 from tests.consumer.test_exactly_once import make_envelopes, with_duplicates
+from tests.ledger import assert_ledger_exactly_once
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka, pytest.mark.postgres]
 
@@ -113,13 +114,8 @@ async def _records(url: str) -> dict[str, Any]:
 
 async def assert_exactly_once_pg(sb: Sandbox, url: str, unique: list[Envelope]) -> dict[str, Any]:
     """One side effect per unique message ID, none under other keys, every record COMPLETED."""
-    effects = sb.side_effects()
     expected = keys_for(unique)
-    missing = expected - effects.keys()
-    assert not missing, f"{len(missing)} message IDs never reached the provider"
-    over = {k: v for k, v in effects.items() if v != 1}
-    assert not over, f"keys with a side effect count other than 1: {list(over.items())[:5]}"
-    assert effects.keys() == expected
+    assert_ledger_exactly_once(sb.ledger(), expected)
     records = await _records(url)
     not_done = [k for k in expected if k not in records or records[k]["state"] != "completed"]
     assert not not_done, f"{len(not_done)} records not COMPLETED, e.g. {not_done[:3]}"

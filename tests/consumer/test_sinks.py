@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -16,6 +17,7 @@ from tests.consumer.conftest import (
     Sandbox,
     committed_offsets,
     daemon_env,
+    keys_for,
     publish,
     publish_raw,
     read_all,
@@ -23,6 +25,7 @@ from tests.consumer.conftest import (
     run_until_killed,
     start_daemon,
     wait_committed_to_end,
+    wait_until,
 )
 from tests.consumer.test_exactly_once import (
     assert_exactly_once,
@@ -172,16 +175,40 @@ async def test_unwritable_dead_letter_topic_holds_the_partition(
         await admin.start()
         try:
             await admin.delete_topics([f"{topic}.dlq"])
+
+            async def dlq_gone() -> bool:
+                return f"{topic}.dlq" not in await admin.list_topics()
+
+            # Deletion is asynchronous: a write racing it can still land in the old topic.
+            await wait_until(dlq_gone, "the dead-letter topic to be deleted", timeout=30)
         finally:
             await admin.close()
         after = make_envelopes(3)
         await publish_raw(
             kafka_bootstrap,
             topic,
-            [(b"k", b"not json", []), *[(b"k", encode(e), e.headers()) for e in after]],
+            # Later messages under other keys finish while the dead letter cannot be written.
+            [
+                (b"k", b"not json", []),
+                *[(f"k{i}".encode(), encode(e), e.headers()) for i, e in enumerate(after)],
+            ],
             partition=5,
         )
-        await anyio.sleep(6)
+
+        def attempts(since: int) -> int:
+            # Dead-letter writes being attempted: the daemon's retry lines, or the producer's own complaints
+            # about the missing topic while it waits for metadata (about ten a second).
+            return proc.log()[since:].count(f"{topic}.dlq")
+
+        await wait_until(
+            lambda: all(sb.side_effects().get(k) == 1 for k in keys_for(after)), "the later messages done"
+        )
+        mark = len(proc.log())
+        # Then several commit intervals (0.2 s) of failed attempts, in which a commit past the poison
+        # message would have happened.
+        await wait_until(lambda: attempts(mark) >= 10, "ten more failed dead-letter attempts", timeout=60)
+        assert "dead-lettered:" not in proc.log(), "the dead letter was written: the topic was not gone"
+        assert proc.proc.poll() is None
         committed = await committed_offsets(kafka_bootstrap, group, topic)
         assert committed[5] == 1, committed  # stuck at the poison message, not past it
         assert proc.proc.poll() is None
@@ -216,7 +243,9 @@ async def test_provider_outage_pauses_instead_of_flooding_the_dead_letter_topic(
     )
     proc = start_daemon(env, tmp_path / "d.log")
     try:
-        await anyio.sleep(8)  # an 8-second outage
+        started = time.monotonic()
+        await wait_until(lambda: "circuit breaker open" in proc.log(), "the breaker to open", timeout=30)
+        await anyio.sleep(max(0.0, started + 8 - time.monotonic()))  # an 8-second outage
         dead_during_outage = len(await read_all(kafka_bootstrap, f"{topic}.dlq"))
         sb.faults(error_rate=0.0)
         await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
@@ -231,7 +260,12 @@ async def test_provider_outage_pauses_instead_of_flooding_the_dead_letter_topic(
     assert dead_during_outage <= 16, dead_during_outage
     assert len(letters) == dead_during_outage
     dead_ids = {orjson.loads(m.value)["message_id"] for m in letters}
-    await assert_exactly_once(sb, sqlite_url, [e for e in unique if e.message_id not in dead_ids])
+    await assert_exactly_once(
+        sb,
+        sqlite_url,
+        [e for e in unique if e.message_id not in dead_ids],
+        at_most_once=[e for e in unique if e.message_id in dead_ids],
+    )
 
 
 async def read_results(bootstrap: str, topic: str, isolation: str) -> list[bytes]:
@@ -334,3 +368,140 @@ async def test_an_unexpected_error_on_one_message_dead_letters_it_and_the_daemon
     assert [headers_of(m)["idv-dlq-reason"] for m in letters] == [b"internal_error"]
     assert orjson.loads(letters[0].value)["message_id"] == victim
     await assert_exactly_once(sb, sqlite_url, [e for e in unique if e.message_id != victim])
+
+
+async def test_dead_letter_topic_none_is_refused_at_start(
+    kafka_bootstrap: str, topic: str, sqlite_url: str
+) -> None:
+    """Without a DLQ, messages set aside (retries_exhausted, invalid) would be committed past silently."""
+    from consumer.daemon import Daemon
+    from consumer.errors import ConfigurationError
+
+    settings = settings_for(
+        kafka_bootstrap, topic, "g-none", sqlite_url, "http://127.0.0.1:1", dlq_topic="none"
+    )
+    with pytest.raises(ConfigurationError, match="IDV_DLQ_TOPIC"):
+        Daemon(settings)
+
+
+async def test_transactional_failures_turn_readiness_red_and_bound_pending_results(
+    kafka_bootstrap: str, topic: str, sqlite_url: str
+) -> None:
+    from consumer.daemon import Daemon
+
+    settings = settings_for(
+        kafka_bootstrap, topic, "g-ready", sqlite_url, "http://127.0.0.1:1", results_transactional=True
+    )
+    daemon = Daemon(settings)
+    daemon.partitions = {("t", 0): object()}  # type: ignore[dict-item]  # one assigned partition
+    assert daemon.readiness()[0]
+    daemon.sinks.txn_failures = 3
+    ready, details = daemon.readiness()
+    assert not ready and "Kafka broker unreachable" in str(details)
+    assert not daemon._results_backlogged()
+    daemon.sinks._pending_count = 2 * max(settings.max_buffered, settings.commit_every)
+    assert daemon._results_backlogged()  # the fetch loop pauses every partition
+    await daemon.sinks.start()  # (only so that the producers are closed cleanly)
+    await daemon.sinks.stop()
+
+
+async def test_two_instances_with_one_transactional_id_stop_with_a_clear_error(
+    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+) -> None:
+    """The same IDV_INSTANCE_ID twice: the fenced instance exits 2 saying so, instead of crash-looping on an
+    AssertionError; the other one goes on and finishes the topic."""
+    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
+    group = "g-" + uuid.uuid4().hex[:8]
+    env = daemon_env(
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        group=group,
+        store_url=sqlite_url,
+        provider_url=sb.url,
+        results_transactional="true",
+        instance_id="same-" + uuid.uuid4().hex[:6],
+    )
+    await publish(kafka_bootstrap, topic, make_envelopes(40, subjects=40))
+    first = start_daemon(env, tmp_path / "first.log")
+    second = None
+    try:
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
+        second = start_daemon(env, tmp_path / "second.log")  # takes the transactional id: fences the first
+        while "partitions assigned" not in second.log():
+            assert second.proc.poll() is None, second.log()[-2000:]
+            await anyio.sleep(0.1)
+        await publish(kafka_bootstrap, topic, make_envelopes(80, subjects=80))
+        code = first.wait(60)
+        assert code == 2, first.log()[-3000:]
+        assert "set IDV_INSTANCE_ID uniquely" in first.log()
+        # aiokafka's own sender futures are logged by asyncio when fenced; nothing else may fail.
+        ours = [line for line in first.log().splitlines() if '"logger":"asyncio"' not in line]
+        assert not [line for line in ours if "Traceback" in line or "AssertionError" in line]
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
+        assert second.proc.poll() is None, second.log()[-2000:]
+        second.terminate()
+        assert second.wait(30) == 0
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+
+
+async def test_a_dead_letter_that_can_never_be_written_becomes_a_stub_or_is_counted_lost(
+    kafka_bootstrap: str, topic: str
+) -> None:
+    """Non-retriable write errors are not retried forever: the original becomes a stub; if the stub is
+    refused too, the letter is counted lost and the caller moves on. Retriable ones are retried."""
+    from consumer.sinks import Sinks
+
+    sinks = Sinks(bootstrap=kafka_bootstrap, dlq_topic=f"{topic}.dlq", results_topic=None, group_id="g")
+    counted: list[tuple[str, str]] = []
+    sinks.on_unwritable = lambda sink, outcome: counted.append((sink, outcome))
+    written: list[tuple[bytes | None, bytes | None, dict[str, bytes]]] = []
+    script: list[Exception | None] = []
+
+    async def send_once(topic_: str, value: bytes | None, key: bytes | None, headers: object) -> object:
+        failure = script.pop(0)
+        if failure is None:
+            written.append((key, value, dict(headers)))  # type: ignore[call-overload]
+        return failure
+
+    sinks._send_once = send_once  # type: ignore[method-assign]
+    await sinks.start()  # real producers: a refused batch replaces them (see Sinks._replace_producer)
+    try:
+        await _stub_or_lost(sinks, topic, script, written, counted)
+    finally:
+        await sinks.stop()
+
+
+async def _stub_or_lost(
+    sinks: object,
+    topic: str,
+    script: list[Exception | None],
+    written: list[tuple[bytes | None, bytes | None, dict[str, bytes]]],
+    counted: list[tuple[str, str]],
+) -> None:
+    from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, TopicAuthorizationFailedError
+    from aiokafka.structs import ConsumerRecord
+
+    from consumer.sinks import DeadLetter, Sinks
+
+    assert isinstance(sinks, Sinks)
+    msg = ConsumerRecord(topic, 3, 42, 1700000000000, 0, b"k", b"v" * 10, None, 1, 10, (("h", b"x"),))
+    letter = DeadLetter("invalid_json", "message value is not valid JSON")
+
+    script[:] = [KafkaConnectionError(), None]  # retriable, then accepted: the original
+    assert await sinks.dead_letter(msg, letter, 0.0) == "written"
+    assert written[-1][:2] == (b"k", b"v" * 10)
+
+    script[:] = [MessageSizeTooLargeError(), None]  # never fits: a stub
+    assert await sinks.dead_letter(msg, letter, 0.0) == "stub"
+    key, value, headers = written[-1]
+    assert (key, value, "h" in headers) == (None, b"", False)
+    assert headers["idv-dlq-reason"] == b"invalid_json" and headers["idv-dlq-original-offset"] == b"42"
+    assert headers["idv-dlq-detail"].startswith(b"stub: original record too large for the dead-letter topic")
+
+    script[:] = [TopicAuthorizationFailedError(), TopicAuthorizationFailedError()]  # not even the stub
+    assert await sinks.dead_letter(msg, letter, 0.0) == "lost"
+    assert counted == [("dead_letter", "stub"), ("dead_letter", "lost")]
+    assert (sinks.stubs, sinks.lost) == (1, 1)

@@ -1,6 +1,8 @@
 """The dedupe store contract: every backend must pass the same suite.
 
-Backends: SQLite always; PostgreSQL when ``IDV_TEST_POSTGRES_URL`` is set (CI sets it). Each transition is
+Backends: SQLite and PostgreSQL, always both parametrized, so the PostgreSQL half cannot vanish from the
+collected tests: without ``IDV_TEST_POSTGRES_URL`` (or with the server down) it fails under ``CI`` and is
+skipped, with the command that starts it, elsewhere. Each transition is
 a compare-and-set; these tests pin the rules PITFALLS lists (take-over only after lease expiry, only the
 owner completes or releases, nothing deleted on error, completed records never overwritten).
 """
@@ -18,8 +20,10 @@ import pytest
 
 from consumer.errors import LeaseLost, StoreError
 from consumer.keys import HMAC_V1, Fingerprinter, fingerprint
-from consumer.store import Claim, ClaimStatus, DedupeStore, Outcome, State, open_store
+from consumer.store import Claim, ClaimStatus, DedupeStore, Outcome, Record, State, open_store
+from consumer.store.base import COLUMNS, Decision, decide_claim, dump_outcome, record_from_row
 from producer.envelope import Envelope
+from tests.conftest import service_missing
 
 pytestmark = pytest.mark.anyio
 
@@ -32,9 +36,12 @@ class FakeClock:
         return self.now
 
 
-BACKENDS = ["sqlite"]
-if os.environ.get("IDV_TEST_POSTGRES_URL"):
-    BACKENDS.append("postgres")
+BACKENDS = ["sqlite", "postgres"]
+if os.environ.get("CI") and not os.environ.get("IDV_TEST_POSTGRES_URL"):
+    # A collection error, not 13 quiet skips: CI must run the contract against PostgreSQL.
+    pytest.fail(
+        "CI is set but IDV_TEST_POSTGRES_URL is not: the PostgreSQL contract tests need it", pytrace=False
+    )
 
 
 @pytest.fixture(params=BACKENDS)
@@ -45,13 +52,16 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     else:
         url = os.environ.get("IDV_TEST_POSTGRES_URL", "")
         if not url:
-            pytest.fail("CI is set but IDV_TEST_POSTGRES_URL is not: PostgreSQL is required")
+            service_missing("PostgreSQL (IDV_TEST_POSTGRES_URL)", "bash scripts/postgres.sh start")
         # The database is shared and outlives the run, while some tests look rows up by a fixed message ID
         # or purge by (fake) time: give each test an empty schema of its own, like SQLite's fresh file.
         import asyncpg
 
         schema = "idv_contract_" + uuid.uuid4().hex[:12]
-        admin = await asyncpg.connect(url)
+        try:
+            admin = await asyncpg.connect(url, timeout=30)
+        except (OSError, asyncpg.PostgresError) as exc:
+            service_missing(f"PostgreSQL at {url} ({type(exc).__name__})", "bash scripts/postgres.sh start")
         await admin.execute(f"CREATE SCHEMA {schema}")
         url += ("&" if "?" in url else "?") + f"search_path={schema}"
     s = open_store(url)
@@ -127,6 +137,18 @@ async def test_only_owner_completes(store: DedupeStore) -> None:
     assert record.state is State.COMPLETED
     assert record.outcome == Outcome("approved", 200, "ref-1")
     assert record.owner is None
+
+
+async def test_only_owner_releases(store: DedupeStore) -> None:
+    """A live lease cannot be released by someone who never acquired it (powertools-typescript #5675)."""
+    key = _key()
+    await _claim(store, key, owner="a")
+    with pytest.raises(LeaseLost):
+        await store.release(key, "intruder", "abandoned")
+    record = await store.get(key)
+    assert record is not None
+    assert record.state is State.IN_PROGRESS and record.owner == "a" and record.last_error is None
+    assert (await _claim(store, key, owner="b")).status is ClaimStatus.BUSY
 
 
 async def test_completed_is_done_and_never_overwritten(store: DedupeStore) -> None:
@@ -421,3 +443,66 @@ async def test_a_failed_intrusion_does_not_end_the_holders_hold(store: DedupeSto
         await store.renew(key, "intruder", 30)
     # "a" still holds the key: a second handler of "a" is not let in.
     assert (await _claim(store, key, owner="a")).status is ClaimStatus.BUSY
+
+
+# -- the claim rule itself (consumer.store.base.decide_claim), shared by every backend -------------------
+
+
+def _record(state: State, *, owner: str | None = "a", lease_until: float | None = 1_000_030.0) -> Record:
+    if state is not State.IN_PROGRESS:
+        owner, lease_until = None, None
+    return Record(
+        key="k", message_id="m", operation="aml_screening", fingerprint="fp1", state=state, owner=owner,
+        lease_until=lease_until, attempts=1, outcome=None, last_error=None, created_at=1_000_000.0,
+        updated_at=1_000_000.0, expires_at=1_003_600.0,
+    )  # fmt: skip
+
+
+def _decide(existing: Record | None, *, owner: str = "a", fps: tuple[str, ...] = ("fp1",),
+            now: float = 1_000_010.0, reentrant: bool = False) -> Decision:  # fmt: skip
+    return decide_claim(existing, fingerprints=fps, owner=owner, now=now, reentrant=reentrant)
+
+
+def test_rule_new_key_is_acquired() -> None:
+    assert _decide(None) is Decision.ACQUIRE_NEW
+    assert Decision.ACQUIRE_NEW.status is ClaimStatus.ACQUIRED
+
+
+@pytest.mark.parametrize("state", list(State))
+def test_rule_checks_the_fingerprint_first_on_every_path(state: State) -> None:
+    assert _decide(_record(state), fps=("fp2",), reentrant=True) is Decision.CONFLICT
+    # A legacy fingerprint of the same request matches.
+    assert _decide(_record(state), fps=("h1:new", "fp1")) is not Decision.CONFLICT
+
+
+@pytest.mark.parametrize("state", [State.COMPLETED, State.FAILED])
+def test_rule_terminal_records_are_done(state: State) -> None:
+    assert _decide(_record(state), now=9e9, reentrant=True) is Decision.DONE
+
+
+def test_rule_live_lease_is_busy_unless_our_own_lost_claim() -> None:
+    live = _record(State.IN_PROGRESS, owner="a")
+    assert _decide(live, owner="b") is Decision.BUSY
+    assert _decide(live, owner="b", reentrant=True) is Decision.BUSY
+    assert _decide(live, owner="a") is Decision.BUSY  # another handler of ours holds or claims it
+    assert _decide(live, owner="a", reentrant=True) is Decision.REENTER
+
+
+def test_rule_expired_lease_and_released_are_taken_over() -> None:
+    expired = _record(State.IN_PROGRESS, owner="a", lease_until=1_000_010.0)  # lease_until <= now
+    assert _decide(expired, owner="b") is Decision.TAKE_OVER
+    assert _decide(expired, owner="a", reentrant=True) is Decision.TAKE_OVER  # counts a new attempt
+    assert _decide(_record(State.RELEASED), owner="b") is Decision.TAKE_OVER
+    assert {d.status for d in (Decision.TAKE_OVER, Decision.REENTER)} == {ClaimStatus.ACQUIRED}
+
+
+def test_rows_map_to_records_in_column_order() -> None:
+    record = _record(State.COMPLETED)
+    row = [getattr(record, c) for c in COLUMNS]
+    row[COLUMNS.index("state")] = "completed"
+    row[COLUMNS.index("outcome")] = dump_outcome(Outcome("approved", 200, "ref-1"))
+    mapped = record_from_row(row)
+    assert mapped.state is State.COMPLETED and mapped.outcome == Outcome("approved", 200, "ref-1")
+    assert mapped.key == "k" and mapped.expires_at == record.expires_at
+    row[COLUMNS.index("outcome")] = None
+    assert record_from_row(row).outcome is None

@@ -599,3 +599,111 @@ async def test_a_claim_retried_after_its_reply_was_lost_does_not_wait_a_lease(sc
             assert (await _claim(store, key, owner="b")).status is ClaimStatus.BUSY
             await store.complete(key, "a", Outcome("approved", 200, "ref"))
         tg.cancel_scope.cancel()
+
+
+# -- the batched writer ---------------------------------------------------------------------------------
+
+
+async def test_concurrent_transitions_share_batches(schema_url: str) -> None:
+    keys = [_key() for _ in range(64)]
+    async with PostgresStore(schema_url, max_size=4) as store:
+        claims: list[Claim] = []
+
+        async def claim(key: str) -> None:
+            claims.append(await _claim(store, key))
+
+        async with anyio.create_task_group() as tg:
+            for key in keys:
+                tg.start_soon(claim, key)
+        assert [c.status for c in claims] == [ClaimStatus.ACQUIRED] * 64
+        assert store.batches < 64  # many claims per statement
+        done: list[State | str] = []
+
+        async def complete(key: str) -> None:
+            try:
+                done.append((await store.complete(key, "a", Outcome("approved", 200, key[-6:]))).state)
+            except LeaseLost:
+                done.append("lease lost")
+
+        async with anyio.create_task_group() as tg:
+            for key in keys:
+                tg.start_soon(complete, key)
+            tg.start_soon(complete, keys[0])  # the same key twice: run one after the other, in order
+        assert done.count(State.COMPLETED) == 64 and done.count("lease lost") == 1
+        for key in keys:
+            record = await store.get(key)
+            assert record is not None and record.outcome == Outcome("approved", 200, key[-6:])
+
+
+async def test_a_failed_batch_fails_every_caller_in_it(schema_url: str) -> None:
+    async with anyio.create_task_group() as tg:
+        proxy = TcpProxy(*_upstream(schema_url))
+        await proxy.start(tg)
+        async with PostgresStore(proxy.url(schema_url), connect_timeout=2, max_size=2) as store:
+            assert (await _claim(store, _key())).status is ClaimStatus.ACQUIRED
+            proxy.stop()
+            errors: list[BaseException] = []
+
+            async def claim() -> None:
+                try:
+                    await _claim(store, _key())
+                except StoreError as exc:
+                    errors.append(exc)
+
+            async with anyio.create_task_group() as inner:
+                for _ in range(10):
+                    inner.start_soon(claim)
+            assert len(errors) == 10 and len({id(e) for e in errors}) == 10  # one error each
+            assert all(e.__cause__ is not None for e in errors)
+            await proxy.start(tg)
+            assert (await _retry_store(lambda: _claim(store, _key()))).status is ClaimStatus.ACQUIRED
+        proxy.stop()
+
+
+async def test_a_caller_cancelled_while_its_batch_runs_still_gets_the_answer(schema_url: str) -> None:
+    key = _key()
+    async with PostgresStore(schema_url) as store:
+        await _claim(store, key)
+        locker = await _lock_row(schema_url, key)
+        got: list[Any] = []
+        scope = anyio.CancelScope()
+
+        async def complete() -> None:
+            with scope:
+                got.append(await store.complete(key, "a", Outcome("approved", 200, "ref")))
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(complete)
+                await _wait_until_blocked(locker)  # the batch's UPDATE waits for the row lock
+                scope.cancel()
+                await anyio.sleep(0.1)
+                assert not got  # still waiting for its batch, not gone
+                await locker.close()
+        finally:
+            if not locker.is_closed():
+                await locker.close()
+        assert got and got[0].state is State.COMPLETED
+        record = await store.get(key)
+        assert record is not None and record.state is State.COMPLETED
+
+
+async def test_a_keys_operations_run_in_order_across_kinds(schema_url: str) -> None:
+    """Queued together: claim(k2), complete(k1), claim(k1). The claim of k1 must not join k2's claim
+    batch ahead of k1's complete: it runs after it and finds k1 DONE."""
+    k1, k2 = _key(), _key()
+    async with PostgresStore(schema_url) as store:
+        assert (await _claim(store, k1)).status is ClaimStatus.ACQUIRED
+        got: dict[str, Any] = {}
+
+        async def claim(name: str, key: str, owner: str) -> None:
+            got[name] = (await _claim(store, key, owner=owner)).status
+
+        async def complete() -> None:
+            got["complete"] = (await store.complete(k1, "a", Outcome("approved", 200, "ref"))).state
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(claim, "k2", k2, "b")
+            tg.start_soon(complete)
+            tg.start_soon(claim, "k1", k1, "b")
+        assert got == {"k2": ClaimStatus.ACQUIRED, "complete": State.COMPLETED, "k1": ClaimStatus.DONE}

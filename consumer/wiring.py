@@ -1,0 +1,207 @@
+"""Builders shared by the two entry points (the daemon and the replay/dlq tools): one way to wire them.
+
+* :func:`build_provider`, :func:`build_processor`, :func:`build_sinks` — the provider client, the
+  pipeline and the dead-letter/results producer, built from :class:`~consumer.settings.Settings`.
+* :func:`owner_id` — the lease owner of one process (``instance:pid:random``, prefixed for the tools).
+* :func:`kafka_consumer`, :func:`check_broker`, :func:`start_consumer`, :func:`stop_consumer` — the
+  Kafka consumer with the options that decide the guarantee (manual commits, ``read_committed``), a clear
+  line instead of aiokafka's "Unable to bootstrap", and the aiokafka 0.14 stop-after-start quirk.
+* :func:`lane_of` — the ordering rule: same key in the same partition → one lane, offset order.
+* :func:`watch_signals` — SIGTERM/SIGINT, once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import anyio
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
+
+from consumer.breaker import BreakerState
+from consumer.errors import BrokerUnavailable, ConfigurationError, ConsumerError
+from consumer.faults import FaultPoints
+from consumer.pipeline import Processor, Stats
+from consumer.provider import ProviderClient
+from consumer.security import check_kafka_connection
+from consumer.settings import Settings
+from consumer.sinks import Sinks
+from consumer.store import DedupeStore
+
+__all__ = [
+    "build_processor",
+    "build_provider",
+    "build_sinks",
+    "check_broker",
+    "kafka_consumer",
+    "lane_of",
+    "owner_id",
+    "start_consumer",
+    "stop_consumer",
+    "transactional_id",
+    "watch_signals",
+]
+
+
+# -- pipeline ------------------------------------------------------------------------------------------
+
+
+def owner_id(settings: Settings, prefix: str | None = None) -> str:
+    """The lease owner of this process: unique per process, so two processes never share a lease."""
+    base = f"{settings.instance_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{prefix}:{base}" if prefix else base
+
+
+def build_provider(
+    settings: Settings,
+    *,
+    on_breaker_change: Callable[[BreakerState], None] | None = None,
+    on_attempt: Callable[[int | None, float], None] | None = None,
+) -> ProviderClient:
+    """The provider client: the settings' timeouts, retries, connection pool and circuit breaker."""
+    return ProviderClient.from_settings(settings, on_breaker_change=on_breaker_change, on_attempt=on_attempt)
+
+
+def build_processor(
+    settings: Settings,
+    store: DedupeStore,
+    provider: ProviderClient,
+    *,
+    owner: str,
+    want_records: bool,
+    ignore_key_retention: bool = False,
+    faults: FaultPoints | None = None,
+    stats: Stats | None = None,
+    on_store_op: Callable[[str, float], None] | None = None,
+) -> Processor:
+    """The pipeline (decode → key → claim → call → record) with the settings' namespace, lease and limits."""
+    return Processor(
+        store=store,
+        provider=provider,
+        owner=owner,
+        namespace=settings.namespace,
+        lease_s=settings.lease_s,
+        retention_s=settings.retention_s,
+        max_message_bytes=settings.max_message_bytes,
+        faults=faults,
+        stats=stats,
+        want_records=want_records,
+        on_store_op=on_store_op,
+        fingerprint_key=settings.fingerprint_key,
+        provider_key_retention_s=settings.provider_key_retention_s,
+        ignore_key_retention=ignore_key_retention,
+    )
+
+
+def transactional_id(settings: Settings) -> str | None:
+    """The daemon's transactional ID with ``IDV_RESULTS_TRANSACTIONAL=true``, else None.
+
+    Stable across restarts of this instance, so a restarted process fences (and aborts the open
+    transaction of) its SIGKILLed predecessor. Must be unique among live instances.
+    """
+    if not settings.results_transactional:
+        return None
+    return f"idv-{settings.group_id}-{settings.instance_id}"
+
+
+def build_sinks(
+    settings: Settings,
+    *,
+    dlq_topic: str | None,
+    group_id: str,
+    transactional_id: str | None = None,
+    security: dict[str, Any] | None = None,
+) -> Sinks:
+    """The dead-letter and results producer, labelling dead letters with ``group_id``. ``security`` is
+    :meth:`Settings.kafka_security`, when the caller already built it (it loads the TLS files)."""
+    return Sinks(
+        bootstrap=settings.kafka_bootstrap,
+        dlq_topic=dlq_topic,
+        results_topic=settings.result_topic,
+        group_id=group_id,
+        producer_kwargs=settings.kafka_security() if security is None else security,
+        transactional_id=transactional_id,
+    )
+
+
+# -- Kafka consumer ------------------------------------------------------------------------------------
+
+
+def kafka_consumer(
+    settings: Settings,
+    *,
+    group_id: str | None,
+    client_id: str,
+    auto_offset_reset: str,
+    max_poll_records: int,
+    security: dict[str, Any] | None = None,
+    **options: Any,
+) -> AIOKafkaConsumer:
+    """A consumer that never commits on its own and never reads uncommitted transactional records.
+    ``options`` are further :class:`~aiokafka.AIOKafkaConsumer` arguments (timeouts)."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group_id,
+        client_id=client_id,
+        enable_auto_commit=False,
+        auto_offset_reset=auto_offset_reset,
+        max_poll_records=max_poll_records,
+        isolation_level="read_committed",
+        **(settings.kafka_security() if security is None else security),
+        **options,
+    )
+
+
+async def check_broker(settings: Settings, security: dict[str, Any] | None = None) -> None:
+    """One clear line for a wrong address, port, protocol, certificate or password (aiokafka itself only
+    says "Unable to bootstrap"); raises :class:`~consumer.errors.BrokerUnavailable`."""
+    security = settings.kafka_security() if security is None else security
+    try:
+        await check_kafka_connection(settings.kafka_bootstrap, security)
+    except ConfigurationError as exc:
+        raise BrokerUnavailable(str(exc)) from None
+
+
+async def start_consumer(
+    consumer: AIOKafkaConsumer,
+    settings: Settings,
+    unreachable: Callable[[str], ConsumerError] = BrokerUnavailable,
+) -> None:
+    """Start ``consumer``; when Kafka cannot be reached, stop it and raise ``unreachable(message)``."""
+    try:
+        await consumer.start()
+    except KafkaError as exc:
+        await consumer.stop()
+        raise unreachable(f"cannot reach Kafka at {settings.kafka_bootstrap}: {type(exc).__name__}") from None
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """Stop ``consumer``, shielded from cancellation."""
+    # aiokafka 0.14: stop() right after start() can meet a background task cancelled before it ran.
+    await anyio.lowlevel.checkpoint()
+    with anyio.CancelScope(shield=True):
+        await consumer.stop()
+
+
+# -- ordering and signals ------------------------------------------------------------------------------
+
+
+def lane_of(tp: TopicPartition, msg: ConsumerRecord) -> Hashable:
+    """The lane of ``msg`` (of partition ``tp``): messages of one lane run one after another in offset
+    order. Same key, same partition → same lane. No key → a lane of its own: no ordering promise."""
+    if msg.key is None:
+        return (tp, None, msg.offset)
+    return (tp, msg.key)
+
+
+async def watch_signals(on_signal: Callable[[signal.Signals], None]) -> None:
+    """Wait for SIGTERM or SIGINT, call ``on_signal`` with it once, and return."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            on_signal(signal.Signals(signum))
+            return
