@@ -341,7 +341,7 @@ class SandboxApp:
         burst = changes.get("burst")
         if "per_minute" in changes and changes["per_minute"] is None and "per_second" not in changes:
             self.limiter = None
-            logger.info("rate limit off")
+            log.info("rate limit off")
             return json_response(200, self._rate_limit_state())
         valid_rate = (
             isinstance(per_minute, int | float) and not isinstance(per_minute, bool) and per_minute > 0
@@ -356,7 +356,7 @@ class SandboxApp:
             self.limiter = RateLimiter(per_minute, self._clock, burst)
         else:
             self.limiter.configure(per_minute, burst)
-        logger.info("rate limit set to %g/min, burst %s", per_minute, burst)
+        log.info("rate limit set to %g/min, burst %s", per_minute, burst)
         return json_response(200, self._rate_limit_state())
 
     def _set_faults(self, body: bytes) -> Response:
