@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import gc
 
-__all__ = ["collect_young", "tune_gc"]
+import anyio
+
+__all__ = ["collect_young", "collect_young_forever", "tune_gc"]
 
 FIRST_GENERATION_THRESHOLD = 10_000
 
@@ -31,3 +33,11 @@ def tune_gc() -> None:
 def collect_young() -> int:
     """Collect the two younger generations (cheap: they hold at most ~10,000 objects each)."""
     return gc.collect(1)
+
+
+async def collect_young_forever(interval_s: float = 1.0) -> None:
+    """Run :func:`collect_young` every ``interval_s``: cyclic garbage holding fetch buffers is freed
+    within a second (the daemon runs this in its task group)."""
+    while True:
+        await anyio.sleep(interval_s)
+        collect_young()

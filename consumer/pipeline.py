@@ -31,11 +31,9 @@ The order is what makes exactly-once hold (see docs/guarantees.md):
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
@@ -52,9 +50,9 @@ from consumer.errors import (
 from consumer.faults import FaultPoints
 from consumer.keys import Fingerprinter, idempotency_key, key_hash
 from consumer.logs import message_context
+from consumer.model import DeadLetter, Disposition, Handled, Stats
 from consumer.provider import CallProgress, CallResult, ProviderClient
 from consumer.settings import LEASE_SLACK_S
-from consumer.sinks import DeadLetter
 from consumer.store.base import ClaimStatus, DedupeStore, Record, State
 from producer.envelope import Operation, canonical_request, decode, get_operation
 from producer.errors import EnvelopeError, VerificationError
@@ -62,39 +60,8 @@ from producer.errors import EnvelopeError, VerificationError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Disposition, Handled and Stats are re-exported for older callers (consumer/replay.py).
 __all__ = ["Disposition", "Handled", "Processor", "Stats"]
-
-
-class Disposition(enum.Enum):
-    COMPLETED = "completed"  # provider answered 2xx; outcome recorded
-    FAILED = "failed"  # provider answered a terminal 4xx; failed outcome recorded
-    DUPLICATE = "duplicate"  # key already COMPLETED/FAILED: skipped, provider not called
-    CONFLICT = "conflict"  # same message ID, different payload: recorded, provider not called
-    INVALID = "invalid"  # not a valid envelope: logged (no payload), set aside
-    SET_ASIDE = "set_aside"  # provider kept failing past the retry ceiling: lease released, set aside
-    IN_DOUBT = "in_doubt"  # the provider may have acted, the outcome is unknown: set aside for an operator
-    ERROR = "error"  # an unexpected exception in the consumer: dead-lettered (internal_error)
-
-
-@dataclass(slots=True)
-class Handled:
-    """What became of one message. ``dead_letter`` is set for messages to set aside; ``record`` (the stored
-    COMPLETED/FAILED record) for messages whose outcome event should be published."""
-
-    disposition: Disposition
-    dead_letter: DeadLetter | None = None
-    record: Record | None = None
-    subject_id: str | None = None
-
-
-@dataclass
-class Stats:
-    consumed: int = 0
-    by_disposition: dict[str, int] = field(default_factory=lambda: {d.value: 0 for d in Disposition})
-    invalid_by_reason: dict[str, int] = field(default_factory=dict)
-
-    def count(self, disposition: Disposition) -> None:
-        self.by_disposition[disposition.value] += 1
 
 
 _STORE_RETRY_MAX_S = 5.0

@@ -125,7 +125,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="drop-dlq-write",
         rule="a set-aside message is on the dead-letter topic before its offset is marked done",
-        file="consumer/sinks.py",
+        file="consumer/sinks/deadletters.py",
         old='            await self._send("dead letter", self.dlq_topic, value, msg.key, headers)\n',
         new="            pass  # mutant: the dead letter is never written\n",
         tests=(
@@ -142,9 +142,9 @@ MUTANTS += (
     Mutant(
         name="outage-never-pauses",
         rule="a full buffer (open breaker) pauses the partitions instead of fetching on",
-        file="consumer/daemon.py",
-        old="                        consumer.pause(*consumer.assignment())\n",
-        new="                        pass  # mutant: the partitions are never paused\n",
+        file="consumer/flow.py",
+        old="            self.consumer.pause(*self.consumer.assignment())\n",
+        new="            pass  # mutant: the partitions are never paused\n",
         tests=(f"{FAILURES}::test_a_provider_outage_pauses_every_partition_and_resumes_after_it",),
     ),
     Mutant(

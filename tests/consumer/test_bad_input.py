@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from consumer.keys import fingerprint, idempotency_key
-from consumer.sinks import DLQ_REASONS, DeadLetter
+from consumer.model import DLQ_REASONS, DeadLetter
 from producer.envelope import OPERATIONS, Envelope, decode, encode, validate_fields
 from producer.errors import EnvelopeError
 from tests.conftest import create_topic, random_topic_name

@@ -39,6 +39,7 @@ import producer.envelope as envelope_module
 import producer.errors as errors_module
 from consumer import sinks
 from consumer.settings import Settings
+from consumer.sinks import results
 from consumer.store.base import Outcome, Record, State
 from producer.contract import (
     CONTRACT_FILES,
@@ -581,8 +582,8 @@ def test_asyncapi_result_message_matches_the_sinks(asyncapi: dict[str, Any]) -> 
     message = asyncapi["components"]["messages"]["verificationResult"]
     assert message["payload"]["schema"]["$ref"] == "./result.schema.json"
     assert message["headers"]["required"] == [HEADER_MESSAGE_ID]
-    # The results header literal in consumer/sinks.py is the envelope's header name.
-    assert set(re.findall(r'\("(idv-[a-z-]+)", (?:record\.)?message_id', inspect.getsource(sinks))) == {
+    # The results header literal in consumer/sinks/results.py is the envelope's header name.
+    assert set(re.findall(r'\("(idv-[a-z-]+)", (?:record\.)?message_id', inspect.getsource(results))) == {
         HEADER_MESSAGE_ID
     }
 
