@@ -122,6 +122,35 @@ def status(key: str | None) -> None:
     _with_store(show)
 
 
+@main.command("show")
+@click.argument("message_id")
+@click.option("--operation", default=None, help="The request's operation (default: every registered one).")
+@click.option(
+    "--since",
+    default="7d",
+    show_default=True,
+    help="Scan the dead-letter and results topics from this time (ISO 8601, or 2h, 7d).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def show_message(message_id: str, operation: str | None, since: str, as_json: bool) -> None:
+    """One request's story: its dedupe records (every key generation), conflicts, dead letters and result
+    events with their partition/offset. Never payloads; keys are shown hashed. Exit 1 when nothing is found.
+    """
+    from consumer.tools.show import Story, show
+
+    settings = _settings(require_key=False)
+    _tool_logging(settings, False)
+    start, _ = _times(since, None)
+    assert start is not None
+
+    async def main_() -> Story:
+        return await show(settings, message_id, operation=operation, since=start)
+
+    story = _run_tool(main_)
+    click.echo(orjson.dumps(story.to_json()).decode() if as_json else story.text())
+    sys.exit(0 if story.found else 1)
+
+
 @main.command()
 def purge() -> None:
     """Delete dedupe records past IDV_RETENTION_S now (the daemon also does it every IDV_PURGE_INTERVAL_S)."""

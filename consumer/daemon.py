@@ -105,7 +105,10 @@ class Daemon:
         self.progress = PartitionProgress()
         self.store = store or open_store(settings.store_url)
         self.provider = provider or wiring.build_provider(
-            settings, on_breaker_change=self.metrics.circuit, on_attempt=self._on_attempt
+            settings,
+            on_breaker_change=self.metrics.circuit,
+            on_attempt=self._on_attempt,
+            on_replay=self.metrics.provider_replay,
         )
         if self.provider.gate is not None:
             gate = self.provider.gate

@@ -5,6 +5,8 @@
     GET /metrics   the daemon's metrics, Prometheus text format
     GET /healthz   200 while the event loop runs (a blocked loop cannot answer: the probe times out)
     GET /readyz    200 or 503 with a JSON body saying why (see readiness_report)
+    GET /          a read-only status page (HTML, no scripts or external assets, refreshes every 5 s)
+    GET /status.json  the page's figures (Metrics.snapshot) and the readiness details
 
 :class:`HealthServer` is an anyio task (``await tg.start(server.serve)``) serving HTTP/1.1 with
 aiohttp's low-level server (``aiohttp.web.Server``): aiohttp parses the requests, limits line, header and
@@ -26,10 +28,11 @@ else looks fine is the failure that hides longest (PITFALLS: quix-streams #1124)
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -52,6 +55,7 @@ __all__ = [
     "PartitionProgress",
     "Readiness",
     "readiness_report",
+    "status_page",
 ]
 
 DEFAULT_HOST = "127.0.0.1"
@@ -67,6 +71,13 @@ _MAX_CONNECTIONS = 64  # open connections; more get an immediate 503 and are clo
 _BACKLOG = 64
 _SHUTDOWN_TIMEOUT_S = 2.0  # requests still running when the server stops get this long
 _JSON = "application/json"
+_HTML = "text/html; charset=utf-8"
+# The page needs nothing but its own inline style: no scripts, no images, no frames, no forms.
+_PAGE_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+_ROUTES = ("/", "/status.json", "/metrics", "/healthz", "/readyz")
 _REFUSED = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
     b"content-length: 28\r\ncache-control: no-store\r\nconnection: close\r\n\r\n"
@@ -394,12 +405,15 @@ class HealthServer:
             log.exception("health endpoint failed to answer %s", request.path)
             response = _json(500, {"error": "internal"})
         headers = {"Content-Type": response.content_type, "Cache-Control": "no-store"}
+        if response.content_type == _HTML:
+            headers["Content-Security-Policy"] = _PAGE_CSP
+            headers["X-Content-Type-Options"] = "nosniff"
         if response.status == 405:
             headers["Allow"] = "GET, HEAD"
         return web.Response(status=response.status, body=response.body, headers=headers)
 
     def _route(self, method: str, path: str) -> _Response:
-        if path not in ("/metrics", "/healthz", "/readyz"):
+        if path not in _ROUTES:
             return _json(404, {"error": "not_found"})
         if method not in ("GET", "HEAD"):
             return _json(405, {"error": "method_not_allowed"})
@@ -409,7 +423,24 @@ class HealthServer:
             if self.metrics is None:
                 return _json(404, {"error": "metrics_disabled"})
             return _Response(200, self.metrics.render(), CONTENT_TYPE)
+        if path in ("/", "/status.json"):
+            if self.metrics is None:
+                return _json(404, {"error": "metrics_disabled"})
+            status = self._status()
+            if path == "/":
+                return _Response(200, status_page(status).encode(), _HTML)
+            return _json(200, status)
         return self._ready()
+
+    def _status(self) -> dict[str, Any]:
+        assert self.metrics is not None
+        out = self.metrics.snapshot()
+        ready = self._ready()
+        try:
+            out["readiness"] = orjson.loads(ready.body)
+        except orjson.JSONDecodeError:
+            out["readiness"] = {"ready": ready.status == 200}
+        return out
 
     def _ready(self) -> _Response:
         if self.readiness is None:
@@ -423,3 +454,79 @@ class HealthServer:
             return _json(200 if ready else 503, details)
         except TypeError:
             return _json(503, {"ready": False, "reasons": ["readiness details are not JSON-serialisable"]})
+
+
+# -- status page ---------------------------------------------------------------------------------------
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
+h1{font-size:1.3em;margin:0 0 .2em}h2{font-size:1.05em;margin:1.2em 0 .3em}
+table{border-collapse:collapse;background:#fff}td,th{border:1px solid #ddd;padding:.25em .7em;text-align:left}
+td.n{text-align:right;font-variant-numeric:tabular-nums}.ok{color:#176b2c}.bad{color:#b3261e;font-weight:600}
+.cards{display:flex;gap:1em;flex-wrap:wrap;margin-top:.8em}
+.card{background:#fff;border:1px solid #ddd;padding:.5em 1em}
+.card b{display:block;font-size:1.4em}small{color:#666}
+"""
+
+
+def _table(head: tuple[str, ...], rows: Sequence[tuple[object, ...]], cls: str) -> str:
+    if not rows:
+        return f'<p class="{cls}"><small>none</small></p>'
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            (f'<td class="n">{c}</td>' if isinstance(c, int) else f"<td>{html.escape(str(c))}</td>")
+            for c in row
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def status_page(status: dict[str, Any]) -> str:
+    """The status page for ``status`` (``/status.json``'s content): every value escaped, no scripts, no
+    external assets, ``<meta http-equiv="refresh">`` every 5 s."""
+    e = html.escape
+    ready = status.get("readiness") or {}
+    is_ready = bool(ready.get("ready"))
+    breaker = str(status.get("breaker", "?"))
+    cards = [
+        ("ready", "yes" if is_ready else "no", "ok" if is_ready else "bad", "ready"),
+        ("circuit breaker", breaker, "ok" if breaker == "closed" else "bad", "breaker"),
+        ("in flight", status.get("in_flight", 0), "", "in-flight"),
+        ("in doubt", status.get("in_doubt", 0), "bad" if status.get("in_doubt") else "", "in-doubt"),
+        ("provider replays", status.get("provider_replays", 0), "", "replays"),
+    ]
+    card_html = "".join(
+        f'<div class="card" id="{e(ident)}"><small>{e(label)}</small>'
+        f'<b class="{cls}">{e(str(value))}</b></div>'
+        for label, value, cls, ident in cards
+    )
+    reasons = "".join(f"<li>{e(str(r))}</li>" for r in ready.get("reasons") or ())
+    partitions = [
+        (str(p.get("topic")), p.get("partition"), p.get("committed", "-"), p.get("lag", "-"))
+        for p in status.get("partitions") or ()
+    ]
+    outcomes = sorted((str(k), v) for k, v in (status.get("outcomes") or {}).items())
+    dispositions = sorted((str(k), v) for k, v in (status.get("dispositions") or {}).items())
+    letters = sorted((str(k), v) for k, v in (status.get("dead_letters") or {}).items())
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta http-equiv="refresh" content="5"><meta name="viewport" content="width=device-width">'
+        f"<title>idv-consumer status</title><style>{_CSS}</style></head><body>"
+        "<h1>idv-consumer</h1><small>read-only; refreshes every 5 s; "
+        '<a href="/status.json">status.json</a> · <a href="/metrics">metrics</a></small>'
+        f'<div class="cards">{card_html}</div>'
+        + (f'<ul class="bad" id="reasons">{reasons}</ul>' if reasons else "")
+        + "<h2>Partitions</h2>"
+        + _table(("topic", "partition", "committed offset", "lag"), partitions, "partitions")
+        + "<h2>Outcomes by status</h2>"
+        + _table(("status", "count"), outcomes, "outcomes")
+        + "<h2>Finished by disposition</h2>"
+        + _table(("disposition", "count"), dispositions, "dispositions")
+        + "<h2>Dead letters by reason</h2>"
+        + _table(("reason", "count"), letters, "dead-letters")
+        + "</body></html>"
+    )

@@ -20,6 +20,7 @@ import enum
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -60,6 +61,7 @@ METRIC_NAMES = (
     "idv_provider_calls_total",
     "idv_provider_call_duration_seconds",
     "idv_provider_retries_total",
+    "idv_provider_replays_total",
     "idv_messages_in_flight",
     "idv_committed_offset",
     "idv_consumer_lag",
@@ -188,6 +190,12 @@ class Metrics:
         self._provider_retries = Counter(
             "idv_provider_retries", "Provider attempts that were retries of an earlier attempt.", registry=r
         )
+        self._provider_replays = Counter(
+            "idv_provider_replays",
+            "Provider answers carrying Idempotent-Replayed: true (the provider answered from its idempotency "
+            "cache: an earlier attempt with this key had reached it).",
+            registry=r,
+        )
         self._in_flight = Gauge(
             "idv_messages_in_flight",
             "Messages between fetch and done, running or waiting behind their key (max IDV_MAX_BUFFERED).",
@@ -293,6 +301,9 @@ class Metrics:
     def provider_retry(self) -> None:
         self._provider_retries.inc()
 
+    def provider_replay(self) -> None:
+        self._provider_replays.inc()
+
     def circuit(self, state: int | str) -> None:
         """Circuit-breaker state: 0/'closed', 1/'half_open', 2/'open' (a ``BreakerState`` works as is,
         so ``CircuitBreaker(on_change=metrics.circuit)``)."""
@@ -351,6 +362,48 @@ class Metrics:
         return _StoreTimer(self._store_child(op))
 
     # -- exposition ----------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The figures of the status page (``/`` and ``/status.json``), read from the same samples as
+        :meth:`render`: partitions with committed offset and lag, outcomes by status, finished messages by
+        disposition, dead letters by reason, in-doubt, breaker state, in-flight, provider replays."""
+
+        def samples(metric: Counter | Gauge, name: str) -> list[tuple[dict[str, str], float]]:
+            return [(s.labels, s.value) for f in metric.collect() for s in f.samples if s.name == name]
+
+        parts: dict[tuple[str, int], dict[str, Any]] = {}
+        for field, gauge, name in (
+            ("committed", self._committed, "idv_committed_offset"),
+            ("lag", self._lag, "idv_consumer_lag"),
+        ):
+            for labels, value in samples(gauge, name):
+                key = (labels["topic"], int(labels["partition"]))
+                parts.setdefault(key, {"topic": key[0], "partition": key[1], "committed": None, "lag": None})
+                parts[key][field] = int(value)
+        outcomes: dict[str, int] = {}
+        dispositions: dict[str, int] = {}
+        for labels, value in samples(self._finished, "idv_messages_finished_total"):
+            d, s = labels["disposition"], labels["status"]
+            dispositions[d] = dispositions.get(d, 0) + int(value)
+            if s != _NONE:
+                outcomes[s] = outcomes.get(s, 0) + int(value)
+
+        def one(metric: Counter | Gauge, name: str) -> int:
+            return int(sum(value for _, value in samples(metric, name)))
+
+        state = one(self._circuit, "idv_circuit_breaker_state")
+        return {
+            "partitions": [parts[k] for k in sorted(parts)],
+            "outcomes": dict(sorted(outcomes.items())),
+            "dispositions": dict(sorted(dispositions.items())),
+            "dead_letters": {
+                lbl["reason"]: int(v) for lbl, v in samples(self._dead_letters, "idv_dead_letters_total")
+            },
+            "in_doubt": one(self._in_doubt, "idv_in_doubt_total"),
+            "breaker": {0: "closed", 1: "half_open", 2: "open"}.get(state, str(state)),
+            "in_flight": one(self._in_flight, "idv_messages_in_flight"),
+            "provider_replays": one(self._provider_replays, "idv_provider_replays_total"),
+        }
 
     def render(self) -> bytes:
         """All samples in the Prometheus text format (serve with :data:`CONTENT_TYPE`)."""

@@ -4,17 +4,94 @@
 letter to write or the stored record whose result event to publish), :class:`DeadLetter` says why a
 message is set aside (one of :data:`DLQ_REASONS`), :class:`Stats` counts dispositions.
 
-(``Outcome``, ``Record``, ``Claim`` and ``ClaimStatus`` still live in :mod:`consumer.store.base`.)
+The store's values live here too, so that the provider client, the sinks and the tools need not import
+the store to speak of them: :class:`Outcome` (what the provider answered, no personal data), the record
+:class:`State`, :class:`Record`, and a claim's result (:class:`Claim`, :class:`ClaimStatus`).
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
-from consumer.store.base import Record
+__all__ = [
+    "DLQ_REASONS",
+    "Claim",
+    "ClaimStatus",
+    "DeadLetter",
+    "Disposition",
+    "Handled",
+    "Outcome",
+    "Record",
+    "State",
+    "Stats",
+]
 
-__all__ = ["DLQ_REASONS", "DeadLetter", "Disposition", "Handled", "Stats"]
+
+class State(enum.StrEnum):
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    RELEASED = "released"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the provider answered, reduced to what downstream needs; no personal data."""
+
+    status: str  # approved | declined | review | created | failed
+    http_status: int | None = None
+    provider_reference: str | None = None
+    detail: str | None = None  # a short code such as "validation_error" for failed outcomes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "http_status": self.http_status,
+            "provider_reference": self.provider_reference,
+            "detail": self.detail,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Outcome:
+        return cls(
+            status=str(data["status"]),
+            http_status=data.get("http_status"),
+            provider_reference=data.get("provider_reference"),
+            detail=data.get("detail"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    key: str
+    message_id: str
+    operation: str
+    fingerprint: str
+    state: State
+    owner: str | None
+    lease_until: float | None
+    attempts: int
+    outcome: Outcome | None
+    last_error: str | None
+    created_at: float
+    updated_at: float
+    expires_at: float
+
+
+class ClaimStatus(enum.Enum):
+    ACQUIRED = "acquired"  # we own the lease: call the provider
+    DONE = "done"  # completed or failed before: do not call again
+    BUSY = "busy"  # another owner holds a live lease: wait for it
+    CONFLICT = "conflict"  # same key, different fingerprint: never call
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    status: ClaimStatus
+    record: Record
+
 
 DLQ_REASONS = (
     "invalid_encoding",

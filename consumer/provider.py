@@ -54,7 +54,7 @@ from consumer.errors import (
     ProviderRetriableError,
     RetriesExhausted,
 )
-from consumer.store.base import Outcome
+from consumer.model import Outcome
 from producer.envelope import Operation
 
 if TYPE_CHECKING:
@@ -254,6 +254,7 @@ class ProviderClient:
         on_attempt: Callable[[int | None, float], None] | None = None,
         retry_after_max_s: float = 60.0,
         gate: ProviderGate | None = None,
+        on_replay: Callable[[], None] | None = None,
     ) -> None:
         self.breaker = breaker
         # Concurrency limit and client-side rate limit of attempts (consumer/concurrency.py); None = none.
@@ -263,6 +264,9 @@ class ProviderClient:
         self.retry_after_max_s = retry_after_max_s
         # Called after every attempt with (HTTP status or None for a transport error, seconds): metrics.
         self.on_attempt = on_attempt
+        # Called for a success answer carrying Idempotent-Replayed: true (the provider had already acted on
+        # this key and answered from its cache: an earlier attempt reached it): metrics.
+        self.on_replay = on_replay
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
@@ -342,6 +346,7 @@ class ProviderClient:
         *,
         on_breaker_change: Callable[[BreakerState], None] | None = None,
         on_attempt: Callable[[int | None, float], None] | None = None,
+        on_replay: Callable[[], None] | None = None,
     ) -> ProviderClient:
         """The client the daemon and the replay tool use: settings' timeouts, retries, pool and breaker."""
         breaker = CircuitBreaker(
@@ -366,6 +371,7 @@ class ProviderClient:
             transport_kind=settings.provider_transport,
             retry_after_max_s=settings.provider_retry_after_max_s,
             gate=gate_from_settings(settings),
+            on_replay=on_replay,
         )
 
     async def _acquire(self, keep_alive: Callable[[], Awaitable[None]] | None, every: float) -> bool:
@@ -468,6 +474,12 @@ class ProviderClient:
                 if self.on_attempt is not None:
                     self.on_attempt(response.status_code, elapsed)
                 if kind == "ok":
+                    if response.headers.get("idempotent-replayed", "").lower() == "true":
+                        log.info(
+                            "provider answer replayed from its idempotency cache", extra={"replayed": True}
+                        )
+                        if self.on_replay is not None:
+                            self.on_replay()
                     try:
                         parsed = orjson.loads(response.content)
                     except orjson.JSONDecodeError:

@@ -62,9 +62,12 @@ def build_provider(
     *,
     on_breaker_change: Callable[[BreakerState], None] | None = None,
     on_attempt: Callable[[int | None, float], None] | None = None,
+    on_replay: Callable[[], None] | None = None,
 ) -> ProviderClient:
     """The provider client: the settings' timeouts, retries, connection pool and circuit breaker."""
-    return ProviderClient.from_settings(settings, on_breaker_change=on_breaker_change, on_attempt=on_attempt)
+    return ProviderClient.from_settings(
+        settings, on_breaker_change=on_breaker_change, on_attempt=on_attempt, on_replay=on_replay
+    )
 
 
 def build_processor(

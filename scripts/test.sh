@@ -8,15 +8,22 @@ PY="${PYTHON:-python3}"
 
 echo "==> installing the package with test extras"
 "$PY" -m pip install -q -e '.[test,postgres]' 2>&1 | grep -v "Running pip as the 'root' user" || true
-# kcat (an independent Kafka client), docker-compose (the Compose parser) and promtool (Debian package
-# prometheus: checks and unit-tests the alert rules) for the tests that use them.
+# kcat (an independent Kafka client), docker-compose (the Compose parser), promtool (Debian package
+# prometheus: checks and unit-tests the alert rules) and chromium (the status-page browser test) for the
+# tests that use them.
 missing=()
 command -v kcat >/dev/null || missing+=(kcat)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v promtool >/dev/null || missing+=(prometheus)
+command -v chromium >/dev/null || missing+=(chromium)
 if [[ ${#missing[@]} -gt 0 ]]; then
     echo "==> apt-get install ${missing[*]}"
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } || true
+fi
+
+if [[ -f tests/browser/package-lock.json ]] && command -v npm >/dev/null; then
+    echo "==> npm ci in tests/browser (playwright-core for the status-page test)"
+    (cd tests/browser && npm ci --no-audit --no-fund --silent) || true
 fi
 
 echo "==> starting Apache Kafka"

@@ -32,12 +32,12 @@ import abc
 import enum
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from typing import Any, Self
 
 import orjson
 
 from consumer.errors import LeaseLost
+from consumer.model import Claim, ClaimStatus, Outcome, Record, State
 
 __all__ = [
     "COLUMNS",
@@ -54,70 +54,6 @@ __all__ = [
     "load_outcome",
     "record_from_row",
 ]
-
-
-class State(enum.StrEnum):
-    IN_PROGRESS = "in_progress"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    RELEASED = "released"
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What the provider answered, reduced to what downstream needs; no personal data."""
-
-    status: str  # approved | declined | review | created | failed
-    http_status: int | None = None
-    provider_reference: str | None = None
-    detail: str | None = None  # a short code such as "validation_error" for failed outcomes
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "status": self.status,
-            "http_status": self.http_status,
-            "provider_reference": self.provider_reference,
-            "detail": self.detail,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Outcome:
-        return cls(
-            status=str(data["status"]),
-            http_status=data.get("http_status"),
-            provider_reference=data.get("provider_reference"),
-            detail=data.get("detail"),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    key: str
-    message_id: str
-    operation: str
-    fingerprint: str
-    state: State
-    owner: str | None
-    lease_until: float | None
-    attempts: int
-    outcome: Outcome | None
-    last_error: str | None
-    created_at: float
-    updated_at: float
-    expires_at: float
-
-
-class ClaimStatus(enum.Enum):
-    ACQUIRED = "acquired"  # we own the lease: call the provider
-    DONE = "done"  # completed or failed before: do not call again
-    BUSY = "busy"  # another owner holds a live lease: wait for it
-    CONFLICT = "conflict"  # same key, different fingerprint: never call
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    status: ClaimStatus
-    record: Record
 
 
 # -- one column list, one row mapping ----------------------------------------------------------------------

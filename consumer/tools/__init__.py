@@ -35,6 +35,8 @@ Modules, one role each:
 * :mod:`~consumer.tools.replay` — replay and dry run (classification)
 * :mod:`~consumer.tools.reverify` — ``--reverify`` and ``--retry-failed`` with their audit file
 * :mod:`~consumer.tools.dlq` — dead-letter entries, ``dlq list``, ``dlq redrive`` (direct, republish)
+* :mod:`~consumer.tools.show` — ``show <message-id>``: one request's records, conflicts, dead letters and
+  results, read-only
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ dead letters with its own group, and stops on SIGINT/SIGTERM with a report inste
 
 from __future__ import annotations
 
+import dataclasses
 import signal
-import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -17,6 +17,7 @@ import anyio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from consumer.delivery import deliver
 from consumer.errors import ReplayRefused
 from consumer.pipeline import Disposition, Handled, Processor
 from consumer.provider import ProviderClient
@@ -220,14 +221,6 @@ DISPOSITION_LABEL = {
 }
 
 
-def _publishes_result(handled: Handled, emit_duplicates: bool, sinks: Sinks) -> bool:
-    if sinks.results_topic is None or handled.record is None:
-        return False
-    if handled.disposition in (Disposition.COMPLETED, Disposition.FAILED):
-        return True
-    return handled.disposition is Disposition.DUPLICATE and emit_duplicates
-
-
 async def sink(
     sinks: Sinks,
     msg: ConsumerRecord,
@@ -235,10 +228,9 @@ async def sink(
     *,
     emit_duplicates: bool,
     letter: DeadLetter | None = None,
-) -> None:
-    """Dead letter or result, as the daemon writes them (results of duplicates only when asked)."""
-    letter = letter or handled.dead_letter
+) -> Handled:
+    """Dead letter or result, exactly as the daemon writes them (:func:`consumer.delivery.deliver`);
+    ``letter`` overrides the pipeline's dead letter (redrive keeps the original reason's context)."""
     if letter is not None:
-        await sinks.dead_letter(msg, letter, time.time())
-    elif handled.record is not None and _publishes_result(handled, emit_duplicates, sinks):
-        await sinks.result(handled.record, msg.key, handled.subject_id or "")
+        handled = dataclasses.replace(handled, dead_letter=letter)
+    return await deliver(handled, msg, sinks, emit_duplicates=emit_duplicates)

@@ -472,9 +472,10 @@ async def test_refuses_messages_older_than_the_dedupe_retention_unless_forced(
     await publish_raw(kafka_bootstrap, topic, records_of(old), partition=6)
     cli = make_cli(
         kafka_bootstrap, topic, "live-" + uuid.uuid4().hex[:6], sqlite_url, sb.url, tmp_path,
-        retention_s=5, lease_s=2, provider_timeout_s=1,
+        retention_s=12, lease_s=2, provider_timeout_s=1,
     )  # fmt: skip
-    await anyio.sleep(5.5)
+    # 12 s: the recent messages must stay inside retention through two CLI runs on a loaded machine.
+    await anyio.sleep(12.5)
     recent = make_envelopes(2, seed=82)
     await publish_raw(kafka_bootstrap, topic, records_of(recent), partition=6)
 
