@@ -11,7 +11,7 @@ COPY pyproject.toml README.md ./
 COPY consumer/ consumer/
 COPY producer/ producer/
 COPY sandbox/ sandbox/
-RUN pip install . \
+RUN pip install '.[encryption]' \
     && rm -rf /src
 
 # /data holds the SQLite dedupe store; a fresh named volume inherits this ownership.

@@ -1,17 +1,26 @@
 # Run `make help` for the list.
-PY ?= python3
+# The project's virtualenv (made by `make install`, `make run` or `make test`; IDV_NO_VENV=1: none).
+PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install run test test-fast lint typecheck bench chaos mutants broker-up broker-down postgres-up postgres-down compose-check alerts-check fuzz clean
+.PHONY: help install run stop test test-fast lint typecheck bench chaos mutants broker-up broker-down postgres-up postgres-down compose-check alerts-check fuzz clean
 
 help: ## This list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-install: ## pip install the package with test, PostgreSQL and dev extras
-	$(PY) -m pip install -q -e '.[dev]'
+install: ## Create .venv and pip install the package with test, PostgreSQL, encryption and dev extras
+	bash scripts/venv.sh install '[dev]'
 
 run: ## Set up everything and run the daemon on embedded defaults (Kafka, SQLite, sandbox, samples)
 	bash scripts/quickstart.sh
+
+stop: ## Stop what run/test left running: broker, SASL test broker, sandbox; PostgreSQL only if they started it
+	-bash scripts/kafka.sh stop
+	-bash scripts/kafka-sasl.sh stop
+	-@pid=$$(cat .run/sandbox.pid 2>/dev/null); \
+	if [ -n "$$pid" ] && tr '\0' ' ' </proc/$$pid/cmdline 2>/dev/null | grep -q -- '-m sandbox'; then \
+		kill $$pid && echo "sandbox: stopped (pid $$pid)"; else echo "sandbox: not running"; fi; rm -f .run/sandbox.pid
+	-bash scripts/postgres.sh stop-if-ours
 
 test: ## Set up everything (packages, Kafka, PostgreSQL) and run the whole test suite
 	bash scripts/test.sh
@@ -56,7 +65,7 @@ alerts-check: ## promtool: check the alert rules and Prometheus config, run the 
 	promtool check config docker/prometheus.yml
 	promtool test rules docker/prometheus/alerts.test.yml
 
-clean: ## Stop services and remove local state (.run/)
+clean: stop ## Stop services and remove local state (.run/, the brokers' data)
 	-bash scripts/kafka.sh stop --wipe
-	-[ -f .run/sandbox.pid ] && kill $$(cat .run/sandbox.pid)
+	-bash scripts/kafka-sasl.sh stop --wipe
 	rm -rf .run

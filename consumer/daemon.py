@@ -57,6 +57,7 @@ from consumer.gcpolicy import collect_young_forever
 from consumer.health import HealthServer, PartitionProgress, readiness_report
 from consumer.metrics import Metrics
 from consumer.model import DeadLetter, Disposition, Handled, Stats
+from consumer.progress_log import CaughtUp, run_summary
 from consumer.provider import ProviderClient, classify_status
 from consumer.retention import purge_forever
 from consumer.settings import Settings
@@ -115,6 +116,7 @@ class Daemon:
             self.metrics.watch_concurrency(lambda: gate.limit, lambda: gate.gate.in_flight)
         self.owner = wiring.owner_id(settings)
         self.stats = Stats()
+        self._caught_up = CaughtUp()  # "caught up" once per idle period (consumer/progress_log.py)
         self.faults = FaultPoints(settings.fault_kill_at)
         self.processor = wiring.build_processor(
             settings,
@@ -205,7 +207,12 @@ class Daemon:
             log.error("stopped: %s", self.fatal)
             return EXIT_PROVIDER_AUTH
         log.info(
-            "stopped cleanly", extra={"stats": self.stats.by_disposition, "consumed": self.stats.consumed}
+            "stopped cleanly",
+            extra={
+                "stats": self.stats.by_disposition,
+                "consumed": self.stats.consumed,
+                "_text": f"stopped cleanly: {run_summary(self.stats)}",  # the text format's line
+            },
         )
         return EXIT_OK
 
@@ -233,6 +240,7 @@ class Daemon:
                 max_records=self.settings.fetch_max_records,
                 backlogged=self._results_backlogged,
             )
+            self.fetcher.on_fetch = lambda n: self._caught_up.observe(n, self.stats)  # progress_log.py
             await wiring.start_consumer(consumer, self.settings)
             try:
                 existing = await consumer.topics()

@@ -49,6 +49,7 @@ class Fetcher:
         self.backlogged = backlogged
         # Records aiokafka could not read (by topic, partition, offset), dispatched as stubs: their detail.
         self.undecodable: dict[tuple[str, int, int], str] = {}
+        self.on_fetch: Callable[[int], object] | None = None  # records per fetch (consumer/progress_log.py)
 
     def take_undecodable(self, msg: ConsumerRecord) -> str | None:
         """The detail of a stub dispatched for an unreadable record, or ``None`` for a real record."""
@@ -69,6 +70,8 @@ class Fetcher:
                 continue
             flow.resume_all()
             batch = await self.getmany(timeout_ms=500, max_records=min(flow.free, self.max_records))
+            if self.on_fetch is not None:
+                self.on_fetch(sum(map(len, batch.values())))
             await flow.dispatch_batch(batch)
 
     def positions(self) -> dict[TopicPartition, int]:

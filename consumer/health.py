@@ -19,20 +19,14 @@ for a second; uvloop/libuv sheds the connection); message processing goes on eit
 127.0.0.1 by default: metrics are not secret, but nothing outside the host needs them unless a scraper is
 deployed there on purpose.
 
-Readiness is more than "the process is up". A consumer whose partition stopped moving while everything
-else looks fine is the failure that hides longest (PITFALLS: quix-streams #1124), so
-:func:`readiness_report` also fails when any partition holds pending work that has not progressed for
-``stall_after_s``. :class:`PartitionProgress` keeps the timestamps it needs.
+The readiness rule is :mod:`consumer.readiness`; the status page's HTML is :mod:`consumer.statuspage`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import html
 import logging
 import os
-import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -45,6 +39,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from consumer.errors import ConfigurationError
 from consumer.metrics import CONTENT_TYPE, Metrics
+from consumer.readiness import PartitionProgress, Readiness, readiness_report
+from consumer.statuspage import status_page
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +57,6 @@ __all__ = [
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9400
 
-Readiness = Callable[[], tuple[bool, dict[str, Any]]]
 
 _MAX_LINE_BYTES = 8 * 1024  # request line and each header line
 _MAX_HEADERS = 64
@@ -83,108 +78,6 @@ _REFUSED = (
     b"content-length: 28\r\ncache-control: no-store\r\nconnection: close\r\n\r\n"
     b'{"error":"too_many_clients"}'
 )
-
-
-# -- readiness logic -----------------------------------------------------------------------------------
-
-
-def readiness_report(
-    assigned: int,
-    broker_ok: bool,
-    store_ok: bool,
-    partition_progress: dict[str, tuple[float, int]],
-    now: float,
-    stall_after_s: float,
-    *,
-    require_assignment: bool = True,
-) -> tuple[bool, dict[str, Any]]:
-    """Decide readiness from the daemon's state; pure, so every case is a unit test.
-
-    ``assigned`` is the number of partitions this instance owns; with ``require_assignment=False`` zero is
-    fine (more instances than partitions: a standby is healthy). ``partition_progress`` maps
-    ``"topic/partition"`` to ``(last_progress, pending)``: the ``time.monotonic()`` of the partition's last
-    progress and the number of its messages dispatched but not done. A partition with ``pending > 0``
-    whose last progress is ``stall_after_s`` or more before ``now`` is *stalled*. Idle partitions
-    (``pending == 0``) never are, however old their timestamp.
-
-    Ready iff partitions are assigned (or none are required), the broker and the store are reachable and
-    no partition is stalled. The details dictionary is the JSON body of ``/readyz``.
-    """
-    reasons: list[str] = []
-    if assigned <= 0 and require_assignment:
-        reasons.append("no partitions assigned")
-    if not broker_ok:
-        reasons.append("Kafka broker unreachable")
-    if not store_ok:
-        reasons.append("dedupe store unreachable")
-    stalled: dict[str, dict[str, float | int]] = {}
-    for name, (last_progress, pending) in partition_progress.items():
-        idle = now - last_progress
-        if pending > 0 and idle >= stall_after_s:
-            stalled[name] = {"pending": pending, "stalled_s": round(idle, 1)}
-    reasons.extend(
-        f"partition {name} stalled: {stalled[name]['pending']} pending, "
-        f"no progress for {stalled[name]['stalled_s']}s"
-        for name in sorted(stalled)
-    )
-    ready = not reasons
-    details: dict[str, Any] = {
-        "ready": ready,
-        "assigned_partitions": assigned,
-        "broker": "ok" if broker_ok else "unreachable",
-        "store": "ok" if store_ok else "unreachable",
-        "stalled_partitions": stalled,
-        "reasons": reasons,
-    }
-    return ready, details
-
-
-@dataclass(slots=True)
-class _Progress:
-    last: float
-    pending: int = 0
-
-
-class PartitionProgress:
-    """Per-partition "last progress" timestamps for :func:`readiness_report`.
-
-    Call :meth:`started` when a message of the partition is dispatched, :meth:`finished` when it is done
-    (whatever its disposition), :meth:`remove` when the partition is revoked. Progress is a finished
-    message, or work arriving at a partition that had none pending: without the second rule a partition
-    idle for an hour would look stalled the moment its next message arrived.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._parts: dict[str, _Progress] = {}
-
-    @staticmethod
-    def name(topic: str, partition: int) -> str:
-        return f"{topic}/{partition}"
-
-    def started(self, topic: str, partition: int) -> None:
-        key = f"{topic}/{partition}"
-        entry = self._parts.get(key)
-        if entry is None:
-            entry = self._parts[key] = _Progress(self._clock())
-        elif entry.pending == 0:
-            entry.last = self._clock()
-        entry.pending += 1
-
-    def finished(self, topic: str, partition: int) -> None:
-        entry = self._parts.get(f"{topic}/{partition}")
-        if entry is not None:
-            entry.pending = max(0, entry.pending - 1)
-            entry.last = self._clock()
-
-    def remove(self, topic: str, partition: int) -> None:
-        self._parts.pop(f"{topic}/{partition}", None)
-
-    def snapshot(self) -> dict[str, tuple[float, int]]:
-        return {key: (entry.last, entry.pending) for key, entry in self._parts.items()}
-
-
-# -- HTTP server ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,79 +347,3 @@ class HealthServer:
             return _json(200 if ready else 503, details)
         except TypeError:
             return _json(503, {"ready": False, "reasons": ["readiness details are not JSON-serialisable"]})
-
-
-# -- status page ---------------------------------------------------------------------------------------
-
-_CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
-h1{font-size:1.3em;margin:0 0 .2em}h2{font-size:1.05em;margin:1.2em 0 .3em}
-table{border-collapse:collapse;background:#fff}td,th{border:1px solid #ddd;padding:.25em .7em;text-align:left}
-td.n{text-align:right;font-variant-numeric:tabular-nums}.ok{color:#176b2c}.bad{color:#b3261e;font-weight:600}
-.cards{display:flex;gap:1em;flex-wrap:wrap;margin-top:.8em}
-.card{background:#fff;border:1px solid #ddd;padding:.5em 1em}
-.card b{display:block;font-size:1.4em}small{color:#666}
-"""
-
-
-def _table(head: tuple[str, ...], rows: Sequence[tuple[object, ...]], cls: str) -> str:
-    if not rows:
-        return f'<p class="{cls}"><small>none</small></p>'
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join(
-        "<tr>"
-        + "".join(
-            (f'<td class="n">{c}</td>' if isinstance(c, int) else f"<td>{html.escape(str(c))}</td>")
-            for c in row
-        )
-        + "</tr>"
-        for row in rows
-    )
-    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def status_page(status: dict[str, Any]) -> str:
-    """The status page for ``status`` (``/status.json``'s content): every value escaped, no scripts, no
-    external assets, ``<meta http-equiv="refresh">`` every 5 s."""
-    e = html.escape
-    ready = status.get("readiness") or {}
-    is_ready = bool(ready.get("ready"))
-    breaker = str(status.get("breaker", "?"))
-    cards = [
-        ("ready", "yes" if is_ready else "no", "ok" if is_ready else "bad", "ready"),
-        ("circuit breaker", breaker, "ok" if breaker == "closed" else "bad", "breaker"),
-        ("in flight", status.get("in_flight", 0), "", "in-flight"),
-        ("in doubt", status.get("in_doubt", 0), "bad" if status.get("in_doubt") else "", "in-doubt"),
-        ("provider replays", status.get("provider_replays", 0), "", "replays"),
-    ]
-    card_html = "".join(
-        f'<div class="card" id="{e(ident)}"><small>{e(label)}</small>'
-        f'<b class="{cls}">{e(str(value))}</b></div>'
-        for label, value, cls, ident in cards
-    )
-    reasons = "".join(f"<li>{e(str(r))}</li>" for r in ready.get("reasons") or ())
-    partitions = [
-        (str(p.get("topic")), p.get("partition"), p.get("committed", "-"), p.get("lag", "-"))
-        for p in status.get("partitions") or ()
-    ]
-    outcomes = sorted((str(k), v) for k, v in (status.get("outcomes") or {}).items())
-    dispositions = sorted((str(k), v) for k, v in (status.get("dispositions") or {}).items())
-    letters = sorted((str(k), v) for k, v in (status.get("dead_letters") or {}).items())
-    return (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        '<meta http-equiv="refresh" content="5"><meta name="viewport" content="width=device-width">'
-        f"<title>idv-consumer status</title><style>{_CSS}</style></head><body>"
-        "<h1>idv-consumer</h1><small>read-only; refreshes every 5 s; "
-        '<a href="/status.json">status.json</a> · <a href="/metrics">metrics</a></small>'
-        f'<div class="cards">{card_html}</div>'
-        + (f'<ul class="bad" id="reasons">{reasons}</ul>' if reasons else "")
-        + "<h2>Partitions</h2>"
-        + _table(("topic", "partition", "committed offset", "lag"), partitions, "partitions")
-        + "<h2>Outcomes by status</h2>"
-        + _table(("status", "count"), outcomes, "outcomes")
-        + "<h2>Finished by disposition</h2>"
-        + _table(("disposition", "count"), dispositions, "dispositions")
-        + "<h2>Dead letters by reason</h2>"
-        + _table(("reason", "count"), letters, "dead-letters")
-        + "</body></html>"
-    )

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["ContextFilter", "JsonFormatter", "configure", "message_context"]
+__all__ = ["ContextFilter", "FirstStartNoise", "JsonFormatter", "configure", "message_context"]
 
 message_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "idv_message_context", default=None
@@ -32,6 +32,38 @@ class ContextFilter(logging.Filter):
             for key, value in ctx.items():
                 if not hasattr(record, key):
                     setattr(record, key, value)
+        return True
+
+
+class FirstStartNoise(logging.Filter):
+    """Downgrades aiokafka's first-start coordinator noise to DEBUG during the first ``window_s`` seconds
+    of the process: the ERROR ``Group Coordinator Request failed: … CoordinatorNotAvailableError`` and the
+    WARNING ``Marking the coordinator dead …`` that follows it.
+
+    On a fresh broker the ``__consumer_offsets`` topic is created by the first group that asks for a
+    coordinator; until it is, aiokafka logs those lines and retries, and the group joins a second later.
+    They would be the first thing a newcomer reads after ``make run`` and mean nothing. Later occurrences
+    (the coordinator lost while running) keep their level.
+    """
+
+    _NOT_AVAILABLE = ("GroupCoordinatorNotAvailableError", "CoordinatorNotAvailableError")
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        super().__init__()
+        self.until = time.monotonic() + window_s
+
+    def _noise(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("aiokafka") or record.levelno < logging.WARNING:
+            return False
+        if record.msg == "Group Coordinator Request failed: %s":
+            args = record.args if isinstance(record.args, tuple) else ()
+            return bool(args) and type(args[0]).__name__ in self._NOT_AVAILABLE
+        return isinstance(record.msg, str) and record.msg.startswith("Marking the coordinator dead")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._noise(record) and time.monotonic() < self.until:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("aiokafka").isEnabledFor(logging.DEBUG)
         return True
 
 
@@ -56,6 +88,11 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
+        text = getattr(record, "_text", None)  # a line written for people (e.g. the run summary)
+        if isinstance(text, str):
+            plain = logging.makeLogRecord({k: v for k, v in vars(record).items() if k in _STANDARD})
+            plain.msg, plain.args = text, None
+            return super().format(plain)
         line = super().format(record)
         ctx = {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
         if ctx:
@@ -67,10 +104,13 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(ContextFilter())
+    handler.addFilter(FirstStartNoise())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aiokafka is chatty at INFO about group membership; keep it, but not its DEBUG.
-    logging.getLogger("aiokafka").setLevel(max(logging.INFO, root.level))
+    # aiokafka is chatty at INFO about group membership: in JSON (machines) keep it, but not its DEBUG; in
+    # text (a person at a terminal) only its warnings, unless IDV_LOG_LEVEL=DEBUG.
+    quiet = logging.WARNING if fmt == "text" and root.level > logging.DEBUG else logging.INFO
+    logging.getLogger("aiokafka").setLevel(max(quiet, root.level))
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)

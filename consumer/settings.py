@@ -12,15 +12,20 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from consumer.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from consumer.dlqcrypto import DeadLetterCipher
 
 __all__ = ["LEASE_SLACK_S", "PREFIX", "Settings"]
 
 PREFIX = "IDV_"
 T = TypeVar("T")
-_SECRETS = frozenset({"provider_api_key", "kafka_sasl_password", "fingerprint_key", "store_url"})
+_SECRETS = frozenset(
+    {"provider_api_key", "kafka_sasl_password", "fingerprint_key", "store_url", "dlq_encryption_keys"}
+)
 #: Shortest accepted IDV_FINGERPRINT_KEY (characters): a short key can be guessed along with the data.
 MIN_FINGERPRINT_KEY = 16
 # What a lease must hold beyond one attempt's hard deadline: the lease is made sure of right before an
@@ -83,6 +88,9 @@ class Settings:
     results_topic: str = ""
     # Publish result events and commit offsets in one Kafka transaction (see docs/guarantees.md).
     results_transactional: bool = False
+    # AES-256-GCM keys for dead-letter values, "kid:base64key,…", the first encrypts (consumer/dlqcrypto.py);
+    # empty: dead letters are written in clear.
+    dlq_encryption_keys: str = field(default="", repr=False)
     # Dedupe store (the URL may hold the database password: never in repr, logs or errors)
     store_url: str = field(default="sqlite:///.run/dedupe.db", repr=False)
     lease_s: float = 60.0
@@ -241,6 +249,10 @@ class Settings:
         need(-1 <= self.health_port <= 65535, "health_port", "must be a port number, 0 (any) or -1 (off)")
         need(self.stall_after_s > 0, "stall_after_s", "must be positive")
         need(self.purge_interval_s >= 0, "purge_interval_s", "must be 0 (off) or positive")
+        if self.dlq_encryption_keys.strip():
+            from consumer.dlqcrypto import parse_keys
+
+            parse_keys(self.dlq_encryption_keys)  # raises ConfigurationError naming the variable, no key
         self.kafka_security()  # raises ConfigurationError naming the IDV_KAFKA_* variable
 
     def kafka_security(self) -> dict[str, Any]:
@@ -280,6 +292,12 @@ class Settings:
         from consumer.store import redact_url
 
         return redact_url(self.store_url)
+
+    def dlq_cipher(self) -> DeadLetterCipher | None:
+        """The dead-letter cipher (None without ``IDV_DLQ_ENCRYPTION_KEYS``); imports ``cryptography``."""
+        from consumer.dlqcrypto import cipher_from_settings
+
+        return cipher_from_settings(self.dlq_encryption_keys)
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)

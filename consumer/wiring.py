@@ -122,7 +122,7 @@ def build_sinks(
 ) -> Sinks:
     """The dead-letter and results producer, labelling dead letters with ``group_id``. ``security`` is
     :meth:`Settings.kafka_security`, when the caller already built it (it loads the TLS files)."""
-    return Sinks(
+    sinks = Sinks(
         bootstrap=settings.kafka_bootstrap,
         dlq_topic=dlq_topic,
         results_topic=settings.result_topic,
@@ -130,6 +130,8 @@ def build_sinks(
         producer_kwargs=settings.kafka_security() if security is None else security,
         transactional_id=transactional_id,
     )
+    sinks.dlq_cipher = settings.dlq_cipher()
+    return sinks
 
 
 # -- Kafka consumer ------------------------------------------------------------------------------------

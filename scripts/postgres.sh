@@ -4,12 +4,14 @@
 #   scripts/postgres.sh start    install postgresql-15 if missing, create/start the cluster, wait until it
 #                                accepts connections, ensure role and database idv/idv, print the URL
 #   scripts/postgres.sh stop     stop the cluster
+#   scripts/postgres.sh stop-if-ours  stop it only if `start` started it (.run/postgres.started)
 #   scripts/postgres.sh status   exit 0 when the server accepts connections
 #   scripts/postgres.sh url      print the connection URL
 #
 # Environment (all optional): PG_VERSION=15 PG_CLUSTER=main PG_PORT=5432 PG_START_TIMEOUT=30
 set -euo pipefail
 
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PG_VERSION="${PG_VERSION:-15}"
 PG_CLUSTER="${PG_CLUSTER:-main}"
 PG_PORT="${PG_PORT:-5432}"
@@ -87,6 +89,9 @@ start() {
     if ! cluster_online; then
         say "starting cluster $PG_VERSION/$PG_CLUSTER"
         as_root pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start
+        # `make stop` stops the cluster only when this script started it (a server that was already
+        # running belongs to someone else).
+        mkdir -p "$ROOT/.run" && echo "$PG_VERSION/$PG_CLUSTER" >"$ROOT/.run/postgres.started"
     fi
     local deadline=$((SECONDS + PG_START_TIMEOUT))
     until ready; do
@@ -108,6 +113,7 @@ stop() {
         && cluster_online; then
         say "stopping cluster $PG_VERSION/$PG_CLUSTER"
         as_root pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" stop -m fast
+        rm -f "$ROOT/.run/postgres.started"
     else
         say "not running"
     fi
@@ -117,8 +123,10 @@ cmd="${1:-}"
 case "$cmd" in
     start) start ;;
     stop) stop ;;
+    stop-if-ours)
+        if [[ -f "$ROOT/.run/postgres.started" ]]; then stop; else say "not started by this project: left running"; fi ;;
     status)
         if ready; then say "up at 127.0.0.1:$PG_PORT"; else say "not reachable at 127.0.0.1:$PG_PORT"; exit 1; fi ;;
     url) echo "$URL" ;;
-    *) sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; [[ -z "$cmd" || "$cmd" == -h || "$cmd" == --help || "$cmd" == help ]] ;;
+    *) sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; [[ -z "$cmd" || "$cmd" == -h || "$cmd" == --help || "$cmd" == help ]] ;;
 esac

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The test command (`make test`, called by .ci/run): installs and starts everything the tests need, then
-# runs pytest. Extra arguments go to pytest.
+# runs pytest. Extra arguments go to pytest. Leaves the broker (and the SASL test broker, and PostgreSQL)
+# running for the next run: `make stop` stops them.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-PY="${PYTHON:-python3}"
+# The virtualenv .venv (IDV_NO_VENV=1: the interpreter on PATH), first on PATH for the helper scripts and
+# the tests' subprocesses.
+# shellcheck source=scripts/venv.sh
+source scripts/venv.sh
 
-echo "==> installing the package with test extras"
-"$PY" -m pip install -q -e '.[test,postgres]' 2>&1 | grep -v "Running pip as the 'root' user" || true
+echo "==> installing the package with test extras into ${VIRTUAL_ENV:-the system interpreter}"
+pip_install '[test,postgres,encryption]'
 # kcat (an independent Kafka client), docker-compose (the Compose parser), promtool (Debian package
 # prometheus: checks and unit-tests the alert rules) and chromium (the status-page browser test) for the
 # tests that use them.

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiokafka.structs import ConsumerRecord
 
+from consumer.dlqcrypto import DeadLetterCipher, seal_dead_letter
 from consumer.model import DeadLetter
 from consumer.sinks.producers import Producers, Unwritable
 
@@ -72,6 +73,8 @@ def dead_letter_headers(
 class DeadLetterWriter(Producers):
     """Writes dead letters with the non-transactional producer, acknowledged before the offset is done."""
 
+    dlq_cipher: DeadLetterCipher | None = None  # set by the wiring when IDV_DLQ_ENCRYPTION_KEYS is set
+
     def __init__(self, *, dlq_topic: str | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.dlq_topic = dlq_topic
@@ -92,6 +95,7 @@ class DeadLetterWriter(Producers):
         except Exception as exc:  # noqa: BLE001 - odd original headers: write the stub instead
             return await self._stub(msg, letter, now, f"original headers unusable ({type(exc).__name__})")
         value = msg.value if msg.value is not None or msg.key is not None else b""
+        value, headers = seal_dead_letter(self.dlq_cipher, msg, value, headers)  # no-op without keys
         try:
             await self._send("dead letter", self.dlq_topic, value, msg.key, headers)
         except Unwritable as exc:

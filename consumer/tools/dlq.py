@@ -4,6 +4,7 @@ and ``dlq redrive``, ``direct`` (through the pipeline here) or ``republish`` (ba
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import heapq
 import time
@@ -15,6 +16,7 @@ import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
+from consumer.dlqcrypto import H_KEY_ID, DeadLetterCipher, DecryptError
 from consumer.errors import ProviderAuthError, ReplayRefused
 from consumer.pipeline import Disposition
 from consumer.settings import Settings
@@ -56,6 +58,7 @@ __all__ = [
     "dlq_list",
     "dlq_table",
     "entry_of",
+    "open_dead_letter",
     "redrive",
     "strip_dead_letter",
 ]
@@ -78,6 +81,7 @@ class DeadLetterEntry:
     original_timestamp: int | None
     first_failure_at: str | None
     attempts: int
+    key_id: str | None = None  # the encryption key of the value (``idv-dlq-key-id``), None when in clear
 
     @property
     def original(self) -> tuple[str, int, int] | None:
@@ -115,6 +119,7 @@ def entry_of(msg: ConsumerRecord) -> DeadLetterEntry:
         original_timestamp=_int(_last_header(h, H_TIMESTAMP)),
         first_failure_at=_last_header(h, H_FIRST_FAILURE),
         attempts=_int(_last_header(h, H_ATTEMPTS)) or 0,
+        key_id=_last_header(h, H_KEY_ID),
     )
 
 
@@ -135,6 +140,37 @@ def strip_dead_letter(msg: ConsumerRecord, entry: DeadLetterEntry) -> ConsumerRe
         serialized_value_size=msg.serialized_value_size,
         headers=headers,
     )
+
+
+def open_dead_letter(
+    msg: ConsumerRecord, entry: DeadLetterEntry, cipher: DeadLetterCipher | None
+) -> ConsumerRecord:
+    """:func:`strip_dead_letter`, with the value decrypted when the dead letter is encrypted. Raises
+    :class:`DecryptError` when it cannot be (no keys configured, unknown key id, tampered)."""
+    original = strip_dead_letter(msg, entry)
+    if entry.key_id is None or original.value is None:
+        return original
+    if cipher is None:
+        raise DecryptError(f"dead letter encrypted with key id {entry.key_id!r}, no IDV_DLQ_ENCRYPTION_KEYS")
+    where = {"topic": original.topic, "partition": original.partition, "offset": original.offset}
+    plain = cipher.decrypt(original.value, kid=entry.key_id, **where)
+    return dataclasses.replace(original, value=plain, serialized_value_size=len(plain))
+
+
+def _originals(
+    pairs: Sequence[tuple[ConsumerRecord, DeadLetterEntry]], cipher: DeadLetterCipher | None, run: Run
+) -> list[tuple[ConsumerRecord, DeadLetterEntry]]:
+    """The originals of readable, decryptable dead letters; the others are counted and skipped."""
+    out = []
+    for msg, entry in pairs:
+        if entry.original is None:
+            run.count("unreadable dead letter")
+            continue
+        try:
+            out.append((open_dead_letter(msg, entry, cipher), entry))
+        except DecryptError as exc:
+            run.count("undecryptable dead letter", str(exc))
+    return out
 
 
 def _epoch(iso: str | None) -> float | None:
@@ -245,7 +281,7 @@ async def redrive(
     if emit_results and settings.result_topic is None:
         raise ReplayRefused("--emit-results needs a results topic (IDV_RESULTS_TOPIC is 'none')")
     label = f"dlq redrive ({'dry run' if dry_run else mode.value})"
-    bad = frozenset({"not reached", "unreadable dead letter"})
+    bad = frozenset({"not reached", "unreadable dead letter", "undecryptable dead letter"})
     if not dry_run and mode is RedriveMode.DIRECT:
         bad |= {"dead-lettered again", "set aside (retries exhausted)"}
     report = Report(label, bad=bad)
@@ -328,6 +364,8 @@ async def _redrive_dry_run(
     run: Run,
     concurrency: int,
 ) -> None:
+    cipher = settings.dlq_cipher()
+
     async def go(get: Lookup) -> None:
         now = time.time()
 
@@ -337,12 +375,7 @@ async def _redrive_dry_run(
 
         async def loop() -> None:
             async for pairs in _selected(consumer, spans, wanted):
-                originals = []
-                for msg, entry in pairs:
-                    if entry.original is None:
-                        run.count("unreadable dead letter")
-                    else:
-                        originals.append(strip_dead_letter(msg, entry))
+                originals = [original for original, _ in _originals(pairs, cipher, run)]
                 await run_lanes(originals, handle, concurrency)
 
         await guarded(run, loop)
@@ -366,6 +399,7 @@ async def _redrive(
     if mode is RedriveMode.REPUBLISH:
         await _republish(settings, consumer, spans, wanted, run)
         return
+    cipher = settings.dlq_cipher()
     async with open_store(settings.store_url) as store, tool_provider(settings) as provider:
         sinks = tool_sinks(settings, settings.dead_letter_topic, group)
         # --force also overrides the in-doubt hold on records older than the provider's key retention.
@@ -411,12 +445,10 @@ async def _redrive(
         async def loop() -> None:
             async for pairs in _selected(consumer, spans, wanted):
                 originals = []
-                for msg, entry in pairs:
-                    if entry.original is None:
-                        run.count("unreadable dead letter")
-                        continue
+                for original, entry in _originals(pairs, cipher, run):
+                    assert entry.original is not None
                     entries[entry.original] = entry
-                    originals.append(strip_dead_letter(msg, entry))
+                    originals.append(original)
                 await run_lanes(originals, handle, concurrency)
 
         try:
@@ -433,6 +465,7 @@ async def _republish(
     wanted: dict[tuple[int, int], DeadLetterEntry],
     run: Run,
 ) -> None:
+    cipher = settings.dlq_cipher()
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         enable_idempotence=True,
@@ -446,11 +479,7 @@ async def _republish(
     async def loop() -> None:
         async for pairs in _selected(consumer, spans, wanted):
             futures = []
-            for msg, entry in pairs:
-                if entry.original is None:
-                    run.count("unreadable dead letter")
-                    continue
-                original = strip_dead_letter(msg, entry)
+            for original, _ in _originals(pairs, cipher, run):
                 # Keyed like the original, so it lands in the partition the key maps to today, in order.
                 fut = await producer.send(
                     original.topic, original.value, key=original.key, headers=list(original.headers)
