@@ -437,3 +437,53 @@ class MachineProbe:
             "machine_busy_cores": round(busy / wall, 2),
             "steal_cores": round(steal / wall, 2),
         }
+
+
+# -- the daemon's own metrics over time ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _metric_values(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+async def sample_metrics(port: int, out: list[list[float]], every_s: float = 0.25) -> None:
+    """Append ``[time, limit, provider in flight, call seconds sum, calls, 429s, all calls]`` from the
+    daemon's ``/metrics`` every ``every_s`` until cancelled (errors before it listens are skipped)."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    async with httpx.AsyncClient(timeout=1.0) as client:
+        while True:
+            try:
+                m = _metric_values((await client.get(url)).text)
+            except httpx.HTTPError:
+                m = {}
+            if "idv_concurrency_limit" in m:
+                calls = sum(v for k, v in m.items() if k.startswith("idv_provider_calls_total{"))
+                out.append(
+                    [
+                        round(time.time(), 3),
+                        m["idv_concurrency_limit"],
+                        m.get("idv_provider_in_flight", 0.0),
+                        m.get("idv_provider_call_duration_seconds_sum", 0.0),
+                        m.get("idv_provider_call_duration_seconds_count", 0.0),
+                        m.get('idv_provider_calls_total{status="429"}', 0.0),
+                        calls,
+                    ]
+                )
+            await asyncio.sleep(every_s)

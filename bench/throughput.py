@@ -5,6 +5,7 @@ One command runs the whole matrix (provider latency × key cardinality) on the l
     python bench/throughput.py                      # default matrix, ~10 minutes on 2 cores
     python bench/throughput.py --quick              # 20 ms, 10,000 keys only, fewer messages
     python bench/throughput.py --latency-ms 20 --keys 10000 --variants daemon --profile
+    python bench/throughput.py --concurrency        # adaptive vs fixed in-flight sweep + rate-limited cell
 
 For every cell and every variant: a fresh topic (``--partitions``, default 8) holding the same messages,
 a fresh sandbox provider process (so its ledger holds that variant's side effects alone), a fresh SQLite
@@ -77,6 +78,7 @@ from bench.common import (
     publish,
     publish_paced,
     random_topic,
+    sample_metrics,
     workdir,
 )
 
@@ -121,6 +123,9 @@ class Run:
     cpu_ms_per_msg_by_thread: dict[str, float] = field(default_factory=dict)
     exit_code: int | None = None
     notes: list[str] = field(default_factory=list)
+    # --concurrency mode: "fixed"/"adaptive" and the controller over time ([t, limit, in flight]).
+    concurrency: str = ""
+    timeline: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -248,6 +253,7 @@ async def run_variant(
     late: list[Any],
     *,
     profile_out: Path | None = None,
+    health_port: int | None = None,
 ) -> Run:
     planned = len(backlog)
     run = Run(
@@ -274,6 +280,9 @@ async def run_variant(
         raise
     probe = ProcessProbe(proc.pid)
     machine = MachineProbe(probe, sandbox.proc.pid)
+    sampler = None
+    if health_port is not None:
+        sampler = asyncio.create_task(sample_metrics(health_port, run.timeline))
     try:
         # -- drain the backlog ------------------------------------------------------------------------
         lat = latency_ms / 1000.0
@@ -347,6 +356,8 @@ async def run_variant(
         raise
     finally:
         store.close()
+        if sampler is not None:
+            sampler.cancel()
     run.exit_code = _stop(proc)
 
     # -- verification -------------------------------------------------------------------------------
@@ -839,7 +850,17 @@ def main() -> None:
     parser.add_argument(
         "--replot", action="store_true", help="redraw the PNG and the .txt table from the results JSON"
     )
+    from bench.concurrency_bench import add_arguments
+
+    add_arguments(parser)
     args = parser.parse_args()
+    if args.concurrency:
+        from bench import concurrency_bench
+
+        if args.quick:
+            args.conc_latency_ms, args.sweep, args.rl_seconds = [500.0, 2000.0], [512, 2048, 4096], 24.0
+        args.latency_s = min(args.latency_s, 3.0)
+        sys.exit(asyncio.run(concurrency_bench.amain(args, _code_version())))
     if args.replot:
         data = json.loads(args.results.read_text())
         runs = [Run(**r) for r in data["runs"]]

@@ -39,6 +39,7 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer import tracing, wiring
 from consumer.commits import Committer, watermarks
+from consumer.concurrency import raise_fd_limit
 from consumer.delivery import deliver
 from consumer.errors import (
     BrokerUnavailable,
@@ -110,6 +111,9 @@ class Daemon:
             on_attempt=self._on_attempt,
             on_replay=self.metrics.provider_replay,
         )
+        if self.provider.gate is not None:
+            gate = self.provider.gate
+            self.metrics.watch_concurrency(lambda: gate.limit, lambda: gate.gate.in_flight)
         self.owner = wiring.owner_id(settings)
         self.stats = Stats()
         self._caught_up = CaughtUp()  # "caught up" once per idle period (consumer/progress_log.py)
@@ -171,6 +175,8 @@ class Daemon:
     async def run(self) -> int:
         """Run until stopped; returns the process exit code."""
         topics = self.settings.topics
+        # One descriptor per provider connection at the ceiling, plus Kafka, the store and some slack.
+        raise_fd_limit(self.settings.provider_max_connections + 256)
         self.flow.open()
         self._fetch_scope = anyio.CancelScope()
         if self._stopping:

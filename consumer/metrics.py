@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -67,6 +67,8 @@ METRIC_NAMES = (
     "idv_consumer_lag",
     "idv_store_operation_duration_seconds",
     "idv_circuit_breaker_state",
+    "idv_concurrency_limit",
+    "idv_provider_in_flight",
 )
 
 _NONE = "none"
@@ -223,6 +225,17 @@ class Metrics:
             "Provider circuit breaker: 0 closed, 1 half-open, 2 open.",
             registry=r,
         )
+        self._concurrency_limit = Gauge(
+            "idv_concurrency_limit",
+            "Provider calls allowed in flight at once (adaptive: between IDV_CONCURRENCY_MIN and "
+            "IDV_MAX_IN_FLIGHT).",
+            registry=r,
+        )
+        self._provider_in_flight = Gauge(
+            "idv_provider_in_flight",
+            "Provider attempts in flight now (holding a concurrency slot).",
+            registry=r,
+        )
         # Caches of labelled children, keyed by the raw label values the caller passes.
         self._consumed_children: dict[tuple[str, int], Counter] = {}
         self._finished_children: dict[tuple[str, str], Counter] = {}
@@ -298,6 +311,11 @@ class Metrics:
         if value not in (0, 1, 2):
             raise ValueError(f"circuit state must be 0, 1 or 2, not {state!r}")
         self._circuit.set(value)
+
+    def watch_concurrency(self, limit: Callable[[], float], in_flight: Callable[[], float]) -> None:
+        """Read the concurrency limit and the attempts in flight at scrape time (no hot-path cost)."""
+        self._concurrency_limit.set_function(limit)
+        self._provider_in_flight.set_function(in_flight)
 
     # -- offsets -------------------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ import httpx
 import orjson
 
 from consumer.breaker import BreakerState, CircuitBreaker
+from consumer.concurrency import AdaptiveLimit, FixedLimit, ProviderGate, TokenBucket
 from consumer.errors import (
     ConfigurationError,
     ProviderAuthError,
@@ -220,6 +221,22 @@ def make_transport(kind: str, limits: httpx.Limits) -> httpx.AsyncBaseTransport:
     )
 
 
+def gate_from_settings(settings: Settings) -> ProviderGate:
+    """``IDV_CONCURRENCY`` (adaptive between ``IDV_CONCURRENCY_MIN`` and ``IDV_MAX_IN_FLIGHT``, or
+    fixed at ``IDV_MAX_IN_FLIGHT``) and ``IDV_PROVIDER_RATE_LIMIT`` / ``_BURST`` (0 = no rate limit)."""
+    ceiling = settings.max_in_flight
+    controller: AdaptiveLimit | FixedLimit
+    if settings.concurrency == "fixed":
+        controller = FixedLimit(ceiling)
+    else:
+        controller = AdaptiveLimit(floor=min(settings.concurrency_min, ceiling), ceiling=ceiling)
+    bucket = None
+    if settings.provider_rate_limit > 0:
+        burst = settings.provider_rate_burst or max(1.0, settings.provider_rate_limit / 10)
+        bucket = TokenBucket(settings.provider_rate_limit, burst)
+    return ProviderGate(controller, bucket)
+
+
 class ProviderClient:
     def __init__(
         self,
@@ -236,9 +253,12 @@ class ProviderClient:
         breaker: CircuitBreaker | None = None,
         on_attempt: Callable[[int | None, float], None] | None = None,
         retry_after_max_s: float = 60.0,
+        gate: ProviderGate | None = None,
         on_replay: Callable[[], None] | None = None,
     ) -> None:
         self.breaker = breaker
+        # Concurrency limit and client-side rate limit of attempts (consumer/concurrency.py); None = none.
+        self.gate = gate
         self.timeout_s = timeout_s
         # A gateway answering Retry-After: 86400 must not park a partition for a day.
         self.retry_after_max_s = retry_after_max_s
@@ -350,6 +370,7 @@ class ProviderClient:
             on_attempt=on_attempt,
             transport_kind=settings.provider_transport,
             retry_after_max_s=settings.provider_retry_after_max_s,
+            gate=gate_from_settings(settings),
             on_replay=on_replay,
         )
 
@@ -409,7 +430,12 @@ class ProviderClient:
                 # While the breaker is open the attempt waits here without spending the retry budget.
                 probe = await self._acquire(keep_alive, keep_alive_every_s)
             started = time.perf_counter()
+            gate = self.gate
+            in_flight = -1  # >= 0 once this attempt holds a slot of the gate
             try:
+                if gate is not None:
+                    # The rate limit's token, then a concurrency slot (FIFO across partitions).
+                    in_flight = await gate.enter(self._sleep, keep_alive, keep_alive_every_s)
                 if before_attempt is not None:
                     await before_attempt(attempt)
                 started = time.perf_counter()
@@ -418,6 +444,8 @@ class ProviderClient:
                 response = await self._post(operation.path, body, headers)
                 progress.live = progress.unanswered > 0
             except httpx.TransportError as exc:
+                if in_flight >= 0:
+                    gate.leave(None, in_flight)  # type: ignore[union-attr]
                 if isinstance(exc, self._not_sent):
                     progress.sent -= 1  # never connected: nothing reached the provider
                     progress.live = progress.unanswered > 0
@@ -428,14 +456,23 @@ class ProviderClient:
                 if self.on_attempt is not None:
                     self.on_attempt(None, time.perf_counter() - started)
             except BaseException:
+                if in_flight >= 0:
+                    gate.leave(None, in_flight)  # type: ignore[union-attr]
                 if probe and self.breaker is not None:
                     self.breaker.abort_probe()
                 raise
             else:
                 kind = classify_status(response.status_code)
                 self._record(kind != "retry", probe)
+                elapsed = time.perf_counter() - started
+                if in_flight >= 0:
+                    answered = response.status_code
+                    # 429, or 503 with Retry-After: "too much" - shrink at once. Other retriable answers
+                    # (5xx, 408/409/425) say nothing about load here: no RTT sample (the breaker sees them).
+                    overload = answered == 429 or (answered == 503 and "retry-after" in response.headers)
+                    gate.leave(elapsed, in_flight, overload=overload, sample=kind != "retry")  # type: ignore[union-attr]
                 if self.on_attempt is not None:
-                    self.on_attempt(response.status_code, time.perf_counter() - started)
+                    self.on_attempt(response.status_code, elapsed)
                 if kind == "ok":
                     if response.headers.get("idempotent-replayed", "").lower() == "true":
                         log.info(

@@ -69,8 +69,15 @@ class Settings:
     # messages recorded under the old key into conflicts until those records expire.
     fingerprint_key: str = field(default="", repr=False)
     instance_id: str = field(default_factory=socket.gethostname)
-    max_in_flight: int = 128
-    max_buffered: int = 1024
+    # Workers, and the ceiling of provider calls in flight (consumer/concurrency.py). Workers are cheap
+    # tasks; the adaptive limit decides how many of them may call the provider at once.
+    max_in_flight: int = 4096
+    # 0 = follow the ceiling: max(1024, 2 × IDV_MAX_IN_FLIGHT).
+    max_buffered: int = 0
+    # "adaptive": the provider concurrency limit moves between concurrency_min and max_in_flight from the
+    # measured latency and 429s; "fixed": always max_in_flight.
+    concurrency: str = "adaptive"
+    concurrency_min: int = 8
     max_message_bytes: int = 1024 * 1024
     commit_interval_s: float = 1.0
     commit_every: int = 500
@@ -96,7 +103,11 @@ class Settings:
     provider_max_attempts: int = 6
     provider_backoff_base_s: float = 0.2
     provider_backoff_max_s: float = 10.0
-    provider_max_connections: int = 128
+    # 0 = follow the ceiling (IDV_MAX_IN_FLIGHT).
+    provider_max_connections: int = 0
+    # Client-side token bucket in front of every attempt: requests/s (0 = off) and burst (0 = rate / 10).
+    provider_rate_limit: float = 0.0
+    provider_rate_burst: float = 0.0
     # Ceiling on a Retry-After hint: longer ones are obeyed only up to this (a gateway's "come back in a
     # day" must not park a partition for a day).
     provider_retry_after_max_s: float = 60.0
@@ -123,6 +134,13 @@ class Settings:
     tracing: bool = False
     # Testing only: "<fault point>:<n>" SIGKILLs the process the n-th time that point is reached.
     fault_kill_at: str = ""
+
+    def __post_init__(self) -> None:
+        # Defaults that follow the ceiling when left unset (0).
+        if self.max_buffered == 0:
+            object.__setattr__(self, "max_buffered", max(1024, 2 * self.max_in_flight))
+        if self.provider_max_connections == 0:
+            object.__setattr__(self, "provider_max_connections", self.max_in_flight)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -184,6 +202,14 @@ class Settings:
             "max_buffered",
             "must be at least IDV_MAX_IN_FLIGHT and at most 100000",
         )
+        need(self.concurrency in ("adaptive", "fixed"), "concurrency", "must be adaptive or fixed")
+        need(
+            1 <= self.concurrency_min <= self.max_in_flight,
+            "concurrency_min",
+            "must be between 1 and IDV_MAX_IN_FLIGHT",
+        )
+        need(self.provider_rate_limit >= 0, "provider_rate_limit", "must be 0 (off) or positive")
+        need(self.provider_rate_burst >= 0, "provider_rate_burst", "must be 0 (rate / 10) or positive")
         need(self.fetch_max_records >= 1, "fetch_max_records", "must be at least 1")
         need(self.provider_max_attempts >= 1, "provider_max_attempts", "must be at least 1")
         need(self.provider_max_connections >= 1, "provider_max_connections", "must be at least 1")

@@ -304,6 +304,12 @@ class SandboxApp:
             if method != b"POST":
                 return _method_not_allowed("GET", "POST")
             return self._set_faults(request.body)
+        if route == "/_admin/rate-limit":
+            if method == b"GET":
+                return json_response(200, self._rate_limit_state())
+            if method != b"POST":
+                return _method_not_allowed("GET", "POST")
+            return self._set_rate_limit(request.body)
         if route == "/_admin/reset":
             if method != b"POST":
                 return _method_not_allowed("POST")
@@ -311,6 +317,47 @@ class SandboxApp:
             log.info("sandbox state reset")
             return json_response(200, {"reset": True})
         return _NOT_FOUND
+
+    def _rate_limit_state(self) -> dict[str, object]:
+        if self.limiter is None:
+            return {"per_minute": None, "per_second": None, "burst": None}
+        return dict(self.limiter.to_dict())
+
+    def _set_rate_limit(self, body: bytes) -> Response:
+        """``{"per_second": 250}`` or ``{"per_minute": 15000, "burst": 250}``; ``per_minute: null`` turns the
+        limit off. Takes effect for the next request (the buckets keep their tokens)."""
+        try:
+            changes = orjson.loads(body or b"{}")
+        except orjson.JSONDecodeError:
+            changes = None
+        if not isinstance(changes, dict) or not set(changes) <= {"per_minute", "per_second", "burst"}:
+            return json_response(
+                400,
+                {"error": "invalid_rate_limit", "detail": "a JSON object of per_minute|per_second, burst"},
+            )
+        per_minute = changes.get("per_minute")
+        if changes.get("per_second") is not None:
+            per_minute = changes["per_second"] * 60.0
+        burst = changes.get("burst")
+        if "per_minute" in changes and changes["per_minute"] is None and "per_second" not in changes:
+            self.limiter = None
+            log.info("rate limit off")
+            return json_response(200, self._rate_limit_state())
+        valid_rate = (
+            isinstance(per_minute, int | float) and not isinstance(per_minute, bool) and per_minute > 0
+        )
+        valid_burst = burst is None or (isinstance(burst, int) and not isinstance(burst, bool) and burst >= 1)
+        if not valid_rate or not valid_burst:
+            return json_response(
+                400, {"error": "invalid_rate_limit", "detail": "rate must be > 0, burst an integer >= 1"}
+            )
+        assert isinstance(per_minute, int | float)
+        if self.limiter is None:
+            self.limiter = RateLimiter(per_minute, self._clock, burst)
+        else:
+            self.limiter.configure(per_minute, burst)
+        log.info("rate limit set to %g/min, burst %s", per_minute, burst)
+        return json_response(200, self._rate_limit_state())
 
     def _set_faults(self, body: bytes) -> Response:
         try:

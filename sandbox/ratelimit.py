@@ -16,11 +16,22 @@ class _Bucket:
 
 
 class RateLimiter:
-    def __init__(self, per_minute: int, clock: Callable[[], float], burst: int | None = None) -> None:
-        self._rate = per_minute / 60.0
-        self._capacity = float(burst if burst is not None else per_minute)
+    def __init__(self, per_minute: float, clock: Callable[[], float], burst: int | None = None) -> None:
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
+        self.configure(per_minute, burst)
+
+    def configure(self, per_minute: float, burst: int | None = None) -> None:
+        """Change the rate (and capacity) now; buckets keep their tokens (capped at the new capacity)."""
+        self.per_minute = per_minute
+        self.burst = burst
+        self._rate = per_minute / 60.0
+        self._capacity = float(burst if burst is not None else per_minute)
+        for bucket in self._buckets.values():
+            bucket.tokens = min(bucket.tokens, self._capacity)
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {"per_minute": self.per_minute, "per_second": self.per_minute / 60.0, "burst": self.burst}
 
     def acquire(self, scope: str) -> float:
         """Take one token: ``0.0`` if granted, else the seconds until a token will be available."""

@@ -1,0 +1,388 @@
+"""Adaptive concurrency and client-side rate limiting of provider calls: how many attempts may be in flight.
+
+:class:`ProviderClient.call <consumer.provider.ProviderClient.call>` passes every attempt through a
+:class:`ProviderGate`: an optional :class:`TokenBucket` (``IDV_PROVIDER_RATE_LIMIT``), then a FIFO
+concurrency gate whose limit comes from a controller. The worker count (``IDV_MAX_IN_FLIGHT``) is the
+ceiling; with ``IDV_CONCURRENCY=adaptive`` (the default) the limit finds itself between
+``IDV_CONCURRENCY_MIN`` and that ceiling, so a slow provider gets thousands of calls in flight and a
+rate-limited one gets just enough. Waiters are served first come first served, whatever their partition.
+
+The adaptive controller (:class:`AdaptiveLimit`, chosen by simulation: docs/performance.md) is Netflix
+concurrency-limits' Gradient2 with three additions:
+
+* **latency gradient** (Gradient2): samples are grouped into windows of one round trip (at least
+  50 ms and ``min_samples``, at most 0.5 s); a long-term RTT (an exponential average over ~10 windows)
+  is the baseline, and ``gradient = clamp(tolerance × long_rtt / window_rtt, 0.5, 1)``. Below 1 (queueing:
+  the window's RTT is over ``tolerance`` × the baseline) the limit shrinks to ``limit × gradient +
+  sqrt(limit)``; a window that used less than half the limit (app-limited) never raises it.
+* **slow start** (TCP): until the first congestion signal every answer adds ``slow_start_gain`` (3)
+  slots while a quarter of the limit is in use: ×4 per round trip, so a provider answering in seconds
+  gets its thousands of calls in flight within three round trips instead of the minutes Gradient2's
+  ``+sqrt(limit)`` steps would take.
+* **overload answers** (429, or a 503 with ``Retry-After``) shrink it at once: the first one in a window
+  cuts the limit to ``min(0.9 × limit, 0.9 × goodput × RTT)`` (Little's law: the calls the provider
+  actually accepted), every further one removes one slot, so a freed slot is not handed straight to the
+  next request to be refused again; refusals of attempts sent before the cut are not counted twice. The
+  accepted level is remembered (CUBIC's ``W_max``): well below it the limit closes half the gap per
+  window, up to it by one slot per window, up to 1.25× it by a slot every fourth window, above by
+  ``sqrt(limit)``; after ``forget_s`` (3 s) without a 429 it is forgotten (the limit may have risen).
+  Slow start ends after two consecutive windows over the latency tolerance (one noisy window only holds it).
+
+An open circuit breaker (consumer/breaker.py) still pauses attempts before they reach the gate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AdaptiveLimit",
+    "ConcurrencyGate",
+    "FixedLimit",
+    "LimitController",
+    "ProviderGate",
+    "TokenBucket",
+    "raise_fd_limit",
+]
+
+KeepAlive = Callable[[], Awaitable[None]] | None
+
+
+class FixedLimit:
+    """``IDV_CONCURRENCY=fixed``: the limit is the ceiling; answers change nothing."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.floor = self.ceiling = limit
+
+    def sample(self, rtt: float, in_flight: int, now: float) -> None:
+        return None
+
+    def overload(self, now: float, sent_at: float | None = None) -> None:
+        return None
+
+
+class AdaptiveLimit:
+    """The gradient controller with slow start and overload cuts described in the module docstring.
+
+    ``sample`` is called for every answered attempt that was not an overload answer (its RTT and the
+    in-flight count when it was sent), ``overload`` for every 429 (or 503 with ``Retry-After``). Not
+    thread-safe; one event loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        floor: int,
+        ceiling: int,
+        initial: int | None = None,
+        tolerance: float = 1.5,
+        min_window_s: float = 0.05,
+        max_window_s: float = 0.5,
+        min_samples: int = 10,
+        slow_start_gain: float = 3.0,
+        forget_s: float = 3.0,
+        on_change: Callable[[int], None] | None = None,
+    ) -> None:
+        if not 1 <= floor <= ceiling:
+            raise ValueError("need 1 <= floor <= ceiling")
+        self.floor = floor
+        self.ceiling = ceiling
+        self.tolerance = tolerance
+        self.min_window_s = min_window_s
+        self.max_window_s = max_window_s
+        self.min_samples = min_samples
+        self.slow_start_gain = slow_start_gain
+        self.forget_s = forget_s
+        self.on_change = on_change
+        start = initial if initial is not None else min(ceiling, max(floor, 64))
+        self._limit = float(min(ceiling, max(floor, start)))
+        self.limit = int(self._limit)
+        self.slow_start = True
+        self.long_rtt: float | None = None
+        self.rtt: float | None = None  # the last window's mean RTT
+        self.goodput = 0.0  # accepted answers per second (last window)
+        self.w_max: float | None = None  # the level accepted at the last overload
+        self.overloads = 0
+        self._w_start: float | None = None
+        self._w_count = 0
+        self._w_sum = 0.0
+        self._w_inflight = 0
+        self._last_cut = -math.inf
+        self._congested = 0  # consecutive windows over the latency tolerance
+        self._logged = self.limit
+
+    def _set(self, value: float, why: str) -> None:
+        self._limit = min(float(self.ceiling), max(float(self.floor), value))
+        limit = int(self._limit)
+        if limit == self.limit:
+            return
+        self.limit = limit
+        if limit >= 2 * self._logged or limit * 2 <= self._logged:
+            log.info(
+                "provider concurrency limit %d -> %d (%s)",
+                self._logged,
+                limit,
+                why,
+                extra={"concurrency_limit": limit, "rtt_s": self.rtt, "reason": why},
+            )
+            self._logged = limit
+        if self.on_change is not None:
+            self.on_change(limit)
+
+    def sample(self, rtt: float, in_flight: int, now: float) -> None:
+        if self._w_start is None:
+            self._w_start = now
+        if self.slow_start and self._congested == 0 and in_flight * (1 + self.slow_start_gain) >= self._limit:
+            # Slow start: +gain per answer sent with at least 1/(1 + gain) of the limit in use, so the
+            # limit grows (1 + gain)x per round trip whatever the timing of the answers.
+            self._set(self._limit + self.slow_start_gain, "slow start")
+        self._w_count += 1
+        self._w_sum += rtt
+        if in_flight > self._w_inflight:
+            self._w_inflight = in_flight
+        elapsed = now - self._w_start
+        window = min(self.max_window_s, max(self.min_window_s, self.rtt or 0.0))
+        if elapsed < window or (self._w_count < self.min_samples and elapsed < self.max_window_s):
+            return
+        count, mean, used = self._w_count, self._w_sum / self._w_count, self._w_inflight
+        self._w_start, self._w_count, self._w_sum, self._w_inflight = now, 0, 0.0, 0
+        self._window(mean, count / elapsed if elapsed > 0 else 0.0, used, now)
+
+    def _window(self, rtt: float, goodput: float, used: int, now: float) -> None:
+        self.rtt = rtt
+        self.goodput = goodput
+        if self.long_rtt is None:
+            self.long_rtt = rtt
+        else:
+            self.long_rtt += (rtt - self.long_rtt) * 0.1
+            # The provider got much faster: forget the old baseline (Gradient2 decays it).
+            self.long_rtt = min(self.long_rtt, 2.0 * rtt)
+        limit = self._limit
+        gradient = max(0.5, min(1.0, self.tolerance * self.long_rtt / rtt))
+        if gradient < 1.0:
+            self._congested += 1
+            if self.slow_start and self._congested < 2:
+                return  # one noisy window does not end slow start: hold, and look again
+            self.slow_start = False
+            target = limit * gradient + math.sqrt(limit)
+            if target < limit:
+                self._set(limit + (target - limit) * 0.5, "latency")
+            return
+        self._congested = 0
+        if used * 2 < limit or now - self._last_cut < 2 * rtt:
+            return  # app-limited (the limit was not tested), or just cut: wait for its effect
+        if self.slow_start:
+            return  # grown per answer, in sample()
+        w_max = self.w_max
+        if w_max is not None and now - self._last_cut > self.forget_s:
+            w_max = self.w_max = None  # no 429 for a while: the provider's limit may have gone up
+        if w_max is not None and limit < 0.9 * w_max:
+            step = max(math.sqrt(limit), (w_max - limit) / 2)  # well below the accepted level: close in
+        elif w_max is not None and limit <= w_max:
+            step = 1.0  # near it: one slot per window
+        elif w_max is not None and limit <= 1.25 * w_max:
+            step = 0.25  # just above it: a slot every fourth window
+        else:
+            step = math.sqrt(limit)
+        self._set(limit + step, "probe")
+
+    def overload(self, now: float, sent_at: float | None = None) -> None:
+        """A 429 (or 503 with Retry-After) for an attempt sent at ``sent_at``. Answers to attempts sent
+        before the last cut were sent under the old limit: the cut already accounted for them."""
+        self.overloads += 1
+        self.slow_start = False
+        if sent_at is not None and sent_at < self._last_cut:
+            return
+        limit = self._limit
+        rtt = self.rtt if self.rtt is not None else self.min_window_s
+        if now - self._last_cut >= max(rtt, self.min_window_s):
+            self._last_cut = now
+            accepted = self.goodput * rtt
+            self.w_max = accepted if accepted >= self.floor else limit * 0.9
+            self._set(min(limit * 0.9, 0.9 * self.w_max), "overload")
+        else:
+            self._set(limit - 1.0, "overload")
+
+
+LimitController = FixedLimit | AdaptiveLimit
+
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    event: anyio.Event
+    granted: bool = False
+
+
+class ConcurrencyGate:
+    """A FIFO semaphore whose size is ``controller.limit`` (read on every release and acquire)."""
+
+    def __init__(self, controller: LimitController) -> None:
+        self.controller = controller
+        self.in_flight = 0
+        self._waiters: deque[_Waiter] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def try_acquire(self) -> bool:
+        if not self._waiters and self.in_flight < self.controller.limit:
+            self.in_flight += 1
+            return True
+        return False
+
+    async def acquire(self, keep_alive: KeepAlive = None, every: float = 20.0) -> None:
+        if self.try_acquire():
+            return
+        waiter = _Waiter(anyio.Event())
+        self._waiters.append(waiter)
+        try:
+            while True:
+                with anyio.move_on_after(every if keep_alive is not None else math.inf):
+                    await waiter.event.wait()
+                if waiter.granted:
+                    return
+                assert keep_alive is not None
+                await keep_alive()
+        except BaseException:
+            if waiter.granted:
+                self.release()
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self.wake()
+
+    def wake(self) -> None:
+        """Hand free slots to the oldest waiters (also after the limit grew)."""
+        limit = self.controller.limit
+        while self._waiters and self.in_flight < limit:
+            waiter = self._waiters.popleft()
+            waiter.granted = True
+            self.in_flight += 1
+            waiter.event.set()
+
+
+class TokenBucket:
+    """Client-side rate limit: ``rate`` attempts per second, ``burst`` at once; FIFO by reservation.
+
+    :meth:`reserve` takes a token now or books the next one (tokens may go negative), so callers are
+    served in the order they asked, whichever partition they belong to; it returns the wait.
+    """
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("need rate > 0 and burst >= 1")
+        self.rate = rate
+        self.burst = float(burst)
+        self.clock = clock
+        self.tokens = float(burst)
+        self._updated = clock()
+
+    def reserve(self) -> float:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self._updated) * self.rate)
+        self._updated = now
+        self.tokens -= 1.0
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+    def cancel(self) -> None:
+        """A reserved token was not used (the waiter was cancelled): give it back."""
+        self.tokens = min(self.burst, self.tokens + 1.0)
+
+
+class ProviderGate:
+    """What :class:`~consumer.provider.ProviderClient` passes each attempt through."""
+
+    def __init__(
+        self,
+        controller: LimitController,
+        bucket: TokenBucket | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.controller = controller
+        self.gate = ConcurrencyGate(controller)
+        self.bucket = bucket
+        self.clock = clock
+
+    @property
+    def limit(self) -> int:
+        return self.controller.limit
+
+    async def enter(
+        self,
+        sleep: Callable[[float], Awaitable[None]],
+        keep_alive: KeepAlive = None,
+        every: float = 20.0,
+    ) -> int:
+        """Wait for a token and a slot; returns the in-flight count including this attempt."""
+        if self.bucket is not None:
+            delay = self.bucket.reserve()
+            try:
+                while delay > 0:
+                    step = delay if keep_alive is None else min(delay, every)
+                    await sleep(step)
+                    delay -= step
+                    if delay > 0 and keep_alive is not None:
+                        await keep_alive()
+            except BaseException:
+                self.bucket.cancel()
+                raise
+        await self.gate.acquire(keep_alive, every)
+        return self.gate.in_flight
+
+    def leave(
+        self, rtt: float | None, in_flight: int, *, overload: bool = False, sample: bool = True
+    ) -> None:
+        """The attempt ended after ``rtt`` seconds (``None``: a transport error or cancellation).
+        ``overload``: answered 429 (or 503 + Retry-After); ``sample=False``: an answer that says nothing
+        about load (other 5xx, 408/409/425), not used as an RTT sample."""
+        now = self.clock()
+        before = self.controller.limit
+        if overload:
+            self.controller.overload(now, now - rtt if rtt is not None else None)
+        elif rtt is not None and sample:
+            self.controller.sample(rtt, in_flight, now)
+        self.gate.release()
+        if self.controller.limit > before:
+            self.gate.wake()
+
+
+def raise_fd_limit(needed: int) -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit where allowed; log what was done, and warn
+    once when ``needed`` descriptors (connections for the ceiling plus some) exceed what is allowed.
+    Returns the (soft, hard) limits in force afterwards."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return (-1, -1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d to %d: %s", soft, target, exc)
+        else:
+            log.info("open-files limit raised from %d to %d (hard limit)", soft, target)
+            soft = target
+    if soft != resource.RLIM_INFINITY and needed > soft:
+        log.warning(
+            "the provider concurrency ceiling needs about %d file descriptors but only %d are allowed: "
+            "lower IDV_MAX_IN_FLIGHT or raise the hard limit (ulimit -Hn)",
+            needed,
+            soft,
+        )
+    return soft, hard

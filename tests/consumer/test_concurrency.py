@@ -1,0 +1,293 @@
+"""Adaptive provider concurrency and the client-side token bucket (consumer/concurrency.py).
+
+Fast unit tests of the controller, the FIFO gate and the bucket on a fake clock, then two behavioural
+tests on the real sandbox over HTTP: the limit backs off on 429 and opens up on a slow provider
+(assertions on the limit's direction, not on timings).
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterator
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from consumer.concurrency import (
+    AdaptiveLimit,
+    ConcurrencyGate,
+    FixedLimit,
+    ProviderGate,
+    TokenBucket,
+    raise_fd_limit,
+)
+from consumer.errors import RetriesExhausted
+from consumer.provider import ProviderClient, RetryPolicy, gate_from_settings
+from consumer.settings import Settings
+from producer.envelope import OPERATIONS
+from tests.consumer.conftest import API_KEY, Sandbox
+
+AML = OPERATIONS["aml_screening"]
+
+
+def feed(c: AdaptiveLimit, t: float, rtt: float, windows: int, in_flight: int | None = None) -> float:
+    """``windows`` full windows of samples at ``rtt`` starting at ``t``; returns the time after them."""
+    for _ in range(windows):
+        for i in range(20):
+            c.sample(rtt, c.limit if in_flight is None else in_flight, t + rtt * (i + 1) / 20)
+        t += rtt
+    return t
+
+
+# -- the controller ------------------------------------------------------------------------------------
+
+
+def round_trip(c: AdaptiveLimit, t: float, rtt: float) -> float:
+    """One round trip with every slot used: ``limit`` answers, each sent at the round's limit."""
+    n = c.limit
+    for i in range(n):
+        c.sample(rtt, n, t + rtt * (i + 1) / n)
+    return t + rtt
+
+
+def test_slow_start_grows_four_times_per_round_trip_up_to_the_ceiling() -> None:
+    c = AdaptiveLimit(floor=4, ceiling=1000, initial=16)
+    seen = [c.limit]
+    t = 0.0
+    for _ in range(5):
+        t = round_trip(c, t, 0.5)
+        seen.append(c.limit)
+    assert seen == [16, 64, 256, 1000, 1000, 1000]
+    assert c.slow_start
+
+
+def test_queueing_latency_shrinks_the_limit_and_ends_slow_start() -> None:
+    c = AdaptiveLimit(floor=4, ceiling=4096, initial=256)
+    t = feed(c, 0.0, 0.02, 3)
+    before = c.limit
+    t = feed(c, t, 0.08, 1)  # 4x the baseline: well past the 1.5x tolerance
+    assert c.limit >= before and c.slow_start  # one window only holds slow start
+    held = c.limit
+    t = feed(c, t, 0.08, 1)
+    assert c.limit < held and not c.slow_start
+    for _ in range(20):
+        t = feed(c, t, 0.08, 1)
+    assert c.limit >= c.floor
+
+
+def test_an_app_limited_window_does_not_raise_the_limit() -> None:
+    c = AdaptiveLimit(floor=4, ceiling=4096, initial=100)
+    feed(c, 0.0, 0.1, 10, in_flight=10)  # only 10 of 100 slots used
+    assert c.limit == 100
+
+
+def test_overload_cuts_at_once_then_one_slot_per_further_429_never_below_the_floor() -> None:
+    c = AdaptiveLimit(floor=8, ceiling=4096, initial=400)
+    t = feed(c, 0.0, 0.2, 1)  # goodput 100/s at 0.2 s: 20 accepted
+    before = c.limit
+    c.overload(t)
+    cut = c.limit
+    assert cut <= 0.9 * before and not c.slow_start
+    assert c.w_max is not None and cut <= 0.9 * c.w_max + 1
+    c.overload(t + 0.001, sent_at=t - 0.2)  # sent before the cut: already accounted for
+    assert c.limit == cut
+    c.overload(t + 0.001, sent_at=t + 0.0005)
+    c.overload(t + 0.002)
+    assert c.limit == cut - 2
+    for i in range(1000):
+        c.overload(t + 0.003 + i * 1e-6)
+    assert c.limit == 8
+
+
+def test_probing_is_one_slot_per_window_near_the_level_of_the_last_429() -> None:
+    c = AdaptiveLimit(floor=4, ceiling=4096, initial=100)
+    t = feed(c, 0.0, 0.2, 1)
+    c.overload(t)
+    t += 1.0
+    level = c.limit
+    t = feed(c, t, 0.2, 3)
+    assert level < c.limit <= level + 3  # +1 per window while near W_max
+    c2 = AdaptiveLimit(floor=4, ceiling=4096, initial=100)
+    t2 = feed(c2, 0.0, 0.2, 1)
+    c2.overload(t2)
+    c2.w_max = 10_000.0  # far below the remembered level: sqrt(limit) steps
+    t2 = feed(c2, t2 + 1.0, 0.2, 1)
+    assert c2.limit >= level + 5
+
+
+def test_fixed_limit_never_moves() -> None:
+    c = FixedLimit(128)
+    c.overload(0.0)
+    c.sample(5.0, 128, 1.0)
+    assert c.limit == 128
+
+
+# -- the FIFO gate and the token bucket ----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_gate_is_fifo_honours_the_limit_and_releases_on_cancel() -> None:
+    gate = ConcurrencyGate(FixedLimit(2))
+    order: list[int] = []
+    assert gate.try_acquire() and gate.try_acquire() and not gate.try_acquire()
+
+    async def waiter(i: int) -> None:
+        await gate.acquire()
+        order.append(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(4):
+            tg.start_soon(waiter, i)
+            await anyio.lowlevel.checkpoint()
+        await anyio.sleep(0.01)
+        assert gate.waiting == 4 and order == []
+        gate.release()
+        gate.release()
+        await anyio.sleep(0.01)
+        assert order == [0, 1] and gate.in_flight == 2
+        gate.release()
+        gate.release()
+    assert order == [0, 1, 2, 3]
+    # A cancelled waiter leaves the queue; one cancelled after being granted gives its slot back.
+    with anyio.move_on_after(0.01):
+        await gate.acquire()
+    assert gate.waiting == 0 and gate.in_flight == 2
+
+
+@pytest.mark.anyio
+async def test_keep_alive_runs_while_waiting_at_the_gate() -> None:
+    gate = ConcurrencyGate(FixedLimit(1))
+    assert gate.try_acquire()
+    pings = 0
+
+    async def ping() -> None:
+        nonlocal pings
+        pings += 1
+        if pings == 3:
+            gate.release()
+
+    with anyio.fail_after(2):
+        await gate.acquire(ping, every=0.01)
+    assert pings == 3 and gate.in_flight == 1
+
+
+def test_token_bucket_burst_then_fifo_reservations_at_the_rate() -> None:
+    now = [0.0]
+    bucket = TokenBucket(10.0, 3, clock=lambda: now[0])
+    assert [bucket.reserve() for _ in range(3)] == [0.0, 0.0, 0.0]
+    waits = [bucket.reserve() for _ in range(3)]
+    assert waits == pytest.approx([0.1, 0.2, 0.3])  # first come, first served, 1/rate apart
+    bucket.cancel()  # the last waiter gave up: its token comes back
+    assert bucket.reserve() == pytest.approx(0.3)
+    now[0] = 10.0  # a long idle time refills only up to the burst
+    assert [bucket.reserve() for _ in range(4)] == pytest.approx([0.0, 0.0, 0.0, 0.1])
+
+
+@pytest.mark.anyio
+async def test_provider_gate_waits_for_a_token_then_a_slot() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    gate = ProviderGate(FixedLimit(4), TokenBucket(2.0, 1, clock=lambda: now[0]), clock=lambda: now[0])
+    assert await gate.enter(sleep) == 1
+    assert await gate.enter(sleep) == 2
+    assert slept == pytest.approx([0.5])
+    gate.leave(0.1, 2)
+    assert gate.gate.in_flight == 1
+
+
+def test_settings_follow_the_ceiling_and_build_the_gate() -> None:
+    base = {"IDV_PROVIDER_API_KEY": "k", "IDV_FINGERPRINT_KEY": "x" * 16}
+    s = Settings.from_env(base)
+    assert (s.max_in_flight, s.max_buffered, s.provider_max_connections) == (4096, 8192, 4096)
+    assert s.concurrency == "adaptive"
+    gate = gate_from_settings(s)
+    assert isinstance(gate.controller, AdaptiveLimit) and gate.bucket is None
+    assert gate.controller.ceiling == 4096 and gate.controller.floor == 8
+    s = Settings.from_env(
+        {**base, "IDV_MAX_IN_FLIGHT": "64", "IDV_CONCURRENCY": "fixed", "IDV_PROVIDER_RATE_LIMIT": "5"}
+    )
+    assert (s.max_buffered, s.provider_max_connections) == (1024, 64)
+    gate = gate_from_settings(s)
+    assert isinstance(gate.controller, FixedLimit) and gate.limit == 64
+    assert gate.bucket is not None and gate.bucket.rate == 5 and gate.bucket.burst == 1
+
+
+def test_fd_limit_is_raised_to_the_hard_limit() -> None:
+    import resource
+
+    soft, hard = raise_fd_limit(16)
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == soft
+    assert hard == resource.RLIM_INFINITY or soft == hard
+
+
+# -- behaviour on the real sandbox over HTTP -----------------------------------------------------------
+
+
+@pytest.fixture
+def sb(sandbox: object) -> Iterator[Sandbox]:
+    yield Sandbox(sandbox.url)  # type: ignore[attr-defined]
+
+
+def set_rate_limit(sb: Sandbox, **limit: float) -> None:
+    import httpx
+
+    httpx.post(sb.url + "/_admin/rate-limit", json=limit, timeout=10).raise_for_status()
+
+
+async def _hammer(client: ProviderClient, workers: int, seconds: float) -> int:
+    answered = 0
+
+    async def worker() -> None:
+        nonlocal answered
+        with anyio.move_on_after(seconds):
+            while True:
+                try:
+                    await client.call(AML, {"full_name": "Jane Roe"}, f"idv_c-{uuid.uuid4().hex}")
+                    answered += 1
+                except RetriesExhausted:
+                    pass
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(workers):
+            tg.start_soon(worker)
+    return answered
+
+
+@pytest.mark.anyio
+async def test_the_limit_opens_up_on_a_slow_provider(sb: Sandbox) -> None:
+    sb.faults(latency_ms=200)
+    controller = AdaptiveLimit(floor=2, ceiling=512, initial=16)
+    client = ProviderClient(
+        sb.url, API_KEY, gate=ProviderGate(controller), transport_kind="aiohttp", max_connections=512
+    )
+    async with client:
+        answered = await _hammer(client, 300, 2.5)
+    assert answered > 0
+    assert controller.limit > 16 * 4, controller.limit  # well above its start
+
+
+@pytest.mark.anyio
+async def test_the_limit_backs_off_on_429(sb: Sandbox) -> None:
+    set_rate_limit(sb, per_second=40, burst=10)
+    sb.faults(latency_ms=20)
+    controller = AdaptiveLimit(floor=2, ceiling=512, initial=64)
+    client = ProviderClient(
+        sb.url,
+        API_KEY,
+        gate=ProviderGate(controller),
+        transport_kind="aiohttp",
+        retry=RetryPolicy(max_attempts=2, base_delay_s=0.01, max_delay_s=0.02),
+        retry_after_max_s=0.05,
+        rng=random.Random(0),
+    )
+    async with client:
+        await _hammer(client, 100, 2.0)
+    assert controller.overloads > 0
+    assert controller.limit < 64, controller.limit  # below where it started
