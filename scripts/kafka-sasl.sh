@@ -40,8 +40,6 @@ SASL_SSL_PORT=$((BASE + 4))
 USER_NAME="${KAFKA_SASL_USER:-idv}"
 USER_PASSWORD="${KAFKA_SASL_PASSWORD:-idv-secret}"
 DATA="${KAFKA_SASL_DATA_DIR:-.run/kafka-sasl}"
-[[ "$DATA" = /* ]] || DATA="$ROOT/$DATA"
-START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xmx384m -Xms128m}"
 PARTITIONS=4 IO_THREADS=2 RETENTION_HOURS=24 SEGMENT_BYTES=10485760 LOG_ROLL_SIZE="20 MB" LOG_ROLL_MAX=2
 FORMAT_NOTE=" with SCRAM user $USER_NAME"
@@ -53,24 +51,7 @@ TLS="$DATA/tls"
 healthy() {
     # An authenticated metadata request on the SASL listener: proves SCRAM works, not just that a port is open.
     port_in_use "$SASL_PORT" || return 1
-    timeout 20 python3 - "$HOST:$SASL_PORT" "$USER_NAME" "$USER_PASSWORD" <<'EOF' >/dev/null 2>&1
-import asyncio, sys
-from aiokafka.admin import AIOKafkaAdminClient
-
-async def main() -> None:
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=sys.argv[1], request_timeout_ms=5000, security_protocol="SASL_PLAINTEXT",
-        sasl_mechanism="SCRAM-SHA-256", sasl_plain_username=sys.argv[2], sasl_plain_password=sys.argv[3],
-    )
-    await admin.start()
-    try:
-        meta = await admin.describe_cluster()
-        assert meta["brokers"], meta
-    finally:
-        await admin.close()
-
-asyncio.run(main())
-EOF
+    metadata_probe 20 "$HOST:$SASL_PORT" "$USER_NAME" "$USER_PASSWORD"
 }
 
 make_tls() {

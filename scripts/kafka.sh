@@ -23,8 +23,6 @@ PORT="${KAFKA_PORT:-9092}"
 CPORT="${KAFKA_CONTROLLER_PORT:-9093}"
 BOOTSTRAP="$HOST:$PORT"
 DATA="${KAFKA_DATA_DIR:-.run/kafka}"
-[[ "$DATA" = /* ]] || DATA="$ROOT/$DATA"
-START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 # A test run creates thousands of partitions (a few topics per test); 512 MiB ran out of heap at ~18,000.
 HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xmx1536m -Xms512m}"
 PARTITIONS=8 IO_THREADS=4 RETENTION_HOURS=168 SEGMENT_BYTES=104857600 LOG_ROLL_SIZE="50 MB" LOG_ROLL_MAX=3
@@ -65,21 +63,7 @@ healthy() {
         timeout 10 kcat -b "$BOOTSTRAP" -L -m 3 -X topic.metadata.refresh.interval.ms=-1 2>/dev/null \
             | grep -q "broker 1 at $BOOTSTRAP"
     else
-        timeout 15 python3 - "$BOOTSTRAP" <<'EOF' >/dev/null 2>&1
-import asyncio, sys
-from aiokafka.admin import AIOKafkaAdminClient
-
-async def main() -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=sys.argv[1], request_timeout_ms=5000)
-    await admin.start()
-    try:
-        meta = await admin.describe_cluster()
-        assert meta["brokers"], meta
-    finally:
-        await admin.close()
-
-asyncio.run(main())
-EOF
+        metadata_probe 15 "$BOOTSTRAP"
     fi
 }
 

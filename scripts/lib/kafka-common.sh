@@ -1,12 +1,14 @@
 # shellcheck shell=bash
 # Shared by scripts/kafka.sh and scripts/kafka-sasl.sh: the single-node KRaft broker's files, config,
 # launch, health wait, stop and lock. Source it after setting:
-#   NAME (script name for messages), ROOT, HOST, CPORT, DATA (absolute), START_TIMEOUT, HEAP_OPTS,
+#   NAME (script name for messages), ROOT, HOST, CPORT, DATA (relative to ROOT or absolute), HEAP_OPTS,
 #   PARTITIONS, IO_THREADS, RETENTION_HOURS, SEGMENT_BYTES, LOG_ROLL_SIZE, LOG_ROLL_MAX
 # and define, before calling start_broker / wait_healthy:
 #   healthy            exit 0 when the broker answers (each script probes its own listener)
 #   listener_properties  prints the listener / security lines of server.properties
 
+[[ "$DATA" = /* ]] || DATA="$ROOT/$DATA"
+START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 LIB="$ROOT/kafka/lib"
 CP="$LIB/*"
 
@@ -35,6 +37,31 @@ running_pid() {
 
 port_in_use() {
     (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null
+}
+
+metadata_probe() {
+    # metadata_probe SECONDS BOOTSTRAP [USER PASSWORD]: exit 0 when the broker answers a describe-cluster
+    # request listing at least one broker; with USER and PASSWORD over SASL_PLAINTEXT / SCRAM-SHA-256.
+    local seconds="$1"; shift
+    timeout "$seconds" python3 - "$@" <<'EOF' >/dev/null 2>&1
+import asyncio, sys
+from aiokafka.admin import AIOKafkaAdminClient
+
+async def main() -> None:
+    sasl = {}
+    if len(sys.argv) > 2:
+        sasl = dict(security_protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-256",
+                    sasl_plain_username=sys.argv[2], sasl_plain_password=sys.argv[3])
+    admin = AIOKafkaAdminClient(bootstrap_servers=sys.argv[1], request_timeout_ms=5000, **sasl)
+    await admin.start()
+    try:
+        meta = await admin.describe_cluster()
+        assert meta["brokers"], meta
+    finally:
+        await admin.close()
+
+asyncio.run(main())
+EOF
 }
 
 log_tail() {

@@ -15,11 +15,11 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from consumer.keys import idempotency_key
 from producer.envelope import Envelope, encode
+from sandbox.testing import SandboxAdmin
 
 API_KEY = "test-key"
 FINGERPRINT_KEY = "test-fingerprint-key-0123456789"  # a development HMAC key (IDV_FINGERPRINT_KEY)
@@ -138,24 +138,11 @@ async def wait_committed_to_end(
     raise AssertionError(f"offsets not committed to the end in {timeout}s: committed={committed} ends={ends}")
 
 
-class Sandbox:
+class Sandbox(SandboxAdmin):
     """Admin view of the sandbox provider over HTTP."""
 
     def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
-
-    def ledger(self) -> dict[str, Any]:
-        r = httpx.get(self.url + "/_admin/ledger", timeout=30)
-        r.raise_for_status()
-        return r.json()  # type: ignore[no-any-return]
-
-    def side_effects(self) -> dict[str, int]:
-        return {k: v["side_effects"] for k, v in self.ledger()["keys"].items()}
-
-    def faults(self, **config: Any) -> dict[str, Any]:
-        r = httpx.post(self.url + "/_admin/faults", json=config, timeout=10)
-        r.raise_for_status()
-        return r.json()  # type: ignore[no-any-return]
+        super().__init__(url, timeout=30)
 
 
 def keys_for(envelopes: Iterable[Envelope], namespace: str = "idv") -> set[str]:
