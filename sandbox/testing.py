@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,23 @@ class SandboxHarness:
         response.raise_for_status()
         data: dict[str, Any] = response.json()
         return data
+
+    @asynccontextmanager
+    async def in_flight(self, path: str, body: Any, key: str) -> AsyncIterator[dict[str, httpx.Response]]:
+        """Send one request in the background; enter once the sandbox holds ``key`` in flight.
+
+        On exit waits for that request; its response is then under ``"response"`` in the yielded dict.
+        """
+        results: dict[str, httpx.Response] = {}
+
+        async def send() -> None:
+            results["response"] = await self.post(path, body, key)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send)
+            with anyio.fail_after(5):
+                await self.wait_in_flight(1)
+            yield results
 
     async def wait_in_flight(self, count: int) -> None:
         """Wait until exactly ``count`` requests hold their idempotency key in flight.
