@@ -37,12 +37,45 @@ __all__ = [
     "PrivatePostgres",
     "SandboxProcess",
     "ToolMissing",
+    "clean_env",
+    "daemon_child_env",
     "port_open",
 ]
 
 
 class ToolMissing(RuntimeError):
     """A program the private services need is not installed."""
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without any ``IDV_*`` variable: a child sees only the settings given."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("IDV_")}
+
+
+def daemon_child_env(
+    bootstrap: str,
+    topic: str,
+    group: str,
+    store_url: str,
+    provider_url: str,
+    api_key: str,
+    fingerprint_key: str,
+    **settings: object,
+) -> dict[str, str]:
+    """The environment of a ``python -m consumer run`` child: :func:`clean_env` plus its connection
+    settings and ``IDV_<NAME>`` for every other setting (``max_in_flight=8`` → ``IDV_MAX_IN_FLIGHT=8``)."""
+    env = clean_env()
+    settings = {
+        "kafka_bootstrap": bootstrap,
+        "topic": topic,
+        "group_id": group,
+        "store_url": store_url,
+        "provider_url": provider_url,
+        "provider_api_key": api_key,
+        "fingerprint_key": fingerprint_key,
+    } | settings
+    env.update({f"IDV_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -264,7 +297,7 @@ class SandboxProcess(testing.SandboxProcess):
     def __init__(self, run_dir: Path, api_key: str, *, seed: int | None = None, **faults: Any) -> None:
         self.run_dir = run_dir
         self.api_key = api_key
-        env = {k: v for k, v in os.environ.items() if not k.startswith("IDV_")}
+        env = clean_env()
         args = ["--seed", str(seed)] if seed is not None else []
         super().__init__(run_dir / "sandbox.log", api_key, *args, env=env)
         if faults:

@@ -164,11 +164,7 @@ async def committed_offsets(group: str, topic: str, partitions: Sequence[int]) -
     consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, group_id=group, enable_auto_commit=False)
     await consumer.start()
     try:
-        out = {}
-        for p in partitions:
-            off = await consumer.committed(TopicPartition(topic, p))
-            out[p] = off if off is not None else 0
-        return out
+        return {p: await consumer.committed(TopicPartition(topic, p)) or 0 for p in partitions}
     finally:
         await asyncio.sleep(0)
         await consumer.stop()
