@@ -27,6 +27,7 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -79,15 +80,21 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
-# -- naive ---------------------------------------------------------------------------------------------
-
-
-async def naive(args: argparse.Namespace) -> None:
+@contextlib.asynccontextmanager
+async def _processing(args: argparse.Namespace) -> AsyncIterator[tuple[asyncio.Event, Processor]]:
+    """The stop event (SIGTERM/SIGINT) and a processor over an open store and provider client."""
     stop = _stop_event()
     store = open_store(f"sqlite:///{args.store}")
     provider = _provider(args)
     async with store, provider:
-        processor = _processor(args, store, provider)
+        yield stop, _processor(args, store, provider)
+
+
+# -- naive ---------------------------------------------------------------------------------------------
+
+
+async def naive(args: argparse.Namespace) -> None:
+    async with _processing(args) as (stop, processor):
         consumer = AIOKafkaConsumer(
             args.topic,
             bootstrap_servers=args.bootstrap,
@@ -160,11 +167,7 @@ async def faststream(args: argparse.Namespace) -> None:
     from faststream.kafka import KafkaBroker
     from faststream.kafka.annotations import KafkaMessage
 
-    stop = _stop_event()
-    store = open_store(f"sqlite:///{args.store}")
-    provider = _provider(args)
-    async with store, provider:
-        processor = _processor(args, store, provider)
+    async with _processing(args) as (stop, processor):
         # logger=None: no per-message "Received"/"Processed" lines, like the daemon at IDV_LOG_LEVEL=WARNING.
         import logging
 

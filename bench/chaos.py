@@ -47,7 +47,6 @@ import asyncio
 import contextlib
 import fcntl
 import logging
-import os
 import random
 import signal
 import subprocess
@@ -76,6 +75,7 @@ from bench.chaos_env import (
     PrivatePostgres,
     SandboxProcess,
     ToolMissing,
+    daemon_child_env,
 )
 from consumer.keys import idempotency_key
 from consumer.sinks import H_OFFSET, H_PARTITION, H_REASON
@@ -561,31 +561,29 @@ async def _sandbox_faults(url: str, **config: Any) -> None:
 def daemon_env(
     opts: Options, *, bootstrap: str, topic: str, group: str, store_url: str, provider_url: str, i: int
 ) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IDV_")}
-    env.update(
-        IDV_KAFKA_BOOTSTRAP=bootstrap,
-        IDV_TOPIC=topic,
-        IDV_GROUP_ID=group,
-        IDV_STORE_URL=store_url,
-        IDV_PROVIDER_URL=provider_url,
-        IDV_PROVIDER_API_KEY=API_KEY,
-        IDV_FINGERPRINT_KEY="bench-fingerprint-key-not-secret",
-        IDV_INSTANCE_ID=f"chaos-{i}",
-        IDV_LEASE_S="4",
-        IDV_PROVIDER_TIMEOUT_S="3",
-        IDV_MAX_IN_FLIGHT=str(opts.max_in_flight),
-        IDV_COMMIT_INTERVAL_S="0.5",
-        IDV_SESSION_TIMEOUT_MS="6000",
-        IDV_HEARTBEAT_INTERVAL_MS="1000",
-        IDV_REBALANCE_DRAIN_S="3",
-        IDV_DRAIN_TIMEOUT_S="5",
-        IDV_PROVIDER_BACKOFF_BASE_S="0.1",
-        IDV_PROVIDER_BACKOFF_MAX_S="2",
-        IDV_LOG_FORMAT="json",
-        IDV_LOG_LEVEL="INFO",
-        IDV_HEALTH_PORT="0",  # several daemons on one host: each takes a free port
+    return daemon_child_env(
+        bootstrap,
+        topic,
+        group,
+        store_url,
+        provider_url,
+        API_KEY,
+        "bench-fingerprint-key-not-secret",
+        instance_id=f"chaos-{i}",
+        lease_s=4,
+        provider_timeout_s=3,
+        max_in_flight=opts.max_in_flight,
+        commit_interval_s=0.5,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        rebalance_drain_s=3,
+        drain_timeout_s=5,
+        provider_backoff_base_s=0.1,
+        provider_backoff_max_s=2,
+        log_format="json",
+        log_level="INFO",
+        health_port=0,  # several daemons on one host: each takes a free port
     )
-    return env
 
 
 @dataclass
@@ -699,24 +697,24 @@ async def run(opts: Options) -> Outcome:
         monitor_task = asyncio.create_task(monitor.run(opts.sample_interval, stop_monitor))
         publisher = asyncio.create_task(publish(kafka.bootstrap, topic, records, opts.duration * 0.9, counts))
 
-        async def broker_restart(e: Event) -> None:
-            deps["broker"] = True
+        async def outage(
+            dep: str, stop: Callable[[], None], start: Callable[[], None], down_s: float
+        ) -> None:
+            # While ``deps[dep]`` is set the supervisor counts daemon exits as outage-caused, not crashes.
+            deps[dep] = True
             try:
-                await asyncio.to_thread(kafka.stop)
-                await asyncio.sleep(e.down_s)
-                await asyncio.to_thread(kafka.start)
+                await asyncio.to_thread(stop)
+                await asyncio.sleep(down_s)
+                await asyncio.to_thread(start)
             finally:
-                deps["broker"] = False
+                deps[dep] = False
+
+        async def broker_restart(e: Event) -> None:
+            await outage("broker", kafka.stop, kafka.start, e.down_s)
             counts.broker_restarts += 1
 
         async def pg_restart(e: Event) -> None:
-            deps["pg"] = True
-            try:
-                await asyncio.to_thread(pg.stop, e.mode)
-                await asyncio.sleep(e.down_s)
-                await asyncio.to_thread(pg.start)
-            finally:
-                deps["pg"] = False
+            await outage("pg", lambda: pg.stop(e.mode), pg.start, e.down_s)
             counts.pg_restarts += 1
 
         async def spike(e: Event) -> None:

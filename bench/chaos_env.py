@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import httpx
+from sandbox import testing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,12 +37,45 @@ __all__ = [
     "PrivatePostgres",
     "SandboxProcess",
     "ToolMissing",
+    "clean_env",
+    "daemon_child_env",
     "port_open",
 ]
 
 
 class ToolMissing(RuntimeError):
     """A program the private services need is not installed."""
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without any ``IDV_*`` variable: a child sees only the settings given."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("IDV_")}
+
+
+def daemon_child_env(
+    bootstrap: str,
+    topic: str,
+    group: str,
+    store_url: str,
+    provider_url: str,
+    api_key: str,
+    fingerprint_key: str,
+    **settings: object,
+) -> dict[str, str]:
+    """The environment of a ``python -m consumer run`` child: :func:`clean_env` plus its connection
+    settings and ``IDV_<NAME>`` for every other setting (``max_in_flight=8`` → ``IDV_MAX_IN_FLIGHT=8``)."""
+    env = clean_env()
+    settings = {
+        "kafka_bootstrap": bootstrap,
+        "topic": topic,
+        "group_id": group,
+        "store_url": store_url,
+        "provider_url": provider_url,
+        "provider_api_key": api_key,
+        "fingerprint_key": fingerprint_key,
+    } | settings
+    env.update({f"IDV_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -258,59 +291,17 @@ class PrivateKafka:
 # -- sandbox -------------------------------------------------------------------------------------------
 
 
-class SandboxProcess:
+class SandboxProcess(testing.SandboxProcess):
     """``python -m sandbox`` on a free port; admin calls over HTTP."""
 
     def __init__(self, run_dir: Path, api_key: str, *, seed: int | None = None, **faults: Any) -> None:
         self.run_dir = run_dir
         self.api_key = api_key
-        ready = run_dir / "sandbox.url"
-        ready.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "sandbox", "--port", "0", "--api-key", api_key]
-        cmd += ["--ready-file", str(ready), "--log-level", "warning"]
-        if seed is not None:
-            cmd += ["--seed", str(seed)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("IDV_")}
-        with open(run_dir / "sandbox.log", "ab") as log:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(
-                    "the sandbox did not start: " + (run_dir / "sandbox.log").read_text()[-2000:]
-                )
-            time.sleep(0.05)
-        self.url = ready.read_text().strip().rstrip("/")
-        self.http = httpx.Client(base_url=self.url, timeout=60)
+        env = clean_env()
+        args = ["--seed", str(seed)] if seed is not None else []
+        super().__init__(run_dir / "sandbox.log", api_key, *args, env=env)
         if faults:
             self.faults(**faults)
-
-    def faults(self, **config: Any) -> dict[str, Any]:
-        r = self.http.post("/_admin/faults", json=config)
-        r.raise_for_status()
-        return r.json()  # type: ignore[no-any-return]
-
-    def stats(self) -> dict[str, Any]:
-        r = self.http.get("/_admin/stats")
-        r.raise_for_status()
-        return r.json()  # type: ignore[no-any-return]
-
-    def ledger(self) -> dict[str, Any]:
-        r = self.http.get("/_admin/ledger")
-        r.raise_for_status()
-        return r.json()  # type: ignore[no-any-return]
-
-    def stop(self) -> None:
-        if hasattr(self, "http"):
-            self.http.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 # -- the daemon ----------------------------------------------------------------------------------------

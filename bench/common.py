@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import os
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from consumer.keys import idempotency_key
 from producer.envelope import Envelope, encode
 from producer.samples import iter_sample_envelopes
+from sandbox.testing import SandboxProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 BOOTSTRAP = os.environ.get("IDV_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
@@ -165,11 +165,7 @@ async def committed_offsets(group: str, topic: str, partitions: Sequence[int]) -
     consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, group_id=group, enable_auto_commit=False)
     await consumer.start()
     try:
-        out = {}
-        for p in partitions:
-            off = await consumer.committed(TopicPartition(topic, p))
-            out[p] = off if off is not None else 0
-        return out
+        return {p: await consumer.committed(TopicPartition(topic, p)) or 0 for p in partitions}
     finally:
         await asyncio.sleep(0)
         await consumer.stop()
@@ -178,70 +174,21 @@ async def committed_offsets(group: str, topic: str, partitions: Sequence[int]) -
 # -- the sandbox provider ------------------------------------------------------------------------------
 
 
-class Sandbox:
+class Sandbox(SandboxProcess):
     """A sandbox provider process (``python -m sandbox``) and its admin API."""
 
     def __init__(self, latency_ms: float, workdir: Path) -> None:
         self.latency_ms = latency_ms
-        self.ready = workdir / f"sandbox-{uuid.uuid4().hex[:6]}.url"
-        self.log = open(workdir / "sandbox.log", "ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sandbox",
-                "--port",
-                "0",
-                "--api-key",
-                API_KEY,
-                "--latency-ms",
-                str(latency_ms),
-                "--ready-file",
-                str(self.ready),
-                "--log-level",
-                "WARNING",
-            ],
-            cwd=ROOT,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 20
-        while not self.ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"sandbox did not start (see {workdir / 'sandbox.log'})")
-            time.sleep(0.02)
-        self.url = self.ready.read_text().strip()
-        self.http = httpx.Client(base_url=self.url, timeout=60)
-
-    def stats(self) -> dict[str, Any]:
-        r = self.http.get("/_admin/stats")
-        r.raise_for_status()
-        return r.json()  # type: ignore[no-any-return]
-
-    def ledger(self) -> dict[str, Any]:
-        r = self.http.get("/_admin/ledger")
-        r.raise_for_status()
-        return r.json()  # type: ignore[no-any-return]
+        super().__init__(workdir / "sandbox.log", API_KEY, "--latency-ms", str(latency_ms), start_timeout=20)
 
     def reset(self) -> None:
         """Clear the ledger and idempotency store; ``/_admin/reset`` also clears faults, so the latency
         is set again."""
-        self.http.post("/_admin/reset").raise_for_status()
+        super().reset()
         self.set_latency(self.latency_ms)
 
     def set_latency(self, latency_ms: float) -> None:
-        self.http.post("/_admin/faults", json={"latency_ms": latency_ms}).raise_for_status()
-
-    def stop(self) -> None:
-        self.http.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        self.faults(latency_ms=latency_ms)
 
 
 def ledger_check(ledger: dict[str, Any], expected: set[str]) -> dict[str, int]:

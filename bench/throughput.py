@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiokafka.partitioner import DefaultPartitioner
 
+from bench.chaos_env import clean_env, daemon_child_env
 from bench.common import (
     API_KEY,
     BOOTSTRAP,
@@ -167,20 +168,20 @@ def _command(
     url: str,
     profile_out: Path | None,
 ) -> tuple[list[str], dict[str, str]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IDV_")}
+    env = clean_env()
     if variant == "daemon":
-        env.update(
-            IDV_KAFKA_BOOTSTRAP=BOOTSTRAP,
-            IDV_TOPIC=topic,
-            IDV_GROUP_ID=group,
-            IDV_STORE_URL=f"sqlite:///{store}",
-            IDV_PROVIDER_URL=url,
-            IDV_PROVIDER_API_KEY=API_KEY,
-            IDV_FINGERPRINT_KEY="bench-fingerprint-key-not-secret",
-            IDV_MAX_IN_FLIGHT=str(args.in_flight),
-            IDV_PROVIDER_MAX_CONNECTIONS=str(args.in_flight),
-            IDV_LOG_LEVEL="WARNING",
-            IDV_LOG_FORMAT="json",
+        env = daemon_child_env(
+            BOOTSTRAP,
+            topic,
+            group,
+            f"sqlite:///{store}",
+            url,
+            API_KEY,
+            "bench-fingerprint-key-not-secret",
+            max_in_flight=args.in_flight,
+            provider_max_connections=args.in_flight,
+            log_level="WARNING",
+            log_format="json",
         )
         env["IDV_PROVIDER_TRANSPORT"] = args.provider_transport
         env["IDV_EVENT_LOOP"] = args.event_loop

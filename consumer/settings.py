@@ -203,11 +203,8 @@ class Settings:
             "must be at least IDV_MAX_IN_FLIGHT and at most 100000",
         )
         need(self.concurrency in ("adaptive", "fixed"), "concurrency", "must be adaptive or fixed")
-        need(
-            1 <= self.concurrency_min <= self.max_in_flight,
-            "concurrency_min",
-            "must be between 1 and IDV_MAX_IN_FLIGHT",
-        )
+        # A floor above the ceiling is the ceiling (a small IDV_MAX_IN_FLIGHT keeps the default floor valid).
+        need(self.concurrency_min >= 1, "concurrency_min", "must be at least 1")
         need(self.provider_rate_limit >= 0, "provider_rate_limit", "must be 0 (off) or positive")
         need(self.provider_rate_burst >= 0, "provider_rate_burst", "must be 0 (rate / 10) or positive")
         need(self.fetch_max_records >= 1, "fetch_max_records", "must be at least 1")

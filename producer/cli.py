@@ -32,10 +32,16 @@ import click
 import orjson
 from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type information
 
-from producer.envelope import OPERATIONS, Envelope, check_exact_integers, encode, envelope_from_dict
+from producer.envelope import (
+    OPERATIONS,
+    Envelope,
+    check_exact_integers,
+    encode,
+    envelope_from_dict,
+    load_json,
+)
 from producer.errors import EnvelopeError, PublishError
-from producer.ids import new_message_id
-from producer.publisher import DEFAULT_BOOTSTRAP, DEFAULT_TOPIC, Publisher, PublishResult
+from producer.publisher import DEFAULT_BOOTSTRAP, DEFAULT_TOPIC, Publisher, PublishResult, new_envelope
 from producer.samples import iter_sample_envelopes
 
 __all__ = ["main"]
@@ -87,46 +93,46 @@ def _sasl_password() -> str | None:
     return os.environ.get("IDV_KAFKA_SASL_PASSWORD")
 
 
+def _env_option(flag: str, envvar: str, **kwargs: Any) -> Callable[[F], F]:
+    """A click option also read from ``envvar`` (shown in ``--help``)."""
+    return click.option(flag, envvar=envvar, show_envvar=True, **kwargs)
+
+
 def _common_options(func: F) -> F:
     options = [
-        click.option(
+        _env_option(
             "--bootstrap",
-            envvar="IDV_KAFKA_BOOTSTRAP",
+            "IDV_KAFKA_BOOTSTRAP",
             default=DEFAULT_BOOTSTRAP,
             show_default=True,
-            show_envvar=True,
             help="Kafka bootstrap servers, comma-separated host:port.",
         ),
-        click.option(
+        _env_option(
             "--topic",
-            envvar="IDV_TOPIC",
+            "IDV_TOPIC",
             default=DEFAULT_TOPIC,
             show_default=True,
-            show_envvar=True,
             help="Topic to publish to (must exist).",
         ),
-        click.option(
+        _env_option(
             "--security-protocol",
-            envvar="IDV_KAFKA_SECURITY_PROTOCOL",
+            "IDV_KAFKA_SECURITY_PROTOCOL",
             type=click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]),
             default="PLAINTEXT",
             show_default=True,
-            show_envvar=True,
         ),
-        click.option(
+        _env_option(
             "--sasl-mechanism",
-            envvar="IDV_KAFKA_SASL_MECHANISM",
+            "IDV_KAFKA_SASL_MECHANISM",
             type=click.Choice(["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]),
-            show_envvar=True,
             help="SASL mechanism; the password comes from IDV_KAFKA_SASL_PASSWORD or "
             "IDV_KAFKA_SASL_PASSWORD_FILE, never from the command line.",
         ),
-        click.option("--sasl-username", envvar="IDV_KAFKA_SASL_USERNAME", show_envvar=True),
-        click.option(
+        _env_option("--sasl-username", "IDV_KAFKA_SASL_USERNAME"),
+        _env_option(
             "--ssl-cafile",
-            envvar="IDV_KAFKA_SSL_CAFILE",
+            "IDV_KAFKA_SSL_CAFILE",
             type=click.Path(exists=True, dir_okay=False),
-            show_envvar=True,
             help="CA bundle for SSL / SASL_SSL (default: the system's).",
         ),
         click.option("--json", "json_output", is_flag=True, help="Print the summary as JSON on stdout."),
@@ -257,15 +263,7 @@ class DuplicateCounter:
 
 def parse_line(line: bytes) -> Envelope:
     """One JSON Lines record → envelope; :class:`EnvelopeError` without echoing the line."""
-    try:
-        obj = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        try:
-            line.decode("utf-8")
-        except UnicodeDecodeError:
-            raise EnvelopeError("invalid_encoding", "line is not valid UTF-8") from None
-        # orjson's message gives a position only, never the document text.
-        raise EnvelopeError("invalid_json", f"line is not valid JSON ({exc})") from None
+    obj = load_json(line, "line")
     check_exact_integers(line, obj)
     return envelope_from_dict(obj)
 
@@ -353,12 +351,8 @@ def one(
         raise click.BadParameter(exc.detail, param_hint="--request") from None
     summary = Summary("one", connection.topic)
     try:
-        envelope = Envelope(
-            message_id=new_message_id() if message_id is None else message_id,
-            operation=operation,
-            subject_id=subject_id,
-            request=request,
-            correlation_id=correlation_id,
+        envelope = new_envelope(
+            operation, request, subject_id, message_id=message_id, correlation_id=correlation_id
         )
         encode(envelope)
     except EnvelopeError as exc:

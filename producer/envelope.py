@@ -324,6 +324,20 @@ def _header(headers: Iterable[tuple[str, bytes]] | None, name: str) -> bytes | N
     return found
 
 
+def load_json(data: bytes, what: str) -> Any:
+    """``orjson.loads`` with :class:`EnvelopeError` reasons (``invalid_encoding`` before ``invalid_json``);
+    ``what`` names the input in the detail, which never quotes the data."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise EnvelopeError("invalid_encoding", f"{what} is not valid UTF-8") from None
+        # orjson's message gives line/column only, never the document text.
+        raise EnvelopeError("invalid_json", f"{what} is not valid JSON ({exc})") from None
+
+
 def decode(
     value: bytes | None,
     headers: Sequence[tuple[str, bytes]] | None = None,
@@ -335,15 +349,7 @@ def decode(
         raise EnvelopeError("invalid_json", "message value is empty")
     if len(value) > max_bytes:
         raise EnvelopeTooLarge(len(value), max_bytes)
-    try:
-        obj = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        try:
-            value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise EnvelopeError("invalid_encoding", "message value is not valid UTF-8") from None
-        # orjson's message gives line/column only, never the document text.
-        raise EnvelopeError("invalid_json", f"message value is not valid JSON ({exc})") from None
+    obj = load_json(value, "message value")
     if not isinstance(obj, dict):
         raise _invalid(f"envelope must be a JSON object, got {type(obj).__name__}")
     validate_fields(obj)

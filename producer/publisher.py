@@ -105,6 +105,24 @@ async def _settle(futures: Sequence[Awaitable[Any]]) -> list[Any]:
     return outcomes
 
 
+def new_envelope(
+    operation: str,
+    request: Mapping[str, Any],
+    subject_id: str,
+    *,
+    message_id: str | None = None,
+    correlation_id: str | None = None,
+) -> Envelope:
+    """An envelope for one request; ``message_id`` defaults to a new UUIDv7."""
+    return Envelope(
+        message_id=new_message_id() if message_id is None else message_id,
+        operation=operation,
+        subject_id=subject_id,
+        request=request,
+        correlation_id=correlation_id,
+    )
+
+
 class Publisher:
     """An idempotent Kafka producer for :class:`~producer.envelope.Envelope` records.
 
@@ -241,12 +259,8 @@ class Publisher:
         ``message_id`` defaults to a new UUIDv7; pass the earlier ID when re-sending the same business
         request so that the consumer processes it only once.
         """
-        envelope = Envelope(
-            message_id=new_message_id() if message_id is None else message_id,
-            operation=operation,
-            subject_id=subject_id,
-            request=request,
-            correlation_id=correlation_id,
+        envelope = new_envelope(
+            operation, request, subject_id, message_id=message_id, correlation_id=correlation_id
         )
         return await self.publish_envelope(envelope)
 

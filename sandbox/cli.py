@@ -12,8 +12,9 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -27,6 +28,7 @@ __all__ = ["main"]
 log = logging.getLogger(__name__)
 
 _ENV = "IDV_SANDBOX_"
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _split(text: str) -> list[str]:
@@ -74,16 +76,20 @@ async def _serve(config: SandboxConfig, ready_file: Path | None) -> None:
         await server.stop()
 
 
+def _option(flag: str, *names: str, **kwargs: Any) -> Callable[[_F], _F]:
+    """A click option also read from ``IDV_SANDBOX_<FLAG>`` (shown in ``--help``)."""
+    envvar = _ENV + flag.removeprefix("--").replace("-", "_").upper()
+    return click.option(flag, *names, envvar=envvar, show_envvar=True, **kwargs)
+
+
+_RATE = click.FloatRange(0, 1)
+_NON_NEGATIVE = click.FloatRange(min=0)
+_POSITIVE = click.IntRange(min=1)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--host", default="127.0.0.1", envvar=f"{_ENV}HOST", show_envvar=True, help="Address to bind.")
-@click.option(
-    "--port",
-    default=8080,
-    type=click.IntRange(0, 65535),
-    envvar=f"{_ENV}PORT",
-    show_envvar=True,
-    help="0 picks a free port.",
-)
+@_option("--host", default="127.0.0.1", help="Address to bind.")
+@_option("--port", default=8080, type=click.IntRange(0, 65535), help="0 picks a free port.")
 @click.option(
     "--api-key",
     "api_keys",
@@ -96,102 +102,56 @@ async def _serve(config: SandboxConfig, ready_file: Path | None) -> None:
     multiple=True,
     help=f"API key answered with 403 (repeatable; also {_ENV}OUT_OF_CREDIT_KEYS).",
 )
-@click.option(
+@_option(
     "--latency-ms",
-    type=click.FloatRange(min=0),
+    type=_NON_NEGATIVE,
     default=0.0,
-    envvar=f"{_ENV}LATENCY_MS",
-    show_envvar=True,
     help="Delay before business handling, so requests stay in flight.",
 )
-@click.option(
-    "--latency-jitter-ms",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    envvar=f"{_ENV}LATENCY_JITTER_MS",
-    show_envvar=True,
-    help="Extra random delay, uniform in [0, this].",
+@_option(
+    "--latency-jitter-ms", type=_NON_NEGATIVE, default=0.0, help="Extra random delay, uniform in [0, this]."
 )
-@click.option(
-    "--error-rate",
-    type=click.FloatRange(0, 1),
-    default=0.0,
-    envvar=f"{_ENV}ERROR_RATE",
-    show_envvar=True,
-    help="Probability of an injected gateway 500.",
+@_option("--error-rate", type=_RATE, default=0.0, help="Probability of an injected gateway 500.")
+@_option("--rate-429", type=_RATE, default=0.0, help="Probability of an injected gateway 429.")
+@_option(
+    "--retry-after", "retry_after_s", type=_POSITIVE, default=1, help="Retry-After seconds of injected 429s."
 )
-@click.option(
-    "--rate-429",
-    type=click.FloatRange(0, 1),
-    default=0.0,
-    envvar=f"{_ENV}RATE_429",
-    show_envvar=True,
-    help="Probability of an injected gateway 429.",
-)
-@click.option(
-    "--retry-after",
-    type=click.IntRange(min=1),
-    default=1,
-    envvar=f"{_ENV}RETRY_AFTER",
-    show_envvar=True,
-    help="Retry-After seconds of injected 429s.",
-)
-@click.option(
+@_option(
     "--drop-after-effect-rate",
-    type=click.FloatRange(0, 1),
+    type=_RATE,
     default=0.0,
-    envvar=f"{_ENV}DROP_AFTER_EFFECT_RATE",
-    show_envvar=True,
     help="Probability of closing the connection after the side effect, without answering.",
 )
-@click.option(
-    "--script",
-    default="",
-    envvar=f"{_ENV}SCRIPT",
-    show_envvar=True,
-    help="Comma-separated fault script, e.g. '500,500,ok' or 'drop' or '429:2'.",
-)
-@click.option(
+@_option("--script", default="", help="Comma-separated fault script, e.g. '500,500,ok' or 'drop' or '429:2'.")
+@_option(
     "--rate-limit-per-min",
-    type=click.IntRange(min=1),
+    type=_POSITIVE,
     default=None,
-    envvar=f"{_ENV}RATE_LIMIT_PER_MIN",
-    show_envvar=True,
     help="Requests per minute per API key (default: unlimited).",
 )
-@click.option(
+@_option(
     "--rate-limit-burst",
-    type=click.IntRange(min=1),
+    type=_POSITIVE,
     default=None,
-    envvar=f"{_ENV}RATE_LIMIT_BURST",
-    show_envvar=True,
     help="Token bucket capacity (default: the per-minute rate).",
 )
-@click.option(
+@_option(
     "--idempotency-ttl",
     type=click.FloatRange(min=0, min_open=True),
     default=24 * 3600.0,
-    envvar=f"{_ENV}IDEMPOTENCY_TTL",
-    show_envvar=True,
     help="Seconds an idempotency key is remembered.",
 )
-@click.option(
-    "--seed", type=int, default=None, envvar=f"{_ENV}SEED", show_envvar=True, help="Seed of the fault rolls."
-)
-@click.option(
+@_option("--seed", type=int, default=None, help="Seed of the fault rolls.")
+@_option(
     "--ready-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    envvar=f"{_ENV}READY_FILE",
-    show_envvar=True,
     help="Write the bound URL here once listening (removed on exit).",
 )
-@click.option(
+@_option(
     "--log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     default="INFO",
-    envvar=f"{_ENV}LOG_LEVEL",
-    show_envvar=True,
     help="DEBUG logs one line per request.",
 )
 def main(
@@ -199,19 +159,12 @@ def main(
     port: int,
     api_keys: tuple[str, ...],
     out_of_credit_keys: tuple[str, ...],
-    latency_ms: float,
-    latency_jitter_ms: float,
-    error_rate: float,
-    rate_429: float,
-    retry_after: int,
-    drop_after_effect_rate: float,
-    script: str,
     rate_limit_per_min: int | None,
     rate_limit_burst: int | None,
     idempotency_ttl: float,
-    seed: int | None,
     ready_file: Path | None,
     log_level: str,
+    **faults: Any,
 ) -> None:
     """Sandbox identity-verification provider (Didit-style v3 API) with an exactly-once ledger."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -228,16 +181,8 @@ def main(
             rate_limit_per_min=rate_limit_per_min,
             rate_limit_burst=rate_limit_burst,
             idempotency_ttl_s=idempotency_ttl,
-            faults=FaultConfig(
-                latency_ms=latency_ms,
-                latency_jitter_ms=latency_jitter_ms,
-                error_rate=error_rate,
-                rate_429=rate_429,
-                retry_after_s=retry_after,
-                drop_after_effect_rate=drop_after_effect_rate,
-                seed=seed,
-                script=tuple(p.strip() for p in script.split(",") if p.strip()),
-            ),
+            # Every other option is a FaultConfig field of the same name.
+            faults=FaultConfig(**faults),
         )
     except SandboxConfigError as exc:
         raise click.UsageError(str(exc)) from None

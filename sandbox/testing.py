@@ -1,8 +1,17 @@
-"""Helpers for tests that drive the sandbox: a fake clock and a small async client for its admin API."""
+"""Helpers for tests and benchmarks that drive the sandbox: a fake clock, a small async harness, and a
+synchronous admin client (:class:`SandboxAdmin`) with a process runner (:class:`SandboxProcess`)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -10,7 +19,9 @@ import httpx
 
 from .server import SandboxServer
 
-__all__ = ["FakeClock", "SandboxHarness"]
+__all__ = ["FakeClock", "SandboxAdmin", "SandboxHarness", "SandboxProcess"]
+
+_ROOT = Path(__file__).resolve().parents[1]
 
 
 class FakeClock:
@@ -75,6 +86,23 @@ class SandboxHarness:
         data: dict[str, Any] = response.json()
         return data
 
+    @asynccontextmanager
+    async def in_flight(self, path: str, body: Any, key: str) -> AsyncIterator[dict[str, httpx.Response]]:
+        """Send one request in the background; enter once the sandbox holds ``key`` in flight.
+
+        On exit waits for that request; its response is then under ``"response"`` in the yielded dict.
+        """
+        results: dict[str, httpx.Response] = {}
+
+        async def send() -> None:
+            results["response"] = await self.post(path, body, key)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send)
+            with anyio.fail_after(5):
+                await self.wait_in_flight(1)
+            yield results
+
     async def wait_in_flight(self, count: int) -> None:
         """Wait until exactly ``count`` requests hold their idempotency key in flight.
 
@@ -90,3 +118,91 @@ class SandboxHarness:
         response.raise_for_status()
         data: dict[str, Any] = response.json()
         return data
+
+
+class SandboxAdmin:
+    """Synchronous client for a running sandbox's admin API (ledger, stats, faults, reset).
+
+    One request per call, no pooled connection: nothing to close, and safe to build per test.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def ledger(self) -> dict[str, Any]:
+        """``GET /_admin/ledger``."""
+        return self._call("GET", "/_admin/ledger")
+
+    def key(self, key: str) -> dict[str, Any]:
+        """``GET /_admin/ledger/<key>``; fails if the sandbox never saw ``key``."""
+        return self._call("GET", f"/_admin/ledger/{key}")
+
+    def side_effects(self) -> dict[str, int]:
+        """Side effects per idempotency key, from the ledger."""
+        return {k: v["side_effects"] for k, v in self.ledger()["keys"].items()}
+
+    def stats(self) -> dict[str, Any]:
+        """``GET /_admin/stats``."""
+        return self._call("GET", "/_admin/stats")
+
+    def faults(self, **config: Any) -> dict[str, Any]:
+        """``POST /_admin/faults``: change the fault settings; the new settings."""
+        return self._call("POST", "/_admin/faults", json=config)
+
+    def reset(self) -> None:
+        """``POST /_admin/reset``: clear the ledger, the idempotency store and the faults."""
+        self._call("POST", "/_admin/reset")
+
+    def _call(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
+        response = httpx.request(method, self.url + path, json=json, timeout=self.timeout)
+        response.raise_for_status()
+        if not response.content:
+            return {}
+        data: dict[str, Any] = response.json()
+        return data
+
+
+class SandboxProcess(SandboxAdmin):
+    """``python -m sandbox`` on a free port, its output appended to ``log_path``; :meth:`stop` ends it.
+
+    ``args`` are extra command-line options (``"--seed", "7"``); ``env`` defaults to this process's.
+    """
+
+    def __init__(
+        self,
+        log_path: Path,
+        api_key: str,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        start_timeout: float = 30.0,
+    ) -> None:
+        ready = log_path.with_name(f"sandbox-{uuid.uuid4().hex[:8]}.url")
+        cmd = [sys.executable, "-m", "sandbox", "--port", "0", "--api-key", api_key]
+        cmd += ["--ready-file", str(ready), "--log-level", "warning", *args]
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(  # noqa: S603 -- our own interpreter and module
+                cmd,
+                env=dict(os.environ if env is None else env),
+                cwd=_ROOT,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + start_timeout
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the sandbox did not start: " + log_path.read_text()[-2000:])
+            time.sleep(0.02)
+        super().__init__(ready.read_text().strip())
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)

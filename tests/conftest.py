@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 KAFKA_BOOTSTRAP = os.environ.get("IDV_TEST_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 
 
-def _reachable(hostport: str) -> bool:
+def reachable(hostport: str) -> bool:
+    """Whether something accepts TCP connections at ``host:port``."""
     host, _, port = hostport.rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=1.0):
@@ -43,10 +44,10 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> str:
-    if not _reachable(KAFKA_BOOTSTRAP):
+    if not reachable(KAFKA_BOOTSTRAP):
         if os.environ.get("IDV_TEST_START_KAFKA", "1") == "1":
             subprocess.run(["bash", str(ROOT / "scripts" / "kafka.sh"), "start"], check=False, timeout=300)
-        if not _reachable(KAFKA_BOOTSTRAP):
+        if not reachable(KAFKA_BOOTSTRAP):
             service_missing("Kafka broker at " + KAFKA_BOOTSTRAP, "bash scripts/kafka.sh start")
     return KAFKA_BOOTSTRAP
 

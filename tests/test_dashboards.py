@@ -325,14 +325,7 @@ async def test_every_metric_in_the_dashboard_and_alerts_is_exported_by_a_real_da
     await publish_raw(kafka_bootstrap, topic, [(b"bad", b"not json", [])])  # one dead letter
     group = "g-" + uuid.uuid4().hex[:8]
     port = free_port()
-    env = daemon_env(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group=group,
-        store_url=sqlite_url,
-        provider_url=sb.url,
-        health_port=port,
-    )
+    env = daemon_env(kafka_bootstrap, topic, group, sqlite_url, sb.url, health_port=port)
     proc = start_daemon(env, tmp_path / "daemon.log")
     try:
         await wait_committed_to_end(kafka_bootstrap, group, topic, 60)

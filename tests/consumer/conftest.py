@@ -3,11 +3,11 @@ read the sandbox ledger."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +15,13 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-import httpx
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from consumer.keys import idempotency_key
+from bench.chaos_env import daemon_child_env
+from consumer.keys import fingerprint, idempotency_key
 from producer.envelope import Envelope, encode
+from sandbox.testing import SandboxAdmin
 
 API_KEY = "test-key"
 FINGERPRINT_KEY = "test-fingerprint-key-0123456789"  # a development HMAC key (IDV_FINGERPRINT_KEY)
@@ -138,52 +140,66 @@ async def wait_committed_to_end(
     raise AssertionError(f"offsets not committed to the end in {timeout}s: committed={committed} ends={ends}")
 
 
-class Sandbox:
+class Sandbox(SandboxAdmin):
     """Admin view of the sandbox provider over HTTP."""
 
     def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
+        super().__init__(url, timeout=30)
 
-    def ledger(self) -> dict[str, Any]:
-        r = httpx.get(self.url + "/_admin/ledger", timeout=30)
-        r.raise_for_status()
-        return r.json()  # type: ignore[no-any-return]
 
-    def side_effects(self) -> dict[str, int]:
-        return {k: v["side_effects"] for k, v in self.ledger()["keys"].items()}
+@pytest.fixture
+def sb(sandbox: Any) -> Sandbox:
+    """Admin client of the session's sandbox provider (the ``sandbox`` fixture)."""
+    return Sandbox(sandbox.url)
 
-    def faults(self, **config: Any) -> dict[str, Any]:
-        r = httpx.post(self.url + "/_admin/faults", json=config, timeout=10)
-        r.raise_for_status()
-        return r.json()  # type: ignore[no-any-return]
+
+@pytest.fixture
+def group() -> str:
+    """A fresh consumer group name."""
+    return "g-" + uuid.uuid4().hex[:8]
+
+
+async def claim_for(store: Any, key: str, envelope: Envelope, owner: str, lease_s: float) -> Any:
+    """``store.claim`` of ``key`` for ``envelope`` as ``owner``: what a daemon leaves before its call."""
+    return await store.claim(
+        key=key,
+        message_id=envelope.message_id,
+        operation=envelope.operation,
+        fingerprint=fingerprint(envelope),
+        owner=owner,
+        lease_s=lease_s,
+        retention_s=3600,
+    )
 
 
 def keys_for(envelopes: Iterable[Envelope], namespace: str = "idv") -> set[str]:
     return {idempotency_key(namespace, e.operation, e.message_id) for e in envelopes}
 
 
-def daemon_env(
-    *, bootstrap: str, topic: str, group: str, store_url: str, provider_url: str, **extra: Any
-) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IDV_")}
-    env.update(
-        IDV_KAFKA_BOOTSTRAP=bootstrap,
-        IDV_TOPIC=topic,
-        IDV_GROUP_ID=group,
-        IDV_STORE_URL=store_url,
-        IDV_PROVIDER_URL=provider_url,
-        IDV_PROVIDER_API_KEY=API_KEY,
-        IDV_FINGERPRINT_KEY=FINGERPRINT_KEY,
-        IDV_COMMIT_INTERVAL_S="0.2",
-        IDV_LOG_FORMAT="json",
-        IDV_PROVIDER_BACKOFF_BASE_S="0.05",
-        IDV_PROVIDER_BACKOFF_MAX_S="0.5",
-        IDV_SESSION_TIMEOUT_MS="6000",
-        IDV_HEARTBEAT_INTERVAL_MS="1000",
-        IDV_HEALTH_PORT="0",  # several daemons run at once in tests
+def daemon_args(
+    bootstrap: str, topic: str, group: str, store_url: str, provider_url: str, **extra: Any
+) -> dict[str, Any]:
+    """The keyword arguments of :func:`daemon_env`, to share between the daemons of one test."""
+    return dict(
+        bootstrap=bootstrap, topic=topic, group=group, store_url=store_url, provider_url=provider_url, **extra
     )
-    env.update({f"IDV_{k.upper()}": str(v) for k, v in extra.items()})
-    return env
+
+
+def daemon_env(
+    bootstrap: str, topic: str, group: str, store_url: str, provider_url: str, **extra: Any
+) -> dict[str, str]:
+    base: dict[str, Any] = dict(
+        commit_interval_s=0.2,
+        log_format="json",
+        provider_backoff_base_s=0.05,
+        provider_backoff_max_s=0.5,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        health_port=0,  # several daemons run at once in tests
+    )
+    return daemon_child_env(
+        bootstrap, topic, group, store_url, provider_url, API_KEY, FINGERPRINT_KEY, **(base | extra)
+    )
 
 
 @dataclass
@@ -202,6 +218,11 @@ class DaemonProcess:
                 raise AssertionError("daemon did not start:\n" + self.log()[-2000:])
             time.sleep(0.05)
         self.proc.send_signal(signal.SIGTERM)
+
+    def stop_cleanly(self) -> None:
+        """SIGTERM once it runs, then it must exit 0 within 30 s."""
+        self.terminate()
+        assert self.wait(30) == 0, self.log()[-3000:]
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -193,20 +193,12 @@ async def run_daemon_over(
     kafka_bootstrap: str, topic: str, sb: Sandbox, store_url: str, log_path: Path
 ) -> tuple[str, dict[str, Any]]:
     group = "g-" + uuid.uuid4().hex[:8]
-    env = daemon_env(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group=group,
-        store_url=store_url,
-        provider_url=sb.url,
-        max_message_bytes=DAEMON_MAX_BYTES,
-    )
+    env = daemon_env(kafka_bootstrap, topic, group, store_url, sb.url, max_message_bytes=DAEMON_MAX_BYTES)
     proc = start_daemon(env, log_path)
     try:
         await wait_committed_to_end(kafka_bootstrap, group, topic, 120)
         assert proc.proc.poll() is None, "daemon crashed on bad input:\n" + proc.log()[-3000:]
-        proc.terminate()
-        assert proc.wait(30) == 0, proc.log()[-3000:]
+        proc.stop_cleanly()
     finally:
         proc.kill()
     log = proc.log()
@@ -225,9 +217,8 @@ def split_dlq_headers(headers: list[tuple[str, bytes]]) -> tuple[list[tuple[str,
 @pytest.mark.kafka
 @pytest.mark.timeout(240)
 async def test_bad_input_corpus_through_the_daemon(
-    kafka_bootstrap: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     topic = random_topic_name("bad")
     await create_topic(kafka_bootstrap, topic, 2, with_sinks=True, max_message_bytes=8 * 1024 * 1024)
     cases = corpus()
@@ -433,9 +424,8 @@ def generated_messages(n: int) -> list[tuple[bytes | None, list[tuple[str, bytes
 @pytest.mark.kafka
 @pytest.mark.timeout(240)
 async def test_generated_messages_through_the_daemon_reconcile(
-    kafka_bootstrap: str, sandbox: object, tmp_path: Path
+    kafka_bootstrap: str, sb: Sandbox, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     store_url = f"sqlite:///{tmp_path / 'dedupe.db'}"
     records: list[Raw] = []
     for value, hdrs, kafka_key in generated_messages(200):

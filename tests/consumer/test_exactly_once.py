@@ -22,6 +22,7 @@ from tests.consumer.conftest import (
     FINGERPRINT_KEY,
     Sandbox,
     committed_offsets,
+    daemon_args,
     daemon_env,
     end_offsets,
     keys_for,
@@ -113,14 +114,12 @@ async def run_until_committed(settings: Settings, timeout: float = 90.0) -> Daem
 
 
 async def test_thousand_requests_with_ten_percent_duplicates(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, group: str
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     unique = make_envelopes(909)
     stream = with_duplicates(unique, 0.1)
     assert len(stream) == 999
     await publish(kafka_bootstrap, topic, stream)
-    group = "g-" + uuid.uuid4().hex[:8]
     daemon = await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
     await assert_exactly_once(sb, sqlite_url, unique)
     assert daemon.stats.consumed == len(stream)
@@ -129,10 +128,9 @@ async def test_thousand_requests_with_ten_percent_duplicates(
 
 
 async def test_redelivery_to_a_new_group_is_not_sent_again(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str
 ) -> None:
     """A new consumer group replays the whole topic; the key ignores group/partition/offset."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     unique = make_envelopes(60)
     await publish(kafka_bootstrap, topic, unique)
     await run_until_committed(
@@ -146,9 +144,8 @@ async def test_redelivery_to_a_new_group_is_not_sent_again(
 
 
 async def test_conflicting_payload_is_not_sent_and_does_not_stall(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, group: str
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     original = Envelope(
         message_id="conflict-1",
         operation="aml_screening",
@@ -171,7 +168,6 @@ async def test_conflicting_payload_is_not_sent_and_does_not_stall(
         for i in range(5)
     ]
     await publish(kafka_bootstrap, topic, [original, changed, *after])
-    group = "g-" + uuid.uuid4().hex[:8]
     daemon = await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
     assert daemon.stats.by_disposition["conflict"] == 1
     effects = sb.side_effects()
@@ -189,9 +185,8 @@ async def test_conflicting_payload_is_not_sent_and_does_not_stall(
 
 
 async def test_invalid_messages_are_set_aside_without_stalling(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path, group: str
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     secret = "SECRET-PAYLOAD-9f8e7d"
     good = Envelope(
         message_id="good-1", operation="aml_screening", subject_id="k", request={"full_name": "A"}
@@ -216,21 +211,12 @@ async def test_invalid_messages_are_set_aside_without_stalling(
         (b"k", encode(good2), good2.headers()),
     ]
     await publish_raw(kafka_bootstrap, topic, records, partition=3)
-    group = "g-" + uuid.uuid4().hex[:8]
-    env = daemon_env(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group=group,
-        store_url=sqlite_url,
-        provider_url=sb.url,
-        max_message_bytes=64 * 1024,
-    )
+    env = daemon_env(kafka_bootstrap, topic, group, sqlite_url, sb.url, max_message_bytes=64 * 1024)
     proc = start_daemon(env, tmp_path / "daemon.log")
     try:
         await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
         assert proc.proc.poll() is None, "daemon crashed on bad input"
-        proc.terminate()
-        assert proc.wait(30) == 0
+        proc.stop_cleanly()
     finally:
         proc.kill()
     log = proc.log()
@@ -277,7 +263,14 @@ async def assert_committed_are_recorded(
     ],
 )
 async def test_crash_window_then_restart(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path, point: str, nth: int
+    kafka_bootstrap: str,
+    topic: str,
+    sb: Sandbox,
+    sqlite_url: str,
+    tmp_path: Path,
+    point: str,
+    nth: int,
+    group: str,
 ) -> None:
     """SIGKILL at a named step, restart: no extra side effect, every message completed.
 
@@ -286,16 +279,14 @@ async def test_crash_window_then_restart(
     its window was hit; after the restart it checks how that message was finished (taken over, answered
     from the provider's stored response, skipped as a duplicate, or not redelivered at all).
     """
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     unique = make_envelopes(120, subjects=40)
     await publish(kafka_bootstrap, topic, unique)
-    group = "g-" + uuid.uuid4().hex[:8]
-    common: dict[str, object] = dict(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group=group,
-        store_url=sqlite_url,
-        provider_url=sb.url,
+    common: dict[str, object] = daemon_args(
+        kafka_bootstrap,
+        topic,
+        group,
+        sqlite_url,
+        sb.url,
         lease_s=3,
         provider_timeout_s=2,
         max_in_flight=16,
@@ -385,25 +376,16 @@ async def test_crash_window_then_restart(
 
 
 async def test_crash_with_many_in_flight(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sqlite_url: str, tmp_path: Path, sb: Sandbox, group: str
 ) -> None:
     """Slow provider, 48 calls in flight when the process dies after one side effect."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     # 1 s per call: the daemon has all 48 slots claimed and at the provider long before the first answer
     # comes back, and the kill comes with that first answer.
     sb.faults(latency_ms=1000)
     unique = make_envelopes(300, subjects=300)
     await publish(kafka_bootstrap, topic, unique)
-    group = "g-" + uuid.uuid4().hex[:8]
-    common = dict(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group=group,
-        store_url=sqlite_url,
-        provider_url=sb.url,
-        lease_s=3,
-        provider_timeout_s=2,
-        max_in_flight=48,
+    common = daemon_args(
+        kafka_bootstrap, topic, group, sqlite_url, sb.url, lease_s=3, provider_timeout_s=2, max_in_flight=48
     )
     run_until_killed(daemon_env(**common, fault_kill_at="after_provider_call:1"), tmp_path / "c.log")
     # The sandbox finishes the requests the dead process left behind: they act, nobody records them.
@@ -430,22 +412,12 @@ async def test_crash_with_many_in_flight(
 
 
 async def test_sigterm_drains_and_never_commits_past_unrecorded(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path, group: str
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(latency_ms=200)
     unique = make_envelopes(400, subjects=400)
     await publish(kafka_bootstrap, topic, unique)
-    group = "g-" + uuid.uuid4().hex[:8]
-    env = daemon_env(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group=group,
-        store_url=sqlite_url,
-        provider_url=sb.url,
-        max_in_flight=32,
-        drain_timeout_s=10,
-    )
+    env = daemon_env(kafka_bootstrap, topic, group, sqlite_url, sb.url, max_in_flight=32, drain_timeout_s=10)
     proc = start_daemon(env, tmp_path / "d.log")
     try:
         await wait_until(lambda: sum(sb.side_effects().values()) >= 60, "60 side effects", timeout=60)
@@ -479,12 +451,10 @@ async def test_sigterm_drains_and_never_commits_past_unrecorded(
 
 
 async def test_wrong_api_key_stops_the_daemon_and_commits_nothing(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path, group: str
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     unique = make_envelopes(20)
     await publish(kafka_bootstrap, topic, unique)
-    group = "g-" + uuid.uuid4().hex[:8]
     env = daemon_env(
         bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url, provider_url=sb.url
     )
@@ -505,13 +475,7 @@ async def test_wrong_api_key_stops_the_daemon_and_commits_nothing(
 async def test_missing_topic_is_a_clear_error(
     kafka_bootstrap: str, sandbox: object, sqlite_url: str, tmp_path: Path
 ) -> None:
-    env = daemon_env(
-        bootstrap=kafka_bootstrap,
-        topic=random_topic_name("missing"),
-        group="g",
-        store_url=sqlite_url,
-        provider_url=sandbox.url,
-    )  # type: ignore[attr-defined]
+    env = daemon_env(kafka_bootstrap, random_topic_name("missing"), "g", sqlite_url, sandbox.url)  # type: ignore[attr-defined]
     proc = start_daemon(env, tmp_path / "d.log")
     try:
         assert proc.wait(60) == 6  # TopicMissing
@@ -522,24 +486,23 @@ async def test_missing_topic_is_a_clear_error(
 
 
 async def test_rebalance_mid_stream_causes_no_duplicate_side_effects(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
     """A second daemon joins the group while the first has calls in flight, then the first leaves.
 
     Each rebalance revokes partitions with work in flight: the daemon drains it, commits, then lets go, and
     the leases plus the provider key stop the new owner from repeating anything.
     """
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(latency_ms=100)
     unique = make_envelopes(400, subjects=200)
     await publish(kafka_bootstrap, topic, unique)
     group = "g-" + uuid.uuid4().hex[:8]
-    common = dict(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group=group,
-        store_url=sqlite_url,
-        provider_url=sb.url,
+    common = daemon_args(
+        kafka_bootstrap,
+        topic,
+        group,
+        sqlite_url,
+        sb.url,
         max_in_flight=16,
         rebalance_drain_s=5,
         lease_s=10,
@@ -557,8 +520,7 @@ async def test_rebalance_mid_stream_causes_no_duplicate_side_effects(
         assert first.wait(30) == 0
         sb.faults(latency_ms=0)
         await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
-        second.terminate()
-        assert second.wait(30) == 0
+        second.stop_cleanly()
     finally:
         first.kill()
         if second is not None:
@@ -570,14 +532,13 @@ async def test_rebalance_mid_stream_causes_no_duplicate_side_effects(
 
 
 async def test_per_key_order_holds_under_concurrency(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+    kafka_bootstrap: str, topic: str, sqlite_url: str, sb: Sandbox, group: str
 ) -> None:
     """Different keys run concurrently, the same key strictly in offset order.
 
     The sandbox answers with random latency (5-45 ms), so if two messages of one subject ever ran at once
     the later one would often reach the provider first; the ledger's arrival times would show it.
     """
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(latency_ms=5, latency_jitter_ms=40, seed=7)
     subjects = [f"applicant-{i}" for i in range(12)]
     envelopes = [
@@ -591,7 +552,6 @@ async def test_per_key_order_holds_under_concurrency(
         for s in subjects
     ]
     await publish(kafka_bootstrap, topic, envelopes)
-    group = "g-" + uuid.uuid4().hex[:8]
     daemon = await run_until_committed(
         settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url, max_in_flight=48)
     )
@@ -617,7 +577,7 @@ async def test_per_key_order_holds_under_concurrency(
 
 
 async def test_a_partition_with_one_busy_key_does_not_starve_the_others(
-    kafka_bootstrap: str, sandbox: object, sqlite_url: str
+    kafka_bootstrap: str, sb: Sandbox, sqlite_url: str, group: str
 ) -> None:
     """Partition 0 holds 40 messages of one subject (they must run one at a time), partition 1 gets 40
     messages of 40 subjects once partition 0's fill the buffer (8). Without a per-partition share,
@@ -626,7 +586,6 @@ async def test_a_partition_with_one_busy_key_does_not_starve_the_others(
     from tests.conftest import create_topic
 
     name = await create_topic(kafka_bootstrap, random_topic_name("share"), partitions=2, with_sinks=True)
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(latency_ms=30)
 
     def env(subject: str, n: int) -> Envelope:
@@ -640,7 +599,6 @@ async def test_a_partition_with_one_busy_key_does_not_starve_the_others(
     hot = [env("hot-subject", n) for n in range(40)]
     spread = [env(f"subject-{n}", n) for n in range(40)]
     await publish_raw(kafka_bootstrap, name, [(e.key, encode(e), e.headers()) for e in hot], partition=0)
-    group = "g-" + uuid.uuid4().hex[:8]
     settings = settings_for(kafka_bootstrap, name, group, sqlite_url, sb.url, max_in_flight=8, max_buffered=8)
     daemon = Daemon(settings)
     async with anyio.create_task_group() as tg:
@@ -668,12 +626,10 @@ async def test_a_partition_with_one_busy_key_does_not_starve_the_others(
 
 
 async def test_the_reaper_purges_records_past_retention(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, group: str
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     unique = make_envelopes(20)
     await publish(kafka_bootstrap, topic, unique)
-    group = "g-" + uuid.uuid4().hex[:8]
     settings = settings_for(
         kafka_bootstrap,
         topic,
@@ -715,13 +671,7 @@ async def test_start_up_failures_are_one_line_with_a_distinct_exit_code(
     code: int,
     fragment: str,
 ) -> None:
-    env = daemon_env(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group="g-" + uuid.uuid4().hex[:8],
-        store_url=sqlite_url,
-        provider_url=sandbox.url,
-    )  # type: ignore[attr-defined]
+    env = daemon_env(kafka_bootstrap, topic, "g-" + uuid.uuid4().hex[:8], sqlite_url, sandbox.url)  # type: ignore[attr-defined]
     env.update(override)
     proc = start_daemon(env, tmp_path / "d.log")
     try:
@@ -734,14 +684,13 @@ async def test_start_up_failures_are_one_line_with_a_distinct_exit_code(
 
 
 async def test_same_message_republished_in_another_key_order_is_one_request_at_the_provider(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, group: str
 ) -> None:
     """The first copy reaches the provider (side effect performed) but its answer is lost; the message is
     re-published with the same content in another JSON key order. The fingerprint canonicalises key order,
     so the store sees the same request and the second copy takes the key over; the provider fingerprints
     the raw body, so the body must be those same canonical bytes. Before: the original key order was sent,
     the second copy got 422 idempotency_key_reused and was recorded FAILED although the provider acted."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(script=["drop"])  # the first call is performed, its answer never arrives
     first = Envelope(
         message_id=f"order-{uuid.uuid4()}",
@@ -767,7 +716,6 @@ async def test_same_message_republished_in_another_key_order_is_one_request_at_t
     await publish_raw(
         kafka_bootstrap, topic, [(e.key, encode(e), e.headers()) for e in (first, second)], partition=2
     )
-    group = "g-" + uuid.uuid4().hex[:8]
     settings = settings_for(
         kafka_bootstrap,
         topic,

@@ -38,12 +38,11 @@ def _key(env: Envelope) -> str:
 
 
 async def test_retries_exhausted_releases_the_record_and_a_redrive_reuses_the_key(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
     """The provider answers 500 to every attempt: past the ceiling the lease is released (RELEASED,
     ``last_error = retries_exhausted``) because every request got its answer, the message is dead-lettered
     with its attempts, no side effect; the redrive uses the same key and performs it once."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     doomed, fine = make_envelopes(2, seed=301)
     await publish_raw(kafka_bootstrap, topic, records_of([doomed]), partition=6)
     group = "live-" + uuid.uuid4().hex[:6]
@@ -117,25 +116,21 @@ async def test_lost_answers_keep_the_key_until_its_lease_expires_and_a_redrive_i
 
 
 async def test_a_401_mid_stream_stops_with_the_watermark_below_the_first_rejected_message(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str,
+    topic: str,
+    sandbox: object,
+    sqlite_url: str,
+    tmp_path: Path,
+    sb: Sandbox,
+    group: str,
 ) -> None:
     """Some messages succeed, then the provider starts rejecting the API key (revoked): the daemon exits
     3, everything committed has a recorded outcome, and no rejected message is below the committed
     offset of its partition."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(latency_ms=20)
     unique = make_envelopes(200, subjects=200, seed=311)
     await publish_raw(kafka_bootstrap, topic, records_of(unique))
-    group = "g-" + uuid.uuid4().hex[:8]
-    env = daemon_env(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group=group,
-        store_url=sqlite_url,
-        provider_url=sb.url,
-        max_in_flight=4,
-        commit_every=5,
-    )
+    env = daemon_env(kafka_bootstrap, topic, group, sqlite_url, sb.url, max_in_flight=4, commit_every=5)
     proc = start_daemon(env, tmp_path / "d.log")
     try:
 
@@ -171,7 +166,7 @@ async def test_a_401_mid_stream_stops_with_the_watermark_below_the_first_rejecte
 
 
 async def test_a_provider_outage_pauses_every_partition_and_resumes_after_it(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str
 ) -> None:
     """During an outage the breaker opens, attempts wait instead of spending their retry budget, the buffer
     fills and every assigned partition is paused (the consumer keeps polling: it stays in the group);
@@ -180,7 +175,6 @@ async def test_a_provider_outage_pauses_every_partition_and_resumes_after_it(
 
     from consumer.daemon import Daemon
 
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(error_rate=1.0)
     unique = make_envelopes(120, subjects=120, seed=321)
     await publish_raw(kafka_bootstrap, topic, records_of(unique))

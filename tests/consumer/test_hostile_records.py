@@ -222,20 +222,12 @@ async def run_cases(
     extra = (
         {"results_transactional": "true", "instance_id": f"i-{uuid.uuid4().hex[:8]}"} if transactional else {}
     )
-    env = daemon_env(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group=group,
-        store_url=sqlite_url,
-        provider_url=sb.url,
-        **extra,
-    )
+    env = daemon_env(kafka_bootstrap, topic, group, sqlite_url, sb.url, **extra)
     proc = start_daemon(env, tmp_path / "daemon.log")
     try:
         await wait_alive_and_committed(proc, kafka_bootstrap, group, topic, 90)
         assert proc.proc.poll() is None, proc.log()[-3000:]
-        proc.terminate()
-        assert proc.wait(30) == 0, proc.log()[-3000:]
+        proc.stop_cleanly()
     finally:
         proc.kill()
     log = proc.log()

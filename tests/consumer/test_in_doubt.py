@@ -13,11 +13,11 @@ import orjson
 import pytest
 
 from consumer.daemon import Daemon
-from consumer.keys import fingerprint, idempotency_key
+from consumer.keys import idempotency_key
 from consumer.store import State, open_store
 from consumer.store.base import Outcome
 from producer.envelope import OPERATIONS, Envelope
-from tests.consumer.conftest import API_KEY, Sandbox, committed_offsets, publish_raw, read_all
+from tests.consumer.conftest import API_KEY, Sandbox, claim_for, committed_offsets, publish_raw, read_all
 from tests.consumer.test_exactly_once import run_until_committed, settings_for
 from tests.consumer.test_replay import make_cli, records_of
 
@@ -45,12 +45,11 @@ def metric(daemon: Daemon, name: str) -> float:
 
 
 async def test_key_reused_for_another_body_is_dead_lettered_in_doubt_never_failed(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, group: str
 ) -> None:
     """The provider already holds our key for a different body (e.g. the dedupe record was purged and
     the message ID reused): it answers 422 idempotency_key_reused. It may have acted; we do not know what
     it did, so the message is in doubt — not FAILED, which would claim the request was rejected."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     env = envelope("reused")
     key = idempotency_key("idv", env.operation, env.message_id)
     async with httpx.AsyncClient() as http:
@@ -62,7 +61,6 @@ async def test_key_reused_for_another_body_is_dead_lettered_in_doubt_never_faile
         )
     assert seeded.status_code == 200
     await publish_raw(kafka_bootstrap, topic, records_of([env]), partition=0)
-    group = "g-" + uuid.uuid4().hex[:8]
     daemon = await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
     assert daemon.stats.by_disposition["in_doubt"] == 1 and daemon.stats.by_disposition["failed"] == 0
     assert await dead_letter_reasons(kafka_bootstrap, topic) == ["in_doubt"]
@@ -75,28 +73,18 @@ async def test_key_reused_for_another_body_is_dead_lettered_in_doubt_never_faile
 
 
 async def test_unfinished_record_older_than_the_provider_key_retention_is_in_doubt_until_forced(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path, group: str
 ) -> None:
     """A process claimed the key (and may have sent it) and died; the record is older than the
     provider keeps keys. Sending again could act twice: dead-lettered in_doubt, provider not called.
     A redrive does the same, unless --force, which sends it and says what it risks."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     env = envelope("stale")
     key = idempotency_key("idv", env.operation, env.message_id)
     async with open_store(sqlite_url) as store:
-        claim = await store.claim(
-            key=key,
-            message_id=env.message_id,
-            operation=env.operation,
-            fingerprint=fingerprint(env),
-            owner="crashed-process",
-            lease_s=0.2,
-            retention_s=3600,
-        )
+        claim = await claim_for(store, key, env, "crashed-process", 0.2)
         assert claim.record.attempts == 1
     await anyio.sleep(1.2)
     await publish_raw(kafka_bootstrap, topic, records_of([env]), partition=0)
-    group = "g-" + uuid.uuid4().hex[:8]
     settings = settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url, provider_key_retention_s=1.0)
     daemon = await run_until_committed(settings)
     assert daemon.stats.by_disposition["in_doubt"] == 1
@@ -126,14 +114,12 @@ async def test_unfinished_record_older_than_the_provider_key_retention_is_in_dou
 
 @pytest.mark.parametrize("path", ["/v2", "/api/v3"])
 async def test_a_404_for_the_route_stops_the_daemon_and_commits_nothing(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, path: str
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, path: str, group: str
 ) -> None:
     """IDV_PROVIDER_URL points at the wrong place: every request would be recorded FAILED with 404 and
     the whole backlog committed. Instead the daemon stops like for a rejected key (exit code 3)."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     envs = [envelope(f"route{i}") for i in range(3)]
     await publish_raw(kafka_bootstrap, topic, records_of(envs), partition=0)
-    group = "g-" + uuid.uuid4().hex[:8]
     daemon = Daemon(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url + path))
     with anyio.fail_after(60):
         code = await daemon.run()
@@ -147,28 +133,18 @@ async def test_a_404_for_the_route_stops_the_daemon_and_commits_nothing(
 
 
 async def test_retry_failed_runs_failed_records_again_under_a_new_key_generation(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sqlite_url: str, tmp_path: Path, sb: Sandbox, group: str
 ) -> None:
     """A request recorded FAILED (the provider rejected it; seeded here, the sandbox rejects nothing a
     valid envelope carries) is run again on purpose: a reason, an audit line, a NEW key generation (the
     old key would only replay the stored rejection). Completed ones are left alone."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     failed, done = envelope("failed"), envelope("done")
     positions = await publish_raw(kafka_bootstrap, topic, records_of([failed, done]), partition=3)
     base = idempotency_key("idv", failed.operation, failed.message_id)
     gen1 = idempotency_key("idv", failed.operation, failed.message_id, generation=1)
     async with open_store(sqlite_url) as store:
-        await store.claim(
-            key=base,
-            message_id=failed.message_id,
-            operation=failed.operation,
-            fingerprint=fingerprint(failed),
-            owner="earlier",
-            lease_s=30,
-            retention_s=3600,
-        )
+        await claim_for(store, base, failed, "earlier", 30)
         await store.complete(base, "earlier", Outcome("failed", 422, None, "validation_error"), failed=True)
-    group = "g-" + uuid.uuid4().hex[:8]
     await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
     assert base not in sb.ledger()["keys"]  # FAILED is final for the daemon: never sent again
 
@@ -208,16 +184,14 @@ async def test_retry_failed_runs_failed_records_again_under_a_new_key_generation
 
 
 async def test_a_redirect_stops_the_daemon_and_commits_nothing(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, group: str
 ) -> None:
     """A proxy in front of the provider answers 302: a configuration problem, not a per-message
     failure. Exit code 3, nothing committed, nothing recorded FAILED, the key handed back."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(script=["302"])
     env = envelope("redirect")
     key = idempotency_key("idv", env.operation, env.message_id)
     await publish_raw(kafka_bootstrap, topic, records_of([env]), partition=1)
-    group = "g-" + uuid.uuid4().hex[:8]
     daemon = Daemon(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
     with anyio.fail_after(60):
         code = await daemon.run()

@@ -78,13 +78,12 @@ def processor(store: DedupeStore, sb: Sandbox, owner: str) -> Processor:
 
 
 async def test_a_trickling_provider_never_sees_two_owners_at_once(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str
 ) -> None:
     """2 s lease, 1 s attempt deadline, the first two answers trickled over 3 s each. Before: the first
     owner's attempt outlived its lease, the second owner took the key and called too, and the two took it
     from each other in a loop. Now each attempt ends at its deadline, the lease is renewed meanwhile, and
     the second owner only ever waits."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(script=["trickle:3000", "trickle:3000"])
     env, msg = await one_record(kafka_bootstrap, topic)
     key = idempotency_key("idv", env.operation, env.message_id)
@@ -118,13 +117,12 @@ async def test_a_trickling_provider_never_sees_two_owners_at_once(
 
 
 async def test_the_lease_is_kept_alive_while_the_call_waits_in_an_open_circuit_breaker(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str
 ) -> None:
     """A's breaker is open for 3 s (longer than the 2 s lease) before its first attempt. The background
     renewer holds the lease through the wait: B never gets the key, A makes the only call."""
     from consumer.breaker import BreakerState, CircuitBreaker
 
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     env, msg = await one_record(kafka_bootstrap, topic)
     key = idempotency_key("idv", env.operation, env.message_id)
     async with open_store(sqlite_url) as store:
@@ -175,11 +173,10 @@ class RenewStalls:
 
 
 async def test_lease_lost_waits_for_the_other_owner_instead_of_taking_the_key_back(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str
 ) -> None:
     """A's renewals stall, its lease runs out and B takes over; B's answer is trickled over 1.5 s. When A's
     renewal finally runs it is refused (LeaseLost): A must wait for B's outcome — not call, not claim."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(script=["trickle:3000", "trickle:800"])
     env, msg = await one_record(kafka_bootstrap, topic)
     key = idempotency_key("idv", env.operation, env.message_id)
@@ -232,14 +229,13 @@ def test_the_lease_must_cover_the_attempt_deadline_plus_slack() -> None:
 
 
 async def test_a_call_cancelled_after_its_request_left_keeps_the_key_until_the_lease_expires(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str
 ) -> None:
     """Cancelled (rebalance drain bound, shutdown) while the provider holds the request: releasing would
     let the next owner call while the provider may still be working. The key stays IN_PROGRESS until its
     lease expires. Cancelled before anything was sent (waiting in an open breaker): released at once."""
     from consumer.breaker import CircuitBreaker
 
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(latency_ms=900)
     env, msg = await one_record(kafka_bootstrap, topic)
     key = idempotency_key("idv", env.operation, env.message_id)
@@ -269,11 +265,10 @@ async def test_a_call_cancelled_after_its_request_left_keeps_the_key_until_the_l
 
 @pytest.mark.timeout(180)
 async def test_two_daemons_sharing_one_store_never_call_one_key_at_once(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
     """Two daemon processes (different groups, e.g. a second deployment or a replay beside the live one)
     read the same messages and share one store; 2 s lease, 1 s deadline, answers trickled over 3 s."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(script=["trickle:3000"] * 6)
     envs = [
         Envelope(

@@ -46,9 +46,8 @@ def sample(metrics: str, name: str, **labels: str) -> float:
 
 
 async def test_metrics_and_health_match_the_messages_processed(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path, group: str
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     envs = [
         Envelope(
             message_id=f"obs-{i}-{uuid.uuid4().hex[:6]}",
@@ -62,7 +61,6 @@ async def test_metrics_and_health_match_the_messages_processed(
     from tests.consumer.conftest import publish_raw
 
     await publish_raw(kafka_bootstrap, topic, [(b"x", b"garbage", [])])
-    group = "g-" + uuid.uuid4().hex[:8]
     env = daemon_env(
         bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url, provider_url=sb.url
     )
@@ -95,10 +93,9 @@ async def test_metrics_and_health_match_the_messages_processed(
 
 
 async def test_logs_never_contain_the_api_key_or_personal_data(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path, group: str
 ) -> None:
     """A full run at DEBUG, with retries, conflicts and bad input: no secret, name or document number."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(script=["500", "drop", "429:1"])
     name, doc, dob = "Marguerite Oyelaran-Steinfeld", "X9K4471203Z", "1987-03-14"
     envs = [
@@ -141,15 +138,7 @@ async def test_logs_never_contain_the_api_key_or_personal_data(
             (b"subject-p", b'{"full_name": "' + name.encode() + b'"', []),
         ],
     )
-    group = "g-" + uuid.uuid4().hex[:8]
-    env = daemon_env(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group=group,
-        store_url=sqlite_url,
-        provider_url=sb.url,
-        log_level="DEBUG",
-    )
+    env = daemon_env(kafka_bootstrap, topic, group, sqlite_url, sb.url, log_level="DEBUG")
     env.pop("IDV_PROVIDER_API_KEY")
     key_file = tmp_path / "key"
     key_file.write_text(API_KEY)

@@ -16,13 +16,14 @@ import anyio
 import orjson
 import pytest
 
-from consumer.keys import fingerprint, idempotency_key
+from consumer.keys import idempotency_key
 from consumer.store import State, open_store
 from consumer.tools.dlq import strip_dead_letter
 from producer.envelope import Envelope, encode
 from tests.conftest import ROOT
 from tests.consumer.conftest import (
     Sandbox,
+    claim_for,
     committed_offsets,
     daemon_env,
     end_offsets,
@@ -69,18 +70,23 @@ def records_of(envs: list[Envelope]) -> list[tuple[bytes | None, bytes | None, l
     return [(e.key, encode(e), e.headers()) for e in envs]
 
 
+async def process_live(
+    kafka_bootstrap: str, topic: str, sqlite_url: str, sb: Sandbox, envs: list[Envelope], **publish: Any
+) -> tuple[str, Any]:
+    """Publish ``envs`` and run a live daemon (a fresh ``live-`` group) until it committed them all.
+
+    Returns the group and what :func:`publish_raw` returned (the records' positions).
+    """
+    positions = await publish_raw(kafka_bootstrap, topic, records_of(envs), **publish)
+    group = "live-" + uuid.uuid4().hex[:6]
+    await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
+    return group, positions
+
+
 def make_cli(
     kafka_bootstrap: str, topic: str, group: str, sqlite_url: str, url: str, tmp_path: Path, **extra: Any
 ) -> Cli:
-    env = daemon_env(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group=group,
-        store_url=sqlite_url,
-        provider_url=url,
-        breaker_min_calls=1000,
-        **extra,
-    )
+    env = daemon_env(kafka_bootstrap, topic, group, sqlite_url, url, breaker_min_calls=1000, **extra)
     return Cli(env, tmp_path)
 
 
@@ -99,9 +105,8 @@ def effects_for(sb: Sandbox, keys: set[str]) -> dict[str, int]:
 
 
 async def test_offset_range_replays_exactly_that_range(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     p0 = make_envelopes(12, seed=11)
     p1 = make_envelopes(6, seed=12)
     await publish_raw(kafka_bootstrap, topic, records_of(p0), partition=0)
@@ -140,9 +145,8 @@ async def test_offset_range_replays_exactly_that_range(
 
 
 async def test_time_range_replays_messages_between_since_and_until(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     before, during, after = make_envelopes(5, seed=21), make_envelopes(7, seed=22), make_envelopes(4, seed=23)
     await publish_raw(kafka_bootstrap, topic, records_of(before))
     await anyio.sleep(0.3)
@@ -163,13 +167,10 @@ async def test_time_range_replays_messages_between_since_and_until(
 
 
 async def test_completed_keys_are_not_sent_again(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     unique = make_envelopes(40, seed=31)
-    await publish_raw(kafka_bootstrap, topic, records_of(unique))
-    group = "live-" + uuid.uuid4().hex[:6]
-    await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
+    group, _ = await process_live(kafka_bootstrap, topic, sqlite_url, sb, unique)
     ledger_before = sb.ledger()["keys"]
     results_before = await end_offsets(kafka_bootstrap, f"{topic}.results")
 
@@ -190,13 +191,10 @@ async def test_completed_keys_are_not_sent_again(
 
 
 async def test_emit_results_republishes_identical_result_events(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     unique = make_envelopes(15, seed=41)
-    await publish_raw(kafka_bootstrap, topic, records_of(unique))
-    group = "live-" + uuid.uuid4().hex[:6]
-    await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
+    group, _ = await process_live(kafka_bootstrap, topic, sqlite_url, sb, unique)
     first = await read_all(kafka_bootstrap, f"{topic}.results")
     assert len(first) == 15
 
@@ -239,10 +237,21 @@ async def _dead_letter_while_failing(
     return group, doomed, positions
 
 
+async def dead_lettered_then_fixed(
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path, **cli_env: Any
+) -> tuple[str, list[Envelope], Cli]:
+    """:func:`_dead_letter_while_failing`, then the provider is healthy again.
+
+    Returns the group, the dead-lettered envelopes and a CLI for the same settings (plus ``cli_env``).
+    """
+    group, doomed, _ = await _dead_letter_while_failing(kafka_bootstrap, topic, sb, sqlite_url)
+    sb.faults(error_rate=0.0)
+    return group, doomed, make_cli(kafka_bootstrap, topic, group, sqlite_url, sb.url, tmp_path, **cli_env)
+
+
 async def test_dlq_list_and_direct_redrive_after_the_fault_is_fixed(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     group, doomed, positions = await _dead_letter_while_failing(kafka_bootstrap, topic, sb, sqlite_url)
     cli = make_cli(kafka_bootstrap, topic, group, sqlite_url, sb.url, tmp_path, provider_max_attempts=2)
 
@@ -308,12 +317,9 @@ async def test_dlq_list_and_direct_redrive_after_the_fault_is_fixed(
 
 
 async def test_dlq_redrive_republish_goes_back_through_the_daemon(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
-    group, doomed, _ = await _dead_letter_while_failing(kafka_bootstrap, topic, sb, sqlite_url)
-    sb.faults(error_rate=0.0)
-    cli = make_cli(kafka_bootstrap, topic, group, sqlite_url, sb.url, tmp_path)
+    group, doomed, cli = await dead_lettered_then_fixed(kafka_bootstrap, topic, sb, sqlite_url, tmp_path)
     ends_before = await end_offsets(kafka_bootstrap, topic)
 
     code, summary, _, err = await cli(
@@ -339,13 +345,10 @@ async def test_dlq_redrive_republish_goes_back_through_the_daemon(
 
 
 async def test_dry_run_classifies_and_writes_nothing(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     done = make_envelopes(10, seed=61)
-    await publish_raw(kafka_bootstrap, topic, records_of(done))
-    group = "live-" + uuid.uuid4().hex[:6]
-    await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
+    group, _ = await process_live(kafka_bootstrap, topic, sqlite_url, sb, done)
     fresh = make_envelopes(4, seed=62)
     busy = make_envelopes(1, seed=63)[0]
     clash = Envelope(
@@ -355,15 +358,8 @@ async def test_dry_run_classifies_and_writes_nothing(
         request={**done[0].request, "vendor_data": "changed"},
     )
     async with open_store(sqlite_url) as store:
-        await store.claim(
-            key=idempotency_key("idv", busy.operation, busy.message_id),
-            message_id=busy.message_id,
-            operation=busy.operation,
-            fingerprint=fingerprint(busy),
-            owner="someone-else",
-            lease_s=600,
-            retention_s=3600,
-        )
+        busy_key = idempotency_key("idv", busy.operation, busy.message_id)
+        await claim_for(store, busy_key, busy, "someone-else", 600)
     await publish_raw(
         kafka_bootstrap,
         topic,
@@ -398,13 +394,10 @@ async def test_dry_run_classifies_and_writes_nothing(
 
 
 async def test_reverify_runs_again_under_a_new_generation_with_an_audit_line(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     unique = make_envelopes(6, seed=71)
-    positions = await publish_raw(kafka_bootstrap, topic, records_of(unique), partition=5)
-    group = "live-" + uuid.uuid4().hex[:6]
-    await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
+    group, positions = await process_live(kafka_bootstrap, topic, sqlite_url, sb, unique, partition=5)
     target = unique[2]
     _, offset = positions[2]
     base = idempotency_key("idv", target.operation, target.message_id)
@@ -465,9 +458,8 @@ async def test_reverify_runs_again_under_a_new_generation_with_an_audit_line(
 
 
 async def test_refuses_messages_older_than_the_dedupe_retention_unless_forced(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     old = make_envelopes(3, seed=81)
     await publish_raw(kafka_bootstrap, topic, records_of(old), partition=6)
     cli = make_cli(
@@ -500,13 +492,10 @@ async def test_refuses_messages_older_than_the_dedupe_retention_unless_forced(
 
 
 async def test_replay_never_moves_the_live_groups_offsets(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     first = make_envelopes(20, seed=91)
-    await publish_raw(kafka_bootstrap, topic, records_of(first))
-    group = "live-" + uuid.uuid4().hex[:6]
-    await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
+    group, _ = await process_live(kafka_bootstrap, topic, sqlite_url, sb, first)
     committed = await committed_offsets(kafka_bootstrap, group, topic)
     assert sum(committed.values()) == 20
     later = make_envelopes(8, seed=92)
@@ -529,9 +518,8 @@ async def test_replay_never_moves_the_live_groups_offsets(
 
 
 async def test_rejected_api_key_stops_the_replay_with_exit_3(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     unique = make_envelopes(5, seed=101)
     await publish_raw(kafka_bootstrap, topic, records_of(unique))
     cli = make_cli(kafka_bootstrap, topic, "live-" + uuid.uuid4().hex[:6], sqlite_url, sb.url, tmp_path)
@@ -567,9 +555,8 @@ def test_strip_dead_letter_restores_the_original_record() -> None:
 
 
 async def test_interrupt_stops_cleanly_keeps_keys_of_calls_in_flight_and_exits_1(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(latency_ms=300)
     unique = make_envelopes(60, subjects=60, seed=111)
     await publish_raw(kafka_bootstrap, topic, records_of(unique))

@@ -16,13 +16,21 @@ import anyio
 import orjson
 import pytest
 
-from consumer.keys import fingerprint, idempotency_key
+from consumer.keys import idempotency_key
 from consumer.store import Outcome, State, open_store
 from producer.envelope import Envelope
 from tests.conftest import ROOT
-from tests.consumer.conftest import Sandbox, end_offsets, keys_for, publish_raw, read_all
+from tests.consumer.conftest import Sandbox, claim_for, end_offsets, keys_for, publish_raw, read_all
 from tests.consumer.test_exactly_once import make_envelopes, run_until_committed, settings_for
-from tests.consumer.test_replay import _dead_letter_while_failing, iso, make_cli, records_of, store_counts
+from tests.consumer.test_replay import (
+    _dead_letter_while_failing,
+    dead_lettered_then_fixed,
+    iso,
+    make_cli,
+    process_live,
+    records_of,
+    store_counts,
+)
 from tests.ledger import assert_ledger_exactly_once
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
@@ -42,17 +50,14 @@ async def _state(url: str, key: str) -> tuple[State | None, int, str | None]:
 
 
 async def test_reverify_reuses_an_unfinished_generation(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
     """An unfinished highest generation is reused, not skipped: after failures where the provider had in
     fact acted (no answer came back, so the key is kept until its lease expires; the next call is answered
     from the provider's stored response, no second side effect), and after a crash (taken over once its
     lease ran out)."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     unique = make_envelopes(2, seed=201)
-    positions = await publish_raw(kafka_bootstrap, topic, records_of(unique), partition=1)
-    group = "live-" + uuid.uuid4().hex[:6]
-    await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
+    group, positions = await process_live(kafka_bootstrap, topic, sqlite_url, sb, unique, partition=1)
     acted, crashed = unique
     audit = tmp_path / "audit.jsonl"
     cli = make_cli(
@@ -76,15 +81,7 @@ async def test_reverify_reuses_an_unfinished_generation(
 
     # Generation 1 of `crashed`: claimed by a run that died before it finished (its lease runs out).
     async with open_store(sqlite_url) as store:
-        await store.claim(
-            key=_key(crashed, 1),
-            message_id=crashed.message_id,
-            operation=crashed.operation,
-            fingerprint=fingerprint(crashed),
-            owner="replay:dead",
-            lease_s=1,
-            retention_s=3600,
-        )
+        await claim_for(store, _key(crashed, 1), crashed, "replay:dead", 1)
     await anyio.sleep(1.1)  # the dead run's lease is over (a live one would be waited for)
 
     # Re-running the same command resumes both under generation 1.
@@ -104,13 +101,12 @@ async def test_reverify_reuses_an_unfinished_generation(
 
 
 async def test_an_id_listed_twice_is_reverified_once(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     twice, other = make_envelopes(2, seed=211)
-    positions = await publish_raw(kafka_bootstrap, topic, records_of([twice, other, twice]), partition=2)
-    group = "live-" + uuid.uuid4().hex[:6]
-    await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
+    group, positions = await process_live(
+        kafka_bootstrap, topic, sqlite_url, sb, [twice, other, twice], partition=2
+    )
     audit = tmp_path / "audit.jsonl"
     cli = make_cli(kafka_bootstrap, topic, group, sqlite_url, sb.url, tmp_path)
     code, summary, _, err = await cli(
@@ -128,9 +124,8 @@ async def test_an_id_listed_twice_is_reverified_once(
 
 
 async def test_no_dead_letters_skips_writing_invalid_messages_again(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     good = make_envelopes(2, seed=221)
     await publish_raw(kafka_bootstrap, topic, [*records_of(good), (b"x", b"{not json", [])], partition=3)
     group = "live-" + uuid.uuid4().hex[:6]
@@ -152,23 +147,14 @@ async def test_no_dead_letters_skips_writing_invalid_messages_again(
 
 
 async def test_replay_waits_for_a_live_lease_then_skips(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
     """A message in progress under someone else's live lease is neither called nor taken over: the replay
     waits, and when the holder records the outcome the replay skips it as a duplicate."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     busy, fresh = make_envelopes(2, seed=231)
     await publish_raw(kafka_bootstrap, topic, records_of([busy, fresh]), partition=4)
     async with open_store(sqlite_url) as store:
-        claim = await store.claim(
-            key=_key(busy),
-            message_id=busy.message_id,
-            operation=busy.operation,
-            fingerprint=fingerprint(busy),
-            owner="daemon-elsewhere",
-            lease_s=60,
-            retention_s=3600,
-        )
+        claim = await claim_for(store, _key(busy), busy, "daemon-elsewhere", 60)
     assert claim.record.owner == "daemon-elsewhere"
     cli = make_cli(kafka_bootstrap, topic, "live-" + uuid.uuid4().hex[:6], sqlite_url, sb.url, tmp_path)
     env = {**cli.env, "PYTHONPATH": str(ROOT)}
@@ -200,9 +186,8 @@ async def test_replay_waits_for_a_live_lease_then_skips(
 
 
 async def test_dlq_list_selects_by_dead_letter_time_with_since_and_until(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     group = "live-" + uuid.uuid4().hex[:6]
     settings = settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url)
     await publish_raw(kafka_bootstrap, topic, [(b"a", b"{early", [])], partition=0)
@@ -227,12 +212,9 @@ async def test_dlq_list_selects_by_dead_letter_time_with_since_and_until(
 
 
 async def test_redrive_dry_run_classifies_and_writes_nothing(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
-    group, doomed, _ = await _dead_letter_while_failing(kafka_bootstrap, topic, sb, sqlite_url)
-    sb.faults(error_rate=0.0)
-    cli = make_cli(kafka_bootstrap, topic, group, sqlite_url, sb.url, tmp_path)
+    group, doomed, cli = await dead_lettered_then_fixed(kafka_bootstrap, topic, sb, sqlite_url, tmp_path)
     before = (
         await store_counts(sqlite_url),
         sb.ledger(),
@@ -255,15 +237,11 @@ async def test_redrive_dry_run_classifies_and_writes_nothing(
 
 
 async def test_redrive_refuses_originals_older_than_the_retention_unless_forced(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
-    group, doomed, _ = await _dead_letter_while_failing(kafka_bootstrap, topic, sb, sqlite_url)
-    sb.faults(error_rate=0.0)
-    cli = make_cli(
-        kafka_bootstrap, topic, group, sqlite_url, sb.url, tmp_path,
-        retention_s=4, lease_s=2, provider_timeout_s=1,
-    )  # fmt: skip
+    group, doomed, cli = await dead_lettered_then_fixed(
+        kafka_bootstrap, topic, sb, sqlite_url, tmp_path, retention_s=4, lease_s=2, provider_timeout_s=1
+    )
     async with open_store(sqlite_url) as store:
         records = [await store.get(_key(e)) for e in doomed]
     oldest = min(r.created_at for r in records if r is not None)
@@ -282,12 +260,9 @@ async def test_redrive_refuses_originals_older_than_the_retention_unless_forced(
 
 
 async def test_redrive_emit_results_republishes_results_of_completed_messages(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
-    group, doomed, _ = await _dead_letter_while_failing(kafka_bootstrap, topic, sb, sqlite_url)
-    sb.faults(error_rate=0.0)
-    cli = make_cli(kafka_bootstrap, topic, group, sqlite_url, sb.url, tmp_path)
+    group, doomed, cli = await dead_lettered_then_fixed(kafka_bootstrap, topic, sb, sqlite_url, tmp_path)
     redrive = ["dlq", "redrive", "--reason", "retries_exhausted", "--direct", "--json"]
     code, summary, _, err = await cli(*redrive)
     assert code == 0 and summary is not None and summary["counts"] == {"completed": 3}, err
@@ -311,10 +286,9 @@ async def test_redrive_emit_results_republishes_results_of_completed_messages(
 
 
 async def test_redrive_exit_codes(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
     """0 handled, 1 failed again, 2 refused or misconfigured, 3 the provider rejected the API key."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     group, doomed, _ = await _dead_letter_while_failing(kafka_bootstrap, topic, sb, sqlite_url)
     cli = make_cli(kafka_bootstrap, topic, group, sqlite_url, sb.url, tmp_path, provider_max_attempts=2)
     redrive = ["dlq", "redrive", "--reason", "retries_exhausted", "--direct", "--json"]

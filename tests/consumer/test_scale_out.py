@@ -28,6 +28,7 @@ from tests.consumer.conftest import (
     DaemonProcess,
     Sandbox,
     committed_offsets,
+    daemon_args,
     daemon_env,
     end_offsets,
     keys_for,
@@ -149,28 +150,45 @@ def stop_all(*procs: DaemonProcess) -> None:
 # -- tests ---------------------------------------------------------------------------------------------
 
 
+
+async def publish_one_per_partition(
+    bootstrap: str, topic: str, id_prefix: str, subject_prefix: str, partitions: int = 12
+) -> list[Envelope]:
+    """One AML request per partition (subject ``<subject_prefix>-<p>`` on partition ``p``)."""
+    envelopes = [
+        Envelope(
+            message_id=f"{id_prefix}-{uuid.uuid4()}",
+            operation="aml_screening",
+            subject_id=f"{subject_prefix}-{p}",
+            request={"full_name": f"Held Person {p}"},
+        )
+        for p in range(partitions)
+    ]
+    for p, env in enumerate(envelopes):
+        await publish_raw(bootstrap, topic, [(env.key, encode(env), env.headers())], partition=p)
+    return envelopes
+
 @pytest.mark.timeout(300)
 async def test_three_processes_share_twelve_partitions_through_joins_and_leaves(
-    kafka_bootstrap: str, sandbox: object, store_url: str, tmp_path: Path
+    kafka_bootstrap: str, sb: Sandbox, store_url: str, tmp_path: Path
 ) -> None:
     """Three daemons in one group on a 12-partition topic, one PostgreSQL store, 10 % duplicates.
 
     Membership changes while the provider holds calls (100 ms each): a third process joins, the first
     leaves (SIGTERM), comes back, the second leaves. Each change is an eager rebalance with calls in flight.
     """
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(latency_ms=100)
     topic = await create_topic(kafka_bootstrap, random_topic_name("scale"), 12, with_sinks=True)
     unique = make_envelopes(1200, subjects=600, seed=11)
     stream = with_duplicates(unique, 0.1, seed=12)
     await publish(kafka_bootstrap, topic, stream)
     group = "g-" + uuid.uuid4().hex[:8]
-    common: dict[str, Any] = dict(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group=group,
-        store_url=store_url,
-        provider_url=sb.url,
+    common: dict[str, Any] = daemon_args(
+        kafka_bootstrap,
+        topic,
+        group,
+        store_url,
+        sb.url,
         max_in_flight=8,
         rebalance_drain_s=3,
         lease_s=10,
@@ -201,8 +219,7 @@ async def test_three_processes_share_twelve_partitions_through_joins_and_leaves(
         await wait_assigned(a2)
         await wait_side_effects(sb, 700, deadline)
         await wait_in_flight(sb, 1)
-        b.terminate()
-        assert b.wait(30) == 0, b.log()[-2000:]
+        b.stop_cleanly()
         sb.faults(latency_ms=0)
         await wait_committed_to_end(kafka_bootstrap, group, topic, 120)
         stop_all(c, a2)
@@ -236,35 +253,24 @@ async def test_three_processes_share_twelve_partitions_through_joins_and_leaves(
 )
 async def test_partition_moving_mid_call_is_not_repeated_at_the_provider(
     kafka_bootstrap: str,
-    sandbox: object,
+    sb: Sandbox,
     store_url: str,
     tmp_path: Path,
     variant: str,
     latency_ms: int,
     rebalance_drain_s: float,
+    group: str,
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(latency_ms=latency_ms)
     topic = await create_topic(kafka_bootstrap, random_topic_name("move"), 12, with_sinks=True)
     # One message per partition, so whichever half of the partitions moves, some held call moves with it.
-    envelopes = [
-        Envelope(
-            message_id=f"move-{variant}-{uuid.uuid4()}",
-            operation="aml_screening",
-            subject_id=f"mover-{p}",
-            request={"full_name": f"Held Person {p}"},
-        )
-        for p in range(12)
-    ]
-    for p, env in enumerate(envelopes):
-        await publish_raw(kafka_bootstrap, topic, [(env.key, encode(env), env.headers())], partition=p)
-    group = "g-" + uuid.uuid4().hex[:8]
-    common: dict[str, Any] = dict(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group=group,
-        store_url=store_url,
-        provider_url=sb.url,
+    envelopes = await publish_one_per_partition(kafka_bootstrap, topic, f"move-{variant}", "mover")
+    common: dict[str, Any] = daemon_args(
+        kafka_bootstrap,
+        topic,
+        group,
+        store_url,
+        sb.url,
         max_in_flight=16,
         rebalance_drain_s=rebalance_drain_s,
         session_timeout_ms=20000,
@@ -316,32 +322,20 @@ async def test_partition_moving_mid_call_is_not_repeated_at_the_provider(
 
 @pytest.mark.timeout(180)
 async def test_drain_bound_longer_than_the_session_timeout_still_drains_first(
-    kafka_bootstrap: str, sandbox: object, store_url: str, tmp_path: Path
+    kafka_bootstrap: str, sb: Sandbox, store_url: str, tmp_path: Path, group: str
 ) -> None:
     """IDV_REBALANCE_DRAIN_S (15 s) above IDV_SESSION_TIMEOUT_MS (6 s), calls held 11 s: the old owner
     should finish them inside its drain bound and commit before the partitions move, so the new owner never
     sees those messages."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(latency_ms=11000)
     topic = await create_topic(kafka_bootstrap, random_topic_name("slowdrain"), 12, with_sinks=True)
-    envelopes = [
-        Envelope(
-            message_id=f"slow-drain-{uuid.uuid4()}",
-            operation="aml_screening",
-            subject_id=f"slow-{p}",
-            request={"full_name": f"Held Person {p}"},
-        )
-        for p in range(12)
-    ]
-    for p, env in enumerate(envelopes):
-        await publish_raw(kafka_bootstrap, topic, [(env.key, encode(env), env.headers())], partition=p)
-    group = "g-" + uuid.uuid4().hex[:8]
-    common: dict[str, Any] = dict(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group=group,
-        store_url=store_url,
-        provider_url=sb.url,
+    envelopes = await publish_one_per_partition(kafka_bootstrap, topic, "slow-drain", "slow")
+    common: dict[str, Any] = daemon_args(
+        kafka_bootstrap,
+        topic,
+        group,
+        store_url,
+        sb.url,
         max_in_flight=16,
         rebalance_drain_s=15,
         session_timeout_ms=6000,
@@ -431,7 +425,7 @@ async def test_server_terminated_connections_are_store_errors(store_url: str) ->
 
 @pytest.mark.timeout(180)
 async def test_store_outage_holds_commits_and_resumes(
-    kafka_bootstrap: str, sandbox: object, private_pg: Any, tmp_path: Path
+    kafka_bootstrap: str, sb: Sandbox, private_pg: Any, tmp_path: Path, group: str
 ) -> None:
     """PostgreSQL stops for ~5 s under a running daemon: it keeps running, commits nothing past an
     outcome that is not recorded, and carries on when the store is back.
@@ -442,19 +436,17 @@ async def test_store_outage_holds_commits_and_resumes(
     """
     from aiokafka.admin import AIOKafkaAdminClient
 
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(latency_ms=200)
     topic = await create_topic(kafka_bootstrap, random_topic_name("pgdown"), 8, with_sinks=True)
     unique = make_envelopes(400, subjects=400, seed=21)
     await publish(kafka_bootstrap, topic, unique)
-    group = "g-" + uuid.uuid4().hex[:8]
     url = private_pg.url
     env = daemon_env(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group=group,
-        store_url=url,
-        provider_url=sb.url,
+        kafka_bootstrap,
+        topic,
+        group,
+        url,
+        sb.url,
         max_in_flight=8,
         lease_s=10,
         provider_timeout_s=5,
@@ -480,8 +472,7 @@ async def test_store_outage_holds_commits_and_resumes(
         await anyio.to_thread.run_sync(private_pg.start)
         sb.faults(latency_ms=0)
         await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
-        proc.terminate()
-        assert proc.wait(30) == 0, proc.log()[-2000:]
+        proc.stop_cleanly()
     finally:
         await admin.close()
         proc.kill()

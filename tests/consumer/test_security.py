@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -23,7 +22,7 @@ from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 
 from consumer.errors import ConfigurationError
 from consumer.security import check_kafka_connection, describe_kafka_error, kafka_security_kwargs
-from tests.conftest import ROOT, random_topic_name, service_missing
+from tests.conftest import ROOT, random_topic_name, reachable, service_missing
 
 # -- validation (no broker) ----------------------------------------------------------------------------
 
@@ -181,15 +180,6 @@ SASL_DATA_DIR = Path(os.environ.get("KAFKA_SASL_DATA_DIR", ".run/kafka-sasl"))
 USER, PASSWORD = "idv", "idv-secret"
 
 
-def _listening(hostport: str) -> bool:
-    host, _, port = hostport.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
 @dataclass(frozen=True)
 class SecureBroker:
     sasl_plaintext: str
@@ -211,12 +201,12 @@ def secure_broker() -> SecureBroker:
         sasl_ssl=f"{host}:{SASL_BASE_PORT + 4}",
         tls=(SASL_DATA_DIR if SASL_DATA_DIR.is_absolute() else ROOT / SASL_DATA_DIR) / "tls",
     )
-    if not _listening(broker.sasl_plaintext) and os.environ.get("IDV_TEST_START_KAFKA", "1") == "1":
+    if not reachable(broker.sasl_plaintext) and os.environ.get("IDV_TEST_START_KAFKA", "1") == "1":
         env = dict(os.environ, KAFKA_SASL_BASE_PORT=str(SASL_BASE_PORT))
         subprocess.run(
             ["bash", str(ROOT / "scripts" / "kafka-sasl.sh"), "start"], env=env, check=False, timeout=300
         )
-    if not _listening(broker.sasl_plaintext) or not (broker.tls / "ca.crt").exists():
+    if not reachable(broker.sasl_plaintext) or not (broker.tls / "ca.crt").exists():
         service_missing(
             f"SASL/TLS Kafka broker at {broker.sasl_plaintext}", "bash scripts/kafka-sasl.sh start"
         )

@@ -147,3 +147,12 @@ def test_the_daemon_refuses_to_start_without_a_fingerprint_key(tmp_path: Path) -
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert "IDV_FINGERPRINT_KEY: is required" in line
+
+
+def test_a_small_in_flight_ceiling_keeps_the_default_concurrency_floor_valid() -> None:
+    """IDV_MAX_IN_FLIGHT below the default IDV_CONCURRENCY_MIN (8) starts: the floor is capped at the
+    ceiling (a daemon with 4 workers once refused to start)."""
+    settings = Settings.from_env({**BASE, "IDV_MAX_IN_FLIGHT": "4"})
+    assert settings.max_in_flight == 4 and settings.concurrency_min == 8
+    with pytest.raises(ConfigurationError, match="IDV_CONCURRENCY_MIN"):
+        Settings.from_env({**BASE, "IDV_CONCURRENCY_MIN": "0"})

@@ -21,6 +21,7 @@ from tests.consumer.conftest import (
     publish,
     publish_raw,
     read_all,
+    read_results,
     run_to_end,
     run_until_killed,
     start_daemon,
@@ -42,9 +43,8 @@ def headers_of(msg: object) -> dict[str, bytes]:
 
 
 async def test_results_topic_has_one_event_per_message_and_duplicates_reemit_the_same_content(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, group: str
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     unique = make_envelopes(30)
     unique[0] = Envelope(
         message_id="declined-1",
@@ -66,7 +66,6 @@ async def test_results_topic_has_one_event_per_message_and_duplicates_reemit_the
     )
     stream = unique + unique[:5]
     await publish(kafka_bootstrap, topic, stream)
-    group = "g-" + uuid.uuid4().hex[:8]
     await run_until_committed(settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url))
     events = await read_all(kafka_bootstrap, f"{topic}.results")
     assert len(events) == len(stream)
@@ -88,9 +87,8 @@ async def test_results_topic_has_one_event_per_message_and_duplicates_reemit_the
 
 
 async def test_every_dead_letter_reason_with_original_bytes_and_headers(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path, group: str
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     good = Envelope(message_id="ok-1", operation="aml_screening", subject_id="k", request={"full_name": "A"})
     conflict = Envelope(
         message_id="ok-1", operation="aml_screening", subject_id="k", request={"full_name": "B"}
@@ -117,13 +115,12 @@ async def test_every_dead_letter_reason_with_original_bytes_and_headers(
     records += [(b"k", encode(conflict), conflict.headers())]
     positions = await publish_raw(kafka_bootstrap, topic, records, partition=2)
     sb.faults(script=["500", "500"])
-    group = "g-" + uuid.uuid4().hex[:8]
     env = daemon_env(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group=group,
-        store_url=sqlite_url,
-        provider_url=sb.url,
+        kafka_bootstrap,
+        topic,
+        group,
+        sqlite_url,
+        sb.url,
         max_message_bytes=64 * 1024,
         provider_max_attempts=2,
         max_in_flight=1,
@@ -155,15 +152,13 @@ async def test_every_dead_letter_reason_with_original_bytes_and_headers(
 
 
 async def test_unwritable_dead_letter_topic_holds_the_partition(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path, group: str
 ) -> None:
     """If the DLQ cannot be written, nothing is committed past the unhandled message; it resumes later."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     from tests.conftest import create_topic
 
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
-    group = "g-" + uuid.uuid4().hex[:8]
     env = daemon_env(
         bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url, provider_url=sb.url
     )
@@ -214,8 +209,7 @@ async def test_unwritable_dead_letter_topic_holds_the_partition(
         assert proc.proc.poll() is None
         await create_topic(kafka_bootstrap, f"{topic}.dlq", 8)
         await wait_committed_to_end(kafka_bootstrap, group, topic, 120)
-        proc.terminate()
-        assert proc.wait(30) == 0
+        proc.stop_cleanly()
     finally:
         proc.kill()
     letters = await read_all(kafka_bootstrap, f"{topic}.dlq")
@@ -223,19 +217,17 @@ async def test_unwritable_dead_letter_topic_holds_the_partition(
 
 
 async def test_provider_outage_pauses_instead_of_flooding_the_dead_letter_topic(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path, group: str
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(error_rate=1.0)
     unique = make_envelopes(200, subjects=200)
     await publish(kafka_bootstrap, topic, unique)
-    group = "g-" + uuid.uuid4().hex[:8]
     env = daemon_env(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group=group,
-        store_url=sqlite_url,
-        provider_url=sb.url,
+        kafka_bootstrap,
+        topic,
+        group,
+        sqlite_url,
+        sb.url,
         provider_max_attempts=4,
         breaker_min_calls=10,
         breaker_open_s=1,
@@ -249,8 +241,7 @@ async def test_provider_outage_pauses_instead_of_flooding_the_dead_letter_topic(
         dead_during_outage = len(await read_all(kafka_bootstrap, f"{topic}.dlq"))
         sb.faults(error_rate=0.0)
         await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
-        proc.terminate()
-        assert proc.wait(30) == 0
+        proc.stop_cleanly()
     finally:
         proc.kill()
     log = proc.log()
@@ -268,36 +259,11 @@ async def test_provider_outage_pauses_instead_of_flooding_the_dead_letter_topic(
     )
 
 
-async def read_results(bootstrap: str, topic: str, isolation: str) -> list[bytes]:
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        isolation_level=isolation,
-    )
-    await consumer.start()
-    out: list[bytes] = []
-    try:
-        idle = 0
-        while idle < 4:  # until the topic has been quiet for 2 s
-            batch = await consumer.getmany(timeout_ms=500)
-            got = [m.value for msgs in batch.values() for m in msgs]
-            out.extend(got)
-            idle = 0 if got else idle + 1
-    finally:
-        await consumer.stop()
-    return out
-
-
 async def test_transactional_results_survive_sigkill_between_results_and_commit(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
     """Results and offsets commit atomically: a kill inside the transaction leaves no visible result without
     its commit, and after the restart every message has exactly one visible result."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     sb.faults(latency_ms=50)  # ~2 s of work at 8 in flight: several transactions
     unique = make_envelopes(300, subjects=300)
     await publish(kafka_bootstrap, topic, unique)
@@ -334,14 +300,12 @@ async def test_transactional_results_survive_sigkill_between_results_and_commit(
 
 
 async def test_an_unexpected_error_on_one_message_dead_letters_it_and_the_daemon_goes_on(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, group: str
 ) -> None:
     from consumer.daemon import Daemon
 
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     unique = make_envelopes(30, subjects=3)
     await publish(kafka_bootstrap, topic, unique)
-    group = "g-" + uuid.uuid4().hex[:8]
     settings = settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url)
     daemon = Daemon(settings)
     real = daemon.processor.handle
@@ -406,18 +370,16 @@ async def test_transactional_failures_turn_readiness_red_and_bound_pending_resul
 
 
 async def test_two_instances_with_one_transactional_id_stop_with_a_clear_error(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path, group: str
 ) -> None:
     """The same IDV_INSTANCE_ID twice: the fenced instance exits 2 saying so, instead of crash-looping on an
     AssertionError; the other one goes on and finishes the topic."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
-    group = "g-" + uuid.uuid4().hex[:8]
     env = daemon_env(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        group=group,
-        store_url=sqlite_url,
-        provider_url=sb.url,
+        kafka_bootstrap,
+        topic,
+        group,
+        sqlite_url,
+        sb.url,
         results_transactional="true",
         instance_id="same-" + uuid.uuid4().hex[:6],
     )
@@ -439,8 +401,7 @@ async def test_two_instances_with_one_transactional_id_stop_with_a_clear_error(
         assert not [line for line in ours if "Traceback" in line or "AssertionError" in line]
         await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
         assert second.proc.poll() is None, second.log()[-2000:]
-        second.terminate()
-        assert second.wait(30) == 0
+        second.stop_cleanly()
     finally:
         first.kill()
         if second is not None:

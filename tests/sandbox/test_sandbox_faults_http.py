@@ -139,17 +139,9 @@ async def test_seeded_error_rate_is_reproducible(make_sandbox: MakeSandbox) -> N
 
 async def test_delay_script_item_holds_the_key_in_flight(make_sandbox: MakeSandbox) -> None:
     sandbox = await make_sandbox(faults={"script": ["delay:500"]})
-    results = {}
-
-    async def first() -> None:
-        results["first"] = await sandbox.post("/v3/session/", SESSION, "slow")
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(first)
-        with anyio.fail_after(5):
-            await sandbox.wait_in_flight(1)
+    async with sandbox.in_flight("/v3/session/", SESSION, "slow") as first:
         assert (await sandbox.post("/v3/session/", SESSION, "slow")).status_code == 409
-    assert results["first"].status_code == 201
+    assert first["response"].status_code == 201
     assert (await sandbox.stats())["faults"] == {"script:delay": 1}
 
 

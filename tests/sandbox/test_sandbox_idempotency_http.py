@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-import anyio
 import httpx
 import pytest
 
@@ -113,26 +112,18 @@ async def test_key_reuse_with_a_different_body_is_422(sandbox: SandboxHarness) -
 
 async def test_concurrent_request_with_the_same_key_is_409(make_sandbox: MakeSandbox) -> None:
     sandbox = await make_sandbox(faults={"latency_ms": 600})
-    results = {}
-
-    async def first() -> None:
-        results["first"] = await sandbox.post("/v3/session/", SESSION, "slow")
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(first)
-        with anyio.fail_after(5):
-            await sandbox.wait_in_flight(1)
+    async with sandbox.in_flight("/v3/session/", SESSION, "slow") as results:
         assert (await sandbox.stats())["in_flight"] == 1
         second = await sandbox.post("/v3/session/", SESSION, "slow")
         assert second.status_code == 409
         assert second.json() == {"error": "idempotency_request_in_flight"}
         assert int(second.headers["retry-after"]) >= 1
 
-    assert results["first"].status_code == 201
+    assert results["response"].status_code == 201
     third = await sandbox.post("/v3/session/", SESSION, "slow")
     assert third.status_code == 201
     assert third.headers["idempotent-replayed"] == "true"
-    assert third.content == results["first"].content
+    assert third.content == results["response"].content
     record = await sandbox.key("slow")
     assert record["side_effects"] == 1
     assert sorted(a["status"] for a in record["attempts"]) == [201, 201, 409]
