@@ -46,6 +46,8 @@ class Mutant:
     new: str
     tests: tuple[str, ...]
     """pytest node IDs (relative to the tree) that must fail on it."""
+    more: tuple[tuple[str, str], ...] = ()
+    """Further (old, new) patches of the same file, when one break needs two lines."""
 
 
 EO = "tests/consumer/test_exactly_once.py"
@@ -60,11 +62,21 @@ MUTANTS: tuple[Mutant, ...] = (
         file="consumer/pipeline.py",
         old="            result = await self._call(operation, body, key, claimed.lease_until, progress)\n",
         new=(
-            "            if claimed.attempts > 1:\n"
-            "                key = idempotency_key(\n"
-            "                    self.namespace, envelope.operation, envelope.message_id, claimed.attempts\n"
-            "                )\n"
+            "            self._sent_key = key if claimed.attempts == 1 else idempotency_key(\n"
+            "                self.namespace, envelope.operation, envelope.message_id, claimed.attempts\n"
+            "            )\n"
             "            result = await self._call(operation, body, key, claimed.lease_until, progress)\n"
+        ),
+        # Only the key sent to the provider changes; the store still sees the message's own key.
+        more=(
+            (
+                "                body,\n"
+                "                key,\n"
+                "                before_attempt=before_attempt,\n",
+                "                body,\n"
+                "                self._sent_key,\n"
+                "                before_attempt=before_attempt,\n",
+            ),
         ),
         tests=(
             f"{EO}::test_crash_window_then_restart[after_provider_call-40]",
@@ -186,7 +198,14 @@ def apply(mutant: Mutant, root: Path) -> None:
         raise MutantError(
             f"mutant {mutant.name}: snippet found {found} times in {mutant.file}; update tests/mutants.py"
         )
-    path.write_text(text.replace(mutant.old, mutant.new))
+    for old, new in ((mutant.old, mutant.new), *mutant.more):
+        if text.count(old) != 1:
+            raise MutantError(
+                f"mutant {mutant.name}: snippet found {text.count(old)} times in {mutant.file} "
+                "(exactly once expected); update tests/mutants.py"
+            )
+        text = text.replace(old, new)
+    path.write_text(text)
 
 
 def copy_tree(src: Path, dst: Path) -> None:
