@@ -23,6 +23,8 @@ class FakeSinks:
     def __init__(self, *, transactional: bool = False, result_error: Exception | None = None) -> None:
         self.transactional = transactional
         self.result_error = result_error
+        self.dlq_topic = "t.dlq"
+        self.results_topic = "t.results"
         self.letters: list[str] = []
         self.results: list[Any] = []
         self.buffered: list[Any] = []
