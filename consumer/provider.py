@@ -5,21 +5,7 @@ ID (see :mod:`consumer.keys`) and never regenerated, so a retry after a lost ans
 provider's server-side idempotency and answered from its stored response instead of being performed
 again.
 
-Classification of answers:
-
-====================  ===========================================================================
-2xx                   success; a business "Declined" is a successful call and recorded as such
-400, 422, other 4xx,  terminal: recorded as a FAILED outcome, never retried
-a business 404
-401, 403              configuration (bad key, out of credit): :class:`ProviderAuthError` stops the daemon
-3xx, 405, a 404 for   configuration (wrong ``IDV_PROVIDER_URL``, a proxy, a moved API):
-the route itself      :class:`ProviderConfigError` (a ``ProviderAuthError``) stops the daemon too
-``idempotency_key_    in doubt (:class:`ProviderInDoubt`): the provider holds this key for a different
-reused`` (any 4xx)    body; it may have acted. Never recorded as FAILED: dead-lettered ``in_doubt``
-408, 409, 425, 429,   retried with exponential backoff and jitter up to a ceiling; ``Retry-After`` on
-5xx, transport        429/503 is a minimum wait, capped at ``retry_after_max_s``
-errors, timeouts
-====================  ===========================================================================
+How answers are classified (terminal, retriable, configuration, in doubt) is :mod:`consumer.answers`.
 
 Every attempt has a hard total deadline (``timeout_s``): httpx's timeouts are per phase (a provider that
 trickles its answer a byte at a time never trips a read timeout), so the whole attempt runs under
@@ -36,14 +22,20 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 import httpx
 import orjson
 
+from consumer.answers import (
+    KEY_REUSED_CODES,
+    classify_status,
+    decision,
+    error_code,
+    parse_retry_after,
+    route_missing,
+)
 from consumer.breaker import BreakerState, CircuitBreaker
 from consumer.concurrency import AdaptiveLimit, FixedLimit, ProviderGate, TokenBucket
 from consumer.errors import (
@@ -69,27 +61,9 @@ __all__ = [
     "ProviderClient",
     "RetryPolicy",
     "classify_status",
+    "parse_retry_after",
     "make_transport",
 ]
-
-_RETRIABLE_STATUS = frozenset({408, 409, 425, 429})
-# Error codes meaning "this idempotency key was used with a different request" (IETF draft: 422; Stripe:
-# idempotency_error). The provider may have acted on the first one: the outcome is unknown, not failed.
-_KEY_REUSED_CODES = frozenset({"idempotency_key_reused", "idempotency_key_mismatch", "idempotency_error"})
-# A 404 whose error code is one of these (or that has no JSON error code) is about the route, not a resource.
-_ROUTE_NOT_FOUND_CODES = frozenset({"not_found", "notfound", "http_404"})
-_TERMINAL_STATUS_NOTE = "terminal"
-
-_DECISIONS = {
-    "approved": "approved",
-    "declined": "declined",
-    "rejected": "declined",
-    "in review": "review",
-    "in_review": "review",
-    "review": "review",
-    "not started": "created",
-    "in progress": "created",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,71 +96,6 @@ class CallResult:
     outcome: Outcome
     terminal_failure: bool
     attempts: int
-
-
-def classify_status(status: int) -> str:
-    """``"ok"``, ``"auth"``, ``"config"``, ``"retry"`` or ``"terminal"`` (a 404 is refined by the body)."""
-    if 200 <= status < 300:
-        return "ok"
-    if status in (401, 403):
-        return "auth"
-    if 300 <= status < 400 or status == 405:
-        return "config"
-    if status in _RETRIABLE_STATUS or status >= 500:
-        return "retry"
-    return "terminal"
-
-
-def parse_retry_after(
-    value: str | None, now: Callable[[], datetime] = lambda: datetime.now(UTC)
-) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date); ``None`` when absent or invalid."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    delta: float = (when - now()).total_seconds()
-    return max(0.0, delta)
-
-
-def _decision(operation: Operation, body: Any) -> tuple[str, str | None]:
-    """Map the provider's JSON answer to (status, provider reference)."""
-    if not isinstance(body, dict):
-        return "unknown", None
-    reference = body.get(operation.reference_field) or body.get("request_id") or body.get("session_id")
-    raw: Any = body.get("status")
-    for section in ("id_verification", "aml", "decision"):
-        part = body.get(section)
-        if isinstance(part, dict) and "status" in part:
-            raw = part["status"]
-            break
-    status = _DECISIONS.get(str(raw).strip().lower(), "unknown") if raw is not None else "unknown"
-    return status, str(reference)[:128] if reference is not None else None
-
-
-def _route_missing(response: httpx.Response) -> bool:
-    """A 404 for the endpoint itself (wrong base URL or API version) rather than a documented business 404
-    (e.g. ``session_not_found``), which carries its own error code."""
-    return _error_code(response).lower() in _ROUTE_NOT_FOUND_CODES
-
-
-def _error_code(response: httpx.Response) -> str:
-    """A short machine code from an error answer; never the body itself (it may echo personal data)."""
-    try:
-        body = orjson.loads(response.content)
-    except orjson.JSONDecodeError:
-        return f"http_{response.status_code}"
-    code = body.get("error") if isinstance(body, dict) else None
-    if isinstance(code, str) and code.replace("_", "").isalnum() and len(code) <= 64:
-        return code
-    return f"http_{response.status_code}"
 
 
 TRANSPORT_KINDS = ("httpx", "aiohttp", "httpx-aiohttp")
@@ -484,18 +393,18 @@ class ProviderClient:
                         parsed = orjson.loads(response.content)
                     except orjson.JSONDecodeError:
                         parsed = None
-                    status, reference = _decision(operation, parsed)
+                    status, reference = decision(operation, parsed)
                     outcome = Outcome(status, response.status_code, reference)
                     return CallResult(outcome, terminal_failure=False, attempts=attempt)
                 if kind == "auth":
                     raise ProviderAuthError(response.status_code)
-                if kind == "config" or (response.status_code == 404 and _route_missing(response)):
+                if kind == "config" or (response.status_code == 404 and route_missing(response)):
                     raise ProviderConfigError(response.status_code, operation.path)
-                code = _error_code(response) if 400 <= response.status_code < 500 else ""
-                if code in _KEY_REUSED_CODES:
+                code = error_code(response) if 400 <= response.status_code < 500 else ""
+                if code in KEY_REUSED_CODES:
                     raise ProviderInDoubt(response.status_code, code, attempt)
                 if kind == "terminal":
-                    outcome = Outcome("failed", response.status_code, None, code or _error_code(response))
+                    outcome = Outcome("failed", response.status_code, None, code or error_code(response))
                     return CallResult(outcome, terminal_failure=True, attempts=attempt)
                 last = ProviderRetriableError(
                     f"provider answered HTTP {response.status_code}",

@@ -133,22 +133,21 @@ async def replay(
             report.notes.append(
                 f"--force: {sum(old.values())} message(s) older than the dedupe retention replayed"
             )
-        if req.retry_failed and report.planned and confirm is not None:
+        if (req.retry_failed or req.reverify) and report.planned and confirm is not None:
             where = ", ".join(f"{s.tp.partition}:{s.start}..{s.end - 1}" for s in spans if s.size)
-            question = (
-                f"Retry up to {report.planned} message(s) of {req.topic} (partition:offsets {where}) whose "
-                "recorded outcome is FAILED, under NEW idempotency keys? Each is sent to the provider again "
-                "(billable); one the provider had in fact performed would be performed a second time."
-            )
-            if not await anyio.to_thread.run_sync(confirm, question):
-                raise ReplayRefused("not confirmed; nothing was sent")
-        if req.reverify and report.planned and confirm is not None:
-            where = ", ".join(f"{s.tp.partition}:{s.start}..{s.end - 1}" for s in spans if s.size)
-            question = (
-                f"Re-verify up to {report.planned} message(s) of {req.topic} (partition:offsets {where}) "
-                "under NEW idempotency keys? Every completed request among them is sent to the provider "
-                "again: a second, billable side effect each."
-            )
+            if req.retry_failed:
+                question = (
+                    f"Retry up to {report.planned} message(s) of {req.topic} (partition:offsets {where}) "
+                    "whose recorded outcome is FAILED, under NEW idempotency keys? Each is sent to the "
+                    "provider again (billable); one the provider had in fact performed would be performed "
+                    "a second time."
+                )
+            else:
+                question = (
+                    f"Re-verify up to {report.planned} message(s) of {req.topic} (partition:offsets {where}) "
+                    "under NEW idempotency keys? Every completed request among them is sent to the provider "
+                    "again: a second, billable side effect each."
+                )
             if not await anyio.to_thread.run_sync(confirm, question):
                 raise ReplayRefused("not confirmed; nothing was sent")
         bar = progress(report.planned, mode) if progress is not None else None
