@@ -57,7 +57,7 @@ from urllib.parse import parse_qs, urlsplit
 import anyio
 import asyncpg
 
-from consumer.errors import LeaseLost, StoreError
+from consumer.errors import StoreError
 from consumer.store import redact
 from consumer.store.base import (
     Claim,
@@ -72,6 +72,7 @@ from consumer.store.base import (
     dump_outcome,
     record_from_row,
 )
+from consumer.store.pgbatch import Op, acquired, owned
 from consumer.store.pgsql import (
     _CLAIM_ROUNDS,
     _CLAIM_SQL,
@@ -101,50 +102,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class _Op:
-    """One caller's queued transition; ``done`` resolves once its batch has finished (or failed)."""
-
-    __slots__ = ("args", "done", "error", "finished", "key", "kind", "result")
-
-    def __init__(self, kind: str, key: str, args: tuple[Any, ...], done: asyncio.Future[None]) -> None:
-        self.kind = kind
-        self.key = key
-        self.args = args
-        self.done = done
-        self.finished = False  # the outcome is known (result or error): later failures do not touch it
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def set(self, result: Any) -> None:
-        self.result, self.finished = result, True
-
-    def lost(self) -> None:
-        self.error = LeaseLost(f"record {self.key} is not in progress under this owner")
-        self.finished = True
-
-
-def _acquired(pending: list[tuple[_Op, Record]], rows: list[Any]) -> list[_Op]:
-    """ACQUIRED for the claims whose key a write returned; the others (lost a race) are returned."""
-    found = {row["key"]: row for row in rows}
-    again = []
-    for op, _ in pending:
-        row = found.get(op.key)
-        if row is None:
-            again.append(op)
-        else:
-            op.set(Claim(ClaimStatus.ACQUIRED, record_from_row(row)))
-    return again
-
-
-def _owned(ops: list[_Op], rows: list[Any]) -> None:
-    returned = {row["key"] for row in rows}
-    for op in ops:
-        if op.key in returned:
-            op.set(None)
-        else:
-            op.lost()
-
-
 class PostgresStore(DedupeStore):
     #: Rows deleted per statement by :meth:`purge_expired` (short transactions, bounded lock time).
     purge_batch = 5000
@@ -172,7 +129,7 @@ class PostgresStore(DedupeStore):
         # the running batches (at most `max_inflight`, each on its own pooled connection).
         self.max_batch = max_batch
         self.max_inflight = max_inflight or min(max_size, 4)
-        self._pending: collections.deque[_Op] = collections.deque()
+        self._pending: collections.deque[Op] = collections.deque()
         self._running_keys: set[str] = set()
         self._batches: set[asyncio.Task[None]] = set()
         self._kick_scheduled = False
@@ -265,7 +222,7 @@ class PostgresStore(DedupeStore):
         if self._pool is None:
             raise StoreError("store is not open")
         loop = asyncio.get_running_loop()
-        op = _Op(kind, key, args, loop.create_future())
+        op = Op(kind, key, args, loop.create_future())
         self._pending.append(op)
         if not self._kick_scheduled:
             # Not at once: every operation queued in this turn of the event loop joins the same batch.
@@ -273,7 +230,7 @@ class PostgresStore(DedupeStore):
             loop.call_soon(self._kick)
         return self._wait(op)
 
-    async def _wait(self, op: _Op) -> Any:
+    async def _wait(self, op: Op) -> Any:
         try:
             await op.done
         except asyncio.CancelledError:
@@ -301,12 +258,12 @@ class PostgresStore(DedupeStore):
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
-    def _take(self) -> list[_Op]:
+    def _take(self) -> list[Op]:
         """Up to ``max_batch`` queued operations of the oldest runnable one's kind, one per key: a key
         with an operation in a running batch (or already in this one) keeps its next one for a later
         batch, so each key's operations run one after the other, in order."""
-        batch: list[_Op] = []
-        keep: list[_Op] = []
+        batch: list[Op] = []
+        keep: list[Op] = []
         kind = None
         taken = self._running_keys
         waiting: set[str] = set()  # keys with an older operation left queued: later ones wait behind it
@@ -327,7 +284,7 @@ class PostgresStore(DedupeStore):
         self._pending = collections.deque(keep)
         return batch
 
-    async def _run_batch(self, ops: list[_Op]) -> None:
+    async def _run_batch(self, ops: list[Op]) -> None:
         kind, pool = ops[0].kind, self._pool
         try:
             ops.sort(key=lambda op: op.key)  # rows locked in key order by every daemon: no deadlocks
@@ -357,7 +314,7 @@ class PostgresStore(DedupeStore):
             self._batches.discard(asyncio.current_task())
             self._kick()
 
-    async def _claim_batch(self, conn: Any, ops: list[_Op]) -> None:
+    async def _claim_batch(self, conn: Any, ops: list[Op]) -> None:
         """Claims: one insert-or-read statement, then one take-over and one re-enter statement for the
         keys that need them, all decided by :func:`~consumer.store.base.decide_claim`. A key that lost a
         race (its row changed, or was inserted by a concurrent claimant after the statement's snapshot)
@@ -381,9 +338,9 @@ class PostgresStore(DedupeStore):
                 now,
             )
             found = {row["key"]: row for row in rows}
-            again: list[_Op] = []
-            take_over: list[tuple[_Op, Record]] = []
-            reenter: list[tuple[_Op, Record]] = []
+            again: list[Op] = []
+            take_over: list[tuple[Op, Record]] = []
+            reenter: list[tuple[Op, Record]] = []
             for op in todo:
                 row = found.get(op.key)
                 if row is None:
@@ -414,7 +371,7 @@ class PostgresStore(DedupeStore):
                     [now + op.args[5] for op, _ in take_over],
                     now,
                 )
-                again.extend(_acquired(take_over, rows))
+                again.extend(acquired(take_over, rows))
             if reenter:
                 rows = await conn.fetch(
                     _REENTER_SQL,
@@ -424,7 +381,7 @@ class PostgresStore(DedupeStore):
                     [now + op.args[4] for op, _ in reenter],
                     now,
                 )
-                again.extend(_acquired(reenter, rows))  # changed since read (expired, taken over)
+                again.extend(acquired(reenter, rows))  # changed since read (expired, taken over)
             todo = sorted(again, key=lambda op: op.key)
         for op in todo:  # still racing after every round: BUSY (the caller waits and retries)
             if (last := seen.get(id(op))) is not None:
@@ -433,7 +390,7 @@ class PostgresStore(DedupeStore):
                 op.error = StoreError(f"claim of {op.key} kept racing with concurrent writers")
                 op.finished = True
 
-    async def _complete_batch(self, conn: Any, ops: list[_Op]) -> None:
+    async def _complete_batch(self, conn: Any, ops: list[Op]) -> None:
         # args: (owner, state, outcome JSON)
         rows = await conn.fetch(
             _COMPLETE_SQL,
@@ -451,22 +408,22 @@ class PostgresStore(DedupeStore):
             else:
                 op.set(record_from_row(row))
 
-    async def _release_batch(self, conn: Any, ops: list[_Op]) -> None:
+    async def _release_batch(self, conn: Any, ops: list[Op]) -> None:
         # args: (owner, error)
         rows = await conn.fetch(
             _RELEASE_SQL, [op.key for op in ops], [op.args[0] for op in ops], [op.args[1] for op in ops],
             self.clock(),
         )  # fmt: skip
-        _owned(ops, rows)
+        owned(ops, rows)
 
-    async def _renew_batch(self, conn: Any, ops: list[_Op]) -> None:
+    async def _renew_batch(self, conn: Any, ops: list[Op]) -> None:
         # args: (owner, lease_s)
         now = self.clock()
         rows = await conn.fetch(
             _RENEW_SQL, [op.key for op in ops], [op.args[0] for op in ops],
             [now + op.args[1] for op in ops], now,
         )  # fmt: skip
-        _owned(ops, rows)
+        owned(ops, rows)
 
     # -- operations ------------------------------------------------------------------------------------
 
@@ -568,7 +525,7 @@ class PostgresStore(DedupeStore):
         return total
 
 
-_BATCH_HANDLERS: dict[str, Callable[[PostgresStore, Any, list[_Op]], Awaitable[None]]] = {
+_BATCH_HANDLERS: dict[str, Callable[[PostgresStore, Any, list[Op]], Awaitable[None]]] = {
     "claim": PostgresStore._claim_batch,
     "complete": PostgresStore._complete_batch,
     "release": PostgresStore._release_batch,
