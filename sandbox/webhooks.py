@@ -12,7 +12,8 @@ Faults, rolled once per event (``POST /_admin/webhooks {"faults": …}``):
 ``drop_rate``           the event is never delivered (the receiver must poll the decision endpoint)
 ``duplicate_rate``      after a successful delivery the same bytes are delivered once more
 ``reorder_rate``        the event is held back until a later event of its session was delivered (or
-                        ``reorder_hold_ms`` passed): the receiver sees them out of order
+                        ``reorder_hold_ms`` passed): the receiver sees them out of order (a later event
+                        that finds an earlier one held is not held itself)
 ``delay_ms``, ``delay_jitter_ms``   a wait before the first attempt
 ``bad_signature_rate``  a forged copy (every signature wrong) is delivered first; the genuine one follows
 
@@ -173,6 +174,7 @@ class WebhookSender:
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_done: dict[str, int] = {}
         self._waiters: dict[str, asyncio.Event] = {}
+        self._holding: dict[str, set[int]] = {}
         self._client: aiohttp.ClientSession | None = None
 
     @property
@@ -277,6 +279,7 @@ class WebhookSender:
         self.deliveries.clear()
         self._last_done.clear()
         self._waiters.clear()
+        self._holding.clear()
 
     # -- delivery -------------------------------------------------------------------------------
 
@@ -360,16 +363,28 @@ class WebhookSender:
     # -- out-of-order delivery --------------------------------------------------------------------
 
     async def _hold(self, event: Event) -> None:
-        """Wait until a later event of the same session is done, or ``reorder_hold_ms``."""
+        """Wait until a later event of the same session is done, or ``reorder_hold_ms``.
+
+        An event that finds an earlier one of its session held is not held itself: it is the one that
+        overtakes (holding both would only delay them, in order)."""
+        holding = self._holding.setdefault(event.session_id, set())
+        if any(other < event.event_id for other in holding):
+            return
+        holding.add(event.event_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.faults.reorder_hold_ms / 1000
-        while self._last_done.get(event.session_id, 0) <= event.event_id:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            waiter = self._waiters.setdefault(event.session_id, asyncio.Event())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter.wait(), remaining)
+        try:
+            while self._last_done.get(event.session_id, 0) <= event.event_id:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return
+                waiter = self._waiters.setdefault(event.session_id, asyncio.Event())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.wait(), remaining)
+        finally:
+            holding.discard(event.event_id)
+            if not holding:
+                self._holding.pop(event.session_id, None)
 
     def _finished(self, event: Event) -> None:
         session_id = event.session_id
