@@ -135,7 +135,9 @@ class DiditApi:
 
     # -- the pipeline around business handling -------------------------------------------------
 
-    async def _read(self, request: Request, path: str, operation: str, handler: Any) -> Response | Drop:
+    async def _read(
+        self, request: Request, path: str, operation: str, handler: Callable[[Request, Attempt], Response]
+    ) -> Response | Drop:
         app = self.app
         attempt = app.new_attempt(request, path, None)
         attempt.operation = operation
@@ -143,7 +145,7 @@ class DiditApi:
         if not isinstance(admitted, Admitted):
             return admitted
         await app.delay(admitted.fault)
-        response: Response = handler(request, attempt)
+        response = handler(request, attempt)
         return app.conclude(None, attempt, Outcome.PROCESSED, response, admitted.fault)
 
     async def _write(
@@ -151,7 +153,7 @@ class DiditApi:
         request: Request,
         path: str,
         operation: str,
-        handler: Any,
+        handler: Callable[[Request, Attempt, Any], Response],
         body: Any = None,
         key: str | None = None,
     ) -> Response | Drop:
@@ -166,7 +168,7 @@ class DiditApi:
         fault = admitted.fault
         try:
             await app.delay(fault)
-            response: Response = handler(request, attempt, body)
+            response = handler(request, attempt, body)
         except Exception:
             log.exception("business handling failed on %s", operation)
             return app.conclude(key, attempt, Outcome.INTERNAL_ERROR, _INTERNAL, fault)
