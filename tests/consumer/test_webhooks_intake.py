@@ -204,7 +204,7 @@ async def test_an_unreachable_broker_is_a_503_within_the_timeout_and_nothing_ack
         elapsed = time.monotonic() - started
         ready = await client.get(url.replace("/webhooks/didit", "/readyz"))
     assert response.status_code == 503 and response.json() == {"error": "not_durable"}
-    assert elapsed < 2.0 + 1.0
+    assert elapsed < 2.0 + 3.0  # the timeout, plus slack for a loaded test machine
     assert (metrics.count("not_durable"), metrics.count("accepted")) == (1, 0)
     assert ready.status_code == 503
 
@@ -222,7 +222,7 @@ async def test_no_acknowledgement_in_time_is_a_503(kafka_bootstrap: str) -> None
         response = await client.post(url, content=body, headers=headers)
         elapsed = time.monotonic() - started
     assert response.status_code == 503
-    assert 1.5 < elapsed < 2.0 + 1.5
+    assert 1.5 < elapsed < 2.0 + 3.0
     assert metrics.count("accepted") == 0
 
 
