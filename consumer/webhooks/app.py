@@ -14,6 +14,7 @@ status result                    when
 ====== ========================= ==========================================================================
 413    ``too_large``             the body is over IDV_WEBHOOK_MAX_BODY_BYTES (declared or streamed)
 415    ``unsupported_media_type`` the content type is not application/json
+408    ``read_timeout``          the body did not arrive within 10 s
 401    signature reasons         no/unknown signature, no or stale timestamp (consumer/webhooks/signature.py)
 400    ``invalid_json``          signed, but the body is not a JSON object
 200    ``ignored``               signed JSON without a ``session_id`` (an entity-level event: not ours)
@@ -37,6 +38,7 @@ import re
 import time
 from typing import Any
 
+import anyio
 import orjson
 from aiohttp import web
 
@@ -49,6 +51,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Intake"]
 
+#: How long the body of one request may take to arrive.
+READ_TIMEOUT_S = 10.0
 _EVENT_TYPE = re.compile(r"[a-z][a-z0-9_.]{0,63}")
 _JSON = "application/json"
 
@@ -81,12 +85,14 @@ class Intake:
         *,
         path: str = "/webhooks/didit",
         max_body_bytes: int = 1_000_000,
+        read_timeout_s: float = READ_TIMEOUT_S,
     ) -> None:
         self.verifier = verifier
         self.publisher = publisher
         self.metrics = metrics if metrics is not None else WebhookMetrics()
         self.path = path
         self.max_body_bytes = max_body_bytes
+        self.read_timeout_s = read_timeout_s
         self.draining = False
 
     def app(self) -> web.Application:
@@ -114,7 +120,11 @@ class Intake:
 
     def _reject(self, status: int, result: str, detail: str) -> tuple[str, web.Response]:
         log.warning("webhook rejected: %s", detail, extra={"result": result, "http_status": status})
-        return result, _answer(status, {"error": result})
+        response = _answer(status, {"error": result})
+        if status in (408, 413):
+            # The rest of the body is not read: close instead of lingering over it for the next request.
+            response.force_close()
+        return result, response
 
     async def _receive(self, request: web.Request) -> tuple[str, web.Response]:
         declared = request.content_length
@@ -123,9 +133,13 @@ class Intake:
         if request.content_type != _JSON:
             return self._reject(415, "unsupported_media_type", "content type is not application/json")
         try:
-            body = await request.read()
+            # A client trickling its body must not hold a handler (and, at shutdown, the drain) for ever.
+            with anyio.fail_after(self.read_timeout_s):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._reject(413, "too_large", f"body over {self.max_body_bytes} bytes")
+        except TimeoutError:
+            return self._reject(408, "read_timeout", f"body not received within {self.read_timeout_s:g}s")
         try:
             verified = self.verifier.verify(body, request.headers)
         except SignatureRejected as exc:

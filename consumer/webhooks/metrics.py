@@ -16,7 +16,8 @@ from consumer.webhooks.signature import REJECT_REASONS
 __all__ = ["CONTENT_TYPE", "RESULTS", "WebhookMetrics"]
 
 #: accepted: published and acknowledged (2xx); ignored: signed, but not a session event (2xx, nothing
-#: published); the signature reasons (401); invalid_json, too_large, unsupported_media_type (4xx);
+#: published); the signature reasons (401); invalid_json, too_large, unsupported_media_type,
+#: read_timeout (4xx);
 #: not_durable: the broker did not acknowledge (503).
 RESULTS = (
     "accepted",
@@ -25,6 +26,7 @@ RESULTS = (
     "invalid_json",
     "too_large",
     "unsupported_media_type",
+    "read_timeout",
     "not_durable",
 )
 

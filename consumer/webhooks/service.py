@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 
 __all__ = ["WebhookService", "run"]
 
+# Idle keep-alive connections are closed after this (the provider reconnects per delivery anyway).
+_KEEPALIVE_S = 15.0
+# After an early answer (408, 413) aiohttp reads what is left of the body for up to this long before it
+# closes (its default, 10 s, would hold the drain at shutdown too).
+_LINGER_S = 1.0
+
 
 def _bind_error(host: str, port: int, exc: OSError) -> ConfigurationError:
     reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or type(exc).__name__)
@@ -97,7 +103,13 @@ class WebhookService:
         if not exists:
             await self.publisher.stop()
             raise TopicMissing(f"IDV_EVENTS_TOPIC: topic {s.events_topic} does not exist on the broker")
-        runner = web.AppRunner(self.intake.app(), access_log=None, shutdown_timeout=s.webhook_drain_timeout_s)
+        runner = web.AppRunner(
+            self.intake.app(),
+            access_log=None,
+            shutdown_timeout=s.webhook_drain_timeout_s,
+            keepalive_timeout=_KEEPALIVE_S,
+            lingering_time=_LINGER_S,
+        )
         await runner.setup()
         site = web.TCPSite(runner, s.webhook_host or None, s.webhook_port)
         try:

@@ -115,7 +115,7 @@ def settings_for(bootstrap: str, topic: str, **overrides: Any) -> WebhookSetting
 @asynccontextmanager
 async def serving_intake(intake: Intake) -> AsyncIterator[str]:
     """``intake`` alone on a loopback port (no start-up checks); yields the webhook URL."""
-    runner = web.AppRunner(intake.app(), access_log=None)
+    runner = web.AppRunner(intake.app(), access_log=None, lingering_time=1.0)  # as the service
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -357,3 +357,25 @@ def test_the_events_producer_waits_for_every_in_sync_replica() -> None:
     # factor (KIP-966), so acks=1 and acks=all both succeed there. The settings themselves are the check.
     options = EventPublisher("127.0.0.1:9092", "t")._options
     assert (options["acks"], options["enable_idempotence"]) == ("all", True)
+
+
+async def test_a_trickling_body_is_cut_off_with_408() -> None:
+    metrics = WebhookMetrics(process_metrics=False)
+    intake = Intake(
+        WebhookVerifier([SECRET]), EventPublisher("127.0.0.1:1", "t"), metrics, read_timeout_s=0.5
+    )
+    async with serving_intake(intake) as url:
+        port = int(url.split(":")[2].split("/")[0])
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        async with stream:
+            await stream.send(
+                b"POST /webhooks/didit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"partial":'
+            )
+            started = time.monotonic()
+            with anyio.fail_after(10):
+                answer = await stream.receive()
+            elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:40]
+    assert 0.4 < elapsed < 5
+    assert metrics.count("read_timeout") == 1
