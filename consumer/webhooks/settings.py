@@ -99,6 +99,11 @@ class WebhookSettings:
             "must be an absolute URL path such as /webhooks/didit",
         )
         need(
+            self.webhook_path not in ("/healthz", "/readyz", "/metrics"),
+            "webhook_path",
+            "must not be one of the operations paths (/healthz, /readyz, /metrics)",
+        )
+        need(
             1024 <= self.webhook_max_body_bytes <= 16 * 1024 * 1024,
             "webhook_max_body_bytes",
             "must be between 1024 and 16777216",

@@ -80,6 +80,7 @@ def test_settings_from_env_and_secret_files(tmp_path: Path) -> None:
         ({"IDV_WEBHOOK_SECRET": "a", "IDV_WEBHOOK_SECRET_PREVIOUS": "a"}, "IDV_WEBHOOK_SECRET_PREVIOUS"),
         ({"IDV_WEBHOOK_SECRET": "a", "IDV_WEBHOOK_PORT": "http"}, "IDV_WEBHOOK_PORT: invalid value"),
         ({"IDV_WEBHOOK_SECRET": "a", "IDV_WEBHOOK_PATH": "webhooks"}, "IDV_WEBHOOK_PATH"),
+        ({"IDV_WEBHOOK_SECRET": "a", "IDV_WEBHOOK_PATH": "/metrics"}, "IDV_WEBHOOK_PATH: must not"),
         (
             {"IDV_WEBHOOK_SECRET": "a", "IDV_WEBHOOK_TIMESTAMP_WINDOW_S": "0"},
             "IDV_WEBHOOK_TIMESTAMP_WINDOW_S",
