@@ -82,11 +82,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         session = self._session or self._open()
+        # A streamed body (a multipart upload of documents, consumer/multipart.py) goes out as aiohttp reads
+        # it; the provider client sets its Content-Length. Small JSON bodies are bytes already.
+        stream = request.stream
+        data = (request.content or None) if isinstance(stream, httpx.ByteStream) else stream
         try:
             async with session.request(
                 request.method,
                 str(request.url),
-                data=request.content or None,
+                data=data,
                 headers=request.headers,
                 allow_redirects=False,
                 timeout=self._timeout(request),

@@ -24,7 +24,14 @@ __all__ = ["LEASE_SLACK_S", "PREFIX", "Settings"]
 PREFIX = "IDV_"
 T = TypeVar("T")
 _SECRETS = frozenset(
-    {"provider_api_key", "kafka_sasl_password", "fingerprint_key", "store_url", "dlq_encryption_keys"}
+    {
+        "provider_api_key",
+        "provider_signing_secret",
+        "kafka_sasl_password",
+        "fingerprint_key",
+        "store_url",
+        "dlq_encryption_keys",
+    }
 )
 #: Shortest accepted IDV_FINGERPRINT_KEY (characters): a short key can be guessed along with the data.
 MIN_FINGERPRINT_KEY = 16
@@ -97,8 +104,14 @@ class Settings:
     retention_s: float = 30 * 24 * 3600.0
     purge_interval_s: float = 3600.0
     # Provider
+    # The provider profile (consumer/providers/, docs/providers.md): "ietf" (an Idempotency-Key provider:
+    # the sandbox, Stripe, Persona), "didit" (Didit's v3 API, no idempotency key: reconciled by lookup),
+    # "signed" (ietf plus an HMAC signature on every request).
+    provider: str = "ietf"
     provider_url: str = "http://127.0.0.1:8080"
     provider_api_key: str = field(default="", repr=False)
+    # HMAC secret of IDV_PROVIDER=signed (X-Signature); may be given as IDV_PROVIDER_SIGNING_SECRET_FILE.
+    provider_signing_secret: str = field(default="", repr=False)
     provider_timeout_s: float = 10.0
     provider_max_attempts: int = 6
     provider_backoff_base_s: float = 0.2
@@ -114,6 +127,9 @@ class Settings:
     # How long the provider keeps an Idempotency-Key (the sandbox and Persona: 24 h). An unfinished record
     # that was already sent and is older than this is not sent again automatically: dead-lettered in_doubt.
     provider_key_retention_s: float = 24 * 3600.0
+    # A key that could be resent after that retention (lease + retries + take-over, consumer/providers/checks.py):
+    # "refuse" to start (exit 2), or "warn" and run with the named window unprotected.
+    provider_retention_check: str = "refuse"
     # "aiohttp": httpx's API on an aiohttp connection pool (consumer/http.py); "httpx-aiohttp": the same
     # through that package (optional); "httpx": httpcore's own pool, which degrades past ~16-64 concurrent
     # requests (docs/performance.md).
@@ -230,6 +246,14 @@ class Settings:
         )
         need(self.provider_retry_after_max_s > 0, "provider_retry_after_max_s", "must be positive")
         need(self.provider_key_retention_s > 0, "provider_key_retention_s", "must be positive")
+        need(
+            self.provider_retention_check in ("refuse", "warn"),
+            "provider_retention_check",
+            "must be refuse or warn",
+        )
+        from consumer.providers import adapter_from_settings
+
+        adapter_from_settings(self)  # raises ConfigurationError naming IDV_PROVIDER or its secret
         need(self.log_format in ("json", "text"), "log_format", "must be json or text")
         need(
             self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),

@@ -21,6 +21,8 @@ round, so this is the one module both sides can share. Consumer exit codes: :mod
             ├── ProviderAuthError          401/403: the API key is rejected; stops the daemon (exit 3)
             │   └── ProviderConfigError    3xx/405/endpoint 404: wrong URL or API version (exit 3)
             ├── ProviderInDoubt            422 key reused: the provider may have acted; dead-lettered
+            │   └── UnreconciledAttempt    no dedupe, earlier attempt not found by lookup: dead-lettered
+            ├── ProviderNotFound           404 from a read-only lookup (get_decision)
             ├── ProviderRetriableError     5xx, 409, 429, timeouts, connection errors (retriable)
             └── RetriesExhausted           retriable failures past the ceiling; set aside
 

@@ -60,22 +60,22 @@ MUTANTS: tuple[Mutant, ...] = (
         name="new-key-on-takeover",
         rule="the same Idempotency-Key on every attempt, by any process (a take-over sends a new key)",
         file="consumer/pipeline.py",
-        old="            result = await self._call(operation, body, key, claimed.lease_until, progress)\n",
+        old="            result = await self._call(operation, envelope, key, claimed, progress)\n",
         new=(
             "            self._sent_key = key if claimed.attempts == 1 else idempotency_key(\n"
             "                self.namespace, envelope.operation, envelope.message_id, claimed.attempts\n"
             "            )\n"
-            "            result = await self._call(operation, body, key, claimed.lease_until, progress)\n"
+            "            result = await self._call(operation, envelope, key, claimed, progress)\n"
         ),
         # Only the key sent to the provider changes; the store still sees the message's own key.
         more=(
             (
-                "                body,\n"
+                "                envelope,\n"
                 "                key,\n"
-                "                before_attempt=before_attempt,\n",
-                "                body,\n"
+                "                documents=self.documents,\n",
+                "                envelope,\n"
                 "                self._sent_key,\n"
-                "                before_attempt=before_attempt,\n",
+                "                documents=self.documents,\n",
             ),
         ),
         tests=(
