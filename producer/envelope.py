@@ -104,6 +104,8 @@ def get_operation(name: str) -> Operation:
 register_operation(Operation("create_session", "/v3/session/", ("workflow_id",), "session_id"))
 register_operation(Operation("id_verification", "/v3/id-verification/", ("document_type", "front_image")))
 register_operation(Operation("aml_screening", "/v3/aml/", ("full_name",)))
+register_operation(Operation("passive_liveness", "/v3/passive-liveness/", ("user_image",)))
+register_operation(Operation("face_match", "/v3/face-match/", ("user_image", "ref_image")))
 
 
 def _now_iso() -> str:
