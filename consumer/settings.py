@@ -31,6 +31,7 @@ _SECRETS = frozenset(
         "fingerprint_key",
         "store_url",
         "dlq_encryption_keys",
+        "documents_token",
     }
 )
 #: Shortest accepted IDV_FINGERPRINT_KEY (characters): a short key can be guessed along with the data.
@@ -135,6 +136,14 @@ class Settings:
     # requests (docs/performance.md).
     provider_transport: str = "aiohttp"
     event_loop: str = "auto"
+    # Documents referenced by envelopes (consumer/documents.py): local: references under this directory,
+    # http(s): references under one of the comma-separated URL prefixes (empty: none), with this bearer
+    # token; the size limit and timeout of one document.
+    documents_dir: str = ".run/documents"
+    documents_http_allow: str = ""
+    documents_token: str = field(default="", repr=False)
+    documents_max_bytes: int = 10 * 1024 * 1024
+    documents_timeout_s: float = 30.0
     breaker_failure_ratio: float = 0.5
     breaker_min_calls: int = 20
     breaker_open_s: float = 5.0
@@ -266,6 +275,15 @@ class Settings:
             "results_transactional",
             "needs a results topic",
         )
+        need(self.documents_max_bytes >= 1, "documents_max_bytes", "must be at least 1")
+        need(self.documents_timeout_s > 0, "documents_timeout_s", "must be positive")
+        if self.documents_http_allow_list:
+            from consumer.document_http import parse_allow_list
+
+            try:
+                parse_allow_list(self.documents_http_allow_list)
+            except ValueError as exc:
+                need(False, "documents_http_allow", str(exc))
         need(0 < self.breaker_failure_ratio <= 1, "breaker_failure_ratio", "must be in (0, 1]")
         need(self.breaker_min_calls >= 1, "breaker_min_calls", "must be at least 1")
         need(self.breaker_open_s > 0, "breaker_open_s", "must be positive")
@@ -300,6 +318,10 @@ class Settings:
             self.kafka_ssl_certfile,
             self.kafka_ssl_keyfile,
         )
+
+    @property
+    def documents_http_allow_list(self) -> list[str]:
+        return [p.strip() for p in self.documents_http_allow.split(",") if p.strip()]
 
     @property
     def topics(self) -> list[str]:
