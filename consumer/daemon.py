@@ -232,6 +232,8 @@ class Daemon:
         try:
             await self._run_open(topics)
         finally:
+            with anyio.CancelScope(shield=True):
+                await self.processor.aclose()  # the document sources
             # Not inside a shielded scope: the SQLite store's writer task group was entered in open().
             await self.store.close()
 

@@ -45,6 +45,7 @@ import anyio
 from aiokafka.structs import ConsumerRecord
 
 from consumer import tracing
+from consumer.documents import DocumentError, document_dead_letter
 from consumer.errors import (
     LeaseLost,
     ProviderAuthError,
@@ -116,6 +117,12 @@ class Processor:
         self.max_message_bytes = max_message_bytes
         self.faults = faults or FaultPoints()
         self.stats = stats or Stats()
+
+    async def aclose(self) -> None:
+        """Close the document sources (an HTTP document store's connection pool)."""
+        close = getattr(self.documents, "aclose", None)
+        if close is not None:
+            await close()
 
     async def _store_call(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Retry a store operation until it succeeds: the message waits, nothing is committed past it.
@@ -271,6 +278,14 @@ class Processor:
                 "in_doubt", str(exc), attempts=exc.attempts, first_failure_at=claimed.created_at
             )
             return Handled(Disposition.IN_DOUBT, letter)
+        except DocumentError as exc:
+            # A referenced document cannot be used (consumer/documents.py): nothing reached the provider
+            # (opened before sending, or the upload cut short), so the key is released; an operator
+            # restores the document and redrives under the same key.
+            await self._let_go(key, exc.reason, progress)
+            log.error("document unusable; message set aside: %s", exc, extra={"reason": exc.reason})
+            letter = document_dead_letter(exc, attempts=progress.sent, first_failure_at=claimed.created_at)
+            return Handled(Disposition.SET_ASIDE, letter)
         except ProviderConfigError:
             await self._let_go(key, "provider_config", progress)
             raise

@@ -28,7 +28,6 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Self
-from urllib.parse import quote
 
 import anyio
 import httpx
@@ -38,21 +37,19 @@ from consumer.answers import (
     KEY_REUSED_CODES,
     classify_status,
     error_code,
-    error_code_of,
     parse_retry_after,
     route_missing,
 )
 from consumer.breaker import BreakerState, CircuitBreaker
 from consumer.concurrency import ProviderGate
+from consumer.documents import DocumentError, document_error_in
 from consumer.errors import (
     ProviderAuthError,
     ProviderConfigError,
     ProviderInDoubt,
-    ProviderNotFound,
     ProviderRetriableError,
     RetriesExhausted,
 )
-from consumer.model import Outcome
 from consumer.providers.base import PreparedCall, ProviderAdapter, adapter_from_settings
 from consumer.providers.calls import (
     TRANSPORT_KINDS,
@@ -62,9 +59,10 @@ from consumer.providers.calls import (
     gate_from_settings,
     make_transport,
 )
-from consumer.providers.ietf import IetfAdapter, read_json_answer
+from consumer.providers.ietf import IetfAdapter
+from consumer.providers.reads import Hook, ReadCalls
 from consumer.providers.reconcile import Reconciler
-from producer.envelope import Envelope, Operation, get_operation
+from producer.envelope import Envelope, Operation
 
 if TYPE_CHECKING:
     from consumer.documents import DocumentSource
@@ -85,10 +83,8 @@ __all__ = [
     "parse_retry_after",
 ]
 
-Hook = Callable[[], Awaitable[None]]
 
-
-class ProviderClient:
+class ProviderClient(ReadCalls):
     def __init__(
         self,
         base_url: str,
@@ -315,7 +311,7 @@ class ProviderClient:
         waiting (breaker, backoff, ``Retry-After``). Raises :class:`ProviderAuthError`,
         :class:`ProviderInDoubt` (:class:`~consumer.errors.UnreconciledAttempt` among them) or
         :class:`RetriesExhausted`."""
-        prepared = await self.adapter.prepare(operation, envelope, key, documents)
+        prepared = await self._prepare(operation, envelope, key, documents, keep_alive, keep_alive_every_s)
         reconcile = None
         if not self.adapter.capability(operation.name).by_key:
 
@@ -336,60 +332,25 @@ class ProviderClient:
             reached=earlier_claims,
         )
 
-    async def get_decision(self, session_id: str) -> Outcome:
-        """``GET /v3/session/{session_id}/decision/`` (read-only, retried like any attempt): the session's
-        current outcome. Raises :class:`ProviderNotFound` for an unknown session (404)."""
-        path = f"/v3/session/{quote(session_id, safe='')}/decision/"
-        status, body = await self._get(path, None, None, 20.0)
-        if status == 404:
-            raise ProviderNotFound("this session")
-        if status >= 400:
-            return Outcome("failed", status, None, error_code_of(status, body))
-        reader = getattr(self.adapter, "read_decision", None)
-        if reader is not None:
-            outcome: Outcome = reader(body)[0]
-            return outcome
-        return read_json_answer(get_operation("create_session"), status, body)
-
-    async def _get(
-        self, path: str, ensure_lease: Hook | None, keep_alive: Hook | None, every: float
-    ) -> tuple[int, bytes]:
-        """One read-only GET, retried on transport errors, 408/409/425/429 and 5xx (with the lease made sure
-        of before each try); (status, body) for any other answer. 401/403 and a missing route stop the
-        daemon as for any call."""
-        last: ProviderRetriableError | None = None
+    async def _prepare(
+        self,
+        operation: Operation,
+        envelope: Envelope,
+        key: str,
+        documents: DocumentSource | None,
+        keep_alive: Hook | None,
+        every: float,
+    ) -> PreparedCall:
+        """The adapter's request; a document store that fails in a way that may pass is retried like a
+        provider failure. Raises :class:`DocumentError` (nothing was sent)."""
         for attempt in range(1, self.retry.max_attempts + 1):
-            if ensure_lease is not None:
-                await ensure_lease()
             try:
-                response = await self._send("GET", path, list(self._base_headers), b"")
-            except httpx.TransportError as exc:
-                last = ProviderRetriableError(f"{type(exc).__name__} talking to the provider")
-            else:
-                kind = classify_status(response.status_code)
-                if kind == "auth":
-                    raise ProviderAuthError(response.status_code)
-                if kind == "config" or (response.status_code == 404 and route_missing(response)):
-                    raise ProviderConfigError(response.status_code, path.split("?", 1)[0])
-                if kind != "retry":
-                    return response.status_code, response.content
-                last = ProviderRetriableError(
-                    f"provider answered HTTP {response.status_code}",
-                    status=response.status_code,
-                    retry_after=parse_retry_after(response.headers.get("retry-after")),
-                )
-            if attempt < self.retry.max_attempts:
-                await self._wait(self._delay(attempt, last), keep_alive, every)
-        assert last is not None
-        raise RetriesExhausted(self.retry.max_attempts, last)
-
-    def _delay(self, attempt: int, last: ProviderRetriableError) -> float:
-        delay = self.retry.backoff(attempt, self._rng)
-        if last.retry_after is not None:
-            # Retry-After is the provider's minimum; jittered backoff may only lengthen it. Capped: a
-            # message waits here holding its partition's commit, so a day-long hint is not obeyed.
-            delay = max(delay, min(last.retry_after, self.retry_after_max_s))
-        return delay
+                return await self.adapter.prepare(operation, envelope, key, documents)
+            except DocumentError as exc:
+                if not exc.retriable or attempt == self.retry.max_attempts:
+                    raise
+                await self._wait(self.retry.backoff(attempt, self._rng), keep_alive, every)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _attempts(
         self,
@@ -437,19 +398,31 @@ class ProviderClient:
                 progress.live = True
                 response = await self._send(prepared.method, prepared.path, headers, prepared.body)
                 progress.live = progress.unanswered > 0
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, DocumentError) as exc:
                 if in_flight >= 0:
                     gate.leave(None, in_flight)  # type: ignore[union-attr]
-                if isinstance(exc, self._not_sent):
+                document = document_error_in(exc)
+                if document is not None:
+                    # A document failed mid-upload: the body was cut short of its Content-Length, so the
+                    # provider cannot act on it. Terminal: set aside; a store hiccup: retried.
+                    progress.sent -= 1
+                    progress.live = progress.unanswered > 0
+                    if probe and self.breaker is not None:
+                        self.breaker.abort_probe()
+                    if not document.retriable:
+                        raise document from None
+                    last = ProviderRetriableError(f"the document store failed ({document})")
+                elif isinstance(exc, self._not_sent):
                     progress.sent -= 1  # never connected: nothing reached the provider
                     progress.live = progress.unanswered > 0
                 else:
                     progress.unanswered += 1
                     reached = True
-                last = ProviderRetriableError(f"{type(exc).__name__} talking to the provider")
-                self._record(False, probe)
-                if self.on_attempt is not None:
-                    self.on_attempt(None, time.perf_counter() - started)
+                if document is None:
+                    last = ProviderRetriableError(f"{type(exc).__name__} talking to the provider")
+                    self._record(False, probe)
+                    if self.on_attempt is not None:
+                        self.on_attempt(None, time.perf_counter() - started)
             except BaseException:
                 if in_flight >= 0:
                     gate.leave(None, in_flight)  # type: ignore[union-attr]
@@ -497,6 +470,7 @@ class ProviderClient:
                 )
             if attempt == self.retry.max_attempts:
                 break
+            assert last is not None
             delay = self._delay(attempt, last)
             log.info("provider attempt %d failed (%s); retrying in %.2fs", attempt, last, delay)
             await self._wait(delay, keep_alive, every)

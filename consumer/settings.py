@@ -128,8 +128,8 @@ class Settings:
     # How long the provider keeps an Idempotency-Key (the sandbox and Persona: 24 h). An unfinished record
     # that was already sent and is older than this is not sent again automatically: dead-lettered in_doubt.
     provider_key_retention_s: float = 24 * 3600.0
-    # A key that could be resent after that retention (lease + retries + take-over, consumer/providers/checks.py):
-    # "refuse" to start (exit 2), or "warn" and run with the named window unprotected.
+    # A key that could be resent after that retention (lease + retries + take-over; see
+    # consumer/providers/checks.py): "refuse" to start (exit 2), or "warn" and run unprotected.
     provider_retention_check: str = "refuse"
     # "aiohttp": httpx's API on an aiohttp connection pool (consumer/http.py); "httpx-aiohttp": the same
     # through that package (optional); "httpx": httpcore's own pool, which degrades past ~16-64 concurrent

@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
@@ -35,17 +34,19 @@ from urllib.parse import quote, urlencode
 import orjson
 
 from consumer.answers import map_status
+from consumer.documents import Document, DocumentError, is_reference, sniff
 from consumer.errors import UnreconciledAttempt
 from consumer.model import Outcome
+from consumer.multipart import multipart_body
 from consumer.providers.base import Capability, PreparedCall, Sender, register_adapter
 from consumer.providers.ietf import read_json_answer
 from producer.envelope import Envelope, Operation
 
 if TYPE_CHECKING:
-    from consumer.documents import Document, DocumentSource
+    from consumer.documents import DocumentSource
     from consumer.settings import Settings
 
-__all__ = ["FILE_FIELDS", "DiditAdapter", "InlineDocument"]
+__all__ = ["FILE_FIELDS", "DiditAdapter"]
 
 SESSION_PATH = "/v3/session/"
 #: Multipart operations and their file fields (the first one is required by Didit).
@@ -68,18 +69,28 @@ _PAGE = 50
 _MAX_PAGES = 20  # 1,000 sessions of one subject since the claim: past that, in doubt rather than guess
 
 
-@dataclass(frozen=True)
-class InlineDocument:
-    """An image given inline (base64) in the request, sent as a file part like a fetched document."""
-
-    field: str
-    filename: str
-    content_type: str
-    size: int
-    data: bytes
+class _InlineDocument(Document):
+    """An image given inline in the request (base64; small: tests and thumbnails), sent as a file part like
+    a fetched document. Its bytes are fixed, so streaming them needs none of a source's re-checks."""
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        yield self.data
+        async for chunk in self._read():
+            yield chunk
+
+
+def _inline_document(field: str, value: str) -> Document:
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise DocumentError("document_unreadable", "inline image is not base64", field=field) from None
+    if not data:
+        raise DocumentError("document_unreadable", "inline image is empty", field=field)
+
+    async def read() -> AsyncIterator[bytes]:
+        yield data
+
+    kind = sniff(data[:16]) or "application/octet-stream"
+    return _InlineDocument(field, f"{field}.bin", kind, len(data), read)
 
 
 def _created_at(value: object) -> float | None:
@@ -121,18 +132,16 @@ class DiditAdapter:
         if file_fields is None:
             body = orjson.dumps(request, option=orjson.OPT_SORT_KEYS)
             return PreparedCall("POST", operation.path, [_JSON], body)
-        from consumer.documents import DocumentError, is_reference
-        from consumer.multipart import multipart_body
 
-        files: list[Document | InlineDocument] = []
+        files: list[Document] = []
         fields: dict[str, str] = {}
         for name, value in sorted(request.items()):
             if is_reference(value):
                 if documents is None:
-                    raise DocumentError("document_missing", f"{name}: no document source configured")
+                    raise DocumentError("document_missing", "no document source configured", field=name)
                 files.append(await documents.open(value["document"], name))
             elif name in file_fields and isinstance(value, str):
-                files.append(_inline(name, value))
+                files.append(_inline_document(name, value))
             elif isinstance(value, str):
                 fields[name] = value
             elif isinstance(value, bool):
@@ -218,16 +227,6 @@ class DiditAdapter:
 
     def sign(self, call: PreparedCall, body: bytes) -> list[tuple[bytes, bytes]]:
         return []
-
-
-def _inline(field: str, value: str) -> InlineDocument:
-    from consumer.documents import DocumentError
-
-    try:
-        data = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise DocumentError("document_unreadable", f"{field}: inline image is not base64") from None
-    return InlineDocument(field, f"{field}.bin", "application/octet-stream", len(data), data)
 
 
 def _factory(settings: Settings) -> DiditAdapter:
