@@ -175,9 +175,7 @@ class DiditAdapter:
         reference = parsed.get("session_id") or parsed.get("request_id")
         metadata = parsed.get("metadata")
         idv_key = metadata.get("idv_key") if isinstance(metadata, dict) else None
-        outcome = Outcome(
-            status, 200, str(reference)[:128] if reference is not None else None, detail or "reconciled"
-        )
+        outcome = Outcome(status, 200, str(reference)[:128] if reference is not None else None, detail)
         return outcome, idv_key if isinstance(idv_key, str) else None
 
     async def lookup(
@@ -223,7 +221,12 @@ class DiditAdapter:
         if status != 200:
             raise UnreconciledAttempt(f"reading a session's decision answered HTTP {status}", 0)
         outcome, idv_key = self.read_decision(body, path)
-        return outcome if idv_key == key else None
+        if idv_key != key:
+            return None
+        # Recorded like the answer the earlier attempt would have got, marked as found by reconciliation.
+        return Outcome(
+            outcome.status, outcome.http_status, outcome.provider_reference, outcome.detail or "reconciled"
+        )
 
     def sign(self, call: PreparedCall, body: bytes) -> list[tuple[bytes, bytes]]:
         return []

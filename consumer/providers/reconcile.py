@@ -20,12 +20,15 @@ provider received and is still working on past our deadline; docs/guarantees.md 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from consumer.errors import RetriesExhausted, UnreconciledAttempt
 from consumer.model import Outcome
 from consumer.providers.base import ProviderAdapter, Sender
 from producer.envelope import Envelope, Operation
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Reconciler"]
 
@@ -62,6 +65,7 @@ class Reconciler:
             if self.force:
                 return None  # redrive --force: the operator accepted the risk of a second side effect
             self._count("in_doubt")
+            log.warning("reconciliation impossible: the profile has no lookup; in doubt")
             raise UnreconciledAttempt(
                 f"an earlier attempt may have reached the provider, which neither dedupes "
                 f"{self.operation.name} nor can be searched for it ({self.adapter.name} profile); "
@@ -78,5 +82,15 @@ class Reconciler:
         except UnreconciledAttempt as exc:
             self._count("in_doubt")
             raise UnreconciledAttempt(f"{exc}; not sent again", attempts) from exc
-        self._count("not_found" if found is None else "found")
+        if found is None:
+            self._count("not_found")
+            log.info(
+                "reconciliation: no earlier attempt at the provider; sending", extra={"reconciled": False}
+            )
+        else:
+            self._count("found")
+            log.info(
+                "reconciliation: earlier attempt found at the provider; its answer recorded, not sent again",
+                extra={"reconciled": True},
+            )
         return found
