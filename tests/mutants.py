@@ -79,7 +79,7 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         tests=(
-            f"{EO}::test_crash_window_then_restart[after_provider_call-40]",
+            f"{EO}::test_crash_window_then_restart[ietf-after_provider_call-40]",
             f"{EO}::test_crash_with_many_in_flight",
         ),
     ),
@@ -90,7 +90,7 @@ MUTANTS: tuple[Mutant, ...] = (
         old="        if self._order:\n            return self._order[0]\n",
         new="        if self._order:\n            return self._order[-1] + 1\n",
         tests=(
-            f"{EO}::test_crash_window_then_restart[after_claim-40]",
+            f"{EO}::test_crash_window_then_restart[ietf-after_claim-40]",
             f"{EO}::test_sigterm_drains_and_never_commits_past_unrecorded",
         ),
     ),
@@ -143,6 +143,17 @@ MUTANTS: tuple[Mutant, ...] = (
         tests=(
             f"{SINKS}::test_every_dead_letter_reason_with_original_bytes_and_headers",
             f"{SINKS}::test_unwritable_dead_letter_topic_holds_the_partition",
+        ),
+    ),
+    Mutant(
+        name="resend-without-reconciliation",
+        rule="without provider idempotency, a send that may repeat an attempt that acted is reconciled first",
+        file="consumer/provider.py",
+        old="            if reconcile is not None and reached:\n",
+        new="            if False and reconcile is not None and reached:  # mutant: never reconcile\n",
+        tests=(
+            f"{EO}::test_crash_window_then_restart[didit-after_provider_call-40]",
+            "tests/consumer/test_providers.py::test_a_retry_after_the_provider_acted_is_reconciled_not_sent_again",
         ),
     ),
 )

@@ -50,12 +50,19 @@ OPS = [
 ]
 
 
-def make_envelopes(n: int, *, subjects: int = 50, seed: int = 1) -> list[Envelope]:
+def make_envelopes(
+    n: int, *, subjects: int = 50, seed: int = 1, profile: str = "ietf"
+) -> list[Envelope]:
+    """``n`` requests across the three operations. For ``profile="didit"`` each session gets its own
+    workflow: Didit hands a subject's unfinished session of the same workflow to the next create (no new
+    side effect, another request's session), so one side effect per message ID needs distinct workflows."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         op, req = OPS[i % 3]
         req = dict(req, vendor_data=f"case-{i}")
+        if profile == "didit" and op == "create_session":
+            req["workflow_id"] = f"wf-{seed}-{i}"
         out.append(
             Envelope(
                 message_id=f"msg-{uuid.uuid4()}",
@@ -265,7 +272,8 @@ async def assert_committed_are_recorded(
 async def test_crash_window_then_restart(
     kafka_bootstrap: str,
     topic: str,
-    sb: Sandbox,
+    psb: Sandbox,
+    profile: str,
     sqlite_url: str,
     tmp_path: Path,
     point: str,
@@ -277,9 +285,11 @@ async def test_crash_window_then_restart(
     Between the kill and the restart the test looks at what the kill left behind for the very message the
     fault point fired on (its log line names partition, offset and message ID), so each parameter proves
     its window was hit; after the restart it checks how that message was finished (taken over, answered
-    from the provider's stored response, skipped as a duplicate, or not redelivered at all).
+    from the provider's stored response — or, on Didit, which has no idempotency key, found by
+    reconciliation without a second call —, skipped as a duplicate, or not redelivered at all).
     """
-    unique = make_envelopes(120, subjects=40)
+    sb = psb
+    unique = make_envelopes(120, subjects=40, profile=profile)
     await publish(kafka_bootstrap, topic, unique)
     common: dict[str, object] = daemon_args(
         kafka_bootstrap,
@@ -287,6 +297,7 @@ async def test_crash_window_then_restart(
         group,
         sqlite_url,
         sb.url,
+        provider=profile,
         lease_s=3,
         provider_timeout_s=2,
         max_in_flight=16,
@@ -350,6 +361,17 @@ async def test_crash_window_then_restart(
     elif point == "after_claim":
         assert after is not None and after.attempts == 2, after  # taken over after the lease ran out
         assert len(ledger[key]["attempts"]) == 1  # the one call, by the new owner
+    elif point == "after_provider_call" and profile == "didit":
+        assert after is not None and after.attempts == 2, after
+        # Didit ignores Idempotency-Key: the take-over found the earlier session/check by our key in its
+        # metadata and recorded it; the provider was not called a second time.
+        assert len(ledger[key]["attempts"]) == 1, ledger[key]
+        assert after.outcome is not None and after.outcome.detail == "reconciled", after
+        assert any(
+            str(r.get("msg", "")).startswith("reconciliation: earlier attempt found")
+            and r.get("message_id") == victim.message_id  # type: ignore[union-attr]
+            for r in log_records(restarted.log())
+        ), "the victim was not reconciled"
     elif point == "after_provider_call":
         assert after is not None and after.attempts == 2, after
         assert view.replays[key] >= 1, ledger[key]  # the take-over was answered from the stored response
