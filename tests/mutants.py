@@ -80,7 +80,7 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
         tests=(
             f"{EO}::test_crash_window_then_restart[ietf-after_provider_call-40]",
-            f"{EO}::test_crash_with_many_in_flight",
+            f"{EO}::test_crash_with_many_in_flight[ietf]",
         ),
     ),
     Mutant(
