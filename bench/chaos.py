@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import fcntl
 import logging
@@ -171,17 +172,21 @@ def make_schedule(
 Raw = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
 
 
-def _own_workflow(env: Envelope) -> Envelope:
-    """``--profile didit``: a session per message. Didit hands a subject's unfinished session of the same
-    workflow to the next create (no side effect, another request's session); one side effect per message
-    ID needs a workflow per message."""
-    if env.operation != "create_session":
-        return env
+def _for_didit(env: Envelope) -> Envelope:
+    """``--profile didit``: a session per message (Didit hands a subject's unfinished session of the same
+    workflow to the next create: no side effect, another request's session; one side effect per message
+    ID needs a workflow per message), and the sample images as inline base64 (sent as file parts)."""
+    request = dict(env.request)
+    if env.operation == "create_session":
+        request["workflow_id"] = f"wf-{env.message_id}"
+    for name in ("front_image", "back_image"):
+        if isinstance(request.get(name), str):
+            request[name] = base64.b64encode(request[name].encode()).decode()
     return Envelope(
         message_id=env.message_id,
         operation=env.operation,
         subject_id=env.subject_id,
-        request={**env.request, "workflow_id": f"wf-{env.message_id}"},
+        request=request,
         created_at=env.created_at,
         correlation_id=env.correlation_id,
     )
@@ -196,7 +201,7 @@ def make_records(
     invalid = round(messages * invalid_ratio)
     valid = iter_sample_envelopes(messages - invalid, seed=seed, duplicate_ratio=dup_ratio)
     if profile == "didit":
-        valid = (_own_workflow(env) for env in valid)
+        valid = (_for_didit(env) for env in valid)
     records: list[Raw] = [(env.key, encode(env), env.headers()) for env in valid]
     for i in range(invalid):
         kind = i % 3

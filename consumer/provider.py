@@ -369,6 +369,7 @@ class ProviderClient(ReadCalls):
         by a lookup, which may end the call with the earlier attempt's answer."""
         signed_body = prepared.body if isinstance(prepared.body, bytes) else b""
         last: ProviderRetriableError | None = None
+        timed_out = False  # the last attempt ran out of time: the provider may still be working on it
         for attempt in range(1, self.retry.max_attempts + 1):
             if reconcile is not None and reached:
                 found = await reconcile(attempt - 1)
@@ -418,6 +419,7 @@ class ProviderClient(ReadCalls):
                 else:
                     progress.unanswered += 1
                     reached = True
+                    timed_out = isinstance(exc, httpx.TimeoutException)
                 if document is None:
                     last = ProviderRetriableError(f"{type(exc).__name__} talking to the provider")
                     self._record(False, probe)
@@ -472,6 +474,11 @@ class ProviderClient(ReadCalls):
                 break
             assert last is not None
             delay = self._delay(attempt, last)
+            if reconcile is not None and timed_out:
+                # A lookup right after our deadline can miss a request the provider is still working on
+                # (and then the resend acts twice). Give it one more deadline to finish first.
+                delay = max(delay, self.timeout_s)
+                timed_out = False
             log.info("provider attempt %d failed (%s); retrying in %.2fs", attempt, last, delay)
             await self._wait(delay, keep_alive, every)
         assert last is not None

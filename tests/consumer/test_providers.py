@@ -386,3 +386,26 @@ def test_the_daemon_refuses_to_start_with_exit_2(tmp_path: Any) -> None:
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert b"IDV_PROVIDER_KEY_RETENTION_S" in proc.stderr and b"could act twice" in proc.stderr
+
+
+async def test_after_a_timeout_the_lookup_waits_for_a_request_still_running_at_the_provider(
+    didit: Sandbox,
+) -> None:
+    """Didit gets the request but acts only after our deadline: a lookup right after the timeout would
+    find nothing and the resend would act twice. The retry waits one more deadline, then finds it."""
+    didit.faults(script=["delay:900"])
+    results: list[str] = []
+    c = ProviderClient(
+        didit.url, API_KEY, retry=FAST, timeout_s=0.6, transport_kind="aiohttp", adapter=DiditAdapter(),
+        on_reconcile=results.append,
+    )  # fmt: skip
+    async with c:
+        result = await c.call_envelope(
+            get_operation("aml_screening"),
+            env("aml_screening", {"full_name": "A"}),
+            "k-slow",
+            since=time.time(),
+        )
+    assert result.reconciled, result
+    assert results == ["found"]
+    assert didit.effects_per_idv_key() == {"k-slow": 1}
