@@ -326,7 +326,39 @@ def test_default_limit_is_one_mebibyte() -> None:
         (
             valid_obj(operation="id_verification", request={"document_type": "passport"}),
             "invalid_envelope",
-            "request.front_image is required for id_verification and must be a non-empty string",
+            'request.front_image is required for id_verification: a document reference {"document": "<uri>"} '
+            "or a base64 string of at most 65536 characters",
+        ),
+        (
+            valid_obj(
+                operation="id_verification", request={"document_type": "x", "front_image": SECRET * 5000}
+            ),
+            "invalid_envelope",
+            f"request.front_image is an inline image of {len(SECRET) * 5000} characters, limit is 65536: put "
+            'the image in a document source and send {"document": "<uri>"} instead (docs/documents.md)',
+        ),
+        (
+            valid_obj(
+                operation="id_verification",
+                request={"document_type": "x", "front_image": {"document": SECRET + " x"}},
+            ),
+            "invalid_envelope",
+            "request.front_image.document must be a URI (scheme:rest, e.g. local:<path> or https://…; printable "
+            "ASCII, at most 2048 characters)",
+        ),
+        (
+            valid_obj(
+                operation="id_verification",
+                request={"document_type": "x", "front_image": {"document": "local:a", SECRET: 1}},
+            ),
+            "invalid_envelope",
+            'request.front_image is an object but not a document reference {"document": "<uri>"}',
+        ),
+        (
+            valid_obj(operation="id_verification", request={"document_type": "x", "front_image": [SECRET]}),
+            "invalid_envelope",
+            'request.front_image must be a document reference {"document": "<uri>"} or a base64 string of at '
+            "most 65536 characters, got list",
         ),
         (
             valid_obj(operation="id_verification", request={"front_image": SECRET}),
