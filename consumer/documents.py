@@ -54,6 +54,8 @@ import anyio
 
 from consumer.errors import ConsumerError
 from consumer.model import DeadLetter
+from producer.documents import CONTENT_TYPES, DEFAULT_MAX_BYTES, SNIFF_BYTES, sniff
+from producer.envelope import DOCUMENT_KEY
 
 if TYPE_CHECKING:
     from consumer.settings import Settings
@@ -65,6 +67,7 @@ __all__ = [
     "DOCUMENT_REASONS",
     "LOCAL_SCHEME",
     "REFERENCE_KEY",
+    "SNIFF_BYTES",
     "Document",
     "DocumentError",
     "DocumentSource",
@@ -79,22 +82,11 @@ __all__ = [
     "source_from_settings",
 ]
 
-REFERENCE_KEY = "document"
+REFERENCE_KEY = DOCUMENT_KEY
 LOCAL_SCHEME = "local"
-DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 #: Bytes per read: a local file is never in memory whole, only one chunk of it at a time.
 CHUNK_SIZE = 64 * 1024
 DOCUMENT_REASONS = ("document_missing", "document_unreadable", "document_too_large")
-#: content type → file name extension used in the upload's ``filename``.
-CONTENT_TYPES = {
-    "image/jpeg": "jpg",
-    "image/png": "png",
-    "image/webp": "webp",
-    "image/tiff": "tiff",
-    "application/pdf": "pdf",
-}
-#: How many leading bytes :func:`sniff` needs.
-SNIFF_BYTES = 16
 
 
 class DocumentError(ConsumerError):
@@ -119,21 +111,6 @@ class DocumentUnavailable(DocumentError):
 
     def __init__(self, detail: str, *, field: str = "") -> None:
         super().__init__("document_unreadable", detail, field=field)
-
-
-def sniff(head: bytes) -> str | None:
-    """The content type of a document from its first bytes (:data:`SNIFF_BYTES`), or None if unknown."""
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    if head.startswith((b"II*\x00", b"MM\x00*")):
-        return "image/tiff"
-    if head.startswith(b"%PDF-"):
-        return "application/pdf"
-    return None
 
 
 def content_type_of(head: bytes, field: str) -> str:

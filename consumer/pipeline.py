@@ -40,6 +40,7 @@ import anyio
 from aiokafka.structs import ConsumerRecord
 
 from consumer import tracing
+from consumer.documents import DocumentError, document_dead_letter
 from consumer.errors import (
     LeaseLost,
     ProviderAuthError,
@@ -132,11 +133,29 @@ class Processor:
 
     async def handle_safely(self, msg: ConsumerRecord, *, generation: int = 0) -> Handled:
         """:meth:`handle`, except that an unexpected exception (a bug meeting this message) dead-letters
-        the message as ``internal_error`` instead of propagating; a rejected API key still propagates."""
+        the message as ``internal_error`` instead of propagating, and a :class:`DocumentError` under its
+        reason (``document_missing`` …); a rejected API key still propagates."""
         try:
             return await self.handle(msg, generation=generation)
         except ProviderAuthError:
             raise
+        except DocumentError as exc:
+            # A referenced document could not be used (consumer/documents.py): handle() has let the key go
+            # (released, or kept to its lease if a body was on its way). No outcome is recorded: the message
+            # is set aside under the document's reason, and redriven once the document is back.
+            log.error(
+                "referenced document unusable; message set aside: %s",
+                exc.detail,
+                extra={
+                    "reason": exc.reason,
+                    "topic": msg.topic,
+                    "partition": msg.partition,
+                    "offset": msg.offset,
+                },
+            )
+            self.stats.consumed += 1
+            self.stats.count(Disposition.SET_ASIDE)
+            return Handled(Disposition.SET_ASIDE, document_dead_letter(exc))
         except Exception as exc:  # noqa: BLE001 - one message hitting a bug must not stop the consumer
             # Any lease was released by handle(); the message is set aside with its original bytes.
             log.error(

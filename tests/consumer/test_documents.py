@@ -425,3 +425,40 @@ async def test_more_sources_can_be_registered(root: Path) -> None:
     assert doc.content_type == "image/jpeg"
     with pytest.raises(DocumentError, match="known: memory:"):
         await sources.open("local:front.jpg", "front_image")
+
+
+# -- where the daemon meets a broken document ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reason", DOCUMENT_REASONS)
+async def test_a_document_error_during_the_call_is_a_dead_letter_not_a_crash(
+    tmp_path: Path, reason: str
+) -> None:
+    """The pipeline's safety net: a DocumentError out of the provider call (raised by a document while its
+    body is sent) ends the message as a dead letter under the document's reason, with no outcome recorded
+    (nothing was decided: the message can be redriven once the document is back), and no exception."""
+    import anyio
+
+    from consumer.store import State
+    from consumer.store.sqlite import SqliteStore
+    from tests.consumer.test_processor import FakeClock, MockProvider, envelope, key_of, processor, record_of
+
+    provider = MockProvider((200, {"status": "approved", "request_id": "ref-1"}))
+
+    async def broken(request: object) -> None:
+        raise DocumentError(reason, "the cause", field="front_image")
+
+    provider.before_answer = broken
+    env = envelope()
+    async with SqliteStore(tmp_path / "dedupe.db", clock=FakeClock()) as store:
+        p = processor(store, provider)
+        with anyio.fail_after(10):
+            async with p.provider:
+                handled = await p.handle_safely(record_of(env))
+        record = await store.get(key_of(env))
+    assert handled.dead_letter is not None
+    assert (handled.disposition.value, handled.dead_letter.reason) == ("set_aside", reason)
+    assert handled.dead_letter.detail == "front_image: the cause"
+    assert p.stats.by_disposition["set_aside"] == 1 and p.stats.by_disposition["error"] == 0
+    assert record is not None and record.outcome is None
+    assert record.state in (State.IN_PROGRESS, State.RELEASED)  # never COMPLETED or FAILED

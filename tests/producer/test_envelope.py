@@ -343,8 +343,8 @@ def test_default_limit_is_one_mebibyte() -> None:
                 request={"document_type": "x", "front_image": {"document": SECRET + " x"}},
             ),
             "invalid_envelope",
-            "request.front_image.document must be a URI (scheme:rest, e.g. local:<path> or https://…; printable "
-            "ASCII, at most 2048 characters)",
+            "request.front_image.document must be a URI (scheme:rest, e.g. local:<path> or https://…; "
+            "printable ASCII, at most 2048 characters)",
         ),
         (
             valid_obj(
