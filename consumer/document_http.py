@@ -69,7 +69,9 @@ class HttpDocumentSource:
         self.max_bytes = max_bytes
         self.attempts = max(1, attempts)
         self.backoff_s = backoff_s
-        headers = {"user-agent": "idv-exactly-once/0.1 (documents)"}
+        # identity: the bytes counted, typed and uploaded are the document's own, and Content-Length is
+        # their length (a compressed answer would be neither).
+        headers = {"user-agent": "idv-exactly-once/0.1 (documents)", "accept-encoding": "identity"}
         if token:
             headers["authorization"] = f"Bearer {token}"
         # Made on first use: the client's pool belongs to the running event loop.
@@ -124,6 +126,12 @@ class HttpDocumentSource:
             async with self._http().stream("GET", url) as response:
                 status = response.status_code
                 if status == 200:
+                    if response.headers.get("content-encoding", "identity").lower() != "identity":
+                        raise DocumentError(
+                            "document_unreadable",
+                            "the document store sent it compressed (Content-Encoding) though asked not to",
+                            field=field,
+                        )
                     yield response
                     return
                 if status in (404, 410):

@@ -261,6 +261,7 @@ async def http(store: Store) -> AsyncIterator[HttpDocumentSource]:
             store.url + "/status/",
             store.url + "/slow",
             store.url + "/redirect",
+            store.url + "/gzip/",
         ],
         token="doc-token-1",
         timeout_s=1.0,
@@ -280,6 +281,7 @@ async def test_http_documents_stream_with_the_token(
     assert (await read_all(doc))[0] == expected  # a retry fetches again
     assert store.requests == ["/docs/front.jpg"] * 3
     assert set(store.authorizations) == {"Bearer doc-token-1"}
+    assert set(store.encodings) == {"identity"}  # the bytes as stored, never a compressed form
     png = await http.open(store.url + "/docs/back.png", "back_image")
     assert png.content_type == "image/png"
 
@@ -314,6 +316,7 @@ async def test_http_too_large_is_refused_before_the_body(store: Store, root: Pat
         ("/status/400", "document_unreadable", False),
         ("/status/403", "document_unreadable", False),
         ("/redirect/front.jpg", "document_unreadable", False),
+        ("/gzip/front.jpg", "document_unreadable", False),
         ("/status/500", "document_unreadable", True),
         ("/status/503", "document_unreadable", True),
         ("/status/429", "document_unreadable", True),
