@@ -133,26 +133,15 @@ class Processor:
 
     async def handle_safely(self, msg: ConsumerRecord, *, generation: int = 0) -> Handled:
         """:meth:`handle`, except that an unexpected exception (a bug meeting this message) dead-letters
-        the message as ``internal_error`` instead of propagating, and a :class:`DocumentError` under its
-        reason (``document_missing`` …); a rejected API key still propagates."""
+        the message as ``internal_error`` instead of propagating; a rejected API key still propagates."""
         try:
             return await self.handle(msg, generation=generation)
         except ProviderAuthError:
             raise
         except DocumentError as exc:
-            # A referenced document could not be used (consumer/documents.py): handle() has let the key go
-            # (released, or kept to its lease if a body was on its way). No outcome is recorded: the message
-            # is set aside under the document's reason, and redriven once the document is back.
-            log.error(
-                "referenced document unusable; message set aside: %s",
-                exc.detail,
-                extra={
-                    "reason": exc.reason,
-                    "topic": msg.topic,
-                    "partition": msg.partition,
-                    "offset": msg.offset,
-                },
-            )
+            # Safety net: a referenced document that could not be used (consumer/documents.py) is set aside
+            # under its own reason (document_missing, ...), not as internal_error; handle() let the key go.
+            log.error("document unusable; message set aside: %s", exc, extra={"reason": exc.reason})
             self.stats.consumed += 1
             self.stats.count(Disposition.SET_ASIDE)
             return Handled(Disposition.SET_ASIDE, document_dead_letter(exc))
