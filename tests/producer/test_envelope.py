@@ -612,3 +612,14 @@ def test_producer_input_with_an_integer_beyond_64_bits_is_rejected_before_it_is_
         parse_line(line)
     assert info.value.reason == "invalid_envelope" and "64 bits" in info.value.detail
     assert parse_line(line.replace(b"123456789012345678901234567890", b"12")).request["n"] == 12
+
+
+def test_image_fields_of_every_operation_take_document_references() -> None:
+    """An image field (named ``*_image``) that only took strings would force images into Kafka messages:
+    every operation declares its image fields in ``Operation.documents``, and a reference passes there."""
+    for name, operation in OPERATIONS.items():
+        images = {f for f in operation.required if f.endswith("_image")}
+        assert images <= set(operation.documents), f"{name}: image fields not in Operation.documents"
+        request: dict[str, Any] = dict.fromkeys(operation.required, "value")
+        request.update({f: {"document": f"local:sha256/ab/{f}.jpg"} for f in operation.documents})
+        assert decode(raw(valid_obj(operation=name, request=request))).request == request
