@@ -11,8 +11,9 @@ that answers without a length is read through once, counting, and the bytes disc
 :meth:`Document.chunks` streams a fresh GET, so no document is held in memory or written to disk here.
 
 Answers: 200 → the document; 404 / 410 → ``document_missing``; 413 → ``document_too_large``; 408, 425,
-429, 5xx, timeouts and connection errors → :class:`DocumentUnavailable` (retriable); any other status, a
-redirect, an unknown type → ``document_unreadable`` (terminal). See :mod:`consumer.documents`.
+429, 5xx, timeouts and connection errors → :class:`DocumentUnavailable` (retriable: ``open`` tries again,
+3 attempts by default, then raises it); any other status, a redirect, an unknown type →
+``document_unreadable`` (terminal). See :mod:`consumer.documents`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
+import anyio
 import httpx
 
 from consumer.documents import (
@@ -59,11 +61,17 @@ class HttpDocumentSource:
         token: str | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         timeout_s: float = 30.0,
+        attempts: int = 3,
+        backoff_s: float = 0.2,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.allow = parse_allow_list(allow)
         self.max_bytes = max_bytes
-        headers = {"user-agent": "idv-exactly-once/0.1 (documents)"}
+        self.attempts = max(1, attempts)
+        self.backoff_s = backoff_s
+        # identity: the bytes counted, typed and uploaded are the document's own, and Content-Length is
+        # their length (a compressed answer would be neither).
+        headers = {"user-agent": "idv-exactly-once/0.1 (documents)", "accept-encoding": "identity"}
         if token:
             headers["authorization"] = f"Bearer {token}"
         # Made on first use: the client's pool belongs to the running event loop.
@@ -118,6 +126,12 @@ class HttpDocumentSource:
             async with self._http().stream("GET", url) as response:
                 status = response.status_code
                 if status == 200:
+                    if response.headers.get("content-encoding", "identity").lower() != "identity":
+                        raise DocumentError(
+                            "document_unreadable",
+                            "the document store sent it compressed (Content-Encoding) though asked not to",
+                            field=field,
+                        )
                     yield response
                     return
                 if status in (404, 410):
@@ -163,7 +177,21 @@ class HttpDocumentSource:
             )
 
     async def open(self, uri: str, field: str) -> Document:
+        """Check the reference and the document; a store failure that may pass (:class:`DocumentUnavailable`)
+        is tried again, ``attempts`` times in all with a doubling pause, before it is raised."""
         url = self._allowed(uri, field)
+        delay = self.backoff_s
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return await self._open(url, field)
+            except DocumentUnavailable as exc:
+                if attempt == self.attempts:
+                    raise DocumentUnavailable(f"{exc.cause} ({attempt} attempts)", field=field) from None
+            await anyio.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _open(self, url: httpx.URL, field: str) -> Document:
         head = b""
         async with self._get(url, field) as response:
             size = self._announced(response, field)

@@ -41,10 +41,12 @@ name) and never the bytes. :func:`document_dead_letter` turns one into the dead 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import os
 import stat
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -54,6 +56,8 @@ import anyio
 
 from consumer.errors import ConsumerError
 from consumer.model import DeadLetter
+from producer.documents import CONTENT_TYPES, DEFAULT_MAX_BYTES, SNIFF_BYTES, sniff
+from producer.envelope import DOCUMENT_KEY
 
 if TYPE_CHECKING:
     from consumer.settings import Settings
@@ -65,6 +69,7 @@ __all__ = [
     "DOCUMENT_REASONS",
     "LOCAL_SCHEME",
     "REFERENCE_KEY",
+    "SNIFF_BYTES",
     "Document",
     "DocumentError",
     "DocumentSource",
@@ -73,28 +78,19 @@ __all__ = [
     "LocalDocumentSource",
     "document_dead_letter",
     "document_error_in",
+    "inline_document",
+    "open_documents",
     "is_reference",
     "references",
     "sniff",
     "source_from_settings",
 ]
 
-REFERENCE_KEY = "document"
+REFERENCE_KEY = DOCUMENT_KEY
 LOCAL_SCHEME = "local"
-DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 #: Bytes per read: a local file is never in memory whole, only one chunk of it at a time.
 CHUNK_SIZE = 64 * 1024
 DOCUMENT_REASONS = ("document_missing", "document_unreadable", "document_too_large")
-#: content type → file name extension used in the upload's ``filename``.
-CONTENT_TYPES = {
-    "image/jpeg": "jpg",
-    "image/png": "png",
-    "image/webp": "webp",
-    "image/tiff": "tiff",
-    "application/pdf": "pdf",
-}
-#: How many leading bytes :func:`sniff` needs.
-SNIFF_BYTES = 16
 
 
 class DocumentError(ConsumerError):
@@ -119,21 +115,7 @@ class DocumentUnavailable(DocumentError):
 
     def __init__(self, detail: str, *, field: str = "") -> None:
         super().__init__("document_unreadable", detail, field=field)
-
-
-def sniff(head: bytes) -> str | None:
-    """The content type of a document from its first bytes (:data:`SNIFF_BYTES`), or None if unknown."""
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    if head.startswith((b"II*\x00", b"MM\x00*")):
-        return "image/tiff"
-    if head.startswith(b"%PDF-"):
-        return "application/pdf"
-    return None
+        self.cause = detail
 
 
 def content_type_of(head: bytes, field: str) -> str:
@@ -376,6 +358,54 @@ def source_from_settings(settings: Settings) -> DocumentSources:
     sources.register("http", http)
     sources.register("https", http)
     return sources
+
+
+async def open_documents(
+    source: DocumentSource | None, request: Mapping[str, Any], fields: Sequence[str]
+) -> list[Document]:
+    """The documents of ``request``'s image ``fields`` (an operation's ``documents``), in that order:
+    a reference is opened from ``source``, a small inline base64 string becomes an in-memory document
+    (:func:`inline_document`), an absent field is skipped. For an adapter's ``prepare``: it runs before
+    anything is sent, so a :class:`DocumentError` here means nothing reached the provider."""
+    out = []
+    for name in fields:
+        value = request.get(name)
+        if value is None:
+            continue
+        if is_reference(value):
+            if source is None:
+                raise DocumentError(
+                    "document_unreadable",
+                    "a document reference, but no document source is configured",
+                    field=name,
+                )
+            out.append(await source.open(value[REFERENCE_KEY], name))
+        elif isinstance(value, str):
+            out.append(inline_document(name, value))
+        else:
+            raise DocumentError("document_unreadable", "neither a document reference nor base64", field=name)
+    return out
+
+
+def inline_document(field: str, value: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Document:
+    """A document from an inline base64 string (the small images the envelope still allows)."""
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise DocumentError(
+            "document_unreadable", "the inline image is not valid base64", field=field
+        ) from None
+    if len(data) > max_bytes:
+        raise DocumentError("document_too_large", f"{len(data)} bytes, limit is {max_bytes}", field=field)
+    if not data:
+        raise DocumentError("document_unreadable", "the inline image is empty", field=field)
+    kind = content_type_of(data[:SNIFF_BYTES], field)
+
+    async def read() -> AsyncIterator[bytes]:
+        for start in range(0, len(data), CHUNK_SIZE):
+            yield data[start : start + CHUNK_SIZE]
+
+    return make_document(field, kind, len(data), read)
 
 
 def document_error_in(exc: BaseException) -> DocumentError | None:

@@ -155,6 +155,13 @@ class Processor:
             return await self.handle(msg, generation=generation)
         except ProviderAuthError:
             raise
+        except DocumentError as exc:
+            # Safety net: a referenced document that could not be used (consumer/documents.py) is set aside
+            # under its own reason (document_missing, ...), not as internal_error; handle() let the key go.
+            log.error("document unusable; message set aside: %s", exc, extra={"reason": exc.reason})
+            self.stats.consumed += 1
+            self.stats.count(Disposition.SET_ASIDE)
+            return Handled(Disposition.SET_ASIDE, document_dead_letter(exc))
         except Exception as exc:  # noqa: BLE001 - one message hitting a bug must not stop the consumer
             # Any lease was released by handle(); the message is set aside with its original bytes.
             log.error(

@@ -9,6 +9,7 @@ round, so this is the one module both sides can share. Consumer exit codes: :mod
     │   ├── EnvelopeTooLarge               encoded size over the limit
     │   └── UnknownOperation               operation not in the registry
     ├── PublishError                       the broker did not accept a message (retriable per cause)
+    ├── producer.documents.DocumentFileError  a file cannot be stored as a document (idv-publish --document)
     └── consumer.errors.ConsumerError      (the consumer's classes are defined in ``consumer.errors``)
         ├── ConfigurationError             invalid settings or environment; not started (exit 2)
         │   ├── BrokerUnavailable          Kafka unreachable or refusing the connection (exit 4)
@@ -17,6 +18,8 @@ round, so this is the one module both sides can share. Consumer exit codes: :mod
         ├── ReplayRefused                  the replay/dlq tool refuses the request (exit 2)
         ├── StoreError                     a dedupe store operation failed (retriable)
         ├── LeaseLost                      the record is no longer ours (lease taken over)
+        ├── consumer.documents.DocumentError  a referenced document cannot be used (reason = DLQ reason)
+        │   └── DocumentUnavailable        the document store failed in a way that may pass (retriable)
         └── ProviderError                  a provider call failed
             ├── ProviderAuthError          401/403: the API key is rejected; stops the daemon (exit 3)
             │   └── ProviderConfigError    3xx/405/endpoint 404: wrong URL or API version (exit 3)

@@ -4,6 +4,7 @@ and an aiohttp.web document store on loopback that serves a directory of them.""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,14 +36,16 @@ def sha256(data: bytes) -> str:
 @dataclass
 class Store:
     """A document store on 127.0.0.1: ``/docs/<name>`` serves a file of ``root`` with Content-Length,
-    ``/chunked/<name>`` the same without a length, ``/status/<code>`` answers that status, ``/slow/<x>`` never
-    answers in time, ``/redirect/<x>`` is a 302. With ``token`` set every request needs ``Bearer <token>``."""
+    ``/chunked/<name>`` the same without a length, ``/gzip/<name>`` gzip-encoded whatever was asked,
+    ``/status/<code>`` answers that status, ``/slow/<x>`` never answers in time, ``/redirect/<x>`` is a
+    302. With ``token`` set every request needs ``Bearer <token>``."""
 
     root: Path
     token: str | None = None
     url: str = ""
     requests: list[str] = field(default_factory=list)
     authorizations: list[str | None] = field(default_factory=list)
+    encodings: list[str | None] = field(default_factory=list)
 
 
 @asynccontextmanager
@@ -55,6 +58,7 @@ async def document_store(root: Path, token: str | None = None) -> AsyncIterator[
     ) -> web.StreamResponse:
         store.requests.append(request.path)
         store.authorizations.append(request.headers.get("Authorization"))
+        store.encodings.append(request.headers.get("Accept-Encoding"))
         if token is not None and request.headers.get("Authorization") != f"Bearer {token}":
             return web.Response(status=401)
         return await handler(request)
@@ -77,6 +81,10 @@ async def document_store(root: Path, token: str | None = None) -> AsyncIterator[
         await response.write_eof()
         return response
 
+    async def gzipped(request: web.Request) -> web.StreamResponse:
+        data = gzip.compress((root / request.match_info["name"]).read_bytes())
+        return web.Response(body=data, headers={"Content-Encoding": "gzip"})
+
     async def status(request: web.Request) -> web.StreamResponse:
         return web.Response(status=int(request.match_info["code"]))
 
@@ -90,6 +98,7 @@ async def document_store(root: Path, token: str | None = None) -> AsyncIterator[
     app = web.Application(middlewares=[auth])
     app.router.add_get("/docs/{name}", docs)
     app.router.add_get("/chunked/{name}", chunked)
+    app.router.add_get("/gzip/{name}", gzipped)
     app.router.add_get("/status/{code}", status)
     app.router.add_get("/slow/{name}", slow)
     app.router.add_get("/redirect/{name}", redirect)
