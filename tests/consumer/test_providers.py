@@ -409,3 +409,29 @@ async def test_after_a_timeout_the_lookup_waits_for_a_request_still_running_at_t
     assert result.reconciled, result
     assert results == ["found"]
     assert didit.effects_per_idv_key() == {"k-slow": 1}
+
+
+async def test_a_referenced_image_of_megabytes_reaches_didit_intact_as_multipart(
+    didit: Sandbox, tmp_path: Any
+) -> None:
+    """A document reference is opened at call time and streamed as the multipart file part; the bytes
+    Didit receives are the file's (size and SHA-256 in the sandbox's effect)."""
+    import hashlib
+    import os
+
+    from consumer.documents import LocalDocumentSource
+
+    front = b"\xff\xd8\xff\xe0" + os.urandom(3 * 1024 * 1024)
+    (tmp_path / "front.jpg").write_bytes(front)
+    request = {"document_type": "passport", "front_image": {"document": "local:front.jpg"}}
+    async with client(didit.url, DiditAdapter()) as c:
+        result = await c.call_envelope(
+            get_operation("id_verification"),
+            env("id_verification", request),
+            "k-doc",
+            documents=LocalDocumentSource(tmp_path),
+        )
+    assert result.outcome.status == "approved"
+    ((upload,),) = [e["files"] for e in didit.effects()["effects"]]
+    assert upload["field"] == "front_image" and upload["content_type"] == "image/jpeg"
+    assert upload["size"] == len(front) and upload["sha256"] == hashlib.sha256(front).hexdigest()
