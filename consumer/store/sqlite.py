@@ -14,7 +14,6 @@ another process shares the file.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import sqlite3
@@ -25,11 +24,15 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import anyio
+from anyio.lowlevel import EventLoopToken, current_token
 
 from consumer.errors import LeaseLost, StoreError
 from consumer.store.base import (
     COLUMN_LIST,
+    CONFLICT_COLUMNS,
+    CONFLICT_LIST,
     Claim,
+    ClaimRequest,
     ClaimStatus,
     Clock,
     Decision,
@@ -37,8 +40,8 @@ from consumer.store.base import (
     Outcome,
     Record,
     State,
-    decide_claim,
     dump_outcome,
+    empty_counts,
     record_from_row,
 )
 
@@ -107,21 +110,61 @@ _CLAIMED_CACHE_MAX = 100_000
 
 
 class _Op(Generic[T]):
-    __slots__ = ("done", "error", "finished", "fn", "result")
+    __slots__ = ("done", "error", "fn", "result")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], T], done: asyncio.Future[None]) -> None:
+    def __init__(self, fn: Callable[[sqlite3.Connection], T]) -> None:
         self.fn = fn
-        self.done = done  # resolved on the event loop once the batch holding this operation committed
-        self.finished = False  # set on the event loop, with `done`, once the outcome is known
+        self.done = anyio.Event()  # set on the event loop once the batch holding this operation committed
         self.result: T | None = None
         self.error: BaseException | None = None
 
 
 def _wake(ops: list[_Op[Any]]) -> None:
     for op in ops:
-        op.finished = True
-        if not op.done.done():  # cancelled: its caller is about to wait on a fresh future, or has left
-            op.done.set_result(None)
+        op.done.set()
+
+
+def _next_batch(ops_queue: queue.SimpleQueue[_Op[Any] | None], max_batch: int) -> tuple[list[_Op[Any]], bool]:
+    """Whatever is queued (waiting for the first), up to ``max_batch``; True once the sentinel was met."""
+    first = ops_queue.get()
+    if first is None:
+        return [], True
+    ops: list[_Op[Any]] = [first]
+    while len(ops) < max_batch:
+        try:
+            nxt = ops_queue.get_nowait()
+        except queue.Empty:
+            break
+        if nxt is None:
+            return ops, True
+        ops.append(nxt)
+    return ops, False
+
+
+def _run_fast(conn: sqlite3.Connection, ops: list[_Op[Any]]) -> bool:
+    """Every operation writes with at most one statement, and raises :class:`LeaseLost` only when that
+    statement changed nothing, so no per-operation SAVEPOINT is needed. Any other exception means an
+    operation may have stopped half-way: returns False and the batch is re-run isolated."""
+    for op in ops:
+        try:
+            op.result = op.fn(conn)
+            op.error = None
+        except LeaseLost as exc:
+            op.result, op.error = None, exc
+        except Exception:  # noqa: BLE001 - re-run below, each operation in its own SAVEPOINT
+            return False
+    return True
+
+
+def _run_isolated(conn: sqlite3.Connection, ops: list[_Op[Any]]) -> None:
+    for op in ops:
+        conn.execute("SAVEPOINT op")
+        try:
+            op.result, op.error = op.fn(conn), None
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting caller, not swallowed
+            conn.execute("ROLLBACK TO SAVEPOINT op")
+            op.result, op.error = None, exc
+        conn.execute("RELEASE SAVEPOINT op")
 
 
 class SqliteStore(DedupeStore):
@@ -142,7 +185,6 @@ class SqliteStore(DedupeStore):
         self._conn: sqlite3.Connection | None = None
         self._queue: queue.SimpleQueue[_Op[Any] | None] | None = None
         self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._claimed: dict[str, Record] = {}  # writer thread only; see _CLAIMED_CACHE_MAX
         self.batches = 0
         self.ops = 0
@@ -170,10 +212,9 @@ class SqliteStore(DedupeStore):
             self._conn = await anyio.to_thread.run_sync(self._connect)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open SQLite store at {self.path}: {exc}") from exc
-        self._loop = asyncio.get_running_loop()
         self._queue = queue.SimpleQueue()
         self._thread = threading.Thread(
-            target=self._writer, args=(self._queue, self._loop), name="idv-sqlite-writer", daemon=True
+            target=self._writer, args=(self._queue, current_token()), name="idv-sqlite-writer", daemon=True
         )
         self._thread.start()
 
@@ -192,41 +233,15 @@ class SqliteStore(DedupeStore):
 
     # -- the writer ------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _run_fast(conn: sqlite3.Connection, ops: list[_Op[Any]]) -> bool:
-        """Every operation writes with at most one statement, and raises :class:`LeaseLost` only when that
-        statement changed nothing, so no per-operation SAVEPOINT is needed. Any other exception means an
-        operation may have stopped half-way: returns False and the batch is re-run isolated."""
-        for op in ops:
-            try:
-                op.result = op.fn(conn)
-                op.error = None
-            except LeaseLost as exc:
-                op.result, op.error = None, exc
-            except Exception:  # noqa: BLE001 - re-run below, each operation in its own SAVEPOINT
-                return False
-        return True
-
-    @staticmethod
-    def _run_isolated(conn: sqlite3.Connection, ops: list[_Op[Any]]) -> None:
-        for op in ops:
-            conn.execute("SAVEPOINT op")
-            try:
-                op.result, op.error = op.fn(conn), None
-            except Exception as exc:  # noqa: BLE001 - handed to the waiting caller, not swallowed
-                conn.execute("ROLLBACK TO SAVEPOINT op")
-                op.result, op.error = None, exc
-            conn.execute("RELEASE SAVEPOINT op")
-
     def _run_batch(self, ops: list[_Op[Any]]) -> None:
         conn = self._conn
         assert conn is not None
         try:
             conn.execute("BEGIN IMMEDIATE")
-            if not self._run_fast(conn, ops):
+            if not _run_fast(conn, ops):
                 conn.execute("ROLLBACK")
                 conn.execute("BEGIN IMMEDIATE")
-                self._run_isolated(conn, ops)
+                _run_isolated(conn, ops)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
@@ -236,23 +251,13 @@ class SqliteStore(DedupeStore):
                 op.result = None
                 op.error = err
 
-    def _writer(self, ops_queue: queue.SimpleQueue[_Op[Any] | None], loop: asyncio.AbstractEventLoop) -> None:
+    def _writer(self, ops_queue: queue.SimpleQueue[_Op[Any] | None], token: EventLoopToken) -> None:
         """The writer thread: group commit of whatever is queued, then one wake-up call for the batch."""
         stop = False
         while not stop:
-            first = ops_queue.get()
-            if first is None:
+            ops, stop = _next_batch(ops_queue, self.max_batch)
+            if not ops:
                 return
-            ops: list[_Op[Any]] = [first]
-            while len(ops) < self.max_batch:
-                try:
-                    nxt = ops_queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                ops.append(nxt)
             try:
                 self._run_batch(ops)
             except BaseException as exc:  # the thread must outlive a bug: callers wait
@@ -262,27 +267,25 @@ class SqliteStore(DedupeStore):
             self.batches += 1
             self.ops += len(ops)
             try:
-                loop.call_soon_threadsafe(_wake, ops)
-            except RuntimeError:  # the event loop is closed: nobody is waiting any more
+                anyio.from_thread.run_sync(_wake, ops, token=token)
+            except anyio.RunFinishedError:  # the event loop has finished: nobody is waiting any more
                 return
 
     async def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        ops_queue, loop = self._queue, self._loop
-        if ops_queue is None or loop is None:
+        ops_queue = self._queue
+        if ops_queue is None:
             raise StoreError("store is not open")
-        op: _Op[T] = _Op(fn, loop.create_future())
+        op: _Op[T] = _Op(fn)
         ops_queue.put(op)
         try:
-            await op.done
-        except asyncio.CancelledError:
-            # A cancelled caller must not leave before its transition is known to be durable or not. The
-            # cancellation may have come before the batch finished (it then cancelled op.done too) or just
-            # after (op.done resolved, this task not yet resumed). `finished` tells which; it and op.done
-            # are only touched on this thread, so nothing can happen between the check and the swap.
-            if not op.finished:
-                op.done = loop.create_future()
+            await op.done.wait()
+        except anyio.get_cancelled_exc_class():
+            # A cancelled caller must not leave before its transition is known to be durable or not: its
+            # batch runs on regardless and sets `done` once committed (or failed). If the cancellation came
+            # just after that (done set, this task not yet resumed), there is nothing left to wait for.
+            if not op.done.is_set():
                 with anyio.CancelScope(shield=True):
-                    await op.done
+                    await op.done.wait()
             raise
         if op.error is not None:
             raise op.error
@@ -296,23 +299,13 @@ class SqliteStore(DedupeStore):
         self._claimed[record.key] = record
         return record
 
-    async def _claim(
-        self,
-        *,
-        key: str,
-        message_id: str,
-        operation: str,
-        fingerprints: tuple[str, ...],
-        owner: str,
-        lease_s: float,
-        retention_s: float,
-        reentrant: bool,
-    ) -> Claim:
-        fingerprint = fingerprints[0]
+    async def _claim(self, *, request: ClaimRequest) -> Claim:
+        key, owner, fingerprint = request.key, request.owner, request.fingerprints[0]
+        message_id, operation = request.message_id, request.operation
 
         def fn(conn: sqlite3.Connection) -> Claim:
             now = self.clock()
-            lease_until, expires_at = now + lease_s, now + retention_s
+            lease_until, expires_at = now + request.lease_s, now + request.retention_s
             cur = conn.execute(
                 _SQL_INSERT,
                 (key, message_id, operation, fingerprint, owner, lease_until, now, now, expires_at),
@@ -325,7 +318,7 @@ class SqliteStore(DedupeStore):
                 )  # fmt: skip
                 return Claim(ClaimStatus.ACQUIRED, self._remember(record))
             row = _fetch(conn, key)
-            decision = decide_claim(row, fingerprints=fingerprints, owner=owner, now=now, reentrant=reentrant)
+            decision = request.decide(row, now)
             if decision is Decision.REENTER:
                 # Our own live lease that no caller holds: an earlier claim whose answer was lost.
                 cur = conn.execute(_SQL_REENTER, (lease_until, now, key, owner))
@@ -415,23 +408,20 @@ class SqliteStore(DedupeStore):
 
     async def conflicts(self, message_id: str | None = None) -> list[dict[str, Any]]:
         def fn(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            sql = (
-                "SELECT key, message_id, fingerprint, stored_fingerprint, source, seen_at "
-                "FROM idempotency_conflicts"
-            )
+            sql = f"SELECT {CONFLICT_LIST} FROM idempotency_conflicts"  # noqa: S608 - constant columns
             args: tuple[Any, ...] = ()
             if message_id is not None:
                 sql += " WHERE message_id = ?"
                 args = (message_id,)
-            names = ("key", "message_id", "fingerprint", "stored_fingerprint", "source", "seen_at")
-            return [dict(zip(names, row, strict=True)) for row in conn.execute(sql + " ORDER BY id", args)]
+            rows = conn.execute(sql + " ORDER BY id", args)
+            return [dict(zip(CONFLICT_COLUMNS, row, strict=True)) for row in rows]
 
         return await self._submit(fn)
 
     async def counts(self) -> dict[str, int]:
         def fn(conn: sqlite3.Connection) -> dict[str, int]:
             rows = conn.execute("SELECT state, COUNT(*) FROM idempotency_records GROUP BY state")
-            return {state.value: 0 for state in State} | dict(rows.fetchall())
+            return empty_counts() | dict(rows.fetchall())
 
         return await self._submit(fn)
 
