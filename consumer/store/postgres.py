@@ -56,44 +56,11 @@ import anyio
 import asyncpg
 
 from consumer.errors import StoreError
-from consumer.store import redact
-from consumer.store.base import (
-    CONFLICT_LIST,
-    Claim,
-    ClaimRequest,
-    ClaimStatus,
-    Clock,
-    Decision,
-    DedupeStore,
-    Outcome,
-    Record,
-    State,
-    dump_outcome,
-    empty_counts,
-    record_from_row,
-)
+from consumer.model import Claim, ClaimStatus, Outcome, Record, State
+from consumer.store import base, pgsql, redact
+from consumer.store.base import CONFLICT_LIST, ClaimRequest, Clock, Decision, DedupeStore, empty_counts
 from consumer.store.pgbatch import Batcher, Op, acquired, owned
-from consumer.store.pgsql import (
-    _CLAIM_ROUNDS,
-    _CLAIM_SQL,
-    _COMPLETE_SQL,
-    _DB_ERRORS,
-    _GET_SQL,
-    _OPEN_ERRORS,
-    _PURGE_CONFLICTS_SQL,
-    _PURGE_SQL,
-    _REENTER_SQL,
-    _RELEASE_SQL,
-    _RENEW_SQL,
-    _TAKE_OVER_SQL,
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    _rowcount,
-    _StoreConnection,
-    _where,
-    migrate,
-    migrate_url,
-)
+from consumer.store.pgsql import MIGRATIONS, SCHEMA_VERSION, _rowcount, _where, migrate, migrate_url
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PostgresStore", "migrate", "migrate_url"]
 
@@ -134,13 +101,8 @@ class PostgresStore(DedupeStore):
 
     @property
     def batches(self) -> int:
-        """Batches the writer has run (for tests and benchmarks)."""
+        """Batches the writer has run (for tests and benchmarks; ``_writer.ops`` counts transitions)."""
         return self._writer.batches
-
-    @property
-    def ops(self) -> int:
-        """Transitions the writer has run."""
-        return self._writer.ops
 
     def __repr__(self) -> str:
         return f"PostgresStore({_where(self.url)!r})"
@@ -169,9 +131,9 @@ class PostgresStore(DedupeStore):
                 timeout=self.connect_timeout,
                 command_timeout=self.command_timeout,
                 server_settings=self._server_settings(),
-                connection_class=_StoreConnection,
+                connection_class=pgsql._StoreConnection,
             )
-        except _OPEN_ERRORS as exc:  # with ValueError: asyncpg could not parse the DSN
+        except pgsql._OPEN_ERRORS as exc:  # with ValueError: asyncpg could not parse the DSN
             # `from None`: the driver's exception (and its traceback) may carry the DSN and password.
             raise StoreError(
                 redact(f"cannot open the PostgreSQL store at {where}: {type(exc).__name__}: {exc}", self.url)
@@ -181,7 +143,7 @@ class PostgresStore(DedupeStore):
                 version = await migrate(conn)
         except BaseException as exc:
             pool.terminate()
-            if isinstance(exc, _DB_ERRORS):
+            if isinstance(exc, pgsql._DB_ERRORS):
                 raise StoreError(
                     redact(f"cannot migrate the PostgreSQL store at {where}: {exc}", self.url)
                 ) from None
@@ -212,7 +174,7 @@ class PostgresStore(DedupeStore):
             with anyio.CancelScope(shield=True):
                 async with pool.acquire(timeout=self.connect_timeout) as conn:
                     result = await fn(conn)
-        except _DB_ERRORS as exc:
+        except pgsql._DB_ERRORS as exc:
             message = f"PostgreSQL {what} failed: {type(exc).__name__}: {exc}"
             raise StoreError(redact(message, self.url)) from exc
         return result
@@ -236,7 +198,7 @@ class PostgresStore(DedupeStore):
 
     async def _complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool = False) -> Record:
         state = State.FAILED if failed else State.COMPLETED
-        record: Record = await self._submit("complete", key, (owner, state.value, dump_outcome(outcome)))
+        record: Record = await self._submit("complete", key, (owner, state.value, base.dump_outcome(outcome)))
         return record
 
     async def _release(self, key: str, owner: str, error: str) -> None:
@@ -260,8 +222,8 @@ class PostgresStore(DedupeStore):
 
     async def get(self, key: str) -> Record | None:
         async def fn(conn: Any) -> Record | None:
-            row = await conn.fetchrow(_GET_SQL, key)
-            return record_from_row(row) if row is not None else None
+            row = await conn.fetchrow(pgsql._GET_SQL, key)
+            return base.record_from_row(row) if row is not None else None
 
         return await self._run("get", fn)
 
@@ -287,28 +249,24 @@ class PostgresStore(DedupeStore):
 
         return await self._run("counts", fn)
 
+    async def _purge_all(self, fn: Callable[[Any], Awaitable[str]]) -> int:
+        """Run a ``DELETE … LIMIT purge_batch`` statement until it deletes fewer; the rows deleted."""
+        total = 0
+        while (deleted := _rowcount(await self._run("purge_expired", fn))) >= self.purge_batch:
+            total += deleted
+        return total + deleted
+
     async def purge_expired(self) -> int:
         async def fn(conn: Any) -> str:
-            status: str = await conn.execute(_PURGE_SQL, self.clock(), self.purge_batch)
+            status: str = await conn.execute(pgsql._PURGE_SQL, self.clock(), self.purge_batch)
             return status
 
         async def conflicts(conn: Any) -> str:
-            status: str = await conn.execute(_PURGE_CONFLICTS_SQL, self.purge_batch)
+            status: str = await conn.execute(pgsql._PURGE_CONFLICTS_SQL, self.purge_batch)
             return status
 
-        total = 0
-        while True:
-            deleted = _rowcount(await self._run("purge_expired", fn))
-            total += deleted
-            if deleted < self.purge_batch:
-                break
-        gone = 0
-        while True:
-            deleted = _rowcount(await self._run("purge_expired", conflicts))
-            gone += deleted
-            if deleted < self.purge_batch:
-                break
-        if gone:
+        total = await self._purge_all(fn)
+        if gone := await self._purge_all(conflicts):
             log.info("purged %d conflict log entries whose record expired", gone)
         return total
 
@@ -320,13 +278,13 @@ async def _claim_batch(conn: Any, ops: list[Op], clock: Clock) -> None:
     looks again in the next round, with the others that did."""
     seen: dict[int, Record] = {}
     todo = ops
-    for _ in range(_CLAIM_ROUNDS):
+    for _ in range(pgsql._CLAIM_ROUNDS):
         if not todo:
             return
         now = clock()
         asks: list[ClaimRequest] = [op.args[0] for op in todo]
         rows = await conn.fetch(
-            _CLAIM_SQL,
+            pgsql._CLAIM_SQL,
             [ask.key for ask in asks],
             [ask.message_id for ask in asks],
             [ask.operation for ask in asks],
@@ -345,7 +303,7 @@ async def _claim_batch(conn: Any, ops: list[Op], clock: Clock) -> None:
             if row is None:
                 again.append(op)  # inserted concurrently, not yet visible to this snapshot
                 continue
-            record = record_from_row(row)
+            record = base.record_from_row(row)
             seen[id(op)] = record
             if row["inserted"]:
                 op.set(Claim(ClaimStatus.ACQUIRED, record))
@@ -359,10 +317,10 @@ async def _claim_batch(conn: Any, ops: list[Op], clock: Clock) -> None:
                 op.set(Claim(decision.status, record))
         if take_over:
             retention = [now + op.args[0].retention_s for op, _ in take_over]
-            rows = await conn.fetch(_TAKE_OVER_SQL, *_leases(take_over, now), retention, now)
+            rows = await conn.fetch(pgsql._TAKE_OVER_SQL, *_leases(take_over, now), retention, now)
             again.extend(acquired(take_over, rows))
         if reenter:
-            rows = await conn.fetch(_REENTER_SQL, *_leases(reenter, now), now)
+            rows = await conn.fetch(pgsql._REENTER_SQL, *_leases(reenter, now), now)
             again.extend(acquired(reenter, rows))  # changed since read (expired, taken over)
         todo = sorted(again, key=lambda op: op.key)
     for op in todo:  # still racing after every round: BUSY (the caller waits and retries)
@@ -376,7 +334,7 @@ async def _claim_batch(conn: Any, ops: list[Op], clock: Clock) -> None:
 async def _complete_batch(conn: Any, ops: list[Op], clock: Clock) -> None:
     # args: (owner, state, outcome JSON)
     rows = await conn.fetch(
-        _COMPLETE_SQL,
+        pgsql._COMPLETE_SQL,
         [op.key for op in ops],
         [op.args[0] for op in ops],
         [op.args[1] for op in ops],
@@ -389,13 +347,13 @@ async def _complete_batch(conn: Any, ops: list[Op], clock: Clock) -> None:
         if row is None:
             op.lost()
         else:
-            op.set(record_from_row(row))
+            op.set(base.record_from_row(row))
 
 
 async def _release_batch(conn: Any, ops: list[Op], clock: Clock) -> None:
     # args: (owner, error)
     rows = await conn.fetch(
-        _RELEASE_SQL, [op.key for op in ops], [op.args[0] for op in ops], [op.args[1] for op in ops],
+        pgsql._RELEASE_SQL, [op.key for op in ops], [op.args[0] for op in ops], [op.args[1] for op in ops],
         clock(),
     )  # fmt: skip
     owned(ops, rows)
@@ -405,7 +363,7 @@ async def _renew_batch(conn: Any, ops: list[Op], clock: Clock) -> None:
     # args: (owner, lease_s)
     now = clock()
     rows = await conn.fetch(
-        _RENEW_SQL, [op.key for op in ops], [op.args[0] for op in ops],
+        pgsql._RENEW_SQL, [op.key for op in ops], [op.args[0] for op in ops],
         [now + op.args[1] for op in ops], now,
     )  # fmt: skip
     owned(ops, rows)
