@@ -55,7 +55,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -558,32 +558,23 @@ async def _sandbox_faults(url: str, **config: Any) -> None:
         r.raise_for_status()
 
 
+#: The daemons' settings: short leases, timeouts and drains, so a killed daemon's work is taken over (and a
+#: rebalance finishes) well within a run.
+DAEMON_SETTINGS: dict[str, object] = {
+    "lease_s": 4, "provider_timeout_s": 3, "commit_interval_s": 0.5, "session_timeout_ms": 6000,
+    "heartbeat_interval_ms": 1000, "rebalance_drain_s": 3, "drain_timeout_s": 5,
+    "provider_backoff_base_s": 0.1, "provider_backoff_max_s": 2, "log_format": "json", "log_level": "INFO",
+    "health_port": 0,  # several daemons on one host: each takes a free port
+}  # fmt: skip
+
+
 def daemon_env(
     opts: Options, *, bootstrap: str, topic: str, group: str, store_url: str, provider_url: str, i: int
 ) -> dict[str, str]:
     return daemon_child_env(
-        bootstrap,
-        topic,
-        group,
-        store_url,
-        provider_url,
-        API_KEY,
-        "bench-fingerprint-key-not-secret",
-        instance_id=f"chaos-{i}",
-        lease_s=4,
-        provider_timeout_s=3,
-        max_in_flight=opts.max_in_flight,
-        commit_interval_s=0.5,
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1000,
-        rebalance_drain_s=3,
-        drain_timeout_s=5,
-        provider_backoff_base_s=0.1,
-        provider_backoff_max_s=2,
-        log_format="json",
-        log_level="INFO",
-        health_port=0,  # several daemons on one host: each takes a free port
-    )
+        bootstrap, topic, group, store_url, provider_url, API_KEY, "bench-fingerprint-key-not-secret",
+        instance_id=f"chaos-{i}", max_in_flight=opts.max_in_flight, **DAEMON_SETTINGS,
+    )  # fmt: skip
 
 
 @dataclass
@@ -1136,36 +1127,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
     spikes = args.spikes if args.spikes is not None else max(1, int(duration // 10))
     run_id = f"s{args.seed}-{uuid.uuid4().hex[:6]}"
     run_dir = args.run_dir or ROOT / ".run" / "chaos" / run_id
-    opts = Options(
-        seed=args.seed,
-        messages=args.messages,
-        kills=args.kills,
-        broker_restarts=args.broker_restarts,
-        pg_restarts=args.pg_restarts,
-        processes=args.processes,
-        partitions=args.partitions,
-        duration=duration,
-        spikes=spikes,
-        dup_ratio=args.dup_ratio,
-        invalid_ratio=args.invalid_ratio,
-        error_rate=args.error_rate,
-        rate_429=args.rate_429,
-        drop_rate=args.drop_rate,
-        latency_ms=args.latency_ms,
-        latency_jitter_ms=args.latency_jitter_ms,
-        settle_timeout=args.settle_timeout,
-        sample_interval=args.sample_interval,
-        max_in_flight=args.max_in_flight,
-        kafka_port=args.kafka_port,
-        kafka_controller_port=args.kafka_controller_port,
-        kafka_data_dir=args.kafka_data_dir,
-        pg_port=args.pg_port,
-        pg_data_dir=args.pg_data_dir,
-        run_dir=run_dir,
-        keep_services=args.keep_services,
-        json_path=args.json,
-        mutant=args.mutant,
-    )
+    # Every option is the argument of the same name, but for these four (worked out above, or renamed).
+    derived = {"duration": duration, "spikes": spikes, "run_dir": run_dir, "json_path": args.json}
+    given = {f.name: getattr(args, f.name) for f in fields(Options) if f.name not in derived}
+    opts = Options(**given, **derived)
     return args, opts
 
 

@@ -182,22 +182,15 @@ def kafka_consumer(
 def daemon_consumer(settings: Settings, security: dict[str, Any], **options: Any) -> AIOKafkaConsumer:
     """The daemon's group member: :func:`kafka_consumer` with the group's timeouts; ``options`` override."""
     s = settings
+    # rebalance_timeout_ms: aiokafka defaults it to the session timeout; a revoke that drains longer would
+    # get the member expelled while its calls still run. Cover the drain, the wait for cancelled work and
+    # the commit.
     return kafka_consumer(
-        s,
-        group_id=s.group_id,
-        client_id=s.client_id,
-        auto_offset_reset=s.auto_offset_reset,
-        max_poll_records=s.fetch_max_records,
-        security=security,
-        session_timeout_ms=s.session_timeout_ms,
-        heartbeat_interval_ms=s.heartbeat_interval_ms,
-        max_poll_interval_ms=s.max_poll_interval_ms,
-        # aiokafka defaults this to the session timeout; a revoke that drains longer would get the
-        # member expelled while its calls still run. Cover the drain, the wait for cancelled work and
-        # the commit.
-        rebalance_timeout_ms=int((s.rebalance_drain_s + 10) * 1000),
-        **options,
-    )
+        s, group_id=s.group_id, client_id=s.client_id, auto_offset_reset=s.auto_offset_reset,
+        max_poll_records=s.fetch_max_records, security=security, session_timeout_ms=s.session_timeout_ms,
+        heartbeat_interval_ms=s.heartbeat_interval_ms, max_poll_interval_ms=s.max_poll_interval_ms,
+        rebalance_timeout_ms=int((s.rebalance_drain_s + 10) * 1000), **options,
+    )  # fmt: skip
 
 
 async def check_broker(settings: Settings, security: dict[str, Any] | None = None) -> None:

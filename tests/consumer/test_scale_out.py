@@ -8,7 +8,6 @@ and the shared server must never be stopped.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import tempfile
@@ -27,11 +26,13 @@ from tests.conftest import create_topic, random_topic_name, service_missing
 from tests.consumer.conftest import (
     DaemonProcess,
     Sandbox,
+    claim_key,
     committed_offsets,
     daemon_args,
     daemon_env,
     end_offsets,
     keys_for,
+    pg_schema,
     publish,
     publish_raw,
     read_all,
@@ -49,26 +50,10 @@ pytestmark = [pytest.mark.anyio, pytest.mark.kafka, pytest.mark.postgres]
 
 
 @pytest.fixture
-def pg_url() -> str:
-    url = os.environ.get("IDV_TEST_POSTGRES_URL", "")
-    if not url:
-        service_missing("PostgreSQL (IDV_TEST_POSTGRES_URL)", "bash scripts/postgres.sh start")
-    return url
-
-
-@pytest.fixture
 async def store_url(pg_url: str) -> AsyncIterator[str]:
     """The shared PostgreSQL, in a fresh schema of this test's own (dropped afterwards)."""
-    import asyncpg
-
-    schema = "idv_scale_" + uuid.uuid4().hex[:12]
-    admin = await asyncpg.connect(pg_url)
-    try:
-        await admin.execute(f"CREATE SCHEMA {schema}")
-        yield pg_url + ("&" if "?" in pg_url else "?") + f"search_path={schema}"
-    finally:
-        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await admin.close()
+    async with pg_schema(pg_url, "idv_scale_") as url:
+        yield url
 
 
 def _free_port() -> int:
@@ -150,7 +135,6 @@ def stop_all(*procs: DaemonProcess) -> None:
 # -- tests ---------------------------------------------------------------------------------------------
 
 
-
 async def publish_one_per_partition(
     bootstrap: str, topic: str, id_prefix: str, subject_prefix: str, partitions: int = 12
 ) -> list[Envelope]:
@@ -167,6 +151,7 @@ async def publish_one_per_partition(
     for p, env in enumerate(envelopes):
         await publish_raw(bootstrap, topic, [(env.key, encode(env), env.headers())], partition=p)
     return envelopes
+
 
 @pytest.mark.timeout(300)
 async def test_three_processes_share_twelve_partitions_through_joins_and_leaves(
@@ -389,15 +374,7 @@ async def test_server_terminated_connections_are_store_errors(store_url: str) ->
                 while not stop.is_set():
                     key = "idv_term_" + uuid.uuid4().hex
                     try:
-                        await store.claim(
-                            key=key,
-                            message_id=key,
-                            operation="aml_screening",
-                            fingerprint="fp",
-                            owner="o",
-                            lease_s=30,
-                            retention_s=3600,
-                        )
+                        await claim_key(store, key, owner="o", fp="fp")
                         await store.complete(key, "o", Outcome("approved"))
                         done += 1
                     except (StoreError, LeaseLost):
