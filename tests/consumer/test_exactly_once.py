@@ -6,6 +6,7 @@ import random
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import anyio
 import orjson
@@ -48,6 +49,13 @@ OPS = [
     ("id_verification", {"document_type": "passport", "front_image": "aGVsbG8="}),
     ("create_session", {"workflow_id": "wf-1"}),
 ]
+
+
+async def publish_new(bootstrap: str, topic: str, n: int, **kw: Any) -> list[Envelope]:
+    """:func:`make_envelopes` ``(n, **kw)``, published to ``topic``."""
+    unique = make_envelopes(n, **kw)
+    await publish(bootstrap, topic, unique)
+    return unique
 
 
 def make_envelopes(n: int, *, subjects: int = 50, seed: int = 1) -> list[Envelope]:
@@ -131,8 +139,7 @@ async def test_redelivery_to_a_new_group_is_not_sent_again(
     kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str
 ) -> None:
     """A new consumer group replays the whole topic; the key ignores group/partition/offset."""
-    unique = make_envelopes(60)
-    await publish(kafka_bootstrap, topic, unique)
+    unique = await publish_new(kafka_bootstrap, topic, 60)
     await run_until_committed(
         settings_for(kafka_bootstrap, topic, "g1-" + uuid.uuid4().hex[:6], sqlite_url, sb.url)
     )
@@ -279,8 +286,7 @@ async def test_crash_window_then_restart(
     its window was hit; after the restart it checks how that message was finished (taken over, answered
     from the provider's stored response, skipped as a duplicate, or not redelivered at all).
     """
-    unique = make_envelopes(120, subjects=40)
-    await publish(kafka_bootstrap, topic, unique)
+    unique = await publish_new(kafka_bootstrap, topic, 120, subjects=40)
     common: dict[str, object] = daemon_args(
         kafka_bootstrap,
         topic,
@@ -382,8 +388,7 @@ async def test_crash_with_many_in_flight(
     # 1 s per call: the daemon has all 48 slots claimed and at the provider long before the first answer
     # comes back, and the kill comes with that first answer.
     sb.faults(latency_ms=1000)
-    unique = make_envelopes(300, subjects=300)
-    await publish(kafka_bootstrap, topic, unique)
+    unique = await publish_new(kafka_bootstrap, topic, 300, subjects=300)
     common = daemon_args(
         kafka_bootstrap, topic, group, sqlite_url, sb.url, lease_s=3, provider_timeout_s=2, max_in_flight=48
     )
@@ -415,8 +420,7 @@ async def test_sigterm_drains_and_never_commits_past_unrecorded(
     kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path, group: str
 ) -> None:
     sb.faults(latency_ms=200)
-    unique = make_envelopes(400, subjects=400)
-    await publish(kafka_bootstrap, topic, unique)
+    unique = await publish_new(kafka_bootstrap, topic, 400, subjects=400)
     env = daemon_env(kafka_bootstrap, topic, group, sqlite_url, sb.url, max_in_flight=32, drain_timeout_s=10)
     proc = start_daemon(env, tmp_path / "d.log")
     try:
@@ -453,8 +457,7 @@ async def test_sigterm_drains_and_never_commits_past_unrecorded(
 async def test_wrong_api_key_stops_the_daemon_and_commits_nothing(
     kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path, group: str
 ) -> None:
-    unique = make_envelopes(20)
-    await publish(kafka_bootstrap, topic, unique)
+    unique = await publish_new(kafka_bootstrap, topic, 20)
     env = daemon_env(
         bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url, provider_url=sb.url
     )
@@ -494,20 +497,12 @@ async def test_rebalance_mid_stream_causes_no_duplicate_side_effects(
     the leases plus the provider key stop the new owner from repeating anything.
     """
     sb.faults(latency_ms=100)
-    unique = make_envelopes(400, subjects=200)
-    await publish(kafka_bootstrap, topic, unique)
+    unique = await publish_new(kafka_bootstrap, topic, 400, subjects=200)
     group = "g-" + uuid.uuid4().hex[:8]
     common = daemon_args(
-        kafka_bootstrap,
-        topic,
-        group,
-        sqlite_url,
-        sb.url,
-        max_in_flight=16,
-        rebalance_drain_s=5,
-        lease_s=10,
-        provider_timeout_s=5,
-    )
+        kafka_bootstrap, topic, group, sqlite_url, sb.url,
+        max_in_flight=16, rebalance_drain_s=5, lease_s=10, provider_timeout_s=5,
+    )  # fmt: skip
     first = start_daemon(daemon_env(**common, instance_id="first"), tmp_path / "first.log")
     second = None
     try:
@@ -628,19 +623,11 @@ async def test_a_partition_with_one_busy_key_does_not_starve_the_others(
 async def test_the_reaper_purges_records_past_retention(
     kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, group: str
 ) -> None:
-    unique = make_envelopes(20)
-    await publish(kafka_bootstrap, topic, unique)
+    await publish_new(kafka_bootstrap, topic, 20)
     settings = settings_for(
-        kafka_bootstrap,
-        topic,
-        group,
-        sqlite_url,
-        sb.url,
-        lease_s=2,
-        provider_timeout_s=1,
-        retention_s=3,
-        purge_interval_s=1,
-    )
+        kafka_bootstrap, topic, group, sqlite_url, sb.url,
+        lease_s=2, provider_timeout_s=1, retention_s=3, purge_interval_s=1,
+    )  # fmt: skip
     daemon = Daemon(settings)
     async with anyio.create_task_group() as tg:
         tg.start_soon(daemon.run)
@@ -717,15 +704,9 @@ async def test_same_message_republished_in_another_key_order_is_one_request_at_t
         kafka_bootstrap, topic, [(e.key, encode(e), e.headers()) for e in (first, second)], partition=2
     )
     settings = settings_for(
-        kafka_bootstrap,
-        topic,
-        group,
-        sqlite_url,
-        sb.url,
-        provider_max_attempts=1,
-        lease_s=2,
-        provider_timeout_s=1,
-    )
+        kafka_bootstrap, topic, group, sqlite_url, sb.url,
+        provider_max_attempts=1, lease_s=2, provider_timeout_s=1,
+    )  # fmt: skip
     daemon = await run_until_committed(settings)
     key = idempotency_key("idv", first.operation, first.message_id)
     entry = sb.ledger()["keys"][key]

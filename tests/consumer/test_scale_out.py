@@ -40,7 +40,7 @@ from tests.consumer.conftest import (
     wait_assigned,
     wait_committed_to_end,
 )
-from tests.consumer.test_exactly_once import make_envelopes, with_duplicates
+from tests.consumer.test_exactly_once import make_envelopes, publish_new, with_duplicates
 from tests.ledger import assert_ledger_exactly_once
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka, pytest.mark.postgres]
@@ -169,17 +169,9 @@ async def test_three_processes_share_twelve_partitions_through_joins_and_leaves(
     await publish(kafka_bootstrap, topic, stream)
     group = "g-" + uuid.uuid4().hex[:8]
     common: dict[str, Any] = daemon_args(
-        kafka_bootstrap,
-        topic,
-        group,
-        store_url,
-        sb.url,
-        max_in_flight=8,
-        rebalance_drain_s=3,
-        lease_s=10,
-        provider_timeout_s=5,
-        health_port=0,
-    )
+        kafka_bootstrap, topic, group, store_url, sb.url,
+        max_in_flight=8, rebalance_drain_s=3, lease_s=10, provider_timeout_s=5, health_port=0,
+    )  # fmt: skip
     procs: list[DaemonProcess] = []
 
     def start(name: str) -> DaemonProcess:
@@ -316,18 +308,10 @@ async def test_drain_bound_longer_than_the_session_timeout_still_drains_first(
     topic = await create_topic(kafka_bootstrap, random_topic_name("slowdrain"), 12, with_sinks=True)
     envelopes = await publish_one_per_partition(kafka_bootstrap, topic, "slow-drain", "slow")
     common: dict[str, Any] = daemon_args(
-        kafka_bootstrap,
-        topic,
-        group,
-        store_url,
-        sb.url,
-        max_in_flight=16,
-        rebalance_drain_s=15,
-        session_timeout_ms=6000,
-        lease_s=30,
-        provider_timeout_s=20,
+        kafka_bootstrap, topic, group, store_url, sb.url,
+        max_in_flight=16, rebalance_drain_s=15, session_timeout_ms=6000, lease_s=30, provider_timeout_s=20,
         health_port=0,
-    )
+    )  # fmt: skip
     first = start_daemon(daemon_env(**common, instance_id="first"), tmp_path / "first.log")
     second = None
     try:
@@ -415,20 +399,12 @@ async def test_store_outage_holds_commits_and_resumes(
 
     sb.faults(latency_ms=200)
     topic = await create_topic(kafka_bootstrap, random_topic_name("pgdown"), 8, with_sinks=True)
-    unique = make_envelopes(400, subjects=400, seed=21)
-    await publish(kafka_bootstrap, topic, unique)
+    unique = await publish_new(kafka_bootstrap, topic, 400, subjects=400, seed=21)
     url = private_pg.url
     env = daemon_env(
-        kafka_bootstrap,
-        topic,
-        group,
-        url,
-        sb.url,
-        max_in_flight=8,
-        lease_s=10,
-        provider_timeout_s=5,
-        health_port=0,
-    )
+        kafka_bootstrap, topic, group, url, sb.url,
+        max_in_flight=8, lease_s=10, provider_timeout_s=5, health_port=0,
+    )  # fmt: skip
     proc = start_daemon(env, tmp_path / "daemon.log")
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
