@@ -11,9 +11,10 @@ Tasks (one anyio task group):
 * **commit loop** (:class:`~consumer.commits.CommitSchedule`) – every ``commit_interval_s`` or
   ``commit_every`` finished messages, commits each partition's watermark: the lowest offset not yet done.
   Never per message, never past a pending one.
-* **rebalance listener** (:mod:`consumer.rebalance`) – on revoke: stop starting new work for those partitions, wait up to
-  ``rebalance_drain_s`` for in-flight calls, cancel what is left (their leases are released, their offsets
-  stay uncommitted), commit the watermark, then let the partitions go ("drain first, fence second").
+* **rebalance listener** (:mod:`consumer.rebalance`) – on revoke: stop starting new work for those
+  partitions, wait up to ``rebalance_drain_s`` for in-flight calls, cancel what is left (their leases are
+  released, their offsets stay uncommitted), commit the watermark, then let the partitions go ("drain
+  first, fence second").
 * **signals** – SIGTERM/SIGINT stop fetching, drain within ``drain_timeout_s``, commit, exit 0.
 
 A provider 401/403 stops the daemon with exit code 3: everything in flight is abandoned and the commit

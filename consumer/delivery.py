@@ -21,6 +21,7 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer import tracing
 from consumer.errors import ProviderAuthError
+from consumer.logs import position
 from consumer.model import DeadLetter, Disposition, Handled
 from consumer.sinks import Sinks, Unwritable
 
@@ -49,7 +50,7 @@ async def deliver(
         log.error(
             "unexpected %s while writing the outcome of a message; dead-lettering it",
             type(exc).__name__,
-            extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
+            extra=position(msg),
         )
         letter = DeadLetter("internal_error", f"{type(exc).__name__} in the consumer")
         handled = Handled(Disposition.ERROR, letter)
@@ -82,7 +83,7 @@ async def _write(
         log.error(
             "result event can never be written (%s); dead-lettering the message",
             exc.why,
-            extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
+            extra=position(msg),
         )
         why = f"result event could not be written: {exc.why}; outcome recorded"
         letter = DeadLetter("internal_error", why)

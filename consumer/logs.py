@@ -16,11 +16,17 @@ from typing import Any
 
 import orjson
 
-__all__ = ["ContextFilter", "FirstStartNoise", "JsonFormatter", "configure", "message_context"]
+__all__ = ["ContextFilter", "FirstStartNoise", "JsonFormatter", "configure", "message_context", "position"]
 
 message_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "idv_message_context", default=None
 )
+
+
+def position(msg: Any) -> dict[str, Any]:
+    """A record's place (topic, partition, offset) as a log line's ``extra``: never its key or value."""
+    return {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
+
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
 

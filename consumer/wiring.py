@@ -87,22 +87,14 @@ def build_processor(
     on_store_op: Callable[[str, float], None] | None = None,
 ) -> Processor:
     """The pipeline (decode → key → claim → call → record) with the settings' namespace, lease and limits."""
+    s = settings
     return Processor(
-        store=store,
-        provider=provider,
-        owner=owner,
-        namespace=settings.namespace,
-        lease_s=settings.lease_s,
-        retention_s=settings.retention_s,
-        max_message_bytes=settings.max_message_bytes,
-        faults=faults,
-        stats=stats,
-        want_records=want_records,
-        on_store_op=on_store_op,
-        fingerprint_key=settings.fingerprint_key,
-        provider_key_retention_s=settings.provider_key_retention_s,
-        ignore_key_retention=ignore_key_retention,
-    )
+        store=store, provider=provider, owner=owner, faults=faults, stats=stats, want_records=want_records,
+        on_store_op=on_store_op, ignore_key_retention=ignore_key_retention,
+        namespace=s.namespace, lease_s=s.lease_s, retention_s=s.retention_s,
+        max_message_bytes=s.max_message_bytes, fingerprint_key=s.fingerprint_key,
+        provider_key_retention_s=s.provider_key_retention_s,
+    )  # fmt: skip
 
 
 def transactional_id(settings: Settings) -> str | None:
@@ -167,16 +159,11 @@ def kafka_consumer(
     """A consumer that never commits on its own and never reads uncommitted transactional records.
     ``options`` are further :class:`~aiokafka.AIOKafkaConsumer` arguments (timeouts)."""
     return AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        group_id=group_id,
-        client_id=client_id,
-        enable_auto_commit=False,
-        auto_offset_reset=auto_offset_reset,
-        max_poll_records=max_poll_records,
-        isolation_level="read_committed",
-        **(settings.kafka_security() if security is None else security),
-        **options,
-    )
+        bootstrap_servers=settings.kafka_bootstrap, group_id=group_id, client_id=client_id,
+        enable_auto_commit=False, isolation_level="read_committed",
+        auto_offset_reset=auto_offset_reset, max_poll_records=max_poll_records,
+        **(settings.kafka_security() if security is None else security), **options,
+    )  # fmt: skip
 
 
 def daemon_consumer(settings: Settings, security: dict[str, Any], **options: Any) -> AIOKafkaConsumer:

@@ -17,6 +17,7 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.errors import ProviderAuthError
 from consumer.keys import Fingerprinter, idempotency_key
+from consumer.logs import position
 from consumer.pipeline import Disposition, Processor
 from consumer.settings import Settings
 from consumer.sinks import Sinks
@@ -102,7 +103,7 @@ class Reverifier:
                 log.error(
                     "unexpected %s while re-verifying a message",
                     type(exc).__name__,
-                    extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
+                    extra=position(msg),
                 )
                 outcome, reason = "internal error", None
             run.count(outcome, reason)

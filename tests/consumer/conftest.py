@@ -270,6 +270,13 @@ class DaemonProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def kill_all(*procs: DaemonProcess | None) -> None:
+    """SIGKILL each daemon that was started (None: never started)."""
+    for proc in procs:
+        if proc is not None:
+            proc.kill()
+
+
 def start_daemon(env: Mapping[str, str], log_path: Path) -> DaemonProcess:
     """The daemon as a real process (``python -m consumer run``), stderr to ``log_path``."""
     fh = open(log_path, "ab")

@@ -27,6 +27,7 @@ from tests.consumer.conftest import (
     daemon_env,
     end_offsets,
     keys_for,
+    kill_all,
     kill_line,
     log_records,
     publish,
@@ -517,9 +518,7 @@ async def test_rebalance_mid_stream_causes_no_duplicate_side_effects(
         await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
         second.stop_cleanly()
     finally:
-        first.kill()
-        if second is not None:
-            second.kill()
+        kill_all(first, second)
     assert "partitions revoked" in first.log()
     assert "partitions assigned" in second.log()
     assert "outcome recorded" in second.log()  # the newcomer really took work over

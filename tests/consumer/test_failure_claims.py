@@ -38,7 +38,6 @@ def _key(env: Envelope) -> str:
     return idempotency_key("idv", env.operation, env.message_id)
 
 
-
 async def _redrive_completes(cli: Any, sqlite_url: str, doomed: Envelope) -> None:
     """``dlq redrive --reason retries_exhausted --direct`` completes ``doomed`` at its second attempt."""
     code, summary, _, err = await cli("dlq", "redrive", "--reason", "retries_exhausted", "--direct", "--json")
@@ -47,6 +46,7 @@ async def _redrive_completes(cli: Any, sqlite_url: str, doomed: Envelope) -> Non
     async with open_store(sqlite_url) as store:
         record = await store.get(_key(doomed))
     assert record is not None and record.state is State.COMPLETED and record.attempts == 2
+
 
 async def test_retries_exhausted_releases_the_record_and_a_redrive_reuses_the_key(
     kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path

@@ -32,6 +32,7 @@ from tests.consumer.conftest import (
     daemon_env,
     end_offsets,
     keys_for,
+    kill_all,
     pg_schema,
     publish,
     publish_raw,
@@ -267,9 +268,7 @@ async def test_partition_moving_mid_call_is_not_repeated_at_the_provider(
         await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
         stop_all(first, second)
     finally:
-        first.kill()
-        if second is not None:
-            second.kill()
+        kill_all(first, second)
 
     records = await assert_exactly_once_pg(sb, store_url, envelopes)
     assert "partitions revoked" in first.log()
@@ -320,9 +319,7 @@ async def test_drain_bound_longer_than_the_session_timeout_still_drains_first(
         await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
         stop_all(first, second)
     finally:
-        first.kill()
-        if second is not None:
-            second.kill()
+        kill_all(first, second)
     await assert_exactly_once_pg(sb, store_url, envelopes)
     assert "abandoned" not in first.log()
     # Drain first: the revoked partitions' offsets were committed before they moved, so the new owner got

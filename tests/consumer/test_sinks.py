@@ -18,6 +18,7 @@ from tests.consumer.conftest import (
     committed_offsets,
     daemon_env,
     keys_for,
+    kill_all,
     publish,
     publish_raw,
     read_all,
@@ -383,9 +384,7 @@ async def test_two_instances_with_one_transactional_id_stop_with_a_clear_error(
         assert second.proc.poll() is None, second.log()[-2000:]
         second.stop_cleanly()
     finally:
-        first.kill()
-        if second is not None:
-            second.kill()
+        kill_all(first, second)
 
 
 async def test_a_dead_letter_that_can_never_be_written_becomes_a_stub_or_is_counted_lost(
