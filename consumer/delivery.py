@@ -21,7 +21,7 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer import tracing
 from consumer.errors import ProviderAuthError
-from consumer.logs import position
+from consumer.logs import log_unexpected, position
 from consumer.model import DeadLetter, Disposition, Handled
 from consumer.sinks import Sinks, Unwritable
 
@@ -47,11 +47,7 @@ async def deliver(
     except ProviderAuthError:
         raise
     except Exception as exc:  # noqa: BLE001 - a bug meeting one record must not stop the caller
-        log.error(
-            "unexpected %s while writing the outcome of a message; dead-lettering it",
-            type(exc).__name__,
-            extra=position(msg),
-        )
+        log_unexpected(log, exc, msg, "writing the outcome of a message; dead-lettering it")
         letter = DeadLetter("internal_error", f"{type(exc).__name__} in the consumer")
         handled = Handled(Disposition.ERROR, letter)
         await _dead_letter(sinks, msg, letter, on_dead_letter)

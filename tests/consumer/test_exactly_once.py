@@ -18,6 +18,7 @@ from consumer.settings import Settings
 from consumer.store import State, open_store
 from producer.envelope import Envelope, decode, encode
 from tests.conftest import random_topic_name
+from tests.consumer import conftest
 from tests.consumer.conftest import (
     API_KEY,
     FINGERPRINT_KEY,
@@ -27,7 +28,6 @@ from tests.consumer.conftest import (
     daemon_env,
     end_offsets,
     keys_for,
-    kill_all,
     kill_line,
     log_records,
     publish,
@@ -518,7 +518,7 @@ async def test_rebalance_mid_stream_causes_no_duplicate_side_effects(
         await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
         second.stop_cleanly()
     finally:
-        kill_all(first, second)
+        conftest.kill_all(first, second)
     assert "partitions revoked" in first.log()
     assert "partitions assigned" in second.log()
     assert "outcome recorded" in second.log()  # the newcomer really took work over
