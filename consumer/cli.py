@@ -318,24 +318,12 @@ def replay(
         return click.confirm(question, default=False, err=True)
 
     request = ReplayRequest(
-        topic=topic or settings.topics[0],
-        partitions=partitions,
-        from_offsets=from_offsets,
-        to_offsets=to_offsets,
-        since=start,
-        until=end,
-        group=group,
-        dry_run=dry_run,
-        emit_results=emit_results,
-        dead_letters=not no_dead_letters,
-        reverify=reverify,
-        retry_failed=retry_failed,
-        reason=reason,
-        audit_file=audit_file,
-        operator=operator_name(),
-        force=force,
-        concurrency=concurrency,
-    )
+        topic=topic or settings.topics[0], partitions=partitions, from_offsets=from_offsets,
+        to_offsets=to_offsets, since=start, until=end, group=group, dry_run=dry_run,
+        emit_results=emit_results, dead_letters=not no_dead_letters, reverify=reverify,
+        retry_failed=retry_failed, reason=reason, audit_file=audit_file, operator=operator_name(),
+        force=force, concurrency=concurrency,
+    )  # fmt: skip
 
     async def main_() -> Report:
         return await run_replay(settings, request, confirm=confirm, progress=progress_factory(progress))

@@ -89,20 +89,11 @@ def settings_for(
     bootstrap: str, topic: str, group: str, store_url: str, provider_url: str, **kw: object
 ) -> Settings:
     base: dict[str, object] = dict(
-        kafka_bootstrap=bootstrap,
-        topic=topic,
-        group_id=group,
-        store_url=store_url,
-        provider_url=provider_url,
-        provider_api_key=API_KEY,
-        fingerprint_key=FINGERPRINT_KEY,
-        commit_interval_s=0.2,
-        provider_backoff_base_s=0.05,
-        provider_backoff_max_s=0.5,
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1000,
-        health_port=0,
-    )
+        kafka_bootstrap=bootstrap, topic=topic, group_id=group, store_url=store_url,
+        provider_url=provider_url, provider_api_key=API_KEY, fingerprint_key=FINGERPRINT_KEY,
+        commit_interval_s=0.2, provider_backoff_base_s=0.05, provider_backoff_max_s=0.5,
+        session_timeout_ms=6000, heartbeat_interval_ms=1000, health_port=0,
+    )  # fmt: skip
     base.update(kw)
     return Settings.from_env({}, **base)
 
