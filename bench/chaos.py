@@ -1077,30 +1077,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--seed", type=int, default=None, help="default: random (printed first)")
+    # Options without a help line (the fault mix, the private services' ports): flag, type, default.
+    for flag, kind, default in (
+        ("--broker-restarts", int, 1), ("--pg-restarts", int, 0), ("--partitions", int, 12),
+        ("--dup-ratio", float, 0.10), ("--invalid-ratio", float, 0.005), ("--latency-ms", float, 30.0),
+        ("--latency-jitter-ms", float, 60.0), ("--sample-interval", float, 1.0), ("--max-in-flight", int, 32),
+        ("--kafka-port", int, 19192), ("--kafka-controller-port", int, 19193), ("--pg-port", int, 5499),
+    ):  # fmt: skip
+        ap.add_argument(flag, type=kind, default=default)
     ap.add_argument("--messages", type=int, default=2000, help="records to publish (duplicates included)")
     ap.add_argument("--kills", type=int, default=4, help="SIGKILLs of daemons")
-    ap.add_argument("--broker-restarts", type=int, default=1)
-    ap.add_argument("--pg-restarts", type=int, default=0)
     ap.add_argument("--processes", type=int, default=3, help="daemons in the group")
-    ap.add_argument("--partitions", type=int, default=12)
     ap.add_argument(
         "--duration", type=float, default=None, help="chaos window in seconds (default: messages/60, ≥ 40)"
     )
     ap.add_argument("--spikes", type=int, default=None, help="latency spikes (default: one per 10 s)")
-    ap.add_argument("--dup-ratio", type=float, default=0.10)
-    ap.add_argument("--invalid-ratio", type=float, default=0.005)
     ap.add_argument("--error-rate", type=float, default=0.05, help="provider gateway 500s")
     ap.add_argument("--rate-429", type=float, default=0.03, help="provider 429s with Retry-After: 1")
     ap.add_argument("--drop-rate", type=float, default=0.02, help="connection dropped after the side effect")
-    ap.add_argument("--latency-ms", type=float, default=30.0)
-    ap.add_argument("--latency-jitter-ms", type=float, default=60.0)
     ap.add_argument("--settle-timeout", type=float, default=120.0, help="bound for lag 0 after faults stop")
-    ap.add_argument("--sample-interval", type=float, default=1.0)
-    ap.add_argument("--max-in-flight", type=int, default=32)
-    ap.add_argument("--kafka-port", type=int, default=19192)
-    ap.add_argument("--kafka-controller-port", type=int, default=19193)
     ap.add_argument("--kafka-data-dir", default=".run/kafka-chaos")
-    ap.add_argument("--pg-port", type=int, default=5499)
     ap.add_argument("--pg-data-dir", default=".run/pg-chaos")
     ap.add_argument("--run-dir", type=Path, default=None, help="logs and summary (default .run/chaos/<id>)")
     ap.add_argument(
