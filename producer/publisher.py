@@ -242,14 +242,9 @@ class Publisher:
         return self._producer
 
     async def publish(
-        self,
-        operation: str,
-        request: Mapping[str, Any],
-        subject_id: str,
-        *,
-        message_id: str | None = None,
-        correlation_id: str | None = None,
-    ) -> PublishResult:
+        self, operation: str, request: Mapping[str, Any], subject_id: str, *,
+        message_id: str | None = None, correlation_id: str | None = None,
+    ) -> PublishResult:  # fmt: skip
         """Validate, send and wait for the acknowledgement of one request.
 
         ``message_id`` defaults to a new UUIDv7; pass the earlier ID when re-sending the same business
