@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from consumer.daemon import Daemon
 from consumer.keys import idempotency_key
 from consumer.settings import Settings
-from consumer.store import State, open_store
+from consumer.store import Record, State, open_store
 from producer.envelope import Envelope, decode, encode
 from tests.conftest import random_topic_name
 from tests.consumer import conftest
@@ -33,7 +34,6 @@ from tests.consumer.conftest import (
     publish,
     publish_raw,
     read_all,
-    read_results,
     run_to_end,
     run_until_killed,
     start_daemon,
@@ -238,16 +238,23 @@ async def assert_committed_are_recorded(
 ) -> dict[int, int]:
     """Every message below a committed offset has a durable outcome (record before commit)."""
     committed = await committed_offsets(bootstrap, group, topic)
+    async for msg, record in _committed_records(bootstrap, topic, store_url, committed):
+        assert record is not None and record.state in (State.COMPLETED, State.FAILED), (
+            f"offset {msg.partition}@{msg.offset} committed without a recorded outcome: {record}"
+        )
+    return committed
+
+
+async def _committed_records(
+    bootstrap: str, topic: str, store_url: str, committed: dict[int, int]
+) -> AsyncIterator[tuple[Any, Record | None]]:
+    """Each message of ``topic`` below its partition's ``committed`` offset, with its stored record."""
     messages = await read_all(bootstrap, topic)
     async with open_store(store_url) as store:
         for msg in messages:
             if msg.offset < committed.get(msg.partition, 0):
                 env_ = decode(msg.value, msg.headers)
-                record = await store.get(idempotency_key("idv", env_.operation, env_.message_id))
-                assert record is not None and record.state in (State.COMPLETED, State.FAILED), (
-                    f"offset {msg.partition}@{msg.offset} committed without a recorded outcome: {record}"
-                )
-    return committed
+                yield msg, await store.get(idempotency_key("idv", env_.operation, env_.message_id))
 
 
 @pytest.mark.parametrize(
@@ -323,8 +330,8 @@ async def test_crash_window_then_restart(
     elif point == "in_transaction":
         # Results were sent inside the open transaction; none is visible to read_committed readers
         # beyond what earlier transactions committed, and a recorded message waits above the offsets.
-        visible = await read_results(kafka_bootstrap, f"{topic}.results", "read_committed")
-        everything = await read_results(kafka_bootstrap, f"{topic}.results", "read_uncommitted")
+        visible = await conftest.read_results(kafka_bootstrap, f"{topic}.results", "read_committed")
+        everything = await conftest.read_results(kafka_bootstrap, f"{topic}.results", "read_uncommitted")
         assert len(everything) > len(visible), "no open transaction at the kill"
         messages = await read_all(kafka_bootstrap, topic)
         below = {orjson.loads(m.value)["message_id"] for m in messages if m.offset < committed[m.partition]}
@@ -358,7 +365,7 @@ async def test_crash_window_then_restart(
             for r in handled
         ), "the victim was not redelivered and skipped as a duplicate"  # type: ignore[union-attr]
     elif point == "in_transaction":
-        results = await read_results(kafka_bootstrap, f"{topic}.results", "read_committed")
+        results = await conftest.read_results(kafka_bootstrap, f"{topic}.results", "read_committed")
         ids = [orjson.loads(v)["message_id"] for v in results]
         assert sorted(ids) == sorted(e.message_id for e in unique)  # exactly one visible result each
         # The aborted transaction's messages came back and were skipped as duplicates, not called again.
@@ -379,8 +386,8 @@ async def test_crash_with_many_in_flight(
     """Slow provider, 48 calls in flight when the process dies after one side effect."""
     # 1 s per call: the daemon has all 48 slots claimed and at the provider long before the first answer
     # comes back, and the kill comes with that first answer.
-    sb.faults(latency_ms=1000)
     unique = await publish_new(kafka_bootstrap, topic, 300, subjects=300)
+    sb.faults(latency_ms=1000)
     common = daemon_args(
         kafka_bootstrap, topic, group, sqlite_url, sb.url, lease_s=3, provider_timeout_s=2, max_in_flight=48
     )
@@ -433,13 +440,8 @@ async def test_sigterm_drains_and_never_commits_past_unrecorded(
     committed = await committed_offsets(kafka_bootstrap, group, topic)
     assert sum(committed.values()) > 0
     # Every message below a committed offset has a durable outcome.
-    messages = await read_all(kafka_bootstrap, topic)
-    async with open_store(sqlite_url) as store:
-        for msg in messages:
-            if msg.offset < committed.get(msg.partition, 0):
-                env_ = decode(msg.value, msg.headers)
-                record = await store.get(idempotency_key("idv", env_.operation, env_.message_id))
-                assert record is not None and record.state is State.COMPLETED, (msg.partition, msg.offset)
+    async for msg, record in _committed_records(kafka_bootstrap, topic, sqlite_url, committed):
+        assert record is not None and record.state is State.COMPLETED, (msg.partition, msg.offset)
     sb.faults(latency_ms=0)
     # What was left is done by the next run, once.
     await run_to_end(env, tmp_path / "restart.log", timeout=90)
