@@ -12,7 +12,7 @@ the store to speak of them: :class:`Outcome` (what the provider answered, no per
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -46,7 +46,9 @@ class Outcome:
     detail: str | None = None  # a short code such as "validation_error" for failed outcomes
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)  # the four fields, in order
+        # Not dataclasses.asdict: its deep copy was most of the store's CPU time per record.
+        return {"status": self.status, "http_status": self.http_status,
+                "provider_reference": self.provider_reference, "detail": self.detail}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Outcome:

@@ -14,6 +14,7 @@ another process shares the file.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import sqlite3
@@ -24,7 +25,6 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import anyio
-from anyio.lowlevel import EventLoopToken, current_token
 
 from consumer.errors import LeaseLost, StoreError
 from consumer.store.base import (
@@ -110,18 +110,21 @@ _CLAIMED_CACHE_MAX = 100_000
 
 
 class _Op(Generic[T]):
-    __slots__ = ("done", "error", "fn", "result")
+    __slots__ = ("done", "error", "finished", "fn", "result")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], T]) -> None:
+    def __init__(self, fn: Callable[[sqlite3.Connection], T], done: asyncio.Future[None]) -> None:
         self.fn = fn
-        self.done = anyio.Event()  # set on the event loop once the batch holding this operation committed
+        self.done = done  # resolved on the event loop once the batch holding this operation committed
+        self.finished = False  # set on the event loop, with `done`, once the outcome is known
         self.result: T | None = None
         self.error: BaseException | None = None
 
 
 def _wake(ops: list[_Op[Any]]) -> None:
     for op in ops:
-        op.done.set()
+        op.finished = True
+        if not op.done.done():  # cancelled: its caller is about to wait on a fresh future, or has left
+            op.done.set_result(None)
 
 
 def _next_batch(ops_queue: queue.SimpleQueue[_Op[Any] | None], max_batch: int) -> tuple[list[_Op[Any]], bool]:
@@ -185,6 +188,7 @@ class SqliteStore(DedupeStore):
         self._conn: sqlite3.Connection | None = None
         self._queue: queue.SimpleQueue[_Op[Any] | None] | None = None
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._claimed: dict[str, Record] = {}  # writer thread only; see _CLAIMED_CACHE_MAX
         self.batches = 0
         self.ops = 0
@@ -212,9 +216,10 @@ class SqliteStore(DedupeStore):
             self._conn = await anyio.to_thread.run_sync(self._connect)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open SQLite store at {self.path}: {exc}") from exc
+        self._loop = asyncio.get_running_loop()
         self._queue = queue.SimpleQueue()
         self._thread = threading.Thread(
-            target=self._writer, args=(self._queue, current_token()), name="idv-sqlite-writer", daemon=True
+            target=self._writer, args=(self._queue, self._loop), name="idv-sqlite-writer", daemon=True
         )
         self._thread.start()
 
@@ -251,7 +256,7 @@ class SqliteStore(DedupeStore):
                 op.result = None
                 op.error = err
 
-    def _writer(self, ops_queue: queue.SimpleQueue[_Op[Any] | None], token: EventLoopToken) -> None:
+    def _writer(self, ops_queue: queue.SimpleQueue[_Op[Any] | None], loop: asyncio.AbstractEventLoop) -> None:
         """The writer thread: group commit of whatever is queued, then one wake-up call for the batch."""
         stop = False
         while not stop:
@@ -267,25 +272,29 @@ class SqliteStore(DedupeStore):
             self.batches += 1
             self.ops += len(ops)
             try:
-                anyio.from_thread.run_sync(_wake, ops, token=token)
-            except anyio.RunFinishedError:  # the event loop has finished: nobody is waiting any more
+                # One wake-up per batch, without waiting for the loop to run it (anyio.from_thread.run_sync
+                # waits, and holding the writer back costs a third of the transitions per second).
+                loop.call_soon_threadsafe(_wake, ops)
+            except RuntimeError:  # the event loop is closed: nobody is waiting any more
                 return
 
     async def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        ops_queue = self._queue
-        if ops_queue is None:
+        ops_queue, loop = self._queue, self._loop
+        if ops_queue is None or loop is None:
             raise StoreError("store is not open")
-        op: _Op[T] = _Op(fn)
+        op: _Op[T] = _Op(fn, loop.create_future())
         ops_queue.put(op)
         try:
-            await op.done.wait()
-        except anyio.get_cancelled_exc_class():
-            # A cancelled caller must not leave before its transition is known to be durable or not: its
-            # batch runs on regardless and sets `done` once committed (or failed). If the cancellation came
-            # just after that (done set, this task not yet resumed), there is nothing left to wait for.
-            if not op.done.is_set():
+            await op.done
+        except asyncio.CancelledError:
+            # A cancelled caller must not leave before its transition is known to be durable or not. The
+            # cancellation may have come before the batch finished (it then cancelled op.done too) or just
+            # after (op.done resolved, this task not yet resumed). `finished` tells which; it and op.done
+            # are only touched on this thread, so nothing can happen between the check and the swap.
+            if not op.finished:
+                op.done = loop.create_future()
                 with anyio.CancelScope(shield=True):
-                    await op.done.wait()
+                    await op.done
             raise
         if op.error is not None:
             raise op.error
