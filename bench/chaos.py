@@ -56,7 +56,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -585,33 +585,24 @@ async def _sandbox_faults(url: str, **config: Any) -> None:
         r.raise_for_status()
 
 
+#: The daemons' settings: short leases, timeouts and drains, so a killed daemon's work is taken over (and a
+#: rebalance finishes) well within a run.
+DAEMON_SETTINGS: dict[str, object] = {
+    "lease_s": 4, "provider_timeout_s": 3, "commit_interval_s": 0.5, "session_timeout_ms": 6000,
+    "heartbeat_interval_ms": 1000, "rebalance_drain_s": 3, "drain_timeout_s": 5,
+    "provider_backoff_base_s": 0.1, "provider_backoff_max_s": 2, "log_format": "json", "log_level": "INFO",
+    "health_port": 0,  # several daemons on one host: each takes a free port
+}  # fmt: skip
+
+
 def daemon_env(
     opts: Options, *, bootstrap: str, topic: str, group: str, store_url: str, provider_url: str, i: int
 ) -> dict[str, str]:
     return daemon_child_env(
-        bootstrap,
-        topic,
-        group,
-        store_url,
-        provider_url,
-        API_KEY,
-        "bench-fingerprint-key-not-secret",
-        instance_id=f"chaos-{i}",
-        lease_s=4,
-        provider_timeout_s=3,
-        max_in_flight=opts.max_in_flight,
-        commit_interval_s=0.5,
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1000,
-        rebalance_drain_s=3,
-        drain_timeout_s=5,
-        provider_backoff_base_s=0.1,
-        provider_backoff_max_s=2,
-        log_format="json",
-        log_level="INFO",
-        health_port=0,  # several daemons on one host: each takes a free port
+        bootstrap, topic, group, store_url, provider_url, API_KEY, "bench-fingerprint-key-not-secret",
+        instance_id=f"chaos-{i}", max_in_flight=opts.max_in_flight, **DAEMON_SETTINGS,
         provider=opts.profile,
-    )
+    )  # fmt: skip
 
 
 @dataclass
@@ -1115,30 +1106,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--seed", type=int, default=None, help="default: random (printed first)")
+    # Options without a help line (the fault mix, the private services' ports): flag, type, default.
+    for flag, kind, default in (
+        ("--broker-restarts", int, 1), ("--pg-restarts", int, 0), ("--partitions", int, 12),
+        ("--dup-ratio", float, 0.10), ("--invalid-ratio", float, 0.005), ("--latency-ms", float, 30.0),
+        ("--latency-jitter-ms", float, 60.0), ("--sample-interval", float, 1.0), ("--max-in-flight", int, 32),
+        ("--kafka-port", int, 19192), ("--kafka-controller-port", int, 19193), ("--pg-port", int, 5499),
+    ):  # fmt: skip
+        ap.add_argument(flag, type=kind, default=default)
     ap.add_argument("--messages", type=int, default=2000, help="records to publish (duplicates included)")
     ap.add_argument("--kills", type=int, default=4, help="SIGKILLs of daemons")
-    ap.add_argument("--broker-restarts", type=int, default=1)
-    ap.add_argument("--pg-restarts", type=int, default=0)
     ap.add_argument("--processes", type=int, default=3, help="daemons in the group")
-    ap.add_argument("--partitions", type=int, default=12)
     ap.add_argument(
         "--duration", type=float, default=None, help="chaos window in seconds (default: messages/60, ≥ 40)"
     )
     ap.add_argument("--spikes", type=int, default=None, help="latency spikes (default: one per 10 s)")
-    ap.add_argument("--dup-ratio", type=float, default=0.10)
-    ap.add_argument("--invalid-ratio", type=float, default=0.005)
     ap.add_argument("--error-rate", type=float, default=0.05, help="provider gateway 500s")
     ap.add_argument("--rate-429", type=float, default=0.03, help="provider 429s with Retry-After: 1")
     ap.add_argument("--drop-rate", type=float, default=0.02, help="connection dropped after the side effect")
-    ap.add_argument("--latency-ms", type=float, default=30.0)
-    ap.add_argument("--latency-jitter-ms", type=float, default=60.0)
     ap.add_argument("--settle-timeout", type=float, default=120.0, help="bound for lag 0 after faults stop")
-    ap.add_argument("--sample-interval", type=float, default=1.0)
-    ap.add_argument("--max-in-flight", type=int, default=32)
-    ap.add_argument("--kafka-port", type=int, default=19192)
-    ap.add_argument("--kafka-controller-port", type=int, default=19193)
     ap.add_argument("--kafka-data-dir", default=".run/kafka-chaos")
-    ap.add_argument("--pg-port", type=int, default=5499)
     ap.add_argument("--pg-data-dir", default=".run/pg-chaos")
     ap.add_argument("--run-dir", type=Path, default=None, help="logs and summary (default .run/chaos/<id>)")
     ap.add_argument(
@@ -1171,37 +1158,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
     spikes = args.spikes if args.spikes is not None else max(1, int(duration // 10))
     run_id = f"s{args.seed}-{uuid.uuid4().hex[:6]}"
     run_dir = args.run_dir or ROOT / ".run" / "chaos" / run_id
-    opts = Options(
-        seed=args.seed,
-        messages=args.messages,
-        kills=args.kills,
-        broker_restarts=args.broker_restarts,
-        pg_restarts=args.pg_restarts,
-        processes=args.processes,
-        partitions=args.partitions,
-        duration=duration,
-        spikes=spikes,
-        dup_ratio=args.dup_ratio,
-        invalid_ratio=args.invalid_ratio,
-        error_rate=args.error_rate,
-        rate_429=args.rate_429,
-        drop_rate=args.drop_rate,
-        latency_ms=args.latency_ms,
-        latency_jitter_ms=args.latency_jitter_ms,
-        settle_timeout=args.settle_timeout,
-        sample_interval=args.sample_interval,
-        max_in_flight=args.max_in_flight,
-        kafka_port=args.kafka_port,
-        kafka_controller_port=args.kafka_controller_port,
-        kafka_data_dir=args.kafka_data_dir,
-        pg_port=args.pg_port,
-        pg_data_dir=args.pg_data_dir,
-        run_dir=run_dir,
-        keep_services=args.keep_services,
-        json_path=args.json,
-        mutant=args.mutant,
-        profile=args.profile,
-    )
+    # Every option is the argument of the same name, but for these four (worked out above, or renamed).
+    derived = {"duration": duration, "spikes": spikes, "run_dir": run_dir, "json_path": args.json}
+    given = {f.name: getattr(args, f.name) for f in fields(Options) if f.name not in derived}
+    opts = Options(**given, **derived)
     return args, opts
 
 

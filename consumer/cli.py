@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import click
 import orjson
+from click.decorators import FC
 
 from consumer.errors import ConfigurationError, ReplayRefused, StoreError
 from consumer.exits import EXIT_CONFIG, EXIT_REFUSED
@@ -208,6 +209,13 @@ def _run_tool(fn: Callable[[], Awaitable[T]]) -> T:
         sys.exit(EXIT_REFUSED)
 
 
+def _offset_option(flag: str, dest: str, which: str) -> Callable[[FC], FC]:
+    help_text = (
+        f"{which} offset (inclusive). Once for every partition, or once per --partition in the same order."
+    )
+    return click.option(flag, dest, type=click.IntRange(min=0), multiple=True, help=help_text)
+
+
 _PROGRESS_HELP = "Progress on stderr: a bar with ETA on a terminal, plain lines otherwise (default: on)."
 
 
@@ -220,20 +228,8 @@ _PROGRESS_HELP = "Progress on stderr: a bar with ETA on a terminal, plain lines 
     multiple=True,
     help="Partition to replay; repeat for several (default: all).",
 )
-@click.option(
-    "--from-offset",
-    "from_offsets",
-    type=click.IntRange(min=0),
-    multiple=True,
-    help="First offset (inclusive). Once for every partition, or once per --partition in the same order.",
-)
-@click.option(
-    "--to-offset",
-    "to_offsets",
-    type=click.IntRange(min=0),
-    multiple=True,
-    help="Last offset (inclusive). Once for every partition, or once per --partition in the same order.",
-)
+@_offset_option("--from-offset", "from_offsets", "First")
+@_offset_option("--to-offset", "to_offsets", "Last")
 @click.option(
     "--since", default=None, help="Messages with a timestamp at or after this (ISO 8601, or 2h, 7d)."
 )
@@ -322,24 +318,12 @@ def replay(
         return click.confirm(question, default=False, err=True)
 
     request = ReplayRequest(
-        topic=topic or settings.topics[0],
-        partitions=partitions,
-        from_offsets=from_offsets,
-        to_offsets=to_offsets,
-        since=start,
-        until=end,
-        group=group,
-        dry_run=dry_run,
-        emit_results=emit_results,
-        dead_letters=not no_dead_letters,
-        reverify=reverify,
-        retry_failed=retry_failed,
-        reason=reason,
-        audit_file=audit_file,
-        operator=operator_name(),
-        force=force,
-        concurrency=concurrency,
-    )
+        topic=topic or settings.topics[0], partitions=partitions, from_offsets=from_offsets,
+        to_offsets=to_offsets, since=start, until=end, group=group, dry_run=dry_run,
+        emit_results=emit_results, dead_letters=not no_dead_letters, reverify=reverify,
+        retry_failed=retry_failed, reason=reason, audit_file=audit_file, operator=operator_name(),
+        force=force, concurrency=concurrency,
+    )  # fmt: skip
 
     async def main_() -> Report:
         return await run_replay(settings, request, confirm=confirm, progress=progress_factory(progress))
@@ -401,8 +385,8 @@ def redrive(
     mode: str | None,
     dry_run: bool,
     emit_results: bool,
-    group: str | None,
     force: bool,
+    group: str | None,
     concurrency: int,
     progress: bool,
     as_json: bool,

@@ -1,18 +1,20 @@
 """Offset commits: each partition's watermark, committed by the consumer or, transactional, in the results
-transaction together with the result events below it.
+transaction together with the result events below it; and when (:class:`CommitSchedule`).
 
 The watermark is the first offset still pending (:class:`~consumer.offsets.PartitionOffsets`): never past
 a message whose outcome, dead letter or result is not durable. A failed commit (rebalance in progress,
 membership lost) leaves the offsets uncommitted; they are redelivered to the next owner and the dedupe
-store turns them into skipped duplicates. When commits happen (interval, ``commit_every``, revoke,
-shutdown) is the daemon's business.
+store turns them into skipped duplicates. Commits happen every ``commit_interval_s``, or sooner after
+``commit_every`` finished messages (never per message: PITFALLS, aiokafka #128), and on revoke and
+shutdown, when the daemon asks.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
+import anyio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
@@ -24,7 +26,7 @@ from consumer.sinks import Fenced, Sinks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Committer", "watermarks"]
+__all__ = ["CommitSchedule", "Committer", "watermarks"]
 
 
 def watermarks(parts: Iterable[Partition]) -> dict[TopicPartition, int]:
@@ -92,3 +94,40 @@ class Committer:
                 self.metrics.committed(part.tp.topic, part.tp.partition, offsets[part.tp])
         log.debug("committed (%s) %d partition(s)", why, len(offsets))
         self.faults.hit("after_commit")
+
+
+class CommitSchedule:
+    """When to commit: every ``interval_s``, or sooner once ``every`` messages finished since the last
+    commit of something (:meth:`commit` with a watermark ahead of the committed offset)."""
+
+    def __init__(self, committer: Committer, *, interval_s: float, every: int) -> None:
+        self.committer = committer
+        self.interval_s = interval_s
+        self.every = every
+        self._done_since_commit = 0
+        self._wakeup: anyio.Event | None = None  # made in open(): it needs the running event loop
+
+    def open(self) -> None:
+        self._wakeup = anyio.Event()
+
+    def message_done(self) -> None:
+        self._done_since_commit += 1
+        if self._done_since_commit >= self.every and self._wakeup is not None:
+            self._wakeup.set()
+
+    async def commit(self, parts: list[Partition], why: str) -> None:
+        offsets = watermarks(parts)
+        if not offsets:
+            return
+        self._done_since_commit = 0
+        await self.committer.commit(parts, offsets, why)
+
+    async def run(self, commit_now: Callable[[str], Awaitable[None]], after: Callable[[], None]) -> None:
+        """The commit loop: ``commit_now("periodic")``, then ``after()`` (gauges), forever."""
+        self._wakeup = self._wakeup or anyio.Event()
+        while True:
+            with anyio.move_on_after(self.interval_s):
+                await self._wakeup.wait()
+            self._wakeup = anyio.Event()
+            await commit_now("periodic")
+            after()

@@ -8,11 +8,13 @@ Tasks (one anyio task group):
 * **workers** – a fixed pool of ``max_in_flight``: run :meth:`Processor.handle` and
   :func:`~consumer.delivery.deliver`; when both returned the outcome is durable, so the offset is marked
   done in its partition's :class:`~consumer.offsets.PartitionOffsets`.
-* **commit loop** – every ``commit_interval_s`` or ``commit_every`` finished messages, commits each
-  partition's watermark: the lowest offset not yet done. Never per message, never past a pending one.
-* **rebalance listener** – on revoke: stop starting new work for those partitions, wait up to
-  ``rebalance_drain_s`` for in-flight calls, cancel what is left (their leases are released, their offsets
-  stay uncommitted), commit the watermark, then let the partitions go ("drain first, fence second").
+* **commit loop** (:class:`~consumer.commits.CommitSchedule`) – every ``commit_interval_s`` or
+  ``commit_every`` finished messages, commits each partition's watermark: the lowest offset not yet done.
+  Never per message, never past a pending one.
+* **rebalance listener** (:mod:`consumer.rebalance`) – on revoke: stop starting new work for those
+  partitions, wait up to ``rebalance_drain_s`` for in-flight calls, cancel what is left (their leases are
+  released, their offsets stay uncommitted), commit the watermark, then let the partitions go ("drain
+  first, fence second").
 * **signals** – SIGTERM/SIGINT stop fetching, drain within ``drain_timeout_s``, commit, exit 0.
 
 A provider 401/403 stops the daemon with exit code 3: everything in flight is abandoned and the commit
@@ -33,12 +35,12 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from consumer import tracing, wiring
-from consumer.commits import Committer, watermarks
+from consumer.commits import CommitSchedule, Committer
 from consumer.concurrency import raise_fd_limit
 from consumer.delivery import deliver
 from consumer.errors import (
@@ -54,12 +56,13 @@ from consumer.faults import FaultPoints
 from consumer.fetch import Fetcher
 from consumer.flow import Flow, Partition
 from consumer.gcpolicy import collect_young_forever
-from consumer.health import HealthServer, PartitionProgress, readiness_report
+from consumer.health import PartitionProgress, readiness_report, serve_health
 from consumer.metrics import Metrics
 from consumer.model import DeadLetter, Disposition, Handled, Stats
 from consumer.progress_log import CaughtUp, run_summary
 from consumer.provider import ProviderClient, classify_status
 from consumer.providers.checks import check_key_retention
+from consumer.rebalance import RebalanceListener
 from consumer.retention import purge_forever
 from consumer.settings import Settings
 from consumer.store import DedupeStore, open_store
@@ -73,17 +76,6 @@ __all__ = ["EXIT_CONFIG", "EXIT_OK", "EXIT_PROVIDER_AUTH", "Daemon"]
 _TXN_FAILURES_NOT_READY = 3
 
 
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self.daemon._on_revoked(list(revoked))
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self.daemon._on_assigned(list(assigned))
-
-
 class Daemon:
     def __init__(
         self,
@@ -93,14 +85,7 @@ class Daemon:
         provider: ProviderClient | None = None,
         consumer_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        if settings.dead_letter_topic is None:
-            # Without a DLQ a message set aside (retries_exhausted, invalid, conflict) would be committed
-            # past with nothing but a log line: the request would be lost silently. (The replay tool may
-            # still run without one; only the daemon refuses.)
-            raise ConfigurationError(
-                "IDV_DLQ_TOPIC: 'none' is refused by the daemon (messages set aside, e.g. "
-                "retries_exhausted, would be committed past without a trace); name a dead-letter topic"
-            )
+        wiring.require_dead_letter_topic(settings)
         self.settings = settings
         self.security = settings.kafka_security()
         self.metrics = Metrics()
@@ -148,33 +133,18 @@ class Daemon:
         self.fetcher: Fetcher | None = None
         # anyio primitives are made in run(): they need the running event loop.
         self._fetch_scope: anyio.CancelScope | None = None
-        self._commit_wakeup: anyio.Event
-        self._done_since_commit = 0
         self._stopping = False
         self._abandon = False  # shutdown deadline passed: start nothing more
         self.fatal: BaseException | None = None
         self.committer = Committer(self.sinks, self.metrics, self.faults, on_fatal=self._set_fatal)
+        self.commits = CommitSchedule(
+            self.committer, interval_s=settings.commit_interval_s, every=settings.commit_every
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def _make_consumer(self) -> AIOKafkaConsumer:
-        s = self.settings
-        return wiring.kafka_consumer(
-            s,
-            group_id=s.group_id,
-            client_id=s.client_id,
-            auto_offset_reset=s.auto_offset_reset,
-            max_poll_records=s.fetch_max_records,
-            security=self.security,
-            session_timeout_ms=s.session_timeout_ms,
-            heartbeat_interval_ms=s.heartbeat_interval_ms,
-            max_poll_interval_ms=s.max_poll_interval_ms,
-            # aiokafka defaults this to the session timeout; a revoke that drains longer would get the
-            # member expelled while its calls still run. Cover the drain, the wait for cancelled work and
-            # the commit.
-            rebalance_timeout_ms=int((s.rebalance_drain_s + 10) * 1000),
-            **self._consumer_kwargs,
-        )
+        return wiring.daemon_consumer(self.settings, self.security, **self._consumer_kwargs)
 
     async def run(self) -> int:
         """Run until stopped; returns the process exit code."""
@@ -185,19 +155,14 @@ class Daemon:
         self._fetch_scope = anyio.CancelScope()
         if self._stopping:
             self._fetch_scope.cancel()
-        self._commit_wakeup = anyio.Event()
+        self.commits.open()
         # Signals are watched from the very start, so a SIGTERM during start-up is a clean stop too.
         error: ConfigurationError | StoreError | None = None
         async with anyio.create_task_group() as outer:
-            outer.start_soon(self._watch_signals)
+            outer.start_soon(wiring.watch_signals, self._on_signal)
             try:
-                if self.settings.health_port >= 0:
-                    health = HealthServer(
-                        self.settings.health_host, self.settings.health_port, self.metrics, self.readiness
-                    )
-                    await health.bind()
-                    outer.start_soon(health.serve)
-                    log.info("health and metrics on %s", health.url, extra={"health_url": health.url})
+                s = self.settings
+                await serve_health(s.health_host, s.health_port, self.metrics, self.readiness, outer)
                 async with tracing.session(self.settings):
                     await self._run(topics)
             except (ConfigurationError, StoreError) as exc:
@@ -259,7 +224,7 @@ class Daemon:
                     await self.sinks.start()
                 except KafkaError as exc:
                     raise BrokerUnavailable(f"cannot start the producer: {type(exc).__name__}") from None
-                consumer.subscribe(topics, listener=_Listener(self))
+                consumer.subscribe(topics, listener=RebalanceListener(self))
                 log.info("consumer started", extra={"owner": self.owner, "topics": topics})
                 async with anyio.create_task_group() as tg:
                     for _ in range(self.settings.max_in_flight):
@@ -283,9 +248,6 @@ class Daemon:
         self._stopping = True
         if self._fetch_scope is not None:
             self._fetch_scope.cancel()
-
-    async def _watch_signals(self) -> None:
-        await wiring.watch_signals(self._on_signal)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("received %s: draining", sig.name)
@@ -343,9 +305,7 @@ class Daemon:
                     self.metrics.finished(handled.disposition, outcome.status if outcome else None)
                     self.progress.finished(msg.topic, msg.partition)
                     part.offsets.done(msg.offset)
-                    self._done_since_commit += 1
-                    if self._done_since_commit >= self.settings.commit_every:
-                        self._commit_wakeup.set()
+                    self.commits.message_done()
             self.flow.finish(part, lane)
 
     async def _handle(self, msg: ConsumerRecord) -> Handled:
@@ -371,21 +331,12 @@ class Daemon:
     # -- commits ---------------------------------------------------------------------------------------
 
     async def _commit_loop(self) -> None:
-        while True:
-            with anyio.move_on_after(self.settings.commit_interval_s):
-                await self._commit_wakeup.wait()
-            self._commit_wakeup = anyio.Event()
-            await self._commit_now("periodic")
-            self._update_gauges()
+        await self.commits.run(self._commit_now, self._update_gauges)
 
     async def _commit_now(self, why: str, parts: list[Partition] | None = None) -> None:
         if parts is None:
             parts = [p for p in self.partitions.values() if not p.revoked]
-        offsets = watermarks(parts)
-        if not offsets:
-            return
-        self._done_since_commit = 0
-        await self.committer.commit(parts, offsets, why)
+        await self.commits.commit(parts, why)
 
     def _update_gauges(self) -> None:
         self.metrics.set_in_flight(self.in_flight())
@@ -412,36 +363,6 @@ class Daemon:
             stall_after_s=self.settings.stall_after_s,
         )
 
-    # -- rebalance -------------------------------------------------------------------------------------
-
-    def _on_assigned(self, assigned: list[TopicPartition]) -> None:
-        self.flow.assign(assigned)
-        log.info("partitions assigned: %s", sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
-
-    async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
-        parts = self.flow.revoke(revoked)  # queued messages of these partitions are no longer started
-        with anyio.move_on_after(self.settings.rebalance_drain_s):
-            while any(part.inflight for part in parts):
-                await anyio.sleep(0.02)
-        abandoned = self.flow.cancel_inflight(parts)
-        if abandoned:
-            log.warning(
-                "rebalance: abandoned %d in-flight message(s) after %.1fs",
-                abandoned,
-                self.settings.rebalance_drain_s,
-            )
-            with anyio.move_on_after(5.0):
-                while any(part.inflight for part in parts):
-                    await anyio.sleep(0.01)
-        await self._commit_now("revoke", parts)
-        for part in parts:
-            self.sinks.drop_pending(part.tp)
-            self.progress.remove(part.tp.topic, part.tp.partition)
-            self.metrics.forget_partition(part.tp.topic, part.tp.partition)
-            self.flow.forget(part)
-        if revoked:
-            log.info("partitions revoked: %s", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked))
-
     # -- shutdown --------------------------------------------------------------------------------------
 
     def in_flight(self) -> int:
@@ -457,6 +378,4 @@ class Daemon:
             log.warning("drain deadline reached with %d message(s) unfinished; abandoning them", left)
             self._abandon = True
             self.flow.cancel_inflight()
-            with anyio.move_on_after(5.0):
-                while any(part.inflight for part in self.partitions.values()):
-                    await anyio.sleep(0.01)
+            await self.flow.wait_running(None, 5.0, 0.01)

@@ -21,6 +21,7 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer import tracing
 from consumer.errors import ProviderAuthError
+from consumer.logs import log_unexpected, position
 from consumer.model import DeadLetter, Disposition, Handled
 from consumer.sinks import Sinks, Unwritable
 
@@ -46,11 +47,7 @@ async def deliver(
     except ProviderAuthError:
         raise
     except Exception as exc:  # noqa: BLE001 - a bug meeting one record must not stop the caller
-        log.error(
-            "unexpected %s while writing the outcome of a message; dead-lettering it",
-            type(exc).__name__,
-            extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
-        )
+        log_unexpected(log, exc, msg, "writing the outcome of a message; dead-lettering it")
         letter = DeadLetter("internal_error", f"{type(exc).__name__} in the consumer")
         handled = Handled(Disposition.ERROR, letter)
         await _dead_letter(sinks, msg, letter, on_dead_letter)
@@ -82,7 +79,7 @@ async def _write(
         log.error(
             "result event can never be written (%s); dead-lettering the message",
             exc.why,
-            extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
+            extra=position(msg),
         )
         why = f"result event could not be written: {exc.why}; outcome recorded"
         letter = DeadLetter("internal_error", why)

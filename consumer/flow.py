@@ -141,6 +141,12 @@ class Flow:
                 cancelled += 1
         return cancelled
 
+    async def wait_running(self, parts: Iterable[Partition] | None, seconds: float, poll_s: float) -> None:
+        """Wait up to ``seconds`` until no call of ``parts`` (default all) runs, looking every ``poll_s``."""
+        with anyio.move_on_after(seconds):
+            while any(part.inflight for part in (self.partitions.values() if parts is None else parts)):
+                await anyio.sleep(poll_s)
+
     # -- pause / resume --------------------------------------------------------------------------------
 
     def pause_all(self) -> None:

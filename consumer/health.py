@@ -28,7 +28,6 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import anyio
@@ -51,6 +50,7 @@ __all__ = [
     "PartitionProgress",
     "Readiness",
     "readiness_report",
+    "serve_health",
     "status_page",
 ]
 
@@ -72,6 +72,7 @@ _PAGE_CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'"
 )
+_LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - names, not binds
 _ROUTES = ("/", "/status.json", "/metrics", "/healthz", "/readyz")
 _REFUSED = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
@@ -142,6 +143,20 @@ class _CappedServer(web.Server):
         self._timers[handler] = self._loop.call_later(_SHUTDOWN_TIMEOUT_S, handler.force_close)
 
 
+async def serve_health(
+    host: str, port: int, metrics: Metrics, readiness: Readiness, tg: anyio.abc.TaskGroup
+) -> HealthServer | None:
+    """The daemon's endpoint: bound here (a bind error is raised bare, for the CLI's one line), then
+    served in ``tg``; None when ``port`` is negative (turned off)."""
+    if port < 0:
+        return None
+    health = HealthServer(host, port, metrics, readiness)
+    await health.bind()
+    tg.start_soon(health.serve)
+    log.info("health and metrics on %s", health.url, extra={"health_url": health.url})
+    return health
+
+
 def _bind_error(host: str, port: int, exc: OSError) -> ConfigurationError:
     # asyncio words it "error while attempting to bind on address ...": name the errno's own message.
     reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or type(exc).__name__)
@@ -200,14 +215,9 @@ class HealthServer:
 
     @property
     def url(self) -> str:
-        host = self.host
-        if host in ("", "0.0.0.0"):  # noqa: S104 - a wildcard bind is reached through loopback
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        """Where to reach the endpoint from this host (a wildcard bind is reached through loopback)."""
+        host = _LOOPBACK.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     @property
     def refused(self) -> int:
@@ -265,12 +275,7 @@ class HealthServer:
         await self.bind()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:

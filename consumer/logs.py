@@ -16,11 +16,31 @@ from typing import Any
 
 import orjson
 
-__all__ = ["ContextFilter", "FirstStartNoise", "JsonFormatter", "configure", "message_context"]
+__all__ = [
+    "ContextFilter",
+    "FirstStartNoise",
+    "JsonFormatter",
+    "configure",
+    "log_unexpected",
+    "message_context",
+    "position",
+]
 
 message_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "idv_message_context", default=None
 )
+
+
+def position(msg: Any) -> dict[str, Any]:
+    """A record's place (topic, partition, offset) as a log line's ``extra``: never its key or value."""
+    return {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
+
+
+def log_unexpected(logger: logging.Logger, exc: BaseException, msg: Any, doing: str) -> None:
+    """A bug met while ``doing`` something with one record: the exception's type and the record's place,
+    never the record (nor the exception's text, which may quote it)."""
+    logger.error("unexpected %s while %s", type(exc).__name__, doing, extra=position(msg))
+
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
 

@@ -46,12 +46,9 @@ class Outcome:
     detail: str | None = None  # a short code such as "validation_error" for failed outcomes
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "status": self.status,
-            "http_status": self.http_status,
-            "provider_reference": self.provider_reference,
-            "detail": self.detail,
-        }
+        # Not dataclasses.asdict: its deep copy was most of the store's CPU time per record.
+        return {"status": self.status, "http_status": self.http_status,
+                "provider_reference": self.provider_reference, "detail": self.detail}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Outcome:

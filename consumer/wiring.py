@@ -3,9 +3,11 @@
 * :func:`build_provider`, :func:`build_processor`, :func:`build_sinks` — the provider client, the
   pipeline and the dead-letter/results producer, built from :class:`~consumer.settings.Settings`.
 * :func:`owner_id` — the lease owner of one process (``instance:pid:random``, prefixed for the tools).
-* :func:`kafka_consumer`, :func:`check_broker`, :func:`start_consumer`, :func:`stop_consumer` — the
-  Kafka consumer with the options that decide the guarantee (manual commits, ``read_committed``), a clear
-  line instead of aiokafka's "Unable to bootstrap", and the aiokafka 0.14 stop-after-start quirk.
+* :func:`require_dead_letter_topic` — the daemon runs only with a dead-letter topic.
+* :func:`kafka_consumer` (:func:`daemon_consumer`: the group member's), :func:`check_broker`,
+  :func:`start_consumer`, :func:`stop_consumer` — the Kafka consumer with the options that decide the
+  guarantee (manual commits, ``read_committed``), a clear line instead of aiokafka's "Unable to
+  bootstrap", and the aiokafka 0.14 stop-after-start quirk.
 * :func:`lane_of` — the ordering rule: same key in the same partition → one lane, offset order.
 * :func:`watch_signals` — SIGTERM/SIGINT, once.
 """
@@ -38,9 +40,11 @@ __all__ = [
     "build_provider",
     "build_sinks",
     "check_broker",
+    "daemon_consumer",
     "kafka_consumer",
     "lane_of",
     "owner_id",
+    "require_dead_letter_topic",
     "start_consumer",
     "stop_consumer",
     "transactional_id",
@@ -86,23 +90,14 @@ def build_processor(
     and the document sources of ``IDV_DOCUMENTS_*`` (closed by :meth:`Processor.aclose`)."""
     from consumer.documents import source_from_settings
 
+    s = settings
     return Processor(
-        store=store,
-        provider=provider,
-        owner=owner,
-        namespace=settings.namespace,
-        lease_s=settings.lease_s,
-        retention_s=settings.retention_s,
-        max_message_bytes=settings.max_message_bytes,
-        faults=faults,
-        stats=stats,
-        want_records=want_records,
-        on_store_op=on_store_op,
-        fingerprint_key=settings.fingerprint_key,
-        provider_key_retention_s=settings.provider_key_retention_s,
-        ignore_key_retention=ignore_key_retention,
-        documents=source_from_settings(settings),
-    )
+        store=store, provider=provider, owner=owner, faults=faults, stats=stats, want_records=want_records,
+        on_store_op=on_store_op, ignore_key_retention=ignore_key_retention,
+        namespace=s.namespace, lease_s=s.lease_s, retention_s=s.retention_s,
+        max_message_bytes=s.max_message_bytes, fingerprint_key=s.fingerprint_key,
+        provider_key_retention_s=s.provider_key_retention_s, documents=source_from_settings(s),
+    )  # fmt: skip
 
 
 def transactional_id(settings: Settings) -> str | None:
@@ -138,6 +133,19 @@ def build_sinks(
     return sinks
 
 
+def require_dead_letter_topic(settings: Settings) -> str:
+    """The daemon's dead-letter topic; ConfigurationError when there is none."""
+    if settings.dead_letter_topic is None:
+        # Without a DLQ a message set aside (retries_exhausted, invalid, conflict) would be committed
+        # past with nothing but a log line: the request would be lost silently. (The replay tool may
+        # still run without one; only the daemon refuses.)
+        raise ConfigurationError(
+            "IDV_DLQ_TOPIC: 'none' is refused by the daemon (messages set aside, e.g. "
+            "retries_exhausted, would be committed past without a trace); name a dead-letter topic"
+        )
+    return settings.dead_letter_topic
+
+
 # -- Kafka consumer ------------------------------------------------------------------------------------
 
 
@@ -154,16 +162,25 @@ def kafka_consumer(
     """A consumer that never commits on its own and never reads uncommitted transactional records.
     ``options`` are further :class:`~aiokafka.AIOKafkaConsumer` arguments (timeouts)."""
     return AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        group_id=group_id,
-        client_id=client_id,
-        enable_auto_commit=False,
-        auto_offset_reset=auto_offset_reset,
-        max_poll_records=max_poll_records,
-        isolation_level="read_committed",
-        **(settings.kafka_security() if security is None else security),
-        **options,
-    )
+        bootstrap_servers=settings.kafka_bootstrap, group_id=group_id, client_id=client_id,
+        enable_auto_commit=False, isolation_level="read_committed",
+        auto_offset_reset=auto_offset_reset, max_poll_records=max_poll_records,
+        **(settings.kafka_security() if security is None else security), **options,
+    )  # fmt: skip
+
+
+def daemon_consumer(settings: Settings, security: dict[str, Any], **options: Any) -> AIOKafkaConsumer:
+    """The daemon's group member: :func:`kafka_consumer` with the group's timeouts; ``options`` override."""
+    s = settings
+    # rebalance_timeout_ms: aiokafka defaults it to the session timeout; a revoke that drains longer would
+    # get the member expelled while its calls still run. Cover the drain, the wait for cancelled work and
+    # the commit.
+    return kafka_consumer(
+        s, group_id=s.group_id, client_id=s.client_id, auto_offset_reset=s.auto_offset_reset,
+        max_poll_records=s.fetch_max_records, security=security, session_timeout_ms=s.session_timeout_ms,
+        heartbeat_interval_ms=s.heartbeat_interval_ms, max_poll_interval_ms=s.max_poll_interval_ms,
+        rebalance_timeout_ms=int((s.rebalance_drain_s + 10) * 1000), **options,
+    )  # fmt: skip
 
 
 async def check_broker(settings: Settings, security: dict[str, Any] | None = None) -> None:

@@ -34,32 +34,13 @@ from producer.publisher import Publisher, PublishResult
 from producer.samples import sample_envelopes
 
 __all__ = [
-    "DOCUMENT_KEY",
-    "HEADER_MESSAGE_ID",
-    "HEADER_OPERATION",
-    "HEADER_SCHEMA_VERSION",
-    "MAX_DOCUMENT_URI_LENGTH",
-    "MAX_ID_LENGTH",
-    "MAX_INLINE_IMAGE_CHARS",
-    "MAX_MESSAGE_BYTES",
-    "OPERATIONS",
-    "SCHEMA_VERSION",
-    "Envelope",
-    "EnvelopeError",
-    "EnvelopeTooLarge",
-    "Operation",
-    "PublishError",
-    "PublishResult",
-    "Publisher",
-    "UnknownOperation",
-    "VerificationError",
-    "canonical_request",
-    "decode",
-    "encode",
-    "envelope_from_dict",
-    "get_operation",
-    "new_message_id",
-    "register_operation",
-    "sample_envelopes",
-    "uuid7",
-]
+    # producer.envelope: the wire contract
+    "DOCUMENT_KEY", "HEADER_MESSAGE_ID", "HEADER_OPERATION", "HEADER_SCHEMA_VERSION",
+    "MAX_DOCUMENT_URI_LENGTH", "MAX_ID_LENGTH", "MAX_INLINE_IMAGE_CHARS", "MAX_MESSAGE_BYTES",
+    "OPERATIONS", "SCHEMA_VERSION", "Envelope", "Operation", "canonical_request", "decode", "encode",
+    "envelope_from_dict", "get_operation", "register_operation",
+    # producer.errors
+    "EnvelopeError", "EnvelopeTooLarge", "PublishError", "UnknownOperation", "VerificationError",
+    # producer.ids, producer.publisher, producer.samples
+    "new_message_id", "uuid7", "PublishResult", "Publisher", "sample_envelopes",
+]  # fmt: skip

@@ -15,7 +15,6 @@ Exit status: 0 when everything was published, 1 when some input was invalid (rep
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import functools
 import logging
@@ -30,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+import anyio
 import click
 import orjson
 from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type information
@@ -298,7 +298,7 @@ def _run(
     progress = Progress(total)
     status = EXIT_OK
     try:
-        asyncio.run(work(progress))
+        anyio.run(work, progress)
     except PublishError as exc:
         summary.error = str(exc)
         status = EXIT_FAILURE

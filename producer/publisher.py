@@ -13,7 +13,6 @@ import logging
 import ssl
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Self
 
 import anyio
@@ -224,10 +223,7 @@ class Publisher:
         return self
 
     async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
         producer, self._producer = self._producer, None
         if producer is None:
@@ -246,14 +242,9 @@ class Publisher:
         return self._producer
 
     async def publish(
-        self,
-        operation: str,
-        request: Mapping[str, Any],
-        subject_id: str,
-        *,
-        message_id: str | None = None,
-        correlation_id: str | None = None,
-    ) -> PublishResult:
+        self, operation: str, request: Mapping[str, Any], subject_id: str, *,
+        message_id: str | None = None, correlation_id: str | None = None,
+    ) -> PublishResult:  # fmt: skip
         """Validate, send and wait for the acknowledgement of one request.
 
         ``message_id`` defaults to a new UUIDv7; pass the earlier ID when re-sending the same business

@@ -126,13 +126,9 @@ def iter_sample_envelopes(
 
 
 def sample_envelopes(
-    count: int,
-    *,
-    seed: int = 0,
-    duplicate_ratio: float = 0.0,
-    decision_mix: bool = True,
+    count: int, *, seed: int = 0, duplicate_ratio: float = 0.0, decision_mix: bool = True,
     start: datetime | None = None,
-) -> list[Envelope]:
+) -> list[Envelope]:  # fmt: skip
     """``count`` valid envelopes over the three operations, the same list for the same arguments.
 
     ``duplicate_ratio`` of them (rounded) re-emit an earlier envelope unchanged: same ``message_id``,

@@ -22,16 +22,9 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer import tracing
 from consumer.model import DeadLetter
+from consumer.sinks import producers
 from consumer.sinks.deadletters import DeadLetterWriter, iso
-from consumer.sinks.producers import (
-    SEQUENCE_ERRORS,
-    Unwritable,
-    fenced_state,
-    is_retriable,
-    retrieve,
-    stop_replaced,
-    why_unwritable,
-)
+from consumer.sinks.producers import SEQUENCE_ERRORS, Unwritable, is_retriable
 from consumer.store.base import Record
 
 log = logging.getLogger(__name__)
@@ -137,7 +130,7 @@ class ResultWriter(DeadLetterWriter):
                 except ProducerFenced as exc:
                     raise Fenced(str(exc) or type(exc).__name__) from exc
                 except Exception as exc:  # the transaction is aborted; retried next tick
-                    if fenced_state(self._producer):
+                    if producers.fenced_state(self._producer):
                         raise Fenced(type(exc).__name__) from exc
                     if unwritable or isinstance(exc, SEQUENCE_ERRORS):
                         # A refused batch leaves aiokafka's sequence numbers out of step with the broker
@@ -178,7 +171,7 @@ class ResultWriter(DeadLetterWriter):
             return
         old, self._producer = self._producer, new
         log.warning("replaced the transactional producer after a batch the broker refused")
-        await stop_replaced(old)
+        await producers.stop_replaced(old)
 
     async def _send_batches(
         self, batches: dict[TopicPartition, list[_Pending]], unwritable: list[_Unwritten]
@@ -196,12 +189,12 @@ class ResultWriter(DeadLetterWriter):
                     if (
                         is_retriable(exc)
                         or isinstance(exc, (ProducerFenced, *SEQUENCE_ERRORS))
-                        or fenced_state(self._producer)
+                        or producers.fenced_state(self._producer)
                     ):
                         for _, _, queued in futures:  # their outcome no longer matters: aborted
-                            queued.add_done_callback(retrieve)
+                            queued.add_done_callback(producers.retrieve)
                         raise
-                    unwritable.append((tp, item, why_unwritable(exc, "results")))
+                    unwritable.append((tp, item, producers.why_unwritable(exc, "results")))
                     continue
                 futures.append((tp, item, fut))
         failed: BaseException | None = None
@@ -210,7 +203,7 @@ class ResultWriter(DeadLetterWriter):
                 await fut
             except Exception as exc:  # noqa: BLE001 - classified; the first failure is raised below
                 if not is_retriable(exc) and not isinstance(exc, (ProducerFenced, *SEQUENCE_ERRORS)):
-                    unwritable.append((tp, item, why_unwritable(exc, "results")))
+                    unwritable.append((tp, item, producers.why_unwritable(exc, "results")))
                 failed = failed or exc
         if failed is not None:
             raise failed

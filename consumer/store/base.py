@@ -29,9 +29,11 @@ State machine of a record::
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Self
 
 import orjson
@@ -42,7 +44,10 @@ from consumer.model import Claim, ClaimStatus, Outcome, Record, State
 __all__ = [
     "COLUMNS",
     "COLUMN_LIST",
+    "CONFLICT_COLUMNS",
+    "CONFLICT_LIST",
     "Claim",
+    "ClaimRequest",
     "ClaimStatus",
     "DedupeStore",
     "Decision",
@@ -51,6 +56,7 @@ __all__ = [
     "State",
     "decide_claim",
     "dump_outcome",
+    "empty_counts",
     "load_outcome",
     "record_from_row",
 ]
@@ -65,6 +71,11 @@ COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 COLUMN_LIST = ", ".join(COLUMNS)
 _STATE_INDEX, _OUTCOME_INDEX = COLUMNS.index("state"), COLUMNS.index("outcome")
+#: The conflict log's columns, as :meth:`DedupeStore.conflicts` returns them (and both backends select them).
+CONFLICT_COLUMNS: tuple[str, ...] = (
+    "key", "message_id", "fingerprint", "stored_fingerprint", "source", "seen_at",
+)  # fmt: skip
+CONFLICT_LIST = ", ".join(CONFLICT_COLUMNS)
 
 
 def dump_outcome(outcome: Outcome) -> str:
@@ -141,6 +152,33 @@ def decide_claim(
 Clock = Callable[[], float]
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """One claim as a backend receives it (:meth:`DedupeStore._claim`). ``fingerprints[0]`` is stored in a
+    new record; a stored fingerprint equal to any of them is the same request. ``reentrant``: no caller
+    of this process holds or is claiming the key (see :func:`decide_claim`)."""
+
+    key: str
+    message_id: str
+    operation: str
+    fingerprints: tuple[str, ...]
+    owner: str
+    lease_s: float
+    retention_s: float
+    reentrant: bool
+
+    def decide(self, existing: Record | None, now: float) -> Decision:
+        """:func:`decide_claim` for this claim."""
+        return decide_claim(
+            existing, fingerprints=self.fingerprints, owner=self.owner, now=now, reentrant=self.reentrant
+        )
+
+
+def empty_counts() -> dict[str, int]:
+    """Records per state with every state present (what :meth:`DedupeStore.counts` starts from)."""
+    return {state.value: 0 for state in State}
+
+
 class DedupeStore(abc.ABC):
     """Abstract dedupe store. Backends: :mod:`consumer.store.sqlite`, chosen by URL in :func:`open_store`.
 
@@ -177,6 +215,18 @@ class DedupeStore(abc.ABC):
         if self._held.get(key) == owner:
             del self._held[key]
 
+    @contextlib.contextmanager
+    def _ending_hold(self, key: str, owner: str, *, on_success: bool = True) -> Iterator[None]:
+        """The hold of ``key`` by ``owner`` ends when the transition inside raises LeaseLost, and (with
+        ``on_success``) when it succeeds."""
+        try:
+            yield
+        except LeaseLost:
+            self._hold_ended(key, owner)
+            raise
+        if on_success:
+            self._hold_ended(key, owner)
+
     async def claim(
         self,
         *,
@@ -199,16 +249,11 @@ class DedupeStore(abc.ABC):
         reentrant = self._claim_started(key)
         result: Claim | None = None
         try:
-            result = await self._claim(
-                key=key,
-                message_id=message_id,
-                operation=operation,
-                fingerprints=(fingerprint, *legacy_fingerprints),
-                owner=owner,
-                lease_s=lease_s,
-                retention_s=retention_s,
-                reentrant=reentrant,
-            )
+            request = ClaimRequest(
+                key, message_id, operation, (fingerprint, *legacy_fingerprints), owner, lease_s, retention_s,
+                reentrant,
+            )  # fmt: skip
+            result = await self._claim(request=request)
             return result
         finally:
             self._claim_finished(key, owner, result)
@@ -227,50 +272,27 @@ class DedupeStore(abc.ABC):
     async def close(self) -> None: ...
 
     @abc.abstractmethod
-    async def _claim(
-        self,
-        *,
-        key: str,
-        message_id: str,
-        operation: str,
-        fingerprints: tuple[str, ...],
-        owner: str,
-        lease_s: float,
-        retention_s: float,
-        reentrant: bool,
-    ) -> Claim:
-        """The backend's claim. ``fingerprints[0]`` is stored in a new record; a stored fingerprint equal
-        to any of them is the same request. With ``reentrant``, a live IN_PROGRESS lease of ``owner`` with
-        a matching fingerprint is renewed and ACQUIRED (attempts unchanged) instead of BUSY."""
+    async def _claim(self, *, request: ClaimRequest) -> Claim:
+        """The backend's claim, as :meth:`ClaimRequest.decide` rules. With ``request.reentrant``, a live
+        IN_PROGRESS lease of the owner with a matching fingerprint is renewed and ACQUIRED (attempts
+        unchanged) instead of BUSY."""
 
     async def complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool = False) -> Record:
         """IN_PROGRESS(owner) → COMPLETED (or FAILED when ``failed``); returns the stored record.
 
         Raises LeaseLost otherwise."""
-        try:
-            record = await self._complete(key, owner, outcome, failed=failed)
-        except LeaseLost:
-            self._hold_ended(key, owner)
-            raise
-        self._hold_ended(key, owner)
-        return record
+        with self._ending_hold(key, owner):
+            return await self._complete(key, owner, outcome, failed=failed)
 
     async def release(self, key: str, owner: str, error: str) -> None:
         """IN_PROGRESS(owner) → RELEASED, keeping attempts and the error code; raises LeaseLost otherwise."""
-        try:
+        with self._ending_hold(key, owner):
             await self._release(key, owner, error)
-        except LeaseLost:
-            self._hold_ended(key, owner)
-            raise
-        self._hold_ended(key, owner)
 
     async def renew(self, key: str, owner: str, lease_s: float) -> None:
         """Extend our lease; raises LeaseLost if the record is no longer ours."""
-        try:
+        with self._ending_hold(key, owner, on_success=False):
             await self._renew(key, owner, lease_s)
-        except LeaseLost:
-            self._hold_ended(key, owner)
-            raise
 
     @abc.abstractmethod
     async def _complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool) -> Record: ...

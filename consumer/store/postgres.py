@@ -46,8 +46,6 @@ transaction holding an advisory lock, so daemons starting together do not race t
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -58,42 +56,11 @@ import anyio
 import asyncpg
 
 from consumer.errors import StoreError
-from consumer.store import redact
-from consumer.store.base import (
-    Claim,
-    ClaimStatus,
-    Clock,
-    Decision,
-    DedupeStore,
-    Outcome,
-    Record,
-    State,
-    decide_claim,
-    dump_outcome,
-    record_from_row,
-)
-from consumer.store.pgbatch import Op, acquired, owned
-from consumer.store.pgsql import (
-    _CLAIM_ROUNDS,
-    _CLAIM_SQL,
-    _COMPLETE_SQL,
-    _DB_ERRORS,
-    _GET_SQL,
-    _OPEN_ERRORS,
-    _PURGE_CONFLICTS_SQL,
-    _PURGE_SQL,
-    _REENTER_SQL,
-    _RELEASE_SQL,
-    _RENEW_SQL,
-    _TAKE_OVER_SQL,
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    _rowcount,
-    _StoreConnection,
-    _where,
-    migrate,
-    migrate_url,
-)
+from consumer.model import Claim, ClaimStatus, Outcome, Record, State
+from consumer.store import base, pgsql, redact
+from consumer.store.base import CONFLICT_LIST, ClaimRequest, Clock, Decision, DedupeStore, empty_counts
+from consumer.store.pgbatch import Batcher, Op, acquired, owned
+from consumer.store.pgsql import MIGRATIONS, SCHEMA_VERSION, _rowcount, _where, migrate, migrate_url
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PostgresStore", "migrate", "migrate_url"]
 
@@ -125,16 +92,17 @@ class PostgresStore(DedupeStore):
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self._pool: Any = None
-        # The batched writer (event-loop side only): queued transitions, the keys of running batches,
-        # the running batches (at most `max_inflight`, each on its own pooled connection).
-        self.max_batch = max_batch
-        self.max_inflight = max_inflight or min(max_size, 4)
-        self._pending: collections.deque[Op] = collections.deque()
-        self._running_keys: set[str] = set()
-        self._batches: set[asyncio.Task[None]] = set()
-        self._kick_scheduled = False
-        self.batches = 0
-        self.ops = 0
+        self._writer = Batcher(
+            self._execute,
+            max_batch=max_batch,
+            max_inflight=max_inflight or min(max_size, 4),
+            redact=lambda text: redact(text, self.url),
+        )
+
+    @property
+    def batches(self) -> int:
+        """Batches the writer has run (for tests and benchmarks; ``_writer.ops`` counts transitions)."""
+        return self._writer.batches
 
     def __repr__(self) -> str:
         return f"PostgresStore({_where(self.url)!r})"
@@ -163,9 +131,9 @@ class PostgresStore(DedupeStore):
                 timeout=self.connect_timeout,
                 command_timeout=self.command_timeout,
                 server_settings=self._server_settings(),
-                connection_class=_StoreConnection,
+                connection_class=pgsql._StoreConnection,
             )
-        except _OPEN_ERRORS as exc:  # with ValueError: asyncpg could not parse the DSN
+        except pgsql._OPEN_ERRORS as exc:  # with ValueError: asyncpg could not parse the DSN
             # `from None`: the driver's exception (and its traceback) may carry the DSN and password.
             raise StoreError(
                 redact(f"cannot open the PostgreSQL store at {where}: {type(exc).__name__}: {exc}", self.url)
@@ -175,7 +143,7 @@ class PostgresStore(DedupeStore):
                 version = await migrate(conn)
         except BaseException as exc:
             pool.terminate()
-            if isinstance(exc, _DB_ERRORS):
+            if isinstance(exc, pgsql._DB_ERRORS):
                 raise StoreError(
                     redact(f"cannot migrate the PostgreSQL store at {where}: {exc}", self.url)
                 ) from None
@@ -186,12 +154,7 @@ class PostgresStore(DedupeStore):
     async def close(self) -> None:
         if self._pool is None:
             return
-        # Queued and running transitions finish first (their callers are waiting for the answer).
-        with anyio.CancelScope(shield=True):
-            while self._batches or self._pending:
-                if not self._batches:
-                    self._kick()
-                await asyncio.wait(set(self._batches))
+        await self._writer.drain()  # queued and running transitions finish first: their callers wait
         pool, self._pool = self._pool, None
         try:
             with anyio.fail_after(self.command_timeout):
@@ -211,7 +174,7 @@ class PostgresStore(DedupeStore):
             with anyio.CancelScope(shield=True):
                 async with pool.acquire(timeout=self.connect_timeout) as conn:
                     result = await fn(conn)
-        except _DB_ERRORS as exc:
+        except pgsql._DB_ERRORS as exc:
             message = f"PostgreSQL {what} failed: {type(exc).__name__}: {exc}"
             raise StoreError(redact(message, self.url)) from exc
         return result
@@ -221,231 +184,21 @@ class PostgresStore(DedupeStore):
     def _submit(self, kind: str, key: str, args: tuple[Any, ...]) -> Awaitable[Any]:
         if self._pool is None:
             raise StoreError("store is not open")
-        loop = asyncio.get_running_loop()
-        op = Op(kind, key, args, loop.create_future())
-        self._pending.append(op)
-        if not self._kick_scheduled:
-            # Not at once: every operation queued in this turn of the event loop joins the same batch.
-            self._kick_scheduled = True
-            loop.call_soon(self._kick)
-        return self._wait(op)
+        return self._writer.submit(kind, key, args)
 
-    async def _wait(self, op: Op) -> Any:
-        try:
-            await op.done
-        except asyncio.CancelledError:
-            # As each call was shielded before batching: a cancelled caller still learns whether its
-            # transition happened (its batch runs on regardless), so it can hand a claimed key back. The
-            # batch resolves whichever future `op.done` is when it finishes; `finished` tells whether it
-            # already has (both are only touched on the event loop's thread). The cancellation is
-            # delivered again at the caller's next checkpoint (anyio's cancel scopes are level-triggered).
-            if not op.finished:
-                op.done = asyncio.get_running_loop().create_future()
-                with anyio.CancelScope(shield=True):
-                    await op.done
-        if op.error is not None:
-            raise op.error
-        return op.result
-
-    def _kick(self) -> None:
-        """Start batches while batch slots are free and queued operations can run."""
-        self._kick_scheduled = False
-        while self._pending and len(self._batches) < self.max_inflight:
-            ops = self._take()
-            if not ops:
-                return  # every queued operation waits for its key's running batch
-            task = asyncio.get_running_loop().create_task(self._run_batch(ops))
-            self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
-
-    def _take(self) -> list[Op]:
-        """Up to ``max_batch`` queued operations of the oldest runnable one's kind, one per key: a key
-        with an operation in a running batch (or already in this one) keeps its next one for a later
-        batch, so each key's operations run one after the other, in order."""
-        batch: list[Op] = []
-        keep: list[Op] = []
-        kind = None
-        taken = self._running_keys
-        waiting: set[str] = set()  # keys with an older operation left queued: later ones wait behind it
-        for op in self._pending:
-            key = op.key
-            if (
-                len(batch) < self.max_batch
-                and key not in taken
-                and key not in waiting
-                and kind in (None, op.kind)
-            ):
-                kind = op.kind
-                batch.append(op)
-                taken.add(key)
-            else:
-                keep.append(op)
-                waiting.add(key)
-        self._pending = collections.deque(keep)
-        return batch
-
-    async def _run_batch(self, ops: list[Op]) -> None:
-        kind, pool = ops[0].kind, self._pool
-        try:
-            ops.sort(key=lambda op: op.key)  # rows locked in key order by every daemon: no deadlocks
-            async with pool.acquire(timeout=self.connect_timeout) as conn:
-                await _BATCH_HANDLERS[kind](self, conn, ops)
-        except _DB_ERRORS as exc:
-            message = redact(f"PostgreSQL {kind} failed: {type(exc).__name__}: {exc}", self.url)
-            for op in ops:
-                if not op.finished:
-                    op.error = StoreError(message)  # one per caller: each raises (and chains) its own
-                    op.error.__cause__ = exc
-        except BaseException as exc:  # a bug, or the loop shutting down: callers must not wait forever
-            log.exception("PostgreSQL store failed a %s batch", kind)
-            for op in ops:
-                if not op.finished:
-                    op.error = StoreError(f"PostgreSQL {kind} failed: {type(exc).__name__}")
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            self.batches += 1
-            self.ops += len(ops)
-            for op in ops:
-                self._running_keys.discard(op.key)
-                op.finished = True
-                if not op.done.done():
-                    op.done.set_result(None)
-            self._batches.discard(asyncio.current_task())
-            self._kick()
-
-    async def _claim_batch(self, conn: Any, ops: list[Op]) -> None:
-        """Claims: one insert-or-read statement, then one take-over and one re-enter statement for the
-        keys that need them, all decided by :func:`~consumer.store.base.decide_claim`. A key that lost a
-        race (its row changed, or was inserted by a concurrent claimant after the statement's snapshot)
-        looks again in the next round, with the others that did."""
-        seen: dict[int, Record] = {}
-        todo = ops
-        for _ in range(_CLAIM_ROUNDS):
-            if not todo:
-                return
-            now = self.clock()
-            # args: (message_id, operation, fingerprints, owner, lease_s, retention_s, reentrant)
-            rows = await conn.fetch(
-                _CLAIM_SQL,
-                [op.key for op in todo],
-                [op.args[0] for op in todo],
-                [op.args[1] for op in todo],
-                [op.args[2][0] for op in todo],
-                [op.args[3] for op in todo],
-                [now + op.args[4] for op in todo],
-                [now + op.args[5] for op in todo],
-                now,
-            )
-            found = {row["key"]: row for row in rows}
-            again: list[Op] = []
-            take_over: list[tuple[Op, Record]] = []
-            reenter: list[tuple[Op, Record]] = []
-            for op in todo:
-                row = found.get(op.key)
-                if row is None:
-                    again.append(op)  # inserted concurrently, not yet visible to this snapshot
-                    continue
-                record = record_from_row(row)
-                seen[id(op)] = record
-                if row["inserted"]:
-                    op.set(Claim(ClaimStatus.ACQUIRED, record))
-                    continue
-                _, _, fingerprints, owner, _, _, reentrant = op.args
-                decision = decide_claim(
-                    record, fingerprints=fingerprints, owner=owner, now=now, reentrant=reentrant
-                )
-                if decision is Decision.TAKE_OVER:
-                    take_over.append((op, record))
-                elif decision is Decision.REENTER:
-                    reenter.append((op, record))
-                else:  # CONFLICT, DONE, BUSY: nothing to write
-                    op.set(Claim(decision.status, record))
-            if take_over:
-                rows = await conn.fetch(
-                    _TAKE_OVER_SQL,
-                    [op.key for op, _ in take_over],
-                    [record.fingerprint for _, record in take_over],
-                    [op.args[3] for op, _ in take_over],
-                    [now + op.args[4] for op, _ in take_over],
-                    [now + op.args[5] for op, _ in take_over],
-                    now,
-                )
-                again.extend(acquired(take_over, rows))
-            if reenter:
-                rows = await conn.fetch(
-                    _REENTER_SQL,
-                    [op.key for op, _ in reenter],
-                    [record.fingerprint for _, record in reenter],
-                    [op.args[3] for op, _ in reenter],
-                    [now + op.args[4] for op, _ in reenter],
-                    now,
-                )
-                again.extend(acquired(reenter, rows))  # changed since read (expired, taken over)
-            todo = sorted(again, key=lambda op: op.key)
-        for op in todo:  # still racing after every round: BUSY (the caller waits and retries)
-            if (last := seen.get(id(op))) is not None:
-                op.set(Claim(ClaimStatus.BUSY, last))
-            else:
-                op.error = StoreError(f"claim of {op.key} kept racing with concurrent writers")
-                op.finished = True
-
-    async def _complete_batch(self, conn: Any, ops: list[Op]) -> None:
-        # args: (owner, state, outcome JSON)
-        rows = await conn.fetch(
-            _COMPLETE_SQL,
-            [op.key for op in ops],
-            [op.args[0] for op in ops],
-            [op.args[1] for op in ops],
-            [op.args[2] for op in ops],
-            self.clock(),
-        )
-        found = {row["key"]: row for row in rows}
-        for op in ops:
-            row = found.get(op.key)
-            if row is None:
-                op.lost()
-            else:
-                op.set(record_from_row(row))
-
-    async def _release_batch(self, conn: Any, ops: list[Op]) -> None:
-        # args: (owner, error)
-        rows = await conn.fetch(
-            _RELEASE_SQL, [op.key for op in ops], [op.args[0] for op in ops], [op.args[1] for op in ops],
-            self.clock(),
-        )  # fmt: skip
-        owned(ops, rows)
-
-    async def _renew_batch(self, conn: Any, ops: list[Op]) -> None:
-        # args: (owner, lease_s)
-        now = self.clock()
-        rows = await conn.fetch(
-            _RENEW_SQL, [op.key for op in ops], [op.args[0] for op in ops],
-            [now + op.args[1] for op in ops], now,
-        )  # fmt: skip
-        owned(ops, rows)
+    async def _execute(self, kind: str, ops: list[Op]) -> None:
+        async with self._pool.acquire(timeout=self.connect_timeout) as conn:
+            await _BATCH_HANDLERS[kind](conn, ops, self.clock)
 
     # -- operations ------------------------------------------------------------------------------------
 
-    async def _claim(
-        self,
-        *,
-        key: str,
-        message_id: str,
-        operation: str,
-        fingerprints: tuple[str, ...],
-        owner: str,
-        lease_s: float,
-        retention_s: float,
-        reentrant: bool,
-    ) -> Claim:
-        args = (message_id, operation, fingerprints, owner, lease_s, retention_s, reentrant)
-        claim: Claim = await self._submit("claim", key, args)
+    async def _claim(self, *, request: ClaimRequest) -> Claim:
+        claim: Claim = await self._submit("claim", request.key, (request,))
         return claim
 
     async def _complete(self, key: str, owner: str, outcome: Outcome, *, failed: bool = False) -> Record:
         state = State.FAILED if failed else State.COMPLETED
-        record: Record = await self._submit("complete", key, (owner, state.value, dump_outcome(outcome)))
+        record: Record = await self._submit("complete", key, (owner, state.value, base.dump_outcome(outcome)))
         return record
 
     async def _release(self, key: str, owner: str, error: str) -> None:
@@ -469,16 +222,13 @@ class PostgresStore(DedupeStore):
 
     async def get(self, key: str) -> Record | None:
         async def fn(conn: Any) -> Record | None:
-            row = await conn.fetchrow(_GET_SQL, key)
-            return record_from_row(row) if row is not None else None
+            row = await conn.fetchrow(pgsql._GET_SQL, key)
+            return base.record_from_row(row) if row is not None else None
 
         return await self._run("get", fn)
 
     async def conflicts(self, message_id: str | None = None) -> list[dict[str, Any]]:
-        sql = (
-            "SELECT key, message_id, fingerprint, stored_fingerprint, source, seen_at"
-            " FROM idempotency_conflicts"
-        )
+        sql = f"SELECT {CONFLICT_LIST} FROM idempotency_conflicts"  # noqa: S608 - constant columns
         args: tuple[Any, ...] = ()
         if message_id is not None:
             sql += " WHERE message_id = $1"
@@ -491,7 +241,7 @@ class PostgresStore(DedupeStore):
 
     async def counts(self) -> dict[str, int]:
         async def fn(conn: Any) -> dict[str, int]:
-            out = {state.value: 0 for state in State}
+            out = empty_counts()
             rows = await conn.fetch("SELECT state, count(*) AS n FROM idempotency_records GROUP BY state")
             for row in rows:
                 out[row["state"]] = row["n"]
@@ -499,35 +249,139 @@ class PostgresStore(DedupeStore):
 
         return await self._run("counts", fn)
 
+    async def _purge_all(self, fn: Callable[[Any], Awaitable[str]]) -> int:
+        """Run a ``DELETE … LIMIT purge_batch`` statement until it deletes fewer; the rows deleted."""
+        total = 0
+        while (deleted := _rowcount(await self._run("purge_expired", fn))) >= self.purge_batch:
+            total += deleted
+        return total + deleted
+
     async def purge_expired(self) -> int:
         async def fn(conn: Any) -> str:
-            status: str = await conn.execute(_PURGE_SQL, self.clock(), self.purge_batch)
+            status: str = await conn.execute(pgsql._PURGE_SQL, self.clock(), self.purge_batch)
             return status
 
         async def conflicts(conn: Any) -> str:
-            status: str = await conn.execute(_PURGE_CONFLICTS_SQL, self.purge_batch)
+            status: str = await conn.execute(pgsql._PURGE_CONFLICTS_SQL, self.purge_batch)
             return status
 
-        total = 0
-        while True:
-            deleted = _rowcount(await self._run("purge_expired", fn))
-            total += deleted
-            if deleted < self.purge_batch:
-                break
-        gone = 0
-        while True:
-            deleted = _rowcount(await self._run("purge_expired", conflicts))
-            gone += deleted
-            if deleted < self.purge_batch:
-                break
-        if gone:
+        total = await self._purge_all(fn)
+        if gone := await self._purge_all(conflicts):
             log.info("purged %d conflict log entries whose record expired", gone)
         return total
 
 
-_BATCH_HANDLERS: dict[str, Callable[[PostgresStore, Any, list[Op]], Awaitable[None]]] = {
-    "claim": PostgresStore._claim_batch,
-    "complete": PostgresStore._complete_batch,
-    "release": PostgresStore._release_batch,
-    "renew": PostgresStore._renew_batch,
+async def _claim_batch(conn: Any, ops: list[Op], clock: Clock) -> None:
+    """Claims: one insert-or-read statement, then one take-over and one re-enter statement for the
+    keys that need them, all decided by :func:`~consumer.store.base.decide_claim`. A key that lost a
+    race (its row changed, or was inserted by a concurrent claimant after the statement's snapshot)
+    looks again in the next round, with the others that did."""
+    seen: dict[int, Record] = {}
+    todo = ops
+    for _ in range(pgsql._CLAIM_ROUNDS):
+        if not todo:
+            return
+        now = clock()
+        asks: list[ClaimRequest] = [op.args[0] for op in todo]
+        rows = await conn.fetch(
+            pgsql._CLAIM_SQL,
+            [ask.key for ask in asks],
+            [ask.message_id for ask in asks],
+            [ask.operation for ask in asks],
+            [ask.fingerprints[0] for ask in asks],
+            [ask.owner for ask in asks],
+            [now + ask.lease_s for ask in asks],
+            [now + ask.retention_s for ask in asks],
+            now,
+        )
+        found = {row["key"]: row for row in rows}
+        again: list[Op] = []
+        take_over: list[tuple[Op, Record]] = []
+        reenter: list[tuple[Op, Record]] = []
+        for op in todo:
+            row = found.get(op.key)
+            if row is None:
+                again.append(op)  # inserted concurrently, not yet visible to this snapshot
+                continue
+            record = base.record_from_row(row)
+            seen[id(op)] = record
+            if row["inserted"]:
+                op.set(Claim(ClaimStatus.ACQUIRED, record))
+                continue
+            decision = op.args[0].decide(record, now)
+            if decision is Decision.TAKE_OVER:
+                take_over.append((op, record))
+            elif decision is Decision.REENTER:
+                reenter.append((op, record))
+            else:  # CONFLICT, DONE, BUSY: nothing to write
+                op.set(Claim(decision.status, record))
+        if take_over:
+            retention = [now + op.args[0].retention_s for op, _ in take_over]
+            rows = await conn.fetch(pgsql._TAKE_OVER_SQL, *_leases(take_over, now), retention, now)
+            again.extend(acquired(take_over, rows))
+        if reenter:
+            rows = await conn.fetch(pgsql._REENTER_SQL, *_leases(reenter, now), now)
+            again.extend(acquired(reenter, rows))  # changed since read (expired, taken over)
+        todo = sorted(again, key=lambda op: op.key)
+    for op in todo:  # still racing after every round: BUSY (the caller waits and retries)
+        if (last := seen.get(id(op))) is not None:
+            op.set(Claim(ClaimStatus.BUSY, last))
+        else:
+            op.error = StoreError(f"claim of {op.key} kept racing with concurrent writers")
+            op.finished = True
+
+
+async def _complete_batch(conn: Any, ops: list[Op], clock: Clock) -> None:
+    # args: (owner, state, outcome JSON)
+    rows = await conn.fetch(
+        pgsql._COMPLETE_SQL,
+        [op.key for op in ops],
+        [op.args[0] for op in ops],
+        [op.args[1] for op in ops],
+        [op.args[2] for op in ops],
+        clock(),
+    )
+    found = {row["key"]: row for row in rows}
+    for op in ops:
+        row = found.get(op.key)
+        if row is None:
+            op.lost()
+        else:
+            op.set(base.record_from_row(row))
+
+
+async def _release_batch(conn: Any, ops: list[Op], clock: Clock) -> None:
+    # args: (owner, error)
+    rows = await conn.fetch(
+        pgsql._RELEASE_SQL, [op.key for op in ops], [op.args[0] for op in ops], [op.args[1] for op in ops],
+        clock(),
+    )  # fmt: skip
+    owned(ops, rows)
+
+
+async def _renew_batch(conn: Any, ops: list[Op], clock: Clock) -> None:
+    # args: (owner, lease_s)
+    now = clock()
+    rows = await conn.fetch(
+        pgsql._RENEW_SQL, [op.key for op in ops], [op.args[0] for op in ops],
+        [now + op.args[1] for op in ops], now,
+    )  # fmt: skip
+    owned(ops, rows)
+
+
+def _leases(pending: list[tuple[Op, Record]], now: float) -> tuple[list[Any], ...]:
+    """The take-over and re-enter statements' first arrays: key, fingerprint read, owner, new lease."""
+    return (
+        [op.key for op, _ in pending],
+        [record.fingerprint for _, record in pending],
+        [op.args[0].owner for op, _ in pending],
+        [now + op.args[0].lease_s for op, _ in pending],
+    )
+
+
+_BATCH_HANDLERS: dict[str, Callable[[Any, list[Op], Clock], Awaitable[None]]] = {
+    "claim": _claim_batch,
+    "complete": _complete_batch,
+    "release": _release_batch,
+    "renew": _renew_batch,
 }

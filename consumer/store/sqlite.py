@@ -29,7 +29,10 @@ import anyio
 from consumer.errors import LeaseLost, StoreError
 from consumer.store.base import (
     COLUMN_LIST,
+    CONFLICT_COLUMNS,
+    CONFLICT_LIST,
     Claim,
+    ClaimRequest,
     ClaimStatus,
     Clock,
     Decision,
@@ -37,8 +40,8 @@ from consumer.store.base import (
     Outcome,
     Record,
     State,
-    decide_claim,
     dump_outcome,
+    empty_counts,
     record_from_row,
 )
 
@@ -124,6 +127,49 @@ def _wake(ops: list[_Op[Any]]) -> None:
             op.done.set_result(None)
 
 
+def _next_batch(ops_queue: queue.SimpleQueue[_Op[Any] | None], max_batch: int) -> tuple[list[_Op[Any]], bool]:
+    """Whatever is queued (waiting for the first), up to ``max_batch``; True once the sentinel was met."""
+    first = ops_queue.get()
+    if first is None:
+        return [], True
+    ops: list[_Op[Any]] = [first]
+    while len(ops) < max_batch:
+        try:
+            nxt = ops_queue.get_nowait()
+        except queue.Empty:
+            break
+        if nxt is None:
+            return ops, True
+        ops.append(nxt)
+    return ops, False
+
+
+def _run_fast(conn: sqlite3.Connection, ops: list[_Op[Any]]) -> bool:
+    """Every operation writes with at most one statement, and raises :class:`LeaseLost` only when that
+    statement changed nothing, so no per-operation SAVEPOINT is needed. Any other exception means an
+    operation may have stopped half-way: returns False and the batch is re-run isolated."""
+    for op in ops:
+        try:
+            op.result = op.fn(conn)
+            op.error = None
+        except LeaseLost as exc:
+            op.result, op.error = None, exc
+        except Exception:  # noqa: BLE001 - re-run below, each operation in its own SAVEPOINT
+            return False
+    return True
+
+
+def _run_isolated(conn: sqlite3.Connection, ops: list[_Op[Any]]) -> None:
+    for op in ops:
+        conn.execute("SAVEPOINT op")
+        try:
+            op.result, op.error = op.fn(conn), None
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting caller, not swallowed
+            conn.execute("ROLLBACK TO SAVEPOINT op")
+            op.result, op.error = None, exc
+        conn.execute("RELEASE SAVEPOINT op")
+
+
 class SqliteStore(DedupeStore):
     def __init__(
         self,
@@ -192,41 +238,15 @@ class SqliteStore(DedupeStore):
 
     # -- the writer ------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _run_fast(conn: sqlite3.Connection, ops: list[_Op[Any]]) -> bool:
-        """Every operation writes with at most one statement, and raises :class:`LeaseLost` only when that
-        statement changed nothing, so no per-operation SAVEPOINT is needed. Any other exception means an
-        operation may have stopped half-way: returns False and the batch is re-run isolated."""
-        for op in ops:
-            try:
-                op.result = op.fn(conn)
-                op.error = None
-            except LeaseLost as exc:
-                op.result, op.error = None, exc
-            except Exception:  # noqa: BLE001 - re-run below, each operation in its own SAVEPOINT
-                return False
-        return True
-
-    @staticmethod
-    def _run_isolated(conn: sqlite3.Connection, ops: list[_Op[Any]]) -> None:
-        for op in ops:
-            conn.execute("SAVEPOINT op")
-            try:
-                op.result, op.error = op.fn(conn), None
-            except Exception as exc:  # noqa: BLE001 - handed to the waiting caller, not swallowed
-                conn.execute("ROLLBACK TO SAVEPOINT op")
-                op.result, op.error = None, exc
-            conn.execute("RELEASE SAVEPOINT op")
-
     def _run_batch(self, ops: list[_Op[Any]]) -> None:
         conn = self._conn
         assert conn is not None
         try:
             conn.execute("BEGIN IMMEDIATE")
-            if not self._run_fast(conn, ops):
+            if not _run_fast(conn, ops):
                 conn.execute("ROLLBACK")
                 conn.execute("BEGIN IMMEDIATE")
-                self._run_isolated(conn, ops)
+                _run_isolated(conn, ops)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
@@ -240,19 +260,9 @@ class SqliteStore(DedupeStore):
         """The writer thread: group commit of whatever is queued, then one wake-up call for the batch."""
         stop = False
         while not stop:
-            first = ops_queue.get()
-            if first is None:
+            ops, stop = _next_batch(ops_queue, self.max_batch)
+            if not ops:
                 return
-            ops: list[_Op[Any]] = [first]
-            while len(ops) < self.max_batch:
-                try:
-                    nxt = ops_queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                ops.append(nxt)
             try:
                 self._run_batch(ops)
             except BaseException as exc:  # the thread must outlive a bug: callers wait
@@ -262,6 +272,8 @@ class SqliteStore(DedupeStore):
             self.batches += 1
             self.ops += len(ops)
             try:
+                # One wake-up per batch, without waiting for the loop to run it (anyio.from_thread.run_sync
+                # waits, and holding the writer back costs a third of the transitions per second).
                 loop.call_soon_threadsafe(_wake, ops)
             except RuntimeError:  # the event loop is closed: nobody is waiting any more
                 return
@@ -296,23 +308,13 @@ class SqliteStore(DedupeStore):
         self._claimed[record.key] = record
         return record
 
-    async def _claim(
-        self,
-        *,
-        key: str,
-        message_id: str,
-        operation: str,
-        fingerprints: tuple[str, ...],
-        owner: str,
-        lease_s: float,
-        retention_s: float,
-        reentrant: bool,
-    ) -> Claim:
-        fingerprint = fingerprints[0]
+    async def _claim(self, *, request: ClaimRequest) -> Claim:
+        key, owner, fingerprint = request.key, request.owner, request.fingerprints[0]
+        message_id, operation = request.message_id, request.operation
 
         def fn(conn: sqlite3.Connection) -> Claim:
             now = self.clock()
-            lease_until, expires_at = now + lease_s, now + retention_s
+            lease_until, expires_at = now + request.lease_s, now + request.retention_s
             cur = conn.execute(
                 _SQL_INSERT,
                 (key, message_id, operation, fingerprint, owner, lease_until, now, now, expires_at),
@@ -325,7 +327,7 @@ class SqliteStore(DedupeStore):
                 )  # fmt: skip
                 return Claim(ClaimStatus.ACQUIRED, self._remember(record))
             row = _fetch(conn, key)
-            decision = decide_claim(row, fingerprints=fingerprints, owner=owner, now=now, reentrant=reentrant)
+            decision = request.decide(row, now)
             if decision is Decision.REENTER:
                 # Our own live lease that no caller holds: an earlier claim whose answer was lost.
                 cur = conn.execute(_SQL_REENTER, (lease_until, now, key, owner))
@@ -415,23 +417,20 @@ class SqliteStore(DedupeStore):
 
     async def conflicts(self, message_id: str | None = None) -> list[dict[str, Any]]:
         def fn(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            sql = (
-                "SELECT key, message_id, fingerprint, stored_fingerprint, source, seen_at "
-                "FROM idempotency_conflicts"
-            )
+            sql = f"SELECT {CONFLICT_LIST} FROM idempotency_conflicts"  # noqa: S608 - constant columns
             args: tuple[Any, ...] = ()
             if message_id is not None:
                 sql += " WHERE message_id = ?"
                 args = (message_id,)
-            names = ("key", "message_id", "fingerprint", "stored_fingerprint", "source", "seen_at")
-            return [dict(zip(names, row, strict=True)) for row in conn.execute(sql + " ORDER BY id", args)]
+            rows = conn.execute(sql + " ORDER BY id", args)
+            return [dict(zip(CONFLICT_COLUMNS, row, strict=True)) for row in rows]
 
         return await self._submit(fn)
 
     async def counts(self) -> dict[str, int]:
         def fn(conn: sqlite3.Connection) -> dict[str, int]:
             rows = conn.execute("SELECT state, COUNT(*) FROM idempotency_records GROUP BY state")
-            return {state.value: 0 for state in State} | dict(rows.fetchall())
+            return empty_counts() | dict(rows.fetchall())
 
         return await self._submit(fn)
 

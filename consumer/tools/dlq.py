@@ -31,23 +31,10 @@ from consumer.sinks import (
     H_TOPIC,
     DeadLetter,
 )
-from consumer.store import open_store
-from consumer.tools.replay import classify
+from consumer.tools import runner
+from consumer.tools.replay import dry_run as classify_all
 from consumer.tools.report import Progress, Report, duration, iso_ms
-from consumer.tools.runner import (
-    DISPOSITION_LABEL,
-    Lookup,
-    Run,
-    check_group,
-    guarded,
-    open_consumer,
-    run_lanes,
-    sink,
-    tool_processor,
-    tool_provider,
-    tool_sinks,
-    with_lookup,
-)
+from consumer.tools.runner import DISPOSITION_LABEL, Run
 from consumer.tools.spans import Span, plan_times, read_spans
 from consumer.wiring import stop_consumer
 
@@ -204,7 +191,7 @@ async def dlq_list(
     dlq_topic = settings.dead_letter_topic
     if dlq_topic is None:
         raise ReplayRefused("dead letters are disabled (IDV_DLQ_TOPIC is 'none')")
-    consumer = await open_consumer(settings, None)
+    consumer = await runner.open_consumer(settings, None)
     # A bounded min-heap keyed by (time, partition, offset): the newest ``limit`` across all partitions.
     kept: list[tuple[int, int, int, DeadLetterEntry]] = []
     matched = 0
@@ -274,7 +261,7 @@ async def redrive(
     and the attempt count increased. ``republish``: the original key, value and headers go back to the
     original topic, where the daemon picks them up.
     """
-    check_group(settings, group)
+    runner.check_group(settings, group)
     dlq_topic = settings.dead_letter_topic
     if dlq_topic is None:
         raise ReplayRefused("dead letters are disabled (IDV_DLQ_TOPIC is 'none')")
@@ -285,7 +272,7 @@ async def redrive(
     if not dry_run and mode is RedriveMode.DIRECT:
         bad |= {"dead-lettered again", "set aside (retries exhausted)"}
     report = Report(label, bad=bad)
-    consumer = await open_consumer(settings, group)
+    consumer = await runner.open_consumer(settings, group)
     try:
         spans = await _dlq_spans(settings, consumer, dlq_topic, since, until)
         # Pass 1: metadata only. Pick the newest dead letter per original message; check retention.
@@ -323,11 +310,11 @@ async def redrive(
             report.notes.append(f"{len(old)} dead letter(s) older than the dedupe retention")
         wanted = {(e.dlq_partition, e.dlq_offset): e for e in chosen.values()}
         # Pass 2: the selected dead letters, read again (values are not kept in memory between passes).
-        bar = progress(report.planned, label) if progress is not None else None
-        run = Run(report, bar)
+        run = Run.started(report, progress, label)
 
         if dry_run:
-            await _redrive_dry_run(settings, consumer, spans, wanted, run, concurrency)
+            originals = _selected_originals(consumer, spans, wanted, settings.dlq_cipher(), run)
+            await classify_all(settings, originals, run, concurrency)
         else:
             if force and mode is RedriveMode.DIRECT and "in_doubt" in reasons:
                 report.notes.append(
@@ -338,8 +325,7 @@ async def redrive(
             await _redrive(
                 settings, consumer, spans, wanted, run, mode, group, emit_results, concurrency, force=force
             )
-        if bar is not None:
-            bar.close(report.counts)
+        run.finished()
     finally:
         await stop_consumer(consumer)
     return report
@@ -356,31 +342,16 @@ async def _selected(
             yield out
 
 
-async def _redrive_dry_run(
-    settings: Settings,
+async def _selected_originals(
     consumer: AIOKafkaConsumer,
     spans: Sequence[Span],
     wanted: dict[tuple[int, int], DeadLetterEntry],
+    cipher: DeadLetterCipher | None,
     run: Run,
-    concurrency: int,
-) -> None:
-    cipher = settings.dlq_cipher()
-
-    async def go(get: Lookup) -> None:
-        now = time.time()
-
-        async def handle(msg: ConsumerRecord) -> None:
-            category, reason = await classify(get, settings, msg, now)
-            run.count(category, reason)
-
-        async def loop() -> None:
-            async for pairs in _selected(consumer, spans, wanted):
-                originals = [original for original, _ in _originals(pairs, cipher, run)]
-                await run_lanes(originals, handle, concurrency)
-
-        await guarded(run, loop)
-
-    await with_lookup(settings, run, go)
+) -> AsyncIterator[list[ConsumerRecord]]:
+    """The originals of the selected dead letters, batch by batch."""
+    async for pairs in _selected(consumer, spans, wanted):
+        yield [original for original, _ in _originals(pairs, cipher, run)]
 
 
 async def _redrive(
@@ -400,17 +371,9 @@ async def _redrive(
         await _republish(settings, consumer, spans, wanted, run)
         return
     cipher = settings.dlq_cipher()
-    async with open_store(settings.store_url) as store, tool_provider(settings) as provider:
-        sinks = tool_sinks(settings, settings.dead_letter_topic, group)
-        # --force also overrides the in-doubt hold on records older than the provider's key retention.
-        processor = tool_processor(
-            settings,
-            store,
-            provider,
-            want_records=settings.result_topic is not None,
-            ignore_key_retention=force,
-        )
-        await sinks.start()
+    # --force also overrides the in-doubt hold on records older than the provider's key retention.
+    pipeline = runner.tool_pipeline(settings, settings.dead_letter_topic, group, ignore_key_retention=force)
+    async with pipeline as (_, processor, sinks):
         entries: dict[tuple[str, int, int], DeadLetterEntry] = {}
 
         async def handle(original: ConsumerRecord) -> None:
@@ -431,7 +394,7 @@ async def _redrive(
                     attempts=entry.attempts + max(1, new.attempts),
                     first_failure_at=_epoch(entry.first_failure_at) or new.first_failure_at,
                 )
-            await sink(sinks, original, handled, emit_duplicates=emit_results, letter=letter)
+            await runner.sink(sinks, original, handled, emit_duplicates=emit_results, letter=letter)
             if letter is not None:
                 outcome = (
                     "set aside (retries exhausted)"
@@ -449,13 +412,9 @@ async def _redrive(
                     assert entry.original is not None
                     entries[entry.original] = entry
                     originals.append(original)
-                await run_lanes(originals, handle, concurrency)
+                await runner.run_lanes(originals, handle, concurrency)
 
-        try:
-            await guarded(run, loop)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await sinks.stop()
+        await runner.guarded(run, loop)
 
 
 async def _republish(
@@ -490,7 +449,7 @@ async def _republish(
                 run.count("republished")
 
     try:
-        await guarded(run, loop)
+        await runner.guarded(run, loop)
     finally:
         with anyio.CancelScope(shield=True):
             await producer.stop()

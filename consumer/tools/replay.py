@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,7 +25,7 @@ from consumer.keys import Fingerprinter, idempotency_key
 from consumer.pipeline import Disposition, Processor
 from consumer.settings import Settings
 from consumer.sinks import Sinks
-from consumer.store import State, open_store
+from consumer.store import State
 from consumer.store.base import Decision, decide_claim
 from consumer.tools.report import Progress, Report, duration
 from consumer.tools.reverify import Reverifier
@@ -38,9 +38,7 @@ from consumer.tools.runner import (
     open_consumer,
     run_lanes,
     sink,
-    tool_processor,
-    tool_provider,
-    tool_sinks,
+    tool_pipeline,
     with_lookup,
 )
 from consumer.tools.spans import Span, plan_offsets, plan_times, read_spans, refuse_old, too_old
@@ -150,23 +148,24 @@ async def replay(
                 )
             if not await anyio.to_thread.run_sync(confirm, question):
                 raise ReplayRefused("not confirmed; nothing was sent")
-        bar = progress(report.planned, mode) if progress is not None else None
-        run = Run(report, bar)
+        run = Run.started(report, progress, mode)
 
         if req.dry_run:
-            await _dry_run(settings, consumer, spans, run, req.concurrency)
+            await dry_run(settings, read_spans(consumer, spans), run, req.concurrency)
         else:
             await _replay(settings, consumer, spans, run, req)
-        if bar is not None:
-            bar.close(report.counts)
+        run.finished()
     finally:
         await stop_consumer(consumer)
     return report
 
 
-async def _dry_run(
-    settings: Settings, consumer: AIOKafkaConsumer, spans: Sequence[Span], run: Run, concurrency: int
+async def dry_run(
+    settings: Settings, batches: AsyncIterable[Sequence[ConsumerRecord]], run: Run, concurrency: int
 ) -> None:
+    """Classify every message of ``batches`` against the store, read-only (replay's and redrive's
+    ``--dry-run``): nothing is called, written or committed."""
+
     async def go(get: Lookup) -> None:
         now = time.time()
 
@@ -175,7 +174,7 @@ async def _dry_run(
             run.count(category, reason)
 
         async def loop() -> None:
-            async for batch in read_spans(consumer, spans):
+            async for batch in batches:
                 await run_lanes(batch, handle, concurrency)
 
         await guarded(run, loop)
@@ -186,27 +185,21 @@ async def _dry_run(
 async def _replay(
     settings: Settings, consumer: AIOKafkaConsumer, spans: Sequence[Span], run: Run, req: ReplayRequest
 ) -> None:
-    async with open_store(settings.store_url) as store, tool_provider(settings) as provider:
-        sinks = tool_sinks(settings, settings.dead_letter_topic if req.dead_letters else None, req.group)
-        processor = tool_processor(settings, store, provider, want_records=settings.result_topic is not None)
-        await sinks.start()
-        try:
-            if req.reverify or req.retry_failed:
-                reverifier = Reverifier(settings, store, processor, req)
-                handle = reverifier.handler(run, sinks)
-            else:
-                handle = _replay_handler(processor, sinks, run, req)
+    dlq_topic = settings.dead_letter_topic if req.dead_letters else None
+    async with tool_pipeline(settings, dlq_topic, req.group) as (store, processor, sinks):
+        if req.reverify or req.retry_failed:
+            reverifier = Reverifier(settings, store, processor, req)
+            handle = reverifier.handler(run, sinks)
+        else:
+            handle = _replay_handler(processor, sinks, run, req)
 
-            async def loop() -> None:
-                async for batch in read_spans(consumer, spans):
-                    await run_lanes(batch, handle, req.concurrency)
-                    if req.group is not None:
-                        await _commit_progress(consumer, batch)
+        async def loop() -> None:
+            async for batch in read_spans(consumer, spans):
+                await run_lanes(batch, handle, req.concurrency)
+                if req.group is not None:
+                    await _commit_progress(consumer, batch)
 
-            await guarded(run, loop)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await sinks.stop()
+        await guarded(run, loop)
 
 
 async def _commit_progress(consumer: AIOKafkaConsumer, batch: Sequence[ConsumerRecord]) -> None:

@@ -17,6 +17,7 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.errors import ProviderAuthError
 from consumer.keys import Fingerprinter, idempotency_key
+from consumer.logs import log_unexpected
 from consumer.pipeline import Disposition, Processor
 from consumer.settings import Settings
 from consumer.sinks import Sinks
@@ -99,11 +100,7 @@ class Reverifier:
                 run.fatal(exc)
                 return
             except Exception as exc:  # noqa: BLE001 - one message hitting a bug must not stop the run
-                log.error(
-                    "unexpected %s while re-verifying a message",
-                    type(exc).__name__,
-                    extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
-                )
+                log_unexpected(log, exc, msg, "re-verifying a message")
                 outcome, reason = "internal error", None
             run.count(outcome, reason)
 

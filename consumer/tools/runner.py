@@ -7,9 +7,10 @@ dead letters with its own group, and stops on SIGINT/SIGTERM with a report inste
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -47,6 +48,7 @@ __all__ = [
     "open_consumer",
     "run_lanes",
     "sink",
+    "tool_pipeline",
     "tool_processor",
     "tool_provider",
     "tool_sinks",
@@ -111,6 +113,29 @@ def tool_sinks(settings: Settings, dlq_topic: str | None, group: str | None) -> 
     return build_sinks(settings, dlq_topic=dlq_topic, group_id=group or DEFAULT_GROUP_LABEL)
 
 
+@contextlib.asynccontextmanager
+async def tool_pipeline(
+    settings: Settings, dlq_topic: str | None, group: str | None, *, ignore_key_retention: bool = False
+) -> AsyncIterator[tuple[DedupeStore, Processor, Sinks]]:
+    """The store, processor and started sinks of a replay or redrive run; the sinks stop (shielded) when
+    it ends, after every outcome written."""
+    async with open_store(settings.store_url) as store, tool_provider(settings) as provider:
+        sinks = tool_sinks(settings, dlq_topic, group)
+        processor = tool_processor(
+            settings,
+            store,
+            provider,
+            want_records=settings.result_topic is not None,
+            ignore_key_retention=ignore_key_retention,
+        )
+        await sinks.start()
+        try:
+            yield store, processor, sinks
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sinks.stop()
+
+
 # -- lanes -----------------------------------------------------------------------------------------------
 
 
@@ -170,6 +195,18 @@ class Run:
         self.report = report
         self.progress = progress
         self.scope = anyio.CancelScope()
+
+    @classmethod
+    def started(
+        cls, report: Report, progress: Callable[[int, str], Progress | None] | None, label: str
+    ) -> Run:
+        """A run of ``report.planned`` messages, with the progress display ``progress`` makes (if any)."""
+        return cls(report, progress(report.planned, label) if progress is not None else None)
+
+    def finished(self) -> None:
+        """The progress display's last line, once the run ended without raising."""
+        if self.progress is not None:
+            self.progress.close(self.report.counts)
 
     def count(self, outcome: str, reason: str | None = None) -> None:
         self.report.counts[outcome] += 1

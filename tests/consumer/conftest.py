@@ -3,12 +3,14 @@ read the sandbox ledger."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from bench.chaos_env import daemon_child_env
 from consumer.keys import fingerprint, idempotency_key
 from producer.envelope import Envelope, encode
 from sandbox.testing import SandboxAdmin
+from tests.conftest import service_missing
 
 API_KEY = "test-key"
 FINGERPRINT_KEY = "test-fingerprint-key-0123456789"  # a development HMAC key (IDV_FINGERPRINT_KEY)
@@ -188,6 +191,40 @@ async def claim_for(store: Any, key: str, envelope: Envelope, owner: str, lease_
     )
 
 
+async def claim_key(
+    store: Any, key: str, owner: str = "a", fp: str = "fp1", lease: float = 30.0, retention: float = 3600.0
+) -> Any:
+    """A store claim of ``key`` for an ``aml_screening`` message whose ID ends like the key."""
+    return await store.claim(
+        key=key, message_id="m-" + key[-6:], operation="aml_screening", fingerprint=fp, owner=owner,
+        lease_s=lease, retention_s=retention,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def pg_url() -> str:
+    url = os.environ.get("IDV_TEST_POSTGRES_URL", "")
+    if not url:
+        service_missing("PostgreSQL (IDV_TEST_POSTGRES_URL is not set)", "bash scripts/postgres.sh start")
+    return url
+
+
+@contextlib.asynccontextmanager
+async def pg_schema(pg_url: str, prefix: str) -> AsyncIterator[str]:
+    """``pg_url`` whose connections work in a fresh, empty schema of their own, dropped afterwards (the
+    database is shared and outlives the run)."""
+    import asyncpg
+
+    schema = prefix + uuid.uuid4().hex[:12]
+    admin = await asyncpg.connect(pg_url)
+    try:
+        await admin.execute(f"CREATE SCHEMA {schema}")
+        yield pg_url + ("&" if "?" in pg_url else "?") + f"search_path={schema}"
+    finally:
+        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await admin.close()
+
+
 def keys_for(envelopes: Iterable[Envelope], namespace: str = "idv") -> set[str]:
     return {idempotency_key(namespace, e.operation, e.message_id) for e in envelopes}
 
@@ -247,6 +284,13 @@ class DaemonProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def kill_all(*procs: DaemonProcess | None) -> None:
+    """SIGKILL each daemon that was started (None: never started)."""
+    for proc in procs:
+        if proc is not None:
+            proc.kill()
 
 
 def start_daemon(env: Mapping[str, str], log_path: Path) -> DaemonProcess:

@@ -137,7 +137,7 @@ async def test_encrypted_dead_letters_end_to_end(
             provider_max_attempts=2,
             breaker_min_calls=1000,
             dlq_encryption_keys=f"k1:{K1}",
-        )
+        )  # fmt: skip
     )
     letters = await read_all(kafka_bootstrap, f"{topic}.dlq")
     assert len(letters) == 3

@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import orjson
@@ -14,9 +16,10 @@ import pytest
 from consumer.daemon import Daemon
 from consumer.keys import idempotency_key
 from consumer.settings import Settings
-from consumer.store import State, open_store
+from consumer.store import Record, State, open_store
 from producer.envelope import Envelope, decode, encode
 from tests.conftest import random_topic_name
+from tests.consumer import conftest
 from tests.consumer.conftest import (
     API_KEY,
     FINGERPRINT_KEY,
@@ -31,7 +34,6 @@ from tests.consumer.conftest import (
     publish,
     publish_raw,
     read_all,
-    read_results,
     run_to_end,
     run_until_killed,
     start_daemon,
@@ -48,6 +50,13 @@ OPS = [
     ("id_verification", {"document_type": "passport", "front_image": "aGVsbG8="}),
     ("create_session", {"workflow_id": "wf-1"}),
 ]
+
+
+async def publish_new(bootstrap: str, topic: str, n: int, **kw: Any) -> list[Envelope]:
+    """:func:`make_envelopes` ``(n, **kw)``, published to ``topic``."""
+    unique = make_envelopes(n, **kw)
+    await publish(bootstrap, topic, unique)
+    return unique
 
 
 def make_envelopes(n: int, *, subjects: int = 50, seed: int = 1, profile: str = "ietf") -> list[Envelope]:
@@ -85,20 +94,11 @@ def settings_for(
     bootstrap: str, topic: str, group: str, store_url: str, provider_url: str, **kw: object
 ) -> Settings:
     base: dict[str, object] = dict(
-        kafka_bootstrap=bootstrap,
-        topic=topic,
-        group_id=group,
-        store_url=store_url,
-        provider_url=provider_url,
-        provider_api_key=API_KEY,
-        fingerprint_key=FINGERPRINT_KEY,
-        commit_interval_s=0.2,
-        provider_backoff_base_s=0.05,
-        provider_backoff_max_s=0.5,
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1000,
-        health_port=0,
-    )
+        kafka_bootstrap=bootstrap, topic=topic, group_id=group, store_url=store_url,
+        provider_url=provider_url, provider_api_key=API_KEY, fingerprint_key=FINGERPRINT_KEY,
+        commit_interval_s=0.2, provider_backoff_base_s=0.05, provider_backoff_max_s=0.5,
+        session_timeout_ms=6000, heartbeat_interval_ms=1000, health_port=0,
+    )  # fmt: skip
     base.update(kw)
     return Settings.from_env({}, **base)
 
@@ -216,8 +216,7 @@ async def test_redelivery_to_a_new_group_is_not_sent_again(
     kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str
 ) -> None:
     """A new consumer group replays the whole topic; the key ignores group/partition/offset."""
-    unique = make_envelopes(60)
-    await publish(kafka_bootstrap, topic, unique)
+    unique = await publish_new(kafka_bootstrap, topic, 60)
     await run_until_committed(
         settings_for(kafka_bootstrap, topic, "g1-" + uuid.uuid4().hex[:6], sqlite_url, sb.url)
     )
@@ -324,16 +323,23 @@ async def assert_committed_are_recorded(
 ) -> dict[int, int]:
     """Every message below a committed offset has a durable outcome (record before commit)."""
     committed = await committed_offsets(bootstrap, group, topic)
+    async for msg, record in _committed_records(bootstrap, topic, store_url, committed):
+        assert record is not None and record.state in (State.COMPLETED, State.FAILED), (
+            f"offset {msg.partition}@{msg.offset} committed without a recorded outcome: {record}"
+        )
+    return committed
+
+
+async def _committed_records(
+    bootstrap: str, topic: str, store_url: str, committed: dict[int, int]
+) -> AsyncIterator[tuple[Any, Record | None]]:
+    """Each message of ``topic`` below its partition's ``committed`` offset, with its stored record."""
     messages = await read_all(bootstrap, topic)
     async with open_store(store_url) as store:
         for msg in messages:
             if msg.offset < committed.get(msg.partition, 0):
                 env_ = decode(msg.value, msg.headers)
-                record = await store.get(idempotency_key("idv", env_.operation, env_.message_id))
-                assert record is not None and record.state in (State.COMPLETED, State.FAILED), (
-                    f"offset {msg.partition}@{msg.offset} committed without a recorded outcome: {record}"
-                )
-    return committed
+                yield msg, await store.get(idempotency_key("idv", env_.operation, env_.message_id))
 
 
 @pytest.mark.parametrize(
@@ -367,8 +373,7 @@ async def test_crash_window_then_restart(
     reconciliation without a second call —, skipped as a duplicate, or not redelivered at all).
     """
     sb = psb
-    unique = make_envelopes(120, subjects=40, profile=profile)
-    await publish(kafka_bootstrap, topic, unique)
+    unique = await publish_new(kafka_bootstrap, topic, 120, subjects=40, profile=profile)
     common: dict[str, object] = daemon_args(
         kafka_bootstrap,
         topic,
@@ -414,8 +419,8 @@ async def test_crash_window_then_restart(
     elif point == "in_transaction":
         # Results were sent inside the open transaction; none is visible to read_committed readers
         # beyond what earlier transactions committed, and a recorded message waits above the offsets.
-        visible = await read_results(kafka_bootstrap, f"{topic}.results", "read_committed")
-        everything = await read_results(kafka_bootstrap, f"{topic}.results", "read_uncommitted")
+        visible = await conftest.read_results(kafka_bootstrap, f"{topic}.results", "read_committed")
+        everything = await conftest.read_results(kafka_bootstrap, f"{topic}.results", "read_uncommitted")
         assert len(everything) > len(visible), "no open transaction at the kill"
         messages = await read_all(kafka_bootstrap, topic)
         below = {orjson.loads(m.value)["message_id"] for m in messages if m.offset < committed[m.partition]}
@@ -460,7 +465,7 @@ async def test_crash_window_then_restart(
             for r in handled
         ), "the victim was not redelivered and skipped as a duplicate"  # type: ignore[union-attr]
     elif point == "in_transaction":
-        results = await read_results(kafka_bootstrap, f"{topic}.results", "read_committed")
+        results = await conftest.read_results(kafka_bootstrap, f"{topic}.results", "read_committed")
         ids = [orjson.loads(v)["message_id"] for v in results]
         assert sorted(ids) == sorted(e.message_id for e in unique)  # exactly one visible result each
         # The aborted transaction's messages came back and were skipped as duplicates, not called again.
@@ -483,9 +488,8 @@ async def test_crash_with_many_in_flight(
     sb = psb
     # 1 s per call: the daemon has all 48 slots claimed and at the provider long before the first answer
     # comes back, and the kill comes with that first answer.
+    unique = await publish_new(kafka_bootstrap, topic, 300, subjects=300, profile=profile)
     sb.faults(latency_ms=1000)
-    unique = make_envelopes(300, subjects=300, profile=profile)
-    await publish(kafka_bootstrap, topic, unique)
     common = daemon_args(
         kafka_bootstrap,
         topic,
@@ -529,8 +533,7 @@ async def test_sigterm_drains_and_never_commits_past_unrecorded(
     kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path, group: str
 ) -> None:
     sb.faults(latency_ms=200)
-    unique = make_envelopes(400, subjects=400)
-    await publish(kafka_bootstrap, topic, unique)
+    unique = await publish_new(kafka_bootstrap, topic, 400, subjects=400)
     env = daemon_env(kafka_bootstrap, topic, group, sqlite_url, sb.url, max_in_flight=32, drain_timeout_s=10)
     proc = start_daemon(env, tmp_path / "d.log")
     try:
@@ -551,13 +554,8 @@ async def test_sigterm_drains_and_never_commits_past_unrecorded(
     committed = await committed_offsets(kafka_bootstrap, group, topic)
     assert sum(committed.values()) > 0
     # Every message below a committed offset has a durable outcome.
-    messages = await read_all(kafka_bootstrap, topic)
-    async with open_store(sqlite_url) as store:
-        for msg in messages:
-            if msg.offset < committed.get(msg.partition, 0):
-                env_ = decode(msg.value, msg.headers)
-                record = await store.get(idempotency_key("idv", env_.operation, env_.message_id))
-                assert record is not None and record.state is State.COMPLETED, (msg.partition, msg.offset)
+    async for msg, record in _committed_records(kafka_bootstrap, topic, sqlite_url, committed):
+        assert record is not None and record.state is State.COMPLETED, (msg.partition, msg.offset)
     sb.faults(latency_ms=0)
     # What was left is done by the next run, once.
     await run_to_end(env, tmp_path / "restart.log", timeout=90)
@@ -567,8 +565,7 @@ async def test_sigterm_drains_and_never_commits_past_unrecorded(
 async def test_wrong_api_key_stops_the_daemon_and_commits_nothing(
     kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path, group: str
 ) -> None:
-    unique = make_envelopes(20)
-    await publish(kafka_bootstrap, topic, unique)
+    unique = await publish_new(kafka_bootstrap, topic, 20)
     env = daemon_env(
         bootstrap=kafka_bootstrap, topic=topic, group=group, store_url=sqlite_url, provider_url=sb.url
     )
@@ -608,20 +605,12 @@ async def test_rebalance_mid_stream_causes_no_duplicate_side_effects(
     the leases plus the provider key stop the new owner from repeating anything.
     """
     sb.faults(latency_ms=100)
-    unique = make_envelopes(400, subjects=200)
-    await publish(kafka_bootstrap, topic, unique)
+    unique = await publish_new(kafka_bootstrap, topic, 400, subjects=200)
     group = "g-" + uuid.uuid4().hex[:8]
     common = daemon_args(
-        kafka_bootstrap,
-        topic,
-        group,
-        sqlite_url,
-        sb.url,
-        max_in_flight=16,
-        rebalance_drain_s=5,
-        lease_s=10,
-        provider_timeout_s=5,
-    )
+        kafka_bootstrap, topic, group, sqlite_url, sb.url,
+        max_in_flight=16, rebalance_drain_s=5, lease_s=10, provider_timeout_s=5,
+    )  # fmt: skip
     first = start_daemon(daemon_env(**common, instance_id="first"), tmp_path / "first.log")
     second = None
     try:
@@ -636,9 +625,7 @@ async def test_rebalance_mid_stream_causes_no_duplicate_side_effects(
         await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
         second.stop_cleanly()
     finally:
-        first.kill()
-        if second is not None:
-            second.kill()
+        conftest.kill_all(first, second)
     assert "partitions revoked" in first.log()
     assert "partitions assigned" in second.log()
     assert "outcome recorded" in second.log()  # the newcomer really took work over
@@ -742,19 +729,11 @@ async def test_a_partition_with_one_busy_key_does_not_starve_the_others(
 async def test_the_reaper_purges_records_past_retention(
     kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, group: str
 ) -> None:
-    unique = make_envelopes(20)
-    await publish(kafka_bootstrap, topic, unique)
+    await publish_new(kafka_bootstrap, topic, 20)
     settings = settings_for(
-        kafka_bootstrap,
-        topic,
-        group,
-        sqlite_url,
-        sb.url,
-        lease_s=2,
-        provider_timeout_s=1,
-        retention_s=3,
-        purge_interval_s=1,
-    )
+        kafka_bootstrap, topic, group, sqlite_url, sb.url,
+        lease_s=2, provider_timeout_s=1, retention_s=3, purge_interval_s=1,
+    )  # fmt: skip
     daemon = Daemon(settings)
     async with anyio.create_task_group() as tg:
         tg.start_soon(daemon.run)
@@ -831,15 +810,9 @@ async def test_same_message_republished_in_another_key_order_is_one_request_at_t
         kafka_bootstrap, topic, [(e.key, encode(e), e.headers()) for e in (first, second)], partition=2
     )
     settings = settings_for(
-        kafka_bootstrap,
-        topic,
-        group,
-        sqlite_url,
-        sb.url,
-        provider_max_attempts=1,
-        lease_s=2,
-        provider_timeout_s=1,
-    )
+        kafka_bootstrap, topic, group, sqlite_url, sb.url,
+        provider_max_attempts=1, lease_s=2, provider_timeout_s=1,
+    )  # fmt: skip
     daemon = await run_until_committed(settings)
     key = idempotency_key("idv", first.operation, first.message_id)
     entry = sb.ledger()["keys"][key]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -35,6 +36,16 @@ pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
 def _key(env: Envelope) -> str:
     return idempotency_key("idv", env.operation, env.message_id)
+
+
+async def _redrive_completes(cli: Any, sqlite_url: str, doomed: Envelope) -> None:
+    """``dlq redrive --reason retries_exhausted --direct`` completes ``doomed`` at its second attempt."""
+    code, summary, _, err = await cli("dlq", "redrive", "--reason", "retries_exhausted", "--direct", "--json")
+    assert code == 0, err
+    assert summary is not None and summary["counts"] == {"completed": 1}
+    async with open_store(sqlite_url) as store:
+        record = await store.get(_key(doomed))
+    assert record is not None and record.state is State.COMPLETED and record.attempts == 2
 
 
 async def test_retries_exhausted_releases_the_record_and_a_redrive_reuses_the_key(
@@ -69,12 +80,7 @@ async def test_retries_exhausted_releases_the_record_and_a_redrive_reuses_the_ke
     await run_until_committed(settings)
 
     cli = make_cli(kafka_bootstrap, topic, group, sqlite_url, sb.url, tmp_path, provider=profile)
-    code, summary, _, err = await cli("dlq", "redrive", "--reason", "retries_exhausted", "--direct", "--json")
-    assert code == 0, err
-    assert summary is not None and summary["counts"] == {"completed": 1}
-    async with open_store(sqlite_url) as store:
-        record = await store.get(_key(doomed))
-    assert record is not None and record.state is State.COMPLETED and record.attempts == 2
+    await _redrive_completes(cli, sqlite_url, doomed)
     assert_ledger_exactly_once(sb.ledger(), keys_for([doomed, fine]))
 
 
@@ -138,12 +144,7 @@ async def test_lost_answers_keep_the_key_until_its_lease_expires_and_a_redrive_i
     assert record.lease_until is not None
     await anyio.sleep(max(0.0, record.lease_until - time.time()) + 0.2)  # the kept lease runs out
     cli = make_cli(kafka_bootstrap, topic, group, sqlite_url, sb.url, tmp_path)
-    code, summary, _, err = await cli("dlq", "redrive", "--reason", "retries_exhausted", "--direct", "--json")
-    assert code == 0, err
-    assert summary is not None and summary["counts"] == {"completed": 1}
-    async with open_store(sqlite_url) as store:
-        record = await store.get(_key(doomed))
-    assert record is not None and record.state is State.COMPLETED and record.attempts == 2
+    await _redrive_completes(cli, sqlite_url, doomed)
     view = assert_ledger_exactly_once(sb.ledger(), keys_for([doomed]))
     assert view.replays[_key(doomed)] == 3  # two during the retries, one for the redrive
 

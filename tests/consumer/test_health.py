@@ -22,13 +22,9 @@ pytestmark = pytest.mark.anyio
 
 def report(**overrides: Any) -> tuple[bool, dict[str, Any]]:
     args: dict[str, Any] = dict(
-        assigned=4,
-        broker_ok=True,
-        store_ok=True,
-        partition_progress={"t/0": (100.0, 0), "t/1": (100.0, 0)},
-        now=100.0,
-        stall_after_s=60.0,
-    )
+        assigned=4, broker_ok=True, store_ok=True, partition_progress={"t/0": (100.0, 0), "t/1": (100.0, 0)},
+        now=100.0, stall_after_s=60.0,
+    )  # fmt: skip
     args.update(overrides)
     return readiness_report(**args)
 
@@ -86,13 +82,9 @@ def test_pending_work_that_progressed_recently_is_fine() -> None:
 
 def test_every_reason_is_listed() -> None:
     ready, details = report(
-        assigned=0,
-        broker_ok=False,
-        store_ok=False,
-        partition_progress={"b/1": (0.0, 1), "a/0": (0.0, 2)},
-        now=100.0,
-        stall_after_s=10.0,
-    )
+        assigned=0, broker_ok=False, store_ok=False, partition_progress={"b/1": (0.0, 1), "a/0": (0.0, 2)},
+        now=100.0, stall_after_s=10.0,
+    )  # fmt: skip
     assert not ready
     assert details["reasons"] == [
         "no partitions assigned",

@@ -281,17 +281,10 @@ async def test_two_daemons_sharing_one_store_never_call_one_key_at_once(
     ]
     await publish(kafka_bootstrap, topic, envs)
     common: dict[str, Any] = dict(
-        bootstrap=kafka_bootstrap,
-        topic=topic,
-        store_url=sqlite_url,
-        provider_url=sb.url,
-        lease_s=LEASE_S,
-        provider_timeout_s=TIMEOUT_S,
-        provider_backoff_base_s=0.2,
-        provider_backoff_max_s=0.2,
-        provider_max_attempts=8,
-        breaker_min_calls=1000,
-    )
+        bootstrap=kafka_bootstrap, topic=topic, store_url=sqlite_url, provider_url=sb.url, lease_s=LEASE_S,
+        provider_timeout_s=TIMEOUT_S, provider_backoff_base_s=0.2, provider_backoff_max_s=0.2,
+        provider_max_attempts=8, breaker_min_calls=1000,
+    )  # fmt: skip
     groups = ["ga-" + uuid.uuid4().hex[:6], "gb-" + uuid.uuid4().hex[:6]]
     procs = [
         start_daemon(daemon_env(**common, group=g, instance_id=g), tmp_path / f"{g}.log") for g in groups

@@ -86,15 +86,9 @@ def processor(store: SqliteStore, provider: MockProvider, *, max_attempts: int =
         sleep=_no_wait,
     )
     return Processor(
-        store=store,
-        provider=client,
-        owner=OWNER,
-        namespace="idv",
-        lease_s=LEASE_S,
-        retention_s=3600.0,
-        max_message_bytes=1 << 20,
-        fingerprint_key=FP_KEY,
-    )
+        store=store, provider=client, owner=OWNER, namespace="idv", lease_s=LEASE_S, retention_s=3600.0,
+        max_message_bytes=1 << 20, fingerprint_key=FP_KEY,
+    )  # fmt: skip
 
 
 def envelope(full_name: str = "Jane Roe", message_id: str | None = None) -> Envelope:

@@ -8,7 +8,6 @@ and the shared server must never be stopped.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import tempfile
@@ -27,11 +26,14 @@ from tests.conftest import create_topic, random_topic_name, service_missing
 from tests.consumer.conftest import (
     DaemonProcess,
     Sandbox,
+    claim_key,
     committed_offsets,
     daemon_args,
     daemon_env,
     end_offsets,
     keys_for,
+    kill_all,
+    pg_schema,
     publish,
     publish_raw,
     read_all,
@@ -39,7 +41,7 @@ from tests.consumer.conftest import (
     wait_assigned,
     wait_committed_to_end,
 )
-from tests.consumer.test_exactly_once import make_envelopes, with_duplicates
+from tests.consumer.test_exactly_once import make_envelopes, publish_new, with_duplicates
 from tests.ledger import assert_ledger_exactly_once
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka, pytest.mark.postgres]
@@ -49,26 +51,10 @@ pytestmark = [pytest.mark.anyio, pytest.mark.kafka, pytest.mark.postgres]
 
 
 @pytest.fixture
-def pg_url() -> str:
-    url = os.environ.get("IDV_TEST_POSTGRES_URL", "")
-    if not url:
-        service_missing("PostgreSQL (IDV_TEST_POSTGRES_URL)", "bash scripts/postgres.sh start")
-    return url
-
-
-@pytest.fixture
 async def store_url(pg_url: str) -> AsyncIterator[str]:
     """The shared PostgreSQL, in a fresh schema of this test's own (dropped afterwards)."""
-    import asyncpg
-
-    schema = "idv_scale_" + uuid.uuid4().hex[:12]
-    admin = await asyncpg.connect(pg_url)
-    try:
-        await admin.execute(f"CREATE SCHEMA {schema}")
-        yield pg_url + ("&" if "?" in pg_url else "?") + f"search_path={schema}"
-    finally:
-        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await admin.close()
+    async with pg_schema(pg_url, "idv_scale_") as url:
+        yield url
 
 
 def _free_port() -> int:
@@ -150,7 +136,6 @@ def stop_all(*procs: DaemonProcess) -> None:
 # -- tests ---------------------------------------------------------------------------------------------
 
 
-
 async def publish_one_per_partition(
     bootstrap: str, topic: str, id_prefix: str, subject_prefix: str, partitions: int = 12
 ) -> list[Envelope]:
@@ -168,6 +153,7 @@ async def publish_one_per_partition(
         await publish_raw(bootstrap, topic, [(env.key, encode(env), env.headers())], partition=p)
     return envelopes
 
+
 @pytest.mark.timeout(300)
 async def test_three_processes_share_twelve_partitions_through_joins_and_leaves(
     kafka_bootstrap: str, sb: Sandbox, store_url: str, tmp_path: Path
@@ -184,17 +170,9 @@ async def test_three_processes_share_twelve_partitions_through_joins_and_leaves(
     await publish(kafka_bootstrap, topic, stream)
     group = "g-" + uuid.uuid4().hex[:8]
     common: dict[str, Any] = daemon_args(
-        kafka_bootstrap,
-        topic,
-        group,
-        store_url,
-        sb.url,
-        max_in_flight=8,
-        rebalance_drain_s=3,
-        lease_s=10,
-        provider_timeout_s=5,
-        health_port=0,
-    )
+        kafka_bootstrap, topic, group, store_url, sb.url,
+        max_in_flight=8, rebalance_drain_s=3, lease_s=10, provider_timeout_s=5, health_port=0,
+    )  # fmt: skip
     procs: list[DaemonProcess] = []
 
     def start(name: str) -> DaemonProcess:
@@ -290,9 +268,7 @@ async def test_partition_moving_mid_call_is_not_repeated_at_the_provider(
         await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
         stop_all(first, second)
     finally:
-        first.kill()
-        if second is not None:
-            second.kill()
+        kill_all(first, second)
 
     records = await assert_exactly_once_pg(sb, store_url, envelopes)
     assert "partitions revoked" in first.log()
@@ -331,18 +307,10 @@ async def test_drain_bound_longer_than_the_session_timeout_still_drains_first(
     topic = await create_topic(kafka_bootstrap, random_topic_name("slowdrain"), 12, with_sinks=True)
     envelopes = await publish_one_per_partition(kafka_bootstrap, topic, "slow-drain", "slow")
     common: dict[str, Any] = daemon_args(
-        kafka_bootstrap,
-        topic,
-        group,
-        store_url,
-        sb.url,
-        max_in_flight=16,
-        rebalance_drain_s=15,
-        session_timeout_ms=6000,
-        lease_s=30,
-        provider_timeout_s=20,
+        kafka_bootstrap, topic, group, store_url, sb.url,
+        max_in_flight=16, rebalance_drain_s=15, session_timeout_ms=6000, lease_s=30, provider_timeout_s=20,
         health_port=0,
-    )
+    )  # fmt: skip
     first = start_daemon(daemon_env(**common, instance_id="first"), tmp_path / "first.log")
     second = None
     try:
@@ -351,9 +319,7 @@ async def test_drain_bound_longer_than_the_session_timeout_still_drains_first(
         await wait_committed_to_end(kafka_bootstrap, group, topic, 90)
         stop_all(first, second)
     finally:
-        first.kill()
-        if second is not None:
-            second.kill()
+        kill_all(first, second)
     await assert_exactly_once_pg(sb, store_url, envelopes)
     assert "abandoned" not in first.log()
     # Drain first: the revoked partitions' offsets were committed before they moved, so the new owner got
@@ -389,15 +355,7 @@ async def test_server_terminated_connections_are_store_errors(store_url: str) ->
                 while not stop.is_set():
                     key = "idv_term_" + uuid.uuid4().hex
                     try:
-                        await store.claim(
-                            key=key,
-                            message_id=key,
-                            operation="aml_screening",
-                            fingerprint="fp",
-                            owner="o",
-                            lease_s=30,
-                            retention_s=3600,
-                        )
+                        await claim_key(store, key, owner="o", fp="fp")
                         await store.complete(key, "o", Outcome("approved"))
                         done += 1
                     except (StoreError, LeaseLost):
@@ -438,20 +396,12 @@ async def test_store_outage_holds_commits_and_resumes(
 
     sb.faults(latency_ms=200)
     topic = await create_topic(kafka_bootstrap, random_topic_name("pgdown"), 8, with_sinks=True)
-    unique = make_envelopes(400, subjects=400, seed=21)
-    await publish(kafka_bootstrap, topic, unique)
+    unique = await publish_new(kafka_bootstrap, topic, 400, subjects=400, seed=21)
     url = private_pg.url
     env = daemon_env(
-        kafka_bootstrap,
-        topic,
-        group,
-        url,
-        sb.url,
-        max_in_flight=8,
-        lease_s=10,
-        provider_timeout_s=5,
-        health_port=0,
-    )
+        kafka_bootstrap, topic, group, url, sb.url,
+        max_in_flight=8, lease_s=10, provider_timeout_s=5, health_port=0,
+    )  # fmt: skip
     proc = start_daemon(env, tmp_path / "daemon.log")
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()

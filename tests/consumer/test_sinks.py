@@ -18,6 +18,7 @@ from tests.consumer.conftest import (
     committed_offsets,
     daemon_env,
     keys_for,
+    kill_all,
     publish,
     publish_raw,
     read_all,
@@ -31,6 +32,7 @@ from tests.consumer.conftest import (
 from tests.consumer.test_exactly_once import (
     assert_exactly_once,
     make_envelopes,
+    publish_new,
     run_until_committed,
     settings_for,
 )
@@ -116,15 +118,9 @@ async def test_every_dead_letter_reason_with_original_bytes_and_headers(
     positions = await publish_raw(kafka_bootstrap, topic, records, partition=2)
     sb.faults(script=["500", "500"])
     env = daemon_env(
-        kafka_bootstrap,
-        topic,
-        group,
-        sqlite_url,
-        sb.url,
-        max_message_bytes=64 * 1024,
-        provider_max_attempts=2,
-        max_in_flight=1,
-    )
+        kafka_bootstrap, topic, group, sqlite_url, sb.url,
+        max_message_bytes=64 * 1024, provider_max_attempts=2, max_in_flight=1,
+    )  # fmt: skip
     proc = await run_to_end(env, tmp_path / "d.log", timeout=60)
     letters = await read_all(kafka_bootstrap, f"{topic}.dlq")
     by_reason = {headers_of(m)["idv-dlq-reason"].decode(): m for m in letters}
@@ -220,19 +216,11 @@ async def test_provider_outage_pauses_instead_of_flooding_the_dead_letter_topic(
     kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path, group: str
 ) -> None:
     sb.faults(error_rate=1.0)
-    unique = make_envelopes(200, subjects=200)
-    await publish(kafka_bootstrap, topic, unique)
+    unique = await publish_new(kafka_bootstrap, topic, 200, subjects=200)
     env = daemon_env(
-        kafka_bootstrap,
-        topic,
-        group,
-        sqlite_url,
-        sb.url,
-        provider_max_attempts=4,
-        breaker_min_calls=10,
-        breaker_open_s=1,
-        max_in_flight=16,
-    )
+        kafka_bootstrap, topic, group, sqlite_url, sb.url,
+        provider_max_attempts=4, breaker_min_calls=10, breaker_open_s=1, max_in_flight=16,
+    )  # fmt: skip
     proc = start_daemon(env, tmp_path / "d.log")
     try:
         started = time.monotonic()
@@ -265,8 +253,7 @@ async def test_transactional_results_survive_sigkill_between_results_and_commit(
     """Results and offsets commit atomically: a kill inside the transaction leaves no visible result without
     its commit, and after the restart every message has exactly one visible result."""
     sb.faults(latency_ms=50)  # ~2 s of work at 8 in flight: several transactions
-    unique = make_envelopes(300, subjects=300)
-    await publish(kafka_bootstrap, topic, unique)
+    unique = await publish_new(kafka_bootstrap, topic, 300, subjects=300)
     group = "g-" + uuid.uuid4().hex[:8]
     common = dict(
         max_in_flight=8,
@@ -304,8 +291,7 @@ async def test_an_unexpected_error_on_one_message_dead_letters_it_and_the_daemon
 ) -> None:
     from consumer.daemon import Daemon
 
-    unique = make_envelopes(30, subjects=3)
-    await publish(kafka_bootstrap, topic, unique)
+    unique = await publish_new(kafka_bootstrap, topic, 30, subjects=3)
     settings = settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url)
     daemon = Daemon(settings)
     real = daemon.processor.handle
@@ -375,14 +361,9 @@ async def test_two_instances_with_one_transactional_id_stop_with_a_clear_error(
     """The same IDV_INSTANCE_ID twice: the fenced instance exits 2 saying so, instead of crash-looping on an
     AssertionError; the other one goes on and finishes the topic."""
     env = daemon_env(
-        kafka_bootstrap,
-        topic,
-        group,
-        sqlite_url,
-        sb.url,
-        results_transactional="true",
-        instance_id="same-" + uuid.uuid4().hex[:6],
-    )
+        kafka_bootstrap, topic, group, sqlite_url, sb.url,
+        results_transactional="true", instance_id="same-" + uuid.uuid4().hex[:6],
+    )  # fmt: skip
     await publish(kafka_bootstrap, topic, make_envelopes(40, subjects=40))
     first = start_daemon(env, tmp_path / "first.log")
     second = None
@@ -403,9 +384,7 @@ async def test_two_instances_with_one_transactional_id_stop_with_a_clear_error(
         assert second.proc.poll() is None, second.log()[-2000:]
         second.stop_cleanly()
     finally:
-        first.kill()
-        if second is not None:
-            second.kill()
+        kill_all(first, second)
 
 
 async def test_a_dead_letter_that_can_never_be_written_becomes_a_stub_or_is_counted_lost(

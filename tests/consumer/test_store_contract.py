@@ -24,6 +24,7 @@ from consumer.store import Claim, ClaimStatus, DedupeStore, Outcome, Record, Sta
 from consumer.store.base import COLUMNS, Decision, decide_claim, dump_outcome, record_from_row
 from producer.envelope import Envelope
 from tests.conftest import service_missing
+from tests.consumer.conftest import claim_key
 
 pytestmark = pytest.mark.anyio
 
@@ -79,16 +80,7 @@ def _key() -> str:
     return "idv_" + uuid.uuid4().hex
 
 
-async def _claim(store: DedupeStore, key: str, owner: str = "a", fp: str = "fp1", lease: float = 30.0):  # type: ignore[no-untyped-def]
-    return await store.claim(
-        key=key,
-        message_id="m-" + key[-6:],
-        operation="aml_screening",
-        fingerprint=fp,
-        owner=owner,
-        lease_s=lease,
-        retention_s=3600.0,
-    )
+_claim = claim_key
 
 
 async def test_first_claim_acquires(store: DedupeStore) -> None:

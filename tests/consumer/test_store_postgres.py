@@ -26,7 +26,7 @@ from anyio.abc import SocketAttribute
 from consumer.errors import LeaseLost, StoreError
 from consumer.store import Claim, ClaimStatus, Outcome, State, open_store
 from consumer.store.postgres import SCHEMA_VERSION, PostgresStore, migrate, migrate_url
-from tests.conftest import service_missing
+from tests.consumer.conftest import claim_key, pg_schema
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -39,14 +39,6 @@ class FakeClock:
         return self.now
 
 
-@pytest.fixture
-def pg_url() -> str:
-    url = os.environ.get("IDV_TEST_POSTGRES_URL", "")
-    if not url:
-        service_missing("PostgreSQL (IDV_TEST_POSTGRES_URL is not set)", "bash scripts/postgres.sh start")
-    return url
-
-
 def _with_query(url: str, **params: str) -> str:
     parts = urlsplit(url)
     query = "&".join([parts.query] * bool(parts.query) + [f"{k}={v}" for k, v in params.items()])
@@ -56,37 +48,15 @@ def _with_query(url: str, **params: str) -> str:
 @pytest.fixture
 async def schema_url(pg_url: str) -> AsyncIterator[str]:
     """A URL whose connections work in a fresh, empty schema of their own."""
-    schema = "idv_test_" + uuid.uuid4().hex[:12]
-    admin = await asyncpg.connect(pg_url)
-    try:
-        await admin.execute(f"CREATE SCHEMA {schema}")
-        yield _with_query(pg_url, search_path=schema)
-    finally:
-        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await admin.close()
+    async with pg_schema(pg_url, "idv_test_") as url:
+        yield url
 
 
 def _key() -> str:
     return "idv_pg_" + uuid.uuid4().hex
 
 
-async def _claim(
-    store: PostgresStore,
-    key: str,
-    owner: str = "a",
-    fp: str = "fp1",
-    lease: float = 30.0,
-    retention: float = 3600.0,
-) -> Claim:
-    return await store.claim(
-        key=key,
-        message_id="m-" + key[-6:],
-        operation="aml_screening",
-        fingerprint=fp,
-        owner=owner,
-        lease_s=lease,
-        retention_s=retention,
-    )
+_claim = claim_key
 
 
 class TcpProxy:
@@ -121,7 +91,13 @@ class TcpProxy:
                 return
             async with upstream, anyio.create_task_group() as tg:
                 tg.start_soon(self._pump, client, upstream, tg.cancel_scope)
-                tg.start_soon(self._pump, upstream, client, tg.cancel_scope)
+                tg.start_soon(self._answer, upstream, client, tg.cancel_scope)
+
+    async def _answer(
+        self, src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream, scope: anyio.CancelScope
+    ) -> None:
+        """The server's replies, to the client (a subclass may interfere)."""
+        await self._pump(src, dst, scope)
 
     @staticmethod
     async def _pump(
@@ -552,17 +528,7 @@ class ReplyCutter(TcpProxy):
 
     cut_next_reply = False
 
-    async def _handle(self, client: anyio.abc.SocketStream) -> None:
-        async with client:
-            try:
-                upstream = await anyio.connect_tcp(*self.upstream)
-            except OSError:
-                return
-            async with upstream, anyio.create_task_group() as tg:
-                tg.start_soon(self._pump, client, upstream, tg.cancel_scope)
-                tg.start_soon(self._replies, upstream, client, tg.cancel_scope)
-
-    async def _replies(
+    async def _answer(
         self, src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream, scope: anyio.CancelScope
     ) -> None:
         try:

@@ -35,7 +35,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft7Validator, ValidationError, validators  # the `test` extra; never skipped
 
-import producer.envelope as envelope_module
+import producer.envelope as wire
 import producer.errors as errors_module
 from consumer import sinks
 from consumer.settings import Settings
@@ -48,23 +48,9 @@ from producer.contract import (
     envelope_schema,
     result_schema,
 )
-from producer.envelope import (
-    HEADER_MESSAGE_ID,
-    HEADER_OPERATION,
-    HEADER_SCHEMA_VERSION,
-    MAX_CORRELATION_LENGTH,
-    MAX_DOCUMENT_URI_LENGTH,
-    MAX_ID_LENGTH,
-    MAX_INLINE_IMAGE_CHARS,
-    MAX_MESSAGE_BYTES,
-    MAX_SUBJECT_LENGTH,
-    OPERATIONS,
-    SCHEMA_VERSION,
-    decode,
-)
 from producer.errors import EnvelopeError
 
-CONTRACT_DIR = Path(envelope_module.__file__).parent / "contract"
+CONTRACT_DIR = Path(wire.__file__).parent / "contract"
 
 
 def _ecma(pattern: str) -> str:
@@ -126,7 +112,7 @@ class Case:
     reason: str
     value: bytes | None
     headers: list[tuple[str, bytes]] = field(default_factory=list)
-    max_bytes: int = MAX_MESSAGE_BYTES
+    max_bytes: int = wire.MAX_MESSAGE_BYTES
 
 
 def case(name: str, reason: str, obj: object, headers: list[tuple[str, bytes]] | None = None) -> Case:
@@ -146,7 +132,7 @@ EXPRESSIBLE = [
     case("message_id null", "missing_message_id", good(message_id=None)),
     case("message_id empty", "missing_message_id", good(message_id="")),
     case("message_id a number", "invalid_envelope", good(message_id=42)),
-    case("message_id 129 characters", "invalid_envelope", good(message_id="m" * (MAX_ID_LENGTH + 1))),
+    case("message_id 129 characters", "invalid_envelope", good(message_id="m" * (wire.MAX_ID_LENGTH + 1))),
     case("message_id starts with a symbol", "invalid_envelope", good(message_id="-abc")),
     case("message_id with a space", "invalid_envelope", good(message_id="a b")),
     case("message_id with a trailing newline", "invalid_envelope", good(message_id="abc\n")),
@@ -158,13 +144,15 @@ EXPRESSIBLE = [
     case("subject_id missing", "invalid_envelope", good(subject_id=_ABSENT)),
     case("subject_id empty", "invalid_envelope", good(subject_id="")),
     case("subject_id a list", "invalid_envelope", good(subject_id=["a"])),
-    case("subject_id 257 characters", "invalid_envelope", good(subject_id="s" * (MAX_SUBJECT_LENGTH + 1))),
+    case(
+        "subject_id 257 characters", "invalid_envelope", good(subject_id="s" * (wire.MAX_SUBJECT_LENGTH + 1))
+    ),
     case("subject_id with a slash first", "invalid_envelope", good(subject_id="/a")),
     case("correlation_id a number", "invalid_envelope", good(correlation_id=5)),
     case(
         "correlation_id 257 characters",
         "invalid_envelope",
-        good(correlation_id="c" * (MAX_CORRELATION_LENGTH + 1)),
+        good(correlation_id="c" * (wire.MAX_CORRELATION_LENGTH + 1)),
     ),
     case("created_at missing", "invalid_envelope", good(created_at=_ABSENT)),
     case("created_at a number", "invalid_envelope", good(created_at=1764367200)),
@@ -195,14 +183,14 @@ EXPRESSIBLE = [
             ("front_image a number", {"document_type": "passport", "front_image": 5}),
             (
                 "inline front_image over the limit",
-                {"document_type": "passport", "front_image": "A" * (MAX_INLINE_IMAGE_CHARS + 1)},
+                {"document_type": "passport", "front_image": "A" * (wire.MAX_INLINE_IMAGE_CHARS + 1)},
             ),
             (
                 "inline back_image over the limit",
                 {
                     "document_type": "passport",
                     "front_image": "aGk=",
-                    "back_image": "A" * (MAX_INLINE_IMAGE_CHARS + 1),
+                    "back_image": "A" * (wire.MAX_INLINE_IMAGE_CHARS + 1),
                 },
             ),
             (
@@ -231,7 +219,7 @@ EXPRESSIBLE = [
                 "reference URI too long",
                 {
                     "document_type": "passport",
-                    "front_image": {"document": "local:" + "a" * MAX_DOCUMENT_URI_LENGTH},
+                    "front_image": {"document": "local:" + "a" * wire.MAX_DOCUMENT_URI_LENGTH},
                 },
             ),
         )
@@ -252,7 +240,7 @@ SCHEMA_GAPS: dict[str, tuple[str, str]] = {
     "calendar": ("(6) created_at is a real date/time: a pattern checks the shape only", "calendar"),
     "header": (
         "(7) the idv-message-id header agrees with the body: headers are not in the value",
-        HEADER_MESSAGE_ID,
+        wire.HEADER_MESSAGE_ID,
     ),
     "bigint": (
         "(8) every integer in the request fits in 64 bits: no bound covers a free-form request",
@@ -260,7 +248,7 @@ SCHEMA_GAPS: dict[str, tuple[str, str]] = {
     ),
 }
 
-OVERSIZED = orjson.dumps(good(padding="x" * MAX_MESSAGE_BYTES))
+OVERSIZED = orjson.dumps(good(padding="x" * wire.MAX_MESSAGE_BYTES))
 # (gap, case, the parsed value the schema would see, or None when there is none)
 GAP_CASES: list[tuple[str, Case, object]] = [
     ("size", Case("value over the byte limit", "too_large", OVERSIZED), orjson.loads(OVERSIZED)),
@@ -324,7 +312,7 @@ GAP_CASES: list[tuple[str, Case, object]] = [
     ),
     (
         "header",
-        case("header disagrees with body", "invalid_envelope", good(), [(HEADER_MESSAGE_ID, b"other")]),
+        case("header disagrees with body", "invalid_envelope", good(), [(wire.HEADER_MESSAGE_ID, b"other")]),
         good(),
     ),
     (
@@ -333,7 +321,7 @@ GAP_CASES: list[tuple[str, Case, object]] = [
             "header twice, different values",
             "invalid_envelope",
             good(),
-            [(HEADER_MESSAGE_ID, b"msg-1"), (HEADER_MESSAGE_ID, b"msg-2")],
+            [(wire.HEADER_MESSAGE_ID, b"msg-1"), (wire.HEADER_MESSAGE_ID, b"msg-2")],
         ),
         good(),
     ),
@@ -342,7 +330,7 @@ GAP_CASES: list[tuple[str, Case, object]] = [
 
 def rejection(c: Case) -> EnvelopeError:
     with pytest.raises(EnvelopeError) as info:
-        decode(c.value, c.headers, max_bytes=c.max_bytes)
+        wire.decode(c.value, c.headers, max_bytes=c.max_bytes)
     return info.value
 
 
@@ -351,11 +339,11 @@ def rejection(c: Case) -> EnvelopeError:
 
 def test_every_schema_example_is_valid_and_decodes(schema: dict[str, Any]) -> None:
     examples = schema["examples"]
-    assert {e["operation"] for e in examples} == set(OPERATIONS), "one example per operation at least"
+    assert {e["operation"] for e in examples} == set(wire.OPERATIONS), "one example per operation at least"
     for example in examples:
         EcmaDraft7(schema).validate(example)
         Draft7Validator(schema).validate(example)  # and with the plain validator
-        env = decode(orjson.dumps(example), [(HEADER_MESSAGE_ID, example["message_id"].encode())])
+        env = wire.decode(orjson.dumps(example), [(wire.HEADER_MESSAGE_ID, example["message_id"].encode())])
         for name in ("schema_version", "message_id", "operation", "subject_id", "created_at", "request"):
             assert getattr(env, name) == example[name]
         assert env.correlation_id == example.get("correlation_id")
@@ -397,29 +385,29 @@ def test_result_schema_examples_and_the_real_event(schema: dict[str, Any]) -> No
 
 def test_schema_constants_match_the_decoder(schema: dict[str, Any]) -> None:
     props = schema["properties"]
-    assert props["schema_version"]["const"] == SCHEMA_VERSION
-    assert props["operation"]["enum"] == list(OPERATIONS)
-    id_pattern = "^" + envelope_module._ID_RE.pattern + "$"
-    for name, limit in (("id128", MAX_ID_LENGTH), ("id256", MAX_SUBJECT_LENGTH)):
+    assert props["schema_version"]["const"] == wire.SCHEMA_VERSION
+    assert props["operation"]["enum"] == list(wire.OPERATIONS)
+    id_pattern = "^" + wire._ID_RE.pattern + "$"
+    for name, limit in (("id128", wire.MAX_ID_LENGTH), ("id256", wire.MAX_SUBJECT_LENGTH)):
         assert schema["definitions"][name]["pattern"] == id_pattern
         assert schema["definitions"][name]["maxLength"] == limit
     assert props["message_id"]["$ref"] == "#/definitions/id128"
     assert props["subject_id"]["$ref"] == "#/definitions/id256"
-    assert props["correlation_id"]["maxLength"] == MAX_CORRELATION_LENGTH
+    assert props["correlation_id"]["maxLength"] == wire.MAX_CORRELATION_LENGTH
     branches = {b["if"]["properties"]["operation"]["const"]: b["then"] for b in schema["allOf"]}
-    assert set(branches) == set(OPERATIONS)
-    for name, op in OPERATIONS.items():
+    assert set(branches) == set(wire.OPERATIONS)
+    for name, op in wire.OPERATIONS.items():
         ref = branches[name]["properties"]["request"]["$ref"]
         assert ref == f"#/definitions/request_{name}"
         req = schema["definitions"][f"request_{name}"]
         assert tuple(req["required"]) == op.required
         assert op.path in req["description"]
     reference = schema["definitions"]["documentReference"]["properties"]["document"]
-    assert reference["pattern"] == "^" + envelope_module._URI_RE.pattern + "$"
-    assert reference["maxLength"] == MAX_DOCUMENT_URI_LENGTH
+    assert reference["pattern"] == "^" + wire._URI_RE.pattern + "$"
+    assert reference["maxLength"] == wire.MAX_DOCUMENT_URI_LENGTH
     inline = schema["definitions"]["image"]["oneOf"][1]
-    assert inline["maxLength"] == MAX_INLINE_IMAGE_CHARS
-    for name, op in OPERATIONS.items():
+    assert inline["maxLength"] == wire.MAX_INLINE_IMAGE_CHARS
+    for name, op in wire.OPERATIONS.items():
         properties = schema["definitions"][f"request_{name}"].get("properties", {})
         assert {f for f, p in properties.items() if p == {"$ref": "#/definitions/image"}} == set(op.documents)
     assert set(schema["required"]) == {
@@ -437,7 +425,7 @@ def test_schema_constants_match_the_decoder(schema: dict[str, Any]) -> None:
 
 def decoder_reasons() -> set[str]:
     """Every reason code the decoder can raise, read from its source (not from a list kept by hand)."""
-    source = inspect.getsource(envelope_module) + inspect.getsource(errors_module)
+    source = inspect.getsource(wire) + inspect.getsource(errors_module)
     found = set(re.findall(r'EnvelopeError\(\s*"(\w+)"', source))
     found |= set(re.findall(r'missing_reason="(\w+)"', source))
     found |= set(re.findall(r'super\(\).__init__\("(\w+)"', source))
@@ -494,7 +482,7 @@ def test_every_gap_is_stated_in_the_schema_description(schema: dict[str, Any]) -
 
 def _raise_sites() -> set[tuple[str, int, int]]:
     """(function, first line, last line) of every ``raise`` of the decoding path in producer/envelope.py."""
-    path = envelope_module.__file__
+    path = wire.__file__
     tree = ast.parse(Path(path).read_text(encoding="utf-8"))
     wanted = {"decode", "validate_fields", "_check_id", "_check_document", "_header", "get_operation"}
     sites = set()
@@ -516,7 +504,7 @@ def test_every_raise_site_of_the_decoder_is_hit_by_a_counterexample() -> None:
         tb = rejection(c).__traceback__
         line = 0
         while tb is not None:
-            if tb.tb_frame.f_code.co_filename == envelope_module.__file__:
+            if tb.tb_frame.f_code.co_filename == wire.__file__:
                 line = tb.tb_lineno
             tb = tb.tb_next
         hit.add(line)
@@ -524,10 +512,10 @@ def test_every_raise_site_of_the_decoder_is_hit_by_a_counterexample() -> None:
     # parse can never produce a Python integer beyond 64 bits (orjson reads it as a float).
     for obj in ENCODE_ONLY:
         with pytest.raises(EnvelopeError) as info:
-            envelope_module.validate_fields(obj)
+            wire.validate_fields(obj)
         tb = info.value.__traceback__
         while tb is not None:
-            if tb.tb_frame.f_code.co_filename == envelope_module.__file__:
+            if tb.tb_frame.f_code.co_filename == wire.__file__:
                 line = tb.tb_lineno
             tb = tb.tb_next
         hit.add(line)
@@ -545,7 +533,7 @@ _ID_CHARS = st.text(alphabet=st.characters(codec="utf-8"), max_size=140) | st.te
 def test_schema_and_decoder_agree_on_ids(message_id: str, subject_id: str, correlation: str | None) -> None:
     obj = good(message_id=message_id, subject_id=subject_id, correlation_id=correlation)
     try:
-        decode(orjson.dumps(obj))
+        wire.decode(orjson.dumps(obj))
     except EnvelopeError:
         decoder_ok = False
     else:
@@ -618,18 +606,18 @@ def test_asyncapi_topics_are_the_default_settings(asyncapi: dict[str, Any]) -> N
     assert group == s.group_id
 
 
-def test_asyncapi_request_message_matches_the_envelope_module(asyncapi: dict[str, Any]) -> None:
+def test_asyncapi_request_message_matches_the_wire(asyncapi: dict[str, Any]) -> None:
     message = asyncapi["components"]["messages"]["verificationRequest"]
     assert set(message["headers"]["properties"]) == {
-        HEADER_MESSAGE_ID,
-        HEADER_OPERATION,
-        HEADER_SCHEMA_VERSION,
+        wire.HEADER_MESSAGE_ID,
+        wire.HEADER_OPERATION,
+        wire.HEADER_SCHEMA_VERSION,
     }
     assert message["payload"]["schemaFormat"] == "application/schema+json;version=draft-07"
     assert message["payload"]["schema"]["$ref"] == "./envelope.schema.json"
     assert envelope_schema()["$schema"].startswith("http://json-schema.org/draft-07/")
     # The headers a real producer writes validate against the header schema, and the key is subject_id.
-    env = envelope_module.envelope_from_dict(good())
+    env = wire.envelope_from_dict(good())
     headers = {k: v.decode() for k, v in env.headers()}
     EcmaDraft7(message["headers"]).validate(headers)
     assert set(headers) == set(message["headers"]["properties"])
@@ -640,10 +628,10 @@ def test_asyncapi_request_message_matches_the_envelope_module(asyncapi: dict[str
 def test_asyncapi_result_message_matches_the_sinks(asyncapi: dict[str, Any]) -> None:
     message = asyncapi["components"]["messages"]["verificationResult"]
     assert message["payload"]["schema"]["$ref"] == "./result.schema.json"
-    assert message["headers"]["required"] == [HEADER_MESSAGE_ID]
+    assert message["headers"]["required"] == [wire.HEADER_MESSAGE_ID]
     # The results header literal in consumer/sinks/results.py is the envelope's header name.
     assert set(re.findall(r'\("(idv-[a-z-]+)", (?:record\.)?message_id', inspect.getsource(results))) == {
-        HEADER_MESSAGE_ID
+        wire.HEADER_MESSAGE_ID
     }
 
 
@@ -668,7 +656,7 @@ def test_asyncapi_dead_letter_headers_match_the_sinks(asyncapi: dict[str, Any]) 
         checksum=None,
         serialized_key_size=11,
         serialized_value_size=2,
-        headers=[(HEADER_MESSAGE_ID, b"msg-1"), ("custom", b"kept")],
+        headers=[(wire.HEADER_MESSAGE_ID, b"msg-1"), ("custom", b"kept")],
     )
     for reason in sinks.DLQ_REASONS:
         written = sinks.dead_letter_headers(
@@ -712,9 +700,9 @@ async def test_the_documented_kcat_example_produces_a_valid_request(kafka_bootst
     finally:
         await consumer.stop()
     (record,) = [r for records in batch.values() for r in records]
-    env = decode(record.value, record.headers)  # header idv-message-id checked against the body
+    env = wire.decode(record.value, record.headers)  # header idv-message-id checked against the body
     assert record.key == env.subject_id.encode()
-    assert dict(record.headers)[HEADER_MESSAGE_ID] == env.message_id.encode()
+    assert dict(record.headers)[wire.HEADER_MESSAGE_ID] == env.message_id.encode()
     assert schema_accepts(envelope_schema(), orjson.loads(record.value))
     # murmur2_random: the same partition the Java client and aiokafka (idv-publish) choose.
     assert record.partition == DefaultPartitioner()(record.key, list(range(8)), list(range(8)))
@@ -726,13 +714,13 @@ async def test_the_documented_kcat_example_produces_a_valid_request(kafka_bootst
         {"document": "local:sha256/ab/" + "ab" * 32 + ".jpg"},
         {"document": "https://docs.example.com/kyc/1?v=2"},
         {"document": "s3://bucket/key"},  # any scheme: whether the daemon serves it is decided at open
-        {"document": "local:" + "a" * (MAX_DOCUMENT_URI_LENGTH - len("local:"))},
-        "A" * MAX_INLINE_IMAGE_CHARS,
+        {"document": "local:" + "a" * (wire.MAX_DOCUMENT_URI_LENGTH - len("local:"))},
+        "A" * wire.MAX_INLINE_IMAGE_CHARS,
         "aGVsbG8=",
     ],
 )
 def test_images_accepted_by_decoder_and_schema(image: object, schema: dict[str, Any]) -> None:
     obj = good(operation="id_verification", request={"document_type": "passport", "front_image": image})
     obj["request"]["back_image"] = image
-    assert decode(orjson.dumps(obj)).request["front_image"] == image
+    assert wire.decode(orjson.dumps(obj)).request["front_image"] == image
     assert schema_accepts(schema, obj)
