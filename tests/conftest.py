@@ -6,6 +6,7 @@ is skipped with the command that starts it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -89,6 +90,21 @@ async def topic(kafka_bootstrap: str) -> AsyncIterator[str]:
     name = random_topic_name()
     await create_topic(kafka_bootstrap, name, 8, with_sinks=True)
     yield name
+    await delete_topics(kafka_bootstrap, [name, f"{name}.dlq", f"{name}.results"])
+
+
+async def delete_topics(bootstrap: str, names: list[str]) -> None:
+    """Best effort: the suite creates thousands of partitions, and a broker keeps files open for each of
+    them; past the fd limit (20,000 here) it dies with "Too many open files". A test's topics go with it."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    with contextlib.suppress(Exception):  # the broker may be down (a test stopped it): nothing to clean
+        await admin.start()
+        try:
+            await admin.delete_topics(names)
+        finally:
+            await admin.close()
 
 
 @pytest.fixture
