@@ -62,6 +62,8 @@ from consumer.provider import ProviderClient, classify_status
 from consumer.retention import purge_forever
 from consumer.settings import Settings
 from consumer.store import DedupeStore, open_store
+from consumer.workflows.poller import Poller
+from consumer.workflows.wiring import build_engine
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,10 @@ class Daemon:
             stats=self.stats,
             on_store_op=self.metrics.store_op,
         )
+        # Workflows (consumer/workflows/): kyc_workflow requests and the provider events topic.
+        self.workflows = build_engine(settings, self.store, self.provider, owner=self.owner)
+        self.processor.workflows = self.workflows
+        self.poller: Poller | None = None
         self.sinks = wiring.build_sinks(
             settings,
             dlq_topic=settings.dead_letter_topic,
@@ -226,7 +232,14 @@ class Daemon:
         except StoreError as exc:
             raise StoreUnavailable(f"cannot open the dedupe store: {exc}") from None
         try:
-            await self._run_open(topics)
+            try:
+                await self.workflows.store.open()
+            except StoreError as exc:
+                raise StoreUnavailable(f"cannot open the workflow store: {exc}") from None
+            try:
+                await self._run_open(topics)
+            finally:
+                await self.workflows.store.close()
         finally:
             # Not inside a shielded scope: the SQLite store's writer task group was entered in open().
             await self.store.close()
@@ -253,6 +266,7 @@ class Daemon:
                     await self.sinks.start()
                 except KafkaError as exc:
                     raise BrokerUnavailable(f"cannot start the producer: {type(exc).__name__}") from None
+                topics = self._with_events_topic(topics, existing)
                 consumer.subscribe(topics, listener=_Listener(self))
                 log.info("consumer started", extra={"owner": self.owner, "topics": topics})
                 async with anyio.create_task_group() as tg:
@@ -262,6 +276,8 @@ class Daemon:
                     if self.settings.purge_interval_s > 0:
                         tg.start_soon(purge_forever, self.store, self.settings.purge_interval_s)
                     tg.start_soon(collect_young_forever)
+                    if self.poller is not None:
+                        tg.start_soon(self.poller.run_forever)
                     await self._fetch_loop()
                     await self._drain(0.0 if self.fatal else self.settings.drain_timeout_s)
                     await self._commit_now("shutdown")
@@ -271,6 +287,28 @@ class Daemon:
                 with anyio.CancelScope(shield=True):
                     await self.sinks.stop()
                     await consumer.stop()
+
+    def _with_events_topic(self, topics: list[str], existing: set[str]) -> list[str]:
+        """The request topics plus the provider events topic when it exists (and the poller with it)."""
+        events = self.settings.provider_events_topic
+        if events is None or events not in existing:
+            if events is not None:
+                log.info("events topic %s not found: workflows advance by their requests only", events)
+            self.workflows.events_topic = None
+            return topics
+        s = self.settings
+
+        async def publish(key: bytes, value: bytes) -> None:
+            await self.sinks.publish_event(events, key, value)
+
+        self.poller = Poller(
+            self.workflows,
+            publish,
+            interval_s=s.workflow_scan_interval_s,
+            concurrency=s.workflow_poll_concurrency,
+            on_fatal=self._set_fatal,
+        )
+        return [*topics, events] if events not in topics else topics
 
     def stop(self) -> None:
         """Stop fetching; :meth:`run` drains, commits and returns."""

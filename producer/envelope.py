@@ -104,6 +104,9 @@ def get_operation(name: str) -> Operation:
 register_operation(Operation("create_session", "/v3/session/", ("workflow_id",), "session_id"))
 register_operation(Operation("id_verification", "/v3/id-verification/", ("document_type", "front_image")))
 register_operation(Operation("aml_screening", "/v3/aml/", ("full_name",)))
+# A whole verification (consumer/workflows/, docs/workflows.md): session → decision → AML on approval.
+# The path is its first step's; each step has its own idempotency key.
+register_operation(Operation("kyc_workflow", "/v3/session/", ("workflow_id",), "session_id"))
 
 
 def _now_iso() -> str:
