@@ -306,6 +306,7 @@ class Daemon:
             publish,
             interval_s=s.workflow_scan_interval_s,
             concurrency=s.workflow_poll_concurrency,
+            stall_after_s=max(60.0, 2 * s.lease_s),
             on_fatal=self._set_fatal,
         )
         return [*topics, events] if events not in topics else topics

@@ -201,7 +201,7 @@ def event_from_webhook(body: dict[str, Any], raw: bytes) -> Event | None:
     ts = float(ts_raw) if isinstance(ts_raw, int | float) and not isinstance(ts_raw, bool) else None
     if ts is not None:
         event_id = f"{webhook_type}:{status}:{ts:.3f}"
-    elif webhook_type in ("idv.poll", "idv.timeout"):
+    elif webhook_type in ("idv.poll", "idv.timeout", "idv.resume"):
         event_id = f"{webhook_type}:{status}"
     else:
         event_id = "sha256:" + hashlib.sha256(raw).hexdigest()[:32]

@@ -10,7 +10,12 @@ Every ``IDV_WORKFLOW_SCAN_INTERVAL_S`` the poller reads waiting workflows whose 
 3. publishes what it found as a synthetic event (``webhook_type`` ``idv.poll`` / ``idv.timeout``, only
    the session id and status) to the events topic, keyed by session id.
 
-The poller changes nothing but ``due_at``: the event goes through the same consumer path as a webhook
+It also *resumes* workflows that were decided (or screened) but not finished and have not changed for
+``stall_after_s`` (the message advancing them was set aside after a step kept failing, or its handler died
+and a later message committed past it): a synthetic ``idv.resume`` event, which changes nothing by itself,
+makes the consumer advance the workflow from its recovery point.
+
+The poller changes nothing but ``due_at`` (and, for a resume, ``updated_at``): the event goes through the same consumer path as a webhook
 (deduplicated on apply, committed only after its effect is durable, its result events published in the
 same transaction in transactional mode). A crash between the CAS and the publish loses one poll; the next
 one is due after the backoff.
@@ -22,6 +27,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import anyio
+import orjson
 
 from consumer.errors import ProviderAuthError
 from consumer.workflows.engine import WorkflowEngine
@@ -45,6 +51,7 @@ class Poller:
         interval_s: float,
         concurrency: int,
         batch: int = 500,
+        stall_after_s: float = 300.0,
         on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.engine = engine
@@ -52,6 +59,8 @@ class Poller:
         self.interval_s = interval_s
         self.concurrency = concurrency
         self.batch = batch
+        self.stall_after_s = stall_after_s
+        self.resumed = 0
         self.on_fatal = on_fatal
         self.polls = 0
         self.timeouts = 0
@@ -73,7 +82,10 @@ class Poller:
     async def scan_once(self) -> int:
         """One scan; returns how many workflows it polled."""
         store = self.engine.store
-        due = await store.due(self.engine.clock(), self.batch)
+        now = self.engine.clock()
+        for wf in await store.stalled(now - self.stall_after_s, self.batch):
+            await self._resume(wf, now)
+        due = await store.due(now, self.batch)
         if not due:
             return 0
         limiter = anyio.Semaphore(self.concurrency)
@@ -89,6 +101,16 @@ class Poller:
             for wf in due:
                 tg.start_soon(one, wf)
         return count
+
+    async def _resume(self, wf: Workflow, now: float) -> None:
+        touched = wf.evolve(version=wf.version + 1, updated_at=now)
+        if await self.engine.store.write(wf, Change(touched)) is not WriteStatus.OK:
+            return
+        assert wf.session_id is not None
+        body = orjson.dumps({"session_id": wf.session_id, "webhook_type": "idv.resume", "status": None})
+        await self.publish(wf.session_id.encode(), body)
+        self.resumed += 1
+        log.warning("resuming a workflow stalled at %s", wf.state.value)
 
     async def _poll(self, wf: Workflow) -> bool:
         now = self.engine.clock()

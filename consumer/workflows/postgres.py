@@ -182,6 +182,13 @@ class PostgresWorkflowStore(s.WorkflowStore):
         result: list[Workflow] = await self._run(fn)
         return result
 
+    async def stalled(self, before: float, limit: int) -> list[Workflow]:
+        async def fn(conn: Any) -> list[Workflow]:
+            return [s.row_to_workflow(r) for r in await conn.fetch(_SQL["SQL_STALLED"], before, limit)]
+
+        result: list[Workflow] = await self._run(fn)
+        return result
+
     async def counts(self) -> dict[str, int]:
         async def fn(conn: Any) -> dict[str, int]:
             return {r[0]: r[1] for r in await conn.fetch(_SQL["SQL_COUNTS"])}

@@ -173,6 +173,12 @@ class SqliteWorkflowStore(s.WorkflowStore):
 
         return await self._run(fn)
 
+    async def stalled(self, before: float, limit: int) -> list[Workflow]:
+        def fn(conn: sqlite3.Connection) -> list[Workflow]:
+            return [s.row_to_workflow(row) for row in conn.execute(s.SQL_STALLED, (before, limit))]
+
+        return await self._run(fn)
+
     async def counts(self) -> dict[str, int]:
         def fn(conn: sqlite3.Connection) -> dict[str, int]:
             return dict(conn.execute(s.SQL_COUNTS).fetchall())

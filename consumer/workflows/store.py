@@ -136,6 +136,12 @@ SQL_DUE = (
     f"SELECT {_COLS} FROM idv_workflows WHERE state = 'waiting' AND due_at <= ? "  # noqa: S608
     "ORDER BY due_at LIMIT ?"
 )
+# Decided (or screened) but not finished, untouched for a while: the message that was advancing it was
+# set aside (a step kept failing) or the daemon died with it; the poller resumes it.
+SQL_STALLED = (
+    f"SELECT {_COLS} FROM idv_workflows WHERE state IN ('decided', 'aml_done') AND updated_at <= ? "  # noqa: S608
+    "ORDER BY updated_at LIMIT ?"
+)
 SQL_COUNTS = "SELECT state, COUNT(*) FROM idv_workflows GROUP BY state"
 
 
@@ -231,6 +237,10 @@ class WorkflowStore(abc.ABC):
     @abc.abstractmethod
     async def due(self, now: float, limit: int) -> list[Workflow]:
         """Waiting workflows whose next poll is due, oldest first."""
+
+    @abc.abstractmethod
+    async def stalled(self, before: float, limit: int) -> list[Workflow]:
+        """Decided or screened workflows not changed since ``before`` (their advance stopped)."""
 
     @abc.abstractmethod
     async def counts(self) -> dict[str, int]: ...
