@@ -15,7 +15,8 @@ It also *resumes* workflows that were decided (or screened) but not finished and
 and a later message committed past it): a synthetic ``idv.resume`` event, which changes nothing by itself,
 makes the consumer advance the workflow from its recovery point.
 
-The poller changes nothing but ``due_at`` (and, for a resume, ``updated_at``): the event goes through the same consumer path as a webhook
+The poller changes nothing but ``due_at`` (and, for a resume, ``updated_at``): the event goes through
+the same consumer path as a webhook
 (deduplicated on apply, committed only after its effect is durable, its result events published in the
 same transaction in transactional mode). A crash between the CAS and the publish loses one poll; the next
 one is due after the backoff.
