@@ -1,0 +1,177 @@
+"""Workflows end to end: the daemon as a real process, the real broker, the sandbox over HTTP.
+
+Provider events are published to the events topic the way the webhook intake does (key = session id,
+value = the provider's JSON body). Checked: one session and at most one AML screening per workflow at the
+provider (its ledger, per step key), one final decision per workflow on the results topic, duplicates
+and out-of-order events changing nothing, a late ``data.updated`` becoming revision 2, and waiting
+workflows holding no offsets.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from consumer.store import open_store
+from consumer.workflows.model import Workflow, WState
+from consumer.workflows.store import open_workflow_store
+from producer.envelope import Envelope
+from tests.conftest import create_topic, random_topic_name
+from tests.consumer.conftest import (
+    Sandbox,
+    daemon_env,
+    publish,
+    read_results,
+    start_daemon,
+    wait_committed_to_end,
+    wait_until,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def requests(n: int, prefix: str) -> list[Envelope]:
+    return [
+        Envelope(f"{prefix}-{i}", "kyc_workflow", f"applicant-{prefix}-{i}", {"workflow_id": "wf-kyc"})
+        for i in range(n)
+    ]
+
+
+async def send_events(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
+    await producer.start()
+    try:
+        for body in events:
+            headers = [("idv-provider", b"didit"), ("idv-event-type", str(body["webhook_type"]).encode())]
+            await producer.send(topic, orjson.dumps(body), key=body["session_id"].encode(), headers=headers)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def webhook(wf: Workflow, status: str, ts: float, kind: str = "status.updated") -> dict[str, Any]:
+    return {"session_id": wf.session_id, "status": status, "webhook_type": kind, "created_at": int(ts),
+            "timestamp": ts, "workflow_id": "wf-kyc", "vendor_data": wf.subject_id,
+            "metadata": {"idv_key": wf.session_key}}  # fmt: skip
+
+
+async def rows(url: str) -> list[Workflow]:
+    store = open_workflow_store(url)
+    async with store:
+        return [wf for wf in [await store.get(f"{m}") for m in _ids] if wf is not None]
+
+
+_ids: list[str] = []
+
+
+def workflow_results(values: list[bytes]) -> list[dict[str, Any]]:
+    out = [orjson.loads(v) for v in values]
+    return [r for r in out if r.get("operation") == "kyc_workflow"]
+
+
+async def test_workflows_end_to_end(
+    kafka_bootstrap: str, topic: str, group: str, sb: Sandbox, tmp_path: Path
+) -> None:
+    events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 4)
+    store_url = f"sqlite:///{tmp_path / 'wf.db'}"
+    batch = requests(30, uuid.uuid4().hex[:8])
+    _ids[:] = [e.message_id for e in batch]
+    await publish(kafka_bootstrap, topic, [*batch, *batch[:5]])  # five requests delivered twice
+    env = daemon_env(kafka_bootstrap, topic, group, store_url, sb.url, events_topic=events,
+                     workflow_scan_interval_s=0.5)  # fmt: skip
+    proc = start_daemon(env, tmp_path / "daemon.log")
+    try:
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
+        waiting = await rows(store_url)
+        assert len(waiting) == 30 and {w.state for w in waiting} == {WState.WAITING}
+        effects = sb.side_effects()
+        assert all(effects[w.session_key] == 1 for w in waiting)  # one session per workflow
+        now = time.time()
+        approved, declined = waiting[::2], waiting[1::2]
+        bodies: list[dict[str, Any]] = []
+        for wf in approved:  # out of order and duplicated
+            bodies += [webhook(wf, "Approved", now + 2), webhook(wf, "In Progress", now + 1),
+                       webhook(wf, "Approved", now + 2)]  # fmt: skip
+        for wf in declined:
+            bodies += [webhook(wf, "In Review", now + 1), webhook(wf, "Declined", now + 3)]
+        await send_events(kafka_bootstrap, events, bodies)
+
+        async def all_finished() -> bool:
+            return all(w.state is WState.FINISHED for w in await rows(store_url))
+
+        await wait_until(all_finished, "every workflow finished", timeout=60)
+        await wait_committed_to_end(kafka_bootstrap, group, events, 60)
+        effects = sb.side_effects()
+        finals = {w.message_id: w for w in await rows(store_url)}
+        assert all(effects.get(finals[w.message_id].aml_key) == 1 for w in approved)
+        assert not any(finals[w.message_id].aml_key in effects for w in declined)  # never screened
+
+        # A late data.updated after the final decision: revision 2, the final event unchanged.
+        late = approved[0]
+        await send_events(kafka_bootstrap, events, [webhook(late, "Approved", now + 50, "data.updated")] * 2)
+
+        async def revised() -> bool:
+            return any(w.revision == 2 for w in await rows(store_url))
+
+        await wait_until(revised, "revision 2 recorded", timeout=60)
+        await wait_committed_to_end(kafka_bootstrap, group, events, 60)
+        proc.stop_cleanly()
+    finally:
+        proc.kill()
+    results = workflow_results(await read_results(kafka_bootstrap, f"{topic}.results", "read_committed"))
+    per_revision = Counter((r["message_id"], r["revision"]) for r in results)
+    assert {mid for mid, rev in per_revision if rev == 1} == set(_ids)
+    assert all(n == 1 for n in per_revision.values()), per_revision.most_common(3)
+    assert [k for k in per_revision if k[1] == 2] == [(late.message_id, 2)]
+    by_status = Counter(r["status"] for r in results if r["revision"] == 1)
+    assert by_status == {"approved": len(approved), "declined": len(declined)}
+    first = next(r for r in results if r["message_id"] == late.message_id and r["revision"] == 1)
+    assert first["kind"] == "workflow_decision" and first["steps"]["aml"]["status"] == "approved"
+    assert "full_name" not in orjson.dumps(results).decode()  # no personal data
+    records = open_store(store_url)
+    async with records:
+        assert (await records.counts())["in_progress"] == 0  # nothing holds a lease
+
+
+async def test_ten_thousand_waiting_workflows_hold_no_offsets(
+    kafka_bootstrap: str, topic: str, group: str, sb: Sandbox, tmp_path: Path
+) -> None:
+    events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 4)
+    store_url = f"sqlite:///{tmp_path / 'wf.db'}?synchronous=NORMAL"
+    prefix = uuid.uuid4().hex[:8]
+    workflows = requests(10_000, prefix)
+    other = [
+        Envelope(f"{prefix}-aml-{i}", "aml_screening", f"other-{i}", {"full_name": f"Person {i}"})
+        for i in range(500)
+    ]
+    # Other traffic interleaved with the workflow requests.
+    mixed = [x for pair in zip(workflows[:500], other, strict=True) for x in pair] + workflows[500:]
+    await publish(kafka_bootstrap, topic, mixed)
+    env = daemon_env(kafka_bootstrap, topic, group, store_url, sb.url, events_topic=events,
+                     max_in_flight=256, log_level="WARNING")  # fmt: skip
+    proc = start_daemon(env, tmp_path / "daemon.log")
+    started = time.monotonic()
+    try:
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 240)
+        elapsed = time.monotonic() - started
+        proc.proc.send_signal(signal.SIGTERM)  # it runs (it committed): a clean stop is exit 0
+        assert proc.wait(30) == 0, proc.log()[-3000:]
+    finally:
+        proc.kill()
+    store = open_workflow_store(store_url)
+    async with store:
+        counts = await store.counts()
+    assert counts == {"waiting": 10_000}, counts
+    records = open_store(store_url)
+    async with records:
+        states = await records.counts()
+    assert states["in_progress"] == 0 and states["completed"] == 10_500
+    print(f"10,000 workflows waiting, 500 other requests, committed to the end in {elapsed:.1f}s")  # noqa: T201
