@@ -174,4 +174,4 @@ async def test_ten_thousand_waiting_workflows_hold_no_offsets(
     async with records:
         states = await records.counts()
     assert states["in_progress"] == 0 and states["completed"] == 10_500
-    print(f"10,000 workflows waiting, 500 other requests, committed to the end in {elapsed:.1f}s")  # noqa: T201
+    print(f"10,000 workflows waiting, 500 other requests, committed to the end in {elapsed:.1f}s")
