@@ -16,15 +16,13 @@ ended at.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
-import math
-from dataclasses import dataclass, field
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import orjson
 
 from .config import SandboxConfig, api_key_id
+from .didit import DiditApi
 from .errors import SandboxConfigError
 from .faults import Fault, FaultAction, FaultInjector
 from .idempotency import (
@@ -37,57 +35,21 @@ from .idempotency import (
     fingerprint,
     parse_key,
 )
-from .ledger import Attempt, Ledger, Outcome
+from .ledger import Attempt, Effect, Ledger, Outcome
+from .messages import Admitted, Drop, Request, Response
 from .provider import Endpoint, Provider
 from .ratelimit import RateLimiter
+from .responses import error, json_response, method_not_allowed, retry_after
 
 __all__ = ["Drop", "Request", "Response", "SandboxApp", "json_response"]
 
 log = logging.getLogger(__name__)
 
-Response = StoredResponse
-
-
-class Drop(enum.Enum):
-    DROP = "drop"
-    """Close the connection without answering."""
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    method: bytes
-    target: bytes
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-    peer_is_loopback: bool
-    meta: dict[str, object] = field(default_factory=dict)
-    """Filled by the app for the transport: ``attempt`` (the ledger's :class:`Attempt`, to stamp its end)
-    and ``trickle_s`` (send the answer slowly)."""
-
-
-_CONTENT_TYPE = (b"content-type", b"application/json")
 _REPLAYED = (b"idempotent-replayed", b"true")
 _ENDPOINTS = {endpoint.value.rstrip("/"): endpoint for endpoint in Endpoint}
-
-
-def json_response(
-    status: int, payload: object, extra_headers: tuple[tuple[bytes, bytes], ...] = ()
-) -> Response:
-    body = orjson.dumps(payload)
-    headers = (_CONTENT_TYPE, (b"content-length", b"%d" % len(body)), *extra_headers)
-    return StoredResponse(status, headers, body)
-
-
-def _error(status: int, error: str, extra_headers: tuple[tuple[bytes, bytes], ...] = ()) -> Response:
-    return json_response(status, {"error": error}, extra_headers)
-
-
-def _retry_after(seconds: float) -> tuple[tuple[bytes, bytes], ...]:
-    return ((b"retry-after", b"%d" % max(1, math.ceil(seconds))),)
-
-
-def _method_not_allowed(*allowed: str) -> Response:
-    return _error(405, "method_not_allowed", ((b"allow", ", ".join(allowed).encode()),))
+_error = error
+_retry_after = retry_after
+_method_not_allowed = method_not_allowed
 
 
 # Fixed answers are serialised once: they are the same bytes every time.
@@ -119,6 +81,7 @@ class SandboxApp:
         self._clock = config.clock
         self._api_keys = {key.encode(): api_key_id(key) for key in config.api_keys}
         self._out_of_credit = {key.encode(): api_key_id(key) for key in config.out_of_credit_keys}
+        self.didit = DiditApi(self) if config.profile == "didit" else None
         self.base_url = f"http://{config.host}:{config.port}"
         """Fallback for session URLs when a request has no ``Host`` header; set by the server."""
 
@@ -127,6 +90,8 @@ class SandboxApp:
         self.idempotency.clear()
         self.faults.reset()
         self.provider.reset()
+        if self.didit is not None:
+            self.didit.reset()
         if self.limiter is not None:
             self.limiter.clear()
 
@@ -138,11 +103,35 @@ class SandboxApp:
     def snapshot(self) -> dict[str, object]:
         snapshot = self.ledger.snapshot()
         snapshot["totals"] = self.totals()
+        if self.didit is not None:
+            snapshot["profile"] = "didit"
+            snapshot["effects"] = [e.to_dict() for e in self.ledger.effects()]
         return snapshot
+
+    def effects(self, query: str) -> dict[str, object]:
+        """``GET /_admin/effects[?idv_key=&operation=&vendor_data=]``: side effects, counts per key."""
+        params = {name: values[0] for name, values in parse_qs(query).items() if values}
+        effects = self.ledger.effects(
+            idv_key=params.get("idv_key"),
+            operation=params.get("operation"),
+            vendor_data=params.get("vendor_data"),
+        )
+        per_key: dict[str, int] = {}
+        for effect in effects:
+            if effect.idv_key is not None:
+                per_key[effect.idv_key] = per_key.get(effect.idv_key, 0) + 1
+        return {
+            "profile": self.config.profile,
+            "count": len(effects),
+            "per_idv_key": per_key,
+            "effects": [e.to_dict() for e in effects],
+        }
 
     async def handle(self, request: Request) -> Response | Drop:
         path = request.target.partition(b"?")[0].decode("latin-1")
         route = path.rstrip("/") or "/"
+        if self.didit is not None and route.startswith("/v3/"):
+            return await self.didit.handle(request, path, route)
         endpoint = _ENDPOINTS.get(route)
         if endpoint is not None:
             if request.method != b"POST":
@@ -159,31 +148,85 @@ class SandboxApp:
     # -- business endpoints -------------------------------------------------------------------
 
     async def _business(self, endpoint: Endpoint, path: str, request: Request) -> Response | Drop:
-        at = self._clock()
-        api_key = raw_key = host = None
+        raw_key = host = None
         for name, value in request.headers:
-            if name == b"x-api-key":
-                api_key = value
-            elif name == b"idempotency-key":
+            if name == b"idempotency-key":
                 raw_key = value
             elif name == b"host":
                 host = value
         key = parse_key(raw_key) if raw_key is not None else None
         key_ok = key is not None and len(key) <= MAX_KEY_LENGTH
+        attempt = self.new_attempt(request, path, raw_key.decode("latin-1") if raw_key is not None else None)
+        ledger_key = key if key_ok else None
+        admitted = self.admit(request, attempt, ledger_key)
+        if not isinstance(admitted, Admitted):
+            return admitted
+        scope, fault = admitted.scope, admitted.fault
+
+        if key is None:
+            outcome, response = Outcome.MISSING_KEY, _KEY_MISSING
+        elif not key_ok:
+            outcome, response = Outcome.INVALID_KEY, _KEY_TOO_LONG
+        else:
+            claim = self.idempotency.begin(scope, key, fingerprint(b"POST", endpoint.value, request.body))
+            if isinstance(claim, Claimed):
+                processed = await self._process(claim, endpoint, request.body, host, fault)
+                if processed is None:
+                    outcome, response = Outcome.INTERNAL_ERROR, _INTERNAL
+                else:
+                    outcome, (response, effect) = Outcome.PROCESSED, processed
+                    if effect is not None:
+                        attempt.side_effect = True
+                        self.ledger.record_effect(
+                            Effect(
+                                at=attempt.at,
+                                profile="ietf",
+                                operation=effect[0],
+                                vendor_data=effect[1],
+                                idv_key=effect[2],
+                                reference=effect[3],
+                                api_key_id=attempt.api_key_id,
+                            )
+                        )
+            elif isinstance(claim, InFlight):
+                outcome, response = Outcome.IN_FLIGHT, _IN_FLIGHT
+            elif isinstance(claim, Mismatch):
+                outcome, response = Outcome.KEY_REUSED, _KEY_REUSED
+            else:
+                outcome = Outcome.REPLAYED
+                stored = claim.response
+                response = StoredResponse(stored.status, (*stored.headers, _REPLAYED), stored.body)
+                attempt.replayed = True
+        return self.conclude(ledger_key, attempt, outcome, response, fault)
+
+    def new_attempt(self, request: Request, path: str, idempotency_key: str | None) -> Attempt:
+        """The ledger's record of one business request, stamped now; the transport stamps its end."""
         attempt = Attempt(
-            at=at,
+            at=self._clock(),
             path=path,
             status=None,
             replayed=False,
             fault=None,
-            idempotency_key=raw_key.decode("latin-1") if raw_key is not None else None,
+            idempotency_key=idempotency_key,
             api_key_id=None,
             side_effect=False,
             delivered=True,
         )
-        ledger_key = key if key_ok else None
         request.meta["attempt"] = attempt
+        return attempt
 
+    def admit(
+        self, request: Request, attempt: Attempt, ledger_key: str | None, *, roll_faults: bool = True
+    ) -> Admitted | Response | Drop:
+        """Steps 1-3 of the pipeline (auth, rate limit, gateway faults), shared by every profile.
+
+        Returns :class:`Admitted` when business handling may run, else the answer (already recorded).
+        """
+        api_key = None
+        for name, value in request.headers:
+            if name == b"x-api-key":
+                api_key = value
+                break
         if api_key is not None and api_key in self._out_of_credit:
             attempt.api_key_id = self._out_of_credit[api_key]
             return self._finish(ledger_key, attempt, Outcome.OUT_OF_CREDIT, _OUT_OF_CREDIT)
@@ -198,7 +241,7 @@ class SandboxApp:
                 limited = _error(429, "rate_limited", _retry_after(wait_s))
                 return self._finish(ledger_key, attempt, Outcome.RATE_LIMITED, limited)
 
-        fault = self.faults.next_fault()
+        fault = self.faults.next_fault() if roll_faults else None
         if fault is not None:
             attempt.fault = fault.kind
             if fault.action is FaultAction.TRICKLE:
@@ -209,46 +252,34 @@ class SandboxApp:
                 attempt.delivered = False
                 self.ledger.record(ledger_key, attempt, Outcome.DROPPED_BEFORE)
                 return Drop.DROP
+        return Admitted(scope, fault)
 
-        if key is None:
-            outcome, response = Outcome.MISSING_KEY, _KEY_MISSING
-        elif not key_ok:
-            outcome, response = Outcome.INVALID_KEY, _KEY_TOO_LONG
-        else:
-            claim = self.idempotency.begin(scope, key, fingerprint(b"POST", endpoint.value, request.body))
-            if isinstance(claim, Claimed):
-                processed = await self._process(claim, endpoint, request.body, host, fault)
-                if processed is None:
-                    outcome, response = Outcome.INTERNAL_ERROR, _INTERNAL
-                else:
-                    outcome, (response, attempt.side_effect) = Outcome.PROCESSED, processed
-            elif isinstance(claim, InFlight):
-                outcome, response = Outcome.IN_FLIGHT, _IN_FLIGHT
-            elif isinstance(claim, Mismatch):
-                outcome, response = Outcome.KEY_REUSED, _KEY_REUSED
-            else:
-                outcome = Outcome.REPLAYED
-                stored = claim.response
-                response = StoredResponse(stored.status, (*stored.headers, _REPLAYED), stored.body)
-                attempt.replayed = True
+    async def delay(self, fault: Fault | None) -> None:
+        """The configured latency plus a ``delay:MS`` fault, before business handling."""
+        delay_s = self.faults.latency_s()
+        if fault is not None and fault.action is FaultAction.DELAY:
+            delay_s += fault.delay_s
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
 
+    def conclude(
+        self, key: str | None, attempt: Attempt, outcome: Outcome, response: Response, fault: Fault | None
+    ) -> Response | Drop:
+        """Record the attempt; a ``drop`` fault closes the connection instead of answering."""
         if fault is not None and fault.action is FaultAction.DROP_AFTER:
             attempt.status = response.status
             attempt.delivered = False
-            self.ledger.record(ledger_key, attempt, outcome)
+            self.ledger.record(key, attempt, outcome)
             return Drop.DROP
-        return self._finish(ledger_key, attempt, outcome, response)
+        return self._finish(key, attempt, outcome, response)
 
     async def _process(
         self, claim: Claimed, endpoint: Endpoint, body: bytes, host: bytes | None, fault: Fault | None
-    ) -> tuple[Response, bool] | None:
-        """Run business handling under a claimed key: ``(response, side_effect)``, ``None`` on a bug."""
+    ) -> tuple[Response, tuple[str, str | None, str | None, str] | None] | None:
+        """Run business handling under a claimed key: ``(response, effect)``, ``None`` on a bug; ``effect`` is
+        ``(operation, vendor_data, idv_key, reference)`` when one was performed."""
         try:
-            delay_s = self.faults.latency_s()
-            if fault is not None and fault.action is FaultAction.DELAY:
-                delay_s += fault.delay_s
-            if delay_s > 0:
-                await asyncio.sleep(delay_s)
+            await self.delay(fault)
             base_url = f"http://{host.decode('latin-1')}" if host else self.base_url
             result = self.provider.handle(endpoint, body, base_url)
         except Exception:
@@ -261,7 +292,7 @@ class SandboxApp:
             raise
         response = json_response(result.status, result.body)
         self.idempotency.complete(claim, response)
-        return response, result.side_effect
+        return response, result.effect
 
     def _fault_response(self, fault: Fault) -> Response:
         if fault.status == 429:
@@ -316,6 +347,14 @@ class SandboxApp:
             self.reset()
             log.info("sandbox state reset")
             return json_response(200, {"reset": True})
+        if route == "/_admin/effects":
+            if method != b"GET":
+                return _method_not_allowed("GET")
+            return json_response(200, self.effects(request.target.partition(b"?")[2].decode("latin-1")))
+        if self.didit is not None:
+            answer = self.didit.admin(request, route)
+            if answer is not None:
+                return answer
         return _NOT_FOUND
 
     def _rate_limit_state(self) -> dict[str, object]:

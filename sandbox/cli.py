@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
-from .config import SandboxConfig
+from .config import PROFILES, SandboxConfig
 from .errors import SandboxConfigError
 from .faults import FaultConfig
 from .server import SandboxServer
@@ -88,6 +88,13 @@ _POSITIVE = click.IntRange(min=1)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@_option(
+    "--profile",
+    type=click.Choice(PROFILES),
+    default="ietf",
+    help="ietf: Idempotency-Key provider (IETF draft). didit: Didit's v3 contract (no key; sessions "
+    "dedupe by vendor_data; multipart checks; list/decision endpoints; simulated applicant and webhooks).",
+)
 @_option("--host", default="127.0.0.1", help="Address to bind.")
 @_option("--port", default=8080, type=click.IntRange(0, 65535), help="0 picks a free port.")
 @click.option(
@@ -143,6 +150,17 @@ _POSITIVE = click.IntRange(min=1)
 )
 @_option("--seed", type=int, default=None, help="Seed of the fault rolls.")
 @_option(
+    "--read-faults/--no-read-faults",
+    default=False,
+    help="didit: inject faults on the read-only endpoints (list, decision) too.",
+)
+@_option(
+    "--max-body-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Largest request body in MiB (default: 8 for ietf, 32 for didit).",
+)
+@_option(
     "--ready-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -155,6 +173,7 @@ _POSITIVE = click.IntRange(min=1)
     help="DEBUG logs one line per request.",
 )
 def main(
+    profile: str,
     host: str,
     port: int,
     api_keys: tuple[str, ...],
@@ -164,6 +183,7 @@ def main(
     idempotency_ttl: float,
     ready_file: Path | None,
     log_level: str,
+    max_body_mb: float | None,
     **faults: Any,
 ) -> None:
     """Sandbox identity-verification provider (Didit-style v3 API) with an exactly-once ledger."""
@@ -174,6 +194,8 @@ def main(
         raise click.UsageError(f"no API key: pass --api-key or set {_ENV}API_KEYS or {_ENV}API_KEYS_FILE")
     try:
         config = SandboxConfig(
+            profile=profile,
+            max_body_bytes=int(max_body_mb * 1024 * 1024) if max_body_mb is not None else None,
             host=host,
             port=port,
             api_keys=keys,

@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 from .errors import SandboxConfigError
 from .faults import FaultConfig
 
-__all__ = ["DEFAULT_API_KEY", "SandboxConfig", "api_key_id"]
+__all__ = ["DEFAULT_API_KEY", "PROFILES", "DiditConfig", "SandboxConfig", "api_key_id"]
+
+PROFILES = ("ietf", "didit")
+"""``ietf``: an ``Idempotency-Key`` provider (the IETF draft, as Stripe or Persona). ``didit``: Didit's v3
+contract (no key; the unfinished session for the same ``vendor_data`` is returned; multipart checks)."""
 
 DEFAULT_API_KEY = "sandbox-test-key"
 """Accepted by a ``SandboxConfig()`` built without ``api_keys``; a fake secret for tests."""
@@ -19,6 +23,55 @@ DEFAULT_API_KEY = "sandbox-test-key"
 def api_key_id(api_key: str) -> str:
     """A stable, non-secret name for an API key, used in the ledger instead of the key itself."""
     return "ak_" + hashlib.sha256(api_key.encode()).hexdigest()[:12]
+
+
+_DIDIT_RATES = ("abandon_rate",)
+
+
+@dataclass(frozen=True, slots=True)
+class DiditConfig:
+    """Settings of the ``didit`` profile's simulated applicant and webhook sender."""
+
+    applicant_delay_s: float | None = None
+    """After a session is created, the applicant opens it at half this delay (``In Progress``) and
+    finishes it at the full delay (the decision). ``None``: the applicant never acts (admin only)."""
+    applicant_jitter_s: float = 0.0
+    """Extra uniformly random delay in ``[0, applicant_jitter_s]`` added to each step."""
+    abandon_rate: float = 0.0
+    """Share of sessions the applicant abandons (``Abandoned``) instead of finishing."""
+    webhook_url: str | None = None
+    """Where ``status.updated`` / ``data.updated`` webhooks go; ``None`` sends none."""
+    webhook_secret: str | None = None
+    """The webhook secret key the deliveries are signed with (required with ``webhook_url``)."""
+    webhook_max_attempts: int = 4
+    """Delivery attempts per event (the first plus retries) before the sender gives up."""
+    webhook_backoff_s: float = 0.5
+    """Wait before the first retry; doubled after each further failed attempt."""
+    webhook_timeout_s: float = 5.0
+    """Total time one delivery attempt may take before it counts as failed."""
+    seed: int | None = None
+    """Seed of the applicant's rolls; ``None`` seeds from the OS."""
+
+    def __post_init__(self) -> None:
+        for name in _DIDIT_RATES:
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise SandboxConfigError(f"{name} must be between 0 and 1, got {value!r}")
+        if self.applicant_delay_s is not None and self.applicant_delay_s < 0:
+            raise SandboxConfigError("applicant_delay_s must be >= 0 (or None: the applicant never acts)")
+        if self.applicant_jitter_s < 0:
+            raise SandboxConfigError("applicant_jitter_s must be >= 0")
+        if self.webhook_url is not None:
+            if not self.webhook_url.startswith(("http://", "https://")):
+                raise SandboxConfigError("webhook_url must be an http:// or https:// URL")
+            if not self.webhook_secret:
+                raise SandboxConfigError("webhook_url needs a webhook secret")
+        if self.webhook_max_attempts < 1:
+            raise SandboxConfigError("webhook_max_attempts must be >= 1")
+        if self.webhook_backoff_s < 0:
+            raise SandboxConfigError("webhook_backoff_s must be >= 0")
+        if self.webhook_timeout_s <= 0:
+            raise SandboxConfigError("webhook_timeout_s must be > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,9 +90,16 @@ class SandboxConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     clock: Callable[[], float] = time.time
     """Seconds; drives key expiry, rate limiting and ledger timestamps. Inject a fake one in tests."""
-    max_body_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int | None = None
+    """Largest request body accepted (413 beyond). ``None``: 8 MiB in the ``ietf`` profile, 32 MiB in
+    ``didit`` (its multipart uploads carry images of several MB). Read :attr:`body_limit`."""
+    profile: str = "ietf"
+    """One of :data:`PROFILES`."""
+    didit: DiditConfig = field(default_factory=DiditConfig)
 
     def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise SandboxConfigError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
         for name in ("api_keys", "out_of_credit_keys"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -58,5 +118,11 @@ class SandboxConfig:
             raise SandboxConfigError("rate_limit_burst must be >= 1")
         if self.idempotency_ttl_s <= 0:
             raise SandboxConfigError("idempotency_ttl_s must be > 0")
-        if self.max_body_bytes < 1:
+        if self.max_body_bytes is not None and self.max_body_bytes < 1:
             raise SandboxConfigError("max_body_bytes must be >= 1")
+
+    @property
+    def body_limit(self) -> int:
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return (32 if self.profile == "didit" else 8) * 1024 * 1024

@@ -9,6 +9,9 @@ the case that forces a client to retry with the same key.
 
 The script, when not empty, takes precedence over the random rates: each request consumes one item.
 
+In the ``didit`` profile faults hit the mutating endpoints (creates, checks, deletes); the read-only
+ones (list, decision) only with ``read_faults`` on, so that a script's items land where a test expects.
+
 Script items:
 
 ``ok``
@@ -136,6 +139,8 @@ class FaultConfig:
     """Seed of the random rolls; ``None`` seeds from the OS."""
     script: tuple[str, ...] = field(default=())
     """Items consumed one per business request, in order (see the module docstring)."""
+    read_faults: bool = False
+    """``didit`` profile: also inject faults on the read-only endpoints (list sessions, decision)."""
 
     def __post_init__(self) -> None:
         for name in _RATES:
@@ -167,6 +172,10 @@ class FaultConfig:
             elif name == "seed":
                 if value is not None and not _is_int(value):
                     raise SandboxConfigError("seed must be an integer or null")
+                values[name] = value
+            elif name == "read_faults":
+                if not isinstance(value, bool):
+                    raise SandboxConfigError("read_faults must be true or false")
                 values[name] = value
             elif name == "retry_after_s":
                 if not _is_int(value):

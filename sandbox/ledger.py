@@ -4,6 +4,13 @@ Every request on a business endpoint is an *attempt*. Attempts carrying a usable
 are filed under that key (the key string as the client meant it, across API keys; each attempt
 names its API key by a non-secret ``api_key_id``), together with the number of side effects
 performed for the key. Requests without a usable key only count in the totals.
+
+In the ``didit`` profile there is no ``Idempotency-Key``: attempts are filed under our reference carried
+in the request's ``metadata.idv_key`` instead (the same value the consumer would send as the key).
+
+Separately, every side effect is an :class:`Effect` in one list, with the profile, the operation, the
+``vendor_data`` and ``metadata.idv_key`` it was performed for: tests assert "exactly one session per
+idv_key" on it whatever the profile.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import enum
 from collections import Counter
 from dataclasses import dataclass, field
 
-__all__ = ["Attempt", "KeyRecord", "Ledger", "Outcome"]
+__all__ = ["Attempt", "Effect", "KeyRecord", "Ledger", "Outcome"]
 
 
 class Outcome(enum.Enum):
@@ -53,9 +60,13 @@ class Attempt:
     ended_at: float | None = None
     """When the server was done with the attempt: the last byte of the answer written, or the connection
     closed (dropped, or gone while a trickled answer was still being sent). ``None`` while running."""
+    operation: str | None = None
+    """``didit`` profile only: the operation asked for (``create_session``, ``list_sessions``, …)."""
+    reference: str | None = None
+    """``didit`` profile only: the session or request id answered, when there was one."""
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "at": self.at,
             "path": self.path,
             "status": self.status,
@@ -66,6 +77,39 @@ class Attempt:
             "side_effect": self.side_effect,
             "delivered": self.delivered,
             "ended_at": self.ended_at,
+        }
+        if self.operation is not None:
+            data["operation"] = self.operation
+            data["reference"] = self.reference
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class Effect:
+    """One side effect the provider performed (a session created, a check run)."""
+
+    at: float
+    profile: str
+    operation: str
+    vendor_data: str | None
+    idv_key: str | None
+    """``metadata.idv_key`` of the request, when it carried one."""
+    reference: str
+    """The session id or request id the provider answered with."""
+    api_key_id: str | None
+    files: tuple[dict[str, object], ...] = ()
+    """Uploaded files of a multipart check: field, filename, content_type, size, sha256 (never content)."""
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "at": self.at,
+            "profile": self.profile,
+            "operation": self.operation,
+            "vendor_data": self.vendor_data,
+            "idv_key": self.idv_key,
+            "reference": self.reference,
+            "api_key_id": self.api_key_id,
+            "files": [dict(f) for f in self.files],
         }
 
 
@@ -96,6 +140,26 @@ class Ledger:
         self._side_effects = 0
         self._validation_422 = 0
         self._dropped = 0
+        self._effects: list[Effect] = []
+
+    def record_effect(self, effect: Effect) -> None:
+        self._effects.append(effect)
+
+    def effects(
+        self,
+        *,
+        idv_key: str | None = None,
+        operation: str | None = None,
+        vendor_data: str | None = None,
+    ) -> list[Effect]:
+        """The side effects in the order performed, optionally only those matching every filter given."""
+        return [
+            e
+            for e in self._effects
+            if (idv_key is None or e.idv_key == idv_key)
+            and (operation is None or e.operation == operation)
+            and (vendor_data is None or e.vendor_data == vendor_data)
+        ]
 
     def record(self, key: str | None, attempt: Attempt, outcome: Outcome) -> None:
         self._requests += 1
@@ -143,6 +207,7 @@ class Ledger:
         }
 
     def clear(self) -> None:
+        self._effects.clear()
         self._keys.clear()
         self._outcomes.clear()
         self._faults.clear()

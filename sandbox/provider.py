@@ -15,7 +15,7 @@ import orjson
 
 from .decisions import aml_details, decide, id_warnings
 
-__all__ = ["Endpoint", "Provider", "Result"]
+__all__ = ["Endpoint", "Provider", "Result", "idv_key_of"]
 
 
 class Endpoint(enum.Enum):
@@ -31,11 +31,29 @@ _REQUIRED = {
 }
 
 
+_OPERATIONS = {
+    Endpoint.SESSION: "create_session",
+    Endpoint.ID_VERIFICATION: "id_verification",
+    Endpoint.AML: "aml_screening",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Result:
     status: int
     body: dict[str, object]
     side_effect: bool
+    effect: tuple[str, str | None, str | None, str] | None = None
+    """``(operation, vendor_data, metadata.idv_key, reference)`` of the side effect, for the ledger."""
+
+
+def idv_key_of(metadata: object) -> str | None:
+    """``metadata.idv_key`` when the caller set one (our reference carried in the provider's metadata)."""
+    if isinstance(metadata, dict):
+        value = metadata.get("idv_key")
+        if isinstance(value, str):
+            return value
+    return None
 
 
 def _invalid(detail: str) -> Result:
@@ -61,6 +79,13 @@ class Provider:
                 return _invalid(name)
         decision = decide(body)
         request_id = str(uuid.uuid4())
+        vendor_data = body.get("vendor_data")
+        effect = (
+            _OPERATIONS[endpoint],
+            vendor_data if isinstance(vendor_data, str) else None,
+            idv_key_of(body.get("metadata")),
+            request_id,
+        )
         if endpoint is Endpoint.SESSION:
             self._sessions += 1
             return Result(
@@ -77,6 +102,7 @@ class Provider:
                     "decision_hint": decision.value,
                 },
                 side_effect=True,
+                effect=effect,
             )
         if endpoint is Endpoint.ID_VERIFICATION:
             return Result(
@@ -90,6 +116,7 @@ class Provider:
                     },
                 },
                 side_effect=True,
+                effect=effect,
             )
         total_hits, score = aml_details(decision)
         return Result(
@@ -99,4 +126,5 @@ class Provider:
                 "aml": {"status": decision.value, "total_hits": total_hits, "score": score},
             },
             side_effect=True,
+            effect=effect,
         )

@@ -246,7 +246,7 @@ class SandboxServer:
         head: h11.Request | None = None
         chunks: list[bytes] = []
         size = 0
-        limit = self.config.max_body_bytes
+        limit = self.config.body_limit
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import anyio
 import httpx
@@ -86,6 +87,25 @@ class SandboxHarness:
         data: dict[str, Any] = response.json()
         return data
 
+    async def effects(self, **filters: str) -> dict[str, Any]:
+        """``GET /_admin/effects`` (filters: ``idv_key``, ``operation``, ``vendor_data``)."""
+        response = await self.client.get("/_admin/effects", params=filters)
+        response.raise_for_status()
+        data: dict[str, Any] = response.json()
+        return data
+
+    async def sessions(self) -> list[dict[str, Any]]:
+        """``didit`` profile: ``GET /_admin/sessions`` (every session and saved check, with its history)."""
+        sessions: list[dict[str, Any]] = (await self._get("/_admin/sessions"))["sessions"]
+        return sessions
+
+    async def set_session_status(self, session_id: str, status: str) -> dict[str, Any]:
+        """``didit`` profile: ``POST /_admin/sessions/<id>/status`` (the applicant or a reviewer acts)."""
+        response = await self.client.post(f"/_admin/sessions/{session_id}/status", json={"status": status})
+        response.raise_for_status()
+        data: dict[str, Any] = response.json()
+        return data
+
     @asynccontextmanager
     async def in_flight(self, path: str, body: Any, key: str) -> AsyncIterator[dict[str, httpx.Response]]:
         """Send one request in the background; enter once the sandbox holds ``key`` in flight.
@@ -145,6 +165,27 @@ class SandboxAdmin:
     def stats(self) -> dict[str, Any]:
         """``GET /_admin/stats``."""
         return self._call("GET", "/_admin/stats")
+
+    def effects(self, **filters: str) -> dict[str, Any]:
+        """``GET /_admin/effects``: every side effect with its profile, operation, ``vendor_data`` and
+        ``idv_key`` (filters: ``idv_key``, ``operation``, ``vendor_data``), and ``per_idv_key`` counts."""
+        query = ("?" + urlencode(filters)) if filters else ""
+        return self._call("GET", "/_admin/effects" + query)
+
+    def effects_per_idv_key(self, operation: str | None = None) -> dict[str, int]:
+        """Side effects per ``metadata.idv_key`` (of one operation if given): "exactly one per key" checks."""
+        filters = {"operation": operation} if operation is not None else {}
+        per_key: dict[str, int] = self.effects(**filters)["per_idv_key"]
+        return per_key
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """``didit`` profile: ``GET /_admin/sessions``."""
+        sessions: list[dict[str, Any]] = self._call("GET", "/_admin/sessions")["sessions"]
+        return sessions
+
+    def set_session_status(self, session_id: str, status: str) -> dict[str, Any]:
+        """``didit`` profile: ``POST /_admin/sessions/<id>/status``."""
+        return self._call("POST", f"/_admin/sessions/{session_id}/status", json={"status": status})
 
     def faults(self, **config: Any) -> dict[str, Any]:
         """``POST /_admin/faults``: change the fault settings; the new settings."""

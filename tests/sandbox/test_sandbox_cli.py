@@ -90,10 +90,25 @@ def test_cli_keys_from_env_and_file_and_fault_flags(tmp_path: Path) -> None:
             assert statuses == [500, 200, 200, 401, 403]
 
 
+def test_cli_didit_profile_from_env(tmp_path: Path) -> None:
+    env = {"IDV_SANDBOX_PROFILE": "didit", "IDV_SANDBOX_API_KEYS": "k"}
+    with _sandbox_process(tmp_path, "--max-body-mb", "2", env=env) as (url, _):
+        with httpx.Client(base_url=url, headers={"x-api-key": "k"}) as client:
+            body = {"workflow_id": "wf", "vendor_data": "subj", "metadata": {"idv_key": "m1"}}
+            first = client.post("/v3/session/", json=body)
+            second = client.post("/v3/session/", json=body)
+            assert (first.status_code, second.status_code) == (201, 200)
+            assert first.json()["session_id"] == second.json()["session_id"]
+            too_big = client.post("/v3/face-match/", files={"user_image": ("a.jpg", b"x" * 3_000_000)})
+            assert too_big.status_code == 413
+            assert client.get("/_admin/effects").json()["per_idv_key"] == {"m1": 1}
+
+
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
         ([], {}, "no API key"),
+        (["--api-key", "k", "--profile", "veriff"], {}, "--profile"),
         (["--api-key", "k", "--script", "500,teapot"], {}, "teapot"),
         (["--api-key", "k", "--error-rate", "2"], {}, "--error-rate"),
         (["--api-key", "k", "--port", "70000"], {}, "--port"),

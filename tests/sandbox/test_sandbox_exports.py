@@ -8,16 +8,22 @@ import sandbox
 
 MODULES = [
     "app",
+    "checks",
     "cli",
     "config",
     "decisions",
+    "didit",
     "errors",
     "faults",
     "idempotency",
     "ledger",
+    "messages",
+    "multipart",
     "provider",
     "ratelimit",
+    "responses",
     "server",
+    "sessions",
     "testing",
     "thread",
 ]
