@@ -13,6 +13,7 @@ import signal
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +176,63 @@ async def test_ten_thousand_waiting_workflows_hold_no_offsets(
         states = await records.counts()
     assert states["in_progress"] == 0 and states["completed"] == 10_500
     print(f"10,000 workflows waiting, 500 other requests, committed to the end in {elapsed:.1f}s")
+
+
+@pytest.fixture
+def didit() -> Iterator[Sandbox]:
+    """The sandbox in its ``didit`` profile over real HTTP (sessions, decisions, AML saved as sessions)."""
+    from sandbox import SandboxConfig, run_in_thread
+
+    with run_in_thread(SandboxConfig(port=0, api_keys=("test-key",), profile="didit")) as handle:
+        yield Sandbox(handle.url)
+
+
+async def test_dropped_webhooks_are_completed_by_polling_the_didit_sandbox(
+    kafka_bootstrap: str, topic: str, group: str, didit: Sandbox, tmp_path: Path
+) -> None:
+    """No webhook at all: the applicant finishes at the provider, the poller reads the decision endpoint,
+    abandoned sessions end at their deadline; one session and one AML per approved workflow (the
+    provider's effects per ``metadata.idv_key``)."""
+    events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 4)
+    store_url = f"sqlite:///{tmp_path / 'wf.db'}"
+    batch = requests(12, uuid.uuid4().hex[:8])
+    _ids[:] = [e.message_id for e in batch]
+    await publish(kafka_bootstrap, topic, batch)
+    env = daemon_env(kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events,
+                     workflow_scan_interval_s=0.3, workflow_poll_after_s=0.5, workflow_poll_max_s=1,
+                     workflow_abandon_after_s=20)  # fmt: skip
+    proc = start_daemon(env, tmp_path / "daemon.log")
+    try:
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
+        waiting = await rows(store_url)
+        assert len(waiting) == 12
+        sessions = didit.effects_per_idv_key("create_session")
+        assert sessions == {w.session_key: 1 for w in waiting}
+        outcome = {}
+        for i, wf in enumerate(waiting):
+            if i % 3 == 2:
+                continue  # the applicant never finishes: abandoned at the deadline
+            status = "Approved" if i % 3 == 0 else "Declined"
+            assert wf.session_id is not None
+            didit.set_session_status(wf.session_id, status)
+            outcome[wf.message_id] = status.lower()
+
+        async def all_final() -> bool:
+            return all(w.state in (WState.FINISHED, WState.ABANDONED) for w in await rows(store_url))
+
+        await wait_until(all_final, "every workflow finished or abandoned", timeout=90)
+        await wait_committed_to_end(kafka_bootstrap, group, events, 60)
+        proc.stop_cleanly()
+    finally:
+        proc.kill()
+    final = {w.message_id: w for w in await rows(store_url)}
+    for mid, wf in final.items():
+        assert wf.state is (WState.FINISHED if mid in outcome else WState.ABANDONED)
+        if mid in outcome:
+            assert wf.decision_status == outcome[mid] and wf.decision_source == "poll"
+    screened = didit.effects_per_idv_key("aml_screening")
+    assert screened == {final[m].aml_key: 1 for m, s in outcome.items() if s == "approved"}
+    results = workflow_results(await read_results(kafka_bootstrap, f"{topic}.results", "read_committed"))
+    assert Counter(r["message_id"] for r in results if r["revision"] == 1) == Counter(set(_ids))
+    statuses = Counter(r["status"] for r in results)
+    assert statuses["abandoned"] == 4 and statuses["declined"] == 4
