@@ -10,6 +10,8 @@ workflows holding no offsets.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -140,6 +142,21 @@ async def test_workflows_end_to_end(
     records = open_store(store_url)
     async with records:
         assert (await records.counts())["in_progress"] == 0  # nothing holds a lease
+    # The operator's view of one workflow: state, steps (hashed keys), provider refs, events, outbox.
+    shown = subprocess.run(
+        [sys.executable, "-m", "consumer", "show", late.message_id, "--json"],
+        env=env, capture_output=True, timeout=60, check=True,
+    )  # fmt: skip
+    story = orjson.loads(shown.stdout)["workflow"]
+    assert story["state"] == "finished" and story["session_id"] == late.session_id
+    assert [s["state"] for s in story["step_records"]] == ["completed", "completed"]
+    assert late.session_key not in shown.stdout.decode()  # keys only hashed
+    assert [r["revision"] for r in story["outbox"]] == [1, 2]
+    effects = Counter(e["effect"] for e in story["events"])
+    # Approved, data.updated applied; the stale In Progress ignored; duplicate deliveries not stored again.
+    assert effects == {"applied": 2, "ignored": 1}, story["events"]
+    [story_result] = [r for r in orjson.loads(shown.stdout)["results"] if r["revision"] == 2]
+    assert story_result["status"] == "approved"
 
 
 async def test_ten_thousand_waiting_workflows_hold_no_offsets(
