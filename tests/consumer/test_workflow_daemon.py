@@ -10,7 +10,6 @@ workflows holding no offsets.
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -143,10 +143,9 @@ async def test_workflows_end_to_end(
     async with records:
         assert (await records.counts())["in_progress"] == 0  # nothing holds a lease
     # The operator's view of one workflow: state, steps (hashed keys), provider refs, events, outbox.
-    shown = subprocess.run(
-        [sys.executable, "-m", "consumer", "show", late.message_id, "--json"],
-        env=env, capture_output=True, timeout=60, check=True,
-    )  # fmt: skip
+    shown = await anyio.run_process(
+        [sys.executable, "-m", "consumer", "show", late.message_id, "--json"], env=env
+    )
     story = orjson.loads(shown.stdout)["workflow"]
     assert story["state"] == "finished" and story["session_id"] == late.session_id
     assert [s["state"] for s in story["step_records"]] == ["completed", "completed"]
