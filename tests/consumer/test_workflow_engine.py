@@ -231,3 +231,24 @@ async def test_poller_reads_decision_and_times_out(rig: Rig) -> None:
     handled = await rig.engine.handle_event(rig.record("events", published[-1][1]))
     assert [x["status"] for x in bodies(handled)] == ["abandoned"]
     assert (await rig.wf(b)).state is WState.ABANDONED
+
+
+async def test_result_events_match_the_published_schema(rig: Rig) -> None:
+    from jsonschema import Draft7Validator
+
+    from producer.contract import workflow_result_schema
+
+    schema = workflow_result_schema()
+    Draft7Validator.check_schema(schema)
+    validator = Draft7Validator(schema)
+    for example in schema["examples"]:
+        validator.validate(example)
+    events = []
+    for status, steps in (("Approved", None), ("Declined", None), ("Approved", ["session", "decision"])):
+        mid = uuid.uuid4().hex
+        await rig.request(mid, steps)
+        events += bodies(await rig.event(mid, status, 100.0))
+        events += bodies(await rig.event(mid, status, 200.0, kind="data.updated"))
+    assert [e["revision"] for e in events] == [1, 2] * 3
+    for event in events:
+        validator.validate(event)
