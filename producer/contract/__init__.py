@@ -30,7 +30,12 @@ __all__ = [
     "workflow_result_schema",
 ]
 
-CONTRACT_FILES = ("envelope.schema.json", "result.schema.json", "workflow-result.schema.json", "asyncapi.yaml")
+CONTRACT_FILES = (
+    "envelope.schema.json",
+    "result.schema.json",
+    "workflow-result.schema.json",
+    "asyncapi.yaml",
+)
 
 
 def contract_file(name: str) -> Traversable:
