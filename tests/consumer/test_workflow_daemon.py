@@ -80,8 +80,9 @@ def workflow_results(values: list[bytes]) -> list[dict[str, Any]]:
     return [r for r in out if r.get("operation") == "kyc_workflow"]
 
 
+@pytest.mark.parametrize("transactional", [False, True], ids=["idempotent", "transactional"])
 async def test_workflows_end_to_end(
-    kafka_bootstrap: str, topic: str, group: str, sb: Sandbox, tmp_path: Path
+    kafka_bootstrap: str, topic: str, group: str, sb: Sandbox, tmp_path: Path, transactional: bool
 ) -> None:
     events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 4)
     store_url = f"sqlite:///{tmp_path / 'wf.db'}"
@@ -89,7 +90,7 @@ async def test_workflows_end_to_end(
     _ids[:] = [e.message_id for e in batch]
     await publish(kafka_bootstrap, topic, [*batch, *batch[:5]])  # five requests delivered twice
     env = daemon_env(kafka_bootstrap, topic, group, store_url, sb.url, events_topic=events,
-                     workflow_scan_interval_s=0.5)  # fmt: skip
+                     workflow_scan_interval_s=0.5, results_transactional=transactional)  # fmt: skip
     proc = start_daemon(env, tmp_path / "daemon.log")
     try:
         await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
