@@ -131,7 +131,9 @@ class Daemon:
             on_store_op=self.metrics.store_op,
         )
         # Workflows (consumer/workflows/): kyc_workflow requests and the provider events topic.
-        self.workflows = build_engine(settings, self.store, self.provider, owner=self.owner)
+        self.workflows = build_engine(
+            settings, self.store, self.provider, owner=self.owner, faults=self.faults
+        )
         self.processor.workflows = self.workflows
         self.poller: Poller | None = None
         self.sinks = wiring.build_sinks(

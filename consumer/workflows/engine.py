@@ -30,6 +30,7 @@ import orjson
 from aiokafka.structs import ConsumerRecord
 
 from consumer.errors import ProviderAuthError
+from consumer.faults import FaultPoints
 from consumer.keys import Fingerprinter
 from consumer.model import DeadLetter, Disposition, Handled
 from consumer.workflows import rules
@@ -73,6 +74,7 @@ class WorkflowEngine:
         abandon_after_s: float,
         events_topic: str | None,
         clock: Callable[[], float] | None = None,
+        faults: FaultPoints | None = None,
     ) -> None:
         self.store = store
         self.runner = runner
@@ -84,6 +86,7 @@ class WorkflowEngine:
         self.abandon_after_s = abandon_after_s
         self.events_topic = events_topic
         self.clock = clock or store.clock
+        self.faults = faults or FaultPoints()
 
     def backoff(self, polls: int) -> float:
         """Seconds until the next poll after ``polls`` polls: poll_after_s, doubling, capped."""
@@ -139,6 +142,7 @@ class WorkflowEngine:
             return Handled(Disposition.INVALID, letter)
         source = position(msg)
         wf = await self.apply(event, source)
+        self.faults.hit("workflow_after_apply")
         if wf is None:
             return Handled(Disposition.COMPLETED)  # pending until its session is recorded
         return await self._advance_and_collect(wf, source, fresh=False)
@@ -178,6 +182,8 @@ class WorkflowEngine:
             reason = exc.reason if exc.reason in ("idempotency_conflict", "retries_exhausted") else "in_doubt"
             return Handled(Disposition.SET_ASIDE, DeadLetter(reason, str(exc)))
         results = await self.store.results_at(source)
+        if results:
+            self.faults.hit("workflow_after_outbox")
         handled = Handled(Disposition.COMPLETED if fresh or results else Disposition.DUPLICATE)
         handled.raw_results = [(r.key, r.body, r.message_id) for r in results]
         return handled
@@ -207,6 +213,7 @@ class WorkflowEngine:
                 wf.session_key, wf, Step.SESSION,
                 lambda keep_alive: self.steps.create_session(wf, wf.session_key, keep_alive),
             )  # fmt: skip
+            self.faults.hit("workflow_after_step")
             if outcome.status == "failed" or not outcome.provider_reference:
                 failed = wf.evolve(state=WState.FAILED, revision=1, latest_status="failed", **bump)
                 body = rules.result_body(failed, 1, outcome.detail or "session_refused")
@@ -231,6 +238,7 @@ class WorkflowEngine:
                     wf.aml_key, wf, Step.AML,
                     lambda keep_alive: self.steps.screen_aml(wf, wf.aml_key, keep_alive),
                 )  # fmt: skip
+                self.faults.hit("workflow_after_step")
                 current = await self.store.get(wf.message_id)  # events may have moved it meanwhile
                 assert current is not None
                 if current.version != wf.version:

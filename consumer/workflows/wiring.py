@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from consumer.faults import FaultPoints
 from consumer.provider import ProviderClient
 from consumer.settings import Settings
 from consumer.store.base import DedupeStore
@@ -20,6 +21,7 @@ def build_engine(
     owner: str,
     store: WorkflowStore | None = None,
     steps: Steps | None = None,
+    faults: FaultPoints | None = None,
 ) -> WorkflowEngine:
     """The engine over the workflow store beside ``records`` (not yet open) and the provider's steps."""
     runner = StepRunner(records, owner=owner, lease_s=settings.lease_s, retention_s=settings.retention_s)
@@ -33,4 +35,5 @@ def build_engine(
         poll_max_s=settings.workflow_poll_max_s,
         abandon_after_s=settings.workflow_abandon_after_s,
         events_topic=settings.provider_events_topic,
+        faults=faults,
     )

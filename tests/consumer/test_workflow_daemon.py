@@ -253,3 +253,55 @@ async def test_dropped_webhooks_are_completed_by_polling_the_didit_sandbox(
     assert Counter(r["message_id"] for r in results if r["revision"] == 1) == Counter(set(_ids))
     statuses = Counter(r["status"] for r in results)
     assert statuses["abandoned"] == 4 and statuses["declined"] == 4
+
+
+@pytest.mark.parametrize(
+    ("point", "at"),
+    [("workflow_after_step", 25), ("workflow_after_apply", 6), ("workflow_after_outbox", 4)],
+)
+async def test_sigkill_in_every_workflow_window(
+    kafka_bootstrap: str, topic: str, group: str, sb: Sandbox, tmp_path: Path, point: str, at: int
+) -> None:
+    """SIGKILL at a workflow crash point (a step recorded / an event applied / the outbox written, each
+    before the next move), restart: one session and at most one AML per workflow at the provider, exactly
+    one visible final decision per workflow (transactional results)."""
+    events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 4)
+    store_url = f"sqlite:///{tmp_path / 'wf.db'}"
+    batch = requests(20, uuid.uuid4().hex[:8])
+    _ids[:] = [e.message_id for e in batch]
+    await publish(kafka_bootstrap, topic, batch)
+    base = dict(events_topic=events, results_transactional=True, provider_timeout_s=2, lease_s=4)
+    env = daemon_env(kafka_bootstrap, topic, group, store_url, sb.url, **base)
+    killed = start_daemon(daemon_env(kafka_bootstrap, topic, group, store_url, sb.url, **base,
+                                     fault_kill_at=f"{point}:{at}"), tmp_path / "killed.log")  # fmt: skip
+    proc = None
+    try:
+        # 20 session steps come first: the 25th step is an AML step, so every kill comes with the events.
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
+        waiting = await rows(store_url)
+        now = time.time()
+        bodies: list[dict[str, Any]] = []
+        for i, wf in enumerate(waiting):
+            bodies.append(webhook(wf, "Approved" if i % 2 == 0 else "Declined", now + 1))
+        await send_events(kafka_bootstrap, events, bodies)
+        assert killed.wait(60) == -9, killed.log()[-2000:]
+        proc = start_daemon(env, tmp_path / "daemon.log")
+
+        async def all_finished() -> bool:
+            return all(w.state is WState.FINISHED for w in await rows(store_url))
+
+        await wait_until(all_finished, "every workflow finished after the restart", timeout=90)
+        await wait_committed_to_end(kafka_bootstrap, group, events, 60)
+        proc.stop_cleanly()
+    finally:
+        killed.kill()
+        if proc is not None:
+            proc.kill()
+    final = await rows(store_url)
+    sessions = sb.side_effects()
+    assert all(sessions[w.session_key] == 1 for w in final)
+    approved = [w for w in final if w.decision_status == "approved"]
+    assert len(approved) == 10 and all(sessions[w.aml_key] == 1 for w in approved)
+    assert not any(w.aml_key in sessions for w in final if w.decision_status == "declined")
+    results = workflow_results(await read_results(kafka_bootstrap, f"{topic}.results", "read_committed"))
+    assert Counter(r["message_id"] for r in results) == Counter(set(_ids))  # exactly one each, visible
