@@ -265,11 +265,6 @@ class Settings:
         need(self.workflow_abandon_after_s > 0, "workflow_abandon_after_s", "must be positive")
         need(self.workflow_scan_interval_s > 0, "workflow_scan_interval_s", "must be positive")
         need(1 <= self.workflow_poll_concurrency <= 1000, "workflow_poll_concurrency", "must be 1..1000")
-        need(
-            self.retention_s > self.workflow_abandon_after_s,
-            "workflow_abandon_after_s",
-            "must be shorter than IDV_RETENTION_S (a waiting workflow's step records must outlive it)",
-        )
         need(self.purge_interval_s >= 0, "purge_interval_s", "must be 0 (off) or positive")
         if self.dlq_encryption_keys.strip():
             from consumer.dlqcrypto import parse_keys

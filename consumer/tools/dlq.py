@@ -4,6 +4,7 @@ and ``dlq redrive``, ``direct`` (through the pipeline here) or ``republish`` (ba
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import heapq
@@ -47,6 +48,7 @@ from consumer.tools.runner import (
     tool_provider,
     tool_sinks,
     with_lookup,
+    workflows_open,
 )
 from consumer.tools.spans import Span, plan_times, read_spans
 from consumer.wiring import stop_consumer
@@ -400,7 +402,11 @@ async def _redrive(
         await _republish(settings, consumer, spans, wanted, run)
         return
     cipher = settings.dlq_cipher()
-    async with open_store(settings.store_url) as store, tool_provider(settings) as provider:
+    async with (
+        open_store(settings.store_url) as store,
+        tool_provider(settings) as provider,
+        contextlib.AsyncExitStack() as stack,
+    ):
         sinks = tool_sinks(settings, settings.dead_letter_topic, group)
         # --force also overrides the in-doubt hold on records older than the provider's key retention.
         processor = tool_processor(
@@ -410,6 +416,7 @@ async def _redrive(
             want_records=settings.result_topic is not None,
             ignore_key_retention=force,
         )
+        await stack.enter_async_context(workflows_open(processor))
         await sinks.start()
         entries: dict[tuple[str, int, int], DeadLetterEntry] = {}
 

@@ -8,6 +8,7 @@ conflict, invalid…) with read-only calls and without a provider client at all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -42,6 +43,7 @@ from consumer.tools.runner import (
     tool_provider,
     tool_sinks,
     with_lookup,
+    workflows_open,
 )
 from consumer.tools.spans import Span, plan_offsets, plan_times, read_spans, refuse_old, too_old
 from consumer.wiring import stop_consumer
@@ -186,9 +188,14 @@ async def _dry_run(
 async def _replay(
     settings: Settings, consumer: AIOKafkaConsumer, spans: Sequence[Span], run: Run, req: ReplayRequest
 ) -> None:
-    async with open_store(settings.store_url) as store, tool_provider(settings) as provider:
+    async with (
+        open_store(settings.store_url) as store,
+        tool_provider(settings) as provider,
+        contextlib.AsyncExitStack() as stack,
+    ):
         sinks = tool_sinks(settings, settings.dead_letter_topic if req.dead_letters else None, req.group)
         processor = tool_processor(settings, store, provider, want_records=settings.result_topic is not None)
+        await stack.enter_async_context(workflows_open(processor))
         await sinks.start()
         try:
             if req.reverify or req.retry_failed:
