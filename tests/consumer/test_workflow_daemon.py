@@ -305,3 +305,34 @@ async def test_sigkill_in_every_workflow_window(
     assert not any(w.aml_key in sessions for w in final if w.decision_status == "declined")
     results = workflow_results(await read_results(kafka_bootstrap, f"{topic}.results", "read_committed"))
     assert Counter(r["message_id"] for r in results) == Counter(set(_ids))  # exactly one each, visible
+
+
+async def test_replay_resumes_workflows_from_their_recovery_point(
+    kafka_bootstrap: str, topic: str, group: str, sb: Sandbox, tmp_path: Path
+) -> None:
+    """The daemon dies after a session step was recorded but before the workflow moved on; the replay
+    tool (not the daemon) then resumes every workflow from where it stopped: all waiting, one session
+    each, none created twice."""
+    events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 4)
+    store_url = f"sqlite:///{tmp_path / 'wf.db'}"
+    batch = requests(10, uuid.uuid4().hex[:8])
+    _ids[:] = [e.message_id for e in batch]
+    await publish(kafka_bootstrap, topic, batch)
+    env = daemon_env(kafka_bootstrap, topic, group, store_url, sb.url, events_topic=events,
+                     provider_timeout_s=2, lease_s=4)  # fmt: skip
+    killed = start_daemon({**env, "IDV_FAULT_KILL_AT": "workflow_after_step:3"}, tmp_path / "killed.log")
+    try:
+        assert killed.wait(60) == -9, killed.log()[-2000:]
+    finally:
+        killed.kill()
+    assert (
+        any(w.state is not WState.WAITING for w in await rows(store_url)) or len(await rows(store_url)) < 10
+    )
+    result = await anyio.run_process(
+        [sys.executable, "-m", "consumer", "replay", "--json"], env=env, check=False
+    )
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    final = await rows(store_url)
+    assert len(final) == 10 and {w.state for w in final} == {WState.WAITING}
+    effects = sb.side_effects()
+    assert all(effects[w.session_key] == 1 for w in final)
