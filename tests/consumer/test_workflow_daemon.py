@@ -9,12 +9,14 @@ workflows holding no offsets.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from consumer.store import open_store
 from consumer.workflows.model import Workflow, WState
 from consumer.workflows.store import open_workflow_store
 from producer.envelope import Envelope
-from tests.conftest import create_topic, random_topic_name
+from tests.conftest import create_topic, random_topic_name, service_missing
 from tests.consumer.conftest import (
     Sandbox,
     daemon_env,
@@ -80,12 +82,55 @@ def workflow_results(values: list[bytes]) -> list[dict[str, Any]]:
     return [r for r in out if r.get("operation") == "kyc_workflow"]
 
 
-@pytest.mark.parametrize("transactional", [False, True], ids=["idempotent", "transactional"])
+@contextlib.asynccontextmanager
+async def backend_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh store: a SQLite file, or a schema of its own in the shared PostgreSQL (dropped after)."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'wf.db'}"
+        return
+    url = os.environ.get("IDV_TEST_POSTGRES_URL", "")
+    if not url:
+        service_missing("PostgreSQL (IDV_TEST_POSTGRES_URL)", "bash scripts/postgres.sh start")
+    import asyncpg
+
+    schema = "idv_wfd_" + uuid.uuid4().hex[:12]
+    admin = await asyncpg.connect(url)
+    try:
+        await admin.execute(f"CREATE SCHEMA {schema}")
+        yield url + ("&" if "?" in url else "?") + f"search_path={schema}"
+    finally:
+        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await admin.close()
+
+
+@pytest.mark.parametrize(
+    ("backend", "transactional"),
+    [("sqlite", False), ("sqlite", True), ("postgres", False)],
+    ids=["sqlite-idempotent", "sqlite-transactional", "postgres-idempotent"],
+)
 async def test_workflows_end_to_end(
-    kafka_bootstrap: str, topic: str, group: str, sb: Sandbox, tmp_path: Path, transactional: bool
+    kafka_bootstrap: str,
+    topic: str,
+    group: str,
+    sb: Sandbox,
+    tmp_path: Path,
+    backend: str,
+    transactional: bool,
+) -> None:
+    async with backend_url(backend, tmp_path) as store_url:
+        await _end_to_end(kafka_bootstrap, topic, group, sb, tmp_path, transactional, store_url)
+
+
+async def _end_to_end(
+    kafka_bootstrap: str,
+    topic: str,
+    group: str,
+    sb: Sandbox,
+    tmp_path: Path,
+    transactional: bool,
+    store_url: str,
 ) -> None:
     events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 4)
-    store_url = f"sqlite:///{tmp_path / 'wf.db'}"
     batch = requests(30, uuid.uuid4().hex[:8])
     _ids[:] = [e.message_id for e in batch]
     await publish(kafka_bootstrap, topic, [*batch, *batch[:5]])  # five requests delivered twice
