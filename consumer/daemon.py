@@ -276,7 +276,13 @@ class Daemon:
                         tg.start_soon(self._worker)
                     tg.start_soon(self._commit_loop)
                     if self.settings.purge_interval_s > 0:
-                        tg.start_soon(purge_forever, self.store, self.settings.purge_interval_s)
+                        tg.start_soon(
+                            purge_forever,
+                            self.store,
+                            self.settings.purge_interval_s,
+                            self.workflows.store,
+                            self.settings.retention_s,
+                        )
                     tg.start_soon(collect_young_forever)
                     if self.poller is not None:
                         tg.start_soon(self.poller.run_forever)

@@ -189,6 +189,15 @@ class PostgresWorkflowStore(s.WorkflowStore):
         result: list[Workflow] = await self._run(fn)
         return result
 
+    async def purge(self, before: float) -> int:
+        async def fn(conn: Any) -> int:
+            await conn.execute(_SQL["SQL_PURGE_RESULTS"], before)
+            await conn.execute(_SQL["SQL_PURGE_EVENTS"], before, before)
+            return _count(await conn.execute(_SQL["SQL_PURGE_WORKFLOWS"], before))
+
+        result: int = await self._run(fn, write=True)
+        return result
+
     async def counts(self) -> dict[str, int]:
         async def fn(conn: Any) -> dict[str, int]:
             return {r[0]: r[1] for r in await conn.fetch(_SQL["SQL_COUNTS"])}

@@ -179,6 +179,14 @@ class SqliteWorkflowStore(s.WorkflowStore):
 
         return await self._run(fn)
 
+    async def purge(self, before: float) -> int:
+        def fn(conn: sqlite3.Connection) -> int:
+            conn.execute(s.SQL_PURGE_RESULTS, (before,))
+            conn.execute(s.SQL_PURGE_EVENTS, (before, before))
+            return conn.execute(s.SQL_PURGE_WORKFLOWS, (before,)).rowcount
+
+        return await self._run(fn, write=True)
+
     async def counts(self) -> dict[str, int]:
         def fn(conn: sqlite3.Connection) -> dict[str, int]:
             return dict(conn.execute(s.SQL_COUNTS).fetchall())

@@ -142,6 +142,16 @@ SQL_STALLED = (
     f"SELECT {_COLS} FROM idv_workflows WHERE state IN ('decided', 'aml_done') AND updated_at <= ? "  # noqa: S608
     "ORDER BY updated_at LIMIT ?"
 )
+# Retention: finished workflows (and their events and outbox rows) last changed before the cut-off, and
+# pending events nobody claimed (sessions that are not ours). Run in this order, in one transaction.
+_FINAL = "state IN ('finished', 'abandoned', 'expired', 'failed')"
+_FINAL_OLD = f"SELECT message_id FROM idv_workflows WHERE {_FINAL} AND updated_at < ?"  # noqa: S608
+SQL_PURGE_RESULTS = f"DELETE FROM idv_workflow_results WHERE message_id IN ({_FINAL_OLD})"  # noqa: S608
+SQL_PURGE_EVENTS = (
+    f"DELETE FROM idv_workflow_events WHERE message_id IN ({_FINAL_OLD}) "  # noqa: S608
+    "OR (message_id IS NULL AND received_at < ?)"
+)
+SQL_PURGE_WORKFLOWS = f"DELETE FROM idv_workflows WHERE {_FINAL} AND updated_at < ?"  # noqa: S608
 SQL_COUNTS = "SELECT state, COUNT(*) FROM idv_workflows GROUP BY state"
 
 
@@ -244,6 +254,12 @@ class WorkflowStore(abc.ABC):
 
     @abc.abstractmethod
     async def counts(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    async def purge(self, before: float) -> int:
+        """Delete final workflows last changed before ``before`` with their events and outbox rows, and
+        pending events received before it; returns the workflows deleted. Open workflows are never
+        touched. Run with the dedupe store's retention: both must outlive topic retention + replay window."""
 
 
 def open_workflow_store(url: str) -> WorkflowStore:

@@ -184,3 +184,23 @@ async def test_due_lists_waiting_rows_oldest_first(wstore: WorkflowStore) -> Non
     assert [w.message_id for w in due] == [rows[2].message_id, rows[1].message_id]
     assert await wstore.due(97.0, 10) == []
     assert (await wstore.counts())["waiting"] == 3
+
+
+async def test_purge_removes_only_old_final_workflows_with_their_rows(wstore: WorkflowStore) -> None:
+    old_open = await waiting(wstore)
+    done = await waiting(wstore)
+    assert done.session_id is not None
+    decided = done.evolve(state=WState.DECIDED, version=done.version + 1, decision_status="declined",
+                          latest_status="declined")  # fmt: skip
+    event = ev(done.session_id, "declined", 5.0)
+    assert await wstore.write(done, Change(decided), event, "e/0@1") is WriteStatus.OK
+    final = finalize(decided, 1e9, "e/0@1")
+    assert await wstore.write(decided, final) is WriteStatus.OK
+    stray = ev("not-ours", "approved", 1.0)
+    await wstore.add_pending(stray, "e/0@2")
+    assert await wstore.purge(0.0) == 0  # nothing is that old
+    assert await wstore.purge(wstore.clock() + 10) == 1
+    assert await wstore.get(done.message_id) is None and await wstore.results_of(done.message_id) == []
+    assert await wstore.events(done.message_id, done.session_id) == []
+    assert await wstore.pending("not-ours") == []
+    assert await wstore.get(old_open.message_id) == old_open  # an open workflow is never purged
