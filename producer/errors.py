@@ -17,6 +17,8 @@ round, so this is the one module both sides can share. Consumer exit codes: :mod
         ├── ReplayRefused                  the replay/dlq tool refuses the request (exit 2)
         ├── StoreError                     a dedupe store operation failed (retriable)
         ├── LeaseLost                      the record is no longer ours (lease taken over)
+        ├── webhooks.SignatureRejected     a webhook delivery is not provably Didit's or not fresh (401)
+        ├── webhooks.EventNotDurable       Kafka did not acknowledge a webhook event (503, retriable)
         └── ProviderError                  a provider call failed
             ├── ProviderAuthError          401/403: the API key is rejected; stops the daemon (exit 3)
             │   └── ProviderConfigError    3xx/405/endpoint 404: wrong URL or API version (exit 3)

@@ -33,7 +33,7 @@ pom_version = ET.parse("kafka/pom.xml").getroot().find("m:properties/m:kafka.ver
 
 errors = []
 services = compose.get("services", {})
-for name in ("kafka", "kafka-init", "postgres", "sandbox", "consumer-1", "consumer-2"):
+for name in ("kafka", "kafka-init", "postgres", "sandbox", "consumer-1", "consumer-2", "webhooks"):
     if name not in services:
         errors.append(f"service {name!r} missing")
 for name, svc in services.items():
@@ -63,6 +63,14 @@ for name, svc in services.items():
     for var in svc.get("environment") or {}:
         if var.startswith(PREFIX) and var not in known:
             errors.append(f"{name}: {var} is not a consumer setting (docs/configuration.md)")
+
+# The same for the webhook intake's own settings.
+from consumer.webhooks.settings import WebhookSettings  # noqa: E402
+
+known_webhooks = set(WebhookSettings(webhook_secret="x").env_names()) | set(WebhookSettings.secret_file_names())
+for var in services.get("webhooks", {}).get("environment") or {}:
+    if var.startswith(PREFIX) and var not in known_webhooks:
+        errors.append(f"webhooks: {var} is not a webhook intake setting (docs/configuration.md)")
 
 if errors:
     for e in errors:

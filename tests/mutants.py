@@ -54,6 +54,7 @@ EO = "tests/consumer/test_exactly_once.py"
 CONTRACT = "tests/consumer/test_store_contract.py"
 SINKS = "tests/consumer/test_sinks.py"
 REPLAY = "tests/consumer/test_replay_claims.py"
+WEBHOOKS = "tests/consumer/test_webhooks_intake.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -174,6 +175,34 @@ MUTANTS += (
         old="        if base_key in self.seen:\n",
         new="        if False and base_key in self.seen:\n",
         tests=(f"{REPLAY}::test_an_id_listed_twice_is_reverified_once",),
+    ),
+    Mutant(
+        name="webhook-2xx-before-ack",
+        rule="a webhook is answered 2xx only after the broker acknowledged its record",
+        file="consumer/webhooks/publisher.py",
+        old="                metadata = await asyncio.shield(future)\n",
+        new="                metadata = type('Queued', (), {'partition': -1, 'offset': -1})()\n",
+        tests=(f"{WEBHOOKS}::test_2xx_only_after_the_broker_acknowledged",),
+    ),
+    Mutant(
+        name="webhook-bad-signature-published",
+        rule="a delivery whose signature does not verify never reaches Kafka",
+        file="consumer/webhooks/signature.py",
+        old="        if verified is None:\n",
+        new="        if verified is None and payload is None:\n",
+        more=(("        return verified\n", "        return verified or Verified(\"raw\", 0, payload)\n"),),
+        tests=(f"{WEBHOOKS}::test_a_bad_signature_never_reaches_kafka",),
+    ),
+    Mutant(
+        name="webhook-replay-with-fresh-header",
+        rule="freshness is judged on the signed body's timestamp too, not only the unsigned header",
+        file="consumer/webhooks/signature.py",
+        old="            if isinstance(signed_ts, int | float) and not isinstance(signed_ts, bool):\n",
+        new="            if False:\n",
+        tests=(
+            "tests/consumer/test_webhooks_signature.py::"
+            "test_an_old_signed_body_with_a_fresh_timestamp_header_is_a_replay",
+        ),
     ),
 )
 
