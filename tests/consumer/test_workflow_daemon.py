@@ -381,3 +381,62 @@ async def test_replay_resumes_workflows_from_their_recovery_point(
     assert len(final) == 10 and {w.state for w in final} == {WState.WAITING}
     effects = sb.side_effects()
     assert all(effects[w.session_key] == 1 for w in final)
+
+
+async def test_signed_webhooks_through_the_intake_decide_workflows(
+    kafka_bootstrap: str, topic: str, group: str, didit: Sandbox, tmp_path: Path
+) -> None:
+    """The whole path over HTTP: the daemon creates sessions at the didit sandbox, the applicant finishes
+    them there, Didit's signed webhooks (some twice, one with a bad signature) go to ``idv-webhooks``,
+    which publishes them to the events topic the daemon consumes. Polling is far off: webhooks decide."""
+    import httpx
+
+    from tests.consumer.test_webhooks_intake import delivery
+    from tests.consumer.test_webhooks_service import free_port, intake_env, wait_ready
+    from tests.consumer.test_webhooks_service import start as start_intake
+
+    events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 4)
+    store_url = f"sqlite:///{tmp_path / 'wf.db'}"
+    batch = requests(8, uuid.uuid4().hex[:8])
+    _ids[:] = [e.message_id for e in batch]
+    await publish(kafka_bootstrap, topic, batch)
+    env = daemon_env(kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events)
+    proc = start_daemon(env, tmp_path / "daemon.log")
+    port = free_port()
+    intake = start_intake(intake_env(kafka_bootstrap, events, port))
+    try:
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
+        waiting = await rows(store_url)
+        assert len(waiting) == 8
+        statuses = {}
+        async with httpx.AsyncClient(timeout=10) as client:
+            await wait_ready(client, intake, port)
+            url = f"http://127.0.0.1:{port}/webhooks/didit"
+            for i, wf in enumerate(waiting):
+                assert wf.session_id is not None
+                status = "Approved" if i % 2 == 0 else "Declined"
+                statuses[wf.message_id] = status.lower()
+                didit.set_session_status(wf.session_id, status)  # the applicant finished
+                body, headers = delivery(session_id=wf.session_id, status=status, vendor_data=wf.subject_id)
+                forged, bad = delivery(session_id=wf.session_id, status="Approved", secret="not-the-secret")
+                assert (await client.post(url, content=forged, headers=bad)).status_code == 401
+                for _ in range(2):  # Didit retries: duplicate deliveries
+                    assert (await client.post(url, content=body, headers=headers)).status_code == 200
+
+        async def all_finished() -> bool:
+            return all(w.state is WState.FINISHED for w in await rows(store_url))
+
+        await wait_until(all_finished, "every workflow decided by its webhook", timeout=60)
+        await wait_committed_to_end(kafka_bootstrap, group, events, 60)
+        proc.stop_cleanly()
+    finally:
+        proc.kill()
+        intake.terminate()
+        intake.communicate(timeout=30)
+    final = {w.message_id: w for w in await rows(store_url)}
+    assert {m: w.decision_status for m, w in final.items()} == statuses  # never the forged approval
+    assert all(w.decision_source == "webhook" and w.polls == 0 for w in final.values())
+    screened = didit.effects_per_idv_key("aml_screening")
+    assert screened == {final[m].aml_key: 1 for m, s in statuses.items() if s == "approved"}
+    results = workflow_results(await read_results(kafka_bootstrap, f"{topic}.results", "read_committed"))
+    assert Counter(r["message_id"] for r in results) == Counter(set(_ids))
