@@ -95,6 +95,11 @@ class SandboxApp:
         if self.limiter is not None:
             self.limiter.clear()
 
+    async def aclose(self) -> None:
+        """Stop background work (the ``didit`` applicant and webhook sender); the server calls it."""
+        if self.didit is not None:
+            await self.didit.aclose()
+
     def totals(self) -> dict[str, object]:
         totals = self.ledger.totals()
         totals["in_flight"] = self.idempotency.in_flight

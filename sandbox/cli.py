@@ -18,10 +18,11 @@ from typing import Any, TypeVar
 
 import click
 
-from .config import PROFILES, SandboxConfig
+from .config import PROFILES, DiditConfig, SandboxConfig
 from .errors import SandboxConfigError
 from .faults import FaultConfig
 from .server import SandboxServer
+from .webhooks import WebhookFaults
 
 __all__ = ["main"]
 
@@ -161,6 +162,50 @@ _POSITIVE = click.IntRange(min=1)
     help="Largest request body in MiB (default: 8 for ietf, 32 for didit).",
 )
 @_option(
+    "--applicant-delay-ms",
+    type=_NON_NEGATIVE,
+    default=None,
+    help="didit: the simulated applicant opens a new session after half this, decides after all of it "
+    "(default: never; sessions move only through /_admin).",
+)
+@_option("--applicant-jitter-ms", type=_NON_NEGATIVE, default=0.0, help="didit: extra random delay per step.")
+@_option("--abandon-rate", type=_RATE, default=0.0, help="didit: share of sessions the applicant abandons.")
+@_option("--webhook-url", default=None, help="didit: where signed status.updated/data.updated webhooks go.")
+@_option(
+    "--webhook-secret",
+    default=None,
+    show_default=False,
+    help=f"didit: webhook secret key the deliveries are signed with (or {_ENV}WEBHOOK_SECRET_FILE).",
+)
+@_option("--webhook-max-attempts", type=_POSITIVE, default=4, help="didit: delivery attempts per event.")
+@_option(
+    "--webhook-backoff-ms",
+    type=_NON_NEGATIVE,
+    default=500.0,
+    help="didit: wait before the first retry, doubled after.",
+)
+@_option(
+    "--webhook-timeout-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    help="didit: total time one delivery attempt may take.",
+)
+@_option("--webhook-drop-rate", type=_RATE, default=0.0, help="didit: share of events never delivered.")
+@_option("--webhook-duplicate-rate", type=_RATE, default=0.0, help="didit: share of events delivered twice.")
+@_option(
+    "--webhook-reorder-rate",
+    type=_RATE,
+    default=0.0,
+    help="didit: share of events held back behind later ones.",
+)
+@_option(
+    "--webhook-bad-signature-rate",
+    type=_RATE,
+    default=0.0,
+    help="didit: share of events preceded by a forged delivery (every signature wrong).",
+)
+@_option("--webhook-delay-ms", type=_NON_NEGATIVE, default=0.0, help="didit: wait before a first delivery.")
+@_option(
     "--ready-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -184,6 +229,19 @@ def main(
     ready_file: Path | None,
     log_level: str,
     max_body_mb: float | None,
+    applicant_delay_ms: float | None,
+    applicant_jitter_ms: float,
+    abandon_rate: float,
+    webhook_url: str | None,
+    webhook_secret: str | None,
+    webhook_max_attempts: int,
+    webhook_backoff_ms: float,
+    webhook_timeout_s: float,
+    webhook_drop_rate: float,
+    webhook_duplicate_rate: float,
+    webhook_reorder_rate: float,
+    webhook_bad_signature_rate: float,
+    webhook_delay_ms: float,
     **faults: Any,
 ) -> None:
     """Sandbox identity-verification provider (Didit-style v3 API) with an exactly-once ledger."""
@@ -192,9 +250,35 @@ def main(
     broke_keys = _collect_keys(out_of_credit_keys, f"{_ENV}OUT_OF_CREDIT_KEYS")
     if not keys:
         raise click.UsageError(f"no API key: pass --api-key or set {_ENV}API_KEYS or {_ENV}API_KEYS_FILE")
+    secret_file = os.environ.get(f"{_ENV}WEBHOOK_SECRET_FILE")
+    if webhook_secret is None and secret_file:
+        try:
+            webhook_secret = Path(secret_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise click.UsageError(f"cannot read {_ENV}WEBHOOK_SECRET_FILE: {exc.strerror}") from None
     try:
+        didit = DiditConfig(
+            applicant_delay_s=applicant_delay_ms / 1000 if applicant_delay_ms is not None else None,
+            applicant_jitter_s=applicant_jitter_ms / 1000,
+            abandon_rate=abandon_rate,
+            webhook_url=webhook_url,
+            webhook_secret=webhook_secret or None,
+            webhook_max_attempts=webhook_max_attempts,
+            webhook_backoff_s=webhook_backoff_ms / 1000,
+            webhook_timeout_s=webhook_timeout_s,
+            webhook_faults=WebhookFaults(
+                drop_rate=webhook_drop_rate,
+                duplicate_rate=webhook_duplicate_rate,
+                reorder_rate=webhook_reorder_rate,
+                bad_signature_rate=webhook_bad_signature_rate,
+                delay_ms=webhook_delay_ms,
+                seed=faults.get("seed"),
+            ),
+            seed=faults.get("seed"),
+        )
         config = SandboxConfig(
             profile=profile,
+            didit=didit,
             max_body_bytes=int(max_body_mb * 1024 * 1024) if max_body_mb is not None else None,
             host=host,
             port=port,

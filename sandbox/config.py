@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from .errors import SandboxConfigError
 from .faults import FaultConfig
+from .webhooks import WebhookFaults
 
 __all__ = ["DEFAULT_API_KEY", "PROFILES", "DiditConfig", "SandboxConfig", "api_key_id"]
 
@@ -49,6 +50,7 @@ class DiditConfig:
     """Wait before the first retry; doubled after each further failed attempt."""
     webhook_timeout_s: float = 5.0
     """Total time one delivery attempt may take before it counts as failed."""
+    webhook_faults: WebhookFaults = field(default_factory=WebhookFaults)
     seed: int | None = None
     """Seed of the applicant's rolls; ``None`` seeds from the OS."""
 

@@ -20,6 +20,8 @@ from urllib.parse import parse_qs, urlencode
 
 import orjson
 
+from . import didit_admin
+from .applicant import Applicant
 from .checks import CheckInput, CheckInvalid, json_check, multipart_check
 from .decisions import decide
 from .ledger import Attempt, Effect, Outcome
@@ -28,6 +30,7 @@ from .multipart import is_multipart
 from .provider import idv_key_of
 from .responses import error, json_response, method_not_allowed
 from .sessions import STATUSES, Session, SessionStore
+from .webhooks import WebhookSender
 
 if TYPE_CHECKING:
     from .app import SandboxApp
@@ -73,12 +76,25 @@ class DiditApi:
     def __init__(self, app: SandboxApp) -> None:
         self.app = app
         self.sessions = SessionStore(app.config.clock)
+        config = app.config.didit
+        self.webhooks = WebhookSender(
+            app.config.clock,
+            url=config.webhook_url,
+            secret=config.webhook_secret,
+            max_attempts=config.webhook_max_attempts,
+            backoff_s=config.webhook_backoff_s,
+            timeout_s=config.webhook_timeout_s,
+            faults=config.webhook_faults,
+        )
+        self.applicant = Applicant(self, config)
         self.on_created: list[Callable[[Session], None]] = []
         """Run when a session is created (the simulated applicant schedules itself)."""
         self.on_status: list[Callable[[Session, str], None]] = []
         """Run after a session changed status, with the previous status (the webhook sender)."""
 
     def reset(self) -> None:
+        self.applicant.cancel()
+        self.webhooks.reset()
         self.sessions.clear()
 
     async def handle(self, request: Request, path: str, route: str) -> Response | Drop:
@@ -119,7 +135,9 @@ class DiditApi:
 
     # -- the pipeline around business handling -------------------------------------------------
 
-    async def _read(self, request: Request, path: str, operation: str, handler: Any) -> Response | Drop:
+    async def _read(
+        self, request: Request, path: str, operation: str, handler: Callable[[Request, Attempt], Response]
+    ) -> Response | Drop:
         app = self.app
         attempt = app.new_attempt(request, path, None)
         attempt.operation = operation
@@ -127,7 +145,7 @@ class DiditApi:
         if not isinstance(admitted, Admitted):
             return admitted
         await app.delay(admitted.fault)
-        response: Response = handler(request, attempt)
+        response = handler(request, attempt)
         return app.conclude(None, attempt, Outcome.PROCESSED, response, admitted.fault)
 
     async def _write(
@@ -135,7 +153,7 @@ class DiditApi:
         request: Request,
         path: str,
         operation: str,
-        handler: Any,
+        handler: Callable[[Request, Attempt, Any], Response],
         body: Any = None,
         key: str | None = None,
     ) -> Response | Drop:
@@ -150,7 +168,7 @@ class DiditApi:
         fault = admitted.fault
         try:
             await app.delay(fault)
-            response: Response = handler(request, attempt, body)
+            response = handler(request, attempt, body)
         except Exception:
             log.exception("business handling failed on %s", operation)
             return app.conclude(key, attempt, Outcome.INTERNAL_ERROR, _INTERNAL, fault)
@@ -217,6 +235,7 @@ class DiditApi:
             base_url=_base_url(request, self.app.base_url),
         )
         self._effect(attempt, "create_session", session)
+        self.applicant.start(session)
         for callback in self.on_created:
             callback(session)
         return json_response(201, session.created_body())
@@ -292,46 +311,23 @@ class DiditApi:
         attempt.reference = session_id
         return _NO_CONTENT
 
-    # -- admin ----------------------------------------------------------------------------------
+    # -- admin and lifecycle --------------------------------------------------------------------
 
     def admin(self, request: Request, route: str) -> Response | None:
-        """``/_admin/sessions[/<id>[/status]]``; ``None`` for a route that is not the profile's."""
-        if route == "/_admin/sessions":
-            if request.method != b"GET":
-                return method_not_allowed("GET")
-            return json_response(200, {"sessions": [s.admin_view() for s in self.sessions]})
-        parts = route.split("/")  # "", "_admin", "sessions", id, [action]
-        if len(parts) < 4 or parts[2] != "sessions":
-            return None
-        session = self.sessions.get(parts[3])
-        if len(parts) == 4:
-            if request.method != b"GET":
-                return method_not_allowed("GET")
-            return _SESSION_NOT_FOUND if session is None else json_response(200, session.admin_view())
-        if len(parts) == 5 and parts[4] == "status":
-            if request.method != b"POST":
-                return method_not_allowed("POST")
-            if session is None:
-                return _SESSION_NOT_FOUND
-            return self._admin_status(session, request.body)
-        return None
-
-    def _admin_status(self, session: Session, raw: bytes) -> Response:
-        """``{"status": "Approved"}``: the applicant or a reviewer moves the session (as a manual review)."""
-        try:
-            body = orjson.loads(raw or b"{}")
-        except orjson.JSONDecodeError:
-            body = None
-        status = body.get("status") if isinstance(body, dict) else None
-        if status not in STATUSES:
-            return json_response(400, {"error": "invalid_status", "detail": "one of " + ", ".join(STATUSES)})
-        self.change_status(session, status)
-        return json_response(200, session.admin_view())
+        """The profile's ``/_admin`` routes (``didit_admin``); ``None`` for a route that is not one."""
+        return didit_admin.route(self, request, route)
 
     def change_status(self, session: Session, status: str) -> None:
+        """Move a session (the applicant, or a reviewer at ``/_admin``); a session's change is a webhook."""
         previous = self.sessions.transition(session, status)
+        if session.kind == "session":
+            self.webhooks.emit(session, "status.updated")
         for callback in self.on_status:
             callback(session, previous)
+
+    async def aclose(self) -> None:
+        await self.applicant.aclose()
+        await self.webhooks.aclose()
 
 
 def _json_body(raw: bytes) -> tuple[Any, str | None]:

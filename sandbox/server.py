@@ -113,6 +113,7 @@ class SandboxServer:
         for task in connections:
             task.cancel()
         await asyncio.gather(*connections, return_exceptions=True)
+        await self.app.aclose()
         await server.wait_closed()
         log.info("sandbox provider stopped")
 

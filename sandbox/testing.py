@@ -101,7 +101,34 @@ class SandboxHarness:
 
     async def set_session_status(self, session_id: str, status: str) -> dict[str, Any]:
         """``didit`` profile: ``POST /_admin/sessions/<id>/status`` (the applicant or a reviewer acts)."""
-        response = await self.client.post(f"/_admin/sessions/{session_id}/status", json={"status": status})
+        return await self._post(f"/_admin/sessions/{session_id}/status", {"status": status})
+
+    async def data_updated(self, session_id: str) -> dict[str, Any]:
+        """``didit`` profile: ``POST /_admin/sessions/<id>/data-updated`` (a ``data.updated`` webhook)."""
+        return await self._post(f"/_admin/sessions/{session_id}/data-updated", {})
+
+    async def set_webhooks(self, **changes: Any) -> dict[str, Any]:
+        """``didit`` profile: ``POST /_admin/webhooks`` (url, secret, max_attempts, backoff_s, timeout_s,
+        faults)."""
+        return await self._post("/_admin/webhooks", changes)
+
+    async def webhooks(self) -> dict[str, Any]:
+        """``didit`` profile: ``GET /_admin/webhooks`` (settings, events with their fate, deliveries)."""
+        return await self._get("/_admin/webhooks")
+
+    async def set_applicant(self, **changes: Any) -> dict[str, Any]:
+        """``didit`` profile: ``POST /_admin/applicant`` (delay_s, jitter_s, abandon_rate, seed)."""
+        return await self._post("/_admin/applicant", changes)
+
+    async def wait_webhooks_idle(self) -> None:
+        """Wait until every webhook event so far is delivered, failed or dropped (bound it with
+        ``anyio.fail_after``); the applicant's later steps are not waited for."""
+        didit = self.server.app.didit
+        assert didit is not None, "not the didit profile"
+        await didit.webhooks.idle()
+
+    async def _post(self, path: str, body: Any) -> dict[str, Any]:
+        response = await self.client.post(path, json=body)
         response.raise_for_status()
         data: dict[str, Any] = response.json()
         return data
@@ -186,6 +213,33 @@ class SandboxAdmin:
     def set_session_status(self, session_id: str, status: str) -> dict[str, Any]:
         """``didit`` profile: ``POST /_admin/sessions/<id>/status``."""
         return self._call("POST", f"/_admin/sessions/{session_id}/status", json={"status": status})
+
+    def data_updated(self, session_id: str) -> dict[str, Any]:
+        """``didit`` profile: ``POST /_admin/sessions/<id>/data-updated``."""
+        return self._call("POST", f"/_admin/sessions/{session_id}/data-updated", json={})
+
+    def webhooks(self, **changes: Any) -> dict[str, Any]:
+        """``didit`` profile: ``GET /_admin/webhooks``, or ``POST`` it when ``changes`` are given."""
+        if changes:
+            return self._call("POST", "/_admin/webhooks", json=changes)
+        return self._call("GET", "/_admin/webhooks")
+
+    def applicant(self, **changes: Any) -> dict[str, Any]:
+        """``didit`` profile: ``GET /_admin/applicant``, or ``POST`` it when ``changes`` are given."""
+        if changes:
+            return self._call("POST", "/_admin/applicant", json=changes)
+        return self._call("GET", "/_admin/applicant")
+
+    def wait_webhooks_idle(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Poll ``GET /_admin/webhooks`` until no event is pending; its last answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.webhooks()
+            if state["pending"] == 0:
+                return state
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{state['pending']} webhook event(s) still pending")
+            time.sleep(0.05)
 
     def faults(self, **config: Any) -> dict[str, Any]:
         """``POST /_admin/faults``: change the fault settings; the new settings."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 from sandbox.cli import main
+from sandbox.testing import SandboxAdmin
+from tests.sandbox.didit_webhook_check import check_delivery
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,11 +109,60 @@ def test_cli_didit_profile_from_env(tmp_path: Path) -> None:
             assert client.get("/_admin/effects").json()["per_idv_key"] == {"m1": 1}
 
 
+def test_cli_didit_applicant_and_webhooks(tmp_path: Path) -> None:
+    received: list[tuple[bytes, dict[str, str]]] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((raw, dict(self.headers)))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("file-secret-123\n")
+    env = {"IDV_SANDBOX_API_KEYS": "k", "IDV_SANDBOX_WEBHOOK_SECRET_FILE": str(secret_file)}
+    args = (
+        "--profile",
+        "didit",
+        "--applicant-delay-ms",
+        "100",
+        "--webhook-url",
+        f"http://127.0.0.1:{hook.server_port}/h",
+    )
+    try:
+        with _sandbox_process(tmp_path, *args, "--log-level", "DEBUG", env=env) as (url, lines):
+            admin = SandboxAdmin(url)
+            with httpx.Client(base_url=url, headers={"x-api-key": "k"}) as client:
+                created = client.post("/v3/session/", json={"workflow_id": "wf", "vendor_data": "s DECLINE"})
+                assert created.status_code == 201
+            deadline = time.monotonic() + 10
+            while len(received) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert admin.wait_webhooks_idle()["pending"] == 0
+    finally:
+        hook.shutdown()
+    assert [json.loads(raw)["status"] for raw, _ in received] == ["In Progress", "Declined"]
+    for raw, headers in received:
+        checks = check_delivery("file-secret-123", raw, headers, now=time.time())
+        assert checks == {"raw": True, "v2": True, "simple": True, "fresh": True}
+    assert "file-secret-123" not in "\n".join(lines)
+
+
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
         ([], {}, "no API key"),
         (["--api-key", "k", "--profile", "veriff"], {}, "--profile"),
+        (["--api-key", "k", "--webhook-url", "http://h/"], {}, "secret"),
+        (["--api-key", "k", "--webhook-url", "h"], {"IDV_SANDBOX_WEBHOOK_SECRET": "s"}, "webhook_url"),
+        (["--api-key", "k"], {"IDV_SANDBOX_WEBHOOK_SECRET_FILE": "/nonexistent/s"}, "WEBHOOK_SECRET_FILE"),
         (["--api-key", "k", "--script", "500,teapot"], {}, "teapot"),
         (["--api-key", "k", "--error-rate", "2"], {}, "--error-rate"),
         (["--api-key", "k", "--port", "70000"], {}, "--port"),
