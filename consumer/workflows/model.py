@@ -184,7 +184,7 @@ class Event:
     """One provider event reduced to what the workflow needs (no personal data)."""
 
     session_id: str
-    event_id: str  # identity for dedupe: type + status + provider timestamp (or a hash of the body)
+    event_id: str  # identity for dedupe: type + status + the event's created_at (or a hash of the body)
     webhook_type: str  # status.updated | data.updated | idv.poll | idv.timeout
     status: str  # mapped (map_status)
     provider_ts: float | None
@@ -197,7 +197,9 @@ def event_from_webhook(body: dict[str, Any], raw: bytes) -> Event | None:
         return None
     webhook_type = str(body.get("webhook_type") or "status.updated")[:40]
     status = map_status(body.get("status"))
-    ts_raw = body.get("timestamp", body.get("created_at"))
+    # created_at is the event's own time; timestamp is the delivery's (a retry is signed afresh with a new
+    # one), so it identifies and orders events only when created_at is missing.
+    ts_raw = body.get("created_at", body.get("timestamp"))
     ts = float(ts_raw) if isinstance(ts_raw, int | float) and not isinstance(ts_raw, bool) else None
     if ts is not None:
         event_id = f"{webhook_type}:{status}:{ts:.3f}"

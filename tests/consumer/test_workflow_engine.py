@@ -252,3 +252,18 @@ async def test_result_events_match_the_published_schema(rig: Rig) -> None:
     assert [e["revision"] for e in events] == [1, 2] * 3
     for event in events:
         validator.validate(event)
+
+
+async def test_a_retried_delivery_is_the_same_event(rig: Rig) -> None:
+    """Didit signs each retry afresh with a new ``timestamp``; ``created_at`` is the event's: a retried
+    ``data.updated`` is not a second change."""
+    mid = uuid.uuid4().hex
+    await rig.request(mid, ["session", "decision"])
+    await rig.event(mid, "Approved", 100.0)
+    sent = []
+    for delivery_ts in (300.0, 311.0, 342.0):
+        body = {"session_id": "sess-" + mid, "status": "Approved", "webhook_type": "data.updated",
+                "created_at": 290, "timestamp": delivery_ts}  # fmt: skip
+        sent.append(await rig.engine.handle_event(rig.record("events", orjson.dumps(body))))
+    assert [len(h.raw_results) for h in sent] == [1, 0, 0]
+    assert [r.revision for r in await rig.store.results_of(mid)] == [1, 2]
