@@ -440,3 +440,75 @@ async def test_signed_webhooks_through_the_intake_decide_workflows(
     assert screened == {final[m].aml_key: 1 for m, s in statuses.items() if s == "approved"}
     results = workflow_results(await read_results(kafka_bootstrap, f"{topic}.results", "read_committed"))
     assert Counter(r["message_id"] for r in results) == Counter(set(_ids))
+
+
+async def test_simulated_applicants_and_faulty_webhooks(
+    kafka_bootstrap: str, topic: str, group: str, didit: Sandbox, tmp_path: Path
+) -> None:
+    """The sandbox's applicant finishes (or abandons) each session and its sender delivers signed webhooks
+    to ``idv-webhooks`` with drops, duplicates, reordering and forged copies. Every workflow ends: the
+    dropped decisions by polling; one session each, one AML per approval, none for declines, one final
+    decision each; a reviewer's later data change is revision 2."""
+    from tests.consumer.test_webhooks_intake import SECRET
+    from tests.consumer.test_webhooks_service import free_port, intake_env
+    from tests.consumer.test_webhooks_service import start as start_intake
+
+    events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 4)
+    store_url = f"sqlite:///{tmp_path / 'wf.db'}"
+    prefix = uuid.uuid4().hex[:8]
+    batch = [
+        Envelope(f"{prefix}-{i}", "kyc_workflow", f"applicant-{'DECLINE-' if i % 3 == 0 else ''}{prefix}-{i}",
+                 {"workflow_id": "wf-kyc"})
+        for i in range(60)
+    ]  # fmt: skip
+    _ids[:] = [e.message_id for e in batch]
+    port = free_port()
+    intake = start_intake(intake_env(kafka_bootstrap, events, port))
+    didit.applicant(delay_s=1.0, jitter_s=1.0, abandon_rate=0.1, seed=7)
+    faults = {"drop_rate": 0.2, "duplicate_rate": 0.3, "reorder_rate": 0.3, "bad_signature_rate": 0.1,
+              "reorder_hold_ms": 1000, "seed": 7}  # fmt: skip
+    didit.webhooks(url=f"http://127.0.0.1:{port}/webhooks/didit", secret=SECRET, backoff_s=0.2, faults=faults)
+    await publish(kafka_bootstrap, topic, batch)
+    env = daemon_env(kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events,
+                     workflow_scan_interval_s=0.5, workflow_poll_after_s=4, workflow_poll_max_s=4,
+                     workflow_abandon_after_s=120)  # fmt: skip
+    proc = start_daemon(env, tmp_path / "daemon.log")
+    try:
+
+        async def all_final() -> bool:
+            found = await rows(store_url)
+            return len(found) == 60 and all(w.state in (WState.FINISHED, WState.ABANDONED) for w in found)
+
+        await wait_until(all_final, "every workflow finished or abandoned", timeout=120)
+        late = next(w for w in await rows(store_url) if w.decision_status == "approved")
+        assert late.session_id is not None
+        didit.data_updated(late.session_id)
+
+        async def revised() -> bool:
+            return any(w.revision == 2 for w in await rows(store_url))
+
+        await wait_until(revised, "the reviewer's change as revision 2", timeout=60)
+        await wait_committed_to_end(kafka_bootstrap, group, events, 60)
+        proc.stop_cleanly()
+    finally:
+        proc.kill()
+        intake.terminate()
+        intake.communicate(timeout=30)
+    final = {w.message_id: w for w in await rows(store_url)}
+    fates = Counter(e["fate"] for e in didit.webhooks()["events"])
+    assert fates["dropped"] > 0, fates
+    assert any(w.decision_source == "poll" for w in final.values())  # dropped ones, completed by polling
+    assert didit.effects_per_idv_key("create_session") == {w.session_key: 1 for w in final.values()}
+    approved = [w for w in final.values() if w.decision_status == "approved"]
+    declined = [w for w in final.values() if w.decision_status == "declined"]
+    assert (
+        approved
+        and declined
+        and len(approved) + len(declined) + sum(w.state is WState.ABANDONED for w in final.values()) == 60
+    )
+    assert didit.effects_per_idv_key("aml_screening") == {w.aml_key: 1 for w in approved}
+    results = workflow_results(await read_results(kafka_bootstrap, f"{topic}.results", "read_committed"))
+    per_revision = Counter((r["message_id"], r["revision"]) for r in results)
+    assert {m for m, rev in per_revision if rev == 1} == set(_ids)
+    assert all(n == 1 for n in per_revision.values()), per_revision.most_common(3)
+    assert (late.message_id, 2) in per_revision
