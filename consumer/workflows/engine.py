@@ -211,7 +211,7 @@ class WorkflowEngine:
         if wf.state is WState.STARTED:
             outcome = await self.runner.run(
                 wf.session_key, wf, Step.SESSION,
-                lambda keep_alive: self.steps.create_session(wf, wf.session_key, keep_alive),
+                lambda alive, claimed: self.steps.create_session(wf, wf.session_key, alive, claimed),
             )  # fmt: skip
             self.faults.hit("workflow_after_step")
             if outcome.status == "failed" or not outcome.provider_reference:
@@ -236,7 +236,7 @@ class WorkflowEngine:
             if wf.decision_status == "approved" and wf.wants_aml and wf.aml_status is None:
                 outcome = await self.runner.run(
                     wf.aml_key, wf, Step.AML,
-                    lambda keep_alive: self.steps.screen_aml(wf, wf.aml_key, keep_alive),
+                    lambda keep_alive, claimed: self.steps.screen_aml(wf, wf.aml_key, keep_alive, claimed),
                 )  # fmt: skip
                 self.faults.hit("workflow_after_step")
                 current = await self.store.get(wf.message_id)  # events may have moved it meanwhile

@@ -61,9 +61,15 @@ class PostgresWorkflowStore(s.WorkflowStore):
                 command_timeout=30,
                 server_settings={"default_transaction_isolation": "read committed"},
             )
-            async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", int.from_bytes(b"idv-wflw", "big"))
-                await conn.execute(_SCHEMA)
+            async with self._pool.acquire() as conn:
+                # Only when missing: CREATE INDEX IF NOT EXISTS still locks its table (SHARE), which would
+                # wait on (and deadlock with) running transitions of another daemon or a tool.
+                if await conn.fetchval("SELECT to_regclass('idv_workflow_results_source')") is None:
+                    async with conn.transaction():
+                        await conn.execute(
+                            "SELECT pg_advisory_xact_lock($1)", int.from_bytes(b"idv-wflw", "big")
+                        )
+                        await conn.execute(_SCHEMA)
         except (*_DB_ERRORS, ValueError) as exc:
             raise StoreError(redact(f"cannot open the PostgreSQL workflow store: {exc}", self.url)) from None
 

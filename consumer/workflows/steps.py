@@ -18,6 +18,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -28,7 +29,7 @@ from consumer.model import ClaimStatus, Outcome, Record, State
 from consumer.provider import CallProgress, CallResult, ProviderClient
 from consumer.store.base import DedupeStore
 from consumer.workflows.model import Workflow
-from producer.envelope import get_operation
+from producer.envelope import Envelope, get_operation
 from producer.errors import VerificationError
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,16 @@ class StepFailed(ConsumerError):
 
 
 class Steps(Protocol):
-    async def create_session(self, wf: Workflow, key: str, keep_alive: KeepAlive) -> CallResult: ...
+    """``claimed`` is the step's dedupe record as claimed: ``attempts > 1`` means an earlier attempt may
+    have reached the provider (a take-over), ``created_at`` is when the step was first claimed."""
 
-    async def screen_aml(self, wf: Workflow, key: str, keep_alive: KeepAlive) -> CallResult: ...
+    async def create_session(
+        self, wf: Workflow, key: str, keep_alive: KeepAlive, claimed: Record | None = None
+    ) -> CallResult: ...
+
+    async def screen_aml(
+        self, wf: Workflow, key: str, keep_alive: KeepAlive, claimed: Record | None = None
+    ) -> CallResult: ...
 
     async def decision(self, session_id: str) -> dict[str, Any] | None:
         """The session's decision body (``GET /v3/session/{id}/decision/``); None when unknown (404)."""
@@ -77,44 +85,78 @@ class ProviderSteps:
         self.provider = provider
         self.attempts = attempts
 
-    async def create_session(self, wf: Workflow, key: str, keep_alive: KeepAlive) -> CallResult:
-        body = {"workflow_id": wf.provider_workflow_id, "vendor_data": wf.subject_id,
-                "metadata": {"idv_key": key}}  # fmt: skip
-        return await self.provider.call(
-            get_operation("create_session"), body, key, keep_alive=keep_alive, progress=CallProgress()
-        )
+    async def _mutate(
+        self, operation: str, wf: Workflow, request: dict[str, Any], key: str, keep_alive: KeepAlive,
+        claimed: Record | None,
+    ) -> CallResult:  # fmt: skip
+        """Through the provider layer's ``call_envelope`` when it has one (the profile's body, dedupe and
+        reconciliation: an earlier attempt is looked up by ``metadata.idv_key`` before sending again),
+        else the plain call with the key in ``metadata.idv_key``."""
+        op = get_operation(operation)
+        call_envelope = getattr(self.provider, "call_envelope", None)
+        if call_envelope is not None:
+            envelope = Envelope(wf.message_id, operation, wf.subject_id, request)
+            result: CallResult = await call_envelope(
+                op, envelope, key,
+                earlier_claims=claimed is not None and claimed.attempts > 1,
+                since=claimed.created_at if claimed is not None else 0.0,
+                keep_alive=keep_alive, progress=CallProgress(),
+            )  # fmt: skip
+            return result
+        body = {**request, "vendor_data": wf.subject_id, "metadata": {"idv_key": key}}
+        return await self.provider.call(op, body, key, keep_alive=keep_alive, progress=CallProgress())
 
-    async def screen_aml(self, wf: Workflow, key: str, keep_alive: KeepAlive) -> CallResult:
+    async def create_session(
+        self, wf: Workflow, key: str, keep_alive: KeepAlive, claimed: Record | None = None
+    ) -> CallResult:
+        request = {"workflow_id": wf.provider_workflow_id}
+        return await self._mutate("create_session", wf, request, key, keep_alive, claimed)
+
+    async def screen_aml(
+        self, wf: Workflow, key: str, keep_alive: KeepAlive, claimed: Record | None = None
+    ) -> CallResult:
         decision = await self.decision(wf.session_id or "")
-        body = {**aml_fields(decision), "vendor_data": wf.subject_id, "metadata": {"idv_key": key}}
-        return await self.provider.call(
-            get_operation("aml_screening"), body, key, keep_alive=keep_alive, progress=CallProgress()
-        )
+        return await self._mutate("aml_screening", wf, aml_fields(decision), key, keep_alive, claimed)
 
     async def decision(self, session_id: str) -> dict[str, Any] | None:
         """Read-only, so simply retried; 404 is None; 401/403 stop the daemon like any call."""
-        path = f"/v3/session/{session_id}/decision/"
+        path = f"/v3/session/{quote(session_id, safe='')}/decision/"
+        read = getattr(self.provider, "_get", None)  # the provider layer's retried read, when present
+        if read is not None:
+            try:
+                status, raw = await read(path, None, None, 20.0)
+            except RetriesExhausted as exc:
+                raise StepFailed("retries_exhausted", "the session's decision could not be read") from exc
+            return _decision_body(status, raw)
         p = self.provider
+        headers = [h for h in p._base_headers if h[0] != b"content-type"]
         delay = 0.2
         for attempt in range(1, self.attempts + 1):
-            request = httpx.Request("GET", p.base_url + path, headers=list(p._base_headers[::2]))
+            request = httpx.Request("GET", p.base_url + path, headers=headers)
             try:
                 with anyio.fail_after(p.timeout_s):
                     response = await p._exchange(request)
             except (httpx.TransportError, TimeoutError):
                 response = None
             if response is not None:
-                if response.status_code == 200:
-                    parsed = orjson.loads(response.content)
-                    return parsed if isinstance(parsed, dict) else None
-                if response.status_code == 404:
-                    return None
                 if response.status_code in (401, 403):
                     raise ProviderAuthError(response.status_code)
+                if response.status_code < 500 and response.status_code != 429:
+                    return _decision_body(response.status_code, response.content)
             if attempt < self.attempts:
                 await anyio.sleep(delay)
                 delay *= 2
         raise StepFailed("retries_exhausted", f"decision of a session unreadable after {self.attempts} tries")
+
+
+def _decision_body(status: int, raw: bytes) -> dict[str, Any] | None:
+    if status != 200:
+        return None  # 404: the provider does not know the session (or has no decision endpoint)
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 class StepRunner:
@@ -127,7 +169,11 @@ class StepRunner:
         self.retention_s = retention_s
 
     async def run(
-        self, key: str, wf: Workflow, step: str, call: Callable[[KeepAlive], Awaitable[CallResult]]
+        self,
+        key: str,
+        wf: Workflow,
+        step: str,
+        call: Callable[[KeepAlive, Record], Awaitable[CallResult]],
     ) -> Outcome:
         operation = f"kyc_workflow/{step}"
         # The step's record fingerprints the workflow's request and the step (never personal data).
@@ -151,7 +197,7 @@ class StepRunner:
             await self._store(self.records.renew, key, self.owner, self.lease_s)
 
         try:
-            result = await call(renew)
+            result = await call(renew, record)
         except RetriesExhausted as exc:
             # Not released: an attempt may still be at the provider. The lease runs out on its own.
             raise StepFailed("retries_exhausted", str(exc)) from exc

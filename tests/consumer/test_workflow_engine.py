@@ -13,7 +13,7 @@ import orjson
 import pytest
 from aiokafka.structs import ConsumerRecord
 
-from consumer.model import Disposition, Outcome
+from consumer.model import Disposition, Outcome, Record
 from consumer.provider import CallResult
 from consumer.store import DedupeStore, open_store
 from consumer.workflows.engine import WorkflowEngine
@@ -36,11 +36,15 @@ class FakeSteps:
         self.statuses: dict[str, str] = {}
         self.fail_aml = False
 
-    async def create_session(self, wf: Workflow, key: str, keep_alive: KeepAlive) -> CallResult:
+    async def create_session(
+        self, wf: Workflow, key: str, keep_alive: KeepAlive, claimed: Record | None = None
+    ) -> CallResult:
         self.sessions[key] = self.sessions.get(key, 0) + 1
         return CallResult(Outcome("created", 201, "sess-" + wf.message_id), False, 1)
 
-    async def screen_aml(self, wf: Workflow, key: str, keep_alive: KeepAlive) -> CallResult:
+    async def screen_aml(
+        self, wf: Workflow, key: str, keep_alive: KeepAlive, claimed: Record | None = None
+    ) -> CallResult:
         if self.fail_aml:
             raise RuntimeError("crash inside the AML step")
         self.aml[key] = self.aml.get(key, 0) + 1
