@@ -36,7 +36,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from bench.chaos_env import daemon_child_env
-from bench.common import BOOTSTRAP, ROOT, create_topic, free_port, publish
+from bench.common import BOOTSTRAP, ROOT, committed_offsets, create_topic, end_offsets, free_port, publish
 from consumer.workflows.model import map_status
 from consumer.workflows.store import open_workflow_store
 from producer.envelope import Envelope
@@ -61,6 +61,14 @@ async def states(store_url: str) -> Counter[str]:
     store = open_workflow_store(store_url)
     async with store:
         return Counter(await store.counts())
+
+
+async def committed_to_end(group: str, topics: list[str]) -> bool:
+    for topic in topics:
+        ends = await end_offsets(topic)
+        if await committed_offsets(group, topic, sorted(ends)) != ends:
+            return False
+    return True
 
 
 async def read_values(topic: str) -> list[bytes]:
@@ -112,7 +120,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             events_topic=events, results_transactional="true", workflow_scan_interval_s=1,
             workflow_poll_after_s=args.poll_after_s, workflow_poll_max_s=args.poll_after_s,
             workflow_abandon_after_s=600, provider_timeout_s=3, lease_s=5, health_port=-1,
-            log_level="WARNING", commit_interval_s=0.5, session_timeout_ms=6000, heartbeat_interval_ms=1000,
+            log_level=os.environ.get("WFCHAOS_LOG_LEVEL", "WARNING"), commit_interval_s=0.5,
+            session_timeout_ms=6000, heartbeat_interval_ms=1000,
         )  # fmt: skip
         intake_env = {k: v for k, v in os.environ.items() if not k.startswith("IDV_")} | {
             "PYTHONPATH": str(ROOT), "IDV_KAFKA_BOOTSTRAP": BOOTSTRAP, "IDV_EVENTS_TOPIC": events,
@@ -143,6 +152,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 kills["intake"] += 1
                 await asyncio.sleep(rng.uniform(0.5, 2.0))  # down a while: deliveries fail, Didit retries
                 intake = start(intake_cmd, intake_env, work / "intake.log")
+        # Finished in the store is not yet published: a result written by a handler that was then killed
+        # is published when its message is redelivered. Done means committed to the end of both topics.
+        while time.monotonic() < deadline and not await committed_to_end(f"g-{prefix}", [topic, events]):  # noqa: ASYNC110 - polls the broker
+            await asyncio.sleep(1.0)
         elapsed = time.monotonic() - started
         for proc in (daemon, intake):
             proc.send_signal(signal.SIGTERM)
