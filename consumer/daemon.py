@@ -63,7 +63,7 @@ from consumer.retention import purge_forever
 from consumer.settings import Settings
 from consumer.store import DedupeStore, open_store
 from consumer.workflows.poller import Poller
-from consumer.workflows.wiring import build_engine
+from consumer.workflows.wiring import build_engine, with_events_topic
 
 log = logging.getLogger(__name__)
 
@@ -268,21 +268,19 @@ class Daemon:
                     await self.sinks.start()
                 except KafkaError as exc:
                     raise BrokerUnavailable(f"cannot start the producer: {type(exc).__name__}") from None
-                topics = self._with_events_topic(topics, existing)
+                # The provider events topic, when it exists, and the poller with it (workflows/wiring.py).
+                topics, self.poller = with_events_topic(
+                    self.settings, self.workflows, self.sinks, topics, existing, on_fatal=self._set_fatal
+                )
                 consumer.subscribe(topics, listener=_Listener(self))
                 log.info("consumer started", extra={"owner": self.owner, "topics": topics})
                 async with anyio.create_task_group() as tg:
                     for _ in range(self.settings.max_in_flight):
                         tg.start_soon(self._worker)
                     tg.start_soon(self._commit_loop)
-                    if self.settings.purge_interval_s > 0:
-                        tg.start_soon(
-                            purge_forever,
-                            self.store,
-                            self.settings.purge_interval_s,
-                            self.workflows.store,
-                            self.settings.retention_s,
-                        )
+                    if (every := self.settings.purge_interval_s) > 0:
+                        wfs, retention = self.workflows.store, self.settings.retention_s
+                        tg.start_soon(purge_forever, self.store, every, wfs, retention)
                     tg.start_soon(collect_young_forever)
                     if self.poller is not None:
                         tg.start_soon(self.poller.run_forever)
@@ -295,29 +293,6 @@ class Daemon:
                 with anyio.CancelScope(shield=True):
                     await self.sinks.stop()
                     await consumer.stop()
-
-    def _with_events_topic(self, topics: list[str], existing: set[str]) -> list[str]:
-        """The request topics plus the provider events topic when it exists (and the poller with it)."""
-        events = self.settings.provider_events_topic
-        if events is None or events not in existing:
-            if events is not None:
-                log.info("events topic %s not found: workflows advance by their requests only", events)
-            self.workflows.events_topic = None
-            return topics
-        s = self.settings
-
-        async def publish(key: bytes, value: bytes) -> None:
-            await self.sinks.publish_event(events, key, value)
-
-        self.poller = Poller(
-            self.workflows,
-            publish,
-            interval_s=s.workflow_scan_interval_s,
-            concurrency=s.workflow_poll_concurrency,
-            stall_after_s=max(60.0, 2 * s.lease_s),
-            on_fatal=self._set_fatal,
-        )
-        return [*topics, events] if events not in topics else topics
 
     def stop(self) -> None:
         """Stop fetching; :meth:`run` drains, commits and returns."""
