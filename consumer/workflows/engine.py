@@ -224,6 +224,9 @@ class WorkflowEngine:
             return await self._write(wf, rules.Change(created))
         if wf.state is WState.SESSION_CREATED:
             assert wf.session_id is not None
+            # Revision 0 (where the applicant goes) first, in the outbox with the session's own transition
+            # to waiting; read before anything else can move the row on.
+            url = await self.steps.session_url(wf.session_id)
             for event in await self.store.pending(wf.session_id):
                 after = await self.apply(event, source, wf)
                 wf = after if after is not None else wf
@@ -231,7 +234,7 @@ class WorkflowEngine:
                 return wf
             bump = {"version": wf.version + 1, "updated_at": now}
             waiting = wf.evolve(state=WState.WAITING, due_at=now + self.poll_after_s, **bump)
-            return await self._write(wf, rules.Change(waiting))
+            return await self._write(wf, rules.Change(waiting, (rules.session_result(wf, url, source),)))
         if wf.state is WState.DECIDED:
             if wf.decision_status == "approved" and wf.wants_aml and wf.aml_status is None:
                 outcome = await self.runner.run(

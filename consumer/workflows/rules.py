@@ -18,10 +18,20 @@ import orjson
 from consumer.keys import key_hash
 from consumer.workflows.model import FINAL_STATES, OPEN_STATES, Event, Workflow, WState, precedence
 
-__all__ = ["RESULT_KIND_FINAL", "RESULT_KIND_UPDATE", "Change", "Result", "finalize", "on_event"]
+__all__ = [
+    "RESULT_KIND_FINAL",
+    "RESULT_KIND_SESSION",
+    "RESULT_KIND_UPDATE",
+    "Change",
+    "Result",
+    "finalize",
+    "on_event",
+    "session_result",
+]
 
 RESULT_KIND_FINAL = "workflow_decision"
 RESULT_KIND_UPDATE = "workflow_decision_update"
+RESULT_KIND_SESSION = "workflow_session"
 RESULT_SCHEMA_VERSION = 1
 
 
@@ -100,6 +110,28 @@ def result_body(wf: Workflow, revision: int, reason: str) -> bytes:
             "first_seen_at": _iso(wf.created_at),
         }
     )
+
+
+def session_result(wf: Workflow, url: str | None, source: str) -> Result:
+    """Revision 0: the session exists and where the applicant verifies. Not a decision: the upstream
+    service sends the applicant to ``session_url`` (a link to the provider's hosted flow; no personal data,
+    but whoever has it can act in that session: handle it like the session itself)."""
+    body = orjson.dumps(
+        {
+            "schema_version": RESULT_SCHEMA_VERSION,
+            "kind": RESULT_KIND_SESSION,
+            "message_id": wf.message_id,
+            "operation": "kyc_workflow",
+            "revision": 0,
+            "subject_id": wf.subject_id,
+            "workflow_id": wf.provider_workflow_id,
+            "session_id": wf.session_id,
+            "session_url": url,
+            "key_hash": key_hash(wf.session_key),
+            "first_seen_at": _iso(wf.created_at),
+        }
+    )
+    return Result(wf.message_id, 0, source, wf.subject_id.encode(), body)
 
 
 def _result(wf: Workflow, revision: int, source: str, reason: str) -> Result:

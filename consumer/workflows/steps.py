@@ -24,7 +24,14 @@ import anyio
 import httpx
 import orjson
 
-from consumer.errors import ConsumerError, LeaseLost, ProviderAuthError, RetriesExhausted, StoreError
+from consumer.errors import (
+    ConsumerError,
+    LeaseLost,
+    ProviderAuthError,
+    ProviderConfigError,
+    RetriesExhausted,
+    StoreError,
+)
 from consumer.model import ClaimStatus, Outcome, Record, State
 from consumer.provider import CallProgress, CallResult, ProviderClient
 from consumer.store.base import DedupeStore
@@ -61,6 +68,10 @@ class Steps(Protocol):
 
     async def decision(self, session_id: str) -> dict[str, Any] | None:
         """The session's decision body (``GET /v3/session/{id}/decision/``); None when unknown (404)."""
+        ...
+
+    async def session_url(self, session_id: str) -> str | None:
+        """Where the applicant verifies (the session's ``session_url``); None when it cannot be read."""
         ...
 
 
@@ -118,6 +129,14 @@ class ProviderSteps:
         decision = await self.decision(wf.session_id or "")
         return await self._mutate("aml_screening", wf, aml_fields(decision), key, keep_alive, claimed)
 
+    async def session_url(self, session_id: str) -> str | None:
+        try:
+            body = await self.decision(session_id)
+        except StepFailed:
+            return None
+        url = (body or {}).get("session_url") or (body or {}).get("url")
+        return url if isinstance(url, str) and url.startswith(("http://", "https://")) else None
+
     async def decision(self, session_id: str) -> dict[str, Any] | None:
         """Read-only, so simply retried; 404 is None; 401/403 stop the daemon like any call."""
         path = f"/v3/session/{quote(session_id, safe='')}/decision/"
@@ -127,6 +146,11 @@ class ProviderSteps:
                 status, raw = await read(path, None, None, 20.0)
             except RetriesExhausted as exc:
                 raise StepFailed("retries_exhausted", "the session's decision could not be read") from exc
+            except ProviderConfigError:
+                # This provider has no decision endpoint (an IETF-style API): nothing to read, not a reason
+                # to stop the daemon. Workflows there are decided by their events only.
+                log.warning("the provider has no session decision endpoint; decision not read")
+                return None
             return _decision_body(status, raw)
         p = self.provider
         headers = [h for h in p._base_headers if h[0] != b"content-type"]

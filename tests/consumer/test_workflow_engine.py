@@ -50,6 +50,9 @@ class FakeSteps:
         self.aml[key] = self.aml.get(key, 0) + 1
         return CallResult(Outcome("approved", 200, "aml-" + wf.message_id), False, 1)
 
+    async def session_url(self, session_id: str) -> str | None:
+        return f"https://verify.example/session/{session_id}"
+
     async def decision(self, session_id: str) -> dict[str, Any] | None:
         status = self.statuses.get(session_id)
         return None if status is None else {"session_id": session_id, "status": status}
@@ -107,12 +110,19 @@ def bodies(handled: Any) -> list[dict[str, Any]]:
 
 async def test_request_creates_one_session_and_waits(rig: Rig) -> None:
     mid = uuid.uuid4().hex
-    first = await rig.request(mid)
-    assert first.disposition is Disposition.COMPLETED and first.raw_results == []
+    env = Envelope(mid, "kyc_workflow", "applicant-" + mid[:6], {"workflow_id": "wf-kyc"})
+    at = rig.record("requests", b"{}")
+    first = await rig.engine.handle_request(env, at)
+    assert first.disposition is Disposition.COMPLETED
+    [opened] = bodies(first)  # revision 0: where the applicant goes
+    assert (opened["kind"], opened["revision"]) == ("workflow_session", 0)
+    assert opened["session_url"] == "https://verify.example/session/sess-" + mid
     wf = await rig.wf(mid)
     assert wf.state is WState.WAITING and wf.session_id == "sess-" + mid and wf.due_at is not None
-    again = await rig.request(mid)  # redelivery: nothing sent again
-    assert again.disposition is Disposition.DUPLICATE
+    again = await rig.engine.handle_request(env, at)  # redelivery: nothing sent, the same bytes again
+    assert again.raw_results == first.raw_results
+    elsewhere = await rig.request(mid)  # the same request at another offset: a duplicate, nothing to publish
+    assert elsewhere.disposition is Disposition.DUPLICATE and elsewhere.raw_results == []
     assert rig.steps.sessions == {wf.session_key: 1}
 
 
@@ -159,8 +169,8 @@ async def test_late_change_is_a_new_revision_and_the_final_stays(rig: Rig) -> No
     assert [(b["revision"], b["status"], b["final_status"]) for b in review] == [(3, "declined", "approved")]
     assert (await rig.event(mid, "Approved", 300.0, kind="data.updated")).raw_results == []  # duplicate
     results = await rig.store.results_of(mid)
-    assert [r.revision for r in results] == [1, 2, 3]
-    assert orjson.loads(results[0].body) == final[0]  # the final event is never rewritten
+    assert [r.revision for r in results] == [0, 1, 2, 3]
+    assert orjson.loads(results[1].body) == final[0]  # the final event is never rewritten
 
 
 async def test_event_before_session_is_applied_when_the_session_is_recorded(rig: Rig) -> None:
@@ -250,7 +260,8 @@ async def test_result_events_match_the_published_schema(rig: Rig) -> None:
     events = []
     for status, steps in (("Approved", None), ("Declined", None), ("Approved", ["session", "decision"])):
         mid = uuid.uuid4().hex
-        await rig.request(mid, steps)
+        for opened in bodies(await rig.request(mid, steps)):
+            validator.validate(opened)
         events += bodies(await rig.event(mid, status, 100.0))
         events += bodies(await rig.event(mid, status, 200.0, kind="data.updated"))
     assert [e["revision"] for e in events] == [1, 2] * 3
@@ -270,4 +281,4 @@ async def test_a_retried_delivery_is_the_same_event(rig: Rig) -> None:
                 "created_at": 290, "timestamp": delivery_ts}  # fmt: skip
         sent.append(await rig.engine.handle_event(rig.record("events", orjson.dumps(body))))
     assert [len(h.raw_results) for h in sent] == [1, 0, 0]
-    assert [r.revision for r in await rig.store.results_of(mid)] == [1, 2]
+    assert [r.revision for r in await rig.store.results_of(mid)] == [0, 1, 2]
