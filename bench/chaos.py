@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import fcntl
 import logging
@@ -79,7 +80,7 @@ from bench.chaos_env import (
 )
 from consumer.keys import idempotency_key
 from consumer.sinks import H_OFFSET, H_PARTITION, H_REASON
-from producer.envelope import decode, encode
+from producer.envelope import Envelope, decode, encode
 from producer.errors import EnvelopeError
 from producer.samples import iter_sample_envelopes
 
@@ -171,12 +172,36 @@ def make_schedule(
 Raw = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
 
 
-def make_records(seed: int, messages: int, dup_ratio: float, invalid_ratio: float) -> list[Raw]:
+def _for_didit(env: Envelope) -> Envelope:
+    """``--profile didit``: a session per message (Didit hands a subject's unfinished session of the same
+    workflow to the next create: no side effect, another request's session; one side effect per message
+    ID needs a workflow per message), and the sample images as inline base64 (sent as file parts)."""
+    request = dict(env.request)
+    if env.operation == "create_session":
+        request["workflow_id"] = f"wf-{env.message_id}"
+    for name in ("front_image", "back_image"):
+        if isinstance(request.get(name), str):
+            request[name] = base64.b64encode(request[name].encode()).decode()
+    return Envelope(
+        message_id=env.message_id,
+        operation=env.operation,
+        subject_id=env.subject_id,
+        request=request,
+        created_at=env.created_at,
+        correlation_id=env.correlation_id,
+    )
+
+
+def make_records(
+    seed: int, messages: int, dup_ratio: float, invalid_ratio: float, profile: str = "ietf"
+) -> list[Raw]:
     """``messages`` Kafka records: valid requests (``dup_ratio`` of them re-sends of a recent one: same
     ID, same payload) with ``invalid_ratio`` undecodable ones mixed in at seeded positions."""
     rng = random.Random(f"idv-chaos-records:{seed}")
     invalid = round(messages * invalid_ratio)
     valid = iter_sample_envelopes(messages - invalid, seed=seed, duplicate_ratio=dup_ratio)
+    if profile == "didit":
+        valid = (_for_didit(env) for env in valid)
     records: list[Raw] = [(env.key, encode(env), env.headers()) for env in valid]
     for i in range(invalid):
         kind = i % 3
@@ -231,6 +256,8 @@ class Options:
     json_path: Path | None
     mutant: str | None = None
     """Run the daemons from a copy of the tree with this mutant of tests/mutants.py applied."""
+    profile: str = "ietf"
+    """The provider profile: the sandbox's ``--profile`` and the daemons' ``IDV_PROVIDER``."""
 
 
 @dataclass
@@ -583,6 +610,7 @@ def daemon_env(
         log_format="json",
         log_level="INFO",
         health_port=0,  # several daemons on one host: each takes a free port
+        provider=opts.profile,
     )
 
 
@@ -609,7 +637,7 @@ def schedule_for(opts: Options) -> list[Event]:
 async def run(opts: Options) -> Outcome:
     counts = Counts()
     schedule = schedule_for(opts)
-    records = make_records(opts.seed, opts.messages, opts.dup_ratio, opts.invalid_ratio)
+    records = make_records(opts.seed, opts.messages, opts.dup_ratio, opts.invalid_ratio, opts.profile)
     run_id = opts.run_dir.name
     print(f"run dir: {opts.run_dir}")
     for event in schedule:
@@ -631,6 +659,7 @@ async def run(opts: Options) -> Outcome:
         opts.run_dir,
         API_KEY,
         seed=opts.seed,
+        profile=opts.profile,
         latency_ms=opts.latency_ms,
         latency_jitter_ms=opts.latency_jitter_ms,
     )
@@ -1128,6 +1157,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
         help="run the daemons with this mutant of tests/mutants.py (e.g. new-key-on-takeover): the run "
         "must then fail (exit 1); shows the checker is not vacuous",
     )
+    ap.add_argument(
+        "--profile",
+        choices=("ietf", "didit"),
+        default="ietf",
+        help="provider profile: the sandbox's --profile and the daemons' IDV_PROVIDER",
+    )
     ap.add_argument("--schedule-only", action="store_true", help="print the seed and schedule, run nothing")
     args = ap.parse_args(argv)
     if args.seed is None:
@@ -1165,6 +1200,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Optio
         keep_services=args.keep_services,
         json_path=args.json,
         mutant=args.mutant,
+        profile=args.profile,
     )
     return args, opts
 

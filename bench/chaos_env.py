@@ -294,11 +294,14 @@ class PrivateKafka:
 class SandboxProcess(testing.SandboxProcess):
     """``python -m sandbox`` on a free port; admin calls over HTTP."""
 
-    def __init__(self, run_dir: Path, api_key: str, *, seed: int | None = None, **faults: Any) -> None:
+    def __init__(
+        self, run_dir: Path, api_key: str, *, seed: int | None = None, profile: str = "ietf", **faults: Any
+    ) -> None:
         self.run_dir = run_dir
         self.api_key = api_key
         env = clean_env()
         args = ["--seed", str(seed)] if seed is not None else []
+        args += ["--profile", profile]
         super().__init__(run_dir / "sandbox.log", api_key, *args, env=env)
         if faults:
             self.faults(**faults)

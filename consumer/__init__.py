@@ -11,9 +11,11 @@ from consumer.errors import (
     ProviderConfigError,
     ProviderError,
     ProviderInDoubt,
+    ProviderNotFound,
     ProviderRetriableError,
     RetriesExhausted,
     StoreError,
+    UnreconciledAttempt,
 )
 from consumer.keys import fingerprint, idempotency_key
 from consumer.offsets import PartitionOffsets
@@ -41,6 +43,7 @@ __all__ = [
     "ProviderConfigError",
     "ProviderError",
     "ProviderInDoubt",
+    "ProviderNotFound",
     "ProviderRetriableError",
     "Record",
     "RetriesExhausted",
@@ -48,6 +51,7 @@ __all__ = [
     "Settings",
     "State",
     "StoreError",
+    "UnreconciledAttempt",
     "Stats",
     "fingerprint",
     "idempotency_key",

@@ -31,9 +31,13 @@ from producer.envelope import Operation
 
 __all__ = [
     "KEY_REUSED_CODES",
+    "STATUS_MAP",
+    "UNKNOWN_STATUS",
     "classify_status",
     "decision",
     "error_code",
+    "error_code_of",
+    "map_status",
     "parse_retry_after",
     "route_missing",
 ]
@@ -45,16 +49,39 @@ KEY_REUSED_CODES = frozenset({"idempotency_key_reused", "idempotency_key_mismatc
 # A 404 whose error code is one of these (or that has no JSON error code) is about the route, not a resource.
 _ROUTE_NOT_FOUND_CODES = frozenset({"not_found", "notfound", "http_404"})
 
-_DECISIONS = {
+# Every documented status string (Didit's session statuses, its feature statuses, its KYB spellings, and the
+# IETF sandbox's), normalised (lower case, "_" as " "), mapped to an outcome status. The complete set of
+# outcome statuses: approved, declined, review, created (exists, not decided yet), abandoned, expired,
+# failed. A status string not in this table is recorded as "failed" with detail "unknown_status": never a
+# silent "unknown" (tests/consumer/test_providers.py walks the table).
+STATUS_MAP: dict[str, str] = {
     "approved": "approved",
     "declined": "declined",
     "rejected": "declined",
     "in review": "review",
-    "in_review": "review",
     "review": "review",
     "not started": "created",
     "in progress": "created",
+    "awaiting user": "created",
+    "resubmitted": "created",
+    "resub requested": "created",
+    "not finished": "created",
+    "abandoned": "abandoned",
+    "expired": "expired",
+    "kyc expired": "expired",
 }
+UNKNOWN_STATUS = "unknown_status"
+
+
+def map_status(raw: object) -> tuple[str, str | None]:
+    """(outcome status, detail) for a provider's status string: ``("failed", "unknown_status")`` for a
+    string no documentation lists, or for a missing one."""
+    if not isinstance(raw, str):
+        return "failed", UNKNOWN_STATUS
+    status = STATUS_MAP.get(raw.strip().lower().replace("_", " "))
+    if status is None:
+        return "failed", UNKNOWN_STATUS
+    return status, None
 
 
 def classify_status(status: int) -> str:
@@ -89,19 +116,21 @@ def parse_retry_after(
     return max(0.0, delta)
 
 
-def decision(operation: Operation, body: Any) -> tuple[str, str | None]:
-    """Map the provider's JSON answer to (status, provider reference)."""
+def decision(operation: Operation, body: Any) -> tuple[str, str | None, str | None]:
+    """Map the provider's JSON answer to (status, provider reference, detail); the status of a nested
+    check section (``id_verification``, ``aml``, ``liveness``, ``face_match``, ``decision``) wins over the
+    top-level one."""
     if not isinstance(body, dict):
-        return "unknown", None
+        return "failed", None, UNKNOWN_STATUS
     reference = body.get(operation.reference_field) or body.get("request_id") or body.get("session_id")
     raw: Any = body.get("status")
-    for section in ("id_verification", "aml", "decision"):
+    for section in ("id_verification", "aml", "liveness", "face_match", "decision"):
         part = body.get(section)
         if isinstance(part, dict) and "status" in part:
             raw = part["status"]
             break
-    status = _DECISIONS.get(str(raw).strip().lower(), "unknown") if raw is not None else "unknown"
-    return status, str(reference)[:128] if reference is not None else None
+    status, detail = map_status(raw)
+    return status, str(reference)[:128] if reference is not None else None, detail
 
 
 def route_missing(response: httpx.Response) -> bool:
@@ -112,11 +141,16 @@ def route_missing(response: httpx.Response) -> bool:
 
 def error_code(response: httpx.Response) -> str:
     """A short machine code from an error answer; never the body itself (it may echo personal data)."""
+    return error_code_of(response.status_code, response.content)
+
+
+def error_code_of(status: int, content: bytes) -> str:
+    """:func:`error_code` from a status and a body."""
     try:
-        body = orjson.loads(response.content)
+        body = orjson.loads(content)
     except orjson.JSONDecodeError:
-        return f"http_{response.status_code}"
+        return f"http_{status}"
     code = body.get("error") if isinstance(body, dict) else None
     if isinstance(code, str) and code.replace("_", "").isalnum() and len(code) <= 64:
         return code
-    return f"http_{response.status_code}"
+    return f"http_{status}"

@@ -59,6 +59,7 @@ from consumer.metrics import Metrics
 from consumer.model import DeadLetter, Disposition, Handled, Stats
 from consumer.progress_log import CaughtUp, run_summary
 from consumer.provider import ProviderClient, classify_status
+from consumer.providers.checks import check_key_retention
 from consumer.retention import purge_forever
 from consumer.settings import Settings
 from consumer.store import DedupeStore, open_store
@@ -113,6 +114,9 @@ class Daemon:
             on_attempt=self._on_attempt,
             on_replay=self.metrics.provider_replay,
         )
+        self.provider.on_reconcile = self.metrics.reconciliation
+        # Refuse to start when a key could be resent after the provider forgot it (names the window).
+        check_key_retention(settings, self.provider.adapter)
         if self.provider.gate is not None:
             gate = self.provider.gate
             self.metrics.watch_concurrency(lambda: gate.limit, lambda: gate.gate.in_flight)
@@ -243,6 +247,8 @@ class Daemon:
             finally:
                 await self.workflows.store.close()
         finally:
+            with anyio.CancelScope(shield=True):
+                await self.processor.aclose()  # the document sources
             # Not inside a shielded scope: the SQLite store's writer task group was entered in open().
             await self.store.close()
 

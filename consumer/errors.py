@@ -89,9 +89,28 @@ class ProviderInDoubt(ProviderError):
 
     def __init__(self, status: int, code: str, attempts: int) -> None:
         super().__init__(f"provider answered HTTP {status} {code}: the key was used for a different body")
-        self.status = status
+        self.status: int | None = status
         self.code = code
         self.attempts = attempts
+
+
+class UnreconciledAttempt(ProviderInDoubt):
+    """An earlier attempt may have reached a provider that does not dedupe this operation, and it could
+    not be looked up (the profile has no lookup, or the lookup kept failing): a new attempt could act a
+    second time. Dead-lettered ``in_doubt`` without calling again; an operator decides."""
+
+    def __init__(self, detail: str, attempts: int) -> None:
+        ProviderError.__init__(self, detail)
+        self.status = None
+        self.code = "in_doubt"
+        self.attempts = attempts
+
+
+class ProviderNotFound(ProviderError):
+    """A read-only lookup (``get_decision``) named an object the provider does not know (404)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"provider does not know {what} (HTTP 404)")
 
 
 class ProviderRetriableError(ProviderError):

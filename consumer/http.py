@@ -1,4 +1,4 @@
-"""An httpx transport on aiohttp's connection pool, for the provider client's small JSON exchanges.
+"""An httpx transport on aiohttp's connection pool, for the provider client's exchanges.
 
 :class:`~consumer.provider.ProviderClient` speaks httpx (``httpx.Request`` in, ``httpx.Response`` out,
 ``httpx`` timeouts and exceptions) and sends through an ``httpx.AsyncBaseTransport``. httpx's own pool
@@ -9,7 +9,7 @@ noise, docs/performance.md), but maps each aiohttp failure to the matching httpx
 reports a connection closed after the request arrived as ``ConnectTimeout``), and, because the
 provider's answers are small and never streamed:
 
-* the whole body is read inside the transport and handed over as ``content`` (no async byte-stream
+* the whole answer is read inside the transport and handed over as ``content`` (no async byte-stream
   wrapper around aiohttp's reader, no per-chunk iteration);
 * no cookie jar (the provider sets none that matter, and a jar would keep state between messages);
 * one ``aiohttp.ClientTimeout`` per distinct httpx timeout, built once.
@@ -28,6 +28,8 @@ import ssl
 
 import aiohttp
 import httpx
+
+from producer.errors import VerificationError
 
 __all__ = ["AiohttpTransport"]
 
@@ -82,11 +84,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         session = self._session or self._open()
+        # A bytes body (the JSON calls) is passed as bytes; a streaming one (a multipart upload,
+        # consumer/multipart.py) as the async iterable it is: aiohttp streams it, and with the request's
+        # Content-Length header it sends that length instead of chunked encoding.
+        stream = request.stream
+        data = (request.content or None) if isinstance(stream, httpx.ByteStream) else stream
         try:
             async with session.request(
                 request.method,
                 str(request.url),
-                data=request.content or None,
+                data=data,
                 headers=request.headers,
                 allow_redirects=False,
                 timeout=self._timeout(request),
@@ -102,6 +109,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         except aiohttp.ServerDisconnectedError as exc:
             raise httpx.RemoteProtocolError(f"{type(exc).__name__}: {exc}", request=request) from exc
         except aiohttp.ClientError as exc:
+            # aiohttp wraps an error raised by a streaming body (a document that changed or broke off while
+            # being sent): that error is the cause, not the connection.
+            if isinstance(exc.__cause__, VerificationError):
+                raise exc.__cause__ from None
             raise httpx.ReadError(f"{type(exc).__name__}: {exc}", request=request) from exc
         return httpx.Response(
             status,

@@ -45,7 +45,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DISPOSITIONS = frozenset(
     {"completed", "failed", "duplicate", "conflict", "invalid", "set_aside", "in_doubt", "dead_lettered"}
 )
-OUTCOME_STATUSES = frozenset({"approved", "declined", "review", "created", "failed", "unknown"})
+OUTCOME_STATUSES = frozenset(
+    {"approved", "declined", "review", "created", "abandoned", "expired", "failed", "unknown"}
+)
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
 
 # Provider calls: a fast sandbox answers in ~5 ms, a slow real one in seconds, the timeout is 10-30 s.
@@ -62,6 +64,7 @@ METRIC_NAMES = (
     "idv_provider_call_duration_seconds",
     "idv_provider_retries_total",
     "idv_provider_replays_total",
+    "idv_reconciliations_total",
     "idv_messages_in_flight",
     "idv_committed_offset",
     "idv_consumer_lag",
@@ -196,6 +199,15 @@ class Metrics:
             "cache: an earlier attempt with this key had reached it).",
             registry=r,
         )
+        self._reconciliations = Counter(
+            "idv_reconciliations",
+            "Lookups of an earlier attempt before a resend, for a provider without idempotency keys: found "
+            "(its answer recorded, no call), not_found (sent), in_doubt (could not look; dead-lettered).",
+            ("result",),
+            registry=r,
+        )
+        for result in ("found", "not_found", "in_doubt"):
+            self._reconciliations.labels(result)
         self._in_flight = Gauge(
             "idv_messages_in_flight",
             "Messages between fetch and done, running or waiting behind their key (max IDV_MAX_BUFFERED).",
@@ -303,6 +315,9 @@ class Metrics:
 
     def provider_replay(self) -> None:
         self._provider_replays.inc()
+
+    def reconciliation(self, result: str) -> None:
+        self._reconciliations.labels(result if result in ("found", "not_found", "in_doubt") else _OTHER).inc()
 
     def circuit(self, state: int | str) -> None:
         """Circuit-breaker state: 0/'closed', 1/'half_open', 2/'open' (a ``BreakerState`` works as is,

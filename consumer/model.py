@@ -105,6 +105,10 @@ DLQ_REASONS = (
     "internal_error",  # a bug in the consumer met this message; redrive after the fix
     "undecodable_record",  # the Kafka client could not read the record (e.g. a non-UTF-8 header key)
     "in_doubt",  # the provider may have acted; the outcome is unknown, an operator decides
+    # A referenced document (consumer/documents.py) could not be used; nothing was sent to the provider.
+    "document_missing",  # no such document at its source
+    "document_unreadable",  # a bad reference, an unknown type, unreadable, or its store kept failing
+    "document_too_large",  # over IDV_DOCUMENTS_MAX_BYTES
 )
 
 

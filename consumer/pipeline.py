@@ -10,8 +10,13 @@ The order is what makes exactly-once hold (see docs/guarantees.md):
   done (:mod:`consumer.offsets`).
 * **Same key on every attempt.** If the process dies after the provider performed the side effect but
   before the record, the lease runs out, the message is redelivered (its offset was never committed),
-  and the next claimant calls again with the same ``Idempotency-Key``: the provider replays its stored
-  response instead of acting twice.
+  and the next claimant calls again with the same key. Where the provider dedupes by
+  ``Idempotency-Key`` it replays its stored response instead of acting twice.
+* **Reconcile before resending where the provider does not dedupe** (``didit``). A record claimed before
+  (attempts > 1) may already have acted at the provider: before sending, the adapter looks the earlier
+  attempt up by our reference (carried in the request) and that answer is recorded, with no call. The
+  same happens before a retry after an attempt that may have reached the provider. Without a lookup, or
+  when it keeps failing, the message is dead-lettered ``in_doubt`` instead (consumer/providers/reconcile.py).
 * **Never delete on error.** A failed attempt releases the lease and keeps the record and its attempt
   count (PITFALLS: powertools #801).
 * **One live owner per key.** Every attempt has a hard total deadline below the lease; before an attempt
@@ -40,6 +45,7 @@ import anyio
 from aiokafka.structs import ConsumerRecord
 
 from consumer import tracing
+from consumer.documents import DocumentError, document_dead_letter
 from consumer.errors import (
     LeaseLost,
     ProviderAuthError,
@@ -56,10 +62,11 @@ from consumer.provider import CallProgress, CallResult, ProviderClient
 from consumer.settings import LEASE_SLACK_S
 from consumer.store.base import ClaimStatus, DedupeStore, Record, State
 from consumer.workflows.model import WORKFLOW_OPERATION
-from producer.envelope import Operation, canonical_request, decode, get_operation
+from producer.envelope import Envelope, Operation, decode, get_operation
 from producer.errors import EnvelopeError, VerificationError
 
 if TYPE_CHECKING:
+    from consumer.documents import DocumentSource
     from consumer.workflows.engine import WorkflowEngine
 
 log = logging.getLogger(__name__)
@@ -90,7 +97,10 @@ class Processor:
         fingerprint_key: str | bytes | None = None,
         provider_key_retention_s: float = 24 * 3600.0,
         ignore_key_retention: bool = False,
+        documents: DocumentSource | None = None,
     ) -> None:
+        # Where document references in requests are fetched from (consumer/documents.py); None: none.
+        self.documents = documents
         # Keyed (HMAC) fingerprints with the key; None keeps legacy unkeyed ones (benchmarks, old tools).
         self.fingerprints = Fingerprinter(fingerprint_key)
         # An unfinished, already-sent record older than this is not sent again (the provider may have
@@ -112,6 +122,12 @@ class Processor:
         # The workflow engine (consumer/workflows/), attached by the daemon: kyc_workflow requests and the
         # provider events topic go there instead of the one-call path below.
         self.workflows: WorkflowEngine | None = None
+
+    async def aclose(self) -> None:
+        """Close the document sources (an HTTP document store's connection pool)."""
+        close = getattr(self.documents, "aclose", None)
+        if close is not None:
+            await close()
 
     async def _store_call(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Retry a store operation until it succeeds: the message waits, nothing is committed past it.
@@ -144,6 +160,13 @@ class Processor:
             return await self.handle(msg, generation=generation)
         except ProviderAuthError:
             raise
+        except DocumentError as exc:
+            # Safety net: a referenced document that could not be used (consumer/documents.py) is set aside
+            # under its own reason (document_missing, ...), not as internal_error; handle() let the key go.
+            log.error("document unusable; message set aside: %s", exc, extra={"reason": exc.reason})
+            self.stats.consumed += 1
+            self.stats.count(Disposition.SET_ASIDE)
+            return Handled(Disposition.SET_ASIDE, document_dead_letter(exc))
         except Exception as exc:  # noqa: BLE001 - one message hitting a bug must not stop the consumer
             # Any lease was released by handle(); the message is set aside with its original bytes.
             log.error(
@@ -189,9 +212,6 @@ class Processor:
         operation = get_operation(envelope.operation)
         key = idempotency_key(self.namespace, envelope.operation, envelope.message_id, generation)
         fp, legacy_fps = self.fingerprints.with_legacy(envelope)
-        # Exactly the bytes the fingerprint canonicalises (sorted keys), not the producer's key order: the
-        # provider fingerprints the raw body, so the same content must be the same bytes on every path.
-        body = canonical_request(envelope)
         ctx = message_context.get() or {}
         message_context.set({**ctx, "message_id": envelope.message_id, "key_hash": key_hash(key)})
         tracing.annotate(envelope.operation, key)
@@ -243,6 +263,7 @@ class Processor:
         self.faults.hit("after_claim")
         if (
             claimed.attempts > 1
+            and self.provider.adapter.capability(envelope.operation).by_key
             and not self.ignore_key_retention
             and self.store.clock() - claimed.created_at > self.provider_key_retention_s
         ):
@@ -260,7 +281,7 @@ class Processor:
             return Handled(Disposition.IN_DOUBT, letter)
         progress = CallProgress()
         try:
-            result = await self._call(operation, body, key, claimed.lease_until, progress)
+            result = await self._call(operation, envelope, key, claimed, progress)
         except RetriesExhausted as exc:
             await self._let_go(key, "retries_exhausted", progress)
             log.error("provider kept failing; message set aside: %s", exc)
@@ -269,14 +290,23 @@ class Processor:
             )
             return Handled(Disposition.SET_ASIDE, letter)
         except ProviderInDoubt as exc:
-            # Not FAILED: the provider may have acted under this key for the earlier body. The record stays
-            # unfinished (RELEASED, last_error in_doubt) and the message goes to an operator.
+            # Not FAILED: the provider may have acted under this key for the earlier body (422 key reused),
+            # or an earlier attempt may have acted and could not be looked up (UnreconciledAttempt). The
+            # record stays unfinished (RELEASED, last_error in_doubt) and the message goes to an operator.
             await self._let_go(key, "in_doubt", progress)
-            log.error("provider answered that the key was used differently; in doubt: %s", exc)
+            log.error("outcome in doubt, not sent again: %s", exc)
             letter = DeadLetter(
                 "in_doubt", str(exc), attempts=exc.attempts, first_failure_at=claimed.created_at
             )
             return Handled(Disposition.IN_DOUBT, letter)
+        except DocumentError as exc:
+            # A referenced document cannot be used (consumer/documents.py): nothing reached the provider
+            # (opened before sending, or the upload cut short), so the key is released; an operator
+            # restores the document and redrives under the same key.
+            await self._let_go(key, exc.reason, progress)
+            log.error("document unusable; message set aside: %s", exc, extra={"reason": exc.reason})
+            letter = document_dead_letter(exc, attempts=progress.sent, first_failure_at=claimed.created_at)
+            return Handled(Disposition.SET_ASIDE, letter)
         except ProviderConfigError:
             await self._let_go(key, "provider_config", progress)
             raise
@@ -322,7 +352,7 @@ class Processor:
         )
 
     async def _call(
-        self, operation: Operation, body: bytes, key: str, lease_until: float | None, progress: CallProgress
+        self, operation: Operation, envelope: Envelope, key: str, claimed: Record, progress: CallProgress
     ) -> CallResult:
         """The provider call under a lease that never runs out while we are calling or waiting to call.
 
@@ -331,8 +361,10 @@ class Processor:
         when the claim's lease no longer covers it). Between attempts — an open circuit breaker, backoff,
         ``Retry-After`` — the lease is renewed every third of it. Each renewal is a compare-and-set:
         :class:`LeaseLost` if another owner has the key, and then no further attempt is made. No renewer
-        task runs beside the call: nothing can outlast the lease while the process is alive."""
-        held = lease_until if lease_until is not None else self.store.clock() + self.lease_s
+        task runs beside the call: nothing can outlast the lease while the process is alive. Lookups of a
+        reconciliation (before a resend to a provider without idempotency keys) make sure of it the same way.
+        """
+        held = claimed.lease_until if claimed.lease_until is not None else self.store.clock() + self.lease_s
         cover = self.provider.timeout_s + LEASE_SLACK_S
 
         async def renew() -> None:
@@ -341,19 +373,30 @@ class Processor:
             await self._store_call("renew", self.store.renew, key, self.owner, self.lease_s)
             held = now + self.lease_s
 
+        async def ensure_lease() -> None:
+            if held - self.store.clock() < cover:
+                await renew()
+
         async def before_attempt(attempt: int) -> None:
             # Every retry renews (which also finds out if the key was lost meanwhile). The first attempt
             # renews only if the claim's lease no longer covers it (a long wait in the circuit breaker):
             # right after the claim it is fresh, and the hot path saves a store write.
-            if attempt > 1 or held - self.store.clock() < cover:
+            if attempt > 1:
                 await renew()
+            else:
+                await ensure_lease()
 
         with tracing.span("idv.provider"):
-            return await self.provider.call(
+            return await self.provider.call_envelope(
                 operation,
-                body,
+                envelope,
                 key,
+                documents=self.documents,
+                earlier_claims=claimed.attempts > 1,
+                since=claimed.created_at,
+                force=self.ignore_key_retention,
                 before_attempt=before_attempt,
+                ensure_lease=ensure_lease,
                 progress=progress,
                 keep_alive=renew,
                 keep_alive_every_s=self.lease_s / 3,

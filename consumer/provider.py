@@ -1,18 +1,24 @@
-"""HTTP client for the identity-verification provider (Didit-style v3 API).
+"""HTTP client for the identity-verification provider: attempts, retries, deadlines, breaker, gate.
 
-Every attempt of one request carries the same ``Idempotency-Key``: it is derived once from the message
-ID (see :mod:`consumer.keys`) and never regenerated, so a retry after a lost answer is recognised by the
-provider's server-side idempotency and answered from its stored response instead of being performed
-again.
+What each request looks like and what an answer means is the provider's adapter (:mod:`consumer.providers`,
+chosen by ``IDV_PROVIDER``); how answers are classified (terminal, retriable, configuration, in doubt) is
+:mod:`consumer.answers`. This module decides when and how often to send.
 
-How answers are classified (terminal, retriable, configuration, in doubt) is :mod:`consumer.answers`.
+Every attempt of one request carries the same key: it is derived once from the message ID (see
+:mod:`consumer.keys`) and never regenerated. Where the provider dedupes by ``Idempotency-Key`` (the
+``ietf`` and ``signed`` profiles) a retry after a lost answer is answered from its stored response.
+Where it does not (``didit``), :meth:`ProviderClient.call_envelope` **reconciles** before any send that
+could repeat an attempt that may have reached the provider (one taken over after a crash, or a retry
+after a timeout, a dropped connection or a 5xx): the adapter looks the earlier attempt up by our
+reference and its answer is recorded instead of calling again; when it cannot look (no lookup, or the
+lookup kept failing) the call ends :class:`~consumer.errors.UnreconciledAttempt` (dead-lettered
+``in_doubt``), never a second call. A retry after an attempt proven not to have reached it (never
+connected, 429, 503 with ``Retry-After``) is sent without a lookup.
 
 Every attempt has a hard total deadline (``timeout_s``): httpx's timeouts are per phase (a provider that
 trickles its answer a byte at a time never trips a read timeout), so the whole attempt runs under
 ``anyio.fail_after``, or, on :mod:`consumer.http`'s transport, aiohttp's own total timeout. The lease
-is sized against this deadline (``IDV_LEASE_S ≥ IDV_PROVIDER_TIMEOUT_S + LEASE_SLACK_S``), and the body
-sent is the canonical request (sorted keys, :func:`producer.envelope.canonical_request`), the same bytes
-the fingerprint covers.
+is sized against this deadline (``IDV_LEASE_S ≥ IDV_PROVIDER_TIMEOUT_S + LEASE_SLACK_S``).
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
@@ -31,25 +36,37 @@ import orjson
 from consumer.answers import (
     KEY_REUSED_CODES,
     classify_status,
-    decision,
     error_code,
     parse_retry_after,
     route_missing,
 )
 from consumer.breaker import BreakerState, CircuitBreaker
-from consumer.concurrency import AdaptiveLimit, FixedLimit, ProviderGate, TokenBucket
+from consumer.concurrency import ProviderGate
+from consumer.documents import DocumentError, document_error_in
 from consumer.errors import (
-    ConfigurationError,
     ProviderAuthError,
     ProviderConfigError,
     ProviderInDoubt,
     ProviderRetriableError,
     RetriesExhausted,
 )
-from consumer.model import Outcome
-from producer.envelope import Operation
+from consumer.providers.base import PreparedCall, ProviderAdapter, adapter_from_settings
+from consumer.providers.calls import (
+    TRANSPORT_KINDS,
+    CallProgress,
+    CallResult,
+    RetryPolicy,
+    gate_from_settings,
+    make_transport,
+)
+from consumer.providers.ietf import IetfAdapter
+from consumer.providers.reads import Hook, ReadCalls
+from consumer.providers.reconcile import Reconciler
+from producer.envelope import Envelope, Operation
 
 if TYPE_CHECKING:
+    from consumer.documents import DocumentSource
+    from consumer.multipart import MultipartBody
     from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,92 +78,13 @@ __all__ = [
     "ProviderClient",
     "RetryPolicy",
     "classify_status",
-    "parse_retry_after",
+    "gate_from_settings",
     "make_transport",
+    "parse_retry_after",
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    max_attempts: int = 6
-    base_delay_s: float = 0.2
-    max_delay_s: float = 10.0
-
-    def backoff(self, attempt: int, rng: random.Random) -> float:
-        """Delay before attempt ``attempt + 1``: exponential with "equal jitter" (half fixed, half random)."""
-        ceiling = min(self.max_delay_s, self.base_delay_s * 2.0 ** (attempt - 1))
-        return ceiling / 2 + rng.uniform(0, ceiling / 2)
-
-
-@dataclass(slots=True)
-class CallProgress:
-    """What a call did so far, for the caller deciding whether a key may be released.
-
-    ``live`` is True while a request may have reached the provider without a complete answer back (sent,
-    then a timeout, a dropped connection or a cancellation): the provider may still be working on it, so
-    the key must not be handed to another owner before its lease expires."""
-
-    sent: int = 0
-    live: bool = False
-    unanswered: int = 0  # requests sent that never got a complete answer (they may still be running)
-
-
-@dataclass(frozen=True, slots=True)
-class CallResult:
-    outcome: Outcome
-    terminal_failure: bool
-    attempts: int
-
-
-TRANSPORT_KINDS = ("httpx", "aiohttp", "httpx-aiohttp")
-
-
-def make_transport(kind: str, limits: httpx.Limits) -> httpx.AsyncBaseTransport:
-    """The transport for ``transport_kind``: ``"httpx"`` is httpx's own (httpcore) connection pool.
-
-    ``"aiohttp"`` (:mod:`consumer.http`) keeps the httpx API (requests, responses, timeouts,
-    ``httpx.TransportError`` on connection failures, so retries are classified exactly as before) on an
-    aiohttp connection pool: httpcore's pool scans every connection on every request and degrades past
-    ~16 concurrent requests on one client (httpx #3215, httpcore #924); see docs/performance.md.
-    """
-    if kind == "httpx":
-        return httpx.AsyncHTTPTransport(limits=limits)
-    if kind == "aiohttp":
-        from consumer.http import AiohttpTransport
-
-        assert limits.max_connections is not None
-        return AiohttpTransport(max_connections=limits.max_connections)
-    if kind == "httpx-aiohttp":
-        try:
-            from httpx_aiohttp import AiohttpTransport as PackagedTransport
-        except ImportError:
-            raise ConfigurationError(
-                "provider transport 'httpx-aiohttp' needs pip install httpx-aiohttp"
-            ) from None
-        transport: httpx.AsyncBaseTransport = PackagedTransport(limits=limits)
-        return transport
-    raise ConfigurationError(
-        f"unknown provider transport {kind!r} (use one of: {', '.join(TRANSPORT_KINDS)})"
-    )
-
-
-def gate_from_settings(settings: Settings) -> ProviderGate:
-    """``IDV_CONCURRENCY`` (adaptive between ``IDV_CONCURRENCY_MIN`` and ``IDV_MAX_IN_FLIGHT``, or
-    fixed at ``IDV_MAX_IN_FLIGHT``) and ``IDV_PROVIDER_RATE_LIMIT`` / ``_BURST`` (0 = no rate limit)."""
-    ceiling = settings.max_in_flight
-    controller: AdaptiveLimit | FixedLimit
-    if settings.concurrency == "fixed":
-        controller = FixedLimit(ceiling)
-    else:
-        controller = AdaptiveLimit(floor=min(settings.concurrency_min, ceiling), ceiling=ceiling)
-    bucket = None
-    if settings.provider_rate_limit > 0:
-        burst = settings.provider_rate_burst or max(1.0, settings.provider_rate_limit / 10)
-        bucket = TokenBucket(settings.provider_rate_limit, burst)
-    return ProviderGate(controller, bucket)
-
-
-class ProviderClient:
+class ProviderClient(ReadCalls):
     def __init__(
         self,
         base_url: str,
@@ -164,7 +102,13 @@ class ProviderClient:
         retry_after_max_s: float = 60.0,
         gate: ProviderGate | None = None,
         on_replay: Callable[[], None] | None = None,
+        adapter: ProviderAdapter | None = None,
+        on_reconcile: Callable[[str], None] | None = None,
     ) -> None:
+        # What is sent and how answers read (consumer/providers/): the ietf profile unless told otherwise.
+        self.adapter: ProviderAdapter = adapter if adapter is not None else IetfAdapter()
+        # Called with "found", "not_found" or "in_doubt" after each reconciliation: metrics.
+        self.on_reconcile = on_reconcile
         self.breaker = breaker
         # Concurrency limit and client-side rate limit of attempts (consumer/concurrency.py); None = none.
         self.gate = gate
@@ -207,7 +151,6 @@ class ProviderClient:
         self._urls: dict[str, httpx.URL] = {}
         self._base_headers = (
             (b"user-agent", b"idv-exactly-once/0.1"),
-            (b"content-type", b"application/json"),
             (b"x-api-key", api_key.encode()),
         )
 
@@ -226,9 +169,13 @@ class ProviderClient:
             url = self._urls[path] = httpx.URL(self.base_url + path)
         return url
 
-    async def _post(self, path: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> httpx.Response:
+    async def _send(
+        self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes | MultipartBody
+    ) -> httpx.Response:
+        # A MultipartBody is an async iterable that streams again on every attempt; its Content-Length is
+        # among the adapter's headers, so httpx does not chunk it.
         request = httpx.Request(
-            "POST", self._url(path), headers=headers, content=body, extensions={"timeout": self._timeout}
+            method, self._url(path), headers=headers, content=body, extensions={"timeout": self._timeout}
         )
         if not self._deadline_outside:
             return await self._exchange(request)
@@ -256,8 +203,10 @@ class ProviderClient:
         on_breaker_change: Callable[[BreakerState], None] | None = None,
         on_attempt: Callable[[int | None, float], None] | None = None,
         on_replay: Callable[[], None] | None = None,
+        on_reconcile: Callable[[str], None] | None = None,
     ) -> ProviderClient:
-        """The client the daemon and the replay tool use: settings' timeouts, retries, pool and breaker."""
+        """The client the daemon and the replay tool use: settings' profile (``IDV_PROVIDER``), timeouts,
+        retries, pool and breaker."""
         breaker = CircuitBreaker(
             failure_ratio=settings.breaker_failure_ratio,
             min_calls=settings.breaker_min_calls,
@@ -281,6 +230,8 @@ class ProviderClient:
             retry_after_max_s=settings.provider_retry_after_max_s,
             gate=gate_from_settings(settings),
             on_replay=on_replay,
+            adapter=adapter_from_settings(settings),
+            on_reconcile=on_reconcile,
         )
 
     async def _acquire(self, keep_alive: Callable[[], Awaitable[None]] | None, every: float) -> bool:
@@ -315,55 +266,165 @@ class ProviderClient:
         *,
         before_attempt: Callable[[int], Awaitable[None]] | None = None,
         progress: CallProgress | None = None,
-        keep_alive: Callable[[], Awaitable[None]] | None = None,
+        keep_alive: Hook | None = None,
         keep_alive_every_s: float = 20.0,
     ) -> CallResult:
-        """POST ``request`` to the operation's endpoint, retrying retriable failures with the same key.
-
-        ``request`` is sent as given when it is bytes (the pipeline passes the canonical request), else
-        encoded with sorted keys. ``before_attempt(n)`` runs before each attempt, after any wait in the
-        circuit breaker (the pipeline makes sure of its lease there). ``keep_alive()`` runs every
-        ``keep_alive_every_s`` while the call waits between attempts: in an open circuit breaker, in
-        backoff, behind a ``Retry-After`` (the pipeline renews its lease). An attempt itself needs none: it
-        is bounded by the deadline, which the lease covers. ``progress`` is kept up to date.
-        Raises :class:`ProviderAuthError` (or its :class:`ProviderConfigError`), :class:`ProviderInDoubt`
-        or :class:`RetriesExhausted`.
-        """
+        """POST ``request`` as JSON to the operation's endpoint with ``Idempotency-Key``, retrying retriable
+        failures with the same key: the ``ietf`` request shape, for callers without an envelope (tools,
+        benchmarks, tests). ``request`` is sent as given when it is bytes, else encoded with sorted keys.
+        No reconciliation: use :meth:`call_envelope` for a profile without server-side idempotency."""
         body = request if isinstance(request, bytes) else orjson.dumps(request, option=orjson.OPT_SORT_KEYS)
-        progress = progress if progress is not None else CallProgress()
-        headers = [*self._base_headers, (b"idempotency-key", idempotency_key.encode())]
-        last: ProviderRetriableError | None = None
+        headers = [(b"content-type", b"application/json"), (b"idempotency-key", idempotency_key.encode())]
+        prepared = PreparedCall("POST", operation.path, headers, body)
+        return await self._attempts(
+            operation,
+            prepared,
+            before_attempt=before_attempt,
+            progress=progress if progress is not None else CallProgress(),
+            keep_alive=keep_alive,
+            every=keep_alive_every_s,
+        )
+
+    async def call_envelope(
+        self,
+        operation: Operation,
+        envelope: Envelope,
+        key: str,
+        *,
+        documents: DocumentSource | None = None,
+        earlier_claims: bool = False,
+        since: float = 0.0,
+        force: bool = False,
+        before_attempt: Callable[[int], Awaitable[None]] | None = None,
+        ensure_lease: Hook | None = None,
+        progress: CallProgress | None = None,
+        keep_alive: Hook | None = None,
+        keep_alive_every_s: float = 20.0,
+    ) -> CallResult:
+        """The mutating call of one envelope, as the adapter builds it, exactly once (module docstring).
+
+        ``earlier_claims``: the record was claimed before (a take-over or a redelivery after a crash), so an
+        earlier attempt may have reached the provider; ``since`` is when the record was first claimed (the
+        lookup searches from there). ``force`` (redrive ``--force``) sends without a lookup where the profile
+        has none. ``before_attempt(n)`` runs before each attempt, after any wait in the circuit breaker;
+        ``ensure_lease()`` before each lookup request; ``keep_alive()`` every ``keep_alive_every_s`` while
+        waiting (breaker, backoff, ``Retry-After``). Raises :class:`ProviderAuthError`,
+        :class:`ProviderInDoubt` (:class:`~consumer.errors.UnreconciledAttempt` among them) or
+        :class:`RetriesExhausted`."""
+        prepared = await self._prepare(operation, envelope, key, documents, keep_alive, keep_alive_every_s)
+        reconcile = None
+        if not self.adapter.capability(operation.name).by_key:
+
+            async def send(path: str) -> tuple[int, bytes]:
+                return await self._get(path, ensure_lease, keep_alive, keep_alive_every_s)
+
+            reconcile = Reconciler(
+                self.adapter, operation, envelope, key, since, send, on_result=self.on_reconcile, force=force
+            )
+        return await self._attempts(
+            operation,
+            prepared,
+            before_attempt=before_attempt,
+            progress=progress if progress is not None else CallProgress(),
+            keep_alive=keep_alive,
+            every=keep_alive_every_s,
+            reconcile=reconcile,
+            reached=earlier_claims,
+        )
+
+    async def _prepare(
+        self,
+        operation: Operation,
+        envelope: Envelope,
+        key: str,
+        documents: DocumentSource | None,
+        keep_alive: Hook | None,
+        every: float,
+    ) -> PreparedCall:
+        """The adapter's request; a document store that fails in a way that may pass is retried like a
+        provider failure. Raises :class:`DocumentError` (nothing was sent)."""
         for attempt in range(1, self.retry.max_attempts + 1):
+            try:
+                return await self.adapter.prepare(operation, envelope, key, documents)
+            except DocumentError as exc:
+                if not exc.retriable or attempt == self.retry.max_attempts:
+                    raise
+                await self._wait(self.retry.backoff(attempt, self._rng), keep_alive, every)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _attempts(
+        self,
+        operation: Operation,
+        prepared: PreparedCall,
+        *,
+        before_attempt: Callable[[int], Awaitable[None]] | None,
+        progress: CallProgress,
+        keep_alive: Hook | None,
+        every: float,
+        reconcile: Reconciler | None = None,
+        reached: bool = False,
+    ) -> CallResult:
+        """The retry loop. ``reached``: an earlier attempt may have reached the provider; with a
+        ``reconcile`` hook (a profile without server-side idempotency) every send from then on is preceded
+        by a lookup, which may end the call with the earlier attempt's answer."""
+        signed_body = prepared.body if isinstance(prepared.body, bytes) else b""
+        last: ProviderRetriableError | None = None
+        timed_out = False  # the last attempt ran out of time: the provider may still be working on it
+        for attempt in range(1, self.retry.max_attempts + 1):
+            if reconcile is not None and reached:
+                found = await reconcile(attempt - 1)
+                if found is not None:
+                    return CallResult(found, terminal_failure=False, attempts=attempt - 1, reconciled=True)
             probe = False
             if self.breaker is not None and self.breaker.state is not BreakerState.CLOSED:
                 # While the breaker is open the attempt waits here without spending the retry budget.
-                probe = await self._acquire(keep_alive, keep_alive_every_s)
+                probe = await self._acquire(keep_alive, every)
             started = time.perf_counter()
             gate = self.gate
             in_flight = -1  # >= 0 once this attempt holds a slot of the gate
             try:
                 if gate is not None:
                     # The rate limit's token, then a concurrency slot (FIFO across partitions).
-                    in_flight = await gate.enter(self._sleep, keep_alive, keep_alive_every_s)
+                    in_flight = await gate.enter(self._sleep, keep_alive, every)
                 if before_attempt is not None:
                     await before_attempt(attempt)
+                # Signed per attempt: a retry carries a current timestamp.
+                headers = [
+                    *self._base_headers,
+                    *prepared.headers,
+                    *self.adapter.sign(prepared, signed_body),
+                ]
                 started = time.perf_counter()
                 progress.sent += 1
                 progress.live = True
-                response = await self._post(operation.path, body, headers)
+                response = await self._send(prepared.method, prepared.path, headers, prepared.body)
                 progress.live = progress.unanswered > 0
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, DocumentError) as exc:
                 if in_flight >= 0:
                     gate.leave(None, in_flight)  # type: ignore[union-attr]
-                if isinstance(exc, self._not_sent):
+                document = document_error_in(exc)
+                if document is not None:
+                    # A document failed mid-upload: the body was cut short of its Content-Length, so the
+                    # provider cannot act on it. Terminal: set aside; a store hiccup: retried.
+                    progress.sent -= 1
+                    progress.live = progress.unanswered > 0
+                    if probe and self.breaker is not None:
+                        self.breaker.abort_probe()
+                    if not document.retriable:
+                        raise document from None
+                    last = ProviderRetriableError(f"the document store failed ({document})")
+                elif isinstance(exc, self._not_sent):
                     progress.sent -= 1  # never connected: nothing reached the provider
                     progress.live = progress.unanswered > 0
                 else:
                     progress.unanswered += 1
-                last = ProviderRetriableError(f"{type(exc).__name__} talking to the provider")
-                self._record(False, probe)
-                if self.on_attempt is not None:
-                    self.on_attempt(None, time.perf_counter() - started)
+                    reached = True
+                    timed_out = isinstance(exc, httpx.TimeoutException)
+                if document is None:
+                    last = ProviderRetriableError(f"{type(exc).__name__} talking to the provider")
+                    self._record(False, probe)
+                    if self.on_attempt is not None:
+                        self.on_attempt(None, time.perf_counter() - started)
             except BaseException:
                 if in_flight >= 0:
                     gate.leave(None, in_flight)  # type: ignore[union-attr]
@@ -371,17 +432,18 @@ class ProviderClient:
                     self.breaker.abort_probe()
                 raise
             else:
-                kind = classify_status(response.status_code)
+                answered = response.status_code
+                kind = classify_status(answered)
                 self._record(kind != "retry", probe)
                 elapsed = time.perf_counter() - started
+                # 429, or 503 with Retry-After: "too much", refused before any work (it also shrinks the
+                # concurrency limit at once). Other retriable answers (5xx, 408/409/425) may come after the
+                # provider acted, and say nothing about load here: no RTT sample (the breaker sees them).
+                overload = answered == 429 or (answered == 503 and "retry-after" in response.headers)
                 if in_flight >= 0:
-                    answered = response.status_code
-                    # 429, or 503 with Retry-After: "too much" - shrink at once. Other retriable answers
-                    # (5xx, 408/409/425) say nothing about load here: no RTT sample (the breaker sees them).
-                    overload = answered == 429 or (answered == 503 and "retry-after" in response.headers)
                     gate.leave(elapsed, in_flight, overload=overload, sample=kind != "retry")  # type: ignore[union-attr]
                 if self.on_attempt is not None:
-                    self.on_attempt(response.status_code, elapsed)
+                    self.on_attempt(answered, elapsed)
                 if kind == "ok":
                     if response.headers.get("idempotent-replayed", "").lower() == "true":
                         log.info(
@@ -389,41 +451,35 @@ class ProviderClient:
                         )
                         if self.on_replay is not None:
                             self.on_replay()
-                    try:
-                        parsed = orjson.loads(response.content)
-                    except orjson.JSONDecodeError:
-                        parsed = None
-                    status, reference = decision(operation, parsed)
-                    outcome = Outcome(status, response.status_code, reference)
-                    return CallResult(outcome, terminal_failure=False, attempts=attempt)
+                    outcome = self.adapter.read(operation, answered, response.content)
+                    # A 2xx whose status no documentation lists is recorded FAILED (unknown_status).
+                    return CallResult(outcome, terminal_failure=outcome.status == "failed", attempts=attempt)
                 if kind == "auth":
-                    raise ProviderAuthError(response.status_code)
-                if kind == "config" or (response.status_code == 404 and route_missing(response)):
-                    raise ProviderConfigError(response.status_code, operation.path)
-                code = error_code(response) if 400 <= response.status_code < 500 else ""
+                    raise ProviderAuthError(answered)
+                if kind == "config" or (answered == 404 and route_missing(response)):
+                    raise ProviderConfigError(answered, operation.path)
+                code = error_code(response) if 400 <= answered < 500 else ""
                 if code in KEY_REUSED_CODES:
-                    raise ProviderInDoubt(response.status_code, code, attempt)
+                    raise ProviderInDoubt(answered, code, attempt)
                 if kind == "terminal":
-                    outcome = Outcome("failed", response.status_code, None, code or error_code(response))
+                    outcome = self.adapter.read(operation, answered, response.content)
                     return CallResult(outcome, terminal_failure=True, attempts=attempt)
+                reached = reached or not overload
                 last = ProviderRetriableError(
-                    f"provider answered HTTP {response.status_code}",
-                    status=response.status_code,
+                    f"provider answered HTTP {answered}",
+                    status=answered,
                     retry_after=parse_retry_after(response.headers.get("retry-after")),
                 )
             if attempt == self.retry.max_attempts:
                 break
-            delay = self.retry.backoff(attempt, self._rng)
-            if last.retry_after is not None:
-                # Retry-After is the provider's minimum; jittered backoff may only lengthen it. Capped: a
-                # message waits here holding its partition's commit, so a day-long hint is not obeyed.
-                delay = max(delay, min(last.retry_after, self.retry_after_max_s))
-            log.info(
-                "provider attempt %d failed (%s); retrying in %.2fs",
-                attempt,
-                last,
-                delay,
-            )
-            await self._wait(delay, keep_alive, keep_alive_every_s)
+            assert last is not None
+            delay = self._delay(attempt, last)
+            if reconcile is not None and timed_out:
+                # A lookup right after our deadline can miss a request the provider is still working on
+                # (and then the resend acts twice). Give it one more deadline to finish first.
+                delay = max(delay, self.timeout_s)
+                timed_out = False
+            log.info("provider attempt %d failed (%s); retrying in %.2fs", attempt, last, delay)
+            await self._wait(delay, keep_alive, every)
         assert last is not None
         raise RetriesExhausted(self.retry.max_attempts, last)

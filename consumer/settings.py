@@ -24,7 +24,15 @@ __all__ = ["LEASE_SLACK_S", "PREFIX", "Settings"]
 PREFIX = "IDV_"
 T = TypeVar("T")
 _SECRETS = frozenset(
-    {"provider_api_key", "kafka_sasl_password", "fingerprint_key", "store_url", "dlq_encryption_keys"}
+    {
+        "provider_api_key",
+        "provider_signing_secret",
+        "kafka_sasl_password",
+        "fingerprint_key",
+        "store_url",
+        "dlq_encryption_keys",
+        "documents_token",
+    }
 )
 #: Shortest accepted IDV_FINGERPRINT_KEY (characters): a short key can be guessed along with the data.
 MIN_FINGERPRINT_KEY = 16
@@ -97,8 +105,14 @@ class Settings:
     retention_s: float = 30 * 24 * 3600.0
     purge_interval_s: float = 3600.0
     # Provider
+    # The provider profile (consumer/providers/, docs/providers.md): "ietf" (an Idempotency-Key provider:
+    # the sandbox, Stripe, Persona), "didit" (Didit's v3 API, no idempotency key: reconciled by lookup),
+    # "signed" (ietf plus an HMAC signature on every request).
+    provider: str = "ietf"
     provider_url: str = "http://127.0.0.1:8080"
     provider_api_key: str = field(default="", repr=False)
+    # HMAC secret of IDV_PROVIDER=signed (X-Signature); may be given as IDV_PROVIDER_SIGNING_SECRET_FILE.
+    provider_signing_secret: str = field(default="", repr=False)
     provider_timeout_s: float = 10.0
     provider_max_attempts: int = 6
     provider_backoff_base_s: float = 0.2
@@ -114,11 +128,22 @@ class Settings:
     # How long the provider keeps an Idempotency-Key (the sandbox and Persona: 24 h). An unfinished record
     # that was already sent and is older than this is not sent again automatically: dead-lettered in_doubt.
     provider_key_retention_s: float = 24 * 3600.0
+    # A key that could be resent after that retention (lease + retries + take-over; see
+    # consumer/providers/checks.py): "refuse" to start (exit 2), or "warn" and run unprotected.
+    provider_retention_check: str = "refuse"
     # "aiohttp": httpx's API on an aiohttp connection pool (consumer/http.py); "httpx-aiohttp": the same
     # through that package (optional); "httpx": httpcore's own pool, which degrades past ~16-64 concurrent
     # requests (docs/performance.md).
     provider_transport: str = "aiohttp"
     event_loop: str = "auto"
+    # Documents referenced by envelopes (consumer/documents.py): local: references under this directory,
+    # http(s): references under one of the comma-separated URL prefixes (empty: none), with this bearer
+    # token; the size limit and timeout of one document.
+    documents_dir: str = ".run/documents"
+    documents_http_allow: str = ""
+    documents_token: str = field(default="", repr=False)
+    documents_max_bytes: int = 10 * 1024 * 1024
+    documents_timeout_s: float = 30.0
     breaker_failure_ratio: float = 0.5
     breaker_min_calls: int = 20
     breaker_open_s: float = 5.0
@@ -238,6 +263,14 @@ class Settings:
         )
         need(self.provider_retry_after_max_s > 0, "provider_retry_after_max_s", "must be positive")
         need(self.provider_key_retention_s > 0, "provider_key_retention_s", "must be positive")
+        need(
+            self.provider_retention_check in ("refuse", "warn"),
+            "provider_retention_check",
+            "must be refuse or warn",
+        )
+        from consumer.providers import adapter_from_settings
+
+        adapter_from_settings(self)  # raises ConfigurationError naming IDV_PROVIDER or its secret
         need(self.log_format in ("json", "text"), "log_format", "must be json or text")
         need(
             self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -250,6 +283,15 @@ class Settings:
             "results_transactional",
             "needs a results topic",
         )
+        need(self.documents_max_bytes >= 1, "documents_max_bytes", "must be at least 1")
+        need(self.documents_timeout_s > 0, "documents_timeout_s", "must be positive")
+        if self.documents_http_allow_list:
+            from consumer.document_http import parse_allow_list
+
+            try:
+                parse_allow_list(self.documents_http_allow_list)
+            except ValueError as exc:
+                need(False, "documents_http_allow", str(exc))
         need(0 < self.breaker_failure_ratio <= 1, "breaker_failure_ratio", "must be in (0, 1]")
         need(self.breaker_min_calls >= 1, "breaker_min_calls", "must be at least 1")
         need(self.breaker_open_s > 0, "breaker_open_s", "must be positive")
@@ -293,6 +335,10 @@ class Settings:
             self.kafka_ssl_certfile,
             self.kafka_ssl_keyfile,
         )
+
+    @property
+    def documents_http_allow_list(self) -> list[str]:
+        return [p.strip() for p in self.documents_http_allow.split(",") if p.strip()]
 
     @property
     def topics(self) -> list[str]:

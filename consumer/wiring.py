@@ -82,7 +82,10 @@ def build_processor(
     stats: Stats | None = None,
     on_store_op: Callable[[str, float], None] | None = None,
 ) -> Processor:
-    """The pipeline (decode → key → claim → call → record) with the settings' namespace, lease and limits."""
+    """The pipeline (decode → key → claim → call → record) with the settings' namespace, lease and limits,
+    and the document sources of ``IDV_DOCUMENTS_*`` (closed by :meth:`Processor.aclose`)."""
+    from consumer.documents import source_from_settings
+
     return Processor(
         store=store,
         provider=provider,
@@ -98,6 +101,7 @@ def build_processor(
         fingerprint_key=settings.fingerprint_key,
         provider_key_retention_s=settings.provider_key_retention_s,
         ignore_key_retention=ignore_key_retention,
+        documents=source_from_settings(settings),
     )
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from producer.envelope import (
+    DOCUMENT_KEY,
     HEADER_MESSAGE_ID,
     HEADER_OPERATION,
     HEADER_SCHEMA_VERSION,
+    MAX_DOCUMENT_URI_LENGTH,
     MAX_ID_LENGTH,
+    MAX_INLINE_IMAGE_CHARS,
     MAX_MESSAGE_BYTES,
     OPERATIONS,
     SCHEMA_VERSION,
@@ -31,10 +34,13 @@ from producer.publisher import Publisher, PublishResult
 from producer.samples import sample_envelopes
 
 __all__ = [
+    "DOCUMENT_KEY",
     "HEADER_MESSAGE_ID",
     "HEADER_OPERATION",
     "HEADER_SCHEMA_VERSION",
+    "MAX_DOCUMENT_URI_LENGTH",
     "MAX_ID_LENGTH",
+    "MAX_INLINE_IMAGE_CHARS",
     "MAX_MESSAGE_BYTES",
     "OPERATIONS",
     "SCHEMA_VERSION",

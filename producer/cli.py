@@ -3,6 +3,8 @@
 ::
 
     idv-publish one --operation aml_screening --subject applicant-42 --request '{"full_name": "..."}'
+    idv-publish one --operation id_verification --subject applicant-42 \\
+        --request '{"document_type": "passport"}' --document front_image=./front.jpg
     idv-publish file requests.jsonl          # or "-" for standard input
     idv-publish samples --count 10000 --duplicates 0.1 --seed 7
 
@@ -32,7 +34,10 @@ import click
 import orjson
 from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type information
 
+from producer.documents import DEFAULT_MAX_BYTES as DEFAULT_DOCUMENT_BYTES
+from producer.documents import DocumentFileError, store_local_document
 from producer.envelope import (
+    DOCUMENT_KEY,
     OPERATIONS,
     Envelope,
     check_exact_integers,
@@ -328,6 +333,30 @@ def main() -> None:
     "default: a new UUIDv7.",
 )
 @click.option("--correlation-id", help="Upstream tracing ID.")
+@click.option(
+    "--document",
+    "documents",
+    multiple=True,
+    metavar="FIELD=PATH",
+    help="Store the image file PATH in the local document source and put its reference in the request "
+    "field FIELD (e.g. front_image=./front.jpg); repeatable. The image never goes into the message.",
+)
+@_env_option(
+    "--documents-dir",
+    "IDV_DOCUMENTS_DIR",
+    default=".run/documents",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The local document source's directory (the daemon's IDV_DOCUMENTS_DIR).",
+)
+@_env_option(
+    "--documents-max-bytes",
+    "IDV_DOCUMENTS_MAX_BYTES",
+    default=DEFAULT_DOCUMENT_BYTES,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest document accepted (the daemon's IDV_DOCUMENTS_MAX_BYTES).",
+)
 @_common_options
 def one(
     operation: str,
@@ -335,6 +364,9 @@ def one(
     request_json: str,
     message_id: str | None,
     correlation_id: str | None,
+    documents: tuple[str, ...],
+    documents_dir: Path,
+    documents_max_bytes: int,
     connection: Connection,
     json_output: bool,
 ) -> None:
@@ -350,6 +382,12 @@ def one(
     except EnvelopeError as exc:
         raise click.BadParameter(exc.detail, param_hint="--request") from None
     summary = Summary("one", connection.topic)
+    if documents:
+        stored = _store_documents(operation, request, documents, documents_dir, documents_max_bytes)
+        summary.extra["documents"] = stored
+        if not json_output:
+            for name, uri in stored.items():
+                click.echo(f"stored {name} as {uri}", err=True)
     try:
         envelope = new_envelope(
             operation, request, subject_id, message_id=message_id, correlation_id=correlation_id
@@ -374,6 +412,38 @@ def one(
             )
 
     _run(summary, json_output, publish, total=1)
+
+
+def _store_documents(
+    operation: str, request: dict[str, Any], specs: tuple[str, ...], root: Path, max_bytes: int
+) -> dict[str, str]:
+    """``--document FIELD=PATH``: store each file in the local source, set ``request[FIELD]`` to its
+    reference; ``field -> uri``. Checked before anything is stored: image fields of the operation only,
+    each once, not also given in ``--request``."""
+    fields = OPERATIONS[operation].documents
+    wanted: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"expected FIELD=PATH, got {spec!r}", param_hint="--document")
+        if name not in fields:
+            allowed = ", ".join(fields) or "none"
+            raise click.BadParameter(
+                f"{name!r} is not an image field of {operation} (its image fields: {allowed})",
+                param_hint="--document",
+            )
+        if name in wanted or name in request:
+            raise click.BadParameter(f"{name} is given more than once", param_hint="--document")
+        wanted[name] = Path(path)
+    stored: dict[str, str] = {}
+    for name, file in wanted.items():
+        try:
+            uri = store_local_document(file, root, max_bytes=max_bytes)
+        except DocumentFileError as exc:
+            raise click.BadParameter(str(exc), param_hint="--document") from None
+        request[name] = {DOCUMENT_KEY: uri}
+        stored[name] = uri
+    return stored
 
 
 @main.command("file")

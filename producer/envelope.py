@@ -35,10 +35,13 @@ from producer.errors import EnvelopeError, EnvelopeTooLarge, UnknownOperation
 from producer.ids import new_message_id
 
 __all__ = [
+    "DOCUMENT_KEY",
     "HEADER_MESSAGE_ID",
     "HEADER_OPERATION",
     "HEADER_SCHEMA_VERSION",
+    "MAX_DOCUMENT_URI_LENGTH",
     "MAX_ID_LENGTH",
+    "MAX_INLINE_IMAGE_CHARS",
     "MAX_MESSAGE_BYTES",
     "OPERATIONS",
     "SCHEMA_VERSION",
@@ -65,13 +68,25 @@ HEADER_SCHEMA_VERSION = "idv-schema-version"
 # Printable, URL- and header-safe; covers UUIDs, ULIDs and most upstream business IDs.
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]*")
 
+#: The key of a document reference, ``{"document": "<uri>"}`` (consumer/documents.py opens it).
+DOCUMENT_KEY = "document"
+MAX_DOCUMENT_URI_LENGTH = 2048
+#: The longest inline image (base64 characters) accepted in an image field: images belong in a document
+#: source, referenced by URI, not in Kafka records (docs/documents.md).
+MAX_INLINE_IMAGE_CHARS = 64 * 1024
+# A URI: a scheme, a colon, then printable ASCII without spaces (percent-encode anything else).
+_URI_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[!-~]+")
+
 
 @dataclass(frozen=True, slots=True)
 class Operation:
     """A kind of request and where the provider takes it.
 
     ``required`` lists request fields that must be non-empty strings; the provider validates the
-    rest (its 4xx answers are recorded as outcomes, not retried).
+    rest (its 4xx answers are recorded as outcomes, not retried). ``documents`` lists the fields that
+    carry an image: each, when present (and required ones always), is a document reference
+    ``{"document": "<uri>"}`` (docs/documents.md) or a small inline base64 string (at most
+    :data:`MAX_INLINE_IMAGE_CHARS`); a required field may be either.
     """
 
     name: str
@@ -79,6 +94,7 @@ class Operation:
     required: tuple[str, ...] = ()
     # The response field whose value is the provider's reference for the created object.
     reference_field: str = "request_id"
+    documents: tuple[str, ...] = ()
 
 
 OPERATIONS: dict[str, Operation] = {}
@@ -102,8 +118,26 @@ def get_operation(name: str) -> Operation:
 
 
 register_operation(Operation("create_session", "/v3/session/", ("workflow_id",), "session_id"))
-register_operation(Operation("id_verification", "/v3/id-verification/", ("document_type", "front_image")))
+register_operation(
+    Operation(
+        "id_verification",
+        "/v3/id-verification/",
+        ("document_type", "front_image"),
+        documents=("front_image", "back_image"),
+    )
+)
 register_operation(Operation("aml_screening", "/v3/aml/", ("full_name",)))
+register_operation(
+    Operation("passive_liveness", "/v3/passive-liveness/", ("user_image",), documents=("user_image",))
+)
+register_operation(
+    Operation(
+        "face_match",
+        "/v3/face-match/",
+        ("user_image", "ref_image"),
+        documents=("user_image", "ref_image"),
+    )
+)
 # A whole verification (consumer/workflows/, docs/workflows.md): session → decision → AML on approval.
 # The path is its first step's; each step has its own idempotency key.
 register_operation(Operation("kyc_workflow", "/v3/session/", ("workflow_id",), "session_id"))
@@ -209,8 +243,14 @@ def validate_fields(obj: Mapping[str, Any]) -> None:
         raise _invalid("request must be a JSON object")
     for name in operation.required:
         value = request.get(name)
-        if not isinstance(value, str) or not value:
+        if name in operation.documents:
+            if value is None:
+                raise _invalid(f"request.{name} is required for {operation.name}: {_IMAGE_FORM}")
+        elif not isinstance(value, str) or not value:
             raise _invalid(f"request.{name} is required for {operation.name} and must be a non-empty string")
+    for name in operation.documents:
+        if name in request:
+            _check_document(name, request[name])
     # The request is encoded again: inside the fingerprint's object (one level down) and as the provider
     # call's body. orjson decodes up to 1024 levels of nesting but encodes only about 250, so a request
     # that decoded fine could still fail there, with a TypeError instead of a reason code. Encode it the
@@ -221,6 +261,36 @@ def validate_fields(obj: Mapping[str, Any]) -> None:
         if "64-bit" in str(exc):
             raise _invalid(_BIG_INT) from None
         raise _invalid("request cannot be encoded as JSON (nested too deeply, or a non-JSON value)") from None
+
+
+_IMAGE_FORM = (
+    'a document reference {"document": "<uri>"} or a base64 string of at most '
+    f"{MAX_INLINE_IMAGE_CHARS} characters"
+)
+
+
+def _check_document(name: str, value: object) -> None:
+    """An image field: a reference ``{"document": "<uri>"}``, or a small inline (base64) string."""
+    if isinstance(value, str):
+        if not value:
+            raise _invalid(f"request.{name} must be {_IMAGE_FORM}, not empty")
+        if len(value) > MAX_INLINE_IMAGE_CHARS:
+            raise _invalid(
+                f"request.{name} is an inline image of {len(value)} characters, limit is "
+                f"{MAX_INLINE_IMAGE_CHARS}: put the image in a document source and send "
+                '{"document": "<uri>"} instead (docs/documents.md)'
+            )
+        return
+    if not isinstance(value, Mapping):
+        raise _invalid(f"request.{name} must be {_IMAGE_FORM}, got {type(value).__name__}")
+    if set(value) != {DOCUMENT_KEY}:
+        raise _invalid(f'request.{name} is an object but not a document reference {{"document": "<uri>"}}')
+    uri = value[DOCUMENT_KEY]
+    if not isinstance(uri, str) or not 1 <= len(uri) <= MAX_DOCUMENT_URI_LENGTH or not _URI_RE.fullmatch(uri):
+        raise _invalid(
+            f"request.{name}.document must be a URI (scheme:rest, e.g. local:<path> or https://…; printable "
+            f"ASCII, at most {MAX_DOCUMENT_URI_LENGTH} characters)"
+        )
 
 
 _BIG_INT = "request holds an integer beyond 64 bits (it would be rounded; send it as a string)"

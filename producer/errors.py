@@ -9,6 +9,7 @@ round, so this is the one module both sides can share. Consumer exit codes: :mod
     │   ├── EnvelopeTooLarge               encoded size over the limit
     │   └── UnknownOperation               operation not in the registry
     ├── PublishError                       the broker did not accept a message (retriable per cause)
+    ├── producer.documents.DocumentFileError  a file cannot be stored as a document (idv-publish --document)
     └── consumer.errors.ConsumerError      (the consumer's classes are defined in ``consumer.errors``)
         ├── ConfigurationError             invalid settings or environment; not started (exit 2)
         │   ├── BrokerUnavailable          Kafka unreachable or refusing the connection (exit 4)
@@ -19,10 +20,14 @@ round, so this is the one module both sides can share. Consumer exit codes: :mod
         ├── LeaseLost                      the record is no longer ours (lease taken over)
         ├── webhooks.SignatureRejected     a webhook delivery is not provably Didit's or not fresh (401)
         ├── webhooks.EventNotDurable       Kafka did not acknowledge a webhook event (503, retriable)
+        ├── consumer.documents.DocumentError  a referenced document cannot be used (reason = DLQ reason)
+        │   └── DocumentUnavailable        the document store failed in a way that may pass (retriable)
         └── ProviderError                  a provider call failed
             ├── ProviderAuthError          401/403: the API key is rejected; stops the daemon (exit 3)
             │   └── ProviderConfigError    3xx/405/endpoint 404: wrong URL or API version (exit 3)
             ├── ProviderInDoubt            422 key reused: the provider may have acted; dead-lettered
+            │   └── UnreconciledAttempt    no dedupe, earlier attempt not found by lookup: dead-lettered
+            ├── ProviderNotFound           404 from a read-only lookup (get_decision)
             ├── ProviderRetriableError     5xx, 409, 429, timeouts, connection errors (retriable)
             └── RetriesExhausted           retriable failures past the ceiling; set aside
 

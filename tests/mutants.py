@@ -61,27 +61,27 @@ MUTANTS: tuple[Mutant, ...] = (
         name="new-key-on-takeover",
         rule="the same Idempotency-Key on every attempt, by any process (a take-over sends a new key)",
         file="consumer/pipeline.py",
-        old="            result = await self._call(operation, body, key, claimed.lease_until, progress)\n",
+        old="            result = await self._call(operation, envelope, key, claimed, progress)\n",
         new=(
             "            self._sent_key = key if claimed.attempts == 1 else idempotency_key(\n"
             "                self.namespace, envelope.operation, envelope.message_id, claimed.attempts\n"
             "            )\n"
-            "            result = await self._call(operation, body, key, claimed.lease_until, progress)\n"
+            "            result = await self._call(operation, envelope, key, claimed, progress)\n"
         ),
         # Only the key sent to the provider changes; the store still sees the message's own key.
         more=(
             (
-                "                body,\n"
+                "                envelope,\n"
                 "                key,\n"
-                "                before_attempt=before_attempt,\n",
-                "                body,\n"
+                "                documents=self.documents,\n",
+                "                envelope,\n"
                 "                self._sent_key,\n"
-                "                before_attempt=before_attempt,\n",
+                "                documents=self.documents,\n",
             ),
         ),
         tests=(
-            f"{EO}::test_crash_window_then_restart[after_provider_call-40]",
-            f"{EO}::test_crash_with_many_in_flight",
+            f"{EO}::test_crash_window_then_restart[ietf-after_provider_call-40]",
+            f"{EO}::test_crash_with_many_in_flight[ietf]",
         ),
     ),
     Mutant(
@@ -91,7 +91,7 @@ MUTANTS: tuple[Mutant, ...] = (
         old="        if self._order:\n            return self._order[0]\n",
         new="        if self._order:\n            return self._order[-1] + 1\n",
         tests=(
-            f"{EO}::test_crash_window_then_restart[after_claim-40]",
+            f"{EO}::test_crash_window_then_restart[ietf-after_claim-40]",
             f"{EO}::test_sigterm_drains_and_never_commits_past_unrecorded",
         ),
     ),
@@ -144,6 +144,17 @@ MUTANTS: tuple[Mutant, ...] = (
         tests=(
             f"{SINKS}::test_every_dead_letter_reason_with_original_bytes_and_headers",
             f"{SINKS}::test_unwritable_dead_letter_topic_holds_the_partition",
+        ),
+    ),
+    Mutant(
+        name="resend-without-reconciliation",
+        rule="without provider idempotency, a send that may repeat an attempt that acted is reconciled first",
+        file="consumer/provider.py",
+        old="            if reconcile is not None and reached:\n",
+        new="            if False and reconcile is not None and reached:  # mutant: never reconcile\n",
+        tests=(
+            f"{EO}::test_crash_window_then_restart[didit-after_provider_call-40]",
+            "tests/consumer/test_providers.py::test_a_retry_after_the_provider_acted_is_reconciled_not_sent_again",
         ),
     ),
 )

@@ -1,4 +1,5 @@
-"""The chaos run (``bench/chaos.py``) in its small configuration, as CI runs it.
+"""The chaos run (``bench/chaos.py``) in its small configuration, as CI runs it, on ``--profile ietf`` and
+``--profile didit`` (no idempotency key at the provider: reconciliation by lookup).
 
 Three daemons, 2000 requests (10 % duplicate IDs), three SIGKILLs, a broker restart, provider faults; the
 run's invariant checker decides (exit 0 = exactly one side effect per message ID, nothing lost, commits
@@ -66,7 +67,7 @@ def test_same_seed_same_schedule() -> None:
     assert schedule(5).replace("seed: 5", "") != schedule(6).replace("seed: 6", "")
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_small_chaos_run_holds_every_invariant() -> None:
     _require_tools()
     from bench.chaos_env import PrivateKafka, PrivatePostgres
@@ -90,6 +91,16 @@ def test_small_chaos_run_holds_every_invariant() -> None:
         *services,
         "--keep-services",  # the mutant run below reuses the broker and the cluster
     ]
+    # Didit's profile (no idempotency key: reconciliation closes the crash window), on the same services.
+    didit_cmd = [
+        sys.executable,
+        str(CHAOS),
+        *("--seed", str(SEED), "--messages", "1000", "--kills", "3", "--duration", "30"),
+        *("--broker-restarts", "0", "--pg-restarts", "0", "--processes", "3", "--profile", "didit"),
+        "--fail-on-crash",
+        *services,
+        "--keep-services",
+    ]
     # The checker's strength: the same harness with daemons that send a new key on take-over must fail.
     mutant_cmd = [
         sys.executable,
@@ -101,8 +112,9 @@ def test_small_chaos_run_holds_every_invariant() -> None:
     ]
     try:
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=560)
-        mutant = None
+        mutant = didit = None
         if result.returncode == 0:
+            didit = subprocess.run(didit_cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
             mutant = subprocess.run(mutant_cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     finally:
         # Normally the run stops what it started; this covers a run that died half-way.
@@ -126,6 +138,11 @@ def test_small_chaos_run_holds_every_invariant() -> None:
     assert table["broker restarts"] == "1"
     assert "all invariants hold" in result.stdout
     assert "(!)" not in result.stdout, "a daemon exited on its own or set a message aside as internal_error"
+    assert didit is not None
+    didit_out = didit.stdout + didit.stderr
+    print(didit_out[-3000:])
+    assert didit.returncode == 0, f"chaos run on --profile didit failed (seed {SEED}):\n{didit_out[-6000:]}"
+    assert "all invariants hold" in didit.stdout and "(!)" not in didit.stdout
     assert mutant is not None
     mutant_out = mutant.stdout + mutant.stderr
     print(mutant_out[-4000:])

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,22 @@ class Sandbox(SandboxAdmin):
 def sb(sandbox: Any) -> Sandbox:
     """Admin client of the session's sandbox provider (the ``sandbox`` fixture)."""
     return Sandbox(sandbox.url)
+
+
+@pytest.fixture(params=["ietf", "didit"])
+def profile(request: pytest.FixtureRequest) -> str:
+    """The provider profile (``IDV_PROVIDER``) a test runs against, with the sandbox in the same profile."""
+    return str(request.param)
+
+
+@pytest.fixture
+def psb(profile: str) -> Iterator[Sandbox]:
+    """The sandbox provider over real HTTP in ``profile`` (``--profile ietf`` or ``--profile didit``)."""
+    from sandbox import SandboxConfig, run_in_thread
+
+    config = SandboxConfig(port=0, api_keys=(API_KEY,), out_of_credit_keys=("broke-key",), profile=profile)
+    with run_in_thread(config) as handle:
+        yield Sandbox(handle.url)
 
 
 @pytest.fixture

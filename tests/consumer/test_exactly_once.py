@@ -50,12 +50,17 @@ OPS = [
 ]
 
 
-def make_envelopes(n: int, *, subjects: int = 50, seed: int = 1) -> list[Envelope]:
+def make_envelopes(n: int, *, subjects: int = 50, seed: int = 1, profile: str = "ietf") -> list[Envelope]:
+    """``n`` requests across the three operations. For ``profile="didit"`` each session gets its own
+    workflow: Didit hands a subject's unfinished session of the same workflow to the next create (no new
+    side effect, another request's session), so one side effect per message ID needs distinct workflows."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         op, req = OPS[i % 3]
         req = dict(req, vendor_data=f"case-{i}")
+        if profile == "didit" and op == "create_session":
+            req["workflow_id"] = f"wf-{seed}-{i}"
         out.append(
             Envelope(
                 message_id=f"msg-{uuid.uuid4()}",
@@ -125,6 +130,86 @@ async def test_thousand_requests_with_ten_percent_duplicates(
     assert daemon.stats.consumed == len(stream)
     assert daemon.stats.by_disposition["duplicate"] == len(stream) - len(unique)
     assert await committed_offsets(kafka_bootstrap, group, topic) == await end_offsets(kafka_bootstrap, topic)
+
+
+async def test_didit_thousand_requests_with_duplicates_and_drops_after_the_effect(
+    kafka_bootstrap: str, topic: str, sqlite_url: str, group: str
+) -> None:
+    """Didit has no idempotency key: 1,000 requests (10 % duplicate IDs) while one mutating call in ten
+    acts and then loses its connection. Every lost answer is retried after a lookup that finds the
+    session or check by our key: exactly one side effect per unique message ID, none sent twice."""
+    from sandbox import SandboxConfig, run_in_thread
+
+    with run_in_thread(SandboxConfig(port=0, api_keys=(API_KEY,), profile="didit")) as handle:
+        sb = Sandbox(handle.url)
+        sb.faults(drop_after_effect_rate=0.1, seed=7)
+        unique = make_envelopes(909, profile="didit")
+        stream = with_duplicates(unique, 0.1)
+        assert len(stream) == 999
+        await publish(kafka_bootstrap, topic, stream)
+        daemon = await run_until_committed(
+            settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url, provider="didit")
+        )
+        view = await assert_exactly_once(sb, sqlite_url, unique)
+        per_key = sb.effects_per_idv_key()
+        assert len(per_key) == len(unique) and set(per_key.values()) == {1}
+        drops = sum(n for kind, n in sb.stats()["faults"].items() if "drop" in kind)
+        assert drops >= 50, sb.stats()
+        metrics = daemon.metrics.render().decode()
+        found = next(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith('idv_reconciliations_total{result="found"}')
+        )
+        # Each dropped answer was followed by a lookup that found the effect, never by a second call.
+        assert found == drops, (found, drops)
+        assert sum(view.attempts.values()) == len(unique)
+    assert daemon.stats.by_disposition["duplicate"] == len(stream) - len(unique)
+
+
+async def test_didit_take_over_after_the_provider_acted_is_found_not_called_again(
+    kafka_bootstrap: str, topic: str, sqlite_url: str, group: str
+) -> None:
+    """The after_provider_call window on Didit, staged exactly: a process claimed the key, Didit created
+    the session under it, the process died before recording. The next owner takes the key over after the
+    lease, looks the session up by our key (idv_reconciliations_total{result="found"}), records it, and
+    Didit sees no second create: one side effect, one attempt."""
+    from consumer.provider import ProviderClient
+    from consumer.providers.didit import DiditAdapter
+    from producer.envelope import get_operation
+    from sandbox import SandboxConfig, run_in_thread
+    from tests.consumer.conftest import claim_for
+
+    (other,) = make_envelopes(1, profile="didit", seed=5)
+    victim = Envelope(
+        message_id=f"victim-{uuid.uuid4()}",
+        operation="create_session",
+        subject_id="subject-victim",
+        request={"workflow_id": "wf-victim"},
+    )
+    key = idempotency_key("idv", victim.operation, victim.message_id)
+    with run_in_thread(SandboxConfig(port=0, api_keys=(API_KEY,), profile="didit")) as handle:
+        sb = Sandbox(handle.url)
+        async with open_store(sqlite_url) as store:
+            claim = await claim_for(store, key, victim, "crashed-process", 0.5)
+            since = claim.record.created_at
+        async with ProviderClient(sb.url, API_KEY, adapter=DiditAdapter()) as dead:  # its call, then death
+            acted = await dead.call_envelope(get_operation(victim.operation), victim, key, since=since)
+        await anyio.sleep(0.6)  # the dead process's lease runs out
+        await publish(kafka_bootstrap, topic, [victim, other])
+        daemon = await run_until_committed(
+            settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url, provider="didit")
+        )
+        assert len(sb.key(key)["attempts"]) == 1  # the dead process's create only
+        assert sb.effects_per_idv_key("create_session") == {key: 1}
+        metrics = daemon.metrics.render().decode()
+        assert 'idv_reconciliations_total{result="found"} 1.0' in metrics, metrics
+        await assert_exactly_once(sb, sqlite_url, [victim, other])
+    async with open_store(sqlite_url) as store:
+        record = await store.get(key)
+    assert record is not None and record.attempts == 2 and record.outcome is not None
+    assert record.outcome.provider_reference == acted.outcome.provider_reference
+    assert record.outcome.detail == "reconciled"
 
 
 async def test_redelivery_to_a_new_group_is_not_sent_again(
@@ -265,7 +350,8 @@ async def assert_committed_are_recorded(
 async def test_crash_window_then_restart(
     kafka_bootstrap: str,
     topic: str,
-    sb: Sandbox,
+    psb: Sandbox,
+    profile: str,
     sqlite_url: str,
     tmp_path: Path,
     point: str,
@@ -277,9 +363,11 @@ async def test_crash_window_then_restart(
     Between the kill and the restart the test looks at what the kill left behind for the very message the
     fault point fired on (its log line names partition, offset and message ID), so each parameter proves
     its window was hit; after the restart it checks how that message was finished (taken over, answered
-    from the provider's stored response, skipped as a duplicate, or not redelivered at all).
+    from the provider's stored response — or, on Didit, which has no idempotency key, found by
+    reconciliation without a second call —, skipped as a duplicate, or not redelivered at all).
     """
-    unique = make_envelopes(120, subjects=40)
+    sb = psb
+    unique = make_envelopes(120, subjects=40, profile=profile)
     await publish(kafka_bootstrap, topic, unique)
     common: dict[str, object] = daemon_args(
         kafka_bootstrap,
@@ -287,6 +375,7 @@ async def test_crash_window_then_restart(
         group,
         sqlite_url,
         sb.url,
+        provider=profile,
         lease_s=3,
         provider_timeout_s=2,
         max_in_flight=16,
@@ -350,6 +439,17 @@ async def test_crash_window_then_restart(
     elif point == "after_claim":
         assert after is not None and after.attempts == 2, after  # taken over after the lease ran out
         assert len(ledger[key]["attempts"]) == 1  # the one call, by the new owner
+    elif point == "after_provider_call" and profile == "didit":
+        assert after is not None and after.attempts == 2, after
+        # Didit ignores Idempotency-Key: the take-over found the earlier session/check by our key in its
+        # metadata and recorded it; the provider was not called a second time.
+        assert len(ledger[key]["attempts"]) == 1, ledger[key]
+        assert after.outcome is not None and after.outcome.detail == "reconciled", after
+        assert any(
+            str(r.get("msg", "")).startswith("reconciliation: earlier attempt found")
+            and r.get("message_id") == victim.message_id  # type: ignore[union-attr]
+            for r in log_records(restarted.log())
+        ), "the victim was not reconciled"
     elif point == "after_provider_call":
         assert after is not None and after.attempts == 2, after
         assert view.replays[key] >= 1, ledger[key]  # the take-over was answered from the stored response
@@ -376,16 +476,26 @@ async def test_crash_window_then_restart(
 
 
 async def test_crash_with_many_in_flight(
-    kafka_bootstrap: str, topic: str, sqlite_url: str, tmp_path: Path, sb: Sandbox, group: str
+    kafka_bootstrap: str, topic: str, sqlite_url: str, tmp_path: Path, psb: Sandbox, profile: str, group: str
 ) -> None:
-    """Slow provider, 48 calls in flight when the process dies after one side effect."""
+    """Slow provider, 48 calls in flight when the process dies after one side effect. Each take-over is
+    answered from the provider's stored response (ietf) or found by reconciliation, never sent (didit)."""
+    sb = psb
     # 1 s per call: the daemon has all 48 slots claimed and at the provider long before the first answer
     # comes back, and the kill comes with that first answer.
     sb.faults(latency_ms=1000)
-    unique = make_envelopes(300, subjects=300)
+    unique = make_envelopes(300, subjects=300, profile=profile)
     await publish(kafka_bootstrap, topic, unique)
     common = daemon_args(
-        kafka_bootstrap, topic, group, sqlite_url, sb.url, lease_s=3, provider_timeout_s=2, max_in_flight=48
+        kafka_bootstrap,
+        topic,
+        group,
+        sqlite_url,
+        sb.url,
+        provider=profile,
+        lease_s=3,
+        provider_timeout_s=2,
+        max_in_flight=48,
     )
     run_until_killed(daemon_env(**common, fault_kill_at="after_provider_call:1"), tmp_path / "c.log")
     # The sandbox finishes the requests the dead process left behind: they act, nobody records them.
@@ -407,6 +517,10 @@ async def test_crash_with_many_in_flight(
     sb.faults(latency_ms=0)
     await run_to_end(daemon_env(**common), tmp_path / "r.log", timeout=120)
     view = await assert_exactly_once(sb, sqlite_url, unique)
+    if profile == "didit":
+        resent = [k for k in acted if view.attempts[k] != 1]
+        assert not resent, f"{len(resent)} take-overs called Didit again instead of reconciling"
+        return
     replayed = [k for k in acted if view.replays.get(k, 0) >= 1]
     assert len(replayed) == len(acted), f"{len(acted) - len(replayed)} take-overs were not replays"
 

@@ -38,18 +38,21 @@ def _key(env: Envelope) -> str:
 
 
 async def test_retries_exhausted_releases_the_record_and_a_redrive_reuses_the_key(
-    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, psb: Sandbox, profile: str, sqlite_url: str, tmp_path: Path
 ) -> None:
     """The provider answers 500 to every attempt: past the ceiling the lease is released (RELEASED,
     ``last_error = retries_exhausted``) because every request got its answer, the message is dead-lettered
-    with its attempts, no side effect; the redrive uses the same key and performs it once."""
-    doomed, fine = make_envelopes(2, seed=301)
+    with its attempts, no side effect; the redrive uses the same key and performs it once. On Didit each
+    retry after a 500 and the redrive (a record claimed before) look up first, find nothing, and send."""
+    sb = psb
+    doomed, fine = make_envelopes(2, seed=301, profile=profile)
     await publish_raw(kafka_bootstrap, topic, records_of([doomed]), partition=6)
     group = "live-" + uuid.uuid4().hex[:6]
     sb.faults(error_rate=1.0)
     settings = settings_for(
-        kafka_bootstrap, topic, group, sqlite_url, sb.url, provider_max_attempts=3, breaker_min_calls=1000
-    )
+        kafka_bootstrap, topic, group, sqlite_url, sb.url, provider_max_attempts=3, breaker_min_calls=1000,
+        provider=profile,
+    )  # fmt: skip
     await run_until_committed(settings)
     async with open_store(sqlite_url) as store:
         record = await store.get(_key(doomed))
@@ -65,7 +68,7 @@ async def test_retries_exhausted_releases_the_record_and_a_redrive_reuses_the_ke
     await publish_raw(kafka_bootstrap, topic, records_of([fine]), partition=6)
     await run_until_committed(settings)
 
-    cli = make_cli(kafka_bootstrap, topic, group, sqlite_url, sb.url, tmp_path)
+    cli = make_cli(kafka_bootstrap, topic, group, sqlite_url, sb.url, tmp_path, provider=profile)
     code, summary, _, err = await cli("dlq", "redrive", "--reason", "retries_exhausted", "--direct", "--json")
     assert code == 0, err
     assert summary is not None and summary["counts"] == {"completed": 1}
@@ -73,6 +76,36 @@ async def test_retries_exhausted_releases_the_record_and_a_redrive_reuses_the_ke
         record = await store.get(_key(doomed))
     assert record is not None and record.state is State.COMPLETED and record.attempts == 2
     assert_ledger_exactly_once(sb.ledger(), keys_for([doomed, fine]))
+
+
+async def test_lost_answers_on_didit_are_recovered_by_reconciliation_not_dead_lettered(
+    kafka_bootstrap: str, topic: str, sqlite_url: str
+) -> None:
+    """Didit acts and every answer is lost: the retry's lookup finds the check or session by our key,
+    so the message completes with one attempt and one side effect, where the ietf profile (above) needs
+    replays and, past the ceiling, a dead letter."""
+    from sandbox import SandboxConfig, run_in_thread
+    from tests.consumer.conftest import API_KEY
+
+    with run_in_thread(SandboxConfig(port=0, api_keys=(API_KEY,), profile="didit")) as handle:
+        sb = Sandbox(handle.url)
+        lost = make_envelopes(3, seed=303, profile="didit")  # one of each operation
+        await publish_raw(kafka_bootstrap, topic, records_of(lost), partition=6)
+        sb.faults(drop_after_effect_rate=1.0)
+        settings = settings_for(
+            kafka_bootstrap, topic, "live-" + uuid.uuid4().hex[:6], sqlite_url, sb.url, provider="didit",
+            provider_max_attempts=3, breaker_min_calls=1000, lease_s=3, provider_timeout_s=1,
+        )  # fmt: skip
+        daemon = await run_until_committed(settings)
+        assert daemon.stats.by_disposition["completed"] == 3
+        view = assert_ledger_exactly_once(sb.ledger(), keys_for(lost))
+        assert set(view.attempts.values()) == {1}  # each acted once, its answer lost, never resent
+    assert await read_all(kafka_bootstrap, f"{topic}.dlq") == []
+    async with open_store(sqlite_url) as store:
+        for env in lost:
+            record = await store.get(_key(env))
+            assert record is not None and record.state is State.COMPLETED, record
+            assert record.outcome is not None and record.outcome.detail == "reconciled"
 
 
 async def test_lost_answers_keep_the_key_until_its_lease_expires_and_a_redrive_is_answered_by_the_provider(

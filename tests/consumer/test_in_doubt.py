@@ -85,7 +85,15 @@ async def test_unfinished_record_older_than_the_provider_key_retention_is_in_dou
         assert claim.record.attempts == 1
     await anyio.sleep(1.2)
     await publish_raw(kafka_bootstrap, topic, records_of([env]), partition=0)
-    settings = settings_for(kafka_bootstrap, topic, group, sqlite_url, sb.url, provider_key_retention_s=1.0)
+    settings = settings_for(
+        kafka_bootstrap,
+        topic,
+        group,
+        sqlite_url,
+        sb.url,
+        provider_key_retention_s=1.0,
+        provider_retention_check="warn",  # a 1 s retention is refused at start otherwise
+    )
     daemon = await run_until_committed(settings)
     assert daemon.stats.by_disposition["in_doubt"] == 1
     assert await dead_letter_reasons(kafka_bootstrap, topic) == ["in_doubt"]

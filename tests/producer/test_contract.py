@@ -53,7 +53,9 @@ from producer.envelope import (
     HEADER_OPERATION,
     HEADER_SCHEMA_VERSION,
     MAX_CORRELATION_LENGTH,
+    MAX_DOCUMENT_URI_LENGTH,
     MAX_ID_LENGTH,
+    MAX_INLINE_IMAGE_CHARS,
     MAX_MESSAGE_BYTES,
     MAX_SUBJECT_LENGTH,
     OPERATIONS,
@@ -184,6 +186,55 @@ EXPRESSIBLE = [
         "id_verification without front_image",
         "invalid_envelope",
         good(operation="id_verification", request={"document_type": "passport"}),
+    ),
+    *(
+        case(f"id_verification {name}", "invalid_envelope", good(operation="id_verification", request=req))
+        for name, req in (
+            ("front_image empty", {"document_type": "passport", "front_image": ""}),
+            ("front_image null", {"document_type": "passport", "front_image": None}),
+            ("front_image a number", {"document_type": "passport", "front_image": 5}),
+            (
+                "inline front_image over the limit",
+                {"document_type": "passport", "front_image": "A" * (MAX_INLINE_IMAGE_CHARS + 1)},
+            ),
+            (
+                "inline back_image over the limit",
+                {
+                    "document_type": "passport",
+                    "front_image": "aGk=",
+                    "back_image": "A" * (MAX_INLINE_IMAGE_CHARS + 1),
+                },
+            ),
+            (
+                "reference with another key",
+                {"document_type": "passport", "front_image": {"document": "local:a.jpg", "size": 5}},
+            ),
+            (
+                "reference without document",
+                {"document_type": "passport", "front_image": {"uri": "local:a.jpg"}},
+            ),
+            ("reference URI a number", {"document_type": "passport", "front_image": {"document": 5}}),
+            ("reference URI empty", {"document_type": "passport", "front_image": {"document": ""}}),
+            (
+                "reference URI without scheme",
+                {"document_type": "passport", "front_image": {"document": "a.jpg"}},
+            ),
+            (
+                "reference URI with a space",
+                {"document_type": "passport", "front_image": {"document": "local:a b"}},
+            ),
+            (
+                "reference URI non-ASCII",
+                {"document_type": "passport", "front_image": {"document": "local:\u00e9"}},
+            ),
+            (
+                "reference URI too long",
+                {
+                    "document_type": "passport",
+                    "front_image": {"document": "local:" + "a" * MAX_DOCUMENT_URI_LENGTH},
+                },
+            ),
+        )
     ),
 ]
 
@@ -363,6 +414,14 @@ def test_schema_constants_match_the_decoder(schema: dict[str, Any]) -> None:
         req = schema["definitions"][f"request_{name}"]
         assert tuple(req["required"]) == op.required
         assert op.path in req["description"]
+    reference = schema["definitions"]["documentReference"]["properties"]["document"]
+    assert reference["pattern"] == "^" + envelope_module._URI_RE.pattern + "$"
+    assert reference["maxLength"] == MAX_DOCUMENT_URI_LENGTH
+    inline = schema["definitions"]["image"]["oneOf"][1]
+    assert inline["maxLength"] == MAX_INLINE_IMAGE_CHARS
+    for name, op in OPERATIONS.items():
+        properties = schema["definitions"][f"request_{name}"].get("properties", {})
+        assert {f for f, p in properties.items() if p == {"$ref": "#/definitions/image"}} == set(op.documents)
     assert set(schema["required"]) == {
         "schema_version",
         "message_id",
@@ -437,7 +496,7 @@ def _raise_sites() -> set[tuple[str, int, int]]:
     """(function, first line, last line) of every ``raise`` of the decoding path in producer/envelope.py."""
     path = envelope_module.__file__
     tree = ast.parse(Path(path).read_text(encoding="utf-8"))
-    wanted = {"decode", "validate_fields", "_check_id", "_header", "get_operation"}
+    wanted = {"decode", "validate_fields", "_check_id", "_check_document", "_header", "get_operation"}
     sites = set()
     for fn in ast.walk(tree):
         if isinstance(fn, ast.FunctionDef) and fn.name in wanted:
@@ -659,3 +718,21 @@ async def test_the_documented_kcat_example_produces_a_valid_request(kafka_bootst
     assert schema_accepts(envelope_schema(), orjson.loads(record.value))
     # murmur2_random: the same partition the Java client and aiokafka (idv-publish) choose.
     assert record.partition == DefaultPartitioner()(record.key, list(range(8)), list(range(8)))
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        {"document": "local:sha256/ab/" + "ab" * 32 + ".jpg"},
+        {"document": "https://docs.example.com/kyc/1?v=2"},
+        {"document": "s3://bucket/key"},  # any scheme: whether the daemon serves it is decided at open
+        {"document": "local:" + "a" * (MAX_DOCUMENT_URI_LENGTH - len("local:"))},
+        "A" * MAX_INLINE_IMAGE_CHARS,
+        "aGVsbG8=",
+    ],
+)
+def test_images_accepted_by_decoder_and_schema(image: object, schema: dict[str, Any]) -> None:
+    obj = good(operation="id_verification", request={"document_type": "passport", "front_image": image})
+    obj["request"]["back_image"] = image
+    assert decode(orjson.dumps(obj)).request["front_image"] == image
+    assert schema_accepts(schema, obj)

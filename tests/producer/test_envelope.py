@@ -326,7 +326,39 @@ def test_default_limit_is_one_mebibyte() -> None:
         (
             valid_obj(operation="id_verification", request={"document_type": "passport"}),
             "invalid_envelope",
-            "request.front_image is required for id_verification and must be a non-empty string",
+            'request.front_image is required for id_verification: a document reference {"document": "<uri>"} '
+            "or a base64 string of at most 65536 characters",
+        ),
+        (
+            valid_obj(
+                operation="id_verification", request={"document_type": "x", "front_image": SECRET * 5000}
+            ),
+            "invalid_envelope",
+            f"request.front_image is an inline image of {len(SECRET) * 5000} characters, limit is 65536: put "
+            'the image in a document source and send {"document": "<uri>"} instead (docs/documents.md)',
+        ),
+        (
+            valid_obj(
+                operation="id_verification",
+                request={"document_type": "x", "front_image": {"document": SECRET + " x"}},
+            ),
+            "invalid_envelope",
+            "request.front_image.document must be a URI (scheme:rest, e.g. local:<path> or https://…; "
+            "printable ASCII, at most 2048 characters)",
+        ),
+        (
+            valid_obj(
+                operation="id_verification",
+                request={"document_type": "x", "front_image": {"document": "local:a", SECRET: 1}},
+            ),
+            "invalid_envelope",
+            'request.front_image is an object but not a document reference {"document": "<uri>"}',
+        ),
+        (
+            valid_obj(operation="id_verification", request={"document_type": "x", "front_image": [SECRET]}),
+            "invalid_envelope",
+            'request.front_image must be a document reference {"document": "<uri>"} or a base64 string of at '
+            "most 65536 characters, got list",
         ),
         (
             valid_obj(operation="id_verification", request={"front_image": SECRET}),
@@ -580,3 +612,14 @@ def test_producer_input_with_an_integer_beyond_64_bits_is_rejected_before_it_is_
         parse_line(line)
     assert info.value.reason == "invalid_envelope" and "64 bits" in info.value.detail
     assert parse_line(line.replace(b"123456789012345678901234567890", b"12")).request["n"] == 12
+
+
+def test_image_fields_of_every_operation_take_document_references() -> None:
+    """An image field (named ``*_image``) that only took strings would force images into Kafka messages:
+    every operation declares its image fields in ``Operation.documents``, and a reference passes there."""
+    for name, operation in OPERATIONS.items():
+        images = {f for f in operation.required if f.endswith("_image")}
+        assert images <= set(operation.documents), f"{name}: image fields not in Operation.documents"
+        request: dict[str, Any] = dict.fromkeys(operation.required, "value")
+        request.update({f: {"document": f"local:sha256/ab/{f}.jpg"} for f in operation.documents})
+        assert decode(raw(valid_obj(operation=name, request=request))).request == request
