@@ -117,7 +117,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await publish(topic, batch)
         daemon_env = daemon_child_env(
             BOOTSTRAP, topic, f"g-{prefix}", store_url, sandbox.url, API_KEY, FINGERPRINT_KEY,
-            events_topic=events, results_transactional="true", workflow_scan_interval_s=1,
+            events_topic=events, provider="didit", results_transactional="true", workflow_scan_interval_s=1,
             workflow_poll_after_s=args.poll_after_s, workflow_poll_max_s=args.poll_after_s,
             workflow_abandon_after_s=600, provider_timeout_s=3, lease_s=5, health_port=-1,
             log_level=os.environ.get("WFCHAOS_LOG_LEVEL", "WARNING"), commit_interval_s=0.5,

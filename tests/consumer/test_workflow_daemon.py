@@ -148,7 +148,7 @@ async def _end_to_end(
     batch = requests(30, uuid.uuid4().hex[:8])
     _ids[:] = [e.message_id for e in batch]
     await publish(kafka_bootstrap, topic, [*batch, *batch[:5]])  # five requests delivered twice
-    env = daemon_env(kafka_bootstrap, topic, group, store_url, sb.url, events_topic=events,
+    env = daemon_env(kafka_bootstrap, topic, group, store_url, sb.url, events_topic=events, provider="didit",
                      workflow_scan_interval_s=0.5, results_transactional=transactional)  # fmt: skip
     proc = start_daemon(env, tmp_path / "daemon.log")
     try:
@@ -237,7 +237,7 @@ async def test_ten_thousand_waiting_workflows_hold_no_offsets(
     # Other traffic interleaved with the workflow requests.
     mixed = [x for pair in zip(workflows[:500], other, strict=True) for x in pair] + workflows[500:]
     await publish(kafka_bootstrap, topic, mixed)
-    env = daemon_env(kafka_bootstrap, topic, group, store_url, sb.url, events_topic=events,
+    env = daemon_env(kafka_bootstrap, topic, group, store_url, sb.url, events_topic=events, provider="didit",
                      max_in_flight=256, log_level="WARNING")  # fmt: skip
     proc = start_daemon(env, tmp_path / "daemon.log")
     started = time.monotonic()
@@ -329,7 +329,7 @@ async def test_replay_resumes_workflows_from_their_recovery_point(
     batch = requests(10, uuid.uuid4().hex[:8])
     _ids[:] = [e.message_id for e in batch]
     await publish(kafka_bootstrap, topic, batch)
-    env = daemon_env(kafka_bootstrap, topic, group, store_url, sb.url, events_topic=events,
+    env = daemon_env(kafka_bootstrap, topic, group, store_url, sb.url, events_topic=events, provider="didit",
                      provider_timeout_s=2, lease_s=4)  # fmt: skip
     killed = start_daemon({**env, "IDV_FAULT_KILL_AT": "workflow_after_step:3"}, tmp_path / "killed.log")
     try:

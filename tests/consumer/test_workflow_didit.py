@@ -49,6 +49,7 @@ async def test_dropped_webhooks_are_completed_by_polling_the_didit_sandbox(
     _ids[:] = [e.message_id for e in batch]
     await publish(kafka_bootstrap, topic, batch)
     env = daemon_env(kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events,
+                     provider="didit",
                      workflow_scan_interval_s=0.3, workflow_poll_after_s=0.5, workflow_poll_max_s=1,
                      workflow_abandon_after_s=20)  # fmt: skip
     proc = start_daemon(env, tmp_path / "daemon.log")
@@ -105,7 +106,8 @@ async def test_signed_webhooks_through_the_intake_decide_workflows(
     batch = requests(8, uuid.uuid4().hex[:8])
     _ids[:] = [e.message_id for e in batch]
     await publish(kafka_bootstrap, topic, batch)
-    env = daemon_env(kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events)
+    env = daemon_env(kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events,
+                     provider="didit")
     proc = start_daemon(env, tmp_path / "daemon.log")
     port = free_port()
     intake = start_intake(intake_env(kafka_bootstrap, events, port))
@@ -175,6 +177,7 @@ async def test_simulated_applicants_and_faulty_webhooks(
     didit.webhooks(url=f"http://127.0.0.1:{port}/webhooks/didit", secret=SECRET, backoff_s=0.2, faults=faults)
     await publish(kafka_bootstrap, topic, batch)
     env = daemon_env(kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events,
+                     provider="didit",
                      workflow_scan_interval_s=0.5, workflow_poll_after_s=4, workflow_poll_max_s=4,
                      workflow_abandon_after_s=120)  # fmt: skip
     proc = start_daemon(env, tmp_path / "daemon.log")
