@@ -264,23 +264,22 @@ async def test_ten_thousand_waiting_workflows_hold_no_offsets(
     [("workflow_after_step", 25), ("workflow_after_apply", 6), ("workflow_after_outbox", 24)],
 )
 async def test_sigkill_in_every_workflow_window(
-    kafka_bootstrap: str, topic: str, group: str, sandbox: Any, tmp_path: Path, point: str, at: int
+    kafka_bootstrap: str, topic: str, group: str, sb: Sandbox, tmp_path: Path, point: str, at: int
 ) -> None:
     """SIGKILL at a workflow crash point (a step recorded / an event applied / the outbox written, each
     before the next move), restart: one session and one AML per approved workflow at the provider, exactly
     one visible final decision per workflow (transactional results).
 
-    Against a provider with idempotency keys (the sandbox's ``ietf`` profile): the kill also leaves other
-    AML calls in flight, and their take-over after the lease is answered from the key. At Didit (no key,
-    no dedupe of checks) the same take-over is made safe only by the providers layer's reconciliation by
-    ``metadata.idv_key`` (docs/reliability.md, the workflow chaos run)."""
-    sb = Sandbox(sandbox.url)
+    The kill also leaves other AML calls in flight. Didit has no idempotency key and does not dedupe
+    checks: their take-over after the lease is safe only because the provider layer looks the earlier
+    attempt up by ``metadata.idv_key`` before sending again (IDV_PROVIDER=didit, reconciliation)."""
     events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 4)
     store_url = f"sqlite:///{tmp_path / 'wf.db'}"
     batch = requests(20, uuid.uuid4().hex[:8])
     _ids[:] = [e.message_id for e in batch]
     await publish(kafka_bootstrap, topic, batch)
-    base = dict(events_topic=events, results_transactional=True, provider_timeout_s=2, lease_s=4)
+    base = dict(events_topic=events, provider="didit", results_transactional=True, provider_timeout_s=2,
+                lease_s=4)  # fmt: skip
     env = daemon_env(kafka_bootstrap, topic, group, store_url, sb.url, **base)
     killed = start_daemon(daemon_env(kafka_bootstrap, topic, group, store_url, sb.url, **base,
                                      fault_kill_at=f"{point}:{at}"), tmp_path / "killed.log")  # fmt: skip
