@@ -29,6 +29,7 @@ from consumer.errors import (
     LeaseLost,
     ProviderAuthError,
     ProviderConfigError,
+    ProviderInDoubt,
     RetriesExhausted,
     StoreError,
 )
@@ -227,6 +228,10 @@ class StepRunner:
             raise StepFailed("retries_exhausted", str(exc)) from exc
         except LeaseLost as exc:
             raise StepFailed("retries_exhausted", "lease lost during the step") from exc
+        except ProviderInDoubt as exc:
+            # An earlier attempt may have acted and could not be found: an operator decides (dead letter
+            # in_doubt); the key is kept, never sent again automatically.
+            raise StepFailed("in_doubt", str(exc)) from exc
         except BaseException:
             # Cancelled, a rejected API key, a bug: the request may be at the provider, so the key is
             # kept until its lease runs out (then the next claimant calls again with the same key).
