@@ -66,6 +66,8 @@ from consumer.rebalance import RebalanceListener
 from consumer.retention import purge_forever
 from consumer.settings import Settings
 from consumer.store import DedupeStore, open_store
+from consumer.workflows.poller import Poller
+from consumer.workflows.wiring import build_engine, with_events_topic
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,12 @@ class Daemon:
             stats=self.stats,
             on_store_op=self.metrics.store_op,
         )
+        # Workflows (consumer/workflows/): kyc_workflow requests and the provider events topic.
+        self.workflows = build_engine(
+            settings, self.store, self.provider, owner=self.owner, faults=self.faults
+        )
+        self.processor.workflows = self.workflows
+        self.poller: Poller | None = None
         self.sinks = wiring.build_sinks(
             settings,
             dlq_topic=settings.dead_letter_topic,
@@ -195,7 +203,14 @@ class Daemon:
         except StoreError as exc:
             raise StoreUnavailable(f"cannot open the dedupe store: {exc}") from None
         try:
-            await self._run_open(topics)
+            try:
+                await self.workflows.store.open()
+            except StoreError as exc:
+                raise StoreUnavailable(f"cannot open the workflow store: {exc}") from None
+            try:
+                await self._run_open(topics)
+            finally:
+                await self.workflows.store.close()
         finally:
             with anyio.CancelScope(shield=True):
                 await self.processor.aclose()  # the document sources
@@ -224,15 +239,22 @@ class Daemon:
                     await self.sinks.start()
                 except KafkaError as exc:
                     raise BrokerUnavailable(f"cannot start the producer: {type(exc).__name__}") from None
+                # The provider events topic, when it exists, and the poller with it (workflows/wiring.py).
+                topics, self.poller = with_events_topic(
+                    self.settings, self.workflows, self.sinks, topics, existing, on_fatal=self._set_fatal
+                )
                 consumer.subscribe(topics, listener=RebalanceListener(self))
                 log.info("consumer started", extra={"owner": self.owner, "topics": topics})
                 async with anyio.create_task_group() as tg:
                     for _ in range(self.settings.max_in_flight):
                         tg.start_soon(self._worker)
                     tg.start_soon(self._commit_loop)
-                    if self.settings.purge_interval_s > 0:
-                        tg.start_soon(purge_forever, self.store, self.settings.purge_interval_s)
+                    if (every := self.settings.purge_interval_s) > 0:
+                        wfs, retention = self.workflows.store, self.settings.retention_s
+                        tg.start_soon(purge_forever, self.store, every, wfs, retention)
                     tg.start_soon(collect_young_forever)
+                    if self.poller is not None:
+                        tg.start_soon(self.poller.run_forever)
                     await self._fetch_loop()
                     await self._drain(0.0 if self.fatal else self.settings.drain_timeout_s)
                     await self._commit_now("shutdown")

@@ -64,6 +64,9 @@ async def _write(
     if handled.dead_letter is not None:
         await _dead_letter(sinks, msg, handled.dead_letter, on_dead_letter)
         return
+    if handled.raw_results:
+        await _write_raw(handled, msg, sinks, on_dead_letter)
+        return
     record = handled.record
     if record is None or (handled.disposition is Disposition.DUPLICATE and not emit_duplicates):
         return
@@ -84,6 +87,26 @@ async def _write(
         why = f"result event could not be written: {exc.why}; outcome recorded"
         letter = DeadLetter("internal_error", why)
         await _dead_letter(sinks, msg, letter, on_dead_letter)
+
+
+async def _write_raw(
+    handled: Handled, msg: ConsumerRecord, sinks: Sinks, on_dead_letter: Callable[[str], None] | None
+) -> None:
+    """A workflow's stored result events, written while handling ``msg`` (republished as stored)."""
+    tp = TopicPartition(msg.topic, msg.partition)
+    for key, value, message_id in handled.raw_results:
+        if sinks.transactional:
+            sinks.buffer_raw(tp, msg, key, value, message_id)
+            continue
+        try:
+            with tracing.producer_span("idv.result", sinks.results_topic):
+                await sinks.raw_result(key, value, message_id)
+        except Unwritable as exc:
+            log.error("workflow result event can never be written (%s); dead-lettering the message", exc.why)
+            why = f"result event could not be written: {exc.why}; state recorded"
+            letter = DeadLetter("internal_error", why)
+            await _dead_letter(sinks, msg, letter, on_dead_letter)
+            return
 
 
 async def _dead_letter(

@@ -3,7 +3,8 @@
 ``IDV_FAULT_KILL_AT=after_provider_call:5`` SIGKILLs the process the fifth time any message reaches that
 point, so a test can stop the daemon between two named steps and check what a restart does. Points, in
 the order a message passes them: ``before_claim``, ``after_claim``, ``after_provider_call``,
-``after_record``, ``after_commit``. Empty (the default) costs one branch per point.
+``after_record``, ``after_commit`` (and the workflow engine's ``workflow_after_step``,
+``workflow_after_apply``, ``workflow_after_outbox``). Empty (the default) costs one branch per point.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ POINTS = (
     "after_record",
     "in_transaction",  # transactional results: events sent, offsets added, transaction not yet committed
     "after_commit",
+    # kyc_workflow (consumer/workflows/engine.py): a step's outcome recorded, the workflow not yet moved on;
+    # an event applied, the workflow not yet advanced; the final decision in the outbox, not yet published.
+    "workflow_after_step",
+    "workflow_after_apply",
+    "workflow_after_outbox",
 )
 
 __all__ = ["POINTS", "FaultPoints"]

@@ -143,6 +143,8 @@ class Handled:
     dead_letter: DeadLetter | None = None
     record: Record | None = None
     subject_id: str | None = None
+    # Workflow result events to publish for this message: (Kafka key, value, message ID) as stored.
+    raw_results: list[tuple[bytes, bytes, str]] = field(default_factory=list)
 
 
 @dataclass

@@ -61,11 +61,13 @@ from consumer.model import DeadLetter, Disposition, Handled, Stats
 from consumer.provider import CallProgress, CallResult, ProviderClient
 from consumer.settings import LEASE_SLACK_S
 from consumer.store.base import ClaimStatus, DedupeStore, Record, State
+from consumer.workflows.model import WORKFLOW_OPERATION
 from producer.envelope import Envelope, Operation, decode, get_operation
 from producer.errors import EnvelopeError, VerificationError
 
 if TYPE_CHECKING:
     from consumer.documents import DocumentSource
+    from consumer.workflows.engine import WorkflowEngine
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -117,6 +119,9 @@ class Processor:
         self.max_message_bytes = max_message_bytes
         self.faults = faults or FaultPoints()
         self.stats = stats or Stats()
+        # The workflow engine (consumer/workflows/), attached by the daemon: kyc_workflow requests and the
+        # provider events topic go there instead of the one-call path below.
+        self.workflows: WorkflowEngine | None = None
 
     async def aclose(self) -> None:
         """Close the document sources (an HTTP document store's connection pool)."""
@@ -186,6 +191,8 @@ class Processor:
         return handled
 
     async def _handle(self, msg: ConsumerRecord, generation: int) -> Handled:
+        if self.workflows is not None and msg.topic == self.workflows.events_topic:
+            return await self.workflows.handle_event(msg)
         try:
             envelope = decode(msg.value, msg.headers, max_bytes=self.max_message_bytes)
         except EnvelopeError as exc:
@@ -195,6 +202,13 @@ class Processor:
             )
             return Handled(Disposition.INVALID, DeadLetter(exc.reason, exc.detail))
 
+        if envelope.operation == WORKFLOW_OPERATION:
+            ctx = message_context.get() or {}
+            message_context.set({**ctx, "message_id": envelope.message_id})
+            if self.workflows is None:
+                letter = DeadLetter("internal_error", "kyc_workflow needs the workflow engine (the daemon's)")
+                return Handled(Disposition.ERROR, letter)
+            return await self.workflows.handle_request(envelope, msg)
         operation = get_operation(envelope.operation)
         key = idempotency_key(self.namespace, envelope.operation, envelope.message_id, generation)
         fp, legacy_fps = self.fingerprints.with_legacy(envelope)

@@ -157,6 +157,14 @@ class Settings:
     # OpenTelemetry spans per message (the tracing extra; consumer/tracing.py). Exporter, endpoint and
     # service name come from the standard OTEL_* variables.
     tracing: bool = False
+    # Workflows (consumer/workflows/): the provider events topic (consumed when it exists; "none" off),
+    # the polling fallback and the abandon deadline.
+    events_topic: str = "idv.provider-events"
+    workflow_poll_after_s: float = 600.0
+    workflow_poll_max_s: float = 3600.0
+    workflow_abandon_after_s: float = 7 * 24 * 3600.0
+    workflow_scan_interval_s: float = 5.0
+    workflow_poll_concurrency: int = 16
     # Testing only: "<fault point>:<n>" SIGKILLs the process the n-th time that point is reached.
     fault_kill_at: str = ""
 
@@ -290,6 +298,15 @@ class Settings:
         need(self.namespace.isascii() and bool(self.namespace), "namespace", "must be non-empty ASCII")
         need(-1 <= self.health_port <= 65535, "health_port", "must be a port number, 0 (any) or -1 (off)")
         need(self.stall_after_s > 0, "stall_after_s", "must be positive")
+        need(self.workflow_poll_after_s > 0, "workflow_poll_after_s", "must be positive")
+        need(
+            self.workflow_poll_max_s >= self.workflow_poll_after_s,
+            "workflow_poll_max_s",
+            "must be at least IDV_WORKFLOW_POLL_AFTER_S",
+        )
+        need(self.workflow_abandon_after_s > 0, "workflow_abandon_after_s", "must be positive")
+        need(self.workflow_scan_interval_s > 0, "workflow_scan_interval_s", "must be positive")
+        need(1 <= self.workflow_poll_concurrency <= 1000, "workflow_poll_concurrency", "must be 1..1000")
         need(self.purge_interval_s >= 0, "purge_interval_s", "must be 0 (off) or positive")
         if self.dlq_encryption_keys.strip():
             from consumer.dlqcrypto import parse_keys
@@ -339,6 +356,11 @@ class Settings:
     @property
     def result_topic(self) -> str | None:
         return self._derived(self.results_topic, "results")
+
+    @property
+    def provider_events_topic(self) -> str | None:
+        """The provider events topic, or None (``IDV_EVENTS_TOPIC=none``)."""
+        return None if self.events_topic.lower() in ("", "none") else self.events_topic
 
     @property
     def store_url_redacted(self) -> str:

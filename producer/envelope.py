@@ -138,6 +138,9 @@ register_operation(
         documents=("user_image", "ref_image"),
     )
 )
+# A whole verification (consumer/workflows/, docs/workflows.md): session → decision → AML on approval.
+# The path is its first step's; each step has its own idempotency key.
+register_operation(Operation("kyc_workflow", "/v3/session/", ("workflow_id",), "session_id"))
 
 
 def _now_iso() -> str:

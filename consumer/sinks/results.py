@@ -60,9 +60,9 @@ def result_event(record: Record, subject_id: str) -> bytes:
     )
 
 
-# A result waiting for its transaction: (offset, message, event bytes, headers); and one the results
-# topic refused for good, with why.
-_Pending = tuple[int, ConsumerRecord, bytes, list[tuple[str, bytes]]]
+# A result waiting for its transaction: (offset, message, event bytes, headers, Kafka key); and one the
+# results topic refused for good, with why.
+_Pending = tuple[int, ConsumerRecord, bytes, list[tuple[str, bytes]], bytes | None]
 _Unwritten = tuple[TopicPartition, _Pending, str]
 
 
@@ -94,9 +94,30 @@ class ResultWriter(DeadLetterWriter):
                 result_event(record, subject_id),
                 # The headers now, while the message's span is current (the transaction comes later).
                 tracing.inject([("idv-message-id", record.message_id.encode())]),
+                msg.key,
             )
         )
         self._pending_count += 1
+
+    def buffer_raw(
+        self, tp: TopicPartition, msg: ConsumerRecord, key: bytes, value: bytes, message_id: str
+    ) -> None:
+        """Buffer a prepared result event (a workflow's, as stored) for the transaction committing ``msg``."""
+        headers = tracing.inject([("idv-message-id", message_id.encode())])
+        self._pending.setdefault(tp, []).append((msg.offset, msg, value, headers, key))
+        self._pending_count += 1
+
+    async def raw_result(self, key: bytes, value: bytes, message_id: str) -> None:
+        """Write a prepared result event (non-transactional mode); raises :class:`Unwritable`."""
+        if self.results_topic is None:
+            return
+        headers = tracing.inject([("idv-message-id", message_id.encode())])
+        await self._send("result", self.results_topic, value, key, headers)
+        self.results += 1
+
+    async def publish_event(self, topic: str, key: bytes, value: bytes) -> None:
+        """Write a synthetic provider event (the workflow poller's) with the non-transactional producer."""
+        await self._send("provider event", topic, value, key, [("idv-provider", b"poller")])
 
     def drop_pending(self, tp: TopicPartition) -> None:
         """Forget buffered results of a partition we no longer own (they were never made visible)."""
@@ -182,9 +203,9 @@ class ResultWriter(DeadLetterWriter):
         futures: list[tuple[TopicPartition, _Pending, asyncio.Future[Any]]] = []
         for tp, items in batches.items():
             for item in items:
-                _, msg, value, headers = item
+                _, msg, value, headers, key = item
                 try:
-                    fut = await self._producer.send(self.results_topic, value, key=msg.key, headers=headers)
+                    fut = await self._producer.send(self.results_topic, value, key=key, headers=headers)
                 except Exception as exc:
                     if (
                         is_retriable(exc)

@@ -37,6 +37,7 @@ from consumer.wiring import (
     start_consumer,
     watch_signals,
 )
+from consumer.workflows.wiring import build_engine
 
 __all__ = [
     "DEFAULT_GROUP_LABEL",
@@ -98,14 +99,28 @@ def tool_processor(
     want_records: bool,
     ignore_key_retention: bool = False,
 ) -> Processor:
-    return build_processor(
+    owner = owner_id(settings, "replay")
+    processor = build_processor(
         settings,
         store,
         provider,
-        owner=owner_id(settings, "replay"),
+        owner=owner,
         want_records=want_records,
         ignore_key_retention=ignore_key_retention,
     )
+    # kyc_workflow requests (and provider events) resume from their recovery point, as in the daemon.
+    processor.workflows = build_engine(settings, store, provider, owner=owner)
+    return processor
+
+
+@contextlib.asynccontextmanager
+async def workflows_open(processor: Processor) -> AsyncIterator[None]:
+    """Keep the tool processor's workflow store open for the run."""
+    if processor.workflows is None:
+        yield
+        return
+    async with processor.workflows.store:
+        yield
 
 
 def tool_sinks(settings: Settings, dlq_topic: str | None, group: str | None) -> Sinks:
@@ -130,7 +145,8 @@ async def tool_pipeline(
         )
         await sinks.start()
         try:
-            yield store, processor, sinks
+            async with workflows_open(processor):
+                yield store, processor, sinks
         finally:
             with anyio.CancelScope(shield=True):
                 await sinks.stop()

@@ -9,6 +9,7 @@ dead letters and result events, each with where it is; never payloads.
   its ``idv-message-id`` header or, failing that, its value's ``message_id`` is the ID. The value is
   parsed only to compare that one field: it is the original request (personal data) and never printed.
 * **Results**: the results topic from ``since``, by the ``idv-message-id`` header.
+* **Workflow** (``kyc_workflow``): its row, step records, events and outbox (:mod:`consumer.tools.showflow`).
 
 Read-only throughout: no consumer group (partitions are ``assign()``-ed), a SQLite store file that does not
 exist is not created.
@@ -32,6 +33,7 @@ from consumer.store import Record, open_store
 from consumer.tools.dlq import entry_of
 from consumer.tools.report import iso_ms
 from consumer.tools.runner import _sqlite_file_missing, open_consumer
+from consumer.tools.showflow import workflow_story, workflow_text
 from consumer.tools.spans import plan_times, read_spans
 from consumer.wiring import stop_consumer
 from producer.envelope import HEADER_MESSAGE_ID, OPERATIONS
@@ -98,10 +100,11 @@ class Story:
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     results: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    workflow: dict[str, Any] | None = None
 
     @property
     def found(self) -> bool:
-        return bool(self.records or self.conflicts or self.dead_letters or self.results)
+        return bool(self.records or self.conflicts or self.dead_letters or self.results or self.workflow)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -112,6 +115,7 @@ class Story:
             "conflicts": self.conflicts,
             "dead_letters": self.dead_letters,
             "results": self.results,
+            "workflow": self.workflow,
             "notes": self.notes,
         }
 
@@ -155,6 +159,8 @@ class Story:
             f"  {r['operation']}  key #{r['key_hash']}"
             for r in self.results
         )
+        if self.workflow is not None:
+            lines.extend(workflow_text(self.workflow))
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -173,6 +179,7 @@ async def _records(settings: Settings, story: Story, operations: Sequence[str]) 
                     break
                 story.records.append(_record_json(record, generation))
                 generation += 1
+        story.workflow = await workflow_story(settings, store, story.message_id)
         for c in await store.conflicts(story.message_id):
             seen = c.get("seen_at")
             story.conflicts.append(
@@ -254,6 +261,7 @@ async def show(
                         "key_hash": key_hash(str(event.get("idempotency_key") or "")),
                         "http_status": event.get("http_status"),
                         "provider_reference": event.get("provider_reference"),
+                        "revision": event.get("revision"),
                     }
                 )
     finally:

@@ -7,6 +7,7 @@ Shipped as package data, so a Python user can load them without a checkout::
 
 * ``envelope.schema.json`` — JSON Schema (draft-07) of a request value, per operation;
 * ``result.schema.json`` — JSON Schema of a result event;
+* ``workflow-result.schema.json`` — JSON Schema of a ``kyc_workflow``'s decision event (and its revisions);
 * ``asyncapi.yaml`` — AsyncAPI 3 document of the request, results and dead-letter topics (keys, headers).
 
 :func:`producer.envelope.decode` stays the authority; the rules a JSON Schema cannot express (byte size,
@@ -20,9 +21,21 @@ from importlib.resources import files
 from importlib.resources.abc import Traversable
 from typing import Any
 
-__all__ = ["CONTRACT_FILES", "asyncapi_text", "contract_file", "envelope_schema", "result_schema"]
+__all__ = [
+    "CONTRACT_FILES",
+    "asyncapi_text",
+    "contract_file",
+    "envelope_schema",
+    "result_schema",
+    "workflow_result_schema",
+]
 
-CONTRACT_FILES = ("envelope.schema.json", "result.schema.json", "asyncapi.yaml")
+CONTRACT_FILES = (
+    "envelope.schema.json",
+    "result.schema.json",
+    "workflow-result.schema.json",
+    "asyncapi.yaml",
+)
 
 
 def contract_file(name: str) -> Traversable:
@@ -45,6 +58,11 @@ def envelope_schema() -> dict[str, Any]:
 def result_schema() -> dict[str, Any]:
     """The result event's JSON Schema, parsed."""
     return _json("result.schema.json")
+
+
+def workflow_result_schema() -> dict[str, Any]:
+    """The workflow decision event's JSON Schema, parsed."""
+    return _json("workflow-result.schema.json")
 
 
 def asyncapi_text() -> str:

@@ -1,0 +1,278 @@
+"""The workflow engine: a ``kyc_workflow`` request or a provider event in, the workflow moved on, the
+result events of this message out.
+
+**Why the request's offset may be committed while the applicant is still busy.** Handling a request
+creates the row (``started``), runs the session step (its own key, under a lease), and records
+``session_created`` then ``waiting`` — each a compare-and-set. Only then does :meth:`handle_request`
+return, so only then is the offset marked done. Waiting is a row in the store, not a worker, a lease or
+an uncommitted offset: 10,000 waiting workflows cost 10,000 rows.
+
+**Why an event's effect is durable before its offset is committed.** :meth:`handle_event` applies the
+event to its workflow in one store transaction (event marked applied + compare-and-set + result events
+in the outbox), then advances the workflow from its recovery point (AML on approval, under the AML
+step's own key; then ``finished`` with the final decision) and returns the result events *written while
+handling this message* (the outbox rows tagged with its position). The daemon publishes them before the
+offset is done, or in the transaction that commits it. A redelivery of the same message finds the event
+applied, resumes from the recovery point and publishes the same stored bytes again: exactly once with
+transactional results (the first transaction never became visible), identical otherwise.
+
+An event for a session not recorded yet (the webhook overtook the request's own transition) is kept as
+*pending* and applied by whichever of the two handlers sees the other's write second.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiokafka.structs import ConsumerRecord
+
+from consumer.errors import ProviderAuthError
+from consumer.faults import FaultPoints
+from consumer.keys import Fingerprinter
+from consumer.model import DeadLetter, Disposition, Handled
+from consumer.workflows import rules
+from consumer.workflows.model import Event, Step, Workflow, WState, event_from_webhook, step_key
+from consumer.workflows.steps import StepFailed, StepRunner, Steps
+from consumer.workflows.store import WorkflowStore, WriteStatus
+from producer.envelope import Envelope
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_STEPS", "WorkflowEngine", "position"]
+
+DEFAULT_STEPS = ("session", "decision", "aml")
+_MAX_ROUNDS = 64  # compare-and-set retries and transitions of one advance (a loop guard, never reached)
+
+
+def position(msg: ConsumerRecord) -> str:
+    return f"{msg.topic}/{msg.partition}@{msg.offset}"
+
+
+def _steps_of(request: Any) -> str | None:
+    steps = request.get("steps", list(DEFAULT_STEPS))
+    if not isinstance(steps, list) or not all(isinstance(x, str) for x in steps):
+        return None
+    if not set(steps) <= set(DEFAULT_STEPS) or steps[:1] != ["session"]:
+        return None
+    return ",".join(steps)
+
+
+class WorkflowEngine:
+    def __init__(
+        self,
+        store: WorkflowStore,
+        runner: StepRunner,
+        steps: Steps,
+        *,
+        namespace: str,
+        fingerprint_key: str | bytes | None,
+        poll_after_s: float,
+        poll_max_s: float,
+        abandon_after_s: float,
+        events_topic: str | None,
+        clock: Callable[[], float] | None = None,
+        faults: FaultPoints | None = None,
+    ) -> None:
+        self.store = store
+        self.runner = runner
+        self.steps = steps
+        self.namespace = namespace
+        self.fingerprints = Fingerprinter(fingerprint_key)
+        self.poll_after_s = poll_after_s
+        self.poll_max_s = poll_max_s
+        self.abandon_after_s = abandon_after_s
+        self.events_topic = events_topic
+        self.clock = clock or store.clock
+        self.faults = faults or FaultPoints()
+
+    def backoff(self, polls: int) -> float:
+        """Seconds until the next poll after ``polls`` polls: poll_after_s, doubling, capped."""
+        return float(min(self.poll_max_s, self.poll_after_s * 2 ** min(polls, 30)))
+
+    # -- requests --------------------------------------------------------------------------------------
+
+    async def handle_request(self, envelope: Envelope, msg: ConsumerRecord) -> Handled:
+        steps = _steps_of(envelope.request)
+        if steps is None:
+            letter = DeadLetter("invalid_envelope", "request.steps must list session[, decision[, aml]]")
+            return Handled(Disposition.INVALID, letter)
+        fp = self.fingerprints(envelope)
+        now = self.clock()
+        mid = envelope.message_id
+        wf = await self.store.get(mid)
+        if wf is None:
+            wf = await self.store.create(
+                Workflow(
+                    message_id=mid, subject_id=envelope.subject_id,
+                    provider_workflow_id=str(envelope.request["workflow_id"]), steps=steps, fingerprint=fp,
+                    state=WState.STARTED, version=1, session_id=None,
+                    session_key=step_key(self.namespace, mid, Step.SESSION),
+                    aml_key=step_key(self.namespace, mid, Step.AML),
+                    decision_status=None, decision_source=None, latest_status=None, latest_ts=None,
+                    aml_status=None, aml_ref=None, revision=0, polls=0, due_at=None,
+                    deadline=now + self.abandon_after_s, created_at=now, updated_at=now,
+                )
+            )  # fmt: skip
+            fresh = True
+        else:
+            fresh = False
+        if not self.fingerprints.matches(wf.fingerprint, envelope):
+            log.warning("idempotency conflict: workflow message ID reused with a different payload")
+            letter = DeadLetter(
+                "idempotency_conflict",
+                "message ID already used for another workflow request (fingerprint differs); not sent",
+                first_failure_at=wf.created_at,
+            )
+            return Handled(Disposition.CONFLICT, letter)
+        return await self._advance_and_collect(wf, position(msg), fresh=fresh)
+
+    # -- events ----------------------------------------------------------------------------------------
+
+    async def handle_event(self, msg: ConsumerRecord) -> Handled:
+        try:
+            body = orjson.loads(msg.value or b"")
+        except orjson.JSONDecodeError:
+            return Handled(Disposition.INVALID, DeadLetter("invalid_json", "provider event is not JSON"))
+        event = event_from_webhook(body, msg.value or b"") if isinstance(body, dict) else None
+        if event is None:
+            letter = DeadLetter("invalid_envelope", "provider event without a session_id")
+            return Handled(Disposition.INVALID, letter)
+        source = position(msg)
+        wf = await self.apply(event, source)
+        self.faults.hit("workflow_after_apply")
+        if wf is None:
+            return Handled(Disposition.COMPLETED)  # pending until its session is recorded
+        return await self._advance_and_collect(wf, source, fresh=False)
+
+    async def apply(self, event: Event, source: str, wf: Workflow | None = None) -> Workflow | None:
+        """Apply ``event`` once to its workflow; returns the row after it (None: kept pending)."""
+        for _ in range(_MAX_ROUNDS):
+            if wf is None:
+                wf = await self.store.by_session(event.session_id)
+            if wf is None:
+                await self.store.add_pending(event, source)
+                # Written first, read second: a request handler recording this session right now either
+                # sees the pending row, or recorded the session before this read (then we apply it).
+                wf = await self.store.by_session(event.session_id)
+                if wf is None:
+                    log.info("provider event for a session not recorded (yet): kept pending")
+                    return None
+            change = rules.on_event(wf, event, self.clock(), source)
+            status = await self.store.write(wf, change, event, source)
+            if status is WriteStatus.OK:
+                if change is not None:
+                    log.info("workflow event applied: %s → %s", event.status, change.new.state.value)
+                return change.new if change is not None else wf
+            if status is WriteStatus.DUPLICATE:
+                log.info("provider event already applied: duplicate skipped")
+                return await self.store.get(wf.message_id)
+            wf = await self.store.get(wf.message_id)  # STALE: decide again on the current row
+        raise RuntimeError("workflow event could not be applied (compare-and-set kept losing)")
+
+    # -- advancing -------------------------------------------------------------------------------------
+
+    async def _advance_and_collect(self, wf: Workflow, source: str, *, fresh: bool) -> Handled:
+        try:
+            await self.advance(wf, source)
+        except StepFailed as exc:
+            log.error("workflow step could not finish: %s", exc.reason)
+            reason = exc.reason if exc.reason in ("idempotency_conflict", "retries_exhausted") else "in_doubt"
+            return Handled(Disposition.SET_ASIDE, DeadLetter(reason, str(exc)))
+        results = await self.store.results_at(source)
+        if results:
+            self.faults.hit("workflow_after_outbox")
+        handled = Handled(Disposition.COMPLETED if fresh or results else Disposition.DUPLICATE)
+        handled.raw_results = [(r.key, r.body, r.message_id) for r in results]
+        return handled
+
+    async def advance(self, wf: Workflow, source: str) -> Workflow:
+        """Run the workflow from its recovery point until it waits or is finished."""
+        for _ in range(_MAX_ROUNDS):
+            nxt = await self._step(wf, source)
+            if nxt is None:
+                return wf
+            wf = nxt
+        raise RuntimeError("workflow did not settle")
+
+    async def _write(self, wf: Workflow, change: rules.Change) -> Workflow:
+        status = await self.store.write(wf, change)
+        if status is WriteStatus.OK:
+            return change.new
+        current = await self.store.get(wf.message_id)  # lost a race: decide again from the stored row
+        assert current is not None
+        return current
+
+    async def _step(self, wf: Workflow, source: str) -> Workflow | None:
+        now = self.clock()
+        bump: dict[str, Any] = {"version": wf.version + 1, "updated_at": now}
+        if wf.state is WState.STARTED:
+            outcome = await self.runner.run(
+                wf.session_key, wf, Step.SESSION,
+                lambda alive, claimed: self.steps.create_session(wf, wf.session_key, alive, claimed),
+            )  # fmt: skip
+            self.faults.hit("workflow_after_step")
+            if outcome.status == "failed" or not outcome.provider_reference:
+                failed = wf.evolve(state=WState.FAILED, revision=1, latest_status="failed", **bump)
+                body = rules.result_body(failed, 1, outcome.detail or "session_refused")
+                result = rules.Result(wf.message_id, 1, source, wf.subject_id.encode(), body)
+                return await self._write(wf, rules.Change(failed, (result,)))
+            created = wf.evolve(state=WState.SESSION_CREATED, session_id=outcome.provider_reference,
+                                latest_status="created", **bump)  # fmt: skip
+            return await self._write(wf, rules.Change(created))
+        if wf.state is WState.SESSION_CREATED:
+            assert wf.session_id is not None
+            # Revision 0 (where the applicant goes) first, in the outbox with the session's own transition
+            # to waiting; read before anything else can move the row on.
+            url = await self.steps.session_url(wf.session_id)
+            for event in await self.store.pending(wf.session_id):
+                after = await self.apply(event, source, wf)
+                wf = after if after is not None else wf
+            if wf.state is not WState.SESSION_CREATED:
+                return wf
+            bump = {"version": wf.version + 1, "updated_at": now}
+            waiting = wf.evolve(state=WState.WAITING, due_at=now + self.poll_after_s, **bump)
+            return await self._write(wf, rules.Change(waiting, (rules.session_result(wf, url, source),)))
+        if wf.state is WState.DECIDED:
+            if wf.decision_status == "approved" and wf.wants_aml and wf.aml_status is None:
+                outcome = await self.runner.run(
+                    wf.aml_key, wf, Step.AML,
+                    lambda keep_alive, claimed: self.steps.screen_aml(wf, wf.aml_key, keep_alive, claimed),
+                )  # fmt: skip
+                self.faults.hit("workflow_after_step")
+                current = await self.store.get(wf.message_id)  # events may have moved it meanwhile
+                assert current is not None
+                if current.version != wf.version:
+                    return current
+                bump = {"version": wf.version + 1, "updated_at": self.clock()}
+                aml = wf.evolve(state=WState.AML_DONE, aml_status=outcome.status,
+                                aml_ref=outcome.provider_reference or outcome.detail, **bump)  # fmt: skip
+                return await self._write(wf, rules.Change(aml))
+            return await self._write(wf, rules.finalize(wf, now, source))
+        if wf.state is WState.AML_DONE:
+            return await self._write(wf, rules.finalize(wf, now, source))
+        return None  # waiting, or final
+
+    # -- polling fallback (consumer.workflows.poller) -------------------------------------------------
+
+    async def poll_body(self, wf: Workflow) -> bytes | None:
+        """The synthetic event for a due workflow: its deadline passed → timeout; else the decision
+        endpoint's current status. None when the provider does not know the session."""
+        assert wf.session_id is not None
+        if self.clock() >= wf.deadline:
+            status = "Expired" if wf.latest_status == "review" else "Abandoned"
+            return orjson.dumps(
+                {"session_id": wf.session_id, "status": status, "webhook_type": "idv.timeout"}
+            )
+        try:
+            decision = await self.steps.decision(wf.session_id)
+        except ProviderAuthError:
+            raise
+        except StepFailed:
+            return None
+        if decision is None:
+            return None
+        found = decision.get("status")
+        return orjson.dumps({"session_id": wf.session_id, "status": found, "webhook_type": "idv.poll"})
