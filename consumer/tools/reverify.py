@@ -15,6 +15,7 @@ import anyio
 import orjson
 from aiokafka.structs import ConsumerRecord
 
+from consumer.delivery import deliver
 from consumer.errors import ProviderAuthError
 from consumer.keys import Fingerprinter, idempotency_key
 from consumer.logs import log_unexpected
@@ -23,7 +24,8 @@ from consumer.settings import Settings
 from consumer.sinks import Sinks
 from consumer.store import DedupeStore, Record, State
 from consumer.tools.runner import Run
-from producer.envelope import decode
+from consumer.workflows.model import FINAL_STATES, WORKFLOW_OPERATION, Step, WState, generation_id, step_key
+from producer.envelope import Envelope, decode
 from producer.errors import EnvelopeError
 
 if TYPE_CHECKING:
@@ -116,6 +118,8 @@ class Reverifier:
         if base_key in self.seen:
             return "duplicate in range (skipped)", None
         self.seen.add(base_key)  # before any await: two copies of one request never both run
+        if envelope.operation == WORKFLOW_OPERATION and self.processor.workflows is not None:
+            return await self.one_workflow(msg, envelope, sinks)
         base = await self.store.get(base_key)
         matches = Fingerprinter(settings.fingerprint_key).matches
         if self.req.retry_failed:
@@ -133,19 +137,7 @@ class Reverifier:
             if not matches(base.fingerprint, envelope):
                 return "conflict (skipped)", None
         gen, key = await self.generation(envelope.operation, envelope.message_id)
-        await self.audit(
-            {
-                "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                "mode": "retry_failed" if self.req.retry_failed else "reverify",
-                "operator": self.req.operator,
-                "reason": self.req.reason,
-                "message_id": envelope.message_id,
-                "operation": envelope.operation,
-                "generation": gen,
-                "key": key,
-                "source": f"{msg.topic}/{msg.partition}@{msg.offset}",
-            }
-        )
+        await self.audit(self._entry(msg, envelope, gen, key))
         # Claim → call → record by the same pipeline as the daemon, under the generation-N key.
         handled = await self.processor.handle_safely(msg, generation=gen)
         if handled.disposition is Disposition.DUPLICATE:
@@ -166,6 +158,75 @@ class Reverifier:
         if handled.disposition is Disposition.FAILED:
             return f"{done}: failed (provider 4xx)", None
         return done, None
+
+    def _entry(self, msg: ConsumerRecord, envelope: Envelope, gen: int, key: str) -> dict[str, Any]:
+        return {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "mode": "retry_failed" if self.req.retry_failed else "reverify",
+            "operator": self.req.operator,
+            "reason": self.req.reason,
+            "message_id": envelope.message_id,
+            "operation": envelope.operation,
+            "generation": gen,
+            "key": key,
+            "source": f"{msg.topic}/{msg.partition}@{msg.offset}",
+        }
+
+    # -- workflows -------------------------------------------------------------------------------------
+
+    async def one_workflow(
+        self, msg: ConsumerRecord, envelope: Envelope, sinks: Sinks
+    ) -> tuple[str, str | None]:
+        """A ``kyc_workflow`` again: a new row ``<message ID>#gen<N>`` with a new key for every step.
+
+        N follows the single-operation rule on the generations' rows: one more than the highest, unless
+        that one is unfinished (no final decision yet, e.g. still waiting for the applicant): then it is
+        resumed from its recovery point, never a second new one. One audit line per mutating step (its
+        key) is fsync'd before the generation's first provider call; the later steps (AML on approval)
+        run in the daemon when the decision arrives, under a key already in the audit file.
+        """
+        engine = self.processor.workflows
+        assert engine is not None
+        mid = envelope.message_id
+        base = await engine.store.get(mid)
+        latest, gen = base, 0
+        while True:
+            row = await engine.store.get(generation_id(mid, gen + 1))
+            if row is None:
+                break
+            latest, gen = row, gen + 1
+            if row.state not in FINAL_STATES:
+                break  # unfinished: resumed under its own keys
+        matches = Fingerprinter(self.settings.fingerprint_key).matches
+        if base is None or latest is None:
+            return ("not failed (skipped)" if self.req.retry_failed else "not completed (skipped)"), None
+        if not matches(base.fingerprint, envelope):
+            return "conflict (skipped)", None
+        resumable = latest is not base and latest.state not in FINAL_STATES
+        if self.req.retry_failed:
+            if latest.state is not WState.FAILED and not resumable:
+                return "not failed (skipped)", None
+        elif base.state not in FINAL_STATES or base.state is WState.FAILED:
+            return "not completed (skipped)", None
+        if not resumable:
+            gen += 1
+        ns = self.settings.namespace
+        for step in (Step.SESSION, *((Step.AML,) if base.wants_aml else ())):
+            entry = self._entry(msg, envelope, gen, step_key(ns, mid, step, gen))
+            await self.audit({**entry, "step": step.value, "workflow": generation_id(mid, gen)})
+        handled = await engine.reverify(envelope, msg, gen)
+        if handled.dead_letter is None or self.req.dead_letters:
+            await deliver(handled, msg, sinks, emit_duplicates=True)  # the generation's result events
+        if handled.disposition is Disposition.CONFLICT:
+            return "conflict (skipped)", None
+        if handled.disposition is Disposition.SET_ASIDE:
+            return "set aside (retries exhausted)", None
+        if handled.disposition is Disposition.INVALID:
+            return "invalid (skipped)", handled.dead_letter.reason if handled.dead_letter else None
+        if handled.disposition is Disposition.ERROR:
+            return "internal error", None
+        done = "retried" if self.req.retry_failed else "reverified"
+        return (f"{done} (generation resumed)" if resumable else done), None
 
 
 def operator_name() -> str:

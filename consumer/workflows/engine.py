@@ -34,7 +34,15 @@ from consumer.faults import FaultPoints
 from consumer.keys import Fingerprinter
 from consumer.model import DeadLetter, Disposition, Handled
 from consumer.workflows import rules
-from consumer.workflows.model import Event, Step, Workflow, WState, event_from_webhook, step_key
+from consumer.workflows.model import (
+    Event,
+    Step,
+    Workflow,
+    WState,
+    event_from_webhook,
+    generation_id,
+    step_key,
+)
 from consumer.workflows.steps import StepFailed, StepRunner, Steps
 from consumer.workflows.store import WorkflowStore, WriteStatus
 from producer.envelope import Envelope
@@ -99,26 +107,39 @@ class WorkflowEngine:
         if steps is None:
             letter = DeadLetter("invalid_envelope", "request.steps must list session[, decision[, aml]]")
             return Handled(Disposition.INVALID, letter)
-        fp = self.fingerprints(envelope)
+        return await self._start(envelope, msg, steps, 0)
+
+    async def reverify(self, envelope: Envelope, msg: ConsumerRecord, generation: int) -> Handled:
+        """Run the workflow of ``envelope`` again under key generation ``generation`` ≥ 1 (``replay
+        --reverify``): its own row ``<message ID>#gen<N>``, a new key for every step, its own result events
+        (marked with the generation). The request's own row and final decision are not touched. A row of
+        that generation that exists already is resumed from its recovery point, never started twice."""
+        assert generation >= 1
+        steps = _steps_of(envelope.request)
+        if steps is None:
+            letter = DeadLetter("invalid_envelope", "request.steps must list session[, decision[, aml]]")
+            return Handled(Disposition.INVALID, letter)
+        return await self._start(envelope, msg, steps, generation)
+
+    def new_row(self, envelope: Envelope, steps: str, generation: int) -> Workflow:
         now = self.clock()
         mid = envelope.message_id
-        wf = await self.store.get(mid)
+        return Workflow(
+            message_id=generation_id(mid, generation), subject_id=envelope.subject_id,
+            provider_workflow_id=str(envelope.request["workflow_id"]), steps=steps,
+            fingerprint=self.fingerprints(envelope), state=WState.STARTED, version=1, session_id=None,
+            session_key=step_key(self.namespace, mid, Step.SESSION, generation),
+            aml_key=step_key(self.namespace, mid, Step.AML, generation),
+            decision_status=None, decision_source=None, latest_status=None, latest_ts=None,
+            aml_status=None, aml_ref=None, revision=0, polls=0, due_at=None,
+            deadline=now + self.abandon_after_s, created_at=now, updated_at=now,
+        )  # fmt: skip
+
+    async def _start(self, envelope: Envelope, msg: ConsumerRecord, steps: str, generation: int) -> Handled:
+        wf = await self.store.get(generation_id(envelope.message_id, generation))
+        fresh = wf is None
         if wf is None:
-            wf = await self.store.create(
-                Workflow(
-                    message_id=mid, subject_id=envelope.subject_id,
-                    provider_workflow_id=str(envelope.request["workflow_id"]), steps=steps, fingerprint=fp,
-                    state=WState.STARTED, version=1, session_id=None,
-                    session_key=step_key(self.namespace, mid, Step.SESSION),
-                    aml_key=step_key(self.namespace, mid, Step.AML),
-                    decision_status=None, decision_source=None, latest_status=None, latest_ts=None,
-                    aml_status=None, aml_ref=None, revision=0, polls=0, due_at=None,
-                    deadline=now + self.abandon_after_s, created_at=now, updated_at=now,
-                )
-            )  # fmt: skip
-            fresh = True
-        else:
-            fresh = False
+            wf = await self.store.create(self.new_row(envelope, steps, generation))
         if not self.fingerprints.matches(wf.fingerprint, envelope):
             log.warning("idempotency conflict: workflow message ID reused with a different payload")
             letter = DeadLetter(
@@ -127,7 +148,9 @@ class WorkflowEngine:
                 first_failure_at=wf.created_at,
             )
             return Handled(Disposition.CONFLICT, letter)
-        return await self._advance_and_collect(wf, position(msg), fresh=fresh)
+        # A generation's results get a source of their own: the request's position holds its revision 0.
+        source = position(msg) + (f"#gen{generation}" if generation else "")
+        return await self._advance_and_collect(wf, source, fresh=fresh)
 
     # -- events ----------------------------------------------------------------------------------------
 

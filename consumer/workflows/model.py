@@ -37,8 +37,10 @@ __all__ = [
     "Workflow",
     "check_transition",
     "event_from_webhook",
+    "generation_id",
     "map_status",
     "precedence",
+    "split_generation",
     "step_key",
 ]
 
@@ -88,6 +90,24 @@ def step_key(namespace: str, message_id: str, step: Step | str, generation: int 
     return idempotency_key(namespace, f"{WORKFLOW_OPERATION}/{step}", message_id, generation)
 
 
+#: Separates a message ID from its key generation in a re-verification's row id. ``#`` is outside the
+#: characters a message ID may have (producer.envelope), so a row id names one (message, generation).
+GENERATION_SEP = "#gen"
+
+
+def generation_id(message_id: str, generation: int) -> str:
+    """The row id of ``message_id``'s workflow at key generation ``generation`` (0: the message ID)."""
+    return f"{message_id}{GENERATION_SEP}{generation}" if generation else message_id
+
+
+def split_generation(row_id: str) -> tuple[str, int]:
+    """(message ID, generation) of a workflow row id (:func:`generation_id` reversed)."""
+    base, sep, gen = row_id.rpartition(GENERATION_SEP)
+    if sep and base and gen.isdigit():
+        return base, int(gen)
+    return row_id, 0
+
+
 class IllegalTransition(ConsumerError):
     """A transition the state machine does not allow (a bug: callers decide from the stored row)."""
 
@@ -96,7 +116,7 @@ class IllegalTransition(ConsumerError):
 class Workflow:
     """One workflow row. No personal data: ``subject_id`` is the caller's stable entity id (vendor_data)."""
 
-    message_id: str
+    message_id: str  # the row id: the message ID, or ``<message ID>#gen<N>`` (a re-verification)
     subject_id: str
     provider_workflow_id: str
     steps: str  # comma-separated: "session,decision,aml"
@@ -118,6 +138,16 @@ class Workflow:
     deadline: float  # abandoned after this (IDV_WORKFLOW_ABANDON_AFTER_S from creation)
     created_at: float
     updated_at: float
+
+    @property
+    def request_id(self) -> str:
+        """The request's message ID (a re-verification's row is ``<message ID>#gen<N>``)."""
+        return split_generation(self.message_id)[0]
+
+    @property
+    def generation(self) -> int:
+        """The key generation of the row: 0 for the request itself, N ≥ 1 for ``--reverify``."""
+        return split_generation(self.message_id)[1]
 
     @property
     def wants_aml(self) -> bool:

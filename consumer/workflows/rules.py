@@ -78,6 +78,11 @@ def _final_status(wf: Workflow) -> str:
     return wf.decision_status or "unknown"
 
 
+def _generation(wf: Workflow) -> dict[str, int]:
+    """``generation`` N for a re-verification's events (absent for the request's own: bytes unchanged)."""
+    return {"generation": wf.generation} if wf.generation else {}
+
+
 def result_body(wf: Workflow, revision: int, reason: str) -> bytes:
     """The result event of ``wf`` at ``revision``: step outcomes and provider references, no personal
     data (the keys are shown hashed)."""
@@ -88,7 +93,8 @@ def result_body(wf: Workflow, revision: int, reason: str) -> bytes:
         {
             "schema_version": RESULT_SCHEMA_VERSION,
             "kind": RESULT_KIND_FINAL if revision == 1 else RESULT_KIND_UPDATE,
-            "message_id": wf.message_id,
+            "message_id": wf.request_id,
+            **_generation(wf),
             "operation": "kyc_workflow",
             "revision": revision,
             "subject_id": wf.subject_id,
@@ -120,7 +126,8 @@ def session_result(wf: Workflow, url: str | None, source: str) -> Result:
         {
             "schema_version": RESULT_SCHEMA_VERSION,
             "kind": RESULT_KIND_SESSION,
-            "message_id": wf.message_id,
+            "message_id": wf.request_id,
+            **_generation(wf),
             "operation": "kyc_workflow",
             "revision": 0,
             "subject_id": wf.subject_id,

@@ -107,7 +107,7 @@ class ProviderSteps:
         op = get_operation(operation)
         call_envelope = getattr(self.provider, "call_envelope", None)
         if call_envelope is not None:
-            envelope = Envelope(wf.message_id, operation, wf.subject_id, request)
+            envelope = Envelope(wf.request_id, operation, wf.subject_id, request)
             result: CallResult = await call_envelope(
                 op, envelope, key,
                 earlier_claims=claimed is not None and claimed.attempts > 1,
@@ -206,7 +206,7 @@ class StepRunner:
         while True:
             claim = await self._store(
                 self.records.claim,
-                key=key, message_id=wf.message_id, operation=operation, fingerprint=fp,
+                key=key, message_id=wf.request_id, operation=operation, fingerprint=fp,
                 owner=self.owner, lease_s=self.lease_s, retention_s=self.retention_s,
             )  # fmt: skip
             record: Record = claim.record
