@@ -55,6 +55,7 @@ CONTRACT = "tests/consumer/test_store_contract.py"
 SINKS = "tests/consumer/test_sinks.py"
 REPLAY = "tests/consumer/test_replay_claims.py"
 WEBHOOKS = "tests/consumer/test_webhooks_intake.py"
+WF_REVERIFY = "tests/consumer/test_workflow_reverify.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -186,6 +187,14 @@ MUTANTS += (
         old="        if base_key in self.seen:\n",
         new="        if False and base_key in self.seen:\n",
         tests=(f"{REPLAY}::test_an_id_listed_twice_is_reverified_once",),
+    ),
+    Mutant(
+        name="reverify-workflow-skips-unfinished-generation",
+        rule="re-verifying a workflow resumes its unfinished generation instead of opening another",
+        file="consumer/tools/reverify.py",
+        old="        if not resumable:\n",
+        new="        if True:  # mutant: an unfinished generation is never resumed\n",
+        tests=(f"{WF_REVERIFY}::test_reverify_opens_a_new_generation_of_every_workflow_step",),
     ),
     Mutant(
         name="webhook-2xx-before-ack",
