@@ -17,7 +17,7 @@ import orjson
 from consumer.keys import key_hash
 from consumer.settings import Settings
 from consumer.store import DedupeStore
-from consumer.workflows.model import Step, step_key
+from consumer.workflows.model import FINAL_STATES, Step, generation_id, step_key
 from consumer.workflows.store import open_workflow_store
 
 __all__ = ["workflow_story", "workflow_text"]
@@ -38,6 +38,13 @@ async def workflow_story(settings: Settings, records: DedupeStore, message_id: s
             return None
         events = await store.events(message_id, wf.session_id)
         outbox = await store.results_of(message_id)
+        generations = []  # replay --reverify's rows <message ID>#gen<N> (docs/workflows.md)
+        while (row := await store.get(generation_id(message_id, len(generations) + 1))) is not None:
+            generations.append({
+                "generation": len(generations) + 1, "workflow": row.message_id, "state": row.state.value,
+                "final": row.state in FINAL_STATES, "session_id": row.session_id,
+                "decision_status": row.decision_status, "aml_status": row.aml_status,
+            })  # fmt: skip
     steps = []
     for step in Step:
         generation = 0
@@ -83,6 +90,7 @@ async def workflow_story(settings: Settings, records: DedupeStore, message_id: s
         "created_at": _iso(wf.created_at),
         "updated_at": _iso(wf.updated_at),
         "step_records": steps,
+        "generations": generations,
         "events": [
             {
                 "type": e["webhook_type"],
@@ -124,5 +132,10 @@ def workflow_text(w: dict[str, Any]) -> list[str]:
     lines.extend(
         f"  result rev {r['revision']} {r['kind']} {r['status']}  written by {r['written_by']}"
         for r in w["outbox"]
+    )
+    lines.extend(
+        f"  reverify gen {g['generation']} ({g['workflow']}): {g['state']}  session {g['session_id'] or '-'}"
+        f"  decision {g['decision_status'] or '-'}  aml {g['aml_status'] or '-'}"
+        for g in w.get("generations", ())
     )
     return lines

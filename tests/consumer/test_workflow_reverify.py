@@ -142,3 +142,16 @@ async def test_reverify_opens_a_new_generation_of_every_workflow_step(
     }
     assert all(x["generation"] == 1 and x["mode"] == "reverify" and x["reason"] == "customer dispute"
                and x["operation"] == "kyc_workflow" for x in lines)  # fmt: skip
+
+    shown = await anyio.run_process(
+        [sys.executable, "-m", "consumer", "show", ids[0], "--json"], env=env, check=False
+    )
+    assert shown.returncode == 0, shown.stderr.decode()[-2000:]
+    story = orjson.loads(shown.stdout)["workflow"]
+    assert story["state"] == "finished" and story["session_id"] == original[ids[0]].session_id
+    assert [(g["generation"], g["state"], g["session_id"]) for g in story["generations"]] == [
+        (1, "finished", final[gen1[0]].session_id)
+    ]
+    assert {(s["step"], s["generation"]) for s in story["step_records"]} == {
+        (s, g) for s in ("session", "aml") for g in (0, 1)
+    }
