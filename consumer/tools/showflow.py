@@ -38,7 +38,7 @@ async def workflow_story(settings: Settings, records: DedupeStore, message_id: s
             return None
         events = await store.events(message_id, wf.session_id)
         outbox = await store.results_of(message_id)
-        generations = []  # replay --reverify's rows <message ID>#gen<N> (docs/workflows.md)
+        generations: list[dict[str, Any]] = []  # replay --reverify: <message ID>#gen<N>
         while (row := await store.get(generation_id(message_id, len(generations) + 1))) is not None:
             generations.append({
                 "generation": len(generations) + 1, "workflow": row.message_id, "state": row.state.value,
