@@ -3,7 +3,7 @@
 PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install run webhooks stop test test-fast lint typecheck bench chaos mutants broker-up broker-down postgres-up postgres-down compose-check alerts-check fuzz clean
+.PHONY: help install run run-workflow webhooks stop test test-fast lint typecheck bench chaos mutants broker-up broker-down postgres-up postgres-down compose-check alerts-check fuzz clean
 
 help: ## This list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -13,6 +13,9 @@ install: ## Create .venv and pip install the package with test, PostgreSQL, encr
 
 run: ## Set up everything and run the daemon on embedded defaults (Kafka, SQLite, sandbox, samples)
 	bash scripts/quickstart.sh
+
+run-workflow: ## One kyc_workflow end to end (didit-profile sandbox with a simulated applicant), then exit
+	bash scripts/quickstart-workflow.sh
 
 webhooks: ## Run the webhook intake (idv-webhooks) on 127.0.0.1:9410; needs IDV_WEBHOOK_SECRET[_FILE] (docs/webhooks.md)
 	PYTHONPATH=$(CURDIR) $(PY) -m consumer.webhooks.cli
