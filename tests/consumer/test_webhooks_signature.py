@@ -248,11 +248,7 @@ SANDBOX_VECTORS = ROOT / "tests" / "sandbox" / "webhook_vectors.json"
 
 def sandbox_vectors() -> list[dict[str, Any]]:
     if not SANDBOX_VECTORS.exists():
-        # Before the sandbox's Didit sender is merged there is nothing to check; once it is (its signing
-        # module exists), a missing vectors file is a failure, not a skip.
-        if (ROOT / "sandbox" / "signing.py").exists():
-            pytest.fail(f"{SANDBOX_VECTORS} is missing although sandbox/signing.py exists")
-        pytest.skip("the sandbox's webhook sender (and its vectors) is not merged yet")
+        pytest.fail(f"{SANDBOX_VECTORS} (the sandbox sender's signature vectors) is missing")
     vectors: list[dict[str, Any]] = json.loads(SANDBOX_VECTORS.read_text())["vectors"]
     assert vectors
     return vectors
