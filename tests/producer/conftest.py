@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
+
+from tests.conftest import create_topic, delete_topics, random_topic_name
+
+
+@pytest.fixture
+def topic(kafka_bootstrap: str) -> Iterator[str]:
+    """A fresh topic (as tests/conftest.py's), made outside the anyio plugin's event loop: the CLI under
+    test runs its own, and ``anyio.run`` refuses to start while the plugin holds one for an async fixture."""
+    name = random_topic_name()
+    asyncio.run(create_topic(kafka_bootstrap, name, 8, with_sinks=True))
+    yield name
+    asyncio.run(delete_topics(kafka_bootstrap, [name, f"{name}.dlq", f"{name}.results"]))
+
 
 ReadTopic = Callable[[str, int], Awaitable[list[ConsumerRecord[bytes, bytes]]]]
 

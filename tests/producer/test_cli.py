@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import subprocess
@@ -19,22 +18,12 @@ from click.testing import CliRunner, Result
 from producer.cli import main
 from producer.envelope import HEADER_MESSAGE_ID, decode
 from producer.samples import sample_envelopes
-from tests.conftest import create_topic, random_topic_name
 
 ROOT = Path(__file__).resolve().parents[2]
 # Looks like personal data; it must never appear in the CLI's output.
 SECRET_NAME = "Jane Secret Doe"
 
 ReadSync = Callable[[str, int], list[ConsumerRecord[bytes, bytes]]]
-
-
-@pytest.fixture
-def topic(kafka_bootstrap: str) -> str:
-    """A fresh topic (as tests/conftest.py's), made outside the anyio plugin's event loop: the CLI under
-    test runs its own, and ``anyio.run`` refuses to start while the plugin holds one for an async fixture."""
-    name = random_topic_name()
-    asyncio.run(create_topic(kafka_bootstrap, name, 8, with_sinks=True))
-    return name
 
 
 @pytest.fixture(autouse=True)
