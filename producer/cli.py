@@ -22,17 +22,14 @@ import os
 import secrets
 import ssl
 import sys
-import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-import anyio
 import click
 import orjson
-from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type information
 
 from producer.documents import DEFAULT_MAX_BYTES as DEFAULT_DOCUMENT_BYTES
 from producer.documents import DocumentFileError, store_local_document
@@ -45,17 +42,15 @@ from producer.envelope import (
     envelope_from_dict,
     load_json,
 )
-from producer.errors import EnvelopeError, PublishError
+from producer.errors import EnvelopeError
 from producer.publisher import DEFAULT_BOOTSTRAP, DEFAULT_TOPIC, Publisher, PublishResult, new_envelope
+from producer.runs import EXIT_INVALID, DuplicateCounter, Progress, Summary, publish_all, run_command
 from producer.samples import iter_sample_envelopes
 
 __all__ = ["main"]
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_INVALID = 1
-EXIT_FAILURE = 2
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -183,133 +178,11 @@ def _configure_logging(verbose: bool) -> None:
     logging.getLogger("producer").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-@dataclass(slots=True)
-class Summary:
-    command: str
-    topic: str
-    published: int = 0
-    invalid: int = 0
-    duplicate_ids: int = 0
-    error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)
-
-    def as_dict(self) -> dict[str, Any]:
-        elapsed = time.perf_counter() - self.started
-        out: dict[str, Any] = {
-            "command": self.command,
-            "topic": self.topic,
-            "published": self.published,
-            "invalid": self.invalid,
-            "duplicate_ids": self.duplicate_ids,
-            "elapsed_s": round(elapsed, 3),
-            "msg_per_s": round(self.published / elapsed, 1) if elapsed > 0 else 0.0,
-        }
-        out.update(self.extra)
-        if self.error is not None:
-            out["error"] = self.error
-        return out
-
-    def emit(self, json_output: bool) -> None:
-        data = self.as_dict()
-        if json_output:
-            click.echo(orjson.dumps(data).decode())
-            return
-        line = (
-            f"published {data['published']}, invalid {data['invalid']}, "
-            f"duplicate IDs in input {data['duplicate_ids']}, "
-            f"{data['elapsed_s']:.2f} s, {data['msg_per_s']:.0f} msg/s"
-        )
-        if "seed" in data:
-            line += f" (seed {data['seed']})"
-        click.echo(line, err=True)
-
-
-class Progress:
-    """A tqdm bar on stderr, only when stderr is a terminal; notes are printed without breaking it."""
-
-    def __init__(self, total: int | None) -> None:
-        stream = sys.stderr
-        self._bar = tqdm(
-            total=total,
-            unit="msg",
-            unit_scale=True,
-            file=stream,
-            disable=not stream.isatty(),
-            dynamic_ncols=True,
-        )
-
-    def update(self, n: int) -> None:
-        self._bar.update(n)
-
-    def note(self, message: str) -> None:
-        if self._bar.disable:
-            click.echo(message, err=True)
-        else:
-            self._bar.write(message, file=sys.stderr)
-
-    def close(self) -> None:
-        self._bar.close()
-
-
-class DuplicateCounter:
-    """Counts envelopes whose message ID already appeared earlier in the same input."""
-
-    def __init__(self) -> None:
-        self._seen: set[str] = set()
-        self.count = 0
-
-    def add(self, message_id: str) -> None:
-        if message_id in self._seen:
-            self.count += 1
-        else:
-            self._seen.add(message_id)
-
-
 def parse_line(line: bytes) -> Envelope:
     """One JSON Lines record → envelope; :class:`EnvelopeError` without echoing the line."""
     obj = load_json(line, "line")
     check_exact_integers(line, obj)
     return envelope_from_dict(obj)
-
-
-async def _publish_all(
-    publisher: Publisher, envelopes: Iterable[Envelope], summary: Summary, progress: Progress
-) -> None:
-    window: list[Envelope] = []
-    for envelope in envelopes:
-        window.append(envelope)
-        if len(window) >= publisher.window:
-            summary.published += len(await publisher.publish_many(window))
-            progress.update(len(window))
-            window = []
-    if window:
-        summary.published += len(await publisher.publish_many(window))
-        progress.update(len(window))
-
-
-def _run(
-    summary: Summary,
-    json_output: bool,
-    work: Callable[[Progress], Coroutine[Any, Any, None]],
-    total: int | None,
-) -> None:
-    """Run one command's coroutine; report the summary and exit with the documented status."""
-    progress = Progress(total)
-    status = EXIT_OK
-    try:
-        anyio.run(work, progress)
-    except PublishError as exc:
-        summary.error = str(exc)
-        status = EXIT_FAILURE
-    finally:
-        progress.close()
-    if summary.error is not None:
-        click.echo(f"error: {summary.error} (published {summary.published} before the failure)", err=True)
-    elif summary.invalid:
-        status = EXIT_INVALID
-    summary.emit(json_output)
-    sys.exit(status)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -411,7 +284,7 @@ def one(
                 err=True,
             )
 
-    _run(summary, json_output, publish, total=1)
+    run_command(summary, json_output, publish, total=1)
 
 
 def _store_documents(
@@ -486,9 +359,9 @@ def file_command(path: IO[bytes], fail_fast: bool, connection: Connection, json_
 
     async def publish(progress: Progress) -> None:
         async with connection.publisher() as publisher:
-            await _publish_all(publisher, valid_envelopes(progress), summary, progress)
+            await publish_all(publisher, valid_envelopes(progress), summary, progress)
 
-    _run(summary, json_output, publish, total=None)
+    run_command(summary, json_output, publish, total=None)
 
 
 @main.command()
@@ -541,9 +414,9 @@ def samples(
 
     async def publish(progress: Progress) -> None:
         async with connection.publisher() as publisher:
-            await _publish_all(publisher, envelopes(), summary, progress)
+            await publish_all(publisher, envelopes(), summary, progress)
 
-    _run(summary, json_output, publish, total=count)
+    run_command(summary, json_output, publish, total=count)
 
 
 if __name__ == "__main__":
