@@ -51,6 +51,27 @@ def _secret(env: Mapping[str, str], name: str) -> str | None:
     return env.get(PREFIX + name)
 
 
+def read_env(
+    env: Mapping[str, str],
+    converters: Mapping[str, Callable[[str], Any]],
+    secrets: frozenset[str],
+    values: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``values`` overlaid with each field's ``IDV_<NAME>`` (a secret also from ``IDV_<NAME>_FILE``),
+    converted; an unset or empty variable leaves the value as it was, a bad one names its variable."""
+    out = dict(values or {})
+    for name, convert in converters.items():
+        var = PREFIX + name.upper()
+        raw = _secret(env, name.upper()) if name in secrets else env.get(var)
+        if raw is None or raw == "":
+            continue
+        try:
+            out[name] = convert(raw)
+        except ValueError:
+            raise ConfigurationError(f"{var}: invalid value (expected {convert.__name__})") from None
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     # Kafka
@@ -184,16 +205,9 @@ class Settings:
             default = factory() if f.default is MISSING else f.default
             converters[f.name] = _converter(type(default))
         # Precedence: built-in defaults < IDV_CONFIG_FILE < environment variables < explicit overrides.
-        values: dict[str, Any] = _config_file(env.get(PREFIX + "CONFIG_FILE"), converters)
-        for name, convert in converters.items():
-            var = PREFIX + name.upper()
-            raw = _secret(env, name.upper()) if name in _SECRETS else env.get(var)
-            if raw is None or raw == "":
-                continue
-            try:
-                values[name] = convert(raw)
-            except ValueError:
-                raise ConfigurationError(f"{var}: invalid value (expected {convert.__name__})") from None
+        values = read_env(
+            env, converters, _SECRETS, _config_file(env.get(PREFIX + "CONFIG_FILE"), converters)
+        )
         values.update(overrides)
         settings = cls(**values)
         settings.validate()

@@ -10,12 +10,12 @@ variable. Every variable is documented in docs/configuration.md ("Webhook intake
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from consumer.errors import ConfigurationError
-from consumer.settings import PREFIX, _converter, _secret
+from consumer.settings import PREFIX, _converter, read_env
 from consumer.webhooks.signature import DEFAULT_WINDOW_S
 
 __all__ = ["DEFAULT_EVENTS_TOPIC", "DEFAULT_PATH", "DEFAULT_PORT", "WebhookSettings"]
@@ -59,17 +59,7 @@ class WebhookSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WebhookSettings:
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            var = PREFIX + f.name.upper()
-            convert: Callable[[str], Any] = _converter(type(f.default))
-            raw = _secret(env, f.name.upper()) if f.name in _SECRETS else env.get(var)
-            if raw is None or raw == "":
-                continue
-            try:
-                values[f.name] = convert(raw)
-            except ValueError:
-                raise ConfigurationError(f"{var}: invalid value (expected {convert.__name__})") from None
+        values = read_env(env, {f.name: _converter(type(f.default)) for f in fields(cls)}, _SECRETS)
         values.update(overrides)
         settings = cls(**values)
         settings.validate()
