@@ -162,14 +162,26 @@ def profile(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def psb(profile: str) -> Iterator[Sandbox]:
+def sandbox_in(profile: str) -> Iterator[Sandbox]:
     """The sandbox provider over real HTTP in ``profile`` (``--profile ietf`` or ``--profile didit``)."""
     from sandbox import SandboxConfig, run_in_thread
 
     config = SandboxConfig(port=0, api_keys=(API_KEY,), out_of_credit_keys=("broke-key",), profile=profile)
     with run_in_thread(config) as handle:
         yield Sandbox(handle.url)
+
+
+@pytest.fixture
+def psb(profile: str) -> Iterator[Sandbox]:
+    """The sandbox in the test's ``profile``."""
+    yield from sandbox_in(profile)
+
+
+@pytest.fixture
+def didit() -> Iterator[Sandbox]:
+    """The sandbox in its ``didit`` profile, which workflows talk to (session dedupe by vendor_data and
+    workflow, the decision endpoint, side effects filed under ``metadata.idv_key``)."""
+    yield from sandbox_in("didit")
 
 
 @pytest.fixture

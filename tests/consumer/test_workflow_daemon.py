@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +44,9 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def sb() -> Iterator[Sandbox]:
-    """Workflows talk to Didit: the sandbox in its ``didit`` profile (session dedupe by vendor_data and
-    workflow, the decision endpoint, side effects filed under ``metadata.idv_key``)."""
-    from sandbox import SandboxConfig, run_in_thread
-
-    with run_in_thread(SandboxConfig(port=0, api_keys=("test-key",), profile="didit")) as handle:
-        yield Sandbox(handle.url)
+def sb(didit: Sandbox) -> Sandbox:
+    """Workflows talk to Didit: this module's sandbox is the ``didit`` one."""
+    return didit
 
 
 def requests(n: int, prefix: str) -> list[Envelope]:

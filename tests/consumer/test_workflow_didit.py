@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,15 +25,6 @@ from tests.consumer.conftest import (
 from tests.consumer.test_workflow_daemon import _ids, requests, rows, workflow_results
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def didit() -> Iterator[Sandbox]:
-    """The sandbox in its ``didit`` profile over real HTTP (sessions, decisions, AML saved as sessions)."""
-    from sandbox import SandboxConfig, run_in_thread
-
-    with run_in_thread(SandboxConfig(port=0, api_keys=("test-key",), profile="didit")) as handle:
-        yield Sandbox(handle.url)
 
 
 async def test_dropped_webhooks_are_completed_by_polling_the_didit_sandbox(
@@ -106,8 +96,9 @@ async def test_signed_webhooks_through_the_intake_decide_workflows(
     batch = requests(8, uuid.uuid4().hex[:8])
     _ids[:] = [e.message_id for e in batch]
     await publish(kafka_bootstrap, topic, batch)
-    env = daemon_env(kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events,
-                     provider="didit")
+    env = daemon_env(
+        kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events, provider="didit"
+    )
     proc = start_daemon(env, tmp_path / "daemon.log")
     port = free_port()
     intake = start_intake(intake_env(kafka_bootstrap, events, port))

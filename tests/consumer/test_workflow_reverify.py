@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -35,14 +34,6 @@ from tests.consumer.conftest import (
 from tests.consumer.test_workflow_daemon import workflow_results
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def didit() -> Iterator[Sandbox]:
-    from sandbox import SandboxConfig, run_in_thread
-
-    with run_in_thread(SandboxConfig(port=0, api_keys=("test-key",), profile="didit")) as handle:
-        yield Sandbox(handle.url)
 
 
 async def get_rows(url: str, ids: list[str]) -> dict[str, Workflow]:
