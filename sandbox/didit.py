@@ -58,15 +58,8 @@ def _invalid(detail: str) -> Response:
     return json_response(400, {"error": "validation_error", "detail": detail})
 
 
-def _header(request: Request, wanted: bytes) -> bytes | None:
-    for name, value in request.headers:
-        if name == wanted:
-            return value
-    return None
-
-
 def _base_url(request: Request, fallback: str) -> str:
-    host = _header(request, b"host")
+    host = request.header(b"host")
     return f"http://{host.decode('latin-1')}" if host else fallback
 
 
@@ -175,7 +168,7 @@ class DiditApi:
         return app.conclude(key, attempt, Outcome.PROCESSED, response, fault)
 
     async def _check(self, request: Request, path: str, kind: str) -> Response | Drop:
-        content_type = _header(request, b"content-type")
+        content_type = request.header(b"content-type")
         text = content_type.decode("latin-1") if content_type is not None else None
         parsed: CheckInput | CheckInvalid
         if kind == "aml_screening":

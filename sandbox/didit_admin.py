@@ -12,10 +12,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import orjson
-
+from .admin import json_object
 from .errors import SandboxConfigError
 from .messages import Request, Response
 from .responses import error, json_response, method_not_allowed
@@ -29,14 +28,6 @@ __all__ = ["route"]
 _SESSION_NOT_FOUND = error(404, "session_not_found")
 
 
-def _object(raw: bytes) -> dict[str, Any] | None:
-    try:
-        body = orjson.loads(raw or b"{}")
-    except orjson.JSONDecodeError:
-        return None
-    return body if isinstance(body, dict) else None
-
-
 def route(api: DiditApi, request: Request, path: str) -> Response | None:
     method = request.method
     if path in ("/_admin/applicant", "/_admin/webhooks"):
@@ -45,7 +36,7 @@ def route(api: DiditApi, request: Request, path: str) -> Response | None:
             return json_response(200, target.state())
         if method != b"POST":
             return method_not_allowed("GET", "POST")
-        changes = _object(request.body)
+        changes = json_object(request.body)
         if changes is None:
             return json_response(400, {"error": "invalid_settings", "detail": "a JSON object"})
         try:
@@ -79,7 +70,7 @@ def route(api: DiditApi, request: Request, path: str) -> Response | None:
 
 
 def _status(api: DiditApi, session: Session, raw: bytes) -> Response:
-    body = _object(raw)
+    body = json_object(raw)
     status = body.get("status") if body is not None else None
     if status not in STATUSES:
         return json_response(400, {"error": "invalid_status", "detail": "one of " + ", ".join(STATUSES)})

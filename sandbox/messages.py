@@ -29,6 +29,17 @@ class Request:
     """Filled by the app for the transport: ``attempt`` (the ledger's :class:`Attempt`, to stamp its end)
     and ``trickle_s`` (send the answer slowly)."""
 
+    def header(self, name: bytes, *, last: bool = False) -> bytes | None:
+        """The first value of the header ``name`` (lower case, as the transport stores names), or the last
+        one with ``last`` (the ``ietf`` profile reads ``Idempotency-Key`` and ``Host`` so)."""
+        found = None
+        for key, value in self.headers:
+            if key == name:
+                if not last:
+                    return value
+                found = value
+        return found
+
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
