@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .errors import SandboxConfigError
 from .faults import FaultConfig
-from .webhooks import WebhookFaults
+from .webhooks import WebhookFaults, WebhookSettings
 
 __all__ = ["DEFAULT_API_KEY", "PROFILES", "DiditConfig", "SandboxConfig", "api_key_id"]
 
@@ -63,17 +63,15 @@ class DiditConfig:
             raise SandboxConfigError("applicant_delay_s must be >= 0 (or None: the applicant never acts)")
         if self.applicant_jitter_s < 0:
             raise SandboxConfigError("applicant_jitter_s must be >= 0")
-        if self.webhook_url is not None:
-            if not self.webhook_url.startswith(("http://", "https://")):
-                raise SandboxConfigError("webhook_url must be an http:// or https:// URL")
-            if not self.webhook_secret:
-                raise SandboxConfigError("webhook_url needs a webhook secret")
-        if self.webhook_max_attempts < 1:
-            raise SandboxConfigError("webhook_max_attempts must be >= 1")
-        if self.webhook_backoff_s < 0:
-            raise SandboxConfigError("webhook_backoff_s must be >= 0")
-        if self.webhook_timeout_s <= 0:
-            raise SandboxConfigError("webhook_timeout_s must be > 0")
+        try:
+            self.webhook_settings()
+        except SandboxConfigError as exc:
+            raise SandboxConfigError(f"webhook_{exc}") from None  # the field's name here
+
+    def webhook_settings(self) -> WebhookSettings:
+        """The ``webhook_*`` fields as the sender's settings (which check them)."""
+        names = (f.name for f in fields(WebhookSettings))
+        return WebhookSettings(**{name: getattr(self, f"webhook_{name}") for name in names})
 
 
 @dataclass(frozen=True, slots=True)

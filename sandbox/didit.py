@@ -70,15 +70,7 @@ class DiditApi:
         self.app = app
         self.sessions = SessionStore(app.config.clock)
         config = app.config.didit
-        self.webhooks = WebhookSender(
-            app.config.clock,
-            url=config.webhook_url,
-            secret=config.webhook_secret,
-            max_attempts=config.webhook_max_attempts,
-            backoff_s=config.webhook_backoff_s,
-            timeout_s=config.webhook_timeout_s,
-            faults=config.webhook_faults,
-        )
+        self.webhooks = WebhookSender(app.config.clock, config.webhook_settings())
         self.applicant = Applicant(self, config)
         self.on_created: list[Callable[[Session], None]] = []
         """Run when a session is created (the simulated applicant schedules itself)."""

@@ -19,6 +19,8 @@ import enum
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .views import pick
+
 __all__ = ["Attempt", "Effect", "KeyRecord", "Ledger", "Outcome"]
 
 
@@ -66,21 +68,9 @@ class Attempt:
     """``didit`` profile only: the session or request id answered, when there was one."""
 
     def to_dict(self) -> dict[str, object]:
-        data: dict[str, object] = {
-            "at": self.at,
-            "path": self.path,
-            "status": self.status,
-            "replayed": self.replayed,
-            "fault": self.fault,
-            "idempotency_key": self.idempotency_key,
-            "api_key_id": self.api_key_id,
-            "side_effect": self.side_effect,
-            "delivered": self.delivered,
-            "ended_at": self.ended_at,
-        }
-        if self.operation is not None:
-            data["operation"] = self.operation
-            data["reference"] = self.reference
+        data = pick(self)
+        if self.operation is None:  # the ``ietf`` profile's attempts show neither
+            del data["operation"], data["reference"]
         return data
 
 
@@ -101,16 +91,7 @@ class Effect:
     """Uploaded files of a multipart check: field, filename, content_type, size, sha256 (never content)."""
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "at": self.at,
-            "profile": self.profile,
-            "operation": self.operation,
-            "vendor_data": self.vendor_data,
-            "idv_key": self.idv_key,
-            "reference": self.reference,
-            "api_key_id": self.api_key_id,
-            "files": [dict(f) for f in self.files],
-        }
+        return {**pick(self), "files": [dict(f) for f in self.files]}
 
 
 @dataclass(slots=True)

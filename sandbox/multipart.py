@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from aiohttp import BodyPartReader, MultipartReader, StreamReader
 from aiohttp.base_protocol import BaseProtocol
 
+from .views import pick
+
 __all__ = ["FilePart", "Form", "FormError", "is_multipart", "parse_form"]
 
 _MAX_PARTS = 64
@@ -39,13 +41,7 @@ class FilePart:
     sha256: str
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "field": self.field,
-            "filename": self.filename,
-            "content_type": self.content_type,
-            "size": self.size,
-            "sha256": self.sha256,
-        }
+        return pick(self)
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .decisions import Decision, aml_details, id_warnings
+from .views import pick
 
 __all__ = [
     "DECIDED",
@@ -54,6 +55,7 @@ _FEATURES = {
 }
 _SESSION_KINDS = ("id_verification", "passive_liveness", "face_match")
 _LIST_FIELDS = ("id_verifications", "liveness_checks", "face_matches", "aml_screenings")
+_WIRE_NAMES = {"session_number": "number", "session_token": "token", "session_url": "url"}
 _SCORES = {Decision.APPROVED: 96.0, Decision.IN_REVIEW: 61.5, Decision.DECLINED: 12.25}
 
 
@@ -99,16 +101,14 @@ class Session:
     """Decision list field -> results, filled when the session is decided (or at once for a check)."""
     history: list[tuple[float, str]] = field(default_factory=list)
 
+    def _wire(self, *names: str) -> dict[str, Any]:
+        """These fields under the names Didit's answers give them."""
+        return pick(self, *names, attrs=_WIRE_NAMES)
+
     def created_body(self) -> dict[str, Any]:
         return {
-            "session_id": self.session_id,
-            "session_number": self.number,
-            "session_token": self.token,
-            "url": self.url,
-            "vendor_data": self.vendor_data,
-            "metadata": self.metadata,
-            "status": self.status,
-            "workflow_id": self.workflow_id,
+            **self._wire("session_id", "session_number", "session_token", "url", "vendor_data", "metadata"),
+            **self._wire("status", "workflow_id"),
             "workflow_version": 1,
             "callback": self.callback,
         }
@@ -118,30 +118,19 @@ class Session:
         return {
             "session_id": self.session_id,
             "session_kind": "user",
-            "session_number": self.number,
-            "status": self.status,
-            "vendor_data": self.vendor_data,
-            "workflow_id": self.workflow_id,
+            **self._wire("session_number", "status", "vendor_data", "workflow_id"),
             "created_at": iso_time(self.created_at),
         }
 
     def decision_body(self) -> dict[str, Any]:
         kinds = _SESSION_KINDS if self.kind == "session" else (self.kind,)
-        body: dict[str, Any] = {
-            "session_id": self.session_id,
-            "session_number": self.number,
-            "session_url": self.url,
-            "status": self.status,
-            "workflow_id": self.workflow_id,
+        return {
+            **self._wire("session_id", "session_number", "session_url", "status", "workflow_id"),
             "features": [_FEATURES[k][0] for k in kinds],
-            "vendor_data": self.vendor_data,
-            "metadata": self.metadata,
-            "callback": self.callback,
+            **self._wire("vendor_data", "metadata", "callback"),
+            **{name: self.results.get(name) for name in _LIST_FIELDS},
+            "created_at": iso_time(self.created_at),
         }
-        for name in _LIST_FIELDS:
-            body[name] = self.results.get(name)
-        body["created_at"] = iso_time(self.created_at)
-        return body
 
     def admin_view(self) -> dict[str, Any]:
         return {

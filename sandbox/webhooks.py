@@ -37,8 +37,9 @@ import aiohttp
 from .errors import SandboxConfigError
 from .sessions import DECIDED, Session
 from .signing import signature_headers
+from .views import pick
 
-__all__ = ["Delivery", "Event", "WebhookFaults", "WebhookSender", "event_payload"]
+__all__ = ["Delivery", "Event", "WebhookFaults", "WebhookSender", "WebhookSettings", "event_payload"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,62 @@ class WebhookFaults:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    """Where and how events are delivered, checked here for the command line and ``/_admin`` alike
+    (every error message starts with the field's name)."""
+
+    url: str | None = None
+    """Where events go; ``None`` sends none."""
+    secret: str | None = field(default=None, repr=False)
+    """The webhook secret key deliveries are signed with (required with ``url``)."""
+    max_attempts: int = 4
+    backoff_s: float = 0.5
+    timeout_s: float = 5.0
+    faults: WebhookFaults = field(default_factory=WebhookFaults)
+
+    def __post_init__(self) -> None:
+        url, secret = self.url, self.secret
+        if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
+            raise SandboxConfigError("url must be an http:// or https:// URL or null")
+        if url is not None and (not isinstance(secret, str) or not secret):
+            raise SandboxConfigError("url needs a non-empty secret")
+        attempts = self.max_attempts
+        if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
+            raise SandboxConfigError("max_attempts must be an integer >= 1")
+        for name in ("backoff_s", "timeout_s"):
+            value = getattr(self, name)
+            if (
+                not isinstance(value, int | float)
+                or isinstance(value, bool)
+                or value < 0
+                or (name == "timeout_s" and value == 0)
+            ):
+                raise SandboxConfigError(
+                    f"{name} must be a number " + ("> 0" if name == "timeout_s" else ">= 0")
+                )
+            object.__setattr__(self, name, float(value))
+
+    def merged(self, changes: Mapping[str, Any]) -> WebhookSettings:
+        """A copy with ``changes`` applied (``faults`` merged into the current ones); from JSON."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise SandboxConfigError(f"unknown webhook setting(s): {', '.join(unknown)}")
+        raw_faults = changes.get("faults", {})
+        if not isinstance(raw_faults, dict):
+            raise SandboxConfigError("faults must be an object")
+        return dataclasses.replace(self, **{**changes, "faults": self.faults.merged(raw_faults)})
+
+    def state(self) -> dict[str, object]:
+        """What ``GET /_admin/webhooks`` shows of them: whether a secret is set, never the secret."""
+        return {
+            "url": self.url,
+            "secret_set": bool(self.secret),
+            **pick(self, "max_attempts", "backoff_s", "timeout_s"),
+            "faults": self.faults.to_dict(),
+        }
+
+
 @dataclass(slots=True)
 class Event:
     event_id: int
@@ -95,16 +152,10 @@ class Event:
     attempts: int = 0
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "event_id": self.event_id,
-            "session_id": self.session_id,
-            "webhook_type": self.webhook_type,
-            "status": self.status,
-            "created_at": self.created_at,
-            "faults": list(self.faults),
-            "fate": self.fate,
-            "attempts": self.attempts,
-        }
+        view = pick(self)
+        del view["payload"]  # the delivery log never holds bodies
+        view["faults"] = list(self.faults)
+        return view
 
 
 @dataclass(slots=True)
@@ -150,25 +201,10 @@ def _forged(headers: dict[str, str]) -> dict[str, str]:
 
 
 class WebhookSender:
-    def __init__(
-        self,
-        clock: Callable[[], float],
-        *,
-        url: str | None,
-        secret: str | None,
-        max_attempts: int,
-        backoff_s: float,
-        timeout_s: float,
-        faults: WebhookFaults | None = None,
-    ) -> None:
+    def __init__(self, clock: Callable[[], float], settings: WebhookSettings | None = None) -> None:
         self._clock = clock
-        self.url = url
-        self.secret = secret
-        self.max_attempts = max_attempts
-        self.backoff_s = backoff_s
-        self.timeout_s = timeout_s
-        self.faults = faults or WebhookFaults()
-        self._rng = random.Random(self.faults.seed)  # noqa: S311 - fault rolls, not cryptography
+        self.settings = settings or WebhookSettings()
+        self._rng = random.Random(self.settings.faults.seed)  # noqa: S311 - fault rolls, not cryptography
         self.events: list[Event] = []
         self.deliveries: list[Delivery] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -182,49 +218,15 @@ class WebhookSender:
         return sum(1 for e in self.events if e.fate == "pending")
 
     def configure(self, changes: Mapping[str, Any]) -> None:
-        """``POST /_admin/webhooks``: ``url``, ``secret``, ``max_attempts``, ``backoff_s``, ``timeout_s``,
-        ``faults`` (merged). Raises :class:`SandboxConfigError`; nothing changes then."""
-        unknown = sorted(set(changes) - {"url", "secret", "max_attempts", "backoff_s", "timeout_s", "faults"})
-        if unknown:
-            raise SandboxConfigError(f"unknown webhook setting(s): {', '.join(unknown)}")
-        url = changes.get("url", self.url)
-        secret = changes.get("secret", self.secret)
-        if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
-            raise SandboxConfigError("url must be an http:// or https:// URL or null")
-        if url is not None and (not isinstance(secret, str) or not secret):
-            raise SandboxConfigError("a webhook url needs a non-empty secret")
-        attempts = changes.get("max_attempts", self.max_attempts)
-        if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
-            raise SandboxConfigError("max_attempts must be an integer >= 1")
-        numbers = {name: changes.get(name, getattr(self, name)) for name in ("backoff_s", "timeout_s")}
-        for name, value in numbers.items():
-            if (
-                not isinstance(value, int | float)
-                or isinstance(value, bool)
-                or value < 0
-                or (name == "timeout_s" and value == 0)
-            ):
-                raise SandboxConfigError(
-                    f"{name} must be a number > 0" if name == "timeout_s" else f"{name} >= 0"
-                )
-        raw_faults = changes.get("faults", {})
-        if not isinstance(raw_faults, dict):
-            raise SandboxConfigError("faults must be an object")
-        faults = self.faults.merged(raw_faults)
-        self.url, self.secret, self.max_attempts = url, secret, attempts
-        self.backoff_s, self.timeout_s = float(numbers["backoff_s"]), float(numbers["timeout_s"])
-        self.faults = faults
-        if "seed" in raw_faults:
-            self._rng.seed(faults.seed)
+        """``POST /_admin/webhooks``: :meth:`WebhookSettings.merged`; a new ``faults.seed`` reseeds the rolls.
+        Raises :class:`SandboxConfigError`; nothing changes then."""
+        self.settings = self.settings.merged(changes)
+        if "seed" in changes.get("faults", {}):
+            self._rng.seed(self.settings.faults.seed)
 
     def state(self) -> dict[str, object]:
         return {
-            "url": self.url,
-            "secret_set": bool(self.secret),
-            "max_attempts": self.max_attempts,
-            "backoff_s": self.backoff_s,
-            "timeout_s": self.timeout_s,
-            "faults": self.faults.to_dict(),
+            **self.settings.state(),
             "pending": self.pending,
             "events": [e.to_dict() for e in self.events],
             "deliveries": [d.to_dict() for d in self.deliveries],
@@ -232,7 +234,8 @@ class WebhookSender:
 
     def emit(self, session: Session, webhook_type: str) -> Event | None:
         """Queue one event for ``session`` as it is now; ``None`` when no webhook URL is configured."""
-        if self.url is None or self.secret is None:
+        url, secret = self.settings.url, self.settings.secret
+        if url is None or secret is None:
             return None
         created_at = int(self._clock())
         event = Event(
@@ -243,7 +246,7 @@ class WebhookSender:
             created_at=created_at,
             payload=event_payload(session, webhook_type, created_at),
         )
-        rng, faults = self._rng, self.faults
+        rng, faults = self._rng, self.settings.faults
         for name in _RATES:
             rate = getattr(faults, name)
             if rate and rng.random() < rate:
@@ -252,7 +255,7 @@ class WebhookSender:
             faults.delay_ms + (rng.uniform(0, faults.delay_jitter_ms) if faults.delay_jitter_ms else 0)
         ) / 1000
         self.events.append(event)
-        task = asyncio.get_running_loop().create_task(self._run(event, self.url, self.secret, delay_s))
+        task = asyncio.get_running_loop().create_task(self._run(event, url, secret, delay_s))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return event
@@ -302,7 +305,8 @@ class WebhookSender:
             self._finished(event)
 
     async def _deliver(self, event: Event, url: str, secret: str) -> None:
-        for attempt in range(1, self.max_attempts + 1):
+        max_attempts = self.settings.max_attempts
+        for attempt in range(1, max_attempts + 1):
             raw, headers = self._signed(event, secret)
             event.attempts = attempt
             status = await self._attempt(event, url, raw, headers, "genuine", attempt)
@@ -313,8 +317,8 @@ class WebhookSender:
                 return
             if status is not None and status not in _RETRIED and status < 500:
                 break
-            if attempt < self.max_attempts:
-                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+            if attempt < max_attempts:
+                await asyncio.sleep(self.settings.backoff_s * 2 ** (attempt - 1))
         event.fate = "failed"
         log.warning(
             "webhook event %d (%s) not delivered after %d attempt(s)",
@@ -342,7 +346,7 @@ class WebhookSender:
             self._client = aiohttp.ClientSession()
         try:
             async with self._client.post(
-                url, data=raw, headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s)
+                url, data=raw, headers=headers, timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s)
             ) as response:
                 await response.read()
                 delivery.http_status = response.status
@@ -372,7 +376,7 @@ class WebhookSender:
             return
         holding.add(event.event_id)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.faults.reorder_hold_ms / 1000
+        deadline = loop.time() + self.settings.faults.reorder_hold_ms / 1000
         try:
             while self._last_done.get(event.session_id, 0) <= event.event_id:
                 remaining = deadline - loop.time()
