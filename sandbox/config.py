@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 from .errors import SandboxConfigError
-from .faults import FaultConfig
+from .faults import FaultConfig, check_numbers
 from .webhooks import WebhookFaults, WebhookSettings
 
 __all__ = ["DEFAULT_API_KEY", "PROFILES", "DiditConfig", "SandboxConfig", "api_key_id"]
@@ -24,9 +24,6 @@ DEFAULT_API_KEY = "sandbox-test-key"
 def api_key_id(api_key: str) -> str:
     """A stable, non-secret name for an API key, used in the ledger instead of the key itself."""
     return "ak_" + hashlib.sha256(api_key.encode()).hexdigest()[:12]
-
-
-_DIDIT_RATES = ("abandon_rate",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,14 +52,9 @@ class DiditConfig:
     """Seed of the applicant's rolls; ``None`` seeds from the OS."""
 
     def __post_init__(self) -> None:
-        for name in _DIDIT_RATES:
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise SandboxConfigError(f"{name} must be between 0 and 1, got {value!r}")
+        check_numbers(self, rates=("abandon_rate",), non_negative=("applicant_jitter_s",))
         if self.applicant_delay_s is not None and self.applicant_delay_s < 0:
             raise SandboxConfigError("applicant_delay_s must be >= 0 (or None: the applicant never acts)")
-        if self.applicant_jitter_s < 0:
-            raise SandboxConfigError("applicant_jitter_s must be >= 0")
         try:
             self.webhook_settings()
         except SandboxConfigError as exc:

@@ -45,7 +45,7 @@ from typing import Any
 
 from .errors import SandboxConfigError
 
-__all__ = ["Fault", "FaultAction", "FaultConfig", "FaultInjector", "parse_script_item"]
+__all__ = ["Fault", "FaultAction", "FaultConfig", "FaultInjector", "check_numbers", "parse_script_item"]
 
 
 class FaultAction(enum.Enum):
@@ -143,13 +143,7 @@ class FaultConfig:
     """``didit`` profile: also inject faults on the read-only endpoints (list sessions, decision)."""
 
     def __post_init__(self) -> None:
-        for name in _RATES:
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise SandboxConfigError(f"{name} must be between 0 and 1, got {value!r}")
-        for name in _NON_NEGATIVE:
-            if getattr(self, name) < 0:
-                raise SandboxConfigError(f"{name} must be >= 0")
+        check_numbers(self, rates=_RATES, non_negative=_NON_NEGATIVE)
         if self.retry_after_s < 1:
             raise SandboxConfigError("retry_after_s must be >= 1")
         if isinstance(self.script, str):
@@ -195,6 +189,25 @@ class FaultConfig:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_numbers(
+    record: object, *, rates: Iterable[str] = (), non_negative: Iterable[str] = (), label: str = ""
+) -> None:
+    """The rule of every fault-like setting: each of ``rates`` a number in ``[0, 1]``, each of
+    ``non_negative`` a number ``>= 0``. Raises :class:`SandboxConfigError` naming the first that is not
+    (after ``label``)."""
+    for name in rates:
+        value = getattr(record, name)
+        if not _is_number(value) or not 0.0 <= value <= 1.0:
+            raise SandboxConfigError(f"{label}{name} must be between 0 and 1, got {value!r}")
+    for name in non_negative:
+        if not _is_number(getattr(record, name)) or getattr(record, name) < 0:
+            raise SandboxConfigError(f"{label}{name} must be a number >= 0")
 
 
 def _split_script(text: str) -> tuple[str, ...]:

@@ -35,6 +35,7 @@ from typing import Any
 import aiohttp
 
 from .errors import SandboxConfigError
+from .faults import check_numbers
 from .sessions import DECIDED, Session
 from .signing import signature_headers
 from .views import pick
@@ -61,14 +62,7 @@ class WebhookFaults:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        for name in _RATES:
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-                raise SandboxConfigError(f"webhook fault {name} must be between 0 and 1, got {value!r}")
-        for name in _DURATIONS:
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-                raise SandboxConfigError(f"webhook fault {name} must be a number >= 0")
+        check_numbers(self, rates=_RATES, non_negative=_DURATIONS, label="webhook fault ")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise SandboxConfigError("webhook fault seed must be an integer or null")
 
@@ -105,18 +99,11 @@ class WebhookSettings:
         attempts = self.max_attempts
         if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
             raise SandboxConfigError("max_attempts must be an integer >= 1")
-        for name in ("backoff_s", "timeout_s"):
-            value = getattr(self, name)
-            if (
-                not isinstance(value, int | float)
-                or isinstance(value, bool)
-                or value < 0
-                or (name == "timeout_s" and value == 0)
-            ):
-                raise SandboxConfigError(
-                    f"{name} must be a number " + ("> 0" if name == "timeout_s" else ">= 0")
-                )
-            object.__setattr__(self, name, float(value))
+        check_numbers(self, non_negative=("backoff_s", "timeout_s"))
+        if self.timeout_s == 0:
+            raise SandboxConfigError("timeout_s must be a number > 0")
+        object.__setattr__(self, "backoff_s", float(self.backoff_s))
+        object.__setattr__(self, "timeout_s", float(self.timeout_s))
 
     def merged(self, changes: Mapping[str, Any]) -> WebhookSettings:
         """A copy with ``changes`` applied (``faults`` merged into the current ones); from JSON."""
