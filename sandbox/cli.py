@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -88,6 +89,19 @@ _NON_NEGATIVE = click.FloatRange(min=0)
 _POSITIVE = click.IntRange(min=1)
 
 
+def _rate_option(flag: str, help: str) -> Callable[[_F], _F]:
+    """A probability or share: a float in [0, 1], off (0) unless given."""
+    return _option(flag, type=_RATE, default=0.0, help=help)
+
+
+def _webhook_faults(options: dict[str, Any]) -> WebhookFaults:
+    """The ``--webhook-<fault>`` options are the :class:`WebhookFaults` fields of the same name; taken out
+    of ``options``. The fault rolls share ``--seed``."""
+    names = [f"webhook_{f.name}" for f in fields(WebhookFaults)]
+    chosen = {name.removeprefix("webhook_"): options.pop(name) for name in names if name in options}
+    return WebhookFaults(**chosen, seed=options.get("seed"))
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @_option(
     "--profile",
@@ -119,16 +133,14 @@ _POSITIVE = click.IntRange(min=1)
 @_option(
     "--latency-jitter-ms", type=_NON_NEGATIVE, default=0.0, help="Extra random delay, uniform in [0, this]."
 )
-@_option("--error-rate", type=_RATE, default=0.0, help="Probability of an injected gateway 500.")
-@_option("--rate-429", type=_RATE, default=0.0, help="Probability of an injected gateway 429.")
+@_rate_option("--error-rate", help="Probability of an injected gateway 500.")
+@_rate_option("--rate-429", help="Probability of an injected gateway 429.")
 @_option(
     "--retry-after", "retry_after_s", type=_POSITIVE, default=1, help="Retry-After seconds of injected 429s."
 )
-@_option(
+@_rate_option(
     "--drop-after-effect-rate",
-    type=_RATE,
-    default=0.0,
-    help="Probability of closing the connection after the side effect, without answering.",
+    "Probability of closing the connection after the side effect, without answering.",
 )
 @_option("--script", default="", help="Comma-separated fault script, e.g. '500,500,ok' or 'drop' or '429:2'.")
 @_option(
@@ -169,7 +181,7 @@ _POSITIVE = click.IntRange(min=1)
     "(default: never; sessions move only through /_admin).",
 )
 @_option("--applicant-jitter-ms", type=_NON_NEGATIVE, default=0.0, help="didit: extra random delay per step.")
-@_option("--abandon-rate", type=_RATE, default=0.0, help="didit: share of sessions the applicant abandons.")
+@_rate_option("--abandon-rate", help="didit: share of sessions the applicant abandons.")
 @_option("--webhook-url", default=None, help="didit: where signed status.updated/data.updated webhooks go.")
 @_option(
     "--webhook-secret",
@@ -190,19 +202,12 @@ _POSITIVE = click.IntRange(min=1)
     default=5.0,
     help="didit: total time one delivery attempt may take.",
 )
-@_option("--webhook-drop-rate", type=_RATE, default=0.0, help="didit: share of events never delivered.")
-@_option("--webhook-duplicate-rate", type=_RATE, default=0.0, help="didit: share of events delivered twice.")
-@_option(
-    "--webhook-reorder-rate",
-    type=_RATE,
-    default=0.0,
-    help="didit: share of events held back behind later ones.",
-)
-@_option(
+@_rate_option("--webhook-drop-rate", help="didit: share of events never delivered.")
+@_rate_option("--webhook-duplicate-rate", help="didit: share of events delivered twice.")
+@_rate_option("--webhook-reorder-rate", help="didit: share of events held back behind later ones.")
+@_rate_option(
     "--webhook-bad-signature-rate",
-    type=_RATE,
-    default=0.0,
-    help="didit: share of events preceded by a forged delivery (every signature wrong).",
+    "didit: share of events preceded by a forged delivery (every signature wrong).",
 )
 @_option("--webhook-delay-ms", type=_NON_NEGATIVE, default=0.0, help="didit: wait before a first delivery.")
 @_option(
@@ -237,12 +242,7 @@ def main(
     webhook_max_attempts: int,
     webhook_backoff_ms: float,
     webhook_timeout_s: float,
-    webhook_drop_rate: float,
-    webhook_duplicate_rate: float,
-    webhook_reorder_rate: float,
-    webhook_bad_signature_rate: float,
-    webhook_delay_ms: float,
-    **faults: Any,
+    **options: Any,
 ) -> None:
     """Sandbox identity-verification provider (Didit-style v3 API) with an exactly-once ledger."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -266,15 +266,8 @@ def main(
             webhook_max_attempts=webhook_max_attempts,
             webhook_backoff_s=webhook_backoff_ms / 1000,
             webhook_timeout_s=webhook_timeout_s,
-            webhook_faults=WebhookFaults(
-                drop_rate=webhook_drop_rate,
-                duplicate_rate=webhook_duplicate_rate,
-                reorder_rate=webhook_reorder_rate,
-                bad_signature_rate=webhook_bad_signature_rate,
-                delay_ms=webhook_delay_ms,
-                seed=faults.get("seed"),
-            ),
-            seed=faults.get("seed"),
+            webhook_faults=_webhook_faults(options),
+            seed=options.get("seed"),
         )
         config = SandboxConfig(
             profile=profile,
@@ -288,7 +281,7 @@ def main(
             rate_limit_burst=rate_limit_burst,
             idempotency_ttl_s=idempotency_ttl,
             # Every other option is a FaultConfig field of the same name.
-            faults=FaultConfig(**faults),
+            faults=FaultConfig(**options),
         )
     except SandboxConfigError as exc:
         raise click.UsageError(str(exc)) from None
