@@ -13,17 +13,10 @@ from sandbox.idempotency import (
     parse_key,
 )
 from sandbox.ratelimit import RateLimiter
+from sandbox.testing import FakeClock
 
 RESPONSE = StoredResponse(201, ((b"content-type", b"application/json"),), b'{"ok":true}')
 FP = fingerprint(b"POST", "/v3/aml/", b"{}")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_fingerprint_covers_method_path_and_body() -> None:
@@ -49,7 +42,7 @@ def test_parse_key(raw: bytes, expected: str | None) -> None:
 
 
 def test_claim_in_flight_complete_replay_mismatch() -> None:
-    store = IdempotencyStore(ttl_s=60, clock=Clock())
+    store = IdempotencyStore(ttl_s=60, clock=FakeClock(1000.0))
     claim = store.begin("ak", "k", FP)
     assert isinstance(claim, Claimed)
     assert store.in_flight == 1
@@ -64,14 +57,14 @@ def test_claim_in_flight_complete_replay_mismatch() -> None:
 
 
 def test_keys_are_scoped() -> None:
-    store = IdempotencyStore(ttl_s=60, clock=Clock())
+    store = IdempotencyStore(ttl_s=60, clock=FakeClock(1000.0))
     assert isinstance(store.begin("ak1", "k", FP), Claimed)
     assert isinstance(store.begin("ak2", "k", FP), Claimed)
     assert len(store) == 2
 
 
 def test_release_frees_the_key() -> None:
-    store = IdempotencyStore(ttl_s=60, clock=Clock())
+    store = IdempotencyStore(ttl_s=60, clock=FakeClock(1000.0))
     claim = store.begin("ak", "k", FP)
     assert isinstance(claim, Claimed)
     store.release(claim)
@@ -80,7 +73,7 @@ def test_release_frees_the_key() -> None:
 
 
 def test_release_after_complete_keeps_the_response() -> None:
-    store = IdempotencyStore(ttl_s=60, clock=Clock())
+    store = IdempotencyStore(ttl_s=60, clock=FakeClock(1000.0))
     claim = store.begin("ak", "k", FP)
     assert isinstance(claim, Claimed)
     store.complete(claim, RESPONSE)
@@ -89,7 +82,7 @@ def test_release_after_complete_keeps_the_response() -> None:
 
 
 def test_expiry() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     store = IdempotencyStore(ttl_s=60, clock=clock)
     claim = store.begin("ak", "k", FP)
     assert isinstance(claim, Claimed)
@@ -101,7 +94,7 @@ def test_expiry() -> None:
 
 
 def test_expired_entries_are_purged() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     store = IdempotencyStore(ttl_s=10, clock=clock)
     for i in range(100):
         claim = store.begin("ak", f"k{i}", FP)
@@ -113,7 +106,7 @@ def test_expired_entries_are_purged() -> None:
 
 
 def test_in_flight_entries_do_not_expire() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     store = IdempotencyStore(ttl_s=10, clock=clock)
     claim = store.begin("ak", "k", FP)
     clock.now += 100
@@ -124,7 +117,7 @@ def test_in_flight_entries_do_not_expire() -> None:
 
 
 def test_clear_detaches_in_flight_claims() -> None:
-    store = IdempotencyStore(ttl_s=10, clock=Clock())
+    store = IdempotencyStore(ttl_s=10, clock=FakeClock(1000.0))
     claim = store.begin("ak", "k", FP)
     assert isinstance(claim, Claimed)
     store.clear()
@@ -135,7 +128,7 @@ def test_clear_detaches_in_flight_claims() -> None:
 
 
 def test_rate_limiter_refills_over_time() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     limiter = RateLimiter(per_minute=60, clock=clock, burst=2)
     assert limiter.acquire("a") == 0.0
     assert limiter.acquire("a") == 0.0

@@ -14,7 +14,9 @@ from typing import Any
 import anyio
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
+from sandbox import DiditConfig
 from sandbox.testing import SandboxHarness
 from tests.sandbox.didit_webhook_check import check_delivery
 
@@ -80,29 +82,20 @@ async def receiver() -> AsyncIterator[Receiver]:
     recv = Receiver()
     app = web.Application()
     app.router.add_post("/hooks/didit", recv.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    recv.url = f"http://127.0.0.1:{port}/hooks/didit"
-    try:
+    async with TestServer(app, host="127.0.0.1") as server:
+        recv.url = str(server.make_url("/hooks/didit"))
         yield recv
-    finally:
-        await runner.cleanup()
+
+
+def webhook_config(receiver: Receiver, **settings: Any) -> DiditConfig:
+    """The ``didit`` profile delivering to ``receiver``, signed with ``SECRET``."""
+    return DiditConfig(webhook_url=receiver.url, webhook_secret=SECRET, **settings)
 
 
 @pytest.fixture
 async def didit(make_sandbox: MakeSandbox, receiver: Receiver) -> SandboxHarness:
-    from sandbox import DiditConfig
-
-    config = DiditConfig(
-        applicant_delay_s=0.2,
-        webhook_url=receiver.url,
-        webhook_secret=SECRET,
-        webhook_backoff_s=0.05,
-        webhook_timeout_s=1.0,
-        seed=5,
+    config = webhook_config(
+        receiver, applicant_delay_s=0.2, webhook_backoff_s=0.05, webhook_timeout_s=1.0, seed=5
     )
     return await make_sandbox(profile="didit", didit=config)
 
@@ -159,11 +152,7 @@ async def test_the_applicant_completes_a_session_and_each_transition_is_a_signed
 
 
 async def test_abandoned_sessions(make_sandbox: MakeSandbox, receiver: Receiver) -> None:
-    from sandbox import DiditConfig
-
-    config = DiditConfig(
-        applicant_delay_s=0.1, abandon_rate=1.0, webhook_url=receiver.url, webhook_secret=SECRET
-    )
+    config = webhook_config(receiver, applicant_delay_s=0.1, abandon_rate=1.0)
     sandbox = await make_sandbox(profile="didit", didit=config)
     session_id = await create(sandbox, "subj", "k")
     await settle(sandbox, session_id, "Abandoned")
@@ -370,13 +359,10 @@ async def test_many_sessions_with_every_fault_deliver_every_undropped_event(
 ) -> None:
     """60 sessions; 20 % of answers fail; duplicates, reordering, forged copies: every event not dropped
     arrives genuinely at least once, and only the dropped ones are missing."""
-    from sandbox import DiditConfig
-
-    config = DiditConfig(
+    config = webhook_config(
+        receiver,
         applicant_delay_s=0.1,
         applicant_jitter_s=0.1,
-        webhook_url=receiver.url,
-        webhook_secret=SECRET,
         webhook_backoff_s=0.02,
         webhook_max_attempts=6,
         seed=3,
