@@ -108,6 +108,14 @@ async def create(sandbox: SandboxHarness, vendor: str, key: str, **extra: Any) -
     return session_id
 
 
+async def settled_with(sandbox: SandboxHarness, vendor: str, status: str, **faults: Any) -> str:
+    """Set the webhook ``faults``, create a session for ``vendor`` and :func:`settle` it in ``status``."""
+    await sandbox.set_webhooks(faults=faults)
+    session_id = await create(sandbox, vendor, "k")
+    await settle(sandbox, session_id, status)
+    return session_id
+
+
 async def settle(sandbox: SandboxHarness, session_id: str, status: str, timeout: float = 5.0) -> None:
     """Wait until the session reached ``status`` and every webhook so far has its fate."""
     with anyio.fail_after(timeout):
@@ -218,9 +226,7 @@ async def test_a_timeout_is_retried(didit: SandboxHarness, receiver: Receiver) -
 
 
 async def test_duplicate_deliveries_are_the_same_bytes(didit: SandboxHarness, receiver: Receiver) -> None:
-    await didit.set_webhooks(faults={"duplicate_rate": 1.0})
-    session_id = await create(didit, "subj", "k")
-    await settle(didit, session_id, "Approved")
+    await settled_with(didit, "subj", "Approved", duplicate_rate=1.0)
     assert len(receiver.received) == 4
     assert receiver.received[0].raw == receiver.received[1].raw
     assert receiver.received[0].headers["X-Signature"] == receiver.received[1].headers["X-Signature"]
@@ -230,18 +236,14 @@ async def test_duplicate_deliveries_are_the_same_bytes(didit: SandboxHarness, re
 async def test_dropped_events_are_never_sent_and_polling_still_finds_the_decision(
     didit: SandboxHarness, receiver: Receiver
 ) -> None:
-    await didit.set_webhooks(faults={"drop_rate": 1.0})
-    session_id = await create(didit, "subj DECLINE", "k")
-    await settle(didit, session_id, "Declined")
+    session_id = await settled_with(didit, "subj DECLINE", "Declined", drop_rate=1.0)
     assert receiver.received == []
     assert [e["fate"] for e in (await didit.webhooks())["events"]] == ["dropped", "dropped"]
     assert (await didit.client.get(f"/v3/session/{session_id}/decision/")).json()["status"] == "Declined"
 
 
 async def test_reordered_events_arrive_after_later_ones(didit: SandboxHarness, receiver: Receiver) -> None:
-    await didit.set_webhooks(faults={"reorder_rate": 1.0, "reorder_hold_ms": 300})
-    session_id = await create(didit, "subj", "k")
-    await settle(didit, session_id, "Approved")
+    await settled_with(didit, "subj", "Approved", reorder_rate=1.0, reorder_hold_ms=300)
     assert receiver.statuses() == [("status.updated", "Approved"), ("status.updated", "In Progress")]
     assert all(r.genuine for r in receiver.received)
 
@@ -249,9 +251,7 @@ async def test_reordered_events_arrive_after_later_ones(didit: SandboxHarness, r
 async def test_bad_signatures_come_first_and_the_genuine_delivery_follows(
     didit: SandboxHarness, receiver: Receiver
 ) -> None:
-    await didit.set_webhooks(faults={"bad_signature_rate": 1.0})
-    session_id = await create(didit, "subj", "k")
-    await settle(didit, session_id, "Approved")
+    await settled_with(didit, "subj", "Approved", bad_signature_rate=1.0)
     assert [(r.answered, r.checks["raw"], r.checks["v2"], r.checks["simple"]) for r in receiver.received] == [
         (401, False, False, False),
         (200, True, True, True),
