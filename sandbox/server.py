@@ -12,7 +12,6 @@ import ipaddress
 import logging
 import time
 from http import HTTPStatus
-from types import TracebackType
 
 import h11
 
@@ -121,12 +120,7 @@ class SandboxServer:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -38,15 +39,15 @@ class FakeClock:
         self.now += seconds
 
 
+@dataclass(frozen=True, slots=True)
 class SandboxHarness:
     """A started :class:`SandboxServer` plus an ``httpx.AsyncClient`` that sends ``api_key``.
 
     The caller owns both and closes them (``async with`` on each, or an ``AsyncExitStack``).
     """
 
-    def __init__(self, server: SandboxServer, client: httpx.AsyncClient) -> None:
-        self.server = server
-        self.client = client
+    server: SandboxServer
+    client: httpx.AsyncClient
 
     @property
     def url(self) -> str:

@@ -7,7 +7,6 @@ import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable
-from types import TracebackType
 from typing import TypeVar
 
 from .app import SandboxApp
@@ -98,12 +97,7 @@ class SandboxThread:
     def __enter__(self) -> SandboxThread:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def _started(self) -> SandboxServer:
