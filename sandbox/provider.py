@@ -1,4 +1,4 @@
-"""Business handling of the three Didit-style v3 endpoints.
+"""Business handling of the ``ietf`` profile's Didit-style v3 endpoints (JSON bodies).
 
 This is the only place a *side effect* happens (a session created, a check run): the pipeline in
 ``app`` calls it at most once per idempotency key, and the ledger counts the calls that performed
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import orjson
 
 from .decisions import aml_details, decide, id_warnings
+from .sessions import check_result
 
 __all__ = ["Endpoint", "Provider", "Result", "idv_key_of"]
 
@@ -21,12 +22,16 @@ __all__ = ["Endpoint", "Provider", "Result", "idv_key_of"]
 class Endpoint(enum.Enum):
     SESSION = "/v3/session/"
     ID_VERIFICATION = "/v3/id-verification/"
+    PASSIVE_LIVENESS = "/v3/passive-liveness/"
+    FACE_MATCH = "/v3/face-match/"
     AML = "/v3/aml/"
 
 
 _REQUIRED = {
     Endpoint.SESSION: ("workflow_id",),
     Endpoint.ID_VERIFICATION: ("document_type", "front_image"),
+    Endpoint.PASSIVE_LIVENESS: ("user_image",),
+    Endpoint.FACE_MATCH: ("user_image", "ref_image"),
     Endpoint.AML: ("full_name",),
 }
 
@@ -34,8 +39,12 @@ _REQUIRED = {
 _OPERATIONS = {
     Endpoint.SESSION: "create_session",
     Endpoint.ID_VERIFICATION: "id_verification",
+    Endpoint.PASSIVE_LIVENESS: "passive_liveness",
+    Endpoint.FACE_MATCH: "face_match",
     Endpoint.AML: "aml_screening",
 }
+_SCORED = {Endpoint.PASSIVE_LIVENESS: "liveness", Endpoint.FACE_MATCH: "face_match"}
+"""The checks answered ``{status, score}`` (as in the ``didit`` profile), by their answer's field."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +124,13 @@ class Provider:
                         "warnings": id_warnings(decision),
                     },
                 },
+                side_effect=True,
+                effect=effect,
+            )
+        if endpoint in _SCORED:
+            return Result(
+                200,
+                {"request_id": request_id, _SCORED[endpoint]: check_result(effect[0], decision)},
                 side_effect=True,
                 effect=effect,
             )
