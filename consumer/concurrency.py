@@ -49,6 +49,7 @@ __all__ = [
     "ConcurrencyGate",
     "FixedLimit",
     "LimitController",
+    "Pacer",
     "ProviderGate",
     "TokenBucket",
     "raise_fd_limit",
@@ -70,6 +71,9 @@ class FixedLimit:
     def overload(self, now: float, sent_at: float | None = None) -> None:
         return None
 
+    def pace_s(self) -> float:
+        return 0.0
+
 
 class AdaptiveLimit:
     """The gradient controller with slow start and overload cuts described in the module docstring.
@@ -89,8 +93,13 @@ class AdaptiveLimit:
         min_window_s: float = 0.05,
         max_window_s: float = 0.5,
         min_samples: int = 10,
-        slow_start_gain: float = 3.0,
+        slow_start_gain: float = 2.0,
+        slow_start_time_s: float = 0.25,
+        pace_gain: float = 2.0,
         forget_s: float = 3.0,
+        baseline_s: float | None = 10.0,
+        queue_headroom: float = 2.0,
+        refusal_step: float = 2.0,
         on_change: Callable[[int], None] | None = None,
     ) -> None:
         if not 1 <= floor <= ceiling:
@@ -102,7 +111,12 @@ class AdaptiveLimit:
         self.max_window_s = max_window_s
         self.min_samples = min_samples
         self.slow_start_gain = slow_start_gain
+        self.slow_start_time_s = slow_start_time_s
+        self.pace_gain = pace_gain
         self.forget_s = forget_s
+        self.baseline_s = baseline_s
+        self.queue_headroom = queue_headroom
+        self.refusal_step = refusal_step
         self.on_change = on_change
         start = initial if initial is not None else min(ceiling, max(floor, 64))
         self._limit = float(min(ceiling, max(floor, start)))
@@ -110,6 +124,7 @@ class AdaptiveLimit:
         self.slow_start = True
         self.long_rtt: float | None = None
         self.rtt: float | None = None  # the last window's mean RTT
+        self.last_rtt: float | None = None  # the last sample's RTT
         self.goodput = 0.0  # accepted answers per second (last window)
         self.w_max: float | None = None  # the level accepted at the last overload
         self.overloads = 0
@@ -118,6 +133,7 @@ class AdaptiveLimit:
         self._w_sum = 0.0
         self._w_inflight = 0
         self._last_cut = -math.inf
+        self._last_window: float | None = None
         self._congested = 0  # consecutive windows over the latency tolerance
         self._logged = self.limit
 
@@ -142,10 +158,15 @@ class AdaptiveLimit:
     def sample(self, rtt: float, in_flight: int, now: float) -> None:
         if self._w_start is None:
             self._w_start = now
-        if self.slow_start and self._congested == 0 and in_flight * (1 + self.slow_start_gain) >= self._limit:
+        self.last_rtt = rtt
+        if self.slow_start and self._congested == 0:
             # Slow start: +gain per answer sent with at least 1/(1 + gain) of the limit in use, so the
-            # limit grows (1 + gain)x per round trip whatever the timing of the answers.
-            self._set(self._limit + self.slow_start_gain, "slow start")
+            # limit grows (1 + gain)x per round trip whatever the timing of the answers; a round trip
+            # longer than slow_start_time_s raises the gain with it, so the ramp takes about as long in
+            # seconds at 2 s as at 250 ms instead of 8x longer.
+            gain = self.slow_start_gain * max(1.0, rtt / self.slow_start_time_s) ** 2
+            if in_flight * (1 + gain) >= self._limit:
+                self._set(self._limit + gain, "slow start")
         self._w_count += 1
         self._w_sum += rtt
         if in_flight > self._w_inflight:
@@ -161,12 +182,21 @@ class AdaptiveLimit:
     def _window(self, rtt: float, goodput: float, used: int, now: float) -> None:
         self.rtt = rtt
         self.goodput = goodput
+        since = now - self._last_window if self._last_window is not None else 0.0
+        self._last_window = now
         if self.long_rtt is None:
             self.long_rtt = rtt
-        else:
+        elif self.baseline_s is None:
+            # Gradient2's baseline: an average over ~10 windows (at 20 ms, half a second).
             self.long_rtt += (rtt - self.long_rtt) * 0.1
-            # The provider got much faster: forget the old baseline (Gradient2 decays it).
             self.long_rtt = min(self.long_rtt, 2.0 * rtt)
+        elif rtt < self.long_rtt:
+            self.long_rtt = rtt  # a faster window: the queue drained, or the provider got faster
+        else:
+            # Rises with a time constant of baseline_s, not of a number of windows: an average over
+            # windows chases the queue it is meant to detect (at 20 ms, within a second), and the
+            # limit then creeps up to the ceiling on a daemon that is CPU-bound.
+            self.long_rtt += (rtt - self.long_rtt) * min(1.0, since / self.baseline_s)
         limit = self._limit
         gradient = max(0.5, min(1.0, self.tolerance * self.long_rtt / rtt))
         if gradient < 1.0:
@@ -175,6 +205,12 @@ class AdaptiveLimit:
                 return  # one noisy window does not end slow start: hold, and look again
             self.slow_start = False
             target = limit * gradient + math.sqrt(limit)
+            if self.queue_headroom > 0:
+                # Never below what the current throughput needs at the baseline RTT, times the
+                # headroom (Little's law): when the queue is the daemon's own (CPU-bound, or a loaded
+                # machine), in-flight calls beyond that only add overhead, but fewer would idle the
+                # CPU whenever it gets more of the machine.
+                target = max(target, self.queue_headroom * goodput * self.long_rtt)
             if target < limit:
                 self._set(limit + (target - limit) * 0.5, "latency")
             return
@@ -196,6 +232,14 @@ class AdaptiveLimit:
             step = math.sqrt(limit)
         self._set(limit + step, "probe")
 
+    def pace_s(self) -> float:
+        """Seconds between two sends the gate keeps to during slow start: ``pace_gain`` × the limit per
+        round trip (per ``slow_start_time_s`` when the round trip is longer, as the ramp). Without it the answers of one round trip (which arrive together) each open
+        1 + gain slots at once, and a rate-limited provider sees a burst of 4x its rate."""
+        if not self.slow_start or self.pace_gain <= 0 or self.last_rtt is None or self.limit >= self.ceiling:
+            return 0.0
+        return min(self.last_rtt, self.slow_start_time_s) / (self.pace_gain * self._limit)
+
     def overload(self, now: float, sent_at: float | None = None) -> None:
         """A 429 (or 503 with Retry-After) for an attempt sent at ``sent_at``. Answers to attempts sent
         before the last cut were sent under the old limit: the cut already accounted for them."""
@@ -211,7 +255,7 @@ class AdaptiveLimit:
             self.w_max = accepted if accepted >= self.floor else limit * 0.9
             self._set(min(limit * 0.9, 0.9 * self.w_max), "overload")
         else:
-            self._set(limit - 1.0, "overload")
+            self._set(limit - self.refusal_step, "overload")
 
 
 LimitController = FixedLimit | AdaptiveLimit
@@ -303,6 +347,38 @@ class TokenBucket:
         self.tokens = min(self.burst, self.tokens + 1.0)
 
 
+class Pacer:
+    """Spaces sends ``interval`` seconds apart, first come first served (reservations, like
+    :class:`TokenBucket`). The interval is read at each reservation; when it shrinks (the limit grew)
+    the queue already booked is re-timed to it, so that a burst of reservations made at a small limit
+    does not hold back the sends of a larger one."""
+
+    def __init__(self) -> None:
+        self._next = -math.inf
+        self._interval = 0.0
+
+    def reserve(self, now: float, interval: float) -> float:
+        """Book the next send; returns how long to wait for it."""
+        backlog = max(0.0, self._next - now)
+        if 0 < interval < self._interval:
+            backlog *= interval / self._interval
+        self._interval = interval
+        self._next = now + backlog + interval
+        return backlog
+
+
+async def _pause(
+    sleep: Callable[[float], Awaitable[None]], delay: float, keep_alive: KeepAlive, every: float
+) -> None:
+    """Sleep ``delay`` seconds, calling ``keep_alive`` every ``every`` seconds meanwhile."""
+    while delay > 0:
+        step = delay if keep_alive is None else min(delay, every)
+        await sleep(step)
+        delay -= step
+        if delay > 0 and keep_alive is not None:
+            await keep_alive()
+
+
 class ProviderGate:
     """What :class:`~consumer.provider.ProviderClient` passes each attempt through."""
 
@@ -316,6 +392,7 @@ class ProviderGate:
         self.gate = ConcurrencyGate(controller)
         self.bucket = bucket
         self.clock = clock
+        self.pacer = Pacer()
 
     @property
     def limit(self) -> int:
@@ -327,21 +404,44 @@ class ProviderGate:
         keep_alive: KeepAlive = None,
         every: float = 20.0,
     ) -> int:
-        """Wait for a token and a slot; returns the in-flight count including this attempt."""
-        if self.bucket is not None:
-            delay = self.bucket.reserve()
-            try:
-                while delay > 0:
-                    step = delay if keep_alive is None else min(delay, every)
-                    await sleep(step)
-                    delay -= step
-                    if delay > 0 and keep_alive is not None:
-                        await keep_alive()
-            except BaseException:
-                self.bucket.cancel()
-                raise
+        """Wait for a token, a slot and (during slow start) the pacer; returns the in-flight count
+        including this attempt."""
+        await self.take_token(sleep, keep_alive, every)
         await self.gate.acquire(keep_alive, every)
+        pace = self.controller.pace_s()
+        if pace > 0:
+            try:
+                await _pause(sleep, self.pacer.reserve(self.clock(), pace), keep_alive, every)
+            except BaseException:
+                self.gate.release()
+                raise
         return self.gate.in_flight
+
+    async def take_token(
+        self,
+        sleep: Callable[[float], Awaitable[None]],
+        keep_alive: KeepAlive = None,
+        every: float = 20.0,
+    ) -> None:
+        """Wait for the client-side rate limit's token, if there is one. Every request to the provider
+        takes one (calls and the read-only lookups and decision reads): its limit counts them all."""
+        if self.bucket is None:
+            return
+        delay = self.bucket.reserve()
+        try:
+            await _pause(sleep, delay, keep_alive, every)
+        except BaseException:
+            self.bucket.cancel()
+            raise
+
+    def refused(self, rtt: float) -> None:
+        """A request that held no slot (a read) was answered 429 after ``rtt`` seconds: the provider's
+        limit counts it too, so the controller cuts as for a call."""
+        now = self.clock()
+        before = self.controller.limit
+        self.controller.overload(now, now - rtt)
+        if self.controller.limit > before:  # pragma: no cover - an overload never raises the limit
+            self.gate.wake()
 
     def leave(
         self, rtt: float | None, in_flight: int, *, overload: bool = False, sample: bool = True
