@@ -223,7 +223,8 @@ def controllers(fixed: tuple[int, ...] = SWEEP) -> list[tuple[str, Any]]:
 def latency_table(messages: int) -> list[str]:
     out = [
         f"latency cells: {messages:,} messages, ceiling 4,096, rate = messages / time to finish",
-        f"{'machine':<7} {'lat ms':>6} {'controller':<12} {'msg/s':>7} {'vs best fixed':>13} {'limit end':>9}",
+        f"{'machine':<7} {'lat ms':>6} {'controller':<12} {'msg/s':>7} {'vs best fixed':>13} "
+        f"{'limit end':>9}",
     ]
     for loaded in (False, True):
         for latency in (0.02, 0.5, 2.0):
@@ -279,7 +280,9 @@ def trace() -> None:
     for name, kw in cells:
         res = simulate(AdaptiveLimit(floor=8, ceiling=4096), **kw)
         print(f"{name}: per second accepted / refused / limit / peak in flight")
-        for s, row in enumerate(zip(res["accepted"], res["refused"], res["limits"], res["in_flight"])):
+        for s, row in enumerate(
+            zip(res["accepted"], res["refused"], res["limits"], res["in_flight"], strict=True)
+        ):
             print(f"  {s:3d} s " + " ".join(f"{x:6,}" for x in row))
 
 

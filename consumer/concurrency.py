@@ -234,8 +234,9 @@ class AdaptiveLimit:
 
     def pace_s(self) -> float:
         """Seconds between two sends the gate keeps to during slow start: ``pace_gain`` × the limit per
-        round trip (per ``slow_start_time_s`` when the round trip is longer, as the ramp). Without it the answers of one round trip (which arrive together) each open
-        1 + gain slots at once, and a rate-limited provider sees a burst of 4x its rate."""
+        round trip (per ``slow_start_time_s`` when the round trip is longer, as the ramp). Without it
+        the answers of one round trip (which arrive together) each open 1 + gain slots at once, and a
+        rate-limited provider sees a burst of several times its rate."""
         if not self.slow_start or self.pace_gain <= 0 or self.last_rtt is None or self.limit >= self.ceiling:
             return 0.0
         return min(self.last_rtt, self.slow_start_time_s) / (self.pace_gain * self._limit)

@@ -381,3 +381,33 @@ async def test_the_limit_backs_off_on_429(sb: Sandbox) -> None:
         await _hammer(client, 100, 2.0)
     assert controller.overloads > 0
     assert controller.limit < 64, controller.limit  # below where it started
+
+
+@pytest.mark.anyio
+async def test_decision_reads_take_tokens_from_the_calls_rate_limit(didit: Sandbox) -> None:
+    # IDV_PROVIDER_RATE_LIMIT is the provider's limit, which counts every request: a read of a decision
+    # (workflows, reconciliation lookups) waits for a token of the same bucket as the calls.
+    from consumer.errors import ProviderNotFound
+    from consumer.providers.didit import DiditAdapter
+
+    now = [0.0]
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    bucket = TokenBucket(4.0, 1, clock=lambda: now[0])
+    controller = AdaptiveLimit(floor=2, ceiling=64, initial=16)
+    gate = ProviderGate(controller, bucket)
+    client = ProviderClient(didit.url, API_KEY, adapter=DiditAdapter(), gate=gate, sleep=sleep)
+    async with client:
+        for _ in range(3):
+            with pytest.raises(ProviderNotFound):
+                await client.get_decision("00000000-0000-0000-0000-000000000000")
+        assert slept == pytest.approx([0.25, 0.25])  # burst 1, then one token every 1/4 s
+        # A read answered 429 cuts the limit as a call's 429 would (the read held no slot).
+        controller.sample(0.1, 16, now[0])
+        gate.refused(0.001)
+        assert controller.overloads == 1 and controller.limit < 16
+        assert gate.gate.in_flight == 0
