@@ -7,26 +7,34 @@ ceiling; with ``IDV_CONCURRENCY=adaptive`` (the default) the limit finds itself 
 ``IDV_CONCURRENCY_MIN`` and that ceiling, so a slow provider gets thousands of calls in flight and a
 rate-limited one gets just enough. Waiters are served first come first served, whatever their partition.
 
-The adaptive controller (:class:`AdaptiveLimit`, chosen by simulation: docs/performance.md) is Netflix
-concurrency-limits' Gradient2 with three additions:
+The adaptive controller (:class:`AdaptiveLimit`, chosen by simulation: docs/performance.md and
+bench/concurrency_sim.py) is Netflix concurrency-limits' Gradient2 with these additions:
 
 * **latency gradient** (Gradient2): samples are grouped into windows of one round trip (at least
-  50 ms and ``min_samples``, at most 0.5 s); a long-term RTT (an exponential average over ~10 windows)
-  is the baseline, and ``gradient = clamp(tolerance × long_rtt / window_rtt, 0.5, 1)``. Below 1 (queueing:
-  the window's RTT is over ``tolerance`` × the baseline) the limit shrinks to ``limit × gradient +
-  sqrt(limit)``; a window that used less than half the limit (app-limited) never raises it.
-* **slow start** (TCP): until the first congestion signal every answer adds ``slow_start_gain`` (3)
-  slots while a quarter of the limit is in use: ×4 per round trip, so a provider answering in seconds
-  gets its thousands of calls in flight within three round trips instead of the minutes Gradient2's
-  ``+sqrt(limit)`` steps would take.
-* **overload answers** (429, or a 503 with ``Retry-After``) shrink it at once: the first one in a window
-  cuts the limit to ``min(0.9 × limit, 0.9 × goodput × RTT)`` (Little's law: the calls the provider
-  actually accepted), every further one removes one slot, so a freed slot is not handed straight to the
-  next request to be refused again; refusals of attempts sent before the cut are not counted twice. The
-  accepted level is remembered (CUBIC's ``W_max``): well below it the limit closes half the gap per
-  window, up to it by one slot per window, up to 1.25× it by a slot every fourth window, above by
-  ``sqrt(limit)``; after ``forget_s`` (3 s) without a 429 it is forgotten (the limit may have risen).
-  Slow start ends after two consecutive windows over the latency tolerance (one noisy window only holds it).
+  50 ms and ``min_samples``, at most 0.5 s); ``gradient = clamp(tolerance × long_rtt / window_rtt, 0.5,
+  1)``. The baseline ``long_rtt`` falls at once to a faster window and rises with a time constant of
+  ``baseline_s`` (10 s), not over a number of windows: an average over windows chases the very queue it
+  should detect. Below 1 the limit shrinks towards ``limit × gradient + sqrt(limit)``, never below
+  ``queue_headroom`` (2) × accepted/s × ``long_rtt`` (Little's law: what the throughput needs at the
+  uncongested RTT — the daemon's own CPU queue counts as queueing, but not down to idling the CPU); a
+  window that used less than half the limit (app-limited) never raises it.
+* **slow start** (TCP): until the first congestion signal every answer adds ``slow_start_gain`` (2) ×
+  max(1, RTT / ``slow_start_time_s``)² slots while a fraction of the limit is in use: ×3 per round trip
+  at 200 ms, ×9 at 500 ms, to the ceiling in one round trip at 2 s. Sends are **paced** meanwhile
+  (:meth:`AdaptiveLimit.pace_s`, :class:`Pacer`): the answers of one round trip arrive together, and
+  without pacing each would open its new slots at once, a burst a rate-limited provider refuses.
+* **overload answers** (429, or a 503 with ``Retry-After``, also to a read) shrink it at once: the first
+  one in a window cuts the limit to ``min(0.9 × limit, 0.9 × goodput × RTT)`` (Little's law: the calls
+  the provider actually accepted), every further one removes ``refusal_step`` (2) slots, so a freed slot
+  is not handed straight to the next request to be refused again; refusals of attempts sent before the
+  cut are not counted twice. The accepted level is remembered (CUBIC's ``W_max``): well below it the
+  limit closes half the gap per window, up to it by one slot per window, up to 1.25× it by a slot every
+  fourth window, above by ``sqrt(limit)``; after ``forget_s`` (3 s) without a 429 it is forgotten (the
+  limit may have risen). Slow start ends after two consecutive windows over the latency tolerance (one
+  noisy window only holds it).
+
+The token bucket is taken by every request to the provider (:meth:`ProviderGate.take_token`): calls, and
+the read-only lookups and decision reads (consumer/providers/reads.py), which hold no slot.
 
 An open circuit breaker (consumer/breaker.py) still pauses attempts before they reach the gate.
 """
