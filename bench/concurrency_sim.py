@@ -80,6 +80,7 @@ def previous_round(floor: int, ceiling: int) -> AdaptiveLimit:
         baseline_s=None,
         queue_headroom=0.0,
         refusal_step=1.0,
+        damped=False,
     )
 
 
@@ -179,27 +180,31 @@ def simulate(
                 tokens -= 1 if ok else 0
             push(t + (latency_s if ok else 0.001), "answer", (w, t, ok, used))
             continue
+        if kind == "answer":
+            # The daemon's CPU handles answers one at a time; the attempt holds its slot, and its RTT
+            # runs, until its turn (as the real gate's slot is released when the coroutine resumes).
+            begin = max(cpu_free, t)
+            cost = cpu_ms / 1000.0
+            if shares is not None:
+                cost *= (1 + in_flight / 2048) / shares[min(len(shares) - 1, int(begin * 2))]
+            cpu_free = begin + cost
+            push(cpu_free, "handled", data)
+            continue
         w, sent, ok, used = data
-        # The daemon's CPU handles answers one at a time: the RTT it sees includes that queue.
-        cost = cpu_ms / 1000.0
-        if shares is not None:
-            cost *= (1 + in_flight / 2048) / shares[int(t * 2)]
-        cpu_free = max(cpu_free, t) + cost
-        done = cpu_free
         in_flight -= 1
         if ok:
             accepted[sec] += 1
-            controller.sample(done - sent, used, done)
+            controller.sample(t - sent, used, t)
             if messages is not None and left <= 0 and in_flight == 0 and not waiting:
-                done_s = done
-            push(done, "ready", w)
+                done_s = t
+            push(t, "ready", w)
         else:
             refused[sec] += 1
             left += 1  # the message is retried
-            controller.overload(done, sent)
-            push(done + 1.0, "ready", w)  # Retry-After: 1
+            controller.overload(t, sent)
+            push(t + 1.0, "ready", w)  # Retry-After: 1
         while waiting and in_flight < controller.limit:
-            admit(waiting.popleft(), done)
+            admit(waiting.popleft(), t)
     last = int(done_s) + 1 if done_s is not None else n - 1
     return {
         "accepted": accepted[:last],

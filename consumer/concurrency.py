@@ -108,6 +108,7 @@ class AdaptiveLimit:
         baseline_s: float | None = 10.0,
         queue_headroom: float = 2.0,
         refusal_step: float = 2.0,
+        damped: bool = True,
         on_change: Callable[[int], None] | None = None,
     ) -> None:
         if not 1 <= floor <= ceiling:
@@ -125,6 +126,9 @@ class AdaptiveLimit:
         self.baseline_s = baseline_s
         self.queue_headroom = queue_headroom
         self.refusal_step = refusal_step
+        self.damped = damped
+        self._min_rtt: float | None = None
+        self._stalled = 0  # consecutive windows of slow start with no growth left (damped)
         self.on_change = on_change
         start = initial if initial is not None else min(ceiling, max(floor, 64))
         self._limit = float(min(ceiling, max(floor, start)))
@@ -173,7 +177,15 @@ class AdaptiveLimit:
             # longer than slow_start_time_s raises the gain with it, so the ramp takes about as long in
             # seconds at 2 s as at 250 ms instead of 8x longer.
             gain = self.slow_start_gain * max(1.0, rtt / self.slow_start_time_s) ** 2
-            if in_flight * (1 + gain) >= self._limit:
+            if self._min_rtt is None or rtt < self._min_rtt:
+                self._min_rtt = rtt
+            if self.damped:
+                # HyStart-like: an answer whose RTT shows queueing (over the lowest RTT seen) adds less,
+                # nothing at the latency tolerance: the ramp stops where the queue starts, before a
+                # window's mean would end slow start, instead of a gain's worth of round trips later.
+                excess = (rtt / self._min_rtt - 1.0) / (self.tolerance - 1.0)  # 1 at the tolerance
+                gain *= min(1.0, max(0.0, 2.0 - 2.0 * excess))
+            if gain > 0 and in_flight * (1 + gain) >= self._limit:
                 self._set(self._limit + gain, "slow start")
         self._w_count += 1
         self._w_sum += rtt
@@ -206,6 +218,13 @@ class AdaptiveLimit:
             # limit then creeps up to the ceiling on a daemon that is CPU-bound.
             self.long_rtt += (rtt - self.long_rtt) * min(1.0, since / self.baseline_s)
         limit = self._limit
+        if self.slow_start and self.damped and self._min_rtt is not None:
+            # Two windows where the damping left no growth: the ramp has stopped where the queue
+            # starts; end it, so the limit is probed (and paced no more) from here.
+            stalled = rtt > self._min_rtt * (1.0 + (self.tolerance - 1.0) / 2.0)
+            self._stalled = self._stalled + 1 if stalled else 0
+            if self._stalled >= 2:
+                self.slow_start = False
         gradient = max(0.5, min(1.0, self.tolerance * self.long_rtt / rtt))
         if gradient < 1.0:
             self._congested += 1

@@ -114,8 +114,26 @@ def test_slow_start_at_a_long_round_trip_reaches_the_ceiling_in_one_round_trip()
     assert seen == {0.2: 64 * 3, 0.5: 64 * 9, 2.0: 4096}
 
 
+def test_slow_start_growth_fades_as_the_answers_show_queueing() -> None:
+    # Full gain up to half way to the latency tolerance (1.5x the lowest RTT), none at the tolerance.
+    def grown(rtt: float) -> int:
+        c = AdaptiveLimit(floor=8, ceiling=4096, initial=64)
+        c.sample(0.2, 64, 0.2)  # the lowest RTT seen
+        before = c.limit
+        c.sample(rtt, 64, 0.21)
+        return c.limit - before
+
+    assert grown(0.2) == grown(0.25) == 2  # +2 per answer up to 25 % over the lowest RTT
+    assert grown(0.3) == 0  # 50 % over it: the latency tolerance
+    undamped = AdaptiveLimit(floor=8, ceiling=4096, initial=64, damped=False)
+    undamped.sample(0.2, 64, 0.2)
+    before = undamped.limit
+    undamped.sample(0.3, 64, 0.21)
+    assert undamped.limit - before == 2
+
+
 def test_slow_start_paces_sends_and_stops_pacing_at_the_ceiling() -> None:
-    c = AdaptiveLimit(floor=8, ceiling=4096, initial=64)
+    c = AdaptiveLimit(floor=8, ceiling=4096, initial=64, damped=False)
     assert c.pace_s() == 0.0  # no round trip measured yet: nothing to pace by
     c.sample(0.2, 64, 0.2)
     # pace_gain (2) x the limit per round trip: the limit's worth of sends spread over half of it.
@@ -175,8 +193,9 @@ def cpu_bound(c: AdaptiveLimit, seconds: float, rate: float = 2000.0, provider_r
 def test_a_latency_cut_keeps_what_the_throughput_needs_at_the_baseline_rtt() -> None:
     # Little's law: a cut for latency never goes below queue_headroom (2) x goodput x baseline RTT,
     # here 2 x 2,000/s x 20 ms = 80, which keeps the CPU busy; without the floor it goes lower.
-    c = AdaptiveLimit(floor=4, ceiling=4096, initial=64, queue_headroom=2.0)
-    bare = AdaptiveLimit(floor=4, ceiling=4096, initial=64, queue_headroom=0.0)
+    # (Undamped slow start, so that the ramp overshoots into a standing queue and latency cuts follow.)
+    c = AdaptiveLimit(floor=4, ceiling=4096, initial=64, queue_headroom=2.0, damped=False)
+    bare = AdaptiveLimit(floor=4, ceiling=4096, initial=64, queue_headroom=0.0, damped=False)
     for x in (c, bare):
         cpu_bound(x, 5.0)
         assert not x.slow_start  # the queue ended the ramp
