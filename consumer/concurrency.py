@@ -7,31 +7,25 @@ ceiling; with ``IDV_CONCURRENCY=adaptive`` (the default) the limit finds itself 
 ``IDV_CONCURRENCY_MIN`` and that ceiling, so a slow provider gets thousands of calls in flight and a
 rate-limited one gets just enough. Waiters are served first come first served, whatever their partition.
 
-The adaptive controller (:class:`AdaptiveLimit`, chosen by simulation: docs/performance.md and
-bench/concurrency_sim.py) is Netflix concurrency-limits' Gradient2 with these additions:
+The adaptive controller (:class:`AdaptiveLimit`; chosen by simulation, bench/concurrency_sim.py, with
+the figures and the reasons in docs/performance.md "Adaptive concurrency") is Netflix concurrency-limits'
+Gradient2 with additions:
 
-* **latency gradient** (Gradient2): samples are grouped into windows of one round trip (at least
-  50 ms and ``min_samples``, at most 0.5 s); ``gradient = clamp(tolerance × long_rtt / window_rtt, 0.5,
-  1)``. The baseline ``long_rtt`` falls at once to a faster window and rises with a time constant of
-  ``baseline_s`` (10 s), not over a number of windows: an average over windows chases the very queue it
-  should detect. Below 1 the limit shrinks towards ``limit × gradient + sqrt(limit)``, never below
-  ``queue_headroom`` (2) × accepted/s × ``long_rtt`` (Little's law: what the throughput needs at the
-  uncongested RTT — the daemon's own CPU queue counts as queueing, but not down to idling the CPU); a
-  window that used less than half the limit (app-limited) never raises it.
-* **slow start** (TCP): until the first congestion signal every answer adds ``slow_start_gain`` (2) ×
-  max(1, RTT / ``slow_start_time_s``)² slots while a fraction of the limit is in use: ×3 per round trip
-  at 200 ms, ×9 at 500 ms, to the ceiling in one round trip at 2 s. Sends are **paced** meanwhile
-  (:meth:`AdaptiveLimit.pace_s`, :class:`Pacer`): the answers of one round trip arrive together, and
-  without pacing each would open its new slots at once, a burst a rate-limited provider refuses.
-* **overload answers** (429, or a 503 with ``Retry-After``, also to a read) shrink it at once: the first
-  one in a window cuts the limit to ``min(0.9 × limit, 0.9 × goodput × RTT)`` (Little's law: the calls
-  the provider actually accepted), every further one removes ``refusal_step`` (2) slots, so a freed slot
-  is not handed straight to the next request to be refused again; refusals of attempts sent before the
-  cut are not counted twice. The accepted level is remembered (CUBIC's ``W_max``): well below it the
-  limit closes half the gap per window, up to it by one slot per window, up to 1.25× it by a slot every
-  fourth window, above by ``sqrt(limit)``; after ``forget_s`` (3 s) without a 429 it is forgotten (the
-  limit may have risen). Slow start ends after two consecutive windows over the latency tolerance (one
-  noisy window only holds it).
+* **latency gradient**: windows of one round trip (50 ms and ``min_samples`` at least, 0.5 s at most);
+  ``gradient = clamp(tolerance × long_rtt / window_rtt, 0.5, 1)``; below 1 the limit shrinks towards
+  ``limit × gradient + sqrt(limit)``, never below ``queue_headroom`` × accepted/s × ``long_rtt``
+  (Little's law). The baseline ``long_rtt`` falls at once and rises over ``baseline_s`` (10 s): an
+  average over windows chases the very queue it should detect. App-limited windows never raise it.
+* **slow start**: +``slow_start_gain`` × max(1, RTT / ``slow_start_time_s``)² slots per answer (×3 per
+  round trip at 200 ms, ×9 at 500 ms, the ceiling in one round trip at 2 s), fading as answers show
+  queueing (HyStart-like: full up to 25 % over the lowest RTT, none at ``tolerance``), ended by two
+  windows with no growth left or two over the tolerance. Sends are **paced** meanwhile
+  (:meth:`AdaptiveLimit.pace_s`, :class:`Pacer`), or one round trip's answers, arriving together, would
+  each open their slots at once: a burst a rate-limited provider refuses.
+* **overload answers** (429, or 503 with ``Retry-After``; reads' too): the first in a window cuts to
+  ``min(0.9 × limit, 0.9 × goodput × RTT)``, each further one (sent after the cut) removes
+  ``refusal_step`` slots; the accepted level is remembered (CUBIC's ``W_max``) and approached slowly,
+  forgotten after ``forget_s`` without a 429.
 
 The token bucket is taken by every request to the provider (:meth:`ProviderGate.take_token`): calls, and
 the read-only lookups and decision reads (consumer/providers/reads.py), which hold no slot.
@@ -179,10 +173,7 @@ class AdaptiveLimit:
             gain = self.slow_start_gain * max(1.0, rtt / self.slow_start_time_s) ** 2
             if self._min_rtt is None or rtt < self._min_rtt:
                 self._min_rtt = rtt
-            if self.damped:
-                # HyStart-like: an answer whose RTT shows queueing (over the lowest RTT seen) adds less,
-                # nothing at the latency tolerance: the ramp stops where the queue starts, before a
-                # window's mean would end slow start, instead of a gain's worth of round trips later.
+            if self.damped:  # HyStart-like: stop the ramp where the queue starts, not a round trip later
                 excess = (rtt / self._min_rtt - 1.0) / (self.tolerance - 1.0)  # 1 at the tolerance
                 gain *= min(1.0, max(0.0, 2.0 - 2.0 * excess))
             if gain > 0 and in_flight * (1 + gain) >= self._limit:
@@ -466,10 +457,7 @@ class ProviderGate:
         """A request that held no slot (a read) was answered 429 after ``rtt`` seconds: the provider's
         limit counts it too, so the controller cuts as for a call."""
         now = self.clock()
-        before = self.controller.limit
         self.controller.overload(now, now - rtt)
-        if self.controller.limit > before:  # pragma: no cover - an overload never raises the limit
-            self.gate.wake()
 
     def leave(
         self, rtt: float | None, in_flight: int, *, overload: bool = False, sample: bool = True
