@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 KeepAlive = Callable[[], Awaitable[None]] | None
+Sleep = Callable[[float], Awaitable[None]]
 
 
 class FixedLimit:
@@ -386,9 +387,7 @@ class Pacer:
         return backlog
 
 
-async def _pause(
-    sleep: Callable[[float], Awaitable[None]], delay: float, keep_alive: KeepAlive, every: float
-) -> None:
+async def _pause(sleep: Sleep, delay: float, keep_alive: KeepAlive, every: float) -> None:
     """Sleep ``delay`` seconds, calling ``keep_alive`` every ``every`` seconds meanwhile."""
     while delay > 0:
         step = delay if keep_alive is None else min(delay, every)
@@ -417,12 +416,7 @@ class ProviderGate:
     def limit(self) -> int:
         return self.controller.limit
 
-    async def enter(
-        self,
-        sleep: Callable[[float], Awaitable[None]],
-        keep_alive: KeepAlive = None,
-        every: float = 20.0,
-    ) -> int:
+    async def enter(self, sleep: Sleep, keep_alive: KeepAlive = None, every: float = 20.0) -> int:
         """Wait for a token, a slot and (during slow start) the pacer; returns the in-flight count
         including this attempt."""
         await self.take_token(sleep, keep_alive, every)
@@ -436,12 +430,7 @@ class ProviderGate:
                 raise
         return self.gate.in_flight
 
-    async def take_token(
-        self,
-        sleep: Callable[[float], Awaitable[None]],
-        keep_alive: KeepAlive = None,
-        every: float = 20.0,
-    ) -> None:
+    async def take_token(self, sleep: Sleep, keep_alive: KeepAlive = None, every: float = 20.0) -> None:
         """Wait for the client-side rate limit's token, if there is one. Every request to the provider
         takes one (calls and the read-only lookups and decision reads): its limit counts them all."""
         if self.bucket is None:

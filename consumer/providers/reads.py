@@ -18,7 +18,7 @@ from urllib.parse import quote
 import httpx
 
 from consumer.answers import classify_status, error_code_of, parse_retry_after, route_missing
-from consumer.concurrency import ProviderGate
+from consumer.concurrency import ProviderGate, Sleep
 from consumer.errors import (
     ProviderAuthError,
     ProviderConfigError,
@@ -44,7 +44,7 @@ class ReadCalls:
     _rng: random.Random
     _base_headers: tuple[tuple[bytes, bytes], ...]
     gate: ProviderGate | None
-    _sleep: Callable[[float], Awaitable[None]]
+    _sleep: Sleep
 
     async def _send(
         self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes
