@@ -18,7 +18,7 @@ Gradient2 with additions:
   average over windows chases the very queue it should detect. App-limited windows never raise it.
 * **slow start**: +``slow_start_gain`` × max(1, RTT / ``slow_start_time_s``)² slots per answer (×3 per
   round trip at 200 ms, ×9 at 500 ms, the ceiling in one round trip at 2 s), fading as answers show
-  queueing (HyStart-like: full up to 25 % over the lowest RTT, none at ``tolerance``), ended by two
+  queueing (HyStart-like: full up to 25 % over the lowest window RTT, none at ``tolerance``), ended by two
   windows with no growth left or two over the tolerance. Sends are **paced** meanwhile
   (:meth:`AdaptiveLimit.pace_s`, :class:`Pacer`), or one round trip's answers, arriving together, would
   each open their slots at once: a burst a rate-limited provider refuses.
@@ -172,9 +172,7 @@ class AdaptiveLimit:
             # longer than slow_start_time_s raises the gain with it, so the ramp takes about as long in
             # seconds at 2 s as at 250 ms instead of 8x longer.
             gain = self.slow_start_gain * max(1.0, rtt / self.slow_start_time_s) ** 2
-            if self._min_rtt is None or rtt < self._min_rtt:
-                self._min_rtt = rtt
-            if self.damped:  # HyStart-like: stop the ramp where the queue starts, not a round trip later
+            if self.damped and self._min_rtt is not None:  # HyStart-like: stop where the queue starts
                 excess = (rtt / self._min_rtt - 1.0) / (self.tolerance - 1.0)  # 1 at the tolerance
                 gain *= min(1.0, max(0.0, 2.0 - 2.0 * excess))
             if gain > 0 and in_flight * (1 + gain) >= self._limit:
@@ -217,6 +215,10 @@ class AdaptiveLimit:
             self._stalled = self._stalled + 1 if stalled else 0
             if self._stalled >= 2:
                 self.slow_start = False
+        if self._min_rtt is None or rtt < self._min_rtt:
+            # The lowest window mean, not the lowest sample: one quick answer (a 4xx, a replay from the
+            # provider's cache) must not make every later one look queued.
+            self._min_rtt = rtt
         gradient = max(0.5, min(1.0, self.tolerance * self.long_rtt / rtt))
         if gradient < 1.0:
             self._congested += 1
