@@ -7,26 +7,28 @@ ceiling; with ``IDV_CONCURRENCY=adaptive`` (the default) the limit finds itself 
 ``IDV_CONCURRENCY_MIN`` and that ceiling, so a slow provider gets thousands of calls in flight and a
 rate-limited one gets just enough. Waiters are served first come first served, whatever their partition.
 
-The adaptive controller (:class:`AdaptiveLimit`, chosen by simulation: docs/performance.md) is Netflix
-concurrency-limits' Gradient2 with three additions:
+The adaptive controller (:class:`AdaptiveLimit`; chosen by simulation, bench/concurrency_sim.py, with
+the figures and the reasons in docs/performance.md "Adaptive concurrency") is Netflix concurrency-limits'
+Gradient2 with additions:
 
-* **latency gradient** (Gradient2): samples are grouped into windows of one round trip (at least
-  50 ms and ``min_samples``, at most 0.5 s); a long-term RTT (an exponential average over ~10 windows)
-  is the baseline, and ``gradient = clamp(tolerance × long_rtt / window_rtt, 0.5, 1)``. Below 1 (queueing:
-  the window's RTT is over ``tolerance`` × the baseline) the limit shrinks to ``limit × gradient +
-  sqrt(limit)``; a window that used less than half the limit (app-limited) never raises it.
-* **slow start** (TCP): until the first congestion signal every answer adds ``slow_start_gain`` (3)
-  slots while a quarter of the limit is in use: ×4 per round trip, so a provider answering in seconds
-  gets its thousands of calls in flight within three round trips instead of the minutes Gradient2's
-  ``+sqrt(limit)`` steps would take.
-* **overload answers** (429, or a 503 with ``Retry-After``) shrink it at once: the first one in a window
-  cuts the limit to ``min(0.9 × limit, 0.9 × goodput × RTT)`` (Little's law: the calls the provider
-  actually accepted), every further one removes one slot, so a freed slot is not handed straight to the
-  next request to be refused again; refusals of attempts sent before the cut are not counted twice. The
-  accepted level is remembered (CUBIC's ``W_max``): well below it the limit closes half the gap per
-  window, up to it by one slot per window, up to 1.25× it by a slot every fourth window, above by
-  ``sqrt(limit)``; after ``forget_s`` (3 s) without a 429 it is forgotten (the limit may have risen).
-  Slow start ends after two consecutive windows over the latency tolerance (one noisy window only holds it).
+* **latency gradient**: windows of one round trip (50 ms and ``min_samples`` at least, 0.5 s at most);
+  ``gradient = clamp(tolerance × long_rtt / window_rtt, 0.5, 1)``; below 1 the limit shrinks towards
+  ``limit × gradient + sqrt(limit)``, never below ``queue_headroom`` × accepted/s × ``long_rtt``
+  (Little's law). The baseline ``long_rtt`` falls at once and rises over ``baseline_s`` (10 s): an
+  average over windows chases the very queue it should detect. App-limited windows never raise it.
+* **slow start**: +``slow_start_gain`` × max(1, RTT / ``slow_start_time_s``)² slots per answer (×3 per
+  round trip at 200 ms, ×9 at 500 ms, the ceiling in one round trip at 2 s), fading as answers show
+  queueing (HyStart-like: full up to 25 % over the lowest window RTT, none at ``tolerance``), ended by two
+  windows with no growth left or two over the tolerance. Sends are **paced** meanwhile
+  (:meth:`AdaptiveLimit.pace_s`, :class:`Pacer`), or one round trip's answers, arriving together, would
+  each open their slots at once: a burst a rate-limited provider refuses.
+* **overload answers** (429, or 503 with ``Retry-After``; reads' too): the first in a window cuts to
+  ``min(0.9 × limit, 0.9 × goodput × RTT)``, each further one (sent after the cut) removes
+  ``refusal_step`` slots; the accepted level is remembered (CUBIC's ``W_max``) and approached slowly,
+  forgotten after ``forget_s`` without a 429.
+
+The token bucket is taken by every request to the provider (:meth:`ProviderGate.take_token`): calls, and
+the read-only lookups and decision reads (consumer/providers/reads.py), which hold no slot.
 
 An open circuit breaker (consumer/breaker.py) still pauses attempts before they reach the gate.
 """
@@ -49,12 +51,14 @@ __all__ = [
     "ConcurrencyGate",
     "FixedLimit",
     "LimitController",
+    "Pacer",
     "ProviderGate",
     "TokenBucket",
     "raise_fd_limit",
 ]
 
 KeepAlive = Callable[[], Awaitable[None]] | None
+Sleep = Callable[[float], Awaitable[None]]
 
 
 class FixedLimit:
@@ -69,6 +73,9 @@ class FixedLimit:
 
     def overload(self, now: float, sent_at: float | None = None) -> None:
         return None
+
+    def pace_s(self) -> float:
+        return 0.0
 
 
 class AdaptiveLimit:
@@ -89,8 +96,14 @@ class AdaptiveLimit:
         min_window_s: float = 0.05,
         max_window_s: float = 0.5,
         min_samples: int = 10,
-        slow_start_gain: float = 3.0,
+        slow_start_gain: float = 2.0,
+        slow_start_time_s: float = 0.25,
+        pace_gain: float = 2.0,
         forget_s: float = 3.0,
+        baseline_s: float | None = 10.0,
+        queue_headroom: float = 2.0,
+        refusal_step: float = 2.0,
+        damped: bool = True,
         on_change: Callable[[int], None] | None = None,
     ) -> None:
         if not 1 <= floor <= ceiling:
@@ -102,7 +115,15 @@ class AdaptiveLimit:
         self.max_window_s = max_window_s
         self.min_samples = min_samples
         self.slow_start_gain = slow_start_gain
+        self.slow_start_time_s = slow_start_time_s
+        self.pace_gain = pace_gain
         self.forget_s = forget_s
+        self.baseline_s = baseline_s
+        self.queue_headroom = queue_headroom
+        self.refusal_step = refusal_step
+        self.damped = damped
+        self._min_rtt: float | None = None
+        self._stalled = 0  # consecutive windows of slow start with no growth left (damped)
         self.on_change = on_change
         start = initial if initial is not None else min(ceiling, max(floor, 64))
         self._limit = float(min(ceiling, max(floor, start)))
@@ -110,6 +131,7 @@ class AdaptiveLimit:
         self.slow_start = True
         self.long_rtt: float | None = None
         self.rtt: float | None = None  # the last window's mean RTT
+        self.last_rtt: float | None = None  # the last sample's RTT
         self.goodput = 0.0  # accepted answers per second (last window)
         self.w_max: float | None = None  # the level accepted at the last overload
         self.overloads = 0
@@ -118,6 +140,7 @@ class AdaptiveLimit:
         self._w_sum = 0.0
         self._w_inflight = 0
         self._last_cut = -math.inf
+        self._last_window: float | None = None
         self._congested = 0  # consecutive windows over the latency tolerance
         self._logged = self.limit
 
@@ -142,10 +165,18 @@ class AdaptiveLimit:
     def sample(self, rtt: float, in_flight: int, now: float) -> None:
         if self._w_start is None:
             self._w_start = now
-        if self.slow_start and self._congested == 0 and in_flight * (1 + self.slow_start_gain) >= self._limit:
+        self.last_rtt = rtt
+        if self.slow_start and self._congested == 0:
             # Slow start: +gain per answer sent with at least 1/(1 + gain) of the limit in use, so the
-            # limit grows (1 + gain)x per round trip whatever the timing of the answers.
-            self._set(self._limit + self.slow_start_gain, "slow start")
+            # limit grows (1 + gain)x per round trip whatever the timing of the answers; a round trip
+            # longer than slow_start_time_s raises the gain with it, so the ramp takes about as long in
+            # seconds at 2 s as at 250 ms instead of 8x longer.
+            gain = self.slow_start_gain * max(1.0, rtt / self.slow_start_time_s) ** 2
+            if self.damped and self._min_rtt is not None:  # HyStart-like: stop where the queue starts
+                excess = (rtt / self._min_rtt - 1.0) / (self.tolerance - 1.0)  # 1 at the tolerance
+                gain *= min(1.0, max(0.0, 2.0 - 2.0 * excess))
+            if gain > 0 and in_flight * (1 + gain) >= self._limit:
+                self._set(self._limit + gain, "slow start")
         self._w_count += 1
         self._w_sum += rtt
         if in_flight > self._w_inflight:
@@ -161,13 +192,33 @@ class AdaptiveLimit:
     def _window(self, rtt: float, goodput: float, used: int, now: float) -> None:
         self.rtt = rtt
         self.goodput = goodput
+        since = now - self._last_window if self._last_window is not None else 0.0
+        self._last_window = now
         if self.long_rtt is None:
             self.long_rtt = rtt
-        else:
+        elif self.baseline_s is None:
+            # Gradient2's baseline: an average over ~10 windows (at 20 ms, half a second).
             self.long_rtt += (rtt - self.long_rtt) * 0.1
-            # The provider got much faster: forget the old baseline (Gradient2 decays it).
             self.long_rtt = min(self.long_rtt, 2.0 * rtt)
+        elif rtt < self.long_rtt:
+            self.long_rtt = rtt  # a faster window: the queue drained, or the provider got faster
+        else:
+            # Rises with a time constant of baseline_s, not of a number of windows: an average over
+            # windows chases the queue it is meant to detect (at 20 ms, within a second), and the
+            # limit then creeps up to the ceiling on a daemon that is CPU-bound.
+            self.long_rtt += (rtt - self.long_rtt) * min(1.0, since / self.baseline_s)
         limit = self._limit
+        if self.slow_start and self.damped and self._min_rtt is not None:
+            # Two windows where the damping left no growth: the ramp has stopped where the queue
+            # starts; end it, so the limit is probed (and paced no more) from here.
+            stalled = rtt > self._min_rtt * (1.0 + (self.tolerance - 1.0) / 2.0)
+            self._stalled = self._stalled + 1 if stalled else 0
+            if self._stalled >= 2:
+                self.slow_start = False
+        if self._min_rtt is None or rtt < self._min_rtt:
+            # The lowest window mean, not the lowest sample: one quick answer (a 4xx, a replay from the
+            # provider's cache) must not make every later one look queued.
+            self._min_rtt = rtt
         gradient = max(0.5, min(1.0, self.tolerance * self.long_rtt / rtt))
         if gradient < 1.0:
             self._congested += 1
@@ -175,6 +226,12 @@ class AdaptiveLimit:
                 return  # one noisy window does not end slow start: hold, and look again
             self.slow_start = False
             target = limit * gradient + math.sqrt(limit)
+            if self.queue_headroom > 0:
+                # Never below what the current throughput needs at the baseline RTT, times the
+                # headroom (Little's law): when the queue is the daemon's own (CPU-bound, or a loaded
+                # machine), in-flight calls beyond that only add overhead, but fewer would idle the
+                # CPU whenever it gets more of the machine.
+                target = max(target, self.queue_headroom * goodput * self.long_rtt)
             if target < limit:
                 self._set(limit + (target - limit) * 0.5, "latency")
             return
@@ -196,6 +253,15 @@ class AdaptiveLimit:
             step = math.sqrt(limit)
         self._set(limit + step, "probe")
 
+    def pace_s(self) -> float:
+        """Seconds between two sends the gate keeps to during slow start: ``pace_gain`` × the limit per
+        round trip (per ``slow_start_time_s`` when the round trip is longer, as the ramp). Without it
+        the answers of one round trip (which arrive together) each open 1 + gain slots at once, and a
+        rate-limited provider sees a burst of several times its rate."""
+        if not self.slow_start or self.pace_gain <= 0 or self.last_rtt is None or self.limit >= self.ceiling:
+            return 0.0
+        return min(self.last_rtt, self.slow_start_time_s) / (self.pace_gain * self._limit)
+
     def overload(self, now: float, sent_at: float | None = None) -> None:
         """A 429 (or 503 with Retry-After) for an attempt sent at ``sent_at``. Answers to attempts sent
         before the last cut were sent under the old limit: the cut already accounted for them."""
@@ -211,7 +277,7 @@ class AdaptiveLimit:
             self.w_max = accepted if accepted >= self.floor else limit * 0.9
             self._set(min(limit * 0.9, 0.9 * self.w_max), "overload")
         else:
-            self._set(limit - 1.0, "overload")
+            self._set(limit - self.refusal_step, "overload")
 
 
 LimitController = FixedLimit | AdaptiveLimit
@@ -303,6 +369,36 @@ class TokenBucket:
         self.tokens = min(self.burst, self.tokens + 1.0)
 
 
+class Pacer:
+    """Spaces sends ``interval`` seconds apart, first come first served (reservations, like
+    :class:`TokenBucket`). The interval is read at each reservation; when it shrinks (the limit grew)
+    the queue already booked is re-timed to it, so that a burst of reservations made at a small limit
+    does not hold back the sends of a larger one."""
+
+    def __init__(self) -> None:
+        self._next = -math.inf
+        self._interval = 0.0
+
+    def reserve(self, now: float, interval: float) -> float:
+        """Book the next send; returns how long to wait for it."""
+        backlog = max(0.0, self._next - now)
+        if 0 < interval < self._interval:
+            backlog *= interval / self._interval
+        self._interval = interval
+        self._next = now + backlog + interval
+        return backlog
+
+
+async def _pause(sleep: Sleep, delay: float, keep_alive: KeepAlive, every: float) -> None:
+    """Sleep ``delay`` seconds, calling ``keep_alive`` every ``every`` seconds meanwhile."""
+    while delay > 0:
+        step = delay if keep_alive is None else min(delay, every)
+        await sleep(step)
+        delay -= step
+        if delay > 0 and keep_alive is not None:
+            await keep_alive()
+
+
 class ProviderGate:
     """What :class:`~consumer.provider.ProviderClient` passes each attempt through."""
 
@@ -316,32 +412,43 @@ class ProviderGate:
         self.gate = ConcurrencyGate(controller)
         self.bucket = bucket
         self.clock = clock
+        self.pacer = Pacer()
 
     @property
     def limit(self) -> int:
         return self.controller.limit
 
-    async def enter(
-        self,
-        sleep: Callable[[float], Awaitable[None]],
-        keep_alive: KeepAlive = None,
-        every: float = 20.0,
-    ) -> int:
-        """Wait for a token and a slot; returns the in-flight count including this attempt."""
-        if self.bucket is not None:
-            delay = self.bucket.reserve()
-            try:
-                while delay > 0:
-                    step = delay if keep_alive is None else min(delay, every)
-                    await sleep(step)
-                    delay -= step
-                    if delay > 0 and keep_alive is not None:
-                        await keep_alive()
-            except BaseException:
-                self.bucket.cancel()
-                raise
+    async def enter(self, sleep: Sleep, keep_alive: KeepAlive = None, every: float = 20.0) -> int:
+        """Wait for a token, a slot and (during slow start) the pacer; returns the in-flight count
+        including this attempt."""
+        await self.take_token(sleep, keep_alive, every)
         await self.gate.acquire(keep_alive, every)
+        pace = self.controller.pace_s()
+        if pace > 0:
+            try:
+                await _pause(sleep, self.pacer.reserve(self.clock(), pace), keep_alive, every)
+            except BaseException:
+                self.gate.release()
+                raise
         return self.gate.in_flight
+
+    async def take_token(self, sleep: Sleep, keep_alive: KeepAlive = None, every: float = 20.0) -> None:
+        """Wait for the client-side rate limit's token, if there is one. Every request to the provider
+        takes one (calls and the read-only lookups and decision reads): its limit counts them all."""
+        if self.bucket is None:
+            return
+        delay = self.bucket.reserve()
+        try:
+            await _pause(sleep, delay, keep_alive, every)
+        except BaseException:
+            self.bucket.cancel()
+            raise
+
+    def refused(self, rtt: float) -> None:
+        """A request that held no slot (a read) was answered 429 after ``rtt`` seconds: the provider's
+        limit counts it too, so the controller cuts as for a call."""
+        now = self.clock()
+        self.controller.overload(now, now - rtt)
 
     def leave(
         self, rtt: float | None, in_flight: int, *, overload: bool = False, sample: bool = True

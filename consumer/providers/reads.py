@@ -3,18 +3,22 @@
 A mixin of :class:`consumer.provider.ProviderClient` (which provides the transport, the retry policy and
 the waits); kept apart so that the client module stays about its mutating call. A GET changes nothing at
 the provider, so it is retried freely (transport errors, 408/409/425/429, 5xx), with the lease made sure of
-before each try when the caller holds one.
+before each try when the caller holds one. Each try first takes a token of the client-side rate limit
+(``IDV_PROVIDER_RATE_LIMIT``, the same bucket as the calls': the provider's limit counts every request);
+a read holds no concurrency slot, but a 429 to it cuts the limit as one to a call would.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 import httpx
 
 from consumer.answers import classify_status, error_code_of, parse_retry_after, route_missing
+from consumer.concurrency import ProviderGate, Sleep
 from consumer.errors import (
     ProviderAuthError,
     ProviderConfigError,
@@ -39,6 +43,8 @@ class ReadCalls:
     retry_after_max_s: float
     _rng: random.Random
     _base_headers: tuple[tuple[bytes, bytes], ...]
+    gate: ProviderGate | None
+    _sleep: Sleep
 
     async def _send(
         self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes
@@ -73,6 +79,9 @@ class ReadCalls:
         for attempt in range(1, self.retry.max_attempts + 1):
             if ensure_lease is not None:
                 await ensure_lease()
+            if self.gate is not None:
+                await self.gate.take_token(self._sleep, keep_alive, every)
+            started = time.perf_counter()
             try:
                 response = await self._send("GET", path, list(self._base_headers), b"")
             except httpx.TransportError as exc:
@@ -85,6 +94,8 @@ class ReadCalls:
                     raise ProviderConfigError(response.status_code, path.split("?", 1)[0])
                 if kind != "retry":
                     return response.status_code, response.content
+                if self.gate is not None and response.status_code == 429:
+                    self.gate.refused(time.perf_counter() - started)
                 last = ProviderRetriableError(
                     f"provider answered HTTP {response.status_code}",
                     status=response.status_code,

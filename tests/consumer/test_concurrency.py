@@ -19,6 +19,7 @@ from consumer.concurrency import (
     AdaptiveLimit,
     ConcurrencyGate,
     FixedLimit,
+    Pacer,
     ProviderGate,
     TokenBucket,
     raise_fd_limit,
@@ -53,7 +54,8 @@ def round_trip(c: AdaptiveLimit, t: float, rtt: float) -> float:
 
 
 def test_slow_start_grows_four_times_per_round_trip_up_to_the_ceiling() -> None:
-    c = AdaptiveLimit(floor=4, ceiling=1000, initial=16)
+    # Gain 3 at a round trip of slow_start_time_s: x4 per round trip.
+    c = AdaptiveLimit(floor=4, ceiling=1000, initial=16, slow_start_gain=3.0, slow_start_time_s=0.5)
     seen = [c.limit]
     t = 0.0
     for _ in range(5):
@@ -84,7 +86,7 @@ def test_an_app_limited_window_does_not_raise_the_limit() -> None:
 
 
 def test_overload_cuts_at_once_then_one_slot_per_further_429_never_below_the_floor() -> None:
-    c = AdaptiveLimit(floor=8, ceiling=4096, initial=400)
+    c = AdaptiveLimit(floor=8, ceiling=4096, initial=400, refusal_step=1.0)
     t = feed(c, 0.0, 0.2, 1)  # goodput 100/s at 0.2 s: 20 accepted
     before = c.limit
     c.overload(t)
@@ -99,6 +101,127 @@ def test_overload_cuts_at_once_then_one_slot_per_further_429_never_below_the_flo
     for i in range(1000):
         c.overload(t + 0.003 + i * 1e-6)
     assert c.limit == 8
+
+
+def test_slow_start_at_a_long_round_trip_reaches_the_ceiling_in_one_round_trip() -> None:
+    # Gain 2 x (RTT / 0.25 s)^2: x3 per round trip at 200 ms (a rate-limited provider sees a gentle
+    # ramp), x9 at 500 ms, from 64 to the 4,096 ceiling in one round trip at 2 s.
+    seen = {}
+    for rtt in (0.2, 0.5, 2.0):
+        c = AdaptiveLimit(floor=8, ceiling=4096, initial=64)
+        round_trip(c, 0.0, rtt)
+        seen[rtt] = c.limit
+    assert seen == {0.2: 64 * 3, 0.5: 64 * 9, 2.0: 4096}
+
+
+def test_slow_start_growth_fades_as_the_answers_show_queueing() -> None:
+    # Full gain up to half way to the latency tolerance (1.5x the lowest window's RTT), none at it.
+    def grown(rtt: float, damped: bool = True) -> int:
+        c = AdaptiveLimit(floor=8, ceiling=4096, initial=64, damped=damped)
+        t = feed(c, 0.0, 0.2, 2)  # the lowest window mean: 200 ms
+        before = c.limit
+        c.sample(rtt, c.limit, t + 0.01)
+        return c.limit - before
+
+    assert grown(0.2) == grown(0.25) == 2  # +2 per answer up to 25 % over the lowest RTT
+    assert grown(0.3) == 0  # 50 % over it: the latency tolerance
+    assert grown(0.3, damped=False) == 2
+    # One quick answer (a 4xx, a replay from the provider's cache) is not the baseline: it is a window's
+    # mean that sets it, so the answers after it still grow the limit.
+    c = AdaptiveLimit(floor=8, ceiling=4096, initial=64)
+    c.sample(0.002, 64, 0.1)
+    t = feed(c, 0.1, 0.2, 2)
+    assert c._min_rtt is not None and c._min_rtt > 0.1
+    before = c.limit
+    c.sample(0.22, c.limit, t + 0.01)
+    assert c.limit > before
+
+
+def test_a_stalled_ramp_ends_slow_start() -> None:
+    c = AdaptiveLimit(floor=8, ceiling=4096, initial=64)
+    t = feed(c, 0.0, 0.2, 2)
+    t = feed(c, t, 0.27, 2)  # 35 % over the lowest RTT: no growth left, under the tolerance
+    assert c.slow_start
+    t = feed(c, t, 0.27, 1)
+    assert not c.slow_start
+
+
+def test_slow_start_paces_sends_and_stops_pacing_at_the_ceiling() -> None:
+    c = AdaptiveLimit(floor=8, ceiling=4096, initial=64, damped=False)
+    assert c.pace_s() == 0.0  # no round trip measured yet: nothing to pace by
+    c.sample(0.2, 64, 0.2)
+    # pace_gain (2) x the limit per round trip: the limit's worth of sends spread over half of it.
+    assert c.pace_s() == pytest.approx(0.2 / (2 * c.limit))
+    c.sample(4.0, c.limit, 4.2)  # a long round trip paces over slow_start_time_s instead
+    assert c.pace_s() == pytest.approx(0.25 / (2 * c.limit))
+    round_trip(c, 4.2, 2.0)
+    assert c.limit == 4096 and c.pace_s() == 0.0
+    c2 = AdaptiveLimit(floor=8, ceiling=4096, initial=64)
+    c2.sample(0.2, 64, 0.2)
+    c2.overload(0.3)
+    assert not c2.slow_start and c2.pace_s() == 0.0  # pacing is for the ramp only
+
+
+def test_pacer_is_fifo_and_retimes_its_queue_when_the_interval_shrinks() -> None:
+    p = Pacer()
+    assert p.reserve(0.0, 0.1) == 0.0
+    assert [p.reserve(0.0, 0.1) for _ in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    # The limit grew tenfold: the 0.4 s already booked shrinks to 0.04 s, the next send follows it.
+    assert p.reserve(0.0, 0.01) == pytest.approx(0.04)
+    assert p.reserve(1.0, 0.01) == 0.0  # idle: no backlog
+
+
+def test_further_429s_remove_refusal_step_slots_each() -> None:
+    c = AdaptiveLimit(floor=8, ceiling=4096, initial=400)
+    t = feed(c, 0.0, 0.2, 1)
+    c.overload(t)
+    cut = c.limit
+    c.overload(t + 0.001, sent_at=t + 0.0005)
+    assert c.limit == cut - 2  # default refusal_step: two slots per refusal after the cut
+
+
+def test_the_baseline_rtt_does_not_chase_a_standing_queue() -> None:
+    # A daemon whose own queue doubles the RTT (CPU-bound): with Gradient2's baseline (an average over
+    # ~10 windows) the queue becomes the baseline within a second and the limit creeps up; with a
+    # baseline that rises over baseline_s (10 s) the same queue keeps reading as queueing.
+    chasing = AdaptiveLimit(floor=4, ceiling=4096, initial=200, baseline_s=None, queue_headroom=0.0)
+    steady = AdaptiveLimit(floor=4, ceiling=4096, initial=200, queue_headroom=0.0)
+    for c in (chasing, steady):
+        t = feed(c, 0.0, 0.05, 2)
+        t = feed(c, t, 0.1, 20)  # one second at twice the RTT
+        assert c.long_rtt is not None
+    assert chasing.long_rtt is not None and steady.long_rtt is not None
+    assert chasing.long_rtt > 0.09 and steady.long_rtt < 0.06
+    assert steady.limit < chasing.limit
+
+
+def cpu_bound(c: AdaptiveLimit, seconds: float, rate: float = 2000.0, provider_rtt: float = 0.02) -> None:
+    """A daemon that answers ``rate`` calls/s whatever the limit: every slot beyond rate x provider RTT
+    is queueing in the daemon, so the RTT it measures is limit / rate."""
+    t = 0.0
+    while t < seconds:
+        t += 1.0 / rate
+        c.sample(max(provider_rtt, c.limit / rate), c.limit, t)
+
+
+def test_a_latency_cut_keeps_what_the_throughput_needs_at_the_baseline_rtt() -> None:
+    # Little's law: a cut for latency never goes below queue_headroom (2) x goodput x baseline RTT,
+    # here 2 x 2,000/s x 20 ms = 80, which keeps the CPU busy; without the floor it goes lower.
+    # (Undamped slow start, so that the ramp overshoots into a standing queue and latency cuts follow.)
+    c = AdaptiveLimit(floor=4, ceiling=4096, initial=64, queue_headroom=2.0, damped=False)
+    bare = AdaptiveLimit(floor=4, ceiling=4096, initial=64, queue_headroom=0.0, damped=False)
+    for x in (c, bare):
+        cpu_bound(x, 5.0)
+        assert not x.slow_start  # the queue ended the ramp
+    assert c.limit >= 0.9 * 80, c.limit
+    assert bare.limit < c.limit
+    # The baseline still rises (a provider may really have got slower), but over baseline_s: after 20 s
+    # of the same standing queue the limit is well under half of where Gradient2's baseline takes it.
+    chasing = AdaptiveLimit(floor=4, ceiling=4096, initial=64, queue_headroom=0.0, baseline_s=None)
+    steady = AdaptiveLimit(floor=4, ceiling=4096, initial=64)
+    for x in (chasing, steady):
+        cpu_bound(x, 20.0)
+    assert steady.limit * 2 < chasing.limit, (steady.limit, chasing.limit)
 
 
 def test_probing_is_one_slot_per_window_near_the_level_of_the_last_429() -> None:
@@ -291,3 +414,33 @@ async def test_the_limit_backs_off_on_429(sb: Sandbox) -> None:
         await _hammer(client, 100, 2.0)
     assert controller.overloads > 0
     assert controller.limit < 64, controller.limit  # below where it started
+
+
+@pytest.mark.anyio
+async def test_decision_reads_take_tokens_from_the_calls_rate_limit(didit: Sandbox) -> None:
+    # IDV_PROVIDER_RATE_LIMIT is the provider's limit, which counts every request: a read of a decision
+    # (workflows, reconciliation lookups) waits for a token of the same bucket as the calls.
+    from consumer.errors import ProviderNotFound
+    from consumer.providers.didit import DiditAdapter
+
+    now = [0.0]
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    bucket = TokenBucket(4.0, 1, clock=lambda: now[0])
+    controller = AdaptiveLimit(floor=2, ceiling=64, initial=16)
+    gate = ProviderGate(controller, bucket)
+    client = ProviderClient(didit.url, API_KEY, adapter=DiditAdapter(), gate=gate, sleep=sleep)
+    async with client:
+        for _ in range(3):
+            with pytest.raises(ProviderNotFound):
+                await client.get_decision("00000000-0000-0000-0000-000000000000")
+        assert slept == pytest.approx([0.25, 0.25])  # burst 1, then one token every 1/4 s
+        # A read answered 429 cuts the limit as a call's 429 would (the read held no slot).
+        controller.sample(0.1, 16, now[0])
+        gate.refused(0.001)
+        assert controller.overloads == 1 and controller.limit < 16
+        assert gate.gate.in_flight == 0
