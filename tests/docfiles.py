@@ -15,6 +15,8 @@ from pathlib import Path
 from aiohttp import web
 from PIL import Image
 
+from tests.loopback import serve
+
 
 def noise_image(
     path: Path, *, width: int = 2000, height: int = 1400, seed: int = 1, fmt: str = "JPEG"
@@ -102,13 +104,5 @@ async def document_store(root: Path, token: str | None = None) -> AsyncIterator[
     app.router.add_get("/status/{code}", status)
     app.router.add_get("/slow/{name}", slow)
     app.router.add_get("/redirect/{name}", redirect)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    store.url = f"http://127.0.0.1:{port}"
-    try:
+    async with serve(app, shutdown_timeout=0.5) as store.url:
         yield store
-    finally:
-        await runner.cleanup()

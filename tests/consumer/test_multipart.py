@@ -21,6 +21,7 @@ from consumer.documents import CHUNK_SIZE, Document, DocumentError, LocalDocumen
 from consumer.multipart import MultipartBody, escape_name, multipart_body
 from consumer.provider import TRANSPORT_KINDS, make_transport
 from tests.docfiles import document_store, noise_image, sha256
+from tests.loopback import serve
 
 pytestmark = pytest.mark.anyio
 
@@ -104,15 +105,8 @@ async def upload_server() -> AsyncIterator[tuple[str, list[Parsed]]]:
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v3/id-verification/", handler)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}", seen
-    finally:
-        await runner.cleanup()
+    async with serve(app, shutdown_timeout=0.5) as url:
+        yield url, seen
 
 
 def upload_request(url: str, body: MultipartBody) -> httpx.Request:

@@ -29,6 +29,7 @@ from consumer.settings import Settings
 from producer.envelope import Envelope, get_operation
 from sandbox import SandboxConfig, run_in_thread
 from tests.consumer.conftest import API_KEY, FINGERPRINT_KEY, Sandbox
+from tests.loopback import serve
 
 pytestmark = pytest.mark.anyio
 
@@ -311,15 +312,8 @@ async def signature_checker() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]
 
     app = web.Application()
     app.router.add_post("/v3/aml/", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}", seen
-    finally:
-        await runner.cleanup()
+    async with serve(app) as url:
+        yield url, seen
 
 
 async def test_signed_profile_signs_every_attempt(

@@ -20,7 +20,6 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from aiohttp import web
 
 from consumer.webhooks import (
     EventPublisher,
@@ -33,6 +32,7 @@ from consumer.webhooks import (
     sign_v2,
 )
 from tests.conftest import create_topic, random_topic_name, service_missing
+from tests.loopback import serve
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -115,14 +115,10 @@ def settings_for(bootstrap: str, topic: str, **overrides: Any) -> WebhookSetting
 @asynccontextmanager
 async def serving_intake(intake: Intake) -> AsyncIterator[str]:
     """``intake`` alone on a loopback port (no start-up checks); yields the webhook URL."""
-    runner = web.AppRunner(intake.app(), access_log=None, lingering_time=1.0)  # as the service
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
     try:
-        yield f"http://127.0.0.1:{site.port}{intake.path}"
+        async with serve(intake.app(), access_log=None, lingering_time=1.0) as base:  # as the service
+            yield base + intake.path
     finally:
-        await runner.cleanup()
         await intake.publisher.stop()
 
 
