@@ -9,14 +9,11 @@ workflows holding no offsets.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +26,10 @@ from consumer.store import open_store
 from consumer.workflows.model import Workflow, WState
 from consumer.workflows.store import open_workflow_store
 from producer.envelope import Envelope
-from tests.conftest import create_topic, random_topic_name, service_missing
+from tests.conftest import create_topic, random_topic_name
 from tests.consumer.conftest import (
     Sandbox,
+    backend_url,
     daemon_env,
     publish,
     read_results,
@@ -92,27 +90,6 @@ def workflow_results(values: list[bytes], *, sessions: bool = False) -> list[dic
     ]  # fmt: skip
 
 
-@contextlib.asynccontextmanager
-async def backend_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh store: a SQLite file, or a schema of its own in the shared PostgreSQL (dropped after)."""
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'wf.db'}"
-        return
-    url = os.environ.get("IDV_TEST_POSTGRES_URL", "")
-    if not url:
-        service_missing("PostgreSQL (IDV_TEST_POSTGRES_URL)", "bash scripts/postgres.sh start")
-    import asyncpg
-
-    schema = "idv_wfd_" + uuid.uuid4().hex[:12]
-    admin = await asyncpg.connect(url)
-    try:
-        await admin.execute(f"CREATE SCHEMA {schema}")
-        yield url + ("&" if "?" in url else "?") + f"search_path={schema}"
-    finally:
-        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await admin.close()
-
-
 @pytest.mark.parametrize(
     ("backend", "transactional"),
     [("sqlite", False), ("sqlite", True), ("postgres", False)],
@@ -127,7 +104,7 @@ async def test_workflows_end_to_end(
     backend: str,
     transactional: bool,
 ) -> None:
-    async with backend_url(backend, tmp_path) as store_url:
+    async with backend_url(backend, tmp_path, "wf") as store_url:
         await _end_to_end(kafka_bootstrap, topic, group, sb, tmp_path, transactional, store_url)
 
 
