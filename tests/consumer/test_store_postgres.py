@@ -26,6 +26,7 @@ from anyio.abc import SocketAttribute
 from consumer.errors import LeaseLost, StoreError
 from consumer.store import Claim, ClaimStatus, Outcome, State, open_store
 from consumer.store.postgres import SCHEMA_VERSION, PostgresStore, migrate, migrate_url
+from tests.conftest import free_port
 from tests.consumer.conftest import claim_key, pg_schema
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
@@ -334,17 +335,8 @@ async def test_purge_works_in_batches_and_keeps_in_progress(schema_url: str) -> 
 # -- outages ------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def test_unreachable_server_is_a_store_error(pg_url: str) -> None:
-    nowhere = _on_port(pg_url, _free_port())
+    nowhere = _on_port(pg_url, free_port())
     store = PostgresStore(nowhere, connect_timeout=2)
     with pytest.raises(StoreError, match="cannot open") as info:
         await store.open()
