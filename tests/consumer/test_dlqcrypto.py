@@ -119,9 +119,8 @@ def test_open_dead_letter_decrypts_and_refuses_without_keys() -> None:
 @pytest.mark.anyio
 @pytest.mark.kafka
 async def test_encrypted_dead_letters_end_to_end(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     doomed = make_envelopes(3, seed=77)
     sb.faults(error_rate=1.0)
     records = records_of(doomed)
@@ -178,9 +177,8 @@ async def test_encrypted_dead_letters_end_to_end(
 @pytest.mark.anyio
 @pytest.mark.kafka
 async def test_redrive_with_the_writing_key_republishes_the_plaintext(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     bad = [(b"bad", b'{"not": "an envelope", "name": "Jane Roe"}', [("trace-id", b"t")])]
     await publish_raw(kafka_bootstrap, topic, bad, partition=1)
     group = "live-" + uuid.uuid4().hex[:6]

@@ -69,7 +69,6 @@ def address(data: bytes, ext: str) -> str:
 def test_upload_and_publish_in_one_step(
     run: Callable[..., Result],
     topic: str,
-    anyio_backend: str,
     read_topic_sync: ReadSync,
     images: dict[str, Path],
     tmp_path: Path,
@@ -120,7 +119,7 @@ def test_upload_and_publish_in_one_step(
 
 @pytest.mark.kafka
 def test_the_same_image_twice_is_one_document(
-    run: Callable[..., Result], topic: str, anyio_backend: str, images: dict[str, Path], tmp_path: Path
+    run: Callable[..., Result], topic: str, images: dict[str, Path], tmp_path: Path
 ) -> None:
     docs = tmp_path / "documents"
     uris = set()
@@ -153,7 +152,6 @@ def test_the_same_image_twice_is_one_document(
 def test_bad_documents_are_usage_errors_and_nothing_is_published(
     run: Callable[..., Result],
     topic: str,
-    anyio_backend: str,
     read_topic_sync: ReadSync,
     images: dict[str, Path],
     tmp_path: Path,
@@ -176,7 +174,7 @@ def test_bad_documents_are_usage_errors_and_nothing_is_published(
 
 @pytest.mark.kafka
 def test_a_document_twice_or_too_large_is_refused(
-    run: Callable[..., Result], topic: str, anyio_backend: str, images: dict[str, Path], tmp_path: Path
+    run: Callable[..., Result], topic: str, images: dict[str, Path], tmp_path: Path
 ) -> None:
     docs = ["--documents-dir", str(tmp_path / "documents")]
     twice = run(
