@@ -31,6 +31,16 @@ def noise_image(
     return path
 
 
+def documents_dir(parent: Path, seed: int) -> Path:
+    """``parent/documents`` holding ``front.jpg`` (~3 MB) and ``back.png``, drawn from ``seed`` and
+    ``seed + 1``."""
+    docs = parent / "documents"
+    docs.mkdir()
+    noise_image(docs / "front.jpg", seed=seed)
+    noise_image(docs / "back.png", width=1000, height=1000, seed=seed + 1, fmt="PNG")
+    return docs
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

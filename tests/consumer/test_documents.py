@@ -31,7 +31,7 @@ from consumer.documents import (
 from consumer.errors import ConfigurationError
 from consumer.model import DLQ_REASONS
 from consumer.settings import Settings
-from tests.docfiles import Store, document_store, noise_image, sha256
+from tests.docfiles import Store, document_store, documents_dir, sha256
 from tests.loopback import serve
 
 pytestmark = pytest.mark.anyio
@@ -49,11 +49,7 @@ async def read_all(document: Document) -> tuple[bytes, int]:
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    docs = tmp_path / "documents"
-    docs.mkdir()
-    noise_image(docs / "front.jpg", seed=1)
-    noise_image(docs / "back.png", width=1000, height=1000, seed=2, fmt="PNG")
-    return docs
+    return documents_dir(tmp_path, seed=1)
 
 
 # -- references -----------------------------------------------------------------------------------------

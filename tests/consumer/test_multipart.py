@@ -20,7 +20,7 @@ from consumer.document_http import HttpDocumentSource
 from consumer.documents import CHUNK_SIZE, Document, DocumentError, LocalDocumentSource, document_error_in
 from consumer.multipart import MultipartBody, escape_name, multipart_body
 from consumer.provider import TRANSPORT_KINDS, make_transport
-from tests.docfiles import document_store, noise_image, sha256
+from tests.docfiles import document_store, documents_dir, sha256
 from tests.loopback import serve
 
 pytestmark = pytest.mark.anyio
@@ -28,11 +28,7 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    docs = tmp_path / "documents"
-    docs.mkdir()
-    noise_image(docs / "front.jpg", seed=11)
-    noise_image(docs / "back.png", width=1000, height=1000, seed=12, fmt="PNG")
-    return docs
+    return documents_dir(tmp_path, seed=11)
 
 
 @pytest.fixture
