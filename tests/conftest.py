@@ -30,6 +30,16 @@ def reachable(hostport: str) -> bool:
         return False
 
 
+class FakeClock:
+    """A clock a test moves by hand (``clock.now += 31``): what stores, leases and breakers read as time."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def free_port() -> int:
     """A loopback TCP port nothing listens on right now (the OS picks it)."""
     with socket.socket() as s:

@@ -23,17 +23,10 @@ from consumer.keys import HMAC_V1, Fingerprinter, fingerprint
 from consumer.store import Claim, ClaimStatus, DedupeStore, Outcome, Record, State, open_store
 from consumer.store.base import COLUMNS, Decision, decide_claim, dump_outcome, record_from_row
 from producer.envelope import Envelope
+from tests.conftest import FakeClock
 from tests.consumer.conftest import backend_url, claim_key
 
 pytestmark = pytest.mark.anyio
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 BACKENDS = ["sqlite", "postgres"]
@@ -48,7 +41,7 @@ if os.environ.get("CI") and not os.environ.get("IDV_TEST_POSTGRES_URL"):
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[DedupeStore]:
     async with backend_url(request.param, tmp_path, "contract") as url:
         s = open_store(url)
-        s.clock = FakeClock()
+        s.clock = FakeClock(1_000_000.0)
         async with s:
             yield s
 
