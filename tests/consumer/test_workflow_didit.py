@@ -14,9 +14,7 @@ from consumer.workflows.model import WState
 from producer.envelope import Envelope
 from tests.consumer.conftest import (
     Sandbox,
-    daemon_env,
     read_results,
-    start_daemon,
     wait_committed_to_end,
     wait_until,
 )
@@ -26,6 +24,7 @@ from tests.consumer.workflow_e2e import (
     publish_requests,
     requests,
     rows,
+    workflow_daemon,
     workflow_results,
 )
 
@@ -40,12 +39,9 @@ async def test_dropped_webhooks_are_completed_by_polling_the_didit_sandbox(
     provider's effects per ``metadata.idv_key``)."""
     store_url = f"sqlite:///{tmp_path / 'wf.db'}"
     events = await publish_requests(kafka_bootstrap, topic, requests(12, uuid.uuid4().hex[:8]))
-    env = daemon_env(kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events,
-                     provider="didit",
-                     workflow_scan_interval_s=0.3, workflow_poll_after_s=0.5, workflow_poll_max_s=1,
-                     workflow_abandon_after_s=20)  # fmt: skip
-    proc = start_daemon(env, tmp_path / "daemon.log")
-    try:
+    with workflow_daemon(kafka_bootstrap, topic, group, store_url, didit.url, tmp_path / "daemon.log",
+                         events=events, workflow_scan_interval_s=0.3, workflow_poll_after_s=0.5,
+                         workflow_poll_max_s=1, workflow_abandon_after_s=20) as (proc, _):  # fmt: skip
         await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
         waiting = await rows(store_url)
         assert len(waiting) == 12
@@ -66,8 +62,6 @@ async def test_dropped_webhooks_are_completed_by_polling_the_didit_sandbox(
         await wait_until(all_final, "every workflow finished or abandoned", timeout=90)
         await wait_committed_to_end(kafka_bootstrap, group, events, 60)
         proc.stop_cleanly()
-    finally:
-        proc.kill()
     final = {w.message_id: w for w in await rows(store_url)}
     for mid, wf in final.items():
         assert wf.state is (WState.FINISHED if mid in outcome else WState.ABANDONED)
@@ -94,42 +88,36 @@ async def test_signed_webhooks_through_the_intake_decide_workflows(
 
     store_url = f"sqlite:///{tmp_path / 'wf.db'}"
     events = await publish_requests(kafka_bootstrap, topic, requests(8, uuid.uuid4().hex[:8]))
-    env = daemon_env(
-        kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events, provider="didit"
-    )
-    proc = start_daemon(env, tmp_path / "daemon.log")
-    with intake_running(kafka_bootstrap, events) as (intake, port):
-        try:
-            await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
-            waiting = await rows(store_url)
-            assert len(waiting) == 8
-            statuses = {}
-            async with httpx.AsyncClient(timeout=10) as client:
-                await wait_ready(client, intake, port)
-                url = f"http://127.0.0.1:{port}/webhooks/didit"
-                for i, wf in enumerate(waiting):
-                    assert wf.session_id is not None
-                    status = "Approved" if i % 2 == 0 else "Declined"
-                    statuses[wf.message_id] = status.lower()
-                    didit.set_session_status(wf.session_id, status)  # the applicant finished
-                    body, headers = delivery(
-                        session_id=wf.session_id, status=status, vendor_data=wf.subject_id
-                    )
-                    forged, bad = delivery(
-                        session_id=wf.session_id, status="Approved", secret="not-the-secret"
-                    )
-                    assert (await client.post(url, content=forged, headers=bad)).status_code == 401
-                    for _ in range(2):  # Didit retries: duplicate deliveries
-                        assert (await client.post(url, content=body, headers=headers)).status_code == 200
+    with (
+        workflow_daemon(
+            kafka_bootstrap, topic, group, store_url, didit.url, tmp_path / "daemon.log", events=events
+        ) as (proc, _),
+        intake_running(kafka_bootstrap, events) as (intake, port),
+    ):
+        await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
+        waiting = await rows(store_url)
+        assert len(waiting) == 8
+        statuses = {}
+        async with httpx.AsyncClient(timeout=10) as client:
+            await wait_ready(client, intake, port)
+            url = f"http://127.0.0.1:{port}/webhooks/didit"
+            for i, wf in enumerate(waiting):
+                assert wf.session_id is not None
+                status = "Approved" if i % 2 == 0 else "Declined"
+                statuses[wf.message_id] = status.lower()
+                didit.set_session_status(wf.session_id, status)  # the applicant finished
+                body, headers = delivery(session_id=wf.session_id, status=status, vendor_data=wf.subject_id)
+                forged, bad = delivery(session_id=wf.session_id, status="Approved", secret="not-the-secret")
+                assert (await client.post(url, content=forged, headers=bad)).status_code == 401
+                for _ in range(2):  # Didit retries: duplicate deliveries
+                    assert (await client.post(url, content=body, headers=headers)).status_code == 200
 
-            async def all_finished() -> bool:
-                return all(w.state is WState.FINISHED for w in await rows(store_url))
+        async def all_finished() -> bool:
+            return all(w.state is WState.FINISHED for w in await rows(store_url))
 
-            await wait_until(all_finished, "every workflow decided by its webhook", timeout=60)
-            await wait_committed_to_end(kafka_bootstrap, group, events, 60)
-            proc.stop_cleanly()
-        finally:
-            proc.kill()
+        await wait_until(all_finished, "every workflow decided by its webhook", timeout=60)
+        await wait_committed_to_end(kafka_bootstrap, group, events, 60)
+        proc.stop_cleanly()
     final = {w.message_id: w for w in await rows(store_url)}
     assert {m: w.decision_status for m, w in final.items()} == statuses  # never the forged approval
     assert all(w.decision_source == "webhook" and w.polls == 0 for w in final.values())
@@ -163,12 +151,9 @@ async def test_simulated_applicants_and_faulty_webhooks(
         didit.webhooks(
             url=f"http://127.0.0.1:{port}/webhooks/didit", secret=SECRET, backoff_s=0.2, faults=faults
         )
-        env = daemon_env(kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events,
-                         provider="didit",
-                         workflow_scan_interval_s=0.5, workflow_poll_after_s=4, workflow_poll_max_s=4,
-                         workflow_abandon_after_s=120)  # fmt: skip
-        proc = start_daemon(env, tmp_path / "daemon.log")
-        try:
+        with workflow_daemon(kafka_bootstrap, topic, group, store_url, didit.url, tmp_path / "daemon.log",
+                             events=events, workflow_scan_interval_s=0.5, workflow_poll_after_s=4,
+                             workflow_poll_max_s=4, workflow_abandon_after_s=120) as (proc, _):  # fmt: skip
 
             async def all_final() -> bool:
                 found = await rows(store_url)
@@ -185,8 +170,6 @@ async def test_simulated_applicants_and_faulty_webhooks(
             await wait_until(revised, "the reviewer's change as revision 2", timeout=60)
             await wait_committed_to_end(kafka_bootstrap, group, events, 60)
             proc.stop_cleanly()
-        finally:
-            proc.kill()
     final = {w.message_id: w for w in await rows(store_url)}
     fates = Counter(e["fate"] for e in didit.webhooks()["events"])
     assert fates["dropped"] > 0, fates

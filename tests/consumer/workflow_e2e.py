@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -15,7 +16,7 @@ from consumer.workflows.model import Workflow
 from consumer.workflows.store import open_workflow_store
 from producer.envelope import Envelope
 from tests.conftest import create_topic, free_port, random_topic_name
-from tests.consumer.conftest import publish
+from tests.consumer.conftest import DaemonProcess, daemon_env, publish, start_daemon
 
 _ids: list[str] = []
 """The message IDs of the batch a test published last (``publish_requests``): the rows ``rows`` reads."""
@@ -68,6 +69,30 @@ def workflow_results(values: list[bytes], *, sessions: bool = False) -> list[dic
         r for r in out
         if r.get("operation") == "kyc_workflow" and (r.get("kind") == "workflow_session") == sessions
     ]  # fmt: skip
+
+
+@contextmanager
+def workflow_daemon(
+    bootstrap: str,
+    topic: str,
+    group: str,
+    store_url: str,
+    provider_url: str,
+    log_path: Path,
+    *,
+    events: str,
+    **extra: Any,
+) -> Iterator[tuple[DaemonProcess, dict[str, str]]]:
+    """The daemon as a real process running workflows (provider ``didit``, events from ``events``); yields
+    it and its environment (for the CLI tools), and kills it after (a no-op once it stopped cleanly)."""
+    env = daemon_env(
+        bootstrap, topic, group, store_url, provider_url, events_topic=events, provider="didit", **extra
+    )
+    proc = start_daemon(env, log_path)
+    try:
+        yield proc, env
+    finally:
+        proc.kill()
 
 
 @contextmanager
