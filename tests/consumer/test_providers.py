@@ -209,20 +209,13 @@ async def test_a_take_over_is_reconciled_before_the_first_send(didit: Sandbox) -
     results: list[str] = []
     async with client(didit.url, DiditAdapter(), results) as c:
         first = await c.call_envelope(aml, env("aml_screening", {"full_name": "A"}, mid="a"), "k-acted")
-        again = await c.call_envelope(
-            aml,
-            env("aml_screening", {"full_name": "A"}, mid="a"),
-            "k-acted",
-            earlier_claims=True,
-            since=started,
-        )
-        fresh = await c.call_envelope(
-            aml,
-            env("aml_screening", {"full_name": "B"}, mid="b"),
-            "k-fresh",
-            earlier_claims=True,
-            since=started,
-        )
+        # Two take-overs: of the call that acted ("a"), and of one that never reached Didit ("b").
+        again, fresh = [
+            await c.call_envelope(
+                aml, env("aml_screening", {"full_name": n}, mid=m), k, earlier_claims=True, since=started
+            )
+            for n, m, k in (("A", "a", "k-acted"), ("B", "b", "k-fresh"))
+        ]
     assert again.reconciled and again.attempts == 0
     assert again.outcome.provider_reference == first.outcome.provider_reference
     assert not fresh.reconciled and fresh.attempts == 1
