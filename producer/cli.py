@@ -23,7 +23,7 @@ import secrets
 import ssl
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -78,6 +78,9 @@ class Connection:
             sasl_plain_password=self.sasl_password,
             ssl_context=context,
         )
+
+
+_CONNECTION_OPTIONS = tuple(f.name for f in fields(Connection) if f.name != "sasl_password")
 
 
 def _sasl_password() -> str | None:
@@ -140,27 +143,11 @@ def _common_options(func: F) -> F:
     ]
 
     @functools.wraps(func)
-    def wrapper(
-        *args: Any,
-        bootstrap: str,
-        topic: str,
-        security_protocol: str,
-        sasl_mechanism: str | None,
-        sasl_username: str | None,
-        ssl_cafile: str | None,
-        verbose: bool,
-        **kwargs: Any,
-    ) -> Any:
+    def wrapper(*args: Any, verbose: bool, **kwargs: Any) -> Any:
         _configure_logging(verbose)
-        connection = Connection(
-            bootstrap=bootstrap,
-            topic=topic,
-            security_protocol=security_protocol,
-            sasl_mechanism=sasl_mechanism,
-            sasl_username=sasl_username,
-            sasl_password=_sasl_password(),
-            ssl_cafile=ssl_cafile,
-        )
+        # The options above are named as Connection's fields; the password alone never is an option.
+        given = {name: kwargs.pop(name) for name in _CONNECTION_OPTIONS}
+        connection = Connection(**given, sasl_password=_sasl_password())
         return func(*args, connection=connection, **kwargs)
 
     decorated: Any = wrapper

@@ -158,17 +158,9 @@ class Envelope:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        validate_fields(
-            {
-                "schema_version": self.schema_version,
-                "message_id": self.message_id,
-                "operation": self.operation,
-                "subject_id": self.subject_id,
-                "correlation_id": self.correlation_id,
-                "created_at": self.created_at,
-                "request": self.request,
-            }
-        )
+        # The same checks as a decoded envelope's, on the object it will be encoded as (an absent
+        # correlation_id reads as None there, as here).
+        validate_fields(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

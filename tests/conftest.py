@@ -30,6 +30,23 @@ def reachable(hostport: str) -> bool:
         return False
 
 
+class FakeClock:
+    """A clock a test moves by hand (``clock.now += 31``): what stores, leases and breakers read as time."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def service_missing(what: str, how: str) -> None:
     """Fail under CI (a missing service is a failure there), skip elsewhere."""
     message = f"{what} is not available; start it with: {how}"

@@ -15,6 +15,8 @@ from pathlib import Path
 from aiohttp import web
 from PIL import Image
 
+from tests.loopback import serve
+
 
 def noise_image(
     path: Path, *, width: int = 2000, height: int = 1400, seed: int = 1, fmt: str = "JPEG"
@@ -27,6 +29,16 @@ def noise_image(
     else:
         image.save(path, fmt)
     return path
+
+
+def documents_dir(parent: Path, seed: int) -> Path:
+    """``parent/documents`` holding ``front.jpg`` (~3 MB) and ``back.png``, drawn from ``seed`` and
+    ``seed + 1``."""
+    docs = parent / "documents"
+    docs.mkdir()
+    noise_image(docs / "front.jpg", seed=seed)
+    noise_image(docs / "back.png", width=1000, height=1000, seed=seed + 1, fmt="PNG")
+    return docs
 
 
 def sha256(data: bytes) -> str:
@@ -102,13 +114,5 @@ async def document_store(root: Path, token: str | None = None) -> AsyncIterator[
     app.router.add_get("/status/{code}", status)
     app.router.add_get("/slow/{name}", slow)
     app.router.add_get("/redirect/{name}", redirect)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    store.url = f"http://127.0.0.1:{port}"
-    try:
+    async with serve(app, shutdown_timeout=0.5) as store.url:
         yield store
-    finally:
-        await runner.cleanup()

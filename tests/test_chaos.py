@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,18 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, service_missing
+from tests.conftest import ROOT, free_port, service_missing
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
 SEED = 20260101
 CHAOS = ROOT / "bench" / "chaos.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _require_tools() -> None:
@@ -72,7 +65,7 @@ def test_small_chaos_run_holds_every_invariant() -> None:
     _require_tools()
     from bench.chaos_env import PrivateKafka, PrivatePostgres
 
-    kafka_port, controller_port, pg_port = _free_port(), _free_port(), _free_port()
+    kafka_port, controller_port, pg_port = free_port(), free_port(), free_port()
     # The postgres user must be able to reach the data directory: not pytest's tmp_path.
     pg_base = Path(tempfile.mkdtemp(prefix="idv-chaos-pg-"))
     pg_base.chmod(0o755)

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -30,7 +29,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT, service_missing
+from tests.conftest import ROOT, free_port, service_missing
 
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "idv.json"
 ALERTS = ROOT / "docker" / "prometheus" / "alerts.yml"
@@ -275,13 +274,6 @@ def test_dashboard_is_provisioned_and_well_formed() -> None:
 
 
 # -- against a real daemon -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def parse_scrape(text: str) -> dict[str, set[str]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer.envelope import Envelope, encode
-from tests.conftest import ROOT, service_missing
+from tests.conftest import ROOT, free_port, service_missing
 from tests.consumer.conftest import (
     Sandbox,
     daemon_env,
@@ -62,12 +61,6 @@ def _browser_tools() -> str:
         if done.returncode != 0:
             service_missing("playwright-core", "cd tests/browser && npm ci")
     return node
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -127,7 +120,7 @@ async def test_status_page_in_headless_chromium_shows_the_metrics(
     records = [(e.key, encode(e), e.headers()) for e in envs]
     records.append((b"subject-x", b"{not json", []))  # one dead letter
     await publish_raw(kafka_bootstrap, topic, records)
-    port = _free_port()
+    port = free_port()
     group = "g-" + uuid.uuid4().hex[:8]
     env = daemon_env(
         bootstrap=kafka_bootstrap,

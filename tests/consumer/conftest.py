@@ -213,28 +213,48 @@ async def claim_key(
     )  # fmt: skip
 
 
-@pytest.fixture
-def pg_url() -> str:
+def postgres_url() -> str:
+    """The test PostgreSQL (``IDV_TEST_POSTGRES_URL``); without it a failure under ``CI``, else a skip."""
     url = os.environ.get("IDV_TEST_POSTGRES_URL", "")
     if not url:
         service_missing("PostgreSQL (IDV_TEST_POSTGRES_URL is not set)", "bash scripts/postgres.sh start")
     return url
 
 
+@pytest.fixture
+def pg_url() -> str:
+    return postgres_url()
+
+
 @contextlib.asynccontextmanager
 async def pg_schema(pg_url: str, prefix: str) -> AsyncIterator[str]:
     """``pg_url`` whose connections work in a fresh, empty schema of their own, dropped afterwards (the
-    database is shared and outlives the run)."""
+    database is shared and outlives the run, while some tests look rows up by a fixed message ID or purge
+    by fake time: each gets an empty schema, like SQLite's fresh file)."""
     import asyncpg
 
     schema = prefix + uuid.uuid4().hex[:12]
-    admin = await asyncpg.connect(pg_url)
+    try:
+        admin = await asyncpg.connect(pg_url, timeout=30)
+    except (OSError, asyncpg.PostgresError) as exc:
+        service_missing(f"PostgreSQL ({type(exc).__name__})", "bash scripts/postgres.sh start")
     try:
         await admin.execute(f"CREATE SCHEMA {schema}")
         yield pg_url + ("&" if "?" in pg_url else "?") + f"search_path={schema}"
     finally:
         await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def backend_url(backend: str, tmp_path: Path, name: str) -> AsyncIterator[str]:
+    """A fresh store for ``backend`` (``sqlite`` or ``postgres``): the file ``name``.db in ``tmp_path``, or
+    a schema of its own (``idv_<name>_…``) in the shared PostgreSQL, dropped after."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / (name + '.db')}"
+        return
+    async with pg_schema(postgres_url(), f"idv_{name}_") as url:
+        yield url
 
 
 def keys_for(envelopes: Iterable[Envelope], namespace: str = "idv") -> set[str]:

@@ -4,20 +4,13 @@ import anyio
 import pytest
 
 from consumer.breaker import BreakerState, CircuitBreaker
+from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.anyio
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 async def test_opens_on_failure_ratio_and_closes_after_successful_probe() -> None:
-    clock = Clock()
+    clock = FakeClock()
     states: list[BreakerState] = []
     b = CircuitBreaker(
         window=10, failure_ratio=0.5, min_calls=4, open_s=5, clock=clock, on_change=states.append
@@ -26,7 +19,7 @@ async def test_opens_on_failure_ratio_and_closes_after_successful_probe() -> Non
         assert await b.acquire() is False
         b.record(ok)
     assert b.state is BreakerState.OPEN
-    clock.t = 5.0
+    clock.now = 5.0
     assert await b.acquire() is True  # the half-open probe
     b.record(True, probe=True)
     assert b.state is BreakerState.CLOSED
@@ -34,12 +27,12 @@ async def test_opens_on_failure_ratio_and_closes_after_successful_probe() -> Non
 
 
 async def test_failed_probe_reopens_and_others_wait_for_the_verdict() -> None:
-    clock = Clock()
+    clock = FakeClock()
     b = CircuitBreaker(window=4, failure_ratio=0.5, min_calls=2, open_s=1, clock=clock)
     b.record(False)
     b.record(False)
     assert b.state is BreakerState.OPEN
-    clock.t = 1.0
+    clock.now = 1.0
     assert await b.acquire() is True
     waited = []
 
@@ -52,7 +45,7 @@ async def test_failed_probe_reopens_and_others_wait_for_the_verdict() -> None:
         assert waited == []  # blocked while the probe runs
         b.record(False, probe=True)
         assert b.state is BreakerState.OPEN
-        clock.t = 2.0
+        clock.now = 2.0
         b.abort_probe()  # wake the waiter; the breaker has expired its open period
     assert waited == [True]
 

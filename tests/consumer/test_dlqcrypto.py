@@ -8,6 +8,7 @@ import base64
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka.structs import ConsumerRecord
@@ -19,7 +20,7 @@ from consumer.tools.dlq import entry_of, open_dead_letter
 from producer.envelope import encode
 from tests.consumer.conftest import API_KEY, FINGERPRINT_KEY, Sandbox, keys_for, publish_raw, read_all
 from tests.consumer.test_exactly_once import make_envelopes, run_until_committed, settings_for
-from tests.consumer.test_replay import make_cli, records_of
+from tests.consumer.test_replay import Cli, make_cli, records_of
 from tests.ledger import assert_ledger_exactly_once
 
 K1 = base64.b64encode(b"\x01" * 32).decode()
@@ -116,12 +117,17 @@ def test_open_dead_letter_decrypts_and_refuses_without_keys() -> None:
         open_dead_letter(msg, entry, None)
 
 
+async def redrive_direct(cli: Cli, keys: str) -> tuple[int, dict[str, Any] | None, str, str]:
+    """``dlq redrive --direct`` of the ``retries_exhausted`` dead letters, under these encryption keys."""
+    return await cli("dlq", "redrive", "--reason", "retries_exhausted", "--direct", "--json",
+                     env={"IDV_DLQ_ENCRYPTION_KEYS": keys})  # fmt: skip
+
+
 @pytest.mark.anyio
 @pytest.mark.kafka
 async def test_encrypted_dead_letters_end_to_end(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     doomed = make_envelopes(3, seed=77)
     sb.faults(error_rate=1.0)
     records = records_of(doomed)
@@ -155,20 +161,14 @@ async def test_encrypted_dead_letters_end_to_end(
 
     # Without the key that encrypted them: each one is counted as undecryptable, nothing is sent.
     sb.faults(error_rate=0.0)
-    code, summary, _, err = await cli(
-        "dlq", "redrive", "--reason", "retries_exhausted", "--direct", "--json",
-        env={"IDV_DLQ_ENCRYPTION_KEYS": f"k2:{K2}"},
-    )  # fmt: skip
+    code, summary, _, err = await redrive_direct(cli, f"k2:{K2}")
     assert code == 1, err
     assert summary is not None and summary["counts"] == {"undecryptable dead letter": 3}
     assert sum(sb.side_effects().values()) == 0
     assert K2 not in err and K1 not in err
 
     # Rotated: the new key first, the old one still listed: decrypts and completes each exactly once.
-    code, summary, _, err = await cli(
-        "dlq", "redrive", "--reason", "retries_exhausted", "--direct", "--json",
-        env={"IDV_DLQ_ENCRYPTION_KEYS": f"k2:{K2},k1:{K1}"},
-    )  # fmt: skip
+    code, summary, _, err = await redrive_direct(cli, f"k2:{K2},k1:{K1}")
     assert code == 0, err
     assert summary is not None and summary["counts"] == {"completed": 3}
     assert_ledger_exactly_once(sb.ledger(), keys_for(doomed))
@@ -178,9 +178,8 @@ async def test_encrypted_dead_letters_end_to_end(
 @pytest.mark.anyio
 @pytest.mark.kafka
 async def test_redrive_with_the_writing_key_republishes_the_plaintext(
-    kafka_bootstrap: str, topic: str, sandbox: object, sqlite_url: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
 ) -> None:
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
     bad = [(b"bad", b'{"not": "an envelope", "name": "Jane Roe"}', [("trace-id", b"t")])]
     await publish_raw(kafka_bootstrap, topic, bad, partition=1)
     group = "live-" + uuid.uuid4().hex[:6]

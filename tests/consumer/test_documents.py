@@ -31,7 +31,8 @@ from consumer.documents import (
 from consumer.errors import ConfigurationError
 from consumer.model import DLQ_REASONS
 from consumer.settings import Settings
-from tests.docfiles import Store, document_store, noise_image, sha256
+from tests.docfiles import Store, document_store, documents_dir, sha256
+from tests.loopback import serve
 
 pytestmark = pytest.mark.anyio
 
@@ -48,11 +49,7 @@ async def read_all(document: Document) -> tuple[bytes, int]:
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    docs = tmp_path / "documents"
-    docs.mkdir()
-    noise_image(docs / "front.jpg", seed=1)
-    noise_image(docs / "back.png", width=1000, height=1000, seed=2, fmt="PNG")
-    return docs
+    return documents_dir(tmp_path, seed=1)
 
 
 # -- references -----------------------------------------------------------------------------------------
@@ -466,18 +463,13 @@ async def test_a_store_failure_that_passes_is_retried_within_open(root: Path) ->
 
     app = web.Application()
     app.router.add_get("/docs/front.jpg", flaky)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    source = HttpDocumentSource(allow=[url + "/docs/"], backoff_s=0.01)
-    try:
-        doc = await source.open(url + "/docs/front.jpg", "front_image")
-        assert (await read_all(doc))[0] == (root / "front.jpg").read_bytes()
-    finally:
-        await source.aclose()
-        await runner.cleanup()
+    async with serve(app, shutdown_timeout=0.5) as url:
+        source = HttpDocumentSource(allow=[url + "/docs/"], backoff_s=0.01)
+        try:
+            doc = await source.open(url + "/docs/front.jpg", "front_image")
+            assert (await read_all(doc))[0] == (root / "front.jpg").read_bytes()
+        finally:
+            await source.aclose()
     assert calls == 4  # two 503s, the open, the stream
 
 

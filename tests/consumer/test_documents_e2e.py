@@ -13,11 +13,17 @@ import pytest
 from consumer.keys import idempotency_key
 from producer.documents import store_local_document
 from producer.envelope import Envelope
-from tests.consumer.conftest import API_KEY, Sandbox, publish, read_all
+from tests.consumer.conftest import Sandbox, publish, read_all
 from tests.consumer.test_exactly_once import run_until_committed, settings_for
 from tests.docfiles import document_store, noise_image
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
+
+
+@pytest.fixture
+def sb(didit: Sandbox) -> Sandbox:
+    """Documents go to Didit's multipart endpoint: this module's sandbox is the ``didit`` one."""
+    return didit
 
 
 def sha(path: Path) -> str:
@@ -34,10 +40,8 @@ def id_check(message_id: str, front: object, back: object | None = None) -> Enve
 
 
 async def test_images_by_reference_are_uploaded_and_a_missing_one_is_a_dead_letter(
-    kafka_bootstrap: str, topic: str, sqlite_url: str, group: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sqlite_url: str, group: str, sb: Sandbox, tmp_path: Path
 ) -> None:
-    from sandbox import SandboxConfig, run_in_thread
-
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     docs = tmp_path / "documents"
@@ -56,22 +60,20 @@ async def test_images_by_reference_are_uploaded_and_a_missing_one_is_a_dead_lett
             id_check("doc-outside", {"document": "local:../inbox/front.jpg"}),
         ]
         await publish(kafka_bootstrap, topic, envelopes)
-        with run_in_thread(SandboxConfig(port=0, api_keys=(API_KEY,), profile="didit")) as handle:
-            sb = Sandbox(handle.url)
-            daemon = await run_until_committed(
-                settings_for(
-                    kafka_bootstrap,
-                    topic,
-                    group,
-                    sqlite_url,
-                    sb.url,
-                    provider="didit",
-                    documents_dir=str(docs),
-                    documents_http_allow=f"{store.url}/docs/",
-                    documents_token="store-token",
-                )
+        daemon = await run_until_committed(
+            settings_for(
+                kafka_bootstrap,
+                topic,
+                group,
+                sqlite_url,
+                sb.url,
+                provider="didit",
+                documents_dir=str(docs),
+                documents_http_allow=f"{store.url}/docs/",
+                documents_token="store-token",
             )
-            effects = sb.effects(operation="id_verification")["effects"]
+        )
+        effects = sb.effects(operation="id_verification")["effects"]
     by_key = {e["idv_key"]: e for e in effects}
     local = by_key[idempotency_key("idv", "id_verification", "doc-local")]
     assert {f["field"]: (f["content_type"], f["sha256"], f["size"]) for f in local["files"]} == {
@@ -98,26 +100,22 @@ async def test_images_by_reference_are_uploaded_and_a_missing_one_is_a_dead_lett
 
 
 async def test_a_retried_upload_streams_the_whole_document_again(
-    kafka_bootstrap: str, topic: str, sqlite_url: str, group: str, tmp_path: Path
+    kafka_bootstrap: str, topic: str, sqlite_url: str, group: str, sb: Sandbox, tmp_path: Path
 ) -> None:
     """Two gateway errors, then success: the multipart body is streamed three times from the local source
     (re-iterable, never held in memory), and the one check the provider performed got the exact bytes."""
-    from sandbox import SandboxConfig, run_in_thread
-
     docs = tmp_path / "documents"
     front = noise_image(tmp_path / "front.jpg", seed=41)
     uri = store_local_document(front, docs)
     await publish(kafka_bootstrap, topic, [id_check("doc-retried", {"document": uri})])
-    with run_in_thread(SandboxConfig(port=0, api_keys=(API_KEY,), profile="didit")) as handle:
-        sb = Sandbox(handle.url)
-        sb.faults(script=["503", "502", "ok"])
-        daemon = await run_until_committed(
-            settings_for(
-                kafka_bootstrap, topic, group, sqlite_url, sb.url, provider="didit", documents_dir=str(docs)
-            )
+    sb.faults(script=["503", "502", "ok"])
+    daemon = await run_until_committed(
+        settings_for(
+            kafka_bootstrap, topic, group, sqlite_url, sb.url, provider="didit", documents_dir=str(docs)
         )
-        effects = sb.effects(operation="id_verification")["effects"]
-        faults = sb.stats()["faults"]
+    )
+    effects = sb.effects(operation="id_verification")["effects"]
+    faults = sb.stats()["faults"]
     assert sum(faults.values()) == 2, faults
     (effect,) = effects
     assert [(f["field"], f["sha256"], f["size"]) for f in effect["files"]] == [

@@ -342,6 +342,16 @@ async def _committed_records(
                 yield msg, await store.get(idempotency_key("idv", env_.operation, env_.message_id))
 
 
+def crash_args(
+    bootstrap: str, topic: str, group: str, store_url: str, sb: Sandbox, profile: str, **extra: Any
+) -> dict[str, object]:
+    """The crash tests' daemon: a 3 s lease and a 2 s provider timeout, so the restart takes the dead
+    process's claims over soon after it starts."""
+    return daemon_args(
+        bootstrap, topic, group, store_url, sb.url, provider=profile, lease_s=3, provider_timeout_s=2, **extra
+    )
+
+
 @pytest.mark.parametrize(
     ("point", "nth"),
     [
@@ -374,19 +384,10 @@ async def test_crash_window_then_restart(
     """
     sb = psb
     unique = await publish_new(kafka_bootstrap, topic, 120, subjects=40, profile=profile)
-    common: dict[str, object] = daemon_args(
-        kafka_bootstrap,
-        topic,
-        group,
-        sqlite_url,
-        sb.url,
-        provider=profile,
-        lease_s=3,
-        provider_timeout_s=2,
-        max_in_flight=16,
-        # A commit every 10 finished messages: the 120 can finish within one commit interval, and then
-        # "the second commit" would never come.
-        commit_every=10,
+    # A commit every 10 finished messages: the 120 can finish within one commit interval, and then "the
+    # second commit" would never come.
+    common = crash_args(
+        kafka_bootstrap, topic, group, sqlite_url, sb, profile, max_in_flight=16, commit_every=10
     )
     if point == "in_transaction":
         common.update(results_transactional="true", instance_id="crash-txn", commit_interval_s=0.3)
@@ -490,17 +491,7 @@ async def test_crash_with_many_in_flight(
     # comes back, and the kill comes with that first answer.
     unique = await publish_new(kafka_bootstrap, topic, 300, subjects=300, profile=profile)
     sb.faults(latency_ms=1000)
-    common = daemon_args(
-        kafka_bootstrap,
-        topic,
-        group,
-        sqlite_url,
-        sb.url,
-        provider=profile,
-        lease_s=3,
-        provider_timeout_s=2,
-        max_in_flight=48,
-    )
+    common = crash_args(kafka_bootstrap, topic, group, sqlite_url, sb, profile, max_in_flight=48)
     run_until_killed(daemon_env(**common, fault_kill_at="after_provider_call:1"), tmp_path / "c.log")
     # The sandbox finishes the requests the dead process left behind: they act, nobody records them.
     await wait_until(lambda: sb.ledger()["totals"]["in_flight"] == 0, "the sandbox to finish", timeout=30)

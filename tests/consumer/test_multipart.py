@@ -20,18 +20,15 @@ from consumer.document_http import HttpDocumentSource
 from consumer.documents import CHUNK_SIZE, Document, DocumentError, LocalDocumentSource, document_error_in
 from consumer.multipart import MultipartBody, escape_name, multipart_body
 from consumer.provider import TRANSPORT_KINDS, make_transport
-from tests.docfiles import document_store, noise_image, sha256
+from tests.docfiles import document_store, documents_dir, sha256
+from tests.loopback import serve
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    docs = tmp_path / "documents"
-    docs.mkdir()
-    noise_image(docs / "front.jpg", seed=11)
-    noise_image(docs / "back.png", width=1000, height=1000, seed=12, fmt="PNG")
-    return docs
+    return documents_dir(tmp_path, seed=11)
 
 
 @pytest.fixture
@@ -104,15 +101,8 @@ async def upload_server() -> AsyncIterator[tuple[str, list[Parsed]]]:
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v3/id-verification/", handler)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}", seen
-    finally:
-        await runner.cleanup()
+    async with serve(app, shutdown_timeout=0.5) as url:
+        yield url, seen
 
 
 def upload_request(url: str, body: MultipartBody) -> httpx.Request:

@@ -26,20 +26,13 @@ from consumer.provider import ProviderClient, RetryPolicy
 from consumer.store import ClaimStatus, Outcome, State
 from consumer.store.sqlite import SqliteStore
 from producer.envelope import Envelope, encode
+from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.anyio
 
 OWNER = "owner-a"
 FP_KEY = "processor-test-fingerprint-key"
 LEASE_S = 30.0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class MockProvider:
@@ -68,7 +61,7 @@ UNAVAILABLE = (503, {"error": "unavailable"})
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    async with SqliteStore(tmp_path / "dedupe.db", clock=FakeClock()) as s:
+    async with SqliteStore(tmp_path / "dedupe.db", clock=FakeClock(1_000_000.0)) as s:
         yield s
 
 

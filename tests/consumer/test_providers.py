@@ -21,6 +21,7 @@ from aiohttp import web
 from consumer.errors import ConfigurationError, ProviderNotFound, UnreconciledAttempt
 from consumer.provider import ProviderClient, RetryPolicy
 from consumer.providers import Capability, adapter_from_settings
+from consumer.providers.calls import CallResult
 from consumer.providers.checks import check_key_retention
 from consumer.providers.didit import DiditAdapter
 from consumer.providers.ietf import IetfAdapter
@@ -29,6 +30,7 @@ from consumer.settings import Settings
 from producer.envelope import Envelope, get_operation
 from sandbox import SandboxConfig, run_in_thread
 from tests.consumer.conftest import API_KEY, FINGERPRINT_KEY, Sandbox
+from tests.loopback import serve
 
 pytestmark = pytest.mark.anyio
 
@@ -88,6 +90,14 @@ def client(url: str, adapter: Any, results: list[str] | None = None) -> Provider
 
 def env(op: str, request: dict[str, Any], subject: str = "subj-1", mid: str = "m-1") -> Envelope:
     return Envelope(message_id=mid, operation=op, subject_id=subject, request=request)
+
+
+async def screen_at_didit(didit: Sandbox, key: str, results: list[str]) -> CallResult:
+    """One AML screening under ``key`` at the didit sandbox, a first send now: what a retry reconciles."""
+    async with client(didit.url, DiditAdapter(), results) as c:
+        return await c.call_envelope(
+            get_operation("aml_screening"), env("aml_screening", {"full_name": "A"}), key, since=time.time()
+        )
 
 
 @pytest.mark.parametrize(("raw", "expected"), sorted(DIDIT_STATUSES.items()))
@@ -171,13 +181,7 @@ async def test_a_retry_after_the_provider_acted_is_reconciled_not_sent_again(did
     """Didit acted, then the connection dropped: the retry looks the check up by our key and records it."""
     didit.faults(script=["drop"])
     results: list[str] = []
-    async with client(didit.url, DiditAdapter(), results) as c:
-        result = await c.call_envelope(
-            get_operation("aml_screening"),
-            env("aml_screening", {"full_name": "A"}),
-            "k-drop",
-            since=time.time(),
-        )
+    result = await screen_at_didit(didit, "k-drop", results)
     assert result.reconciled and result.outcome.status == "approved" and result.outcome.detail == "reconciled"
     assert results == ["found"]
     assert didit.effects_per_idv_key() == {"k-drop": 1}
@@ -192,13 +196,7 @@ async def test_a_retry_after_an_attempt_that_cannot_have_acted_is_sent_without_a
     """429 is refused before any work: resent straight away. A 500 may come after the work: looked up."""
     didit.faults(script=["429:1", "500"])
     results: list[str] = []
-    async with client(didit.url, DiditAdapter(), results) as c:
-        result = await c.call_envelope(
-            get_operation("aml_screening"),
-            env("aml_screening", {"full_name": "A"}),
-            "k-429",
-            since=time.time(),
-        )
+    result = await screen_at_didit(didit, "k-429", results)
     assert result.attempts == 3 and not result.reconciled
     assert results == ["not_found"]  # only before the attempt after the 500
     assert didit.effects_per_idv_key() == {"k-429": 1}
@@ -211,20 +209,13 @@ async def test_a_take_over_is_reconciled_before_the_first_send(didit: Sandbox) -
     results: list[str] = []
     async with client(didit.url, DiditAdapter(), results) as c:
         first = await c.call_envelope(aml, env("aml_screening", {"full_name": "A"}, mid="a"), "k-acted")
-        again = await c.call_envelope(
-            aml,
-            env("aml_screening", {"full_name": "A"}, mid="a"),
-            "k-acted",
-            earlier_claims=True,
-            since=started,
-        )
-        fresh = await c.call_envelope(
-            aml,
-            env("aml_screening", {"full_name": "B"}, mid="b"),
-            "k-fresh",
-            earlier_claims=True,
-            since=started,
-        )
+        # Two take-overs: of the call that acted ("a"), and of one that never reached Didit ("b").
+        again, fresh = [
+            await c.call_envelope(
+                aml, env("aml_screening", {"full_name": n}, mid=m), k, earlier_claims=True, since=started
+            )
+            for n, m, k in (("A", "a", "k-acted"), ("B", "b", "k-fresh"))
+        ]
     assert again.reconciled and again.attempts == 0
     assert again.outcome.provider_reference == first.outcome.provider_reference
     assert not fresh.reconciled and fresh.attempts == 1
@@ -235,14 +226,8 @@ async def test_a_take_over_is_reconciled_before_the_first_send(didit: Sandbox) -
 async def test_a_lookup_that_keeps_failing_is_in_doubt_never_a_second_call(didit: Sandbox) -> None:
     didit.faults(read_faults=True, script=["drop", "500", "500", "500", "500", "500"])
     results: list[str] = []
-    async with client(didit.url, DiditAdapter(), results) as c:
-        with pytest.raises(UnreconciledAttempt, match="kept failing") as caught:
-            await c.call_envelope(
-                get_operation("aml_screening"),
-                env("aml_screening", {"full_name": "A"}),
-                "k-x",
-                since=time.time(),
-            )
+    with pytest.raises(UnreconciledAttempt, match="kept failing") as caught:
+        await screen_at_didit(didit, "k-x", results)
     assert caught.value.attempts == 1
     assert results == ["in_doubt"]
     assert didit.effects_per_idv_key() == {"k-x": 1}
@@ -311,15 +296,8 @@ async def signature_checker() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]
 
     app = web.Application()
     app.router.add_post("/v3/aml/", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}", seen
-    finally:
-        await runner.cleanup()
+    async with serve(app) as url:
+        yield url, seen
 
 
 async def test_signed_profile_signs_every_attempt(

@@ -9,7 +9,6 @@ and the shared server must never be stopped.
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 import time
 import uuid
@@ -22,7 +21,7 @@ import pytest
 
 from consumer.keys import idempotency_key
 from producer.envelope import Envelope, decode, encode
-from tests.conftest import create_topic, random_topic_name, service_missing
+from tests.conftest import create_topic, free_port, random_topic_name, service_missing
 from tests.consumer.conftest import (
     DaemonProcess,
     Sandbox,
@@ -57,12 +56,6 @@ async def store_url(pg_url: str) -> AsyncIterator[str]:
         yield url
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def private_pg() -> Iterator[Any]:
     """A PostgreSQL cluster of this test's own, which it may stop and start."""
@@ -73,7 +66,7 @@ def private_pg() -> Iterator[Any]:
     base.chmod(0o755)
     try:
         try:
-            pg = PrivatePostgres(base / "data", _free_port())
+            pg = PrivatePostgres(base / "data", free_port())
         except ToolMissing as exc:
             service_missing(str(exc), "apt-get install postgresql-15")
         pg.start()
@@ -456,7 +449,7 @@ async def test_daemon_started_while_the_store_is_down_exits_5_with_one_line(
         bootstrap=kafka_bootstrap,
         topic=topic,
         group="g-" + uuid.uuid4().hex[:8],
-        store_url=f"postgresql://idv:idv@127.0.0.1:{_free_port()}/idv",  # nothing listens there
+        store_url=f"postgresql://idv:idv@127.0.0.1:{free_port()}/idv",  # nothing listens there
         provider_url=sandbox.url,  # type: ignore[attr-defined]
         health_port=0,
     )

@@ -213,6 +213,12 @@ def secure_broker() -> SecureBroker:
     return broker
 
 
+@pytest.fixture(params=["SCRAM-SHA-256", "SCRAM-SHA-512"])
+def mechanism(request: pytest.FixtureRequest) -> str:
+    """Each SCRAM mechanism the secure broker enables (a test that lists its own cases parametrizes it)."""
+    return str(request.param)
+
+
 def scram(mechanism: str = "SCRAM-SHA-256", password: str = PASSWORD, user: str = USER) -> dict[str, Any]:
     return kafka_security_kwargs("SASL_PLAINTEXT", mechanism, user, password)
 
@@ -256,7 +262,6 @@ async def round_trip(bootstrap: str, topic: str, security: dict[str, Any]) -> li
 
 @pytest.mark.kafka
 @pytest.mark.anyio
-@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-512"])
 async def test_scram_credentials_produce_and_consume(
     secure_broker: SecureBroker, secure_topic: str, mechanism: str
 ) -> None:
@@ -365,7 +370,6 @@ async def test_tls_without_client_certificate_or_with_the_wrong_ca_is_refused(
 
 @pytest.mark.kafka
 @pytest.mark.anyio
-@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-512"])
 async def test_sasl_over_tls_produce_and_consume(
     secure_broker: SecureBroker, secure_topic: str, mechanism: str
 ) -> None:

@@ -23,18 +23,10 @@ from consumer.keys import HMAC_V1, Fingerprinter, fingerprint
 from consumer.store import Claim, ClaimStatus, DedupeStore, Outcome, Record, State, open_store
 from consumer.store.base import COLUMNS, Decision, decide_claim, dump_outcome, record_from_row
 from producer.envelope import Envelope
-from tests.conftest import service_missing
-from tests.consumer.conftest import claim_key
+from tests.conftest import FakeClock
+from tests.consumer.conftest import backend_url, claim_key
 
 pytestmark = pytest.mark.anyio
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 BACKENDS = ["sqlite", "postgres"]
@@ -47,33 +39,11 @@ if os.environ.get("CI") and not os.environ.get("IDV_TEST_POSTGRES_URL"):
 
 @pytest.fixture(params=BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[DedupeStore]:
-    admin, schema = None, ""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'contract.db'}"
-    else:
-        url = os.environ.get("IDV_TEST_POSTGRES_URL", "")
-        if not url:
-            service_missing("PostgreSQL (IDV_TEST_POSTGRES_URL)", "bash scripts/postgres.sh start")
-        # The database is shared and outlives the run, while some tests look rows up by a fixed message ID
-        # or purge by (fake) time: give each test an empty schema of its own, like SQLite's fresh file.
-        import asyncpg
-
-        schema = "idv_contract_" + uuid.uuid4().hex[:12]
-        try:
-            admin = await asyncpg.connect(url, timeout=30)
-        except (OSError, asyncpg.PostgresError) as exc:
-            service_missing(f"PostgreSQL at {url} ({type(exc).__name__})", "bash scripts/postgres.sh start")
-        await admin.execute(f"CREATE SCHEMA {schema}")
-        url += ("&" if "?" in url else "?") + f"search_path={schema}"
-    s = open_store(url)
-    s.clock = FakeClock()
-    try:
+    async with backend_url(request.param, tmp_path, "contract") as url:
+        s = open_store(url)
+        s.clock = FakeClock(1_000_000.0)
         async with s:
             yield s
-    finally:
-        if admin is not None:
-            await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-            await admin.close()
 
 
 def _key() -> str:

@@ -26,17 +26,10 @@ from anyio.abc import SocketAttribute
 from consumer.errors import LeaseLost, StoreError
 from consumer.store import Claim, ClaimStatus, Outcome, State, open_store
 from consumer.store.postgres import SCHEMA_VERSION, PostgresStore, migrate, migrate_url
+from tests.conftest import FakeClock, free_port
 from tests.consumer.conftest import claim_key, pg_schema
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 2_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _with_query(url: str, **params: str) -> str:
@@ -243,7 +236,7 @@ async def test_two_pools_claiming_the_same_keys_have_one_winner_per_key(schema_u
 
 
 async def test_two_pools_racing_to_take_over_an_expired_lease(schema_url: str) -> None:
-    clock = FakeClock()
+    clock = FakeClock(2_000_000.0)
     key = _key()
     async with PostgresStore(schema_url, clock=clock) as s1, PostgresStore(schema_url, clock=clock) as s2:
         await _claim(s1, key, owner="dead", lease=10)
@@ -302,7 +295,7 @@ async def test_racing_releases_and_claims_stay_consistent(schema_url: str) -> No
 
 
 async def test_purge_works_in_batches_and_keeps_in_progress(schema_url: str) -> None:
-    clock = FakeClock()
+    clock = FakeClock(2_000_000.0)
     async with PostgresStore(schema_url, clock=clock) as store:
         store.purge_batch = 7
         for i in range(30):
@@ -334,17 +327,8 @@ async def test_purge_works_in_batches_and_keeps_in_progress(schema_url: str) -> 
 # -- outages ------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def test_unreachable_server_is_a_store_error(pg_url: str) -> None:
-    nowhere = _on_port(pg_url, _free_port())
+    nowhere = _on_port(pg_url, free_port())
     store = PostgresStore(nowhere, connect_timeout=2)
     with pytest.raises(StoreError, match="cannot open") as info:
         await store.open()

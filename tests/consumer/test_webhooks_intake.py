@@ -20,7 +20,6 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from aiohttp import web
 
 from consumer.webhooks import (
     EventPublisher,
@@ -33,6 +32,7 @@ from consumer.webhooks import (
     sign_v2,
 )
 from tests.conftest import create_topic, random_topic_name, service_missing
+from tests.loopback import serve
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -113,17 +113,26 @@ def settings_for(bootstrap: str, topic: str, **overrides: Any) -> WebhookSetting
 
 
 @asynccontextmanager
-async def serving_intake(intake: Intake) -> AsyncIterator[str]:
-    """``intake`` alone on a loopback port (no start-up checks); yields the webhook URL."""
-    runner = web.AppRunner(intake.app(), access_log=None, lingering_time=1.0)  # as the service
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+async def serving_intake(
+    publisher: EventPublisher, **options: Any
+) -> AsyncIterator[tuple[str, WebhookMetrics]]:
+    """An intake that verifies with ``SECRET`` and publishes through ``publisher`` (``options`` go to
+    ``Intake``), alone on a loopback port (no start-up checks); yields the webhook URL and its metrics."""
+    metrics = WebhookMetrics(process_metrics=False)
+    intake = Intake(WebhookVerifier([SECRET]), publisher, metrics, **options)
     try:
-        yield f"http://127.0.0.1:{site.port}{intake.path}"
+        async with serve(intake.app(), access_log=None, lingering_time=1.0) as base:  # as the service
+            yield base + intake.path, metrics
     finally:
-        await runner.cleanup()
         await intake.publisher.stop()
+
+
+async def timed_post(client: httpx.AsyncClient, url: str) -> tuple[httpx.Response, float]:
+    """A fresh signed delivery posted to ``url``: the answer, and how long it took."""
+    body, headers = delivery(session_id=str(uuid.uuid4()))
+    started = time.monotonic()
+    response = await client.post(url, content=body, headers=headers)
+    return response, time.monotonic() - started
 
 
 @asynccontextmanager
@@ -195,13 +204,8 @@ async def test_an_unreachable_broker_is_a_503_within_the_timeout_and_nothing_ack
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
     publisher = EventPublisher(dead, "idv.provider-events", timeout_s=2.0)
-    metrics = WebhookMetrics(process_metrics=False)
-    intake = Intake(WebhookVerifier([SECRET]), publisher, metrics)
-    body, headers = delivery(session_id=str(uuid.uuid4()))
-    async with serving_intake(intake) as url, httpx.AsyncClient(timeout=30) as client:
-        started = time.monotonic()
-        response = await client.post(url, content=body, headers=headers)
-        elapsed = time.monotonic() - started
+    async with serving_intake(publisher) as (url, metrics), httpx.AsyncClient(timeout=30) as client:
+        response, elapsed = await timed_post(client, url)
         ready = await client.get(url.replace("/webhooks/didit", "/readyz"))
     assert response.status_code == 503 and response.json() == {"error": "not_durable"}
     assert elapsed < 2.0 + 3.0  # the timeout, plus slack for a loaded test machine
@@ -214,13 +218,8 @@ async def test_no_acknowledgement_in_time_is_a_503(kafka_bootstrap: str) -> None
     missing = random_topic_name("wh-missing")
     publisher = EventPublisher(kafka_bootstrap, missing, timeout_s=2.0)
     await publisher.start()
-    metrics = WebhookMetrics(process_metrics=False)
-    intake = Intake(WebhookVerifier([SECRET]), publisher, metrics)
-    body, headers = delivery(session_id=str(uuid.uuid4()))
-    async with serving_intake(intake) as url, httpx.AsyncClient(timeout=30) as client:
-        started = time.monotonic()
-        response = await client.post(url, content=body, headers=headers)
-        elapsed = time.monotonic() - started
+    async with serving_intake(publisher) as (url, metrics), httpx.AsyncClient(timeout=30) as client:
+        response, elapsed = await timed_post(client, url)
     assert response.status_code == 503
     assert 1.5 < elapsed < 2.0 + 3.0
     assert metrics.count("accepted") == 0
@@ -360,11 +359,7 @@ def test_the_events_producer_waits_for_every_in_sync_replica() -> None:
 
 
 async def test_a_trickling_body_is_cut_off_with_408() -> None:
-    metrics = WebhookMetrics(process_metrics=False)
-    intake = Intake(
-        WebhookVerifier([SECRET]), EventPublisher("127.0.0.1:1", "t"), metrics, read_timeout_s=0.5
-    )
-    async with serving_intake(intake) as url:
+    async with serving_intake(EventPublisher("127.0.0.1:1", "t"), read_timeout_s=0.5) as (url, metrics):
         port = int(url.split(":")[2].split("/")[0])
         stream = await anyio.connect_tcp("127.0.0.1", port)
         async with stream:

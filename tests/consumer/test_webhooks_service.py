@@ -20,16 +20,10 @@ import pytest
 from consumer.errors import ConfigurationError
 from consumer.exits import EXIT_BROKER, EXIT_CONFIG, EXIT_OK, EXIT_TOPIC_MISSING
 from consumer.webhooks import WebhookSettings
-from tests.conftest import ROOT, create_topic, random_topic_name
+from tests.conftest import ROOT, create_topic, free_port, random_topic_name
 from tests.consumer.test_webhooks_intake import SECRET, delivery, kcat_read
 
 DOC = ROOT / "docs" / "configuration.md"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- settings ------------------------------------------------------------------------------------------

@@ -9,35 +9,41 @@ workflows holding no offsets.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from consumer.store import open_store
-from consumer.workflows.model import Workflow, WState
+from consumer.workflows.model import WState
 from consumer.workflows.store import open_workflow_store
 from producer.envelope import Envelope
-from tests.conftest import create_topic, random_topic_name, service_missing
+from tests.conftest import create_topic, random_topic_name
 from tests.consumer.conftest import (
     Sandbox,
+    backend_url,
     daemon_env,
     publish,
     read_results,
     start_daemon,
     wait_committed_to_end,
     wait_until,
+)
+from tests.consumer.workflow_e2e import (
+    _ids,
+    publish_requests,
+    requests,
+    rows,
+    send_events,
+    webhook,
+    workflow_results,
 )
 
 pytestmark = pytest.mark.anyio
@@ -47,70 +53,6 @@ pytestmark = pytest.mark.anyio
 def sb(didit: Sandbox) -> Sandbox:
     """Workflows talk to Didit: this module's sandbox is the ``didit`` one."""
     return didit
-
-
-def requests(n: int, prefix: str) -> list[Envelope]:
-    return [
-        Envelope(f"{prefix}-{i}", "kyc_workflow", f"applicant-{prefix}-{i}", {"workflow_id": "wf-kyc"})
-        for i in range(n)
-    ]
-
-
-async def send_events(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
-    await producer.start()
-    try:
-        for body in events:
-            headers = [("idv-provider", b"didit"), ("idv-event-type", str(body["webhook_type"]).encode())]
-            await producer.send(topic, orjson.dumps(body), key=body["session_id"].encode(), headers=headers)
-        await producer.flush()
-    finally:
-        await producer.stop()
-
-
-def webhook(wf: Workflow, status: str, ts: float, kind: str = "status.updated") -> dict[str, Any]:
-    return {"session_id": wf.session_id, "status": status, "webhook_type": kind, "created_at": int(ts),
-            "timestamp": ts, "workflow_id": "wf-kyc", "vendor_data": wf.subject_id,
-            "metadata": {"idv_key": wf.session_key}}  # fmt: skip
-
-
-async def rows(url: str) -> list[Workflow]:
-    store = open_workflow_store(url)
-    async with store:
-        return [wf for wf in [await store.get(f"{m}") for m in _ids] if wf is not None]
-
-
-_ids: list[str] = []
-
-
-def workflow_results(values: list[bytes], *, sessions: bool = False) -> list[dict[str, Any]]:
-    """The workflows' decision events (revision 1 and later); with ``sessions``, their revision-0 events."""
-    out = [orjson.loads(v) for v in values]
-    return [
-        r for r in out
-        if r.get("operation") == "kyc_workflow" and (r.get("kind") == "workflow_session") == sessions
-    ]  # fmt: skip
-
-
-@contextlib.asynccontextmanager
-async def backend_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh store: a SQLite file, or a schema of its own in the shared PostgreSQL (dropped after)."""
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'wf.db'}"
-        return
-    url = os.environ.get("IDV_TEST_POSTGRES_URL", "")
-    if not url:
-        service_missing("PostgreSQL (IDV_TEST_POSTGRES_URL)", "bash scripts/postgres.sh start")
-    import asyncpg
-
-    schema = "idv_wfd_" + uuid.uuid4().hex[:12]
-    admin = await asyncpg.connect(url)
-    try:
-        await admin.execute(f"CREATE SCHEMA {schema}")
-        yield url + ("&" if "?" in url else "?") + f"search_path={schema}"
-    finally:
-        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await admin.close()
 
 
 @pytest.mark.parametrize(
@@ -127,7 +69,7 @@ async def test_workflows_end_to_end(
     backend: str,
     transactional: bool,
 ) -> None:
-    async with backend_url(backend, tmp_path) as store_url:
+    async with backend_url(backend, tmp_path, "wf") as store_url:
         await _end_to_end(kafka_bootstrap, topic, group, sb, tmp_path, transactional, store_url)
 
 
@@ -140,10 +82,9 @@ async def _end_to_end(
     transactional: bool,
     store_url: str,
 ) -> None:
-    events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 4)
     batch = requests(30, uuid.uuid4().hex[:8])
-    _ids[:] = [e.message_id for e in batch]
-    await publish(kafka_bootstrap, topic, [*batch, *batch[:5]])  # five requests delivered twice
+    events = await publish_requests(kafka_bootstrap, topic, batch)
+    await publish(kafka_bootstrap, topic, batch[:5])  # five requests delivered twice
     env = daemon_env(kafka_bootstrap, topic, group, store_url, sb.url, events_topic=events, provider="didit",
                      workflow_scan_interval_s=0.5, results_transactional=transactional)  # fmt: skip
     proc = start_daemon(env, tmp_path / "daemon.log")
@@ -269,11 +210,8 @@ async def test_sigkill_in_every_workflow_window(
     The kill also leaves other AML calls in flight. Didit has no idempotency key and does not dedupe
     checks: their take-over after the lease is safe only because the provider layer looks the earlier
     attempt up by ``metadata.idv_key`` before sending again (IDV_PROVIDER=didit, reconciliation)."""
-    events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 4)
     store_url = f"sqlite:///{tmp_path / 'wf.db'}"
-    batch = requests(20, uuid.uuid4().hex[:8])
-    _ids[:] = [e.message_id for e in batch]
-    await publish(kafka_bootstrap, topic, batch)
+    events = await publish_requests(kafka_bootstrap, topic, requests(20, uuid.uuid4().hex[:8]))
     base = dict(events_topic=events, provider="didit", results_transactional=True, provider_timeout_s=2,
                 lease_s=4)  # fmt: skip
     env = daemon_env(kafka_bootstrap, topic, group, store_url, sb.url, **base)
@@ -319,11 +257,8 @@ async def test_replay_resumes_workflows_from_their_recovery_point(
     """The daemon dies after a session step was recorded but before the workflow moved on; the replay
     tool (not the daemon) then resumes every workflow from where it stopped: all waiting, one session
     each, none created twice."""
-    events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 4)
     store_url = f"sqlite:///{tmp_path / 'wf.db'}"
-    batch = requests(10, uuid.uuid4().hex[:8])
-    _ids[:] = [e.message_id for e in batch]
-    await publish(kafka_bootstrap, topic, batch)
+    events = await publish_requests(kafka_bootstrap, topic, requests(10, uuid.uuid4().hex[:8]))
     env = daemon_env(kafka_bootstrap, topic, group, store_url, sb.url, events_topic=events, provider="didit",
                      provider_timeout_s=2, lease_s=4)  # fmt: skip
     killed = start_daemon({**env, "IDV_FAULT_KILL_AT": "workflow_after_step:3"}, tmp_path / "killed.log")

@@ -12,17 +12,21 @@ import pytest
 
 from consumer.workflows.model import WState
 from producer.envelope import Envelope
-from tests.conftest import create_topic, random_topic_name
 from tests.consumer.conftest import (
     Sandbox,
-    daemon_env,
-    publish,
     read_results,
-    start_daemon,
     wait_committed_to_end,
     wait_until,
 )
-from tests.consumer.test_workflow_daemon import _ids, requests, rows, workflow_results
+from tests.consumer.workflow_e2e import (
+    _ids,
+    intake_running,
+    publish_requests,
+    requests,
+    rows,
+    workflow_daemon,
+    workflow_results,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -33,17 +37,11 @@ async def test_dropped_webhooks_are_completed_by_polling_the_didit_sandbox(
     """No webhook at all: the applicant finishes at the provider, the poller reads the decision endpoint,
     abandoned sessions end at their deadline; one session and one AML per approved workflow (the
     provider's effects per ``metadata.idv_key``)."""
-    events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 4)
     store_url = f"sqlite:///{tmp_path / 'wf.db'}"
-    batch = requests(12, uuid.uuid4().hex[:8])
-    _ids[:] = [e.message_id for e in batch]
-    await publish(kafka_bootstrap, topic, batch)
-    env = daemon_env(kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events,
-                     provider="didit",
-                     workflow_scan_interval_s=0.3, workflow_poll_after_s=0.5, workflow_poll_max_s=1,
-                     workflow_abandon_after_s=20)  # fmt: skip
-    proc = start_daemon(env, tmp_path / "daemon.log")
-    try:
+    events = await publish_requests(kafka_bootstrap, topic, requests(12, uuid.uuid4().hex[:8]))
+    with workflow_daemon(kafka_bootstrap, topic, group, store_url, didit.url, tmp_path / "daemon.log",
+                         events=events, workflow_scan_interval_s=0.3, workflow_poll_after_s=0.5,
+                         workflow_poll_max_s=1, workflow_abandon_after_s=20) as (proc, _):  # fmt: skip
         await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
         waiting = await rows(store_url)
         assert len(waiting) == 12
@@ -64,8 +62,6 @@ async def test_dropped_webhooks_are_completed_by_polling_the_didit_sandbox(
         await wait_until(all_final, "every workflow finished or abandoned", timeout=90)
         await wait_committed_to_end(kafka_bootstrap, group, events, 60)
         proc.stop_cleanly()
-    finally:
-        proc.kill()
     final = {w.message_id: w for w in await rows(store_url)}
     for mid, wf in final.items():
         assert wf.state is (WState.FINISHED if mid in outcome else WState.ABANDONED)
@@ -88,21 +84,16 @@ async def test_signed_webhooks_through_the_intake_decide_workflows(
     import httpx
 
     from tests.consumer.test_webhooks_intake import delivery
-    from tests.consumer.test_webhooks_service import free_port, intake_env, wait_ready
-    from tests.consumer.test_webhooks_service import start as start_intake
+    from tests.consumer.test_webhooks_service import wait_ready
 
-    events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 4)
     store_url = f"sqlite:///{tmp_path / 'wf.db'}"
-    batch = requests(8, uuid.uuid4().hex[:8])
-    _ids[:] = [e.message_id for e in batch]
-    await publish(kafka_bootstrap, topic, batch)
-    env = daemon_env(
-        kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events, provider="didit"
-    )
-    proc = start_daemon(env, tmp_path / "daemon.log")
-    port = free_port()
-    intake = start_intake(intake_env(kafka_bootstrap, events, port))
-    try:
+    events = await publish_requests(kafka_bootstrap, topic, requests(8, uuid.uuid4().hex[:8]))
+    with (
+        workflow_daemon(
+            kafka_bootstrap, topic, group, store_url, didit.url, tmp_path / "daemon.log", events=events
+        ) as (proc, _),
+        intake_running(kafka_bootstrap, events) as (intake, port),
+    ):
         await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
         waiting = await rows(store_url)
         assert len(waiting) == 8
@@ -127,10 +118,6 @@ async def test_signed_webhooks_through_the_intake_decide_workflows(
         await wait_until(all_finished, "every workflow decided by its webhook", timeout=60)
         await wait_committed_to_end(kafka_bootstrap, group, events, 60)
         proc.stop_cleanly()
-    finally:
-        proc.kill()
-        intake.terminate()
-        intake.communicate(timeout=30)
     final = {w.message_id: w for w in await rows(store_url)}
     assert {m: w.decision_status for m, w in final.items()} == statuses  # never the forged approval
     assert all(w.decision_source == "webhook" and w.polls == 0 for w in final.values())
@@ -148,10 +135,7 @@ async def test_simulated_applicants_and_faulty_webhooks(
     dropped decisions by polling; one session each, one AML per approval, none for declines, one final
     decision each; a reviewer's later data change is revision 2."""
     from tests.consumer.test_webhooks_intake import SECRET
-    from tests.consumer.test_webhooks_service import free_port, intake_env
-    from tests.consumer.test_webhooks_service import start as start_intake
 
-    events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 4)
     store_url = f"sqlite:///{tmp_path / 'wf.db'}"
     prefix = uuid.uuid4().hex[:8]
     batch = [
@@ -159,40 +143,33 @@ async def test_simulated_applicants_and_faulty_webhooks(
                  {"workflow_id": "wf-kyc"})
         for i in range(60)
     ]  # fmt: skip
-    _ids[:] = [e.message_id for e in batch]
-    port = free_port()
-    intake = start_intake(intake_env(kafka_bootstrap, events, port))
-    didit.applicant(delay_s=1.0, jitter_s=1.0, abandon_rate=0.1, seed=7)
-    faults = {"drop_rate": 0.2, "duplicate_rate": 0.3, "reorder_rate": 0.3, "bad_signature_rate": 0.1,
-              "reorder_hold_ms": 1000, "seed": 7}  # fmt: skip
-    didit.webhooks(url=f"http://127.0.0.1:{port}/webhooks/didit", secret=SECRET, backoff_s=0.2, faults=faults)
-    await publish(kafka_bootstrap, topic, batch)
-    env = daemon_env(kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events,
-                     provider="didit",
-                     workflow_scan_interval_s=0.5, workflow_poll_after_s=4, workflow_poll_max_s=4,
-                     workflow_abandon_after_s=120)  # fmt: skip
-    proc = start_daemon(env, tmp_path / "daemon.log")
-    try:
+    events = await publish_requests(kafka_bootstrap, topic, batch)  # nothing reads them before the daemon
+    with intake_running(kafka_bootstrap, events) as (_, port):
+        didit.applicant(delay_s=1.0, jitter_s=1.0, abandon_rate=0.1, seed=7)
+        faults = {"drop_rate": 0.2, "duplicate_rate": 0.3, "reorder_rate": 0.3, "bad_signature_rate": 0.1,
+                  "reorder_hold_ms": 1000, "seed": 7}  # fmt: skip
+        didit.webhooks(
+            url=f"http://127.0.0.1:{port}/webhooks/didit", secret=SECRET, backoff_s=0.2, faults=faults
+        )
+        with workflow_daemon(kafka_bootstrap, topic, group, store_url, didit.url, tmp_path / "daemon.log",
+                             events=events, workflow_scan_interval_s=0.5, workflow_poll_after_s=4,
+                             workflow_poll_max_s=4, workflow_abandon_after_s=120) as (proc, _):  # fmt: skip
 
-        async def all_final() -> bool:
-            found = await rows(store_url)
-            return len(found) == 60 and all(w.state in (WState.FINISHED, WState.ABANDONED) for w in found)
+            async def all_final() -> bool:
+                found = await rows(store_url)
+                return len(found) == 60 and all(w.state in (WState.FINISHED, WState.ABANDONED) for w in found)
 
-        await wait_until(all_final, "every workflow finished or abandoned", timeout=120)
-        late = next(w for w in await rows(store_url) if w.decision_status == "approved")
-        assert late.session_id is not None
-        didit.data_updated(late.session_id)
+            await wait_until(all_final, "every workflow finished or abandoned", timeout=120)
+            late = next(w for w in await rows(store_url) if w.decision_status == "approved")
+            assert late.session_id is not None
+            didit.data_updated(late.session_id)
 
-        async def revised() -> bool:
-            return any(w.revision == 2 for w in await rows(store_url))
+            async def revised() -> bool:
+                return any(w.revision == 2 for w in await rows(store_url))
 
-        await wait_until(revised, "the reviewer's change as revision 2", timeout=60)
-        await wait_committed_to_end(kafka_bootstrap, group, events, 60)
-        proc.stop_cleanly()
-    finally:
-        proc.kill()
-        intake.terminate()
-        intake.communicate(timeout=30)
+            await wait_until(revised, "the reviewer's change as revision 2", timeout=60)
+            await wait_committed_to_end(kafka_bootstrap, group, events, 60)
+            proc.stop_cleanly()
     final = {w.message_id: w for w in await rows(store_url)}
     fates = Counter(e["fate"] for e in didit.webhooks()["events"])
     assert fates["dropped"] > 0, fates

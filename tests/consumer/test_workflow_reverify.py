@@ -20,18 +20,13 @@ import pytest
 
 from consumer.workflows.model import Step, Workflow, WState, generation_id, step_key
 from consumer.workflows.store import open_workflow_store
-from producer.envelope import Envelope
-from tests.conftest import create_topic, random_topic_name
 from tests.consumer.conftest import (
     Sandbox,
-    daemon_env,
-    publish,
     read_results,
-    start_daemon,
     wait_committed_to_end,
     wait_until,
 )
-from tests.consumer.test_workflow_daemon import workflow_results
+from tests.consumer.workflow_e2e import publish_requests, requests, workflow_daemon, workflow_results
 
 pytestmark = pytest.mark.anyio
 
@@ -55,23 +50,16 @@ async def reverify(env: dict[str, str], audit: Path) -> dict[str, int]:
 async def test_reverify_opens_a_new_generation_of_every_workflow_step(
     kafka_bootstrap: str, topic: str, group: str, didit: Sandbox, tmp_path: Path
 ) -> None:
-    events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 2)
     store_url = f"sqlite:///{tmp_path / 'wf.db'}"
-    prefix = uuid.uuid4().hex[:8]
-    batch = [
-        Envelope(f"{prefix}-{i}", "kyc_workflow", f"applicant-{prefix}-{i}", {"workflow_id": "wf-kyc"})
-        for i in range(2)
-    ]
+    batch = requests(2, uuid.uuid4().hex[:8])
     ids = [e.message_id for e in batch]
     verdict = {ids[0]: "Approved", ids[1]: "Declined"}
     gen1 = [generation_id(m, 1) for m in ids]
-    await publish(kafka_bootstrap, topic, batch)
-    env = daemon_env(kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events,
-                     provider="didit", workflow_scan_interval_s=0.3, workflow_poll_after_s=0.5,
-                     workflow_poll_max_s=1, workflow_abandon_after_s=120)  # fmt: skip
+    events = await publish_requests(kafka_bootstrap, topic, batch, events=2)
     audit = tmp_path / "audit.jsonl"
-    proc = start_daemon(env, tmp_path / "daemon.log")
-    try:
+    with workflow_daemon(kafka_bootstrap, topic, group, store_url, didit.url, tmp_path / "daemon.log",
+                         events=events, workflow_scan_interval_s=0.3, workflow_poll_after_s=0.5,
+                         workflow_poll_max_s=1, workflow_abandon_after_s=120) as (proc, env):  # fmt: skip
         await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
 
         async def decide(row_ids: list[str]) -> dict[str, Workflow]:
@@ -101,8 +89,6 @@ async def test_reverify_opens_a_new_generation_of_every_workflow_step(
         final = await decide(gen1)
         await wait_committed_to_end(kafka_bootstrap, group, events, 60)
         proc.stop_cleanly()
-    finally:
-        proc.kill()
     assert await get_rows(store_url, ids) == original  # the request's own rows are untouched
     ns = "idv"
     sessions = didit.effects_per_idv_key("create_session")

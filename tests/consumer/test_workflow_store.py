@@ -3,7 +3,6 @@ once, result events written with their transition or not at all, the state machi
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,37 +13,15 @@ import pytest
 from consumer.workflows.model import Event, IllegalTransition, Workflow, WState, step_key
 from consumer.workflows.rules import Change, Result, finalize, on_event
 from consumer.workflows.store import WorkflowStore, WriteStatus, open_workflow_store
-from tests.conftest import service_missing
+from tests.consumer.conftest import backend_url
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def wstore(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[WorkflowStore]:
-    admin, schema = None, ""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'wf.db'}"
-    else:
-        url = os.environ.get("IDV_TEST_POSTGRES_URL", "")
-        if not url:
-            service_missing("PostgreSQL (IDV_TEST_POSTGRES_URL)", "bash scripts/postgres.sh start")
-        import asyncpg
-
-        schema = "idv_wf_" + uuid.uuid4().hex[:12]
-        try:
-            admin = await asyncpg.connect(url, timeout=30)
-        except (OSError, asyncpg.PostgresError) as exc:
-            service_missing(f"PostgreSQL at {url} ({type(exc).__name__})", "bash scripts/postgres.sh start")
-        await admin.execute(f"CREATE SCHEMA {schema}")
-        url += ("&" if "?" in url else "?") + f"search_path={schema}"
-    store = open_workflow_store(url)
-    try:
-        async with store:
-            yield store
-    finally:
-        if admin is not None:
-            await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-            await admin.close()
+    async with backend_url(request.param, tmp_path, "wf") as url, open_workflow_store(url) as store:
+        yield store
 
 
 def new_workflow(mid: str | None = None, *, steps: str = "session,decision,aml") -> Workflow:

@@ -27,11 +27,20 @@ def topic(kafka_bootstrap: str) -> Iterator[str]:
 ReadTopic = Callable[[str, int], Awaitable[list[ConsumerRecord[bytes, bytes]]]]
 
 
-async def partition_ids(bootstrap: str, topic: str) -> list[int]:
+UNKNOWN_TOPIC_OR_PARTITION = 3
+
+
+async def partition_ids(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[int]:
+    # A topic created a moment ago may not be in the metadata of the broker asked yet (seen under load
+    # when nothing was published to it): ask again for a while before calling it missing.
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
+    deadline = time.monotonic() + timeout_s
     try:
         [description] = await admin.describe_topics([topic])
+        while description["error_code"] == UNKNOWN_TOPIC_OR_PARTITION and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            [description] = await admin.describe_topics([topic])
     finally:
         await admin.close()
     assert description["error_code"] == 0, description

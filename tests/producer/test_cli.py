@@ -73,7 +73,7 @@ def line(n: int, subject: str = "applicant-1", **extra: Any) -> dict[str, Any]:
 
 @pytest.mark.kafka
 def test_one_publishes_and_prints_json(
-    run: Callable[..., Result], topic: str, anyio_backend: str, read_topic_sync: ReadSync
+    run: Callable[..., Result], topic: str, read_topic_sync: ReadSync
 ) -> None:
     result = run(
         "one",
@@ -108,7 +108,7 @@ def test_one_publishes_and_prints_json(
 
 @pytest.mark.kafka
 def test_one_with_a_message_id_reuses_it(
-    run: Callable[..., Result], topic: str, anyio_backend: str, read_topic_sync: ReadSync
+    run: Callable[..., Result], topic: str, read_topic_sync: ReadSync
 ) -> None:
     args = ["one", "--topic", topic, "--operation", "aml_screening", "--subject", "s-1"]
     args += ["--request", '{"full_name": "x"}', "--message-id", "order-77"]
@@ -124,7 +124,7 @@ def test_one_with_a_message_id_reuses_it(
 
 @pytest.mark.kafka
 def test_one_with_an_invalid_envelope_exits_1_without_publishing(
-    run: Callable[..., Result], topic: str, anyio_backend: str, read_topic_sync: ReadSync
+    run: Callable[..., Result], topic: str, read_topic_sync: ReadSync
 ) -> None:
     result = run(
         "one", "--topic", topic, "--operation", "aml_screening", "--subject", SECRET_NAME,
@@ -165,7 +165,7 @@ def test_one_with_an_unknown_operation_is_a_usage_error() -> None:
 
 @pytest.mark.kafka
 def test_file_reports_invalid_lines_by_number_and_publishes_the_rest(
-    run: Callable[..., Result], topic: str, anyio_backend: str, read_topic_sync: ReadSync, tmp_path: Path
+    run: Callable[..., Result], topic: str, read_topic_sync: ReadSync, tmp_path: Path
 ) -> None:
     path = tmp_path / "requests.jsonl"
     content = (
@@ -204,7 +204,7 @@ def test_file_reports_invalid_lines_by_number_and_publishes_the_rest(
 
 @pytest.mark.kafka
 def test_file_fail_fast_stops_at_the_first_invalid_line(
-    run: Callable[..., Result], topic: str, anyio_backend: str, read_topic_sync: ReadSync, tmp_path: Path
+    run: Callable[..., Result], topic: str, read_topic_sync: ReadSync, tmp_path: Path
 ) -> None:
     path = tmp_path / "requests.jsonl"
     path.write_bytes(jsonl(line(1), line(2), {"operation": "aml_screening"}, line(4), [5]))
@@ -219,7 +219,7 @@ def test_file_fail_fast_stops_at_the_first_invalid_line(
 
 @pytest.mark.kafka
 def test_file_from_stdin_with_bom_crlf_and_generated_ids(
-    run: Callable[..., Result], topic: str, anyio_backend: str, read_topic_sync: ReadSync
+    run: Callable[..., Result], topic: str, read_topic_sync: ReadSync
 ) -> None:
     first = line(1)
     del first["message_id"]
@@ -259,7 +259,7 @@ def test_unreachable_broker_exits_2_with_the_error(tmp_path: Path) -> None:
 
 @pytest.mark.kafka
 def test_samples_publishes_the_seeded_list_with_duplicates(
-    run: Callable[..., Result], topic: str, anyio_backend: str, read_topic_sync: ReadSync
+    run: Callable[..., Result], topic: str, read_topic_sync: ReadSync
 ) -> None:
     result = run(
         "samples", "--count", "300", "--duplicates", "0.1", "--seed", "5", "--topic", topic, "--json"
@@ -276,9 +276,7 @@ def test_samples_publishes_the_seeded_list_with_duplicates(
 
 
 @pytest.mark.kafka
-def test_samples_without_a_seed_reports_the_one_it_chose(
-    run: Callable[..., Result], topic: str, anyio_backend: str
-) -> None:
+def test_samples_without_a_seed_reports_the_one_it_chose(run: Callable[..., Result], topic: str) -> None:
     result = run("samples", "--count", "5", "--topic", topic)
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
@@ -289,7 +287,7 @@ def test_samples_without_a_seed_reports_the_one_it_chose(
 
 @pytest.mark.kafka
 def test_environment_chooses_broker_and_topic(
-    kafka_bootstrap: str, topic: str, anyio_backend: str, read_topic_sync: ReadSync
+    kafka_bootstrap: str, topic: str, read_topic_sync: ReadSync
 ) -> None:
     result = CliRunner().invoke(
         main,
@@ -334,9 +332,7 @@ def test_help_lists_the_commands_and_exit_codes() -> None:
 
 
 @pytest.mark.kafka
-def test_real_process_exit_code_streams_and_no_warnings(
-    kafka_bootstrap: str, topic: str, anyio_backend: str
-) -> None:
+def test_real_process_exit_code_streams_and_no_warnings(kafka_bootstrap: str, topic: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "IDV_KAFKA_BOOTSTRAP": kafka_bootstrap, "IDV_TOPIC": topic}
     proc = subprocess.run(
         [sys.executable, "-W", "error", "-m", "producer.cli", "file", "-", "--json"],

@@ -45,19 +45,12 @@ def run(kafka_bootstrap: str) -> Callable[..., Result]:
     return invoke
 
 
-def one_args(topic: str, *extra: str) -> list[str]:
-    return [
-        "one",
-        "--topic",
-        topic,
-        "--operation",
-        "id_verification",
-        "--subject",
-        "applicant-7",
-        "--request",
-        '{"document_type": "passport"}',
-        *extra,
-    ]
+def one_args(
+    topic: str, *extra: str, subject: str = "applicant-7", request: str = '{"document_type": "passport"}'
+) -> list[str]:
+    """``idv-publish one`` of an ``id_verification`` request to ``topic``, then ``extra``."""
+    return ["one", "--topic", topic, "--operation", "id_verification",
+            "--subject", subject, "--request", request, *extra]  # fmt: skip
 
 
 def address(data: bytes, ext: str) -> str:
@@ -69,7 +62,6 @@ def address(data: bytes, ext: str) -> str:
 def test_upload_and_publish_in_one_step(
     run: Callable[..., Result],
     topic: str,
-    anyio_backend: str,
     read_topic_sync: ReadSync,
     images: dict[str, Path],
     tmp_path: Path,
@@ -120,7 +112,7 @@ def test_upload_and_publish_in_one_step(
 
 @pytest.mark.kafka
 def test_the_same_image_twice_is_one_document(
-    run: Callable[..., Result], topic: str, anyio_backend: str, images: dict[str, Path], tmp_path: Path
+    run: Callable[..., Result], topic: str, images: dict[str, Path], tmp_path: Path
 ) -> None:
     docs = tmp_path / "documents"
     uris = set()
@@ -153,7 +145,6 @@ def test_the_same_image_twice_is_one_document(
 def test_bad_documents_are_usage_errors_and_nothing_is_published(
     run: Callable[..., Result],
     topic: str,
-    anyio_backend: str,
     read_topic_sync: ReadSync,
     images: dict[str, Path],
     tmp_path: Path,
@@ -176,7 +167,7 @@ def test_bad_documents_are_usage_errors_and_nothing_is_published(
 
 @pytest.mark.kafka
 def test_a_document_twice_or_too_large_is_refused(
-    run: Callable[..., Result], topic: str, anyio_backend: str, images: dict[str, Path], tmp_path: Path
+    run: Callable[..., Result], topic: str, images: dict[str, Path], tmp_path: Path
 ) -> None:
     docs = ["--documents-dir", str(tmp_path / "documents")]
     twice = run(
@@ -191,18 +182,14 @@ def test_a_document_twice_or_too_large_is_refused(
     )
     assert twice.exit_code == 2 and "front_image is given more than once" in twice.stderr
     both = run(
-        "one",
-        "--topic",
-        topic,
-        "--operation",
-        "id_verification",
-        "--subject",
-        "s",
-        "--request",
-        '{"document_type": "passport", "front_image": "aGk="}',
-        "--document",
-        f"front_image={images['front']}",
-        *docs,
+        *one_args(
+            topic,
+            "--document",
+            f"front_image={images['front']}",
+            *docs,
+            subject="s",
+            request='{"document_type": "passport", "front_image": "aGk="}',
+        )
     )
     assert both.exit_code == 2 and "front_image is given more than once" in both.stderr
     size = images["front"].stat().st_size

@@ -7,7 +7,7 @@ import shutil
 import ssl
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import orjson
@@ -120,15 +120,21 @@ async def test_invalid_input_fails_before_reaching_the_producer() -> None:
 # ---------------------------------------------------------------------------------- with a broker
 
 
+@pytest.fixture
+async def publisher(kafka_bootstrap: str, topic: str) -> AsyncIterator[Publisher]:
+    """A started publisher to ``topic`` with the defaults; closed after the test."""
+    async with Publisher(kafka_bootstrap, topic) as started:
+        yield started
+
+
 @pytest.mark.kafka
 @pytest.mark.anyio
 async def test_publish_waits_for_the_ack_and_reports_where(
-    kafka_bootstrap: str, topic: str, read_topic: ReadTopic
+    publisher: Publisher, topic: str, read_topic: ReadTopic
 ) -> None:
-    async with Publisher(kafka_bootstrap, topic) as publisher:
-        result = await publisher.publish(
-            "aml_screening", {"full_name": "Sample Person"}, "applicant-7", correlation_id="checkout-1"
-        )
+    result = await publisher.publish(
+        "aml_screening", {"full_name": "Sample Person"}, "applicant-7", correlation_id="checkout-1"
+    )
     assert isinstance(result, PublishResult)
     assert uuid.UUID(result.message_id).version == 7
     assert result.topic == topic
@@ -151,12 +157,11 @@ async def test_publish_waits_for_the_ack_and_reports_where(
 @pytest.mark.kafka
 @pytest.mark.anyio
 async def test_a_supplied_message_id_is_used_on_every_send(
-    kafka_bootstrap: str, topic: str, read_topic: ReadTopic
+    publisher: Publisher, topic: str, read_topic: ReadTopic
 ) -> None:
     # An upstream retry re-sends with the same ID; the publisher does not dedupe (the consumer does).
-    async with Publisher(kafka_bootstrap, topic) as publisher:
-        first = await publisher.publish("aml_screening", {"full_name": "x"}, "s-1", message_id="order-42")
-        second = await publisher.publish("aml_screening", {"full_name": "x"}, "s-1", message_id="order-42")
+    first = await publisher.publish("aml_screening", {"full_name": "x"}, "s-1", message_id="order-42")
+    second = await publisher.publish("aml_screening", {"full_name": "x"}, "s-1", message_id="order-42")
     assert first.message_id == second.message_id == "order-42"
     assert first.partition == second.partition
     assert second.offset == first.offset + 1
@@ -167,11 +172,10 @@ async def test_a_supplied_message_id_is_used_on_every_send(
 @pytest.mark.kafka
 @pytest.mark.anyio
 async def test_publish_envelope_sends_the_envelope_unchanged(
-    kafka_bootstrap: str, topic: str, read_topic: ReadTopic
+    publisher: Publisher, topic: str, read_topic: ReadTopic
 ) -> None:
     env = envelope(1)
-    async with Publisher(kafka_bootstrap, topic) as publisher:
-        result = await publisher.publish_envelope(env)
+    result = await publisher.publish_envelope(env)
     assert result.message_id == env.message_id
     [record] = await read_topic(topic, 1)
     assert decode(record.value, list(record.headers)) == env
@@ -207,9 +211,8 @@ async def test_publish_many_over_several_windows_keeps_order_per_subject(
 
 @pytest.mark.kafka
 @pytest.mark.anyio
-async def test_publish_many_of_nothing(kafka_bootstrap: str, topic: str) -> None:
-    async with Publisher(kafka_bootstrap, topic) as publisher:
-        assert await publisher.publish_many([]) == []
+async def test_publish_many_of_nothing(publisher: Publisher) -> None:
+    assert await publisher.publish_many([]) == []
 
 
 @pytest.mark.kafka
