@@ -64,7 +64,7 @@ def _args_for(args: argparse.Namespace, setting: int | str) -> tuple[argparse.Na
 
 
 async def latency_cells(args: argparse.Namespace) -> list[Any]:
-    from bench.throughput import _planned, run_variant
+    from bench.runner import _planned, run_variant
 
     envelopes = make_envelopes(args.messages, KEYS, seed=1)
     late = make_envelopes(int(args.latency_max_rate * args.latency_s) + 50, KEYS, seed=2)
@@ -148,7 +148,7 @@ def analyse_rate_limited(
 async def rate_limited_cell(
     args: argparse.Namespace, name: str, setting: int | str, extra: list[str]
 ) -> dict[str, Any]:
-    from bench.throughput import _command, _spawn, _stop
+    from bench.runner import _command, _spawn, _stop
 
     tmp = workdir()
     topic = random_topic("rl")
@@ -165,7 +165,7 @@ async def rate_limited_cell(
     a, port = _args_for(args, setting)
     a.daemon_env = [*a.daemon_env, *extra]
     store_path = tmp / "dedupe.db"
-    cmd, env = _command("daemon", a, topic, group, store_path, sandbox.url, None)
+    cmd, env = _command("daemon", a, topic, group, f"sqlite:///{store_path}", sandbox.url, None)
     proc = _spawn(cmd, env, tmp / "daemon.log")
     probe = ProcessProbe(proc.pid)
     machine = MachineProbe(probe, sandbox.proc.pid)
