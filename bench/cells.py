@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import statistics
@@ -27,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, make_envelopes
+from bench.common import ROOT, code_version, make_envelopes, write_results
 from bench.runner import Run, Variant, _planned, run_variant
 
 DEFAULT_PG_URL = "postgresql://idv:idv@127.0.0.1:5432/idv"
@@ -125,10 +124,8 @@ def render(table: str, runs: list[Run], goals: list[tuple[str, bool, str]], elap
 
 
 async def amain(args: argparse.Namespace) -> int:
-    from bench.throughput import _code_version
-
     started = time.monotonic()
-    code = _code_version()
+    code = code_version()
     variants = TABLES[args.table]
     envelopes = make_envelopes(args.messages, args.keys, seed=1)
     late = make_envelopes(int(args.latency_max_rate * args.latency_s) + 50, args.keys, seed=2)
@@ -164,21 +161,15 @@ async def amain(args: argparse.Namespace) -> int:
     report = render(args.table, runs, goals, elapsed)
     print()
     print(report)
-    results = args.results or ROOT / "bench" / "results" / f"cells-{args.table}.json"
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.with_suffix(".txt").write_text(report + "\n")
-    params = {k: v for k, v in vars(args).items() if k != "postgres_url"}
-    payload = {
-        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "code": code,
-        "cpus": os.cpu_count(),
-        "parameters": params,
-        "elapsed_s": round(elapsed, 1),
-        "runs": [asdict(r) for r in runs],
-        "targets": [{"target": n, "met": ok, "measured": d} for n, ok, d in goals],
-    }
-    results.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    print(f"wrote {results}")
+    write_results(
+        args.results or ROOT / "bench" / "results" / f"cells-{args.table}.json",
+        report,
+        code=code,
+        goals=goals,
+        parameters={k: v for k, v in vars(args).items() if k != "postgres_url"},
+        elapsed_s=round(elapsed, 1),
+        runs=[asdict(r) for r in runs],
+    )
     return 0 if all(r.exit_code in (0, None) for r in runs) else 1
 
 

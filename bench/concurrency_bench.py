@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import time
 from dataclasses import asdict
@@ -43,6 +42,7 @@ from bench.common import (
     random_topic,
     sample_metrics,
     workdir,
+    write_results,
 )
 
 RESULTS = ROOT / "bench" / "results" / "concurrency.json"
@@ -411,23 +411,9 @@ async def amain(args: argparse.Namespace, code: str) -> int:
     text += f"\n\n{len(runs) + len(rl)} runs in {elapsed / 60:.1f} min, code {code}; load = cores used by other processes, steal = cores taken by the hypervisor"
     print()
     print(text)
-    out = args.conc_results
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".txt").write_text(text + "\n")
-    out.write_text(
-        json.dumps(
-            {
-                "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "code": code,
-                "runs": [asdict(r) for r in runs],
-                "rate_limited": rl,
-                "targets": [{"target": n, "met": ok, "measured": d} for n, ok, d in goals],
-            },
-            default=str,
-        )
-        + "\n"
+    write_results(
+        args.conc_results, text, code=code, goals=goals, runs=[asdict(r) for r in runs], rate_limited=rl
     )
-    print(f"wrote {out}")
     try:
         plot(runs, rl, args.conc_plot)
         print(f"wrote {args.conc_plot}")

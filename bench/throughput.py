@@ -44,9 +44,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -54,7 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, make_envelopes
+from bench.common import ROOT, code_version, make_envelopes, write_results
 from bench.profiling import print_profile
 from bench.report import plot, render, targets
 from bench.runner import VARIANTS, Ceiling, Run, _planned, raw_ceiling, run_variant
@@ -67,24 +64,6 @@ PROFILE_TXT = ROOT / "bench" / "results" / "daemon-profile.txt"
 # -- main ----------------------------------------------------------------------------------------------
 
 
-def _code_version() -> str:
-    """The commit measured, with ``+dirty`` when the work tree differed from it (the daemon runs from it)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "consumer", "producer", "sandbox"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
@@ -95,7 +74,7 @@ def _ints(text: str) -> list[int]:
 
 async def amain(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    code = _code_version()  # the work tree the variants are started from
+    code = code_version()  # the work tree the variants are started from
     variants = [v for v in args.variants.split(",") if v]
     late_pool = make_envelopes(int(args.latency_max_rate * args.latency_s) + 50, 1, seed=2)
     runs: list[Run] = []
@@ -139,32 +118,17 @@ async def amain(args: argparse.Namespace) -> int:
     print(report)
     if args.profile:
         return 0
-    results = args.results
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.with_suffix(".txt").write_text(report + "\n")
-    results.write_text(
-        json.dumps(
-            {
-                "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "code": code,
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "platform": platform.platform(),
-                },
-                "parameters": {k: v for k, v in vars(args).items() if k != "daemon_env"}
-                | {"daemon_env": args.daemon_env},
-                "elapsed_s": round(elapsed, 1),
-                "ceilings": [asdict(c) for c in ceilings.values()],
-                "runs": [asdict(r) for r in runs],
-                "targets": [{"target": n, "met": ok, "measured": d} for n, ok, d in goals],
-            },
-            indent=2,
-            default=str,
-        )
-        + "\n"
+    write_results(
+        args.results,
+        report,
+        code=code,
+        goals=goals,
+        parameters={k: v for k, v in vars(args).items() if k != "daemon_env"}
+        | {"daemon_env": args.daemon_env},
+        elapsed_s=round(elapsed, 1),
+        ceilings=[asdict(c) for c in ceilings.values()],
+        runs=[asdict(r) for r in runs],
     )
-    print(f"wrote {results}")
     if not args.no_plot:
         plot(runs, ceilings, args.in_flight, args.plot)
         print(f"wrote {args.plot}")
@@ -247,7 +211,7 @@ def main() -> None:
         if args.quick:
             args.conc_latency_ms, args.sweep, args.rl_seconds = [500.0, 2000.0], [512, 2048, 4096], 24.0
         args.latency_s = min(args.latency_s, 3.0)
-        sys.exit(asyncio.run(concurrency_bench.amain(args, _code_version())))
+        sys.exit(asyncio.run(concurrency_bench.amain(args, code_version())))
     if args.replot:
         data = json.loads(args.results.read_text())
         runs = [Run(**r) for r in data["runs"]]
