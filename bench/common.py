@@ -191,6 +191,10 @@ class Sandbox(SandboxProcess):
     def set_latency(self, latency_ms: float) -> None:
         self.faults(latency_ms=latency_ms)
 
+    def rate_limit(self, **config: float) -> dict[str, Any]:
+        """``POST /_admin/rate-limit`` (``per_second``, ``burst``, …): the new settings."""
+        return self._call("POST", "/_admin/rate-limit", json=config)
+
 
 def ledger_check(ledger: dict[str, Any], expected: set[str]) -> dict[str, int]:
     """Duplicate side effects per key, read from the real ledger.

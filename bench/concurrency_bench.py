@@ -159,9 +159,7 @@ async def rate_limited_cell(
     envelopes = make_envelopes(int(args.rl_rate * args.rl_seconds * 1.3), KEYS, seed=3)
     await publish(topic, envelopes)
     sandbox = Sandbox(args.rl_latency_ms, tmp)
-    sandbox.http.post(
-        "/_admin/rate-limit", json={"per_second": args.rl_rate, "burst": args.rl_burst}
-    ).raise_for_status()
+    sandbox.rate_limit(per_second=args.rl_rate, burst=args.rl_burst)
     a, port = _args_for(args, setting)
     a.daemon_env = [*a.daemon_env, *extra]
     store_path = tmp / "dedupe.db"
@@ -188,7 +186,7 @@ async def rate_limited_cell(
         machine.start()
         for start, _, limit in phases[1:]:
             await asyncio.sleep(max(0.0, t0 + start - time.time()))
-            sandbox.http.post("/_admin/rate-limit", json={"per_second": limit, "burst": args.rl_burst})
+            sandbox.rate_limit(per_second=limit, burst=args.rl_burst)
         await asyncio.sleep(max(0.0, t0 + args.rl_seconds - time.time()))
         cores = machine.stop()
         peak = probe.peak_rss_mib()
