@@ -190,9 +190,7 @@ async def naive_per_partition(args: argparse.Namespace) -> None:
             finally:
                 await consumer.stop()
 
-        lanes = [
-            asyncio.create_task(lane(c, TopicPartition(args.topic, p))) for p, c in enumerate(consumers)
-        ]
+        lanes = [asyncio.create_task(lane(c, TopicPartition(args.topic, p))) for p, c in enumerate(consumers)]
         await stop.wait()
         # Each lane finishes the message in hand (its commit included), then stops its consumer.
         _, pending = await asyncio.wait(lanes, timeout=15)
