@@ -107,10 +107,10 @@ def targets(runs: list[Run]) -> list[tuple[str, bool, str]]:
             f"{d.msg_per_s:,.0f} msg/s ({d.msg_per_s / 1000 - 1:+.0%})",
         )
     )
-    if n is not None:
+    if n is not None and n.msg_per_s > 0:
         ratio = d.msg_per_s / n.msg_per_s
         out.append(("≥ 10× naive", ratio >= 10, f"{ratio:.1f}×"))
-    if f is not None:
+    if f is not None and f.msg_per_s > 0:  # 0: the variant failed (its row says why)
         ratio = d.msg_per_s / f.msg_per_s
         out.append(("≥ 2× FastStream", ratio >= 2, f"{ratio:.1f}×"))
     out.append(("daemon CPU ≤ 1 ms/message", d.cpu_ms_per_msg <= 1.0, f"{d.cpu_ms_per_msg:.2f} ms/msg"))
