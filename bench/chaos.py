@@ -113,22 +113,9 @@ def daemon_env(
     )  # fmt: skip
 
 
-def schedule_for(opts: Options) -> list[Event]:
-    """The fault schedule of a run: a pure function of the seed and the options."""
-    return make_schedule(
-        opts.seed,
-        duration=opts.duration,
-        kills=opts.kills,
-        broker_restarts=opts.broker_restarts,
-        pg_restarts=opts.pg_restarts,
-        processes=opts.processes,
-        spikes=opts.spikes,
-    )
-
-
 async def run(opts: Options) -> Outcome:
     counts = Counts()
-    schedule = schedule_for(opts)
+    schedule = make_schedule(opts)
     records = make_records(opts.seed, opts.messages, opts.dup_ratio, opts.invalid_ratio, opts.profile)
     run_id = opts.run_dir.name
     print(f"run dir: {opts.run_dir}")
@@ -424,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     args, opts = parse_args(argv)
     print(f"seed: {opts.seed}", flush=True)
     if args.schedule_only:
-        schedule = schedule_for(opts)
+        schedule = make_schedule(opts)
         for event in schedule:
             print(f"  t+{event.at:7.2f}s  {event.describe()}")
         return 0

@@ -54,16 +54,15 @@ def _slots(rng: random.Random, n: int, start: float, end: float) -> list[float]:
     return [start + i * width + rng.uniform(0.0, 0.6 * width) for i in range(n)]
 
 
-def make_schedule(
-    seed: int,
-    *,
-    duration: float,
-    kills: int,
-    broker_restarts: int,
-    pg_restarts: int,
-    processes: int,
-    spikes: int,
-) -> list[Event]:
+def make_schedule(opts: Options) -> list[Event]:
+    """The fault schedule of a run: a pure function of the seed and the options."""
+    seed, duration, processes = opts.seed, opts.duration, opts.processes
+    kills, broker_restarts, pg_restarts, spikes = (
+        opts.kills,
+        opts.broker_restarts,
+        opts.pg_restarts,
+        opts.spikes,
+    )
     # A string seed is hashed with SHA-512 by random.Random: stable across runs and PYTHONHASHSEED.
     rng = random.Random(f"idv-chaos-schedule:{seed}")
     events: list[Event] = []
