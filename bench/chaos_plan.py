@@ -57,12 +57,8 @@ def _slots(rng: random.Random, n: int, start: float, end: float) -> list[float]:
 def make_schedule(opts: Options) -> list[Event]:
     """The fault schedule of a run: a pure function of the seed and the options."""
     seed, duration, processes = opts.seed, opts.duration, opts.processes
-    kills, broker_restarts, pg_restarts, spikes = (
-        opts.kills,
-        opts.broker_restarts,
-        opts.pg_restarts,
-        opts.spikes,
-    )
+    kills, spikes = opts.kills, opts.spikes
+    broker_restarts, pg_restarts = opts.broker_restarts, opts.pg_restarts
     # A string seed is hashed with SHA-512 by random.Random: stable across runs and PYTHONHASHSEED.
     rng = random.Random(f"idv-chaos-schedule:{seed}")
     events: list[Event] = []
