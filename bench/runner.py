@@ -306,7 +306,8 @@ async def _run(
     sink_topics = [f"{topic}.results", f"{topic}.dlq"] if spec.kind == "daemon" else []
     for name in sink_topics:
         await create_topic(name, args.partitions)
-    await publish(topic, backlog)
+    if spec.processes == 1:
+        await publish(topic, backlog)
     sandbox = Sandbox(latency_ms, tmp)
     if faults:
         sandbox.faults(**faults)
@@ -324,6 +325,12 @@ async def _run(
         sandbox.stop()
         raise
     log_path = tmp / f"{spec.kind}-0.log"
+    if spec.processes > 1:
+        # The rate excludes start-up and group join for every variant: a group of several processes
+        # gets its backlog once all its members have joined (a single process's is waiting for it).
+        if not await _group_stable(group, spec.processes, procs):
+            run.notes.append(f"group not stable with {spec.processes} members within 90 s")
+        await publish(topic, backlog)
     probe = GroupProbe([p.pid for p in procs])
     machine = MachineProbe(probe, sandbox.proc.pid)
     sampler = None
@@ -396,6 +403,24 @@ async def _run(
     else:
         run.notes.append(f"kept {tmp}")
     return run
+
+
+async def _group_stable(group: str, members: int, procs: list[subprocess.Popen[bytes]]) -> bool:
+    """Wait (≤ 90 s) until ``group`` is Stable with ``members`` members; False if it never is."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            described = (await admin.describe_consumer_groups([group]))[0].groups[0]
+            if described[2] == "Stable" and len(described[5]) == members:
+                return True
+            await asyncio.sleep(0.5)
+        return False
+    finally:
+        await admin.close()
 
 
 async def _latency_phase(
