@@ -6,6 +6,9 @@ complete), so the comparison isolates how messages are scheduled and offsets com
 
 * ``naive``: a plain aiokafka loop. One task per partition handles that partition's messages one at a
   time (partitions run concurrently) and commits after every message.
+* ``naive-pp``: the same loop with **one AIOKafkaConsumer per partition** (manual assignment, commits
+  to the same group): aiokafka serialises the commits of one consumer behind a lock, so ``naive``'s
+  eight partitions wait for each other's commits; this variant shows how much of "N× naive" that was.
 * ``faststream``: a FastStream Kafka subscriber with ``AckPolicy.MANUAL``; the handler calls
   ``msg.ack()`` (a commit) after the outcome is recorded. ``max_workers`` = partitions, which FastStream
   turns into one consumer per worker in the same group (its concurrent mode for manual commits:
@@ -84,7 +87,7 @@ def _stop_event() -> asyncio.Event:
 async def _processing(args: argparse.Namespace) -> AsyncIterator[tuple[asyncio.Event, Processor]]:
     """The stop event (SIGTERM/SIGINT) and a processor over an open store and provider client."""
     stop = _stop_event()
-    store = open_store(f"sqlite:///{args.store}")
+    store = open_store(args.store_url or f"sqlite:///{args.store}")
     provider = _provider(args)
     async with store, provider:
         yield stop, _processor(args, store, provider)
@@ -157,6 +160,45 @@ async def naive(args: argparse.Namespace) -> None:
             # Where a sequential message's time goes (printed to the log).
             per_msg = {"handle_ms": timing["handle"] * 1000 / n, "commit_ms": timing["commit"] * 1000 / n}
             print(json.dumps({"messages": n, **per_msg}), file=sys.stderr)
+
+
+async def naive_per_partition(args: argparse.Namespace) -> None:
+    """``naive`` with one consumer (and so one commit lock) per partition, assigned by hand."""
+    async with _processing(args) as (stop, processor):
+        consumers = [
+            AIOKafkaConsumer(
+                bootstrap_servers=args.bootstrap,
+                group_id=args.group,  # commits only: manual assignment joins no group
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                isolation_level="read_committed",
+            )
+            for _ in range(args.partitions)
+        ]
+
+        async def lane(consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
+            await consumer.start()
+            consumer.assign([tp])
+            try:
+                while not stop.is_set():
+                    batch = await consumer.getmany(tp, timeout_ms=200, max_records=50)
+                    for msg in batch.get(tp, []):
+                        if stop.is_set():  # what was fetched and not handled stays uncommitted
+                            break
+                        await processor.handle(msg)
+                        await consumer.commit({tp: msg.offset + 1})
+            finally:
+                await consumer.stop()
+
+        lanes = [asyncio.create_task(lane(c, TopicPartition(args.topic, p))) for p, c in enumerate(consumers)]
+        await stop.wait()
+        # Each lane finishes the message in hand (its commit included), then stops its consumer.
+        _, pending = await asyncio.wait(lanes, timeout=15)
+        for task in pending:
+            task.cancel()
+        for task in lanes:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 # -- FastStream ----------------------------------------------------------------------------------------
@@ -232,11 +274,12 @@ async def raw(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["naive", "faststream", "raw"])
+    parser.add_argument("kind", choices=["naive", "naive-pp", "faststream", "raw"])
     parser.add_argument("--topic", required=True)
     parser.add_argument("--bootstrap", default="127.0.0.1:9092")
     parser.add_argument("--group", default="bench")
-    parser.add_argument("--store", default="")
+    parser.add_argument("--store", default="", help="SQLite file (or --store-url)")
+    parser.add_argument("--store-url", default="", help="any dedupe store URL (sqlite:///…, postgresql://…)")
     parser.add_argument("--provider-url", default="")
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument(
@@ -248,7 +291,7 @@ def main() -> None:
     parser.add_argument("--expect", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args()
-    fn = {"naive": naive, "faststream": faststream, "raw": raw}[args.kind]
+    fn = {"naive": naive, "naive-pp": naive_per_partition, "faststream": faststream, "raw": raw}[args.kind]
     # The same event loop and GC settings as the daemon, so the comparison is about scheduling only.
     tune_gc()
     anyio.run(fn, args, backend_options=event_loop_options(args.event_loop))

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import os
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -189,6 +190,10 @@ class Sandbox(SandboxProcess):
 
     def set_latency(self, latency_ms: float) -> None:
         self.faults(latency_ms=latency_ms)
+
+    def rate_limit(self, **config: float) -> dict[str, Any]:
+        """``POST /_admin/rate-limit`` (``per_second``, ``burst``, …): the new settings."""
+        return self._call("POST", "/_admin/rate-limit", json=config)
 
 
 def ledger_check(ledger: dict[str, Any], expected: set[str]) -> dict[str, int]:
@@ -434,3 +439,49 @@ async def sample_metrics(port: int, out: list[list[float]], every_s: float = 0.2
                     ]
                 )
             await asyncio.sleep(every_s)
+
+
+# -- results files -------------------------------------------------------------------------------------
+
+
+def code_version() -> str:
+    """The commit measured, with ``+dirty`` when the work tree differed from it (the daemon runs from it)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "consumer", "producer", "sandbox"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def write_results(
+    path: Path, text: str, *, code: str, goals: Sequence[tuple[str, bool, str]], **sections: Any
+) -> None:
+    """A table's ``.txt`` (``text``) and the JSON beside it: when, which code, which machine, ``sections``
+    (runs, parameters, …) and the targets with their verdicts."""
+    import json
+    import platform
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".txt").write_text(text + "\n")
+    payload = {
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code": code,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        **sections,
+        "targets": [{"target": n, "met": ok, "measured": d} for n, ok, d in goals],
+    }
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    print(f"wrote {path}")

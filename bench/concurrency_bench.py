@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import time
 from dataclasses import asdict
@@ -43,6 +42,7 @@ from bench.common import (
     random_topic,
     sample_metrics,
     workdir,
+    write_results,
 )
 
 RESULTS = ROOT / "bench" / "results" / "concurrency.json"
@@ -64,7 +64,7 @@ def _args_for(args: argparse.Namespace, setting: int | str) -> tuple[argparse.Na
 
 
 async def latency_cells(args: argparse.Namespace) -> list[Any]:
-    from bench.throughput import _planned, run_variant
+    from bench.runner import _planned, run_variant
 
     envelopes = make_envelopes(args.messages, KEYS, seed=1)
     late = make_envelopes(int(args.latency_max_rate * args.latency_s) + 50, KEYS, seed=2)
@@ -148,7 +148,7 @@ def analyse_rate_limited(
 async def rate_limited_cell(
     args: argparse.Namespace, name: str, setting: int | str, extra: list[str]
 ) -> dict[str, Any]:
-    from bench.throughput import _command, _spawn, _stop
+    from bench.runner import _command, _spawn, _stop
 
     tmp = workdir()
     topic = random_topic("rl")
@@ -159,13 +159,11 @@ async def rate_limited_cell(
     envelopes = make_envelopes(int(args.rl_rate * args.rl_seconds * 1.3), KEYS, seed=3)
     await publish(topic, envelopes)
     sandbox = Sandbox(args.rl_latency_ms, tmp)
-    sandbox.http.post(
-        "/_admin/rate-limit", json={"per_second": args.rl_rate, "burst": args.rl_burst}
-    ).raise_for_status()
+    sandbox.rate_limit(per_second=args.rl_rate, burst=args.rl_burst)
     a, port = _args_for(args, setting)
     a.daemon_env = [*a.daemon_env, *extra]
     store_path = tmp / "dedupe.db"
-    cmd, env = _command("daemon", a, topic, group, store_path, sandbox.url, None)
+    cmd, env = _command("daemon", a, topic, group, f"sqlite:///{store_path}", sandbox.url, None)
     proc = _spawn(cmd, env, tmp / "daemon.log")
     probe = ProcessProbe(proc.pid)
     machine = MachineProbe(probe, sandbox.proc.pid)
@@ -188,7 +186,7 @@ async def rate_limited_cell(
         machine.start()
         for start, _, limit in phases[1:]:
             await asyncio.sleep(max(0.0, t0 + start - time.time()))
-            sandbox.http.post("/_admin/rate-limit", json={"per_second": limit, "burst": args.rl_burst})
+            sandbox.rate_limit(per_second=limit, burst=args.rl_burst)
         await asyncio.sleep(max(0.0, t0 + args.rl_seconds - time.time()))
         cores = machine.stop()
         peak = probe.peak_rss_mib()
@@ -411,23 +409,9 @@ async def amain(args: argparse.Namespace, code: str) -> int:
     text += f"\n\n{len(runs) + len(rl)} runs in {elapsed / 60:.1f} min, code {code}; load = cores used by other processes, steal = cores taken by the hypervisor"
     print()
     print(text)
-    out = args.conc_results
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".txt").write_text(text + "\n")
-    out.write_text(
-        json.dumps(
-            {
-                "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "code": code,
-                "runs": [asdict(r) for r in runs],
-                "rate_limited": rl,
-                "targets": [{"target": n, "met": ok, "measured": d} for n, ok, d in goals],
-            },
-            default=str,
-        )
-        + "\n"
+    write_results(
+        args.conc_results, text, code=code, goals=goals, runs=[asdict(r) for r in runs], rate_limited=rl
     )
-    print(f"wrote {out}")
     try:
         plot(runs, rl, args.conc_plot)
         print(f"wrote {args.conc_plot}")

@@ -71,15 +71,20 @@ def _limits(n: int) -> httpx.Limits:
     return httpx.Limits(max_connections=n, max_keepalive_connections=n)
 
 
+def _httpx_sender(pick: Callable[[], httpx.AsyncClient]) -> Send:
+    """One request of the benchmark on the client ``pick()`` returns; its status code."""
+
+    async def send() -> int:
+        r = await pick().post(PATH, content=BODY, headers=_headers())
+        return r.status_code
+
+    return send
+
+
 @contextlib.asynccontextmanager
 async def httpx_single(url: str, c: int):  # type: ignore[no-untyped-def]
     async with httpx.AsyncClient(base_url=url, limits=_limits(c), timeout=30) as client:
-
-        async def send() -> int:
-            r = await client.post(PATH, content=BODY, headers=_headers())
-            return r.status_code
-
-        yield send
+        yield _httpx_sender(lambda: client)
 
 
 @contextlib.asynccontextmanager
@@ -90,12 +95,7 @@ async def httpx_round_robin(url: str, c: int):  # type: ignore[no-untyped-def]
     ]
     turn = itertools.cycle(clients)
     try:
-
-        async def send() -> int:
-            r = await next(turn).post(PATH, content=BODY, headers=_headers())
-            return r.status_code
-
-        yield send
+        yield _httpx_sender(lambda: next(turn))
     finally:
         for client in clients:
             await client.aclose()
@@ -107,12 +107,7 @@ async def httpx_aiohttp(url: str, c: int):  # type: ignore[no-untyped-def]
 
     transport = AiohttpTransport(limits=_limits(c))
     async with httpx.AsyncClient(base_url=url, transport=transport, timeout=30) as client:
-
-        async def send() -> int:
-            r = await client.post(PATH, content=BODY, headers=_headers())
-            return r.status_code
-
-        yield send
+        yield _httpx_sender(lambda: client)
 
 
 @contextlib.asynccontextmanager

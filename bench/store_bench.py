@@ -16,6 +16,7 @@ given database, dropped afterwards.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -48,6 +49,7 @@ class Result:
     records: int
     seconds: float
     latencies: list[float]
+    cpu_s: float = float("nan")  # this process's CPU (event loop, driver, writer thread) over the run
 
     @property
     def rate(self) -> float:
@@ -101,10 +103,12 @@ async def measure(
     try:
         async with store:
             await run_load(store, warmup, min(concurrency, warmup), "warm-" + uuid.uuid4().hex[:8])
+            cpu0 = time.process_time()
             seconds, latencies = await run_load(store, records, concurrency, "run-" + uuid.uuid4().hex[:8])
+            cpu = time.process_time() - cpu0
     finally:
         await cleanup()
-    return Result(name, concurrency, records, seconds, latencies)
+    return Result(name, concurrency, records, seconds, latencies, cpu)
 
 
 def sqlite_factory(directory: Path, synchronous: str) -> Factory:
@@ -119,22 +123,18 @@ def sqlite_factory(directory: Path, synchronous: str) -> Factory:
     return make
 
 
-def postgres_factory(url: str, pool: int) -> Factory:
-    import asyncpg
-
+def postgres_factory(url: str, pool: int, inflight: int | None = None, batch: int = 256) -> Factory:
+    from bench.store_probe import throwaway_schema
     from consumer.store.postgres import PostgresStore
 
     async def make() -> tuple[DedupeStore, Callable[[], Awaitable[None]]]:
-        schema = "idv_bench_" + uuid.uuid4().hex[:12]
-        admin = await asyncpg.connect(url)
-        await admin.execute(f"CREATE SCHEMA {schema}")
+        stack = contextlib.AsyncExitStack()
+        store_url = await stack.enter_async_context(throwaway_schema(url))
 
         async def cleanup() -> None:
-            await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-            await admin.close()
+            await stack.aclose()
 
-        sep = "&" if "?" in url else "?"
-        return PostgresStore(f"{url}{sep}search_path={schema}", max_size=pool), cleanup
+        return PostgresStore(store_url, max_size=pool, max_inflight=inflight, max_batch=batch), cleanup
 
     return make
 
@@ -157,7 +157,7 @@ async def postgres_info(url: str) -> str | None:
 
 
 def print_table(results: list[Result]) -> None:
-    header = ("backend", "conc", "records", "seconds", "records/s", "p50 ms", "p99 ms")
+    header = ("backend", "conc", "records", "seconds", "records/s", "p50 ms", "p99 ms", "CPU µs/rec")
     rows = [
         (
             r.backend,
@@ -167,6 +167,7 @@ def print_table(results: list[Result]) -> None:
             f"{r.rate:,.0f}",
             f"{r.percentile(0.50):.2f}",
             f"{r.percentile(0.99):.2f}",
+            f"{r.cpu_s * 1e6 / r.records:.0f}",
         )
         for r in results
     ]
@@ -186,10 +187,12 @@ async def main(args: argparse.Namespace) -> None:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     directory: Path = args.dir
 
-    backends: list[tuple[str, Factory]] = [
-        ("sqlite FULL", sqlite_factory(directory, "FULL")),
-        ("sqlite NORMAL", sqlite_factory(directory, "NORMAL")),
-    ]
+    backends: list[tuple[str, Factory]] = []
+    if not args.postgres_only:
+        backends += [
+            ("sqlite FULL", sqlite_factory(directory, "FULL")),
+            ("sqlite NORMAL", sqlite_factory(directory, "NORMAL")),
+        ]
     loop = "uvloop" if event_loop_options(args.event_loop) else "asyncio"
     print(
         f"# Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs, "
@@ -200,18 +203,27 @@ async def main(args: argparse.Namespace) -> None:
     if pg_url and (info := await postgres_info(pg_url)):
         print(f"# {info}")
         pools = [int(p) for p in args.pg_pools.split(",")]
-        backends.extend((f"postgresql pool={pool}", postgres_factory(pg_url, pool)) for pool in pools)
+        inflights = [int(n) if n != "default" else None for n in args.pg_inflight.split(",")]
+        for pool in pools:
+            for n in inflights:
+                name = f"postgresql pool={pool}" + (f" inflight={n}" if len(inflights) > 1 else "")
+                backends.append((name, postgres_factory(pg_url, pool, n, args.pg_batch)))
     print(
         f"# each record: claim (new key) + complete; {args.records} records per run, "
         f"after {args.warmup} untimed"
     )
     print()
 
+    # --rounds N: the backends interleaved (A B A B …) at each concurrency, so runs taken back to back on
+    # a shared machine compare; the table is sorted by backend afterwards.
     results = [
         await measure(name, make, args.records, concurrency, args.warmup)
-        for name, make in backends
         for concurrency in concurrencies
+        for _ in range(args.rounds)
+        for name, make in backends
     ]
+    order = {name: i for i, (name, _) in enumerate(backends)}
+    results.sort(key=lambda r: (order[r.backend], r.concurrency))
     print_table(results)
 
 
@@ -240,6 +252,14 @@ def parse_args() -> argparse.Namespace:
         + DEFAULT_PG_URL,
     )
     parser.add_argument("--pg-pools", default="10,64", help="PostgreSQL pool sizes to try (default 10,64)")
+    parser.add_argument(
+        "--pg-inflight",
+        default="default",
+        help="PostgreSQL batches in flight to compare, e.g. 4,8 (default: the store's default)",
+    )
+    parser.add_argument("--pg-batch", type=int, default=256, help="PostgreSQL max operations per batch")
+    parser.add_argument("--postgres-only", action="store_true", help="skip the SQLite rows")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved repeats of every backend")
     return parser.parse_args()
 
 
