@@ -56,6 +56,12 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX idempotency_conflicts_message ON idempotency_conflicts (message_id);
     """,
+    # 2: no query reads (state, lease_until); without it a completion changes no indexed column, so it can
+    # be a HOT update (no new index entries), and every transition writes one index fewer.
+    """
+    DROP INDEX IF EXISTS idempotency_records_lease;
+    ALTER TABLE idempotency_records SET (fillfactor = 80);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
