@@ -43,7 +43,8 @@ from consumer.workflows.model import (
     generation_id,
     step_key,
 )
-from consumer.workflows.steps import StepFailed, StepRunner, Steps
+from consumer.workflows.runner import StepFailed, StepRunner
+from consumer.workflows.steps import Steps
 from consumer.workflows.store import WorkflowStore, WriteStatus
 from producer.envelope import Envelope
 

@@ -12,7 +12,8 @@ from consumer.sinks import Sinks
 from consumer.store.base import DedupeStore
 from consumer.workflows.engine import WorkflowEngine
 from consumer.workflows.poller import Poller
-from consumer.workflows.steps import ProviderSteps, StepRunner, Steps
+from consumer.workflows.runner import StepRunner
+from consumer.workflows.steps import ProviderSteps, Steps
 from consumer.workflows.store import WorkflowStore, open_workflow_store
 
 __all__ = ["build_engine", "with_events_topic"]
