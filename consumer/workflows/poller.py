@@ -79,6 +79,7 @@ class Poller:
         """One scan; returns how many workflows it polled."""
         store = self.engine.store
         now = self.engine.clock()
+        self.engine.metrics.states(await store.counts())
         for wf in await store.stalled(now - self.stall_after_s, self.batch):
             await self._resume(wf, now)
         due = await store.due(now, self.batch)
@@ -106,6 +107,7 @@ class Poller:
         body = orjson.dumps({"session_id": wf.session_id, "webhook_type": "idv.resume", "status": None})
         await self.publish(wf.session_id.encode(), body)
         self.resumed += 1
+        self.engine.metrics.poll("resume")
         log.warning("resuming a workflow stalled at %s", wf.state.value)
 
     async def _poll(self, wf: Workflow) -> bool:
@@ -121,7 +123,8 @@ class Poller:
             return True
         assert wf.session_id is not None
         await self.publish(wf.session_id.encode(), body)
-        if b'"idv.timeout"' in body:
-            self.timeouts += 1
+        timeout = b'"idv.timeout"' in body
+        self.timeouts += timeout
         self.polls += 1
+        self.engine.metrics.poll("timeout" if timeout else "decision")
         return True
