@@ -60,7 +60,7 @@ class StepRunner:
         fp = "wf1:" + hashlib.sha256(f"{wf.fingerprint}\x1f{step}".encode()).hexdigest()
         while True:
             claim = await self._store(
-                self.records.claim,
+                "claim", self.records.claim,
                 key=key, message_id=wf.request_id, operation=operation, fingerprint=fp,
                 owner=self.owner, lease_s=self.lease_s, retention_s=self.retention_s,
             )  # fmt: skip
@@ -74,7 +74,7 @@ class StepRunner:
             await anyio.sleep(max(0.05, min(1.0, (record.lease_until or 0.0) - self.records.clock())))
 
         async def renew() -> None:
-            await self._store(self.records.renew, key, self.owner, self.lease_s)
+            await self._store("renew", self.records.renew, key, self.owner, self.lease_s)
 
         try:
             result = await call(renew, record)
@@ -93,8 +93,9 @@ class StepRunner:
             raise
         try:
             stored = await self._store(
-                self.records.complete, key, self.owner, result.outcome, failed=result.terminal_failure
-            )
+                "complete", self.records.complete, key, self.owner, result.outcome,
+                failed=result.terminal_failure,
+            )  # fmt: skip
         except LeaseLost as exc:
             raise StepFailed(
                 "retries_exhausted", "lease lost before the step's outcome was recorded"
@@ -103,7 +104,9 @@ class StepRunner:
         assert done.state in (State.COMPLETED, State.FAILED) and done.outcome is not None
         return done.outcome
 
-    async def _store(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+    async def _store(self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        """A dedupe-store call retried until it succeeds (what says ``retriable``), as the pipeline's;
+        ``what`` names the operation (the signature of ``consumer.claims.KeyClaims.call``)."""
         delay = 0.05
         while True:
             try:
@@ -111,6 +114,6 @@ class StepRunner:
             except VerificationError as exc:
                 if not exc.retriable:
                     raise
-                log.warning("dedupe store failed during a workflow step (%s); retrying", exc)
+                log.warning("dedupe store %s failed during a workflow step (%s); retrying", what, exc)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 5.0)
