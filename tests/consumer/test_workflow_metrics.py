@@ -52,7 +52,7 @@ async def test_workflow_metrics_count_transitions_events_and_states(
     try:
         url = health_url(proc.log_path)
         served = await metrics_text(url)
-        assert "idv_workflows{" in served, "no workflow metrics: the daemon must pass its registry to build_engine"
+        assert "idv_workflows{" in served, "no workflow metrics: the daemon gives build_engine no registry"
         await wait_committed_to_end(kafka_bootstrap, group, topic, 60)
         waiting = sorted(await rows(store_url), key=lambda w: w.message_id)
         assert len(waiting) == 6 and {w.state for w in waiting} == {WState.WAITING}
