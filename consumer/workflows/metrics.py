@@ -19,11 +19,12 @@ exists from the start at 0; nothing taken from an event (session, type, status s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from consumer.workflows.model import WState
+from consumer.workflows.model import TRANSITIONS, WState
 
 __all__ = ["EVENT_RESULTS", "POLL_KINDS", "WORKFLOW_METRIC_NAMES", "WorkflowMetrics"]
 
@@ -36,51 +37,51 @@ WORKFLOW_METRIC_NAMES = (
     "idv_workflows",
 )
 _STATES = tuple(s.value for s in WState)
+M = TypeVar("M", Counter, Gauge)
 
 
 class WorkflowMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        r = self.registry
-        transitions = Counter(
-            "idv_workflow_transitions",
-            "Workflow state changes written, by the state before and after.",
-            ("from_state", "to_state"),
-            registry=r,
-        )
-        # Children looked up once: a transition costs a dict lookup and an increment.
-        self._transitions = {(a, b): transitions.labels(a, b) for a in _STATES for b in _STATES if a != b}
-        events = Counter(
-            "idv_workflow_events",
-            "Provider events (webhooks, polls) by what applying them did.",
-            ("result",),
-            registry=r,
-        )
-        self._events = {result: events.labels(result) for result in EVENT_RESULTS}
-        polls = Counter(
-            "idv_workflow_polls",
-            "Synthetic events the polling fallback published, by kind (decision, timeout, resume).",
-            ("kind",),
-            registry=r,
-        )
-        self._polls = {kind: polls.labels(kind) for kind in POLL_KINDS}
-        states = Gauge("idv_workflows", "Workflow rows in the store by state (read at each poll scan).",
-                       ("state",), registry=r)  # fmt: skip
-        self._states = {state: states.labels(state) for state in _STATES}
+        pairs = [(a.value, b.value) for a, b in TRANSITIONS]
+        # Children looked up once, each at 0 from the start: a count is a dict lookup and an increment.
+        self._transitions = self._children(
+            Counter, "idv_workflow_transitions", "Workflow state changes written, by state before and after.",
+            ("from_state", "to_state"), pairs,
+        )  # fmt: skip
+        self._events = self._children(
+            Counter, "idv_workflow_events", "Provider events (webhooks, polls) by what applying them did.",
+            ("result",), [(r,) for r in EVENT_RESULTS],
+        )  # fmt: skip
+        self._polls = self._children(
+            Counter, "idv_workflow_polls", "Synthetic events the polling fallback published, by kind.",
+            ("kind",), [(k,) for k in POLL_KINDS],
+        )  # fmt: skip
+        self._states = self._children(
+            Gauge, "idv_workflows", "Workflow rows in the store by state (read at each poll scan).",
+            ("state",), [(s,) for s in _STATES],
+        )  # fmt: skip
+
+    def _children(
+        self, kind: type[M], name: str, doc: str, labels: tuple[str, ...], values: Iterable[tuple[str, ...]]
+    ) -> dict[tuple[str, ...], M]:
+        metric = kind(name, doc, labels, registry=self.registry)
+        return {v: metric.labels(*v) for v in values}
 
     def transition(self, before: WState, after: WState) -> None:
-        if before is not after:
-            self._transitions[(before.value, after.value)].inc()
+        child = self._transitions.get((before.value, after.value))
+        if child is not None:  # None: no change of state (or one the rule refuses, never written)
+            child.inc()
 
     def event(self, result: str) -> None:
         """One provider event applied; ``result`` is one of :data:`EVENT_RESULTS`."""
-        self._events[result].inc()
+        self._events[(result,)].inc()
 
     def poll(self, kind: str) -> None:
         """One synthetic event published; ``kind`` is one of :data:`POLL_KINDS`."""
-        self._polls[kind].inc()
+        self._polls[(kind,)].inc()
 
     def states(self, counts: Mapping[str, int]) -> None:
         """The store's rows by state (:meth:`WorkflowStore.counts`); a state with no row is 0."""
-        for state, child in self._states.items():
+        for (state,), child in self._states.items():
             child.set(counts.get(state, 0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -18,6 +19,7 @@ from aiokafka import AIOKafkaProducer
 from consumer.workflows.model import WState
 from tests.conftest import create_topic, random_topic_name
 from tests.consumer.conftest import (
+    DaemonProcess,
     Sandbox,
     daemon_env,
     publish,
@@ -36,19 +38,27 @@ async def metrics_text(url: str) -> str:
         return (await client.get("/metrics")).text
 
 
-async def test_workflow_metrics_count_transitions_events_and_states(
-    kafka_bootstrap: str, topic: str, group: str, didit: Sandbox, tmp_path: Path
-) -> None:
+async def start(
+    kafka_bootstrap: str, topic: str, group: str, didit: Sandbox, tmp_path: Path, n: int, **settings: Any
+) -> tuple[str, str, DaemonProcess]:
+    """``n`` workflow requests published and a daemon on them with its own events topic and SQLite store:
+    (events topic, store URL, the daemon)."""
     events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 2)
     store_url = f"sqlite:///{tmp_path / 'wf.db'}"
-    batch = requests(6, uuid.uuid4().hex[:8])
+    batch = requests(n, uuid.uuid4().hex[:8])
     _ids[:] = [e.message_id for e in batch]
     await publish(kafka_bootstrap, topic, batch)
     env = daemon_env(
-        kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events, provider="didit",
-        workflow_scan_interval_s=0.3,
-    )  # fmt: skip
-    proc = start_daemon(env, tmp_path / "daemon.log")
+        kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events, provider="didit", **settings
+    )
+    return events, store_url, start_daemon(env, tmp_path / "daemon.log")
+
+
+async def test_workflow_metrics_count_transitions_events_and_states(
+    kafka_bootstrap: str, topic: str, group: str, didit: Sandbox, tmp_path: Path
+) -> None:
+    events, store_url, proc = await start(kafka_bootstrap, topic, group, didit, tmp_path, 6,
+                                          workflow_scan_interval_s=0.3)  # fmt: skip
     try:
         url = health_url(proc.log_path)
         served = await metrics_text(url)
@@ -115,18 +125,11 @@ async def test_workflow_metrics_count_transitions_events_and_states(
 async def test_workflow_metrics_count_polls_and_timeouts(
     kafka_bootstrap: str, topic: str, group: str, didit: Sandbox, tmp_path: Path
 ) -> None:
-    events = await create_topic(kafka_bootstrap, random_topic_name("ev"), 1)
-    store_url = f"sqlite:///{tmp_path / 'wf.db'}"
-    batch = requests(2, uuid.uuid4().hex[:8])
-    _ids[:] = [e.message_id for e in batch]
-    await publish(kafka_bootstrap, topic, batch)
     # Polled from 0.5 s on (the sandbox's applicant never finishes), abandoned 3 s after creation.
-    env = daemon_env(
-        kafka_bootstrap, topic, group, store_url, didit.url, events_topic=events, provider="didit",
-        workflow_scan_interval_s=0.2, workflow_poll_after_s=0.5, workflow_poll_max_s=0.5,
-        workflow_abandon_after_s=3,
+    _, store_url, proc = await start(
+        kafka_bootstrap, topic, group, didit, tmp_path, 2, workflow_scan_interval_s=0.2,
+        workflow_poll_after_s=0.5, workflow_poll_max_s=0.5, workflow_abandon_after_s=3,
     )  # fmt: skip
-    proc = start_daemon(env, tmp_path / "daemon.log")
     try:
         url = health_url(proc.log_path)
 
