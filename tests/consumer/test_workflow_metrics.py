@@ -148,3 +148,15 @@ async def test_workflow_metrics_count_polls_and_timeouts(
     assert sample(text, "idv_workflow_transitions_total", from_state="waiting", to_state="abandoned") == 2
     assert sample(text, "idv_workflows", state="abandoned") == 2
     assert sample(text, "idv_workflows", state="waiting") == 0
+
+
+def test_workflow_metric_names_are_the_documented_ones() -> None:
+    from consumer.workflows.metrics import WORKFLOW_METRIC_NAMES, WorkflowMetrics
+
+    families = WorkflowMetrics().registry.collect()
+    exposed = {m.name + ("_total" if m.type == "counter" else "") for m in families}
+    assert exposed == set(WORKFLOW_METRIC_NAMES)
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    for page in ("operations.md", "workflows.md"):
+        text = (docs / page).read_text(encoding="utf-8")
+        assert [n for n in WORKFLOW_METRIC_NAMES if f"`{n}`" not in text] == [], page
