@@ -29,16 +29,6 @@ if TYPE_CHECKING:
     from consumer.multipart import MultipartBody
     from consumer.settings import Settings
 
-__all__ = [
-    "ADAPTERS",
-    "Capability",
-    "PreparedCall",
-    "ProviderAdapter",
-    "Sender",
-    "adapter_from_settings",
-    "register_adapter",
-]
-
 Dedupe = Literal["idempotency_key", "body_field", "none"]
 
 

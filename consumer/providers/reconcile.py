@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass
 
 from consumer.errors import RetriesExhausted, UnreconciledAttempt
 from consumer.model import Outcome
@@ -33,27 +34,19 @@ log = logging.getLogger(__name__)
 __all__ = ["Reconciler"]
 
 
+@dataclass(eq=False)
 class Reconciler:
-    def __init__(
-        self,
-        adapter: ProviderAdapter,
-        operation: Operation,
-        envelope: Envelope,
-        key: str,
-        since: float,
-        send: Sender,
-        *,
-        on_result: Callable[[str], None] | None = None,
-        force: bool = False,
-    ) -> None:
-        self.adapter = adapter
-        self.operation = operation
-        self.envelope = envelope
-        self.key = key
-        self.since = since
-        self.send = send
-        self.on_result = on_result
-        self.force = force
+    """One reconciliation of ``key``'s earlier attempts (called before a send that could repeat one)."""
+
+    adapter: ProviderAdapter
+    operation: Operation
+    envelope: Envelope
+    key: str
+    since: float
+    send: Sender
+    _: KW_ONLY
+    on_result: Callable[[str], None] | None = None  # counts each result (idv_reconciliations_total)
+    force: bool = False  # redrive --force: a profile without lookup sends anyway
 
     def _count(self, result: str) -> None:
         if self.on_result is not None:

@@ -51,6 +51,7 @@ __all__ = [
     "ClaimStatus",
     "DedupeStore",
     "Decision",
+    "Durable",
     "Outcome",
     "Record",
     "State",
@@ -179,7 +180,25 @@ def empty_counts() -> dict[str, int]:
     return {state.value: 0 for state in State}
 
 
-class DedupeStore(abc.ABC):
+class Durable(abc.ABC):
+    """A store opened before use and closed after (``async with store:``): the dedupe store and the
+    workflow store share this lifecycle."""
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class DedupeStore(Durable):
     """Abstract dedupe store. Backends: :mod:`consumer.store.sqlite`, chosen by URL in :func:`open_store`.
 
     Every method is a single atomic transition; a method returning normally means its effect is durable.
@@ -257,19 +276,6 @@ class DedupeStore(abc.ABC):
             return result
         finally:
             self._claim_finished(key, owner, result)
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    @abc.abstractmethod
-    async def open(self) -> None: ...
-
-    @abc.abstractmethod
-    async def close(self) -> None: ...
 
     @abc.abstractmethod
     async def _claim(self, *, request: ClaimRequest) -> Claim:

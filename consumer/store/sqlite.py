@@ -27,6 +27,7 @@ from typing import Any, Generic, TypeVar
 import anyio
 
 from consumer.errors import LeaseLost, StoreError
+from consumer.store import sqlitefile
 from consumer.store.base import (
     COLUMN_LIST,
     CONFLICT_COLUMNS,
@@ -180,10 +181,8 @@ class SqliteStore(DedupeStore):
         clock: Clock | None = None,
     ) -> None:
         super().__init__(clock or time.time)
-        if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
-            raise ValueError(f"invalid SQLite synchronous mode {synchronous!r}")
         self.path = str(path)
-        self.synchronous = synchronous.upper()
+        self.synchronous = sqlitefile.synchronous_mode(synchronous)
         self.max_batch = max_batch
         self._conn: sqlite3.Connection | None = None
         self._queue: queue.SimpleQueue[_Op[Any] | None] | None = None
@@ -196,13 +195,7 @@ class SqliteStore(DedupeStore):
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self.synchronous}")
-        conn.execute("PRAGMA busy_timeout=30000")
-        conn.executescript(_SCHEMA)
+        conn = sqlitefile.connect(self.path, self.synchronous, _SCHEMA)
         row = conn.execute("SELECT version FROM schema_version").fetchone()
         if row is None:
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -212,10 +205,7 @@ class SqliteStore(DedupeStore):
         return conn
 
     async def open(self) -> None:
-        try:
-            self._conn = await anyio.to_thread.run_sync(self._connect)
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"cannot open SQLite store at {self.path}: {exc}") from exc
+        self._conn = await sqlitefile.open_connection(self._connect, f"SQLite store at {self.path}")
         self._loop = asyncio.get_running_loop()
         self._queue = queue.SimpleQueue()
         self._thread = threading.Thread(
@@ -232,9 +222,8 @@ class SqliteStore(DedupeStore):
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._thread.join)
             self._thread = None
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            await anyio.to_thread.run_sync(conn.close)
+        conn, self._conn = self._conn, None
+        await sqlitefile.close_connection(conn)
 
     # -- the writer ------------------------------------------------------------------------------------
 

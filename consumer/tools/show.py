@@ -17,6 +17,7 @@ exist is not created.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -99,25 +100,16 @@ class Story:
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     results: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
     workflow: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def found(self) -> bool:
         return bool(self.records or self.conflicts or self.dead_letters or self.results or self.workflow)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "message_id": self.message_id,
-            "found": self.found,
-            "since": self.since,
-            "records": self.records,
-            "conflicts": self.conflicts,
-            "dead_letters": self.dead_letters,
-            "results": self.results,
-            "workflow": self.workflow,
-            "notes": self.notes,
-        }
+        fields = dataclasses.asdict(self)
+        return {"message_id": fields.pop("message_id"), "found": self.found, **fields}
 
     def text(self) -> str:
         if not self.found:

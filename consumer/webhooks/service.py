@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from types import TracebackType
 
 import anyio
 from aiohttp import web
@@ -146,12 +145,7 @@ class WebhookService:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
 

@@ -3,7 +3,8 @@
 Modules by role: :mod:`~consumer.workflows.model` (states, the transition rule, per-step keys),
 :mod:`~consumer.workflows.rules` (what an event does; result bytes), :mod:`~consumer.workflows.store`
 (+ ``sqlite``, ``postgres``: rows, applied events, result outbox), :mod:`~consumer.workflows.steps`
-(provider steps under leases), :mod:`~consumer.workflows.engine` (requests and events),
+(what each provider step sends and reads), :mod:`~consumer.workflows.runner` (one step exactly once under
+its key's lease), :mod:`~consumer.workflows.engine` (requests and events),
 :mod:`~consumer.workflows.poller` (the polling fallback and abandon deadline). See docs/workflows.md.
 """
 

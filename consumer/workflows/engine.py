@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 from typing import Any
 
 import orjson
@@ -34,6 +35,7 @@ from consumer.faults import FaultPoints
 from consumer.keys import Fingerprinter
 from consumer.model import DeadLetter, Disposition, Handled
 from consumer.workflows import rules
+from consumer.workflows.metrics import WorkflowMetrics
 from consumer.workflows.model import (
     Event,
     Step,
@@ -43,7 +45,8 @@ from consumer.workflows.model import (
     generation_id,
     step_key,
 )
-from consumer.workflows.steps import StepFailed, StepRunner, Steps
+from consumer.workflows.runner import StepFailed, StepRunner
+from consumer.workflows.steps import Steps
 from consumer.workflows.store import WorkflowStore, WriteStatus
 from producer.envelope import Envelope
 
@@ -68,33 +71,29 @@ def _steps_of(request: Any) -> str | None:
     return ",".join(steps)
 
 
+@dataclass(eq=False)
 class WorkflowEngine:
-    def __init__(
-        self,
-        store: WorkflowStore,
-        runner: StepRunner,
-        steps: Steps,
-        *,
-        namespace: str,
-        fingerprint_key: str | bytes | None,
-        poll_after_s: float,
-        poll_max_s: float,
-        abandon_after_s: float,
-        events_topic: str | None,
-        clock: Callable[[], float] | None = None,
-        faults: FaultPoints | None = None,
-    ) -> None:
-        self.store = store
-        self.runner = runner
-        self.steps = steps
-        self.namespace = namespace
+    """``kyc_workflow`` requests and provider events in, workflow transitions and result events out; its
+    clock is the store's (tests may replace it)."""
+
+    store: WorkflowStore
+    runner: StepRunner
+    steps: Steps
+    _: KW_ONLY
+    namespace: str
+    fingerprint_key: InitVar[str | bytes | None]
+    poll_after_s: float
+    poll_max_s: float
+    abandon_after_s: float
+    events_topic: str | None
+    faults: FaultPoints = field(default_factory=FaultPoints)
+    metrics: WorkflowMetrics = field(default_factory=WorkflowMetrics)
+    fingerprints: Fingerprinter = field(init=False)
+    clock: Callable[[], float] = field(init=False)
+
+    def __post_init__(self, fingerprint_key: str | bytes | None) -> None:
         self.fingerprints = Fingerprinter(fingerprint_key)
-        self.poll_after_s = poll_after_s
-        self.poll_max_s = poll_max_s
-        self.abandon_after_s = abandon_after_s
-        self.events_topic = events_topic
-        self.clock = clock or store.clock
-        self.faults = faults or FaultPoints()
+        self.clock = self.store.clock
 
     def backoff(self, polls: int) -> float:
         """Seconds until the next poll after ``polls`` polls: poll_after_s, doubling, capped."""
@@ -158,9 +157,11 @@ class WorkflowEngine:
         try:
             body = orjson.loads(msg.value or b"")
         except orjson.JSONDecodeError:
+            self.metrics.event("invalid")
             return Handled(Disposition.INVALID, DeadLetter("invalid_json", "provider event is not JSON"))
         event = event_from_webhook(body, msg.value or b"") if isinstance(body, dict) else None
         if event is None:
+            self.metrics.event("invalid")
             letter = DeadLetter("invalid_envelope", "provider event without a session_id")
             return Handled(Disposition.INVALID, letter)
         source = position(msg)
@@ -182,16 +183,23 @@ class WorkflowEngine:
                 wf = await self.store.by_session(event.session_id)
                 if wf is None:
                     log.info("provider event for a session not recorded (yet): kept pending")
+                    self.metrics.event("pending")
                     return None
             change = rules.on_event(wf, event, self.clock(), source)
             status = await self.store.write(wf, change, event, source)
             if status is WriteStatus.OK:
-                if change is not None:
-                    log.info("workflow event applied: %s → %s", event.status, change.new.state.value)
-                return change.new if change is not None else wf
+                if change is None:
+                    self.metrics.event("unchanged")
+                    return wf
+                log.info("workflow event applied: %s → %s", event.status, change.new.state.value)
+                self.metrics.event("applied")
+                self.metrics.transition(wf.state, change.new.state)
+                return change.new
             if status is WriteStatus.DUPLICATE:
                 log.info("provider event already applied: duplicate skipped")
+                self.metrics.event("duplicate")
                 return await self.store.get(wf.message_id)
+            self.metrics.event("stale")
             wf = await self.store.get(wf.message_id)  # STALE: decide again on the current row
         raise RuntimeError("workflow event could not be applied (compare-and-set kept losing)")
 
@@ -223,6 +231,7 @@ class WorkflowEngine:
     async def _write(self, wf: Workflow, change: rules.Change) -> Workflow:
         status = await self.store.write(wf, change)
         if status is WriteStatus.OK:
+            self.metrics.transition(wf.state, change.new.state)
             return change.new
         current = await self.store.get(wf.message_id)  # lost a race: decide again from the stored row
         assert current is not None

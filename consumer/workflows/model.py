@@ -29,6 +29,7 @@ from consumer.keys import idempotency_key
 
 __all__ = [
     "FINAL_STATES",
+    "TRANSITIONS",
     "WORKFLOW_OPERATION",
     "Event",
     "IllegalTransition",
@@ -75,6 +76,10 @@ _EDGES: dict[WState, frozenset[WState]] = {
     WState.EXPIRED: frozenset({WState.EXPIRED}),
     WState.FAILED: frozenset({WState.FAILED}),
 }
+#: Every change of state the transition rule allows (staying in a state is not a change).
+TRANSITIONS: tuple[tuple[WState, WState], ...] = tuple(
+    (a, b) for a, nexts in _EDGES.items() for b in sorted(nexts) if a is not b
+)
 
 
 class Step(enum.StrEnum):

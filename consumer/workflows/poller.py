@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import KW_ONLY, dataclass, field
 
 import anyio
 import orjson
@@ -43,28 +44,22 @@ __all__ = ["Poller"]
 Publish = Callable[[bytes, bytes], Awaitable[None]]  # (key, value) onto the events topic
 
 
+@dataclass(eq=False)
 class Poller:
-    def __init__(
-        self,
-        engine: WorkflowEngine,
-        publish: Publish,
-        *,
-        interval_s: float,
-        concurrency: int,
-        batch: int = 500,
-        stall_after_s: float = 300.0,
-        on_fatal: Callable[[BaseException], None] | None = None,
-    ) -> None:
-        self.engine = engine
-        self.publish = publish
-        self.interval_s = interval_s
-        self.concurrency = concurrency
-        self.batch = batch
-        self.stall_after_s = stall_after_s
-        self.resumed = 0
-        self.on_fatal = on_fatal
-        self.polls = 0
-        self.timeouts = 0
+    """The due-timer scan (see the module docstring); ``polls``, ``timeouts`` and ``resumed`` count what it
+    published since it started."""
+
+    engine: WorkflowEngine
+    publish: Publish
+    _: KW_ONLY
+    interval_s: float
+    concurrency: int
+    batch: int = 500
+    stall_after_s: float = 300.0
+    on_fatal: Callable[[BaseException], None] | None = None
+    polls: int = field(default=0, init=False)
+    timeouts: int = field(default=0, init=False)
+    resumed: int = field(default=0, init=False)
 
     async def run_forever(self) -> None:
         while True:
@@ -84,6 +79,7 @@ class Poller:
         """One scan; returns how many workflows it polled."""
         store = self.engine.store
         now = self.engine.clock()
+        self.engine.metrics.states(await store.counts())
         for wf in await store.stalled(now - self.stall_after_s, self.batch):
             await self._resume(wf, now)
         due = await store.due(now, self.batch)
@@ -111,6 +107,7 @@ class Poller:
         body = orjson.dumps({"session_id": wf.session_id, "webhook_type": "idv.resume", "status": None})
         await self.publish(wf.session_id.encode(), body)
         self.resumed += 1
+        self.engine.metrics.poll("resume")
         log.warning("resuming a workflow stalled at %s", wf.state.value)
 
     async def _poll(self, wf: Workflow) -> bool:
@@ -126,7 +123,8 @@ class Poller:
             return True
         assert wf.session_id is not None
         await self.publish(wf.session_id.encode(), body)
-        if b'"idv.timeout"' in body:
-            self.timeouts += 1
+        timeout = b'"idv.timeout"' in body
+        self.timeouts += timeout
         self.polls += 1
+        self.engine.metrics.poll("timeout" if timeout else "decision")
         return True

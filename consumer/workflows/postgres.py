@@ -103,16 +103,16 @@ class PostgresWorkflowStore(s.WorkflowStore):
         return result
 
     async def get(self, message_id: str) -> Workflow | None:
-        async def fn(conn: Any) -> Workflow | None:
-            row = await conn.fetchrow(_SQL["SQL_GET"], message_id)
-            return s.row_to_workflow(row) if row else None
-
-        result: Workflow | None = await self._run(fn)
-        return result
+        return await self._one("SQL_GET", message_id)
 
     async def by_session(self, session_id: str) -> Workflow | None:
+        return await self._one("SQL_BY_SESSION", session_id)
+
+    async def _one(self, query: str, arg: str) -> Workflow | None:
+        """The workflow row ``query`` finds for ``arg``, or None."""
+
         async def fn(conn: Any) -> Workflow | None:
-            row = await conn.fetchrow(_SQL["SQL_BY_SESSION"], session_id)
+            row = await conn.fetchrow(_SQL[query], arg)
             return s.row_to_workflow(row) if row else None
 
         result: Workflow | None = await self._run(fn)

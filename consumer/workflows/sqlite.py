@@ -10,12 +10,12 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 
 from consumer.errors import StoreError
+from consumer.store import sqlitefile
 from consumer.workflows import store as s
 from consumer.workflows.model import Event, Workflow
 from consumer.workflows.rules import Change, Result
@@ -28,33 +28,20 @@ T = TypeVar("T")
 class SqliteWorkflowStore(s.WorkflowStore):
     def __init__(self, path: str, *, synchronous: str = "FULL", clock: Callable[[], float] | None = None):
         super().__init__(*(() if clock is None else (clock,)))
-        if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
-            raise ValueError(f"invalid SQLite synchronous mode {synchronous!r}")
         self.path = path
-        self.synchronous = synchronous.upper()
+        self.synchronous = sqlitefile.synchronous_mode(synchronous)
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
 
-    def _connect(self) -> sqlite3.Connection:
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self.synchronous}")
-        conn.execute("PRAGMA busy_timeout=30000")
-        conn.executescript(s.SCHEMA)
-        return conn
-
     async def open(self) -> None:
-        try:
-            self._conn = await anyio.to_thread.run_sync(self._connect)
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"cannot open the SQLite workflow store at {self.path}: {exc}") from exc
+        self._conn = await sqlitefile.open_connection(
+            lambda: sqlitefile.connect(self.path, self.synchronous, s.SCHEMA),
+            f"the SQLite workflow store at {self.path}",
+        )
 
     async def close(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            await anyio.to_thread.run_sync(conn.close)
+        conn, self._conn = self._conn, None
+        await sqlitefile.close_connection(conn)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = False) -> T:
         conn = self._conn
@@ -90,15 +77,16 @@ class SqliteWorkflowStore(s.WorkflowStore):
         return await self._run(fn, write=True)
 
     async def get(self, message_id: str) -> Workflow | None:
-        def fn(conn: sqlite3.Connection) -> Workflow | None:
-            row = conn.execute(s.SQL_GET, (message_id,)).fetchone()
-            return s.row_to_workflow(row) if row else None
-
-        return await self._run(fn)
+        return await self._one(s.SQL_GET, message_id)
 
     async def by_session(self, session_id: str) -> Workflow | None:
+        return await self._one(s.SQL_BY_SESSION, session_id)
+
+    async def _one(self, query: str, arg: str) -> Workflow | None:
+        """The workflow row ``query`` finds for ``arg``, or None."""
+
         def fn(conn: sqlite3.Connection) -> Workflow | None:
-            row = conn.execute(s.SQL_BY_SESSION, (session_id,)).fetchone()
+            row = conn.execute(query, (arg,)).fetchone()
             return s.row_to_workflow(row) if row else None
 
         return await self._run(fn)

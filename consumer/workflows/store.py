@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from consumer.errors import ConfigurationError
+from consumer.store.base import Durable
 from consumer.workflows.model import COLUMNS, Event, Workflow, WState, check_transition
 from consumer.workflows.rules import Change, Result
 
@@ -183,24 +184,11 @@ def result_args(r: Result, now: float) -> list[Any]:
     return [r.message_id, r.revision, r.source, r.key, r.body, now]
 
 
-class WorkflowStore(abc.ABC):
+class WorkflowStore(Durable):
     """Abstract workflow store; every method is atomic and durable when it returns."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-
-    async def __aenter__(self) -> WorkflowStore:
-        await self.open()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    @abc.abstractmethod
-    async def open(self) -> None: ...
-
-    @abc.abstractmethod
-    async def close(self) -> None: ...
 
     @abc.abstractmethod
     async def create(self, wf: Workflow) -> Workflow:

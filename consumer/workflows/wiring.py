@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection
 
+from prometheus_client import CollectorRegistry
+
 from consumer.faults import FaultPoints
 from consumer.provider import ProviderClient
 from consumer.settings import Settings
 from consumer.sinks import Sinks
 from consumer.store.base import DedupeStore
 from consumer.workflows.engine import WorkflowEngine
+from consumer.workflows.metrics import WorkflowMetrics
 from consumer.workflows.poller import Poller
-from consumer.workflows.steps import ProviderSteps, StepRunner, Steps
+from consumer.workflows.runner import StepRunner
+from consumer.workflows.steps import ProviderSteps, Steps
 from consumer.workflows.store import WorkflowStore, open_workflow_store
 
 __all__ = ["build_engine", "with_events_topic"]
@@ -29,8 +33,10 @@ def build_engine(
     store: WorkflowStore | None = None,
     steps: Steps | None = None,
     faults: FaultPoints | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> WorkflowEngine:
-    """The engine over the workflow store beside ``records`` (not yet open) and the provider's steps."""
+    """The engine over the workflow store beside ``records`` (not yet open) and the provider's steps; its
+    metrics (consumer/workflows/metrics.py) in ``registry``, the daemon's, when given."""
     runner = StepRunner(records, owner=owner, lease_s=settings.lease_s, retention_s=settings.retention_s)
     return WorkflowEngine(
         store or open_workflow_store(settings.store_url),
@@ -42,7 +48,8 @@ def build_engine(
         poll_max_s=settings.workflow_poll_max_s,
         abandon_after_s=settings.workflow_abandon_after_s,
         events_topic=settings.provider_events_topic,
-        faults=faults,
+        faults=faults or FaultPoints(),
+        metrics=WorkflowMetrics(registry),
     )
 
 
