@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
 
 from consumer import tracing
 from consumer.errors import LeaseLost, StoreError
-from consumer.model import ClaimStatus, DeadLetter, Disposition, Handled, Record, State
+from consumer.model import ClaimStatus, Disposition, Handled, Record, State, conflict
 from consumer.providers.calls import CallProgress
 from consumer.store.base import DedupeStore
 from producer.envelope import Envelope
@@ -31,22 +32,14 @@ __all__ = ["KeyClaims"]
 _STORE_RETRY_MAX_S = 5.0
 
 
+@dataclass(slots=True, kw_only=True)
 class KeyClaims:
-    def __init__(
-        self,
-        store: DedupeStore,
-        *,
-        owner: str,
-        lease_s: float,
-        retention_s: float,
-        on_store_op: Callable[[str, float], None] | None = None,
-    ) -> None:
-        self.store = store
-        self.owner = owner
-        self.lease_s = lease_s
-        self.retention_s = retention_s
-        self.on_store_op = on_store_op
-        self.store_failing = False  # the last store operation failed (readiness)
+    store: DedupeStore
+    owner: str
+    lease_s: float
+    retention_s: float
+    on_store_op: Callable[[str, float], None] | None = None
+    store_failing: bool = field(default=False, init=False)  # the last store operation failed (readiness)
 
     async def call(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Retry a store operation until it succeeds: the message waits, nothing is committed past it.
@@ -101,12 +94,8 @@ class KeyClaims:
                     source=source,
                 )
                 log.warning("idempotency conflict: message ID reused with a different payload; not sent")
-                letter = DeadLetter(
-                    "idempotency_conflict",
-                    "message ID already used with a different payload (fingerprint differs); not sent",
-                    first_failure_at=record.created_at,
-                )
-                return Handled(Disposition.CONFLICT, letter)
+                detail = "message ID already used with a different payload (fingerprint differs); not sent"
+                return conflict(detail, record.created_at)
             if status is ClaimStatus.DONE:
                 log.info("duplicate skipped: already %s", record.state.value)
                 return Handled(Disposition.DUPLICATE, record=record, subject_id=envelope.subject_id)

@@ -12,12 +12,22 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
 from consumer.errors import ConfigurationError
 
-__all__ = ["PREFIX", "EnvSettings", "check_logging", "config_file", "converter", "need", "read_env"]
+__all__ = [
+    "PREFIX",
+    "EnvSettings",
+    "KafkaSettings",
+    "check_logging",
+    "config_file",
+    "converter",
+    "need",
+    "read_env",
+]
 
 PREFIX = "IDV_"
 
@@ -133,14 +143,6 @@ class EnvSettings:
     # Fields that may be given as IDV_<NAME>_FILE; whether IDV_CONFIG_FILE is read.
     SECRETS: ClassVar[frozenset[str]] = frozenset()
     READS_CONFIG_FILE: ClassVar[bool] = False
-    # The Kafka TLS/SASL fields both settings objects have (consumer/security.py checks them).
-    kafka_security_protocol: str
-    kafka_sasl_mechanism: str
-    kafka_sasl_username: str
-    kafka_sasl_password: str
-    kafka_ssl_cafile: str
-    kafka_ssl_certfile: str
-    kafka_ssl_keyfile: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Self:
@@ -162,6 +164,29 @@ class EnvSettings:
     def validate(self) -> None:
         raise NotImplementedError
 
+    def env_names(self) -> list[str]:
+        return [PREFIX + f.name.upper() for f in dataclasses.fields(self)]  # type: ignore[arg-type]
+
+    @classmethod
+    def secret_file_names(cls) -> list[str]:
+        """The ``*_FILE`` variables (secrets that may be given as a file)."""
+        return sorted(f"{PREFIX}{name.upper()}_FILE" for name in cls.SECRETS)
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSettings(EnvSettings):
+    """The broker address and the TLS/SASL fields both settings objects have: one environment configures
+    the daemon and the webhook intake alike (``IDV_KAFKA_*``, checked by :mod:`consumer.security`)."""
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = ""
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = field(default="", repr=False)
+    kafka_ssl_cafile: str = ""
+    kafka_ssl_certfile: str = ""
+    kafka_ssl_keyfile: str = ""
+
     def kafka_security(self) -> dict[str, Any]:
         """aiokafka keyword arguments for TLS/SASL (contains the password: never log it)."""
         from consumer.security import kafka_security_kwargs
@@ -175,14 +200,6 @@ class EnvSettings:
             self.kafka_ssl_certfile,
             self.kafka_ssl_keyfile,
         )
-
-    def env_names(self) -> list[str]:
-        return [PREFIX + f.name.upper() for f in dataclasses.fields(self)]  # type: ignore[arg-type]
-
-    @classmethod
-    def secret_file_names(cls) -> list[str]:
-        """The ``*_FILE`` variables (secrets that may be given as a file)."""
-        return sorted(f"{PREFIX}{name.upper()}_FILE" for name in cls.SECRETS)
 
 
 def check_logging(log_level: str, log_format: str) -> None:

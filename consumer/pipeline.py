@@ -105,7 +105,7 @@ class Processor:
         self.want_records = want_records
         # Claims, renewals and releases of keys, each store call retried until it succeeds (claims.py).
         self.claims = KeyClaims(
-            store, owner=owner, lease_s=lease_s, retention_s=retention_s, on_store_op=on_store_op
+            store=store, owner=owner, lease_s=lease_s, retention_s=retention_s, on_store_op=on_store_op
         )
         self.store = store
         self.provider = provider

@@ -194,14 +194,8 @@ class ProviderClient(ProviderExchange, ReadCalls):
         body = request if isinstance(request, bytes) else orjson.dumps(request, option=orjson.OPT_SORT_KEYS)
         headers = [(b"content-type", b"application/json"), (b"idempotency-key", idempotency_key.encode())]
         prepared = PreparedCall("POST", operation.path, headers, body)
-        return await self._attempts(
-            operation,
-            prepared,
-            before_attempt=before_attempt,
-            progress=progress,
-            keep_alive=keep_alive,
-            every=keep_alive_every_s,
-        )
+        hooks = (before_attempt, progress, keep_alive, keep_alive_every_s)
+        return await self._attempts(operation, prepared, *hooks)
 
     async def call_envelope(
         self,
@@ -239,16 +233,8 @@ class ProviderClient(ProviderExchange, ReadCalls):
             reconcile = Reconciler(
                 self.adapter, operation, envelope, key, since, send, on_result=self.on_reconcile, force=force
             )
-        return await self._attempts(
-            operation,
-            prepared,
-            before_attempt=before_attempt,
-            progress=progress,
-            keep_alive=keep_alive,
-            every=keep_alive_every_s,
-            reconcile=reconcile,
-            reached=earlier_claims,
-        )
+        hooks = (before_attempt, progress, keep_alive, keep_alive_every_s)
+        return await self._attempts(operation, prepared, *hooks, reconcile=reconcile, reached=earlier_claims)
 
     async def _prepare(
         self,
@@ -274,11 +260,11 @@ class ProviderClient(ProviderExchange, ReadCalls):
         self,
         operation: Operation,
         prepared: PreparedCall,
-        *,
         before_attempt: Callable[[int], Awaitable[None]] | None,
         progress: CallProgress | None,
         keep_alive: Hook | None,
         every: float,
+        *,
         reconcile: Reconciler | None = None,
         reached: bool = False,
     ) -> CallResult:

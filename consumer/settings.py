@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar
 
-from consumer.envreader import PREFIX, EnvSettings, read_env
+from consumer.envreader import PREFIX, KafkaSettings, read_env
 from consumer.settings_rules import LEASE_SLACK_S, MIN_FINGERPRINT_KEY, check
 
 if TYPE_CHECKING:
@@ -36,11 +36,10 @@ _SECRETS = frozenset(
 
 
 @dataclass(frozen=True, slots=True)
-class Settings(EnvSettings):
+class Settings(KafkaSettings):
     SECRETS: ClassVar[frozenset[str]] = _SECRETS
     READS_CONFIG_FILE: ClassVar[bool] = True
-    # Kafka
-    kafka_bootstrap: str = "127.0.0.1:9092"
+    # Kafka: kafka_bootstrap and the TLS/SASL fields are KafkaSettings' (consumer/envreader.py)
     topic: str = "idv.requests"
     group_id: str = "idv-verifier"
     client_id: str = "idv-consumer"
@@ -49,14 +48,6 @@ class Settings(EnvSettings):
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
     max_poll_interval_ms: int = 300_000
-    # Kafka security (passed to aiokafka; see consumer/security.py)
-    kafka_security_protocol: str = "PLAINTEXT"
-    kafka_sasl_mechanism: str = ""
-    kafka_sasl_username: str = ""
-    kafka_sasl_password: str = field(default="", repr=False)
-    kafka_ssl_cafile: str = ""
-    kafka_ssl_certfile: str = ""
-    kafka_ssl_keyfile: str = ""
     # Processing
     namespace: str = "idv"
     # HMAC key of request fingerprints (consumer/keys.py); required. Changing it turns redeliveries of

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import anyio
 from aiokafka.structs import ConsumerRecord
@@ -29,31 +30,24 @@ log = logging.getLogger(__name__)
 __all__ = ["Worker"]
 
 
+def _none(msg: ConsumerRecord) -> str | None:
+    return None
+
+
+@dataclass(slots=True, kw_only=True)
 class Worker:
-    def __init__(
-        self,
-        flow: Flow,
-        processor: Processor,
-        sinks: Sinks,
-        metrics: Metrics,
-        progress: PartitionProgress,
-        commits: CommitSchedule,
-        *,
-        accepting: Callable[[], bool],
-        on_fatal: Callable[[BaseException], None],
-    ) -> None:
-        self.flow = flow
-        self.processor = processor
-        self.sinks = sinks
-        self.metrics = metrics
-        self.progress = progress
-        self.commits = commits
-        # False once stopping, past the shutdown deadline or fatal: messages not started yet stay
-        # uncommitted for the next owner.
-        self.accepting = accepting
-        self.on_fatal = on_fatal
-        # The fetcher's record of records aiokafka could not decode (set when the fetcher exists).
-        self.undecodable: Callable[[ConsumerRecord], str | None] = lambda msg: None
+    flow: Flow
+    processor: Processor
+    sinks: Sinks
+    metrics: Metrics
+    progress: PartitionProgress
+    commits: CommitSchedule
+    # False once stopping, past the shutdown deadline or fatal: messages not started yet stay uncommitted
+    # for the next owner.
+    accepting: Callable[[], bool]
+    on_fatal: Callable[[BaseException], None]
+    # The fetcher's record of records aiokafka could not decode (set when the fetcher exists).
+    undecodable: Callable[[ConsumerRecord], str | None] = _none
 
     @property
     def stats(self) -> Stats:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from consumer.envreader import EnvSettings, check_logging, need
+from consumer.envreader import KafkaSettings, check_logging, need
 from consumer.webhooks.signature import DEFAULT_WINDOW_S
 
 __all__ = ["DEFAULT_EVENTS_TOPIC", "DEFAULT_PATH", "DEFAULT_PORT", "WebhookSettings"]
@@ -25,17 +25,9 @@ _SECRETS = frozenset({"webhook_secret", "webhook_secret_previous", "kafka_sasl_p
 
 
 @dataclass(frozen=True, slots=True)
-class WebhookSettings(EnvSettings):
+class WebhookSettings(KafkaSettings):
     SECRETS: ClassVar[frozenset[str]] = _SECRETS
-    # Kafka (the daemon's variables)
-    kafka_bootstrap: str = "127.0.0.1:9092"
-    kafka_security_protocol: str = "PLAINTEXT"
-    kafka_sasl_mechanism: str = ""
-    kafka_sasl_username: str = ""
-    kafka_sasl_password: str = field(default="", repr=False)
-    kafka_ssl_cafile: str = ""
-    kafka_ssl_certfile: str = ""
-    kafka_ssl_keyfile: str = ""
+    # Kafka: the daemon's own variables (KafkaSettings, consumer/envreader.py)
     # Where accepted events go (key = session_id, value = the body as received).
     events_topic: str = DEFAULT_EVENTS_TOPIC
     webhook_client_id: str = "idv-webhooks"
