@@ -148,12 +148,7 @@ class Daemon:
             self.committer, interval_s=settings.commit_interval_s, every=settings.commit_every
         )
         self.worker = Worker(
-            flow=self.flow,
-            processor=self.processor,
-            sinks=self.sinks,
-            metrics=self.metrics,
-            progress=self.progress,
-            commits=self.commits,
+            self.flow, self.processor, self.sinks, self.metrics, self.progress, self.commits,
             accepting=lambda: not self._stopping and not self._abandon and self.fatal is None,
             on_fatal=self._set_fatal,
         )

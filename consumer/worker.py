@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 from aiokafka.structs import ConsumerRecord
@@ -34,7 +34,7 @@ def _none(msg: ConsumerRecord) -> str | None:
     return None
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True)
 class Worker:
     flow: Flow
     processor: Processor
@@ -44,8 +44,8 @@ class Worker:
     commits: CommitSchedule
     # False once stopping, past the shutdown deadline or fatal: messages not started yet stay uncommitted
     # for the next owner.
-    accepting: Callable[[], bool]
-    on_fatal: Callable[[BaseException], None]
+    accepting: Callable[[], bool] = field(kw_only=True)
+    on_fatal: Callable[[BaseException], None] = field(kw_only=True)
     # The fetcher's record of records aiokafka could not decode (set when the fetcher exists).
     undecodable: Callable[[ConsumerRecord], str | None] = _none
 
