@@ -16,8 +16,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import anyio
+
+if TYPE_CHECKING:
+    from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,19 @@ class CircuitBreaker:
         self._probe_in_flight = False
         self._changed = anyio.Event()
         self.opened_count = 0
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, on_change: Callable[[BreakerState], None] | None = None
+    ) -> CircuitBreaker:
+        """The daemon's breaker (``IDV_BREAKER_*``); the window holds at least 20 results."""
+        return cls(
+            failure_ratio=settings.breaker_failure_ratio,
+            min_calls=settings.breaker_min_calls,
+            window=max(settings.breaker_min_calls, 20),
+            open_s=settings.breaker_open_s,
+            on_change=on_change,
+        )
 
     def _set(self, state: BreakerState) -> None:
         if state is not self.state:

@@ -5,8 +5,8 @@ Tasks (one anyio task group):
 * **fetch loop** (:mod:`consumer.fetch`) – ``getmany`` in batches into :class:`~consumer.flow.Flow`:
   buffer slots, per-key lanes, hold/resume of partitions over their share (see :mod:`consumer.flow`);
   unreadable records become stubs.
-* **workers** – a fixed pool of ``max_in_flight``: run :meth:`Processor.handle` and
-  :func:`~consumer.delivery.deliver`; when both returned the outcome is durable, so the offset is marked
+* **workers** (:mod:`consumer.worker`) – a fixed pool of ``max_in_flight``: run :meth:`Processor.handle`
+  and :func:`~consumer.delivery.deliver`; when both returned the outcome is durable, so the offset is marked
   done in its partition's :class:`~consumer.offsets.PartitionOffsets`.
 * **commit loop** (:class:`~consumer.commits.CommitSchedule`) – every ``commit_interval_s`` or
   ``commit_every`` finished messages, commits each partition's watermark: the lowest offset not yet done.
@@ -37,12 +37,10 @@ import anyio
 import anyio.abc
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-from aiokafka.structs import ConsumerRecord
 
 from consumer import tracing, wiring
 from consumer.commits import CommitSchedule, Committer
 from consumer.concurrency import raise_fd_limit
-from consumer.delivery import deliver
 from consumer.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -58,7 +56,7 @@ from consumer.flow import Flow, Partition
 from consumer.gcpolicy import collect_young_forever
 from consumer.health import PartitionProgress, readiness_report, serve_health
 from consumer.metrics import Metrics
-from consumer.model import DeadLetter, Disposition, Handled, Stats
+from consumer.model import Stats
 from consumer.progress_log import CaughtUp, run_summary
 from consumer.provider import ProviderClient, classify_status
 from consumer.providers.checks import check_key_retention
@@ -66,6 +64,7 @@ from consumer.rebalance import RebalanceListener
 from consumer.retention import purge_forever
 from consumer.settings import Settings
 from consumer.store import DedupeStore, open_store
+from consumer.worker import Worker
 from consumer.workflows.poller import Poller
 from consumer.workflows.wiring import build_engine, with_events_topic
 
@@ -148,6 +147,11 @@ class Daemon:
         self.commits = CommitSchedule(
             self.committer, interval_s=settings.commit_interval_s, every=settings.commit_every
         )
+        self.worker = Worker(
+            self.flow, self.processor, self.sinks, self.metrics, self.progress, self.commits,
+            accepting=lambda: not self._stopping and not self._abandon and self.fatal is None,
+            on_fatal=self._set_fatal,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -228,6 +232,7 @@ class Daemon:
                 backlogged=self._results_backlogged,
             )
             self.fetcher.on_fetch = lambda n: self._caught_up.observe(n, self.stats)  # progress_log.py
+            self.worker.undecodable = self.fetcher.take_undecodable
             await wiring.start_consumer(consumer, self.settings)
             try:
                 existing = await consumer.topics()
@@ -247,7 +252,7 @@ class Daemon:
                 log.info("consumer started", extra={"owner": self.owner, "topics": topics})
                 async with anyio.create_task_group() as tg:
                     for _ in range(self.settings.max_in_flight):
-                        tg.start_soon(self._worker)
+                        tg.start_soon(self.worker.run)
                     tg.start_soon(self._commit_loop)
                     if (every := self.settings.purge_interval_s) > 0:
                         wfs, retention = self.workflows.store, self.settings.retention_s
@@ -292,56 +297,6 @@ class Daemon:
 
     def _results_backlogged(self) -> bool:
         return self.sinks.transactional and self.sinks.pending_results >= self._max_pending_results
-
-    async def _worker(self) -> None:
-        async for part, lane, msg in self.flow.ready:
-            # Stopping (SIGTERM), revoked or fatal: messages not started yet are left uncommitted for the
-            # next owner; only running calls are drained. (The buffer may hold ~1,000 of them.)
-            if not part.revoked and not self._stopping and not self._abandon and self.fatal is None:
-                finished = False
-                self.metrics.consumed(msg.topic, msg.partition)
-                with anyio.CancelScope() as scope:
-                    part.inflight.add(scope)
-                    try:
-                        with tracing.message(msg) as span:
-                            handled = await self._handle(msg)
-                            span.set_attribute("idv.disposition", handled.disposition.value)
-                        finished = True
-                    except ProviderAuthError as exc:
-                        self._set_fatal(exc)
-                    except Exception as exc:  # the worker must survive any one record
-                        # Only a bug in the dead-letter path itself gets here (everything else became a
-                        # dead letter in _handle): log it and move on rather than stop every partition.
-                        log.exception(
-                            "unexpected %s while finishing a message; moving on without a dead letter",
-                            type(exc).__name__,
-                            extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
-                        )
-                        self.metrics.sink_write_failure("dead_letter", "lost")
-                        handled = Handled(Disposition.ERROR)
-                        finished = True
-                    finally:
-                        part.inflight.discard(scope)
-                if finished:
-                    outcome = handled.record.outcome if handled.record is not None else None
-                    self.metrics.finished(handled.disposition, outcome.status if outcome else None)
-                    self.progress.finished(msg.topic, msg.partition)
-                    part.offsets.done(msg.offset)
-                    self.commits.message_done()
-            self.flow.finish(part, lane)
-
-    async def _handle(self, msg: ConsumerRecord) -> Handled:
-        """Process one message and write its dead letter or result. Raises only ProviderAuthError (and
-        cancellation): anything else one record causes becomes its dead letter (internal_error)."""
-        assert self.fetcher is not None
-        detail = self.fetcher.take_undecodable(msg)
-        if detail is not None:
-            self.stats.consumed += 1
-            self.stats.count(Disposition.INVALID)
-            handled = Handled(Disposition.INVALID, DeadLetter("undecodable_record", detail))
-        else:
-            handled = await self.processor.handle_safely(msg)
-        return await deliver(handled, msg, self.sinks, on_dead_letter=self.metrics.dead_letter)
 
     def _set_fatal(self, exc: BaseException) -> None:
         if self.fatal is None:

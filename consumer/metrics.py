@@ -17,12 +17,12 @@ Metric names (all prefixed ``idv_``) are listed in :data:`METRIC_NAMES` and in d
 from __future__ import annotations
 
 import enum
-import time
-from collections.abc import Callable, Iterator
-from types import TracebackType
-from typing import Any
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.context_managers import Timer
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -76,6 +76,7 @@ METRIC_NAMES = (
 
 _NONE = "none"
 _OTHER = "other"
+M = TypeVar("M", bound=MetricWrapperBase)
 
 
 def _label(value: str | enum.Enum | None) -> str:
@@ -86,25 +87,36 @@ def _label(value: str | enum.Enum | None) -> str:
     return str(value)
 
 
-class _StoreTimer:
-    """``with metrics.time_store("claim"):`` — observes the block's duration, also when it raises."""
+class _Children(Generic[M]):
+    """A labelled metric's children, each looked up once per label values and kept in a plain dict keyed by
+    the raw values the caller passes (``labels`` turns them into the label strings)."""
 
-    __slots__ = ("_histogram", "_started")
+    __slots__ = ("_children", "_labels", "_metric")
 
-    def __init__(self, histogram: Histogram) -> None:
-        self._histogram = histogram
-        self._started = 0.0
+    def __init__(self, metric: M, labels: Callable[[Any], tuple[str, ...]]) -> None:
+        self._metric = metric
+        self._labels = labels
+        self._children: dict[Hashable, M] = {}
 
-    def __enter__(self) -> None:
-        self._started = time.perf_counter()
+    def __call__(self, key: Hashable) -> M:
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._metric.labels(*self._labels(key))
+        return child
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._histogram.observe(time.perf_counter() - self._started)
+    def forget(self, key: Hashable) -> None:
+        if self._children.pop(key, None) is not None:
+            self._metric.remove(*self._labels(key))
+
+
+def _topic_partition(key: tuple[str, int]) -> tuple[str, str]:
+    return key[0], str(key[1])
+
+
+def _finished_labels(key: tuple[str, str]) -> tuple[str, str]:
+    """Disposition and status outside their vocabularies are counted as ``other``, never a new label."""
+    d, s = key
+    return (d if d in DISPOSITIONS else _OTHER, s if s == _NONE or s in OUTCOME_STATUSES else _OTHER)
 
 
 class _WithoutCreated(Collector):
@@ -248,45 +260,30 @@ class Metrics:
             "Provider attempts in flight now (holding a concurrency slot).",
             registry=r,
         )
-        # Caches of labelled children, keyed by the raw label values the caller passes.
-        self._consumed_children: dict[tuple[str, int], Counter] = {}
-        self._finished_children: dict[tuple[str, str], Counter] = {}
-        self._dead_letter_children: dict[str, Counter] = {}
-        self._provider_children: dict[int | str, Counter] = {}
-        self._committed_children: dict[tuple[str, int], Gauge] = {}
-        self._lag_children: dict[tuple[str, int], Gauge] = {}
-        self._store_children: dict[str, Histogram] = {}
+        # Labelled children, cached by the raw label values the caller passes.
+        self._consumed_children = _Children(self._consumed, _topic_partition)
+        self._finished_children = _Children(self._finished, _finished_labels)
+        self._dead_letter_children = _Children(self._dead_letters, lambda reason: (reason,))
+        self._provider_children = _Children(self._provider_calls, lambda key: (str(key),))
+        self._committed_children = _Children(self._committed, _topic_partition)
+        self._lag_children = _Children(self._lag, _topic_partition)
+        self._store_children = _Children(self._store_latency, lambda op: (op,))
 
     # -- messages ------------------------------------------------------------------------------------
 
     def consumed(self, topic: str, partition: int) -> None:
         """One record fetched and dispatched."""
-        key = (topic, partition)
-        child = self._consumed_children.get(key)
-        if child is None:
-            child = self._consumed_children[key] = self._consumed.labels(topic, str(partition))
-        child.inc()
+        self._consumed_children((topic, partition)).inc()
 
     def finished(self, disposition: str | enum.Enum, status: str | None = None) -> None:
         """A message's handling ended. ``disposition`` is a :data:`DISPOSITIONS` value (or an enum whose
         value is one, such as ``pipeline.Disposition``); ``status`` the outcome's status, if any."""
-        d = _label(disposition)
-        s = _NONE if status is None else status
-        key = (d, s)
-        child = self._finished_children.get(key)
-        if child is None:
-            d_label = d if d in DISPOSITIONS else _OTHER
-            s_label = s if s == _NONE or s in OUTCOME_STATUSES else _OTHER
-            child = self._finished_children[key] = self._finished.labels(d_label, s_label)
-        child.inc()
+        self._finished_children((_label(disposition), _NONE if status is None else status)).inc()
 
     def dead_letter(self, reason: str) -> None:
         """One message written to the dead-letter topic. ``reason`` is a short code (``too_large``,
         ``retries_exhausted``, an envelope reason code …), never free text."""
-        child = self._dead_letter_children.get(reason)
-        if child is None:
-            child = self._dead_letter_children[reason] = self._dead_letters.labels(reason)
-        child.inc()
+        self._dead_letter_children(reason).inc()
         if reason == "in_doubt":
             self._in_doubt.inc()
 
@@ -303,11 +300,7 @@ class Metrics:
     def provider_call(self, status: int | None, seconds: float) -> None:
         """One HTTP attempt: its response status code, or ``None`` when no response came back (timeout,
         refused, reset), counted as ``transport_error``."""
-        key: int | str = "transport_error" if status is None else status
-        child = self._provider_children.get(key)
-        if child is None:
-            child = self._provider_children[key] = self._provider_calls.labels(str(key))
-        child.inc()
+        self._provider_children("transport_error" if status is None else status).inc()
         self._provider_latency.observe(seconds)
 
     def provider_retry(self) -> None:
@@ -335,46 +328,30 @@ class Metrics:
     # -- offsets -------------------------------------------------------------------------------------
 
     def committed(self, topic: str, partition: int, offset: int) -> None:
-        key = (topic, partition)
-        child = self._committed_children.get(key)
-        if child is None:
-            child = self._committed_children[key] = self._committed.labels(topic, str(partition))
-        child.set(offset)
+        self._committed_children((topic, partition)).set(offset)
 
     def lag(self, topic: str, partition: int, n: int) -> None:
-        key = (topic, partition)
-        child = self._lag_children.get(key)
-        if child is None:
-            child = self._lag_children[key] = self._lag.labels(topic, str(partition))
-        child.set(n)
+        self._lag_children((topic, partition)).set(n)
 
     def forget_partition(self, topic: str, partition: int) -> None:
         """Drop a revoked partition's offset and lag gauges, so a partition now owned by another instance
         does not keep reporting this instance's last values. (Counters stay: they are cumulative.)"""
-        key = (topic, partition)
-        for children, gauge in ((self._committed_children, self._committed), (self._lag_children, self._lag)):
-            if children.pop(key, None) is not None:
-                gauge.remove(topic, str(partition))
+        self._committed_children.forget((topic, partition))
+        self._lag_children.forget((topic, partition))
 
     # -- store ---------------------------------------------------------------------------------------
-
-    def _store_child(self, op: str) -> Histogram:
-        child = self._store_children.get(op)
-        if child is None:
-            child = self._store_children[op] = self._store_latency.labels(op)
-        return child
 
     def store_op(self, op: str, seconds: float) -> None:
         """One store operation (``claim``, ``complete``, ``fail``, ``release``, ``renew`` …) took
         ``seconds``."""
-        self._store_child(op).observe(seconds)
+        self._store_children(op).observe(seconds)
 
-    def time_store(self, op: str) -> _StoreTimer:
+    def time_store(self, op: str) -> Timer:
         """``with metrics.time_store("claim"): await store.claim(...)`` — :meth:`store_op` with the
         block's duration, observed also when the block raises."""
-        # A fresh (slotted, small) timer per use: concurrent tasks timing the same op must not share a
-        # start time. Only the histogram child is cached.
-        return _StoreTimer(self._store_child(op))
+        # A fresh timer per use (prometheus_client's): concurrent tasks timing the same op must not share
+        # a start time. Only the histogram child is cached.
+        return self._store_children(op).time()
 
     # -- exposition ----------------------------------------------------------------------------------
 

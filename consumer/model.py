@@ -26,6 +26,7 @@ __all__ = [
     "Record",
     "State",
     "Stats",
+    "conflict",
 ]
 
 
@@ -121,6 +122,14 @@ class DeadLetter:
         self.detail = detail[:500]
         self.attempts = attempts
         self.first_failure_at = first_failure_at
+
+
+def conflict(detail: str, first_failure_at: float | None) -> Handled:
+    """How a message ends whose ID was used before with a different payload: recorded, never sent."""
+    return Handled(
+        Disposition.CONFLICT,
+        DeadLetter("idempotency_conflict", detail, first_failure_at=first_failure_at),
+    )
 
 
 class Disposition(enum.Enum):

@@ -37,14 +37,14 @@ The order is what makes exactly-once hold (see docs/guarantees.md):
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import anyio
 from aiokafka.structs import ConsumerRecord
 
 from consumer import tracing
+from consumer.claims import KeyClaims
 from consumer.documents import DocumentError, document_dead_letter
 from consumer.errors import (
     LeaseLost,
@@ -52,7 +52,6 @@ from consumer.errors import (
     ProviderConfigError,
     ProviderInDoubt,
     RetriesExhausted,
-    StoreError,
 )
 from consumer.faults import FaultPoints
 from consumer.keys import Fingerprinter, idempotency_key, key_hash
@@ -60,23 +59,19 @@ from consumer.logs import message_context
 from consumer.model import DeadLetter, Disposition, Handled, Stats
 from consumer.provider import CallProgress, CallResult, ProviderClient
 from consumer.settings import LEASE_SLACK_S
-from consumer.store.base import ClaimStatus, DedupeStore, Record, State
+from consumer.store.base import DedupeStore, Record
 from consumer.workflows.model import WORKFLOW_OPERATION
 from producer.envelope import Envelope, Operation, decode, get_operation
-from producer.errors import EnvelopeError, VerificationError
+from producer.errors import EnvelopeError
 
 if TYPE_CHECKING:
     from consumer.documents import DocumentSource
     from consumer.workflows.engine import WorkflowEngine
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # Disposition, Handled and Stats are re-exported for older callers (consumer/replay.py).
 __all__ = ["Disposition", "Handled", "Processor", "Stats"]
-
-
-_STORE_RETRY_MAX_S = 5.0
 
 
 class Processor:
@@ -108,14 +103,15 @@ class Processor:
         self.provider_key_retention_s = provider_key_retention_s
         self.ignore_key_retention = ignore_key_retention
         self.want_records = want_records
-        self.on_store_op = on_store_op
-        self.store_failing = False  # the last store operation failed (readiness)
+        # Claims, renewals and releases of keys, each store call retried until it succeeds (claims.py).
+        self.claims = KeyClaims(
+            store=store, owner=owner, lease_s=lease_s, retention_s=retention_s, on_store_op=on_store_op
+        )
         self.store = store
         self.provider = provider
         self.owner = owner
         self.namespace = namespace
         self.lease_s = lease_s
-        self.retention_s = retention_s
         self.max_message_bytes = max_message_bytes
         self.faults = faults or FaultPoints()
         self.stats = stats or Stats()
@@ -129,29 +125,10 @@ class Processor:
         if close is not None:
             await close()
 
-    async def _store_call(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        """Retry a store operation until it succeeds: the message waits, nothing is committed past it.
-
-        What is retried is what says so (``retriable``, a :class:`StoreError`); anything else, such as
-        :class:`~consumer.errors.LeaseLost`, is the caller's to handle."""
-        delay = 0.05
-        while True:
-            started = time.perf_counter()
-            try:
-                with tracing.store_span(what):
-                    result = await fn(*args, **kwargs)
-            except VerificationError as exc:
-                if not exc.retriable:
-                    raise
-                self.store_failing = True
-                log.warning("dedupe store %s failed (%s); retrying in %.2fs", what, exc, delay)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, _STORE_RETRY_MAX_S)
-            else:
-                self.store_failing = False
-                if self.on_store_op is not None:
-                    self.on_store_op(what, time.perf_counter() - started)
-                return result
+    @property
+    def store_failing(self) -> bool:
+        """The last store operation failed (readiness)."""
+        return self.claims.store_failing
 
     async def handle_safely(self, msg: ConsumerRecord, *, generation: int = 0) -> Handled:
         """:meth:`handle`, except that an unexpected exception (a bug meeting this message) dead-letters
@@ -217,48 +194,10 @@ class Processor:
         tracing.annotate(envelope.operation, key)
 
         self.faults.hit("before_claim")
-        while True:
-            claim = await self._store_call(
-                "claim",
-                self.store.claim,
-                key=key,
-                message_id=envelope.message_id,
-                operation=envelope.operation,
-                fingerprint=fp,
-                owner=self.owner,
-                lease_s=self.lease_s,
-                retention_s=self.retention_s,
-                legacy_fingerprints=legacy_fps,
-            )
-            status, record = claim.status, claim.record
-            if status is ClaimStatus.CONFLICT:
-                await self._store_call(
-                    "record_conflict",
-                    self.store.record_conflict,
-                    key=key,
-                    message_id=envelope.message_id,
-                    fingerprint=fp,
-                    stored_fingerprint=record.fingerprint,
-                    source=f"{msg.topic}/{msg.partition}@{msg.offset}",
-                )
-                log.warning("idempotency conflict: message ID reused with a different payload; not sent")
-                letter = DeadLetter(
-                    "idempotency_conflict",
-                    "message ID already used with a different payload (fingerprint differs); not sent",
-                    first_failure_at=record.created_at,
-                )
-                return Handled(Disposition.CONFLICT, letter)
-            if status is ClaimStatus.DONE:
-                log.info("duplicate skipped: already %s", record.state.value)
-                return Handled(Disposition.DUPLICATE, record=record, subject_id=envelope.subject_id)
-            if status is ClaimStatus.ACQUIRED:
-                claimed: Record = record
-                break
-            # BUSY: another consumer holds a live lease (e.g. the partition moved while its call was in
-            # flight). Wait for it to finish or for its lease to run out; never call concurrently.
-            wait = max(0.05, min(1.0, (record.lease_until or 0.0) - self.store.clock()))
-            log.debug("key busy under another owner; waiting %.2fs", wait)
-            await anyio.sleep(wait)
+        source = f"{msg.topic}/{msg.partition}@{msg.offset}"
+        claimed = await self.claims.claim(envelope, key, fp, legacy_fps, source)
+        if isinstance(claimed, Handled):
+            return claimed
 
         self.faults.hit("after_claim")
         if (
@@ -269,7 +208,7 @@ class Processor:
         ):
             # Taken over after earlier attempts, and older than the provider keeps keys: a new attempt could
             # act a second time if the provider forgot the key. An operator decides (redrive --force).
-            await self._release(key, "in_doubt")
+            await self.claims.release(key, "in_doubt")
             log.error("unfinished record older than the provider's key retention; not sent again (in doubt)")
             letter = DeadLetter(
                 "in_doubt",
@@ -282,50 +221,45 @@ class Processor:
         progress = CallProgress()
         try:
             result = await self._call(operation, envelope, key, claimed, progress)
-        except RetriesExhausted as exc:
-            await self._let_go(key, "retries_exhausted", progress)
-            log.error("provider kept failing; message set aside: %s", exc)
-            letter = DeadLetter(
-                "retries_exhausted", str(exc), attempts=exc.attempts, first_failure_at=claimed.created_at
-            )
-            return Handled(Disposition.SET_ASIDE, letter)
-        except ProviderInDoubt as exc:
-            # Not FAILED: the provider may have acted under this key for the earlier body (422 key reused),
-            # or an earlier attempt may have acted and could not be looked up (UnreconciledAttempt). The
-            # record stays unfinished (RELEASED, last_error in_doubt) and the message goes to an operator.
-            await self._let_go(key, "in_doubt", progress)
-            log.error("outcome in doubt, not sent again: %s", exc)
-            letter = DeadLetter(
-                "in_doubt", str(exc), attempts=exc.attempts, first_failure_at=claimed.created_at
-            )
-            return Handled(Disposition.IN_DOUBT, letter)
+        except (RetriesExhausted, ProviderInDoubt) as exc:
+            # Retries exhausted: set aside, the key released for a redrive. In doubt is not FAILED: the
+            # provider may have acted under this key for the earlier body (422 key reused), or an earlier
+            # attempt may have acted and could not be looked up (UnreconciledAttempt). The record stays
+            # unfinished (RELEASED, last_error in_doubt) and the message goes to an operator.
+            doubt = isinstance(exc, ProviderInDoubt)
+            reason = "in_doubt" if doubt else "retries_exhausted"
+            await self.claims.let_go(key, reason, progress)
+            what = "outcome in doubt, not sent again" if doubt else "provider kept failing; message set aside"
+            log.error("%s: %s", what, exc)
+            letter = DeadLetter(reason, str(exc), attempts=exc.attempts, first_failure_at=claimed.created_at)
+            return Handled(Disposition.IN_DOUBT if doubt else Disposition.SET_ASIDE, letter)
         except DocumentError as exc:
             # A referenced document cannot be used (consumer/documents.py): nothing reached the provider
             # (opened before sending, or the upload cut short), so the key is released; an operator
             # restores the document and redrives under the same key.
-            await self._let_go(key, exc.reason, progress)
+            await self.claims.let_go(key, exc.reason, progress)
             log.error("document unusable; message set aside: %s", exc, extra={"reason": exc.reason})
             letter = document_dead_letter(exc, attempts=progress.sent, first_failure_at=claimed.created_at)
             return Handled(Disposition.SET_ASIDE, letter)
         except ProviderConfigError:
-            await self._let_go(key, "provider_config", progress)
+            await self.claims.let_go(key, "provider_config", progress)
             raise
         except ProviderAuthError:
-            await self._let_go(key, "provider_auth", progress)
+            await self.claims.let_go(key, "provider_auth", progress)
             raise
         except LeaseLost:
             log.warning("lease lost; waiting for the other owner's outcome instead of taking the key back")
-            await self._await_other_owner(key)
+            await self.claims.await_other_owner(key)
             return await self._handle(msg, generation)
         except BaseException:
             # Cancelled (rebalance bound or shutdown) or a bug. Before anything was sent the key is handed
             # back at once; once a request may be at the provider it is kept until its lease runs out.
             with anyio.CancelScope(shield=True):
-                await self._let_go(key, "abandoned", progress)
+                await self.claims.let_go(key, "abandoned", progress)
             raise
         self.faults.hit("after_provider_call")
         try:
-            stored = await self._store_call(
+            stored = await self.claims.call(
                 "complete",
                 self.store.complete,
                 key,
@@ -337,7 +271,7 @@ class Processor:
             # Our lease ran out during the call and someone took the key over. They call with the same key
             # and record the outcome; wait for it, then start again, which ends as DUPLICATE.
             log.warning("lease lost while calling the provider; waiting for the other owner's outcome")
-            await self._await_other_owner(key)
+            await self.claims.await_other_owner(key)
             return await self._handle(msg, generation)
         self.faults.hit("after_record")
         log.info(
@@ -370,7 +304,7 @@ class Processor:
         async def renew() -> None:
             nonlocal held
             now = self.store.clock()
-            await self._store_call("renew", self.store.renew, key, self.owner, self.lease_s)
+            await self.claims.call("renew", self.store.renew, key, self.owner, self.lease_s)
             held = now + self.lease_s
 
         async def ensure_lease() -> None:
@@ -401,31 +335,3 @@ class Processor:
                 keep_alive=renew,
                 keep_alive_every_s=self.lease_s / 3,
             )
-
-    async def _await_other_owner(self, key: str) -> None:
-        """After LeaseLost: poll until the other owner finished (or released) the key or its lease ran out."""
-        while True:
-            record = await self._store_call("get", self.store.get, key)
-            if record is None or record.state is not State.IN_PROGRESS or record.owner == self.owner:
-                return
-            left = (record.lease_until or 0.0) - self.store.clock()
-            if left <= 0:
-                return
-            await anyio.sleep(max(0.05, min(1.0, left)))
-
-    async def _let_go(self, key: str, error: str, progress: CallProgress) -> None:
-        """Release the key, unless a request may still be at the provider: then the lease runs out on its
-        own (the record stays IN_PROGRESS until then) and only after that may another owner call."""
-        if progress.live:
-            log.warning(
-                "a request may still be at the provider (%s); the key is kept until its lease expires", error
-            )
-            return
-        await self._release(key, error)
-
-    async def _release(self, key: str, error: str) -> None:
-        try:
-            await self.store.release(key, self.owner, error)
-        except (LeaseLost, StoreError) as exc:
-            # Not fatal: the lease expires on its own; the record stays (never deleted on error).
-            log.warning("could not release the lease (%s); it will expire", exc)

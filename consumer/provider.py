@@ -17,7 +17,8 @@ connected, 429, 503 with ``Retry-After``) is sent without a lookup.
 
 Every attempt has a hard total deadline (``timeout_s``): httpx's timeouts are per phase (a provider that
 trickles its answer a byte at a time never trips a read timeout), so the whole attempt runs under
-``anyio.fail_after``, or, on :mod:`consumer.http`'s transport, aiohttp's own total timeout. The lease
+``anyio.fail_after``, or, on :mod:`consumer.http`'s transport, aiohttp's own total timeout (that exchange
+is :mod:`consumer.exchange`; what one answer means for the call is :func:`read_answer` below). The lease
 is sized against this deadline (``IDV_LEASE_S ≥ IDV_PROVIDER_TIMEOUT_S + LEASE_SLACK_S``).
 """
 
@@ -27,7 +28,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import httpx
@@ -50,6 +51,7 @@ from consumer.errors import (
     ProviderRetriableError,
     RetriesExhausted,
 )
+from consumer.exchange import ProviderExchange
 from consumer.providers.base import PreparedCall, ProviderAdapter, adapter_from_settings
 from consumer.providers.calls import (
     TRANSPORT_KINDS,
@@ -66,10 +68,10 @@ from producer.envelope import Envelope, Operation
 
 if TYPE_CHECKING:
     from consumer.documents import DocumentSource
-    from consumer.multipart import MultipartBody
     from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = [
     "TRANSPORT_KINDS",
@@ -84,7 +86,7 @@ __all__ = [
 ]
 
 
-class ProviderClient(ReadCalls):
+class ProviderClient(ProviderExchange, ReadCalls):
     def __init__(
         self,
         base_url: str,
@@ -112,7 +114,6 @@ class ProviderClient(ReadCalls):
         self.breaker = breaker
         # Concurrency limit and client-side rate limit of attempts (consumer/concurrency.py); None = none.
         self.gate = gate
-        self.timeout_s = timeout_s
         # A gateway answering Retry-After: 86400 must not park a partition for a day.
         self.retry_after_max_s = retry_after_max_s
         # Called after every attempt with (HTTP status or None for a transport error, seconds): metrics.
@@ -120,80 +121,17 @@ class ProviderClient(ReadCalls):
         # Called for a success answer carrying Idempotent-Replayed: true (the provider had already acted on
         # this key and answered from its cache: an earlier attempt reached it): metrics.
         self.on_replay = on_replay
-        self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        if transport is not None and transport_kind != "httpx":
-            raise ValueError("pass either transport or transport_kind, not both")
-        # An explicit transport (tests: httpx.MockTransport) is used as given; else transport_kind picks one.
-        self.transport_kind = transport_kind
-        if transport is None:
-            transport = make_transport(transport_kind, limits)
-        # Requests go straight to the transport (httpx's public transport API) rather than through an
-        # httpx.AsyncClient: the client's per-request URL merging, cookie jar (urllib's cookiejar on every
-        # answer), auth and redirect machinery cost ~40 % of the daemon's HTTP CPU and none of it is
-        # wanted here (one fixed host, header auth, no redirects, no cookies).
-        self._transport = transport
-        # consumer.http's aiohttp transport enforces the total deadline itself (aiohttp's total timeout);
-        # the others get an anyio.fail_after around the whole exchange (httpx's timeouts are per phase).
-        self._deadline_outside = not getattr(transport, "enforces_total_deadline", False)
-        # httpx-aiohttp reports a connection closed after the request arrived as ConnectTimeout (PITFALLS):
-        # there a "connect" failure does not prove that nothing reached the provider.
-        self._not_sent = (
-            (httpx.ConnectError, httpx.PoolTimeout)
-            if transport_kind == "httpx-aiohttp"
-            else (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+        super().__init__(
+            base_url,
+            api_key,
+            timeout_s=timeout_s,
+            max_connections=max_connections,
+            transport=transport,
+            transport_kind=transport_kind,
         )
-        # Per phase for httpx; "total" is read by consumer.http's aiohttp transport.
-        self._timeout = {**httpx.Timeout(timeout_s).as_dict(), "total": timeout_s}
-        self._urls: dict[str, httpx.URL] = {}
-        self._base_headers = (
-            (b"user-agent", b"idv-exactly-once/0.1"),
-            (b"x-api-key", api_key.encode()),
-        )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._transport.aclose()
-
-    def _url(self, path: str) -> httpx.URL:
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = httpx.URL(self.base_url + path)
-        return url
-
-    async def _send(
-        self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes | MultipartBody
-    ) -> httpx.Response:
-        # A MultipartBody is an async iterable that streams again on every attempt; its Content-Length is
-        # among the adapter's headers, so httpx does not chunk it.
-        request = httpx.Request(
-            method, self._url(path), headers=headers, content=body, extensions={"timeout": self._timeout}
-        )
-        if not self._deadline_outside:
-            return await self._exchange(request)
-        try:
-            with anyio.fail_after(self.timeout_s):
-                return await self._exchange(request)
-        except TimeoutError:
-            raise httpx.ReadTimeout(
-                f"no complete answer within the attempt deadline ({self.timeout_s:g}s)", request=request
-            ) from None
-
-    async def _exchange(self, request: httpx.Request) -> httpx.Response:
-        response = await self._transport.handle_async_request(request)
-        try:
-            await response.aread()
-        finally:
-            await response.aclose()
-        return response
 
     @classmethod
     def from_settings(
@@ -207,13 +145,6 @@ class ProviderClient(ReadCalls):
     ) -> ProviderClient:
         """The client the daemon and the replay tool use: settings' profile (``IDV_PROVIDER``), timeouts,
         retries, pool and breaker."""
-        breaker = CircuitBreaker(
-            failure_ratio=settings.breaker_failure_ratio,
-            min_calls=settings.breaker_min_calls,
-            window=max(settings.breaker_min_calls, 20),
-            open_s=settings.breaker_open_s,
-            on_change=on_breaker_change,
-        )
         return cls(
             settings.provider_url,
             settings.provider_api_key,
@@ -224,7 +155,7 @@ class ProviderClient(ReadCalls):
                 settings.provider_backoff_max_s,
             ),
             max_connections=settings.provider_max_connections,
-            breaker=breaker,
+            breaker=CircuitBreaker.from_settings(settings, on_breaker_change),
             on_attempt=on_attempt,
             transport_kind=settings.provider_transport,
             retry_after_max_s=settings.provider_retry_after_max_s,
@@ -234,25 +165,12 @@ class ProviderClient(ReadCalls):
             on_reconcile=on_reconcile,
         )
 
-    async def _acquire(self, keep_alive: Callable[[], Awaitable[None]] | None, every: float) -> bool:
+    async def _acquire(self, keep_alive: Hook | None, every: float) -> bool:
         assert self.breaker is not None
-        if keep_alive is None:
-            return await self.breaker.acquire()
-        while True:
-            with anyio.move_on_after(every):
-                return await self.breaker.acquire()
-            await keep_alive()
+        return await keeping_alive(self.breaker.acquire, keep_alive, every)
 
-    async def _wait(
-        self, delay: float, keep_alive: Callable[[], Awaitable[None]] | None, every: float
-    ) -> None:
-        while True:
-            step = delay if keep_alive is None else min(delay, every)
-            await self._sleep(step)
-            delay -= step
-            if delay <= 0 or keep_alive is None:
-                return
-            await keep_alive()
+    async def _wait(self, delay: float, keep_alive: Hook | None, every: float) -> None:
+        await sleep_keeping_alive(self._sleep, delay, keep_alive, every)
 
     def _record(self, success: bool, probe: bool) -> None:
         if self.breaker is not None:
@@ -276,14 +194,8 @@ class ProviderClient(ReadCalls):
         body = request if isinstance(request, bytes) else orjson.dumps(request, option=orjson.OPT_SORT_KEYS)
         headers = [(b"content-type", b"application/json"), (b"idempotency-key", idempotency_key.encode())]
         prepared = PreparedCall("POST", operation.path, headers, body)
-        return await self._attempts(
-            operation,
-            prepared,
-            before_attempt=before_attempt,
-            progress=progress if progress is not None else CallProgress(),
-            keep_alive=keep_alive,
-            every=keep_alive_every_s,
-        )
+        hooks = (before_attempt, progress, keep_alive, keep_alive_every_s)
+        return await self._attempts(operation, prepared, *hooks)
 
     async def call_envelope(
         self,
@@ -321,16 +233,8 @@ class ProviderClient(ReadCalls):
             reconcile = Reconciler(
                 self.adapter, operation, envelope, key, since, send, on_result=self.on_reconcile, force=force
             )
-        return await self._attempts(
-            operation,
-            prepared,
-            before_attempt=before_attempt,
-            progress=progress if progress is not None else CallProgress(),
-            keep_alive=keep_alive,
-            every=keep_alive_every_s,
-            reconcile=reconcile,
-            reached=earlier_claims,
-        )
+        hooks = (before_attempt, progress, keep_alive, keep_alive_every_s)
+        return await self._attempts(operation, prepared, *hooks, reconcile=reconcile, reached=earlier_claims)
 
     async def _prepare(
         self,
@@ -356,11 +260,11 @@ class ProviderClient(ReadCalls):
         self,
         operation: Operation,
         prepared: PreparedCall,
-        *,
         before_attempt: Callable[[int], Awaitable[None]] | None,
-        progress: CallProgress,
+        progress: CallProgress | None,
         keep_alive: Hook | None,
         every: float,
+        *,
         reconcile: Reconciler | None = None,
         reached: bool = False,
     ) -> CallResult:
@@ -368,6 +272,7 @@ class ProviderClient(ReadCalls):
         ``reconcile`` hook (a profile without server-side idempotency) every send from then on is preceded
         by a lookup, which may end the call with the earlier attempt's answer."""
         signed_body = prepared.body if isinstance(prepared.body, bytes) else b""
+        progress = progress if progress is not None else CallProgress()
         last: ProviderRetriableError | None = None
         timed_out = False  # the last attempt ran out of time: the provider may still be working on it
         for attempt in range(1, self.retry.max_attempts + 1):
@@ -444,32 +349,11 @@ class ProviderClient(ReadCalls):
                     gate.leave(elapsed, in_flight, overload=overload, sample=kind != "retry")  # type: ignore[union-attr]
                 if self.on_attempt is not None:
                     self.on_attempt(answered, elapsed)
-                if kind == "ok":
-                    if response.headers.get("idempotent-replayed", "").lower() == "true":
-                        log.info(
-                            "provider answer replayed from its idempotency cache", extra={"replayed": True}
-                        )
-                        if self.on_replay is not None:
-                            self.on_replay()
-                    outcome = self.adapter.read(operation, answered, response.content)
-                    # A 2xx whose status no documentation lists is recorded FAILED (unknown_status).
-                    return CallResult(outcome, terminal_failure=outcome.status == "failed", attempts=attempt)
-                if kind == "auth":
-                    raise ProviderAuthError(answered)
-                if kind == "config" or (answered == 404 and route_missing(response)):
-                    raise ProviderConfigError(answered, operation.path)
-                code = error_code(response) if 400 <= answered < 500 else ""
-                if code in KEY_REUSED_CODES:
-                    raise ProviderInDoubt(answered, code, attempt)
-                if kind == "terminal":
-                    outcome = self.adapter.read(operation, answered, response.content)
-                    return CallResult(outcome, terminal_failure=True, attempts=attempt)
+                answer = read_answer(self.adapter, operation, response, kind, attempt, self.on_replay)
+                if isinstance(answer, CallResult):
+                    return answer
                 reached = reached or not overload
-                last = ProviderRetriableError(
-                    f"provider answered HTTP {answered}",
-                    status=answered,
-                    retry_after=parse_retry_after(response.headers.get("retry-after")),
-                )
+                last = answer
             if attempt == self.retry.max_attempts:
                 break
             assert last is not None
@@ -483,3 +367,65 @@ class ProviderClient(ReadCalls):
             await self._wait(delay, keep_alive, every)
         assert last is not None
         raise RetriesExhausted(self.retry.max_attempts, last)
+
+
+def read_answer(
+    adapter: ProviderAdapter,
+    operation: Operation,
+    response: httpx.Response,
+    kind: str,
+    attempt: int,
+    on_replay: Callable[[], None] | None = None,
+) -> CallResult | ProviderRetriableError:
+    """What one answer (classified ``kind`` by :func:`classify_status`) means for the call: its result (an
+    outcome, terminal or not), a retriable failure to retry, or raises :class:`ProviderAuthError`,
+    :class:`ProviderConfigError` (a rejected key, a missing route) or :class:`ProviderInDoubt` (the key
+    was used for a different request)."""
+    answered = response.status_code
+    if kind == "ok":
+        if response.headers.get("idempotent-replayed", "").lower() == "true":
+            log.info("provider answer replayed from its idempotency cache", extra={"replayed": True})
+            if on_replay is not None:
+                on_replay()
+        outcome = adapter.read(operation, answered, response.content)
+        # A 2xx whose status no documentation lists is recorded FAILED (unknown_status).
+        return CallResult(outcome, terminal_failure=outcome.status == "failed", attempts=attempt)
+    if kind == "auth":
+        raise ProviderAuthError(answered)
+    if kind == "config" or (answered == 404 and route_missing(response)):
+        raise ProviderConfigError(answered, operation.path)
+    code = error_code(response) if 400 <= answered < 500 else ""
+    if code in KEY_REUSED_CODES:
+        raise ProviderInDoubt(answered, code, attempt)
+    if kind == "terminal":
+        outcome = adapter.read(operation, answered, response.content)
+        return CallResult(outcome, terminal_failure=True, attempts=attempt)
+    return ProviderRetriableError(
+        f"provider answered HTTP {answered}",
+        status=answered,
+        retry_after=parse_retry_after(response.headers.get("retry-after")),
+    )
+
+
+async def keeping_alive(wait: Callable[[], Awaitable[T]], keep_alive: Hook | None, every: float) -> T:
+    """``await wait()``, calling ``keep_alive()`` (the lease's renewal) every ``every`` seconds meanwhile:
+    a wait not over by then is cancelled, kept alive, and started again."""
+    if keep_alive is None:
+        return await wait()
+    while True:
+        with anyio.move_on_after(every):
+            return await wait()
+        await keep_alive()
+
+
+async def sleep_keeping_alive(
+    sleep: Callable[[float], Awaitable[None]], delay: float, keep_alive: Hook | None, every: float
+) -> None:
+    """Sleep ``delay`` seconds in steps of at most ``every``, calling ``keep_alive()`` between steps."""
+    while True:
+        step = delay if keep_alive is None else min(delay, every)
+        await sleep(step)
+        delay -= step
+        if delay <= 0 or keep_alive is None:
+            return
+        await keep_alive()

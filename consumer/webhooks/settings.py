@@ -1,6 +1,7 @@
 """Settings of the webhook intake service (``idv-webhooks``): one frozen object from ``IDV_*`` variables.
 
-The same conventions as the daemon's :class:`consumer.settings.Settings`, reusing its parsing: a field
+The same conventions as the daemon's :class:`consumer.settings.Settings`, reading through the same base
+(:class:`consumer.envreader.EnvSettings`): a field
 ``name`` is the variable ``IDV_NAME``; a secret may be given as ``IDV_NAME_FILE``; the Kafka address and
 the TLS/SASL variables are the daemon's own (``IDV_KAFKA_*``, checked by :mod:`consumer.security`), so one
 environment configures both. Invalid values raise :class:`ConfigurationError` with one line naming the
@@ -9,13 +10,10 @@ variable. Every variable is documented in docs/configuration.md ("Webhook intake
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-from consumer.errors import ConfigurationError
-from consumer.settings import PREFIX, _converter, read_env
+from consumer.envreader import KafkaSettings, check_logging, need
 from consumer.webhooks.signature import DEFAULT_WINDOW_S
 
 __all__ = ["DEFAULT_EVENTS_TOPIC", "DEFAULT_PATH", "DEFAULT_PORT", "WebhookSettings"]
@@ -27,16 +25,9 @@ _SECRETS = frozenset({"webhook_secret", "webhook_secret_previous", "kafka_sasl_p
 
 
 @dataclass(frozen=True, slots=True)
-class WebhookSettings:
-    # Kafka (the daemon's variables)
-    kafka_bootstrap: str = "127.0.0.1:9092"
-    kafka_security_protocol: str = "PLAINTEXT"
-    kafka_sasl_mechanism: str = ""
-    kafka_sasl_username: str = ""
-    kafka_sasl_password: str = field(default="", repr=False)
-    kafka_ssl_cafile: str = ""
-    kafka_ssl_certfile: str = ""
-    kafka_ssl_keyfile: str = ""
+class WebhookSettings(KafkaSettings):
+    SECRETS: ClassVar[frozenset[str]] = _SECRETS
+    # Kafka: the daemon's own variables (KafkaSettings, consumer/envreader.py)
     # Where accepted events go (key = session_id, value = the body as received).
     events_topic: str = DEFAULT_EVENTS_TOPIC
     webhook_client_id: str = "idv-webhooks"
@@ -56,20 +47,7 @@ class WebhookSettings:
     log_level: str = "INFO"
     log_format: str = "json"
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WebhookSettings:
-        env = os.environ if env is None else env
-        values = read_env(env, {f.name: _converter(type(f.default)) for f in fields(cls)}, _SECRETS)
-        values.update(overrides)
-        settings = cls(**values)
-        settings.validate()
-        return settings
-
     def validate(self) -> None:
-        def need(cond: bool, name: str, why: str) -> None:
-            if not cond:
-                raise ConfigurationError(f"{PREFIX}{name.upper()}: {why}")
-
         need(bool(self.kafka_bootstrap), "kafka_bootstrap", "must not be empty")
         need(bool(self.events_topic.strip()), "events_topic", "must not be empty")
         need(
@@ -101,36 +79,10 @@ class WebhookSettings:
         need(self.webhook_timestamp_window_s > 0, "webhook_timestamp_window_s", "must be positive")
         need(self.webhook_publish_timeout_s > 0, "webhook_publish_timeout_s", "must be positive")
         need(self.webhook_drain_timeout_s > 0, "webhook_drain_timeout_s", "must be positive")
-        need(self.log_format in ("json", "text"), "log_format", "must be json or text")
-        need(
-            self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
-            "log_level",
-            "must be DEBUG, INFO, WARNING or ERROR",
-        )
+        check_logging(self.log_level, self.log_format)
         self.kafka_security()  # raises ConfigurationError naming the IDV_KAFKA_* variable
 
     @property
     def secrets(self) -> tuple[str, ...]:
         """The accepted signing secrets, current first."""
         return tuple(s for s in (self.webhook_secret, self.webhook_secret_previous) if s)
-
-    def kafka_security(self) -> dict[str, Any]:
-        """aiokafka keyword arguments for TLS/SASL (contains the password: never log it)."""
-        from consumer.security import kafka_security_kwargs
-
-        return kafka_security_kwargs(
-            self.kafka_security_protocol,
-            self.kafka_sasl_mechanism,
-            self.kafka_sasl_username,
-            self.kafka_sasl_password,
-            self.kafka_ssl_cafile,
-            self.kafka_ssl_certfile,
-            self.kafka_ssl_keyfile,
-        )
-
-    def env_names(self) -> list[str]:
-        return [PREFIX + f.name.upper() for f in fields(self)]
-
-    @staticmethod
-    def secret_file_names() -> list[str]:
-        return sorted(f"{PREFIX}{name.upper()}_FILE" for name in _SECRETS)
