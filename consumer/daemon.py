@@ -120,7 +120,8 @@ class Daemon:
         )
         # Workflows (consumer/workflows/): kyc_workflow requests and the provider events topic.
         self.workflows = build_engine(
-            settings, self.store, self.provider, owner=self.owner, faults=self.faults
+            settings, self.store, self.provider, owner=self.owner, faults=self.faults,
+            registry=self.metrics.registry,
         )
         self.processor.workflows = self.workflows
         self.poller: Poller | None = None

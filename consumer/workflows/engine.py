@@ -33,7 +33,7 @@ from aiokafka.structs import ConsumerRecord
 from consumer.errors import ProviderAuthError
 from consumer.faults import FaultPoints
 from consumer.keys import Fingerprinter
-from consumer.model import DeadLetter, Disposition, Handled
+from consumer.model import DeadLetter, Disposition, Handled, conflict
 from consumer.workflows import rules
 from consumer.workflows.metrics import WorkflowMetrics
 from consumer.workflows.model import (
@@ -141,12 +141,10 @@ class WorkflowEngine:
             wf = await self.store.create(self.new_row(envelope, steps, generation))
         if not self.fingerprints.matches(wf.fingerprint, envelope):
             log.warning("idempotency conflict: workflow message ID reused with a different payload")
-            letter = DeadLetter(
-                "idempotency_conflict",
+            return conflict(
                 "message ID already used for another workflow request (fingerprint differs); not sent",
-                first_failure_at=wf.created_at,
+                wf.created_at,
             )
-            return Handled(Disposition.CONFLICT, letter)
         # A generation's results get a source of their own: the request's position holds its revision 0.
         source = position(msg) + (f"#gen{generation}" if generation else "")
         return await self._advance_and_collect(wf, source, fresh=fresh)

@@ -13,16 +13,15 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import anyio
 
+from consumer.claims import KeyClaims
 from consumer.errors import ConsumerError, LeaseLost, ProviderInDoubt, RetriesExhausted
 from consumer.model import ClaimStatus, Outcome, Record, State
 from consumer.provider import CallResult
 from consumer.store.base import DedupeStore
 from consumer.workflows.model import Workflow
-from producer.errors import VerificationError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,8 @@ class StepRunner:
         self.owner = owner
         self.lease_s = lease_s
         self.retention_s = retention_s
+        # dedupe-store calls retried as the pipeline's are (retriable errors wait, anything else is raised)
+        self._store = KeyClaims(store=records, owner=owner, lease_s=lease_s, retention_s=retention_s).call
 
     async def run(
         self,
@@ -103,17 +104,3 @@ class StepRunner:
         done: Record = stored
         assert done.state in (State.COMPLETED, State.FAILED) and done.outcome is not None
         return done.outcome
-
-    async def _store(self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
-        """A dedupe-store call retried until it succeeds (what says ``retriable``), as the pipeline's;
-        ``what`` names the operation (the signature of ``consumer.claims.KeyClaims.call``)."""
-        delay = 0.05
-        while True:
-            try:
-                return await fn(*args, **kwargs)
-            except VerificationError as exc:
-                if not exc.retriable:
-                    raise
-                log.warning("dedupe store %s failed during a workflow step (%s); retrying", what, exc)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
