@@ -147,6 +147,30 @@ async def publish_paced(topic: str, envelopes: Sequence[Envelope], rate: float) 
     return sent
 
 
+async def read_values(bootstrap: str, topic: str, isolation: str = "read_committed") -> list[bytes]:
+    """Every value of ``topic`` visible at ``isolation``, read until the topic has been quiet for 2 s
+    (also the tests' reader of result topics)."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level=isolation,
+    )
+    await consumer.start()
+    out: list[bytes] = []
+    try:
+        idle = 0
+        while idle < 4:
+            batch = await consumer.getmany(timeout_ms=500)
+            got = [m.value for msgs in batch.values() for m in msgs]
+            out.extend(got)
+            idle = 0 if got else idle + 1
+    finally:
+        await consumer.stop()
+    return out
+
+
 async def end_offsets(topic: str) -> dict[int, int]:
     consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP)
     await consumer.start()

@@ -33,10 +33,18 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer
 
 from bench.chaos_env import daemon_child_env
-from bench.common import BOOTSTRAP, ROOT, committed_offsets, create_topic, end_offsets, free_port, publish
+from bench.common import (
+    BOOTSTRAP,
+    ROOT,
+    committed_offsets,
+    create_topic,
+    end_offsets,
+    free_port,
+    publish,
+    read_values,
+)  # fmt: skip
 from consumer.workflows.model import map_status
 from consumer.workflows.store import open_workflow_store
 from producer.envelope import Envelope
@@ -69,23 +77,6 @@ async def committed_to_end(group: str, topics: list[str]) -> bool:
         if await committed_offsets(group, topic, sorted(ends)) != ends:
             return False
     return True
-
-
-async def read_values(topic: str) -> list[bytes]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=BOOTSTRAP, auto_offset_reset="earliest",
-                                enable_auto_commit=False, isolation_level="read_committed")  # fmt: skip
-    await consumer.start()
-    out: list[bytes] = []
-    try:
-        idle = 0
-        while idle < 4:
-            batch = await consumer.getmany(timeout_ms=500)
-            got = [m.value for msgs in batch.values() for m in msgs if m.value]
-            out.extend(got)
-            idle = 0 if got else idle + 1
-    finally:
-        await consumer.stop()
-    return out
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -183,7 +174,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if ev["event_id"] in delivered:
                 identity = f"{ev['webhook_type']}:{map_status(ev['status'])}:{float(ev['created_at']):.3f}"
                 lost += (ev["session_id"], identity) not in applied
-        results = [orjson.loads(v) for v in await read_values(f"{topic}.results")]
+        results = [orjson.loads(v) for v in await read_values(BOOTSTRAP, f"{topic}.results") if v]
         finals = Counter(
             r["message_id"] for r in results if r.get("operation") == "kyc_workflow" and r["revision"] == 1
         )

@@ -37,6 +37,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from consumer.errors import ConfigurationError
+from consumer.lifecycle import AsyncService
 from consumer.metrics import CONTENT_TYPE, Metrics
 from consumer.readiness import PartitionProgress, Readiness, readiness_report
 from consumer.statuspage import status_page
@@ -163,7 +164,7 @@ def _bind_error(host: str, port: int, exc: OSError) -> ConfigurationError:
     return ConfigurationError(f"IDV_HEALTH_PORT: cannot listen on {host}:{port} ({reason})")
 
 
-class HealthServer:
+class HealthServer(AsyncService):
     """``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port``; port 0 picks a free port.
 
     ::
@@ -271,11 +272,10 @@ class HealthServer:
         except Exception:
             log.exception("health endpoint: error while closing")
 
-    async def __aenter__(self) -> HealthServer:
+    async def start(self) -> None:
         await self.bind()
-        return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def stop(self) -> None:
         await self.aclose()
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:

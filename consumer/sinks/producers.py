@@ -102,6 +102,8 @@ class Producers:
         self._dlq_producer = make(None) if transactional_id is not None else self._producer
         self._generation = 0  # bumped when _dlq_producer is replaced (see _replace_producer)
         self._replace_lock = anyio.Lock()
+        self._alone: AIOKafkaProducer | None = None  # see _send_alone
+        self._alone_lock = anyio.Lock()
         self.on_unwritable: Callable[[str, str], None] | None = None  # (sink, outcome) → metrics
         self._started = False
 
@@ -117,6 +119,9 @@ class Producers:
                 raise
 
     async def stop(self) -> None:
+        if self._alone is not None:
+            alone, self._alone = self._alone, None
+            await stop_replaced(alone)
         if self._started:
             self._started = False
             try:
@@ -181,7 +186,14 @@ class Producers:
                 continue
             if not is_retriable(failure):
                 await self._replace_producer(generation)
-                raise Unwritable(why_unwritable(failure, kind), failure) from failure
+                # The broker refuses a whole batch for one record it will never take (too large, invalid),
+                # and every record in that batch gets the same error: only a write of this record alone
+                # tells whether it is the one.
+                failure = await self._send_alone(topic, value, key, headers)
+                if failure is None:
+                    return
+                if not is_retriable(failure):
+                    raise Unwritable(why_unwritable(failure, kind), failure) from failure
             # The message waits (its offset stays uncommitted) until the broker takes the write.
             log.warning(
                 "writing the %s to %s failed (%s); retrying in %.1fs",
@@ -192,6 +204,32 @@ class Producers:
             )
             await anyio.sleep(delay)
             delay = min(delay * 2, 10.0)
+
+    async def _send_alone(
+        self, topic: str, value: bytes | None, key: bytes | None, headers: Sequence[tuple[str, bytes]]
+    ) -> Exception | None:
+        """Write one record in a batch of its own: on a producer of its own, one record at a time.
+
+        ``None`` when acknowledged, else the broker's verdict on this record alone. Used only after a
+        refusal, so the extra producer is started then and replaced after a refusal of its own (its
+        sequence numbers break as the main one's do)."""
+        async with self._alone_lock:
+            if self._alone is None:
+                producer = self._make(None)
+                try:
+                    await producer.start()
+                except Exception as exc:  # noqa: BLE001 - broker away: the caller retries
+                    away: Exception = KafkaTimeoutError(f"no lone-write producer ({type(exc).__name__})")
+                    return away
+                self._alone = producer
+            try:
+                await self._alone.send_and_wait(topic, value, key=key, headers=list(headers))
+            except Exception as exc:  # noqa: BLE001 - classified by the caller
+                if not is_retriable(exc):
+                    old, self._alone = self._alone, None
+                    await stop_replaced(old)
+                return exc
+            return None
 
     async def _send_once(
         self, topic: str, value: bytes | None, key: bytes | None, headers: Sequence[tuple[str, bytes]]

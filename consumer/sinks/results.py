@@ -63,7 +63,8 @@ def result_event(record: Record, subject_id: str) -> bytes:
 # A result waiting for its transaction: (offset, message, event bytes, headers, Kafka key); and one the
 # results topic refused for good, with why.
 _Pending = tuple[int, ConsumerRecord, bytes, list[tuple[str, bytes]], bytes | None]
-_Unwritten = tuple[TopicPartition, _Pending, str]
+_Sent = tuple[TopicPartition, _Pending, "asyncio.Future[Any]"]
+_Unwritten = tuple[TopicPartition, _Pending, str, bool]  # why; refused by the broker (in a batch)
 
 
 class ResultWriter(DeadLetterWriter):
@@ -136,7 +137,11 @@ class ResultWriter(DeadLetterWriter):
         """
         assert self.results_topic is not None
         async with self._txn_lock:
-            for _ in range(10):  # each round takes out at least one unwritable result
+            # The broker refuses a whole batch for one record it will never take, and every record of the
+            # batch gets that error: after such a refusal the results are sent one at a time (each its own
+            # batch), so the one set aside is the one refused alone.
+            alone = False
+            for _ in range(10):  # each round takes out at least one unwritable result, or goes one at a time
                 batches = {
                     tp: [item for item in self._pending.get(tp, ()) if item[0] < offset]
                     for tp, offset in offsets.items()
@@ -144,7 +149,7 @@ class ResultWriter(DeadLetterWriter):
                 unwritable: list[_Unwritten] = []
                 try:
                     async with self._producer.transaction():
-                        await self._send_batches(batches, unwritable)
+                        await self._send_batches(batches, unwritable, alone=alone)
                         await self._producer.send_offsets_to_transaction(offsets, self.group_id)
                         if on_sent is not None:
                             on_sent()
@@ -158,6 +163,9 @@ class ResultWriter(DeadLetterWriter):
                         # (every later transaction would fail with OutOfOrderSequenceNumber): start a new
                         # producer with the same transactional id (a new epoch, fresh sequences).
                         await self._replace_transactional_producer()
+                    if unwritable and not alone and any(refused for *_, refused in unwritable):
+                        alone = True  # refused in a batch: which record it was, a batch of one tells
+                        continue
                     if unwritable:
                         await self._set_aside(unwritable)
                         continue
@@ -195,12 +203,14 @@ class ResultWriter(DeadLetterWriter):
         await producers.stop_replaced(old)
 
     async def _send_batches(
-        self, batches: dict[TopicPartition, list[_Pending]], unwritable: list[_Unwritten]
+        self, batches: dict[TopicPartition, list[_Pending]], unwritable: list[_Unwritten], *, alone: bool
     ) -> None:
         """Send the results of one transaction; collect those the topic will never accept in
-        ``unwritable`` and raise (which aborts the transaction) if any send failed."""
+        ``unwritable`` (flagged when the broker refused them, possibly for another record of their batch)
+        and raise (which aborts the transaction) if any send failed. ``alone``: each result is
+        acknowledged before the next is sent, so each is a batch of its own."""
         assert self.results_topic is not None
-        futures: list[tuple[TopicPartition, _Pending, asyncio.Future[Any]]] = []
+        futures: list[_Sent] = []
         for tp, items in batches.items():
             for item in items:
                 _, msg, value, headers, key = item
@@ -215,24 +225,31 @@ class ResultWriter(DeadLetterWriter):
                         for _, _, queued in futures:  # their outcome no longer matters: aborted
                             queued.add_done_callback(producers.retrieve)
                         raise
-                    unwritable.append((tp, item, producers.why_unwritable(exc, "results")))
+                    unwritable.append((tp, item, producers.why_unwritable(exc, "results"), False))
                     continue
                 futures.append((tp, item, fut))
+                if alone:
+                    await self._acknowledged(futures[-1:], unwritable)  # raises on a refusal
+        await self._acknowledged(futures, unwritable)
+        if unwritable:
+            raise _Retry
+
+    async def _acknowledged(self, futures: list[_Sent], unwritable: list[_Unwritten]) -> None:
+        """Wait for the sends' acknowledgements; the refused ones go to ``unwritable``, the first failure
+        is raised."""
         failed: BaseException | None = None
         for tp, item, fut in futures:
             try:
                 await fut
             except Exception as exc:  # noqa: BLE001 - classified; the first failure is raised below
                 if not is_retriable(exc) and not isinstance(exc, (ProducerFenced, *SEQUENCE_ERRORS)):
-                    unwritable.append((tp, item, producers.why_unwritable(exc, "results")))
+                    unwritable.append((tp, item, producers.why_unwritable(exc, "results"), True))
                 failed = failed or exc
         if failed is not None:
             raise failed
-        if unwritable:
-            raise _Retry
 
     async def _set_aside(self, unwritable: list[_Unwritten]) -> None:
-        for tp, item, why in unwritable:
+        for tp, item, why, _ in unwritable:
             items = self._pending.get(tp, [])
             if item in items:
                 items.remove(item)

@@ -24,6 +24,7 @@ import anyio
 from aiohttp import web
 
 from consumer.errors import BrokerUnavailable, ConfigurationError, TopicMissing
+from consumer.lifecycle import AsyncService
 from consumer.security import check_kafka_connection
 from consumer.webhooks.app import Intake
 from consumer.webhooks.metrics import WebhookMetrics
@@ -48,7 +49,7 @@ def _bind_error(host: str, port: int, exc: OSError) -> ConfigurationError:
     return ConfigurationError(f"IDV_WEBHOOK_PORT: cannot listen on {host}:{port} ({reason})")
 
 
-class WebhookService:
+class WebhookService(AsyncService):
     """``async with WebhookService(settings) as service:`` starts everything (errors are raised there, as
     :class:`ConfigurationError` subclasses carrying the exit code) and, on exit, stops it gracefully."""
 
@@ -141,12 +142,6 @@ class WebhookService:
             await self.publisher.stop()
         log.info("webhook intake stopped")
 
-    async def __aenter__(self) -> WebhookService:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
 
 async def run(settings: WebhookSettings) -> None:

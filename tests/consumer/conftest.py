@@ -21,6 +21,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.chaos_env import daemon_child_env
+from bench.common import read_values
 from consumer.keys import fingerprint, idempotency_key
 from producer.envelope import Envelope, encode
 from sandbox.testing import SandboxAdmin
@@ -414,22 +415,4 @@ def log_records(log: str) -> list[dict[str, Any]]:
 
 async def read_results(bootstrap: str, topic: str, isolation: str) -> list[bytes]:
     """Every value of ``topic`` visible at ``isolation``, read until the topic has been quiet for 2 s."""
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        isolation_level=isolation,
-    )
-    await consumer.start()
-    out: list[bytes] = []
-    try:
-        idle = 0
-        while idle < 4:
-            batch = await consumer.getmany(timeout_ms=500)
-            got = [m.value for msgs in batch.values() for m in msgs]
-            out.extend(got)
-            idle = 0 if got else idle + 1
-    finally:
-        await consumer.stop()
-    return out
+    return await read_values(bootstrap, topic, isolation)

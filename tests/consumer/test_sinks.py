@@ -407,6 +407,7 @@ async def test_a_dead_letter_that_can_never_be_written_becomes_a_stub_or_is_coun
         return failure
 
     sinks._send_once = send_once  # type: ignore[method-assign]
+    sinks._send_alone = send_once  # type: ignore[method-assign]  # the lone write after a refused batch
     await sinks.start()  # real producers: a refused batch replaces them (see Sinks._replace_producer)
     try:
         await _stub_or_lost(sinks, topic, script, written, counted)
@@ -434,14 +435,14 @@ async def _stub_or_lost(
     assert await sinks.dead_letter(msg, letter, 0.0) == "written"
     assert written[-1][:2] == (b"k", b"v" * 10)
 
-    script[:] = [MessageSizeTooLargeError(), None]  # never fits: a stub
+    script[:] = [MessageSizeTooLargeError(), MessageSizeTooLargeError(), None]  # refused alone too: a stub
     assert await sinks.dead_letter(msg, letter, 0.0) == "stub"
     key, value, headers = written[-1]
     assert (key, value, "h" in headers) == (None, b"", False)
     assert headers["idv-dlq-reason"] == b"invalid_json" and headers["idv-dlq-original-offset"] == b"42"
     assert headers["idv-dlq-detail"].startswith(b"stub: original record too large for the dead-letter topic")
 
-    script[:] = [TopicAuthorizationFailedError(), TopicAuthorizationFailedError()]  # not even the stub
+    script[:] = [TopicAuthorizationFailedError()] * 4  # in a batch and alone; not even the stub
     assert await sinks.dead_letter(msg, letter, 0.0) == "lost"
     assert counted == [("dead_letter", "stub"), ("dead_letter", "lost")]
     assert (sinks.stubs, sinks.lost) == (1, 1)
