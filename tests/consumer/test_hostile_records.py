@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-import orjson
 import pytest
 
 from producer.envelope import Envelope, encode
@@ -30,9 +29,7 @@ from tests.consumer.conftest import (
     daemon_env,
     end_offsets,
     keys_for,
-    publish_raw,
     read_all,
-    read_results,
     start_daemon,
 )
 from tests.consumer.test_exactly_once import make_envelopes
@@ -273,46 +270,3 @@ async def run_cases(
             assert b"too large for the dead-letter topic" in detail
         if expected[offset].name.startswith("key larger"):
             assert b"result event could not be written" in detail, detail
-
-
-@pytest.mark.parametrize("transactional", [False, True], ids=["plain", "transactional"])
-async def test_a_result_the_topic_refuses_does_not_take_its_batch_neighbours_down(
-    kafka_bootstrap: str, sandbox: object, sqlite_url: str, tmp_path: Path, transactional: bool
-) -> None:
-    """The broker refuses a whole produce batch when it is over the topic's ``max.message.bytes``, and
-    every record in it gets the same error. A results topic that takes 4 KB: batches of results are
-    refused, each result alone fits but one (its key is 5 KB). Only that message is dead-lettered; every
-    other result is written once, none of them dead-lettered."""
-    sb = Sandbox(sandbox.url)  # type: ignore[attr-defined]
-    topic = random_topic_name()
-    await create_topic(kafka_bootstrap, topic, 1)
-    await create_topic(kafka_bootstrap, f"{topic}.dlq", 1)
-    await create_topic(kafka_bootstrap, f"{topic}.results", 1, max_message_bytes=4096)
-    *valid, big = make_envelopes(81, seed=11)
-    raw = [(env.key, encode(env), env.headers()) for env in valid]
-    raw.insert(40, (b"s" * 5000, encode(big), big.headers()))
-    await publish_raw(kafka_bootstrap, topic, raw, partition=0)
-
-    group = "g-" + uuid.uuid4().hex[:8]
-    extra = (
-        {"results_transactional": "true", "instance_id": f"i-{uuid.uuid4().hex[:8]}"} if transactional else {}
-    )
-    proc = start_daemon(
-        daemon_env(kafka_bootstrap, topic, group, sqlite_url, sb.url, **extra), tmp_path / "daemon.log"
-    )
-    try:
-        await wait_alive_and_committed(proc, kafka_bootstrap, group, topic, 90)
-        proc.stop_cleanly()
-    finally:
-        proc.kill()
-    assert "Traceback" not in proc.log(), proc.log()[-3000:]
-
-    effects = sb.side_effects()
-    assert {k: effects.get(k) for k in keys_for([*valid, big])} == dict.fromkeys(keys_for([*valid, big]), 1)
-    letters = await read_all(kafka_bootstrap, f"{topic}.dlq")
-    headers = [dict(m.headers) for m in letters]
-    reasons = [(h["idv-dlq-original-offset"], h["idv-dlq-reason"]) for h in headers]
-    assert reasons == [(b"40", b"internal_error")]
-    results = await read_results(kafka_bootstrap, f"{topic}.results", "read_committed")
-    ids = [orjson.loads(v)["message_id"] for v in results]
-    assert sorted(ids) == sorted(env.message_id for env in valid)

@@ -13,6 +13,7 @@ import pytest
 
 from consumer.keys import idempotency_key
 from producer.envelope import Envelope, encode
+from tests.conftest import create_topic, random_topic_name
 from tests.consumer.conftest import (
     Sandbox,
     committed_offsets,
@@ -446,3 +447,37 @@ async def _stub_or_lost(
     assert await sinks.dead_letter(msg, letter, 0.0) == "lost"
     assert counted == [("dead_letter", "stub"), ("dead_letter", "lost")]
     assert (sinks.stubs, sinks.lost) == (1, 1)
+
+
+@pytest.mark.parametrize("transactional", [False, True], ids=["plain", "transactional"])
+async def test_a_result_the_topic_refuses_does_not_take_its_batch_neighbours_down(
+    kafka_bootstrap: str, sb: Sandbox, sqlite_url: str, group: str, tmp_path: Path, transactional: bool
+) -> None:
+    """The broker refuses a whole produce batch when it is over the topic's ``max.message.bytes``, and
+    every record in it gets the same error. A results topic that takes 4 KB: batches of results are
+    refused, each result alone fits but one (its key is 5 KB). Only that message is dead-lettered; every
+    other result is written once, none of them dead-lettered."""
+    topic = random_topic_name()
+    await create_topic(kafka_bootstrap, topic, 1)
+    await create_topic(kafka_bootstrap, f"{topic}.dlq", 1)
+    await create_topic(kafka_bootstrap, f"{topic}.results", 1, max_message_bytes=4096)
+    *valid, big = make_envelopes(81, seed=11)
+    raw = [(env.key, encode(env), env.headers()) for env in valid]
+    raw.insert(40, (b"s" * 5000, encode(big), big.headers()))
+    await publish_raw(kafka_bootstrap, topic, raw, partition=0)
+
+    extra = (
+        {"results_transactional": "true", "instance_id": f"i-{uuid.uuid4().hex[:8]}"} if transactional else {}
+    )
+    env = daemon_env(kafka_bootstrap, topic, group, sqlite_url, sb.url, **extra)
+    proc = await run_to_end(env, tmp_path / "daemon.log")
+    assert "Traceback" not in proc.log(), proc.log()[-3000:]
+
+    effects = sb.side_effects()
+    assert {k: effects.get(k) for k in keys_for([*valid, big])} == dict.fromkeys(keys_for([*valid, big]), 1)
+    letters = await read_all(kafka_bootstrap, f"{topic}.dlq")
+    reasons = [(headers_of(m)["idv-dlq-original-offset"], headers_of(m)["idv-dlq-reason"]) for m in letters]
+    assert reasons == [(b"40", b"internal_error")]
+    results = await read_results(kafka_bootstrap, f"{topic}.results", "read_committed")
+    ids = [orjson.loads(v)["message_id"] for v in results]
+    assert sorted(ids) == sorted(env.message_id for env in valid)
