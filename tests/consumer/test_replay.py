@@ -576,10 +576,19 @@ async def test_interrupt_stops_cleanly_keeps_keys_of_calls_in_flight_and_exits_1
     assert code == 1
     summary = orjson.loads(out.strip().splitlines()[-1])
     assert summary["interrupted"] and summary["counts"]["not reached"] > 0
+    await anyio.sleep(0.6)  # requests already at the sandbox finish there (its 300-ms latency comes first)
+    effects = sb.side_effects()
     async with open_store(sqlite_url) as store:
         counts = await store.counts()
+        records = {k: await store.get(k) for k in keys_for(unique)}
     # Calls cancelled while their request was at the provider keep the key until its lease runs out
-    # (another owner must not call while the provider may still be working): never released early.
-    assert counts.get("released", 0) == 0, counts
+    # (another owner must not call while the provider may still be working): never released early. A key
+    # claimed but not yet sent when the interrupt came is released (how many depends on the timing).
+    states = {k: (r.state if r is not None else None) for k, r in records.items()}
+    reached_and_released = [k for k, state in states.items() if state is State.RELEASED and effects.get(k)]
+    assert reached_and_released == [], counts
+    # A request the provider acted on without its answer recorded: its key is still held.
+    unfinished = {k: states.get(k) for k in effects if states.get(k) is not State.COMPLETED}
+    assert all(state is State.IN_PROGRESS for state in unfinished.values()), (counts, unfinished)
     assert counts.get("in_progress", 0) <= 4, counts  # at most the calls running (--concurrency 4)
-    assert all(v == 1 for v in sb.side_effects().values())
+    assert all(v == 1 for v in effects.values())
