@@ -163,18 +163,12 @@ class HttpDocumentSource:
             raise DocumentError(
                 "document_unreadable", "the store sent an invalid Content-Length", field=field
             ) from None
-        self._check_size(size, field)
-        return size
-
-    def _check_size(self, size: int, field: str) -> None:
         if size > self.max_bytes:
             raise DocumentError(
-                "document_too_large",
-                f"more than {self.max_bytes} bytes (IDV_DOCUMENTS_MAX_BYTES)"
-                if size < 0
-                else f"{size} bytes, limit is {self.max_bytes} (IDV_DOCUMENTS_MAX_BYTES)",
+                "document_too_large", f"{size} bytes, limit is {self.max_bytes} (IDV_DOCUMENTS_MAX_BYTES)",
                 field=field,
             )
+        return size
 
     async def open(self, uri: str, field: str) -> Document:
         """Check the reference and the document; a store failure that may pass (:class:`DocumentUnavailable`)

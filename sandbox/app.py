@@ -127,7 +127,7 @@ class SandboxApp:
 
         Returns :class:`Admitted` when business handling may run, else the answer (already recorded).
         """
-        api_key = request.header(b"x-api-key")
+        api_key = request.header(b"x-api-key", last=True)  # the last one, as before the split
         if api_key is not None and api_key in self._out_of_credit:
             attempt.api_key_id = self._out_of_credit[api_key]
             return self._finish(ledger_key, attempt, Outcome.OUT_OF_CREDIT, _OUT_OF_CREDIT)

@@ -29,7 +29,7 @@ from .messages import Admitted, Drop, Request, Response
 from .multipart import is_multipart
 from .provider import idv_key_of
 from .responses import error, json_response, method_not_allowed
-from .sessions import STATUSES, Session, SessionStore
+from .sessions import STATUSES, Session, SessionStore, iso_time
 from .webhooks import WebhookSender
 
 if TYPE_CHECKING:
@@ -72,10 +72,6 @@ class DiditApi:
         config = app.config.didit
         self.webhooks = WebhookSender(app.config.clock, config.webhook_settings())
         self.applicant = Applicant(self, config)
-        self.on_created: list[Callable[[Session], None]] = []
-        """Run when a session is created (the simulated applicant schedules itself)."""
-        self.on_status: list[Callable[[Session, str], None]] = []
-        """Run after a session changed status, with the previous status (the webhook sender)."""
 
     def reset(self) -> None:
         self.applicant.cancel()
@@ -221,8 +217,6 @@ class DiditApi:
         )
         self._effect(attempt, "create_session", session)
         self.applicant.start(session)
-        for callback in self.on_created:
-            callback(session)
         return json_response(201, session.created_body())
 
     def _run_check(self, request: Request, attempt: Attempt, parsed: CheckInput | CheckInvalid) -> Response:
@@ -247,7 +241,7 @@ class DiditApi:
                 parsed.answer_field: parsed.result,
                 "vendor_data": session.vendor_data,
                 "metadata": session.metadata,
-                "created_at": session.row()["created_at"],
+                "created_at": iso_time(session.created_at),
             },
         )
 
@@ -304,11 +298,9 @@ class DiditApi:
 
     def change_status(self, session: Session, status: str) -> None:
         """Move a session (the applicant, or a reviewer at ``/_admin``); a session's change is a webhook."""
-        previous = self.sessions.transition(session, status)
+        self.sessions.transition(session, status)
         if session.kind == "session":
             self.webhooks.emit(session, "status.updated")
-        for callback in self.on_status:
-            callback(session, previous)
 
     async def aclose(self) -> None:
         await self.applicant.aclose()

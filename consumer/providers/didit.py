@@ -149,11 +149,7 @@ class DiditAdapter:
             else:
                 fields[name] = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
         multipart = await multipart_body(fields, files)
-        headers = [
-            (b"content-type", multipart.content_type.encode()),
-            (b"content-length", str(multipart.content_length).encode()),
-        ]
-        return PreparedCall("POST", operation.path, headers, multipart)
+        return PreparedCall("POST", operation.path, multipart.headers(), multipart)
 
     def read(self, operation: Operation, status_code: int, body: bytes) -> Outcome:
         return read_json_answer(operation, status_code, body)

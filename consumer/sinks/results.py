@@ -227,9 +227,10 @@ class ResultWriter(DeadLetterWriter):
                         raise
                     unwritable.append((tp, item, producers.why_unwritable(exc, "results"), False))
                     continue
-                futures.append((tp, item, fut))
                 if alone:
-                    await self._acknowledged(futures[-1:], unwritable)  # raises on a refusal
+                    await self._acknowledged([(tp, item, fut)], unwritable)  # raises on a refusal
+                else:
+                    futures.append((tp, item, fut))
         await self._acknowledged(futures, unwritable)
         if unwritable:
             raise _Retry

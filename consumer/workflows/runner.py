@@ -88,10 +88,8 @@ class StepRunner:
             # An earlier attempt may have acted and could not be found: an operator decides (dead letter
             # in_doubt); the key is kept, never sent again automatically.
             raise StepFailed("in_doubt", str(exc)) from exc
-        except BaseException:
-            # Cancelled, a rejected API key, a bug: the request may be at the provider, so the key is
-            # kept until its lease runs out (then the next claimant calls again with the same key).
-            raise
+        # Anything else (cancelled, a rejected API key, a bug) propagates: the request may be at the
+        # provider, so the key is kept until its lease runs out (the next claimant calls with the same key).
         try:
             stored = await self._store(
                 "complete", self.records.complete, key, self.owner, result.outcome,
