@@ -55,6 +55,7 @@ __all__ = [
     "ProviderGate",
     "TokenBucket",
     "raise_fd_limit",
+    "sleep_keeping_alive",
 ]
 
 KeepAlive = Callable[[], Awaitable[None]] | None
@@ -389,8 +390,9 @@ class Pacer:
         return backlog
 
 
-async def _pause(sleep: Sleep, delay: float, keep_alive: KeepAlive, every: float) -> None:
-    """Sleep ``delay`` seconds, calling ``keep_alive`` every ``every`` seconds meanwhile."""
+async def sleep_keeping_alive(sleep: Sleep, delay: float, keep_alive: KeepAlive, every: float) -> None:
+    """Sleep ``delay`` seconds in steps of at most ``every``, calling ``keep_alive()`` between steps (the
+    gate's waits and the provider client's back-offs)."""
     while delay > 0:
         step = delay if keep_alive is None else min(delay, every)
         await sleep(step)
@@ -426,7 +428,7 @@ class ProviderGate:
         pace = self.controller.pace_s()
         if pace > 0:
             try:
-                await _pause(sleep, self.pacer.reserve(self.clock(), pace), keep_alive, every)
+                await sleep_keeping_alive(sleep, self.pacer.reserve(self.clock(), pace), keep_alive, every)
             except BaseException:
                 self.gate.release()
                 raise
@@ -439,7 +441,7 @@ class ProviderGate:
             return
         delay = self.bucket.reserve()
         try:
-            await _pause(sleep, delay, keep_alive, every)
+            await sleep_keeping_alive(sleep, delay, keep_alive, every)
         except BaseException:
             self.bucket.cancel()
             raise

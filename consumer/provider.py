@@ -42,7 +42,7 @@ from consumer.answers import (
     route_missing,
 )
 from consumer.breaker import BreakerState, CircuitBreaker
-from consumer.concurrency import ProviderGate
+from consumer.concurrency import ProviderGate, sleep_keeping_alive
 from consumer.documents import DocumentError, document_error_in
 from consumer.errors import (
     ProviderAuthError,
@@ -415,17 +415,4 @@ async def keeping_alive(wait: Callable[[], Awaitable[T]], keep_alive: Hook | Non
     while True:
         with anyio.move_on_after(every):
             return await wait()
-        await keep_alive()
-
-
-async def sleep_keeping_alive(
-    sleep: Callable[[float], Awaitable[None]], delay: float, keep_alive: Hook | None, every: float
-) -> None:
-    """Sleep ``delay`` seconds in steps of at most ``every``, calling ``keep_alive()`` between steps."""
-    while True:
-        step = delay if keep_alive is None else min(delay, every)
-        await sleep(step)
-        delay -= step
-        if delay <= 0 or keep_alive is None:
-            return
         await keep_alive()
