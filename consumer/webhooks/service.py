@@ -55,10 +55,11 @@ class WebhookService(AsyncService):
 
     def __init__(self, settings: WebhookSettings, *, metrics: WebhookMetrics | None = None) -> None:
         self.settings = settings
+        self._security = settings.kafka_security()  # built once: it reads the TLS files
         self.publisher = EventPublisher(
             settings.kafka_bootstrap,
             settings.events_topic,
-            security=settings.kafka_security(),
+            security=self._security,
             client_id=settings.webhook_client_id,
             timeout_s=settings.webhook_publish_timeout_s,
             # Room for the record's key and headers beside the largest body accepted.
@@ -89,9 +90,8 @@ class WebhookService(AsyncService):
 
     async def start(self) -> None:
         s = self.settings
-        security = s.kafka_security()
         try:
-            await check_kafka_connection(s.kafka_bootstrap, security, client_id=s.webhook_client_id)
+            await check_kafka_connection(s.kafka_bootstrap, self._security, client_id=s.webhook_client_id)
         except ConfigurationError as exc:
             raise BrokerUnavailable(str(exc)) from None
         try:

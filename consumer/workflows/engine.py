@@ -246,8 +246,7 @@ class WorkflowEngine:
             self.faults.hit("workflow_after_step")
             if outcome.status == "failed" or not outcome.provider_reference:
                 failed = wf.evolve(state=WState.FAILED, revision=1, latest_status="failed", **bump)
-                body = rules.result_body(failed, 1, outcome.detail or "session_refused")
-                result = rules.Result(wf.message_id, 1, source, wf.subject_id.encode(), body)
+                result = rules.revision_result(failed, 1, source, outcome.detail or "session_refused")
                 return await self._write(wf, rules.Change(failed, (result,)))
             created = wf.evolve(state=WState.SESSION_CREATED, session_id=outcome.provider_reference,
                                 latest_status="created", **bump)  # fmt: skip
@@ -272,10 +271,8 @@ class WorkflowEngine:
                     lambda keep_alive, claimed: self.steps.screen_aml(wf, wf.aml_key, keep_alive, claimed),
                 )  # fmt: skip
                 self.faults.hit("workflow_after_step")
-                current = await self.store.get(wf.message_id)  # events may have moved it meanwhile
-                assert current is not None
-                if current.version != wf.version:
-                    return current
+                # Events may have moved the row meanwhile: then the compare-and-set loses and _write
+                # returns the stored row to decide again from.
                 bump = {"version": wf.version + 1, "updated_at": self.clock()}
                 aml = wf.evolve(state=WState.AML_DONE, aml_status=outcome.status,
                                 aml_ref=outcome.provider_reference or outcome.detail, **bump)  # fmt: skip

@@ -26,6 +26,7 @@ __all__ = [
     "Result",
     "finalize",
     "on_event",
+    "revision_result",
     "session_result",
 ]
 
@@ -141,17 +142,18 @@ def session_result(wf: Workflow, url: str | None, source: str) -> Result:
     return Result(wf.message_id, 0, source, wf.subject_id.encode(), body)
 
 
-def _result(wf: Workflow, revision: int, source: str, reason: str) -> Result:
+def revision_result(wf: Workflow, revision: int, source: str, reason: str) -> Result:
+    """The result event of ``wf``'s ``revision`` (its key is the subject, as the request's)."""
     return Result(wf.message_id, revision, source, wf.subject_id.encode(), result_body(wf, revision, reason))
 
 
 def finalize(wf: Workflow, now: float, source: str) -> Change:
     """decided/aml_done → finished with revision 1; a change seen meanwhile becomes revision 2 at once."""
     done = wf.evolve(state=WState.FINISHED, version=wf.version + 1, revision=1, due_at=None, updated_at=now)
-    results = [_result(done, 1, source, "decided")]
+    results = [revision_result(done, 1, source, "decided")]
     if done.latest_status != done.decision_status:
         done = done.evolve(revision=2)
-        results.append(_result(done, 2, source, "changed_before_final"))
+        results.append(revision_result(done, 2, source, "changed_before_final"))
     return Change(done, tuple(results))
 
 
@@ -170,7 +172,7 @@ def on_event(wf: Workflow, ev: Event, now: float, source: str) -> Change | None:
                                       decision_source=source_kind, due_at=None))  # fmt: skip
         if ev.status in ("abandoned", "expired"):
             end = seen.evolve(state=WState(ev.status), revision=1, due_at=None)
-            return Change(end, (_result(end, 1, source, ev.webhook_type),))
+            return Change(end, (revision_result(end, 1, source, ev.webhook_type),))
         if wf.state is WState.STARTED:
             return None  # recorded as pending: applied once the session is recorded
         return Change(seen)  # progress or review: still waiting, the newer status is remembered
@@ -184,4 +186,4 @@ def on_event(wf: Workflow, ev: Event, now: float, source: str) -> Change | None:
     if wf.state not in FINAL_STATES:
         return Change(seen)  # finalize() turns it into revision 2 right after revision 1
     revised = seen.evolve(revision=wf.revision + 1)
-    return Change(revised, (_result(revised, revised.revision, source, ev.webhook_type),))
+    return Change(revised, (revision_result(revised, revised.revision, source, ev.webhook_type),))
