@@ -231,9 +231,9 @@ class Daemon:
                 self.flow,
                 max_records=self.settings.fetch_max_records,
                 backlogged=self._results_backlogged,
+                offset_reset=self.settings.auto_offset_reset,
             )
             self.fetcher.on_fetch = lambda n: self._caught_up.observe(n, self.stats)  # progress_log.py
-            self.worker.undecodable = self.fetcher.take_undecodable
             await wiring.start_consumer(consumer, self.settings)
             try:
                 existing = await consumer.topics()

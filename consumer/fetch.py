@@ -1,16 +1,15 @@
 """The fetch loop: ``getmany`` in batches into :class:`~consumer.flow.Flow`, surviving unreadable records.
 
-**aiokafka internals.** This is the one module that reads aiokafka's private state, in two places, both
-read-only and both guarded (an ``AttributeError``/missing attribute degrades to "unknown", never a crash):
-
-* :meth:`Fetcher.positions` — ``consumer._subscription.subscription.assignment`` and its
-  ``state_value(tp).position``: the in-memory fetch position of every assigned partition
-  (``consumer.position()`` is a coroutine that may go to the broker);
-* :meth:`Fetcher.locate_unreadable` — ``consumer._fetcher._records[tp]._partition_records`` with its
-  ``_records_iterator`` and ``next_fetch_offset``: where the record reader stopped.
+**aiokafka internals.** This module and :mod:`consumer.unreadable` read aiokafka's private state, each
+in one place, read-only and guarded (an ``AttributeError``/missing attribute degrades to "unknown", never
+a crash): :meth:`Fetcher.positions` reads ``consumer._subscription.subscription.assignment`` and its
+``state_value(tp).position``, the in-memory fetch position of every assigned partition
+(``consumer.position()`` is a coroutine that may go to the broker); :func:`~consumer.unreadable.
+locate_unreadable` finds where the record reader stopped.
 
 Checked against aiokafka 0.14 (pinned ``>=0.14,<0.15``); an upgrade must re-run
-tests/consumer/test_hostile_records.py, which fails if either read stops working.
+tests/consumer/test_hostile_records.py and tests/consumer/test_fetch_unreadable.py, which fail if either
+read stops working.
 """
 
 from __future__ import annotations
@@ -20,10 +19,11 @@ from collections.abc import Callable
 
 import anyio
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import CorruptRecordException, KafkaError
+from aiokafka.errors import CorruptRecordException, IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from consumer.flow import Flow
+from consumer.unreadable import locate_unreadable, unreadable_stub
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +42,16 @@ class Fetcher:
         *,
         max_records: int,
         backlogged: Callable[[], bool] = lambda: False,
+        offset_reset: str = "earliest",
+        position_wait_s: float = 10.0,
     ) -> None:
         self.consumer = consumer
         self.flow = flow
         self.max_records = max_records
         self.backlogged = backlogged
-        # Records aiokafka could not read (by topic, partition, offset), dispatched as stubs: their detail.
-        self.undecodable: dict[tuple[str, int, int], str] = {}
+        self.offset_reset = offset_reset  # the consumer's auto_offset_reset (see _last_safe_position)
+        self.position_wait_s = position_wait_s
         self.on_fetch: Callable[[int], object] | None = None  # records per fetch (consumer/progress_log.py)
-
-    def take_undecodable(self, msg: ConsumerRecord) -> str | None:
-        """The detail of a stub dispatched for an unreadable record, or ``None`` for a real record."""
-        return self.undecodable.pop((msg.topic, msg.partition, msg.offset), None)
 
     async def run(self, stopping: Callable[[], bool]) -> None:
         flow = self.flow
@@ -99,7 +97,7 @@ class Fetcher:
         back first; then the bad record is isolated and replaced by a stub that is dead-lettered
         (``undecodable_record``) like any other message.
         """
-        before = self.positions()
+        before = await self.settled_positions()
         try:
             batch: Batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
         except KafkaError as exc:
@@ -112,28 +110,60 @@ class Fetcher:
             return batch
         return {}
 
-    def locate_unreadable(self) -> tuple[TopicPartition, int] | None:
-        """The partition and offset of the record aiokafka's reader just failed on.
+    async def settled_positions(self) -> dict[TopicPartition, int]:
+        """:meth:`positions`, first waiting (``position_wait_s`` at most) for every assigned partition
+        without one.
 
-        The failed partition's fetch result is still in the fetcher with a record iterator that raised (a
-        finished generator, not cleared as after normal exhaustion); its ``next_fetch_offset`` is one past
-        the last record it yielded, i.e. the offset of the record it could not read.
+        Right after an assignment no partition has a fetch position: aiokafka resets them in the
+        background, and the next ``getmany`` may reset a partition *and* drain it before it fails on
+        another partition's unreadable record. A position unknown beforehand cannot be put back, so
+        those records would be lost in memory (never dispatched, never committed: the partition waits
+        forever). Costs nothing once every position is known.
         """
-        records = getattr(getattr(self.consumer, "_fetcher", None), "_records", None) or {}
-        for tp, res in list(records.items()):
-            partition_records = getattr(res, "_partition_records", None)
-            iterator = getattr(partition_records, "_records_iterator", None)
-            if iterator is not None and getattr(iterator, "gi_frame", True) is None:
-                return tp, int(partition_records.next_fetch_offset)  # type: ignore[union-attr]
+        now = self.positions()
+        try:
+            missing = self.consumer.assignment() - now.keys()
+        except IllegalStateError:
+            return now
+        for tp in missing:
+            try:
+                with anyio.move_on_after(self.position_wait_s):
+                    now[tp] = await self.consumer.position(tp)
+            except IllegalStateError:  # unassigned meanwhile
+                pass
+        return now
+
+    async def _last_safe_position(self, tp: TopicPartition) -> int | None:
+        """Where to fetch ``tp`` from when its position before a failed call is unknown: just past the
+        last record dispatched from it, else its committed offset, else where ``earliest`` resets it (a
+        record fetched twice is skipped by the flow or deduplicated by the store; one never fetched again
+        would be lost). ``None`` when unknown (``latest`` with nothing committed)."""
+        part = self.flow.partitions.get(tp)
+        if part is not None and part.offsets.last_seen is not None:
+            return part.offsets.last_seen + 1
+        try:
+            committed = await self.consumer.committed(tp)
+            if committed is not None and committed >= 0:
+                return int(committed)
+            if self.offset_reset == "earliest":
+                return int((await self.consumer.beginning_offsets([tp]))[tp])
+        except KafkaError:
+            pass
         return None
 
     async def _on_unreadable(self, exc: BaseException, before: dict[TopicPartition, int]) -> None:
         consumer = self.consumer
-        found = self.locate_unreadable()
+        found = locate_unreadable(consumer)
         now = self.positions()
-        for tp, pos in before.items():
-            if now.get(tp, pos) != pos and (found is None or tp != found[0]):
-                consumer.seek(tp, pos)  # drained by the failed call and lost with it: fetch them again
+        for tp, pos in now.items():
+            if found is not None and tp == found[0]:
+                continue
+            if tp not in before:  # reset during the call (the wait above ran out): its start is unknown
+                back = await self._last_safe_position(tp)
+                if back is not None and back < pos:
+                    consumer.seek(tp, back)
+            elif before[tp] != pos:
+                consumer.seek(tp, before[tp])  # drained by the failed call and lost with it: fetch again
         if found is None:
             log.error(
                 "a fetched record could not be read (%s) and could not be located; retrying in 1s",
@@ -168,11 +198,5 @@ class Fetcher:
             await self.flow.dispatch_batch(batch)
         if self.positions().get(tp) != bad or part.held or part.revoked:
             return  # not there yet (paused, handed back): the next fetch meets the record again
-        detail = (
-            f"the Kafka client could not read the record ({type(exc).__name__}, e.g. a header key that "
-            "is not UTF-8); key, value, headers and timestamp are unknown"
-        )
-        self.undecodable[(tp.topic, tp.partition, bad)] = detail
         consumer.seek(tp, bad + 1)
-        stub = ConsumerRecord(tp.topic, tp.partition, bad, -1, 0, None, None, None, -1, -1, ())
-        await self.flow.dispatch_batch({tp: [stub]})
+        await self.flow.dispatch_batch({tp: [unreadable_stub(tp, bad, exc)]})

@@ -60,8 +60,9 @@ from consumer.model import DeadLetter, Disposition, Handled, Stats
 from consumer.provider import CallProgress, CallResult, ProviderClient
 from consumer.settings import LEASE_SLACK_S
 from consumer.store.base import DedupeStore, Record
+from consumer.unreadable import UnreadableRecord, decode_record
 from consumer.workflows.model import WORKFLOW_OPERATION
-from producer.envelope import Envelope, Operation, decode, get_operation
+from producer.envelope import Envelope, Operation, get_operation
 from producer.errors import EnvelopeError
 
 if TYPE_CHECKING:
@@ -169,9 +170,10 @@ class Processor:
 
     async def _handle(self, msg: ConsumerRecord, generation: int) -> Handled:
         if self.workflows is not None and msg.topic == self.workflows.events_topic:
-            return await self.workflows.handle_event(msg)
+            if not isinstance(msg, UnreadableRecord):  # a stub is set aside below, like a request's
+                return await self.workflows.handle_event(msg)
         try:
-            envelope = decode(msg.value, msg.headers, max_bytes=self.max_message_bytes)
+            envelope = decode_record(msg, max_bytes=self.max_message_bytes)
         except EnvelopeError as exc:
             self.stats.invalid_by_reason[exc.reason] = self.stats.invalid_by_reason.get(exc.reason, 0) + 1
             log.warning(

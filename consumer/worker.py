@@ -21,17 +21,13 @@ from consumer.errors import ProviderAuthError
 from consumer.flow import Flow
 from consumer.health import PartitionProgress
 from consumer.metrics import Metrics
-from consumer.model import DeadLetter, Disposition, Handled, Stats
+from consumer.model import Disposition, Handled, Stats
 from consumer.pipeline import Processor
 from consumer.sinks import Sinks
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Worker"]
-
-
-def _none(msg: ConsumerRecord) -> str | None:
-    return None
 
 
 @dataclass(slots=True)
@@ -46,8 +42,6 @@ class Worker:
     # for the next owner.
     accepting: Callable[[], bool] = field(kw_only=True)
     on_fatal: Callable[[BaseException], None] = field(kw_only=True)
-    # The fetcher's record of records aiokafka could not decode (set when the fetcher exists).
-    undecodable: Callable[[ConsumerRecord], str | None] = _none
 
     @property
     def stats(self) -> Stats:
@@ -93,11 +87,5 @@ class Worker:
     async def handle(self, msg: ConsumerRecord) -> Handled:
         """Process one message and write its dead letter or result. Raises only ProviderAuthError (and
         cancellation): anything else one record causes becomes its dead letter (internal_error)."""
-        detail = self.undecodable(msg)
-        if detail is not None:
-            self.stats.consumed += 1
-            self.stats.count(Disposition.INVALID)
-            handled = Handled(Disposition.INVALID, DeadLetter("undecodable_record", detail))
-        else:
-            handled = await self.processor.handle_safely(msg)
+        handled = await self.processor.handle_safely(msg)
         return await deliver(handled, msg, self.sinks, on_dead_letter=self.metrics.dead_letter)

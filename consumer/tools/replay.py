@@ -42,8 +42,8 @@ from consumer.tools.runner import (
     with_lookup,
 )
 from consumer.tools.spans import Span, plan_offsets, plan_times, read_spans, refuse_old, too_old
+from consumer.unreadable import decode_record
 from consumer.wiring import stop_consumer
-from producer.envelope import decode
 from producer.errors import EnvelopeError
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ async def classify(
 ) -> tuple[str, str | None]:
     """What the pipeline would do with ``msg``, from read-only store lookups: (category, invalid reason)."""
     try:
-        envelope = decode(msg.value, msg.headers, max_bytes=settings.max_message_bytes)
+        envelope = decode_record(msg, max_bytes=settings.max_message_bytes)
     except EnvelopeError as exc:
         return "invalid", exc.reason
     record = await get(idempotency_key(settings.namespace, envelope.operation, envelope.message_id))

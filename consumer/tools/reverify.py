@@ -24,8 +24,9 @@ from consumer.settings import Settings
 from consumer.sinks import Sinks
 from consumer.store import DedupeStore, Record, State
 from consumer.tools.runner import Run
+from consumer.unreadable import decode_record
 from consumer.workflows.model import FINAL_STATES, WORKFLOW_OPERATION, Step, WState, generation_id, step_key
-from producer.envelope import Envelope, decode
+from producer.envelope import Envelope
 from producer.errors import EnvelopeError
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ class Reverifier:
     async def one(self, msg: ConsumerRecord, sinks: Sinks) -> tuple[str, str | None]:
         settings = self.settings
         try:
-            envelope = decode(msg.value, msg.headers, max_bytes=settings.max_message_bytes)
+            envelope = decode_record(msg, max_bytes=settings.max_message_bytes)
         except EnvelopeError as exc:
             return "invalid (skipped)", exc.reason
         base_key = idempotency_key(settings.namespace, envelope.operation, envelope.message_id)

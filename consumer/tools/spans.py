@@ -22,6 +22,7 @@ from aiokafka.structs import ConsumerRecord
 from consumer.errors import ReplayRefused
 from consumer.settings import Settings
 from consumer.tools.report import duration, ms
+from consumer.unreadable import getmany_past_unreadable
 
 __all__ = ["Span", "parse_time", "plan_offsets", "plan_times", "read_spans", "refuse_old", "too_old"]
 
@@ -205,7 +206,8 @@ async def read_spans(
 ) -> AsyncIterator[list[ConsumerRecord]]:
     """Batches of the spans' messages, each partition in offset order, until every span is read.
 
-    A partition is finished when the consumer's position reaches the span's end (transaction markers and
+    A record the client cannot read comes as its :class:`~consumer.unreadable.UnreadableRecord`. A
+    partition is finished when the consumer's position reaches the span's end (transaction markers and
     compacted-away offsets are skipped by the position, not counted as messages).
     """
     active = {s.tp: s for s in spans if s.size}
@@ -215,7 +217,7 @@ async def read_spans(
     for span in active.values():
         consumer.seek(span.tp, span.start)
     while active:
-        batch = await consumer.getmany(*active, timeout_ms=1000, max_records=max_records)
+        batch = await getmany_past_unreadable(consumer, active, timeout_ms=1000, max_records=max_records)
         out: list[ConsumerRecord] = []
         for tp, messages in batch.items():
             current = active.get(tp)

@@ -32,6 +32,7 @@ from tests.consumer.conftest import (
     read_all,
 )
 from tests.consumer.test_exactly_once import make_envelopes, run_until_committed, settings_for
+from tests.consumer.test_fetch_unreadable import kcat_unreadable
 from tests.ledger import assert_ledger_exactly_once
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
@@ -592,3 +593,30 @@ async def test_interrupt_stops_cleanly_keeps_keys_of_calls_in_flight_and_exits_1
     assert all(state is State.IN_PROGRESS for state in unfinished.values()), (counts, unfinished)
     assert counts.get("in_progress", 0) <= 4, counts  # at most the calls running (--concurrency 4)
     assert all(v == 1 for v in effects.values())
+
+
+async def test_a_record_the_client_cannot_read_is_dead_lettered_and_the_replay_goes_on(
+    kafka_bootstrap: str, topic: str, sb: Sandbox, sqlite_url: str, tmp_path: Path
+) -> None:
+    """A record aiokafka cannot read (a non-UTF-8 header key, written with kcat) inside the range: the tool
+    must not die with a traceback (it did), nor lose the readable records around it; the record is
+    dead-lettered as ``undecodable_record``, which counts as handled (like any invalid message)."""
+    envs = make_envelopes(6, seed=71)
+    await publish_raw(kafka_bootstrap, topic, records_of(envs[:3]), partition=0)
+    kcat_unreadable(kafka_bootstrap, topic, 0)
+    await publish_raw(kafka_bootstrap, topic, records_of(envs[3:]), partition=0)
+    cli = make_cli(kafka_bootstrap, topic, "live-" + uuid.uuid4().hex[:6], sqlite_url, sb.url, tmp_path)
+
+    code, summary, _, err = await cli("replay", "--partition", "0", "--dry-run", "--json")
+    assert code == 0 and "Traceback" not in err, err
+    assert summary is not None and summary["counts"] == {"new": 6, "invalid": 1}
+    assert summary["invalid_reasons"] == {"undecodable_record": 1}
+
+    code, summary, _, err = await cli("replay", "--partition", "0", "--json")
+    assert code == 0 and "Traceback" not in err, err
+    assert summary is not None and summary["counts"] == {"completed": 6, "invalid": 1}
+    assert effects_for(sb, keys_for(envs)) == dict.fromkeys(keys_for(envs), 1)
+    letters = await read_all(kafka_bootstrap, f"{topic}.dlq")
+    assert [
+        (dict(m.headers)["idv-dlq-reason"], dict(m.headers)["idv-dlq-original-offset"]) for m in letters
+    ] == [(b"undecodable_record", b"3")]
