@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import os
 import sqlite3
 import subprocess
@@ -440,7 +441,8 @@ def _metric_values(text: str) -> dict[str, float]:
 
 
 async def sample_metrics(port: int, out: list[list[float]], every_s: float = 0.25) -> None:
-    """Append ``[time, limit, provider in flight, call seconds sum, calls, 429s, all calls]`` from the
+    """Append ``[time, limit, provider in flight, call seconds sum, calls, 429s, all calls, event-loop lag
+    s]`` from the
     daemon's ``/metrics`` every ``every_s`` until cancelled (errors before it listens are skipped)."""
     url = f"http://127.0.0.1:{port}/metrics"
     async with httpx.AsyncClient(timeout=1.0) as client:
@@ -460,6 +462,7 @@ async def sample_metrics(port: int, out: list[list[float]], every_s: float = 0.2
                         m.get("idv_provider_call_duration_seconds_count", 0.0),
                         m.get('idv_provider_calls_total{status="429"}', 0.0),
                         calls,
+                        m.get("idv_event_loop_lag_seconds", math.nan),
                     ]
                 )
             await asyncio.sleep(every_s)

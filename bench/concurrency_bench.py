@@ -236,6 +236,7 @@ def tables(runs: list[Any], rl: list[dict[str, Any]]) -> tuple[str, list[tuple[s
     lines = []
     head = (
         f"{'lat ms':>6} {'setting':<16} {'msgs':>7} {'msg/s':>7} {'vs best':>7} {'in flight':>9} {'limit end':>9} "
+        f"{'lag ms':>6} "
         f"{'CPU ms/msg':>10} {'RSS MiB':>8} {'p50 ms':>7} {'p99 ms':>7} {'dup':>4} {'load':>5} {'steal':>5}  notes"
     )
     lines += [head, "-" * len(head)]
@@ -251,11 +252,13 @@ def tables(runs: list[Any], rl: list[dict[str, Any]]) -> tuple[str, list[tuple[s
                 label += " *"
             vs = r.msg_per_s / best.msg_per_s if best else math.nan
             end_limit = r.timeline[-1][1] if r.timeline else math.nan
+            lags = [row[7] for row in r.timeline if len(row) > 7 and not math.isnan(row[7])]
+            lag_ms = 1000 * sum(lags) / len(lags) if lags else math.nan
             if r.in_flight and r.in_flight >= 4096:
                 peak_rss = max(peak_rss, r.peak_rss_mib)
             lines.append(
                 f"{lat:>6g} {label:<16} {r.processed:>7,} {_f(r.msg_per_s):>7} {_f(vs * 100) + ' %':>7} "
-                f"{_f(r.mean_in_flight):>9} {_f(end_limit):>9} {_f(r.cpu_ms_per_msg, 2):>10} {_f(r.peak_rss_mib):>8} "
+                f"{_f(r.mean_in_flight):>9} {_f(end_limit):>9} {_f(lag_ms, 1):>6} {_f(r.cpu_ms_per_msg, 2):>10} {_f(r.peak_rss_mib):>8} "
                 f"{_f(r.p50_ms):>7} {_f(r.p99_ms):>7} {r.duplicates:>4} "
                 f"{_f(r.cpu_split.get('other_cores', math.nan), 1):>5} {_f(r.cpu_split.get('steal_cores', math.nan), 2):>5}  "
                 + "; ".join(r.notes)

@@ -26,6 +26,10 @@ Gradient2 with additions:
   ``min(0.9 × limit, 0.9 × goodput × RTT)``, each further one (sent after the cut) removes
   ``refusal_step`` slots; the accepted level is remembered (CUBIC's ``W_max``) and approached slowly,
   forgotten after ``forget_s`` without a 429.
+* **event-loop lag** (:class:`~consumer.looplag.LoopLag`, when given): the daemon's own CPU queue, which
+  the round trip of a slow provider hides. Over ``lag_target_s`` the limit stops growing (slow start
+  holds, no probe); two windows over twice that end slow start and shrink it by 10 % a window, down to
+  the Little's-law level above: past the CPU's saturation more calls in flight make each call dearer.
 
 The token bucket is taken by every request to the provider (:meth:`ProviderGate.take_token`): calls, and
 the read-only lookups and decision reads (consumer/providers/reads.py), which hold no slot.
@@ -44,6 +48,8 @@ from dataclasses import dataclass
 
 import anyio
 
+from consumer.looplag import LoopLag
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -54,7 +60,6 @@ __all__ = [
     "Pacer",
     "ProviderGate",
     "TokenBucket",
-    "raise_fd_limit",
     "sleep_keeping_alive",
 ]
 
@@ -105,6 +110,8 @@ class AdaptiveLimit:
         queue_headroom: float = 2.0,
         refusal_step: float = 2.0,
         damped: bool = True,
+        loop_lag: LoopLag | None = None,
+        lag_target_s: float = 0.025,
         on_change: Callable[[int], None] | None = None,
     ) -> None:
         if not 1 <= floor <= ceiling:
@@ -123,6 +130,8 @@ class AdaptiveLimit:
         self.queue_headroom = queue_headroom
         self.refusal_step = refusal_step
         self.damped = damped
+        self.loop_lag = loop_lag
+        self.lag_target_s = lag_target_s
         self._min_rtt: float | None = None
         self._stalled = 0  # consecutive windows of slow start with no growth left (damped)
         self.on_change = on_change
@@ -143,6 +152,7 @@ class AdaptiveLimit:
         self._last_cut = -math.inf
         self._last_window: float | None = None
         self._congested = 0  # consecutive windows over the latency tolerance
+        self._lagging = 0  # consecutive windows with the event loop over twice lag_target_s
         self._logged = self.limit
 
     def _set(self, value: float, why: str) -> None:
@@ -167,7 +177,7 @@ class AdaptiveLimit:
         if self._w_start is None:
             self._w_start = now
         self.last_rtt = rtt
-        if self.slow_start and self._congested == 0:
+        if self.slow_start and self._congested == 0 and not self._cpu_busy():
             # Slow start: +gain per answer sent with at least 1/(1 + gain) of the limit in use, so the
             # limit grows (1 + gain)x per round trip whatever the timing of the answers; a round trip
             # longer than slow_start_time_s raises the gain with it, so the ramp takes about as long in
@@ -189,6 +199,14 @@ class AdaptiveLimit:
         count, mean, used = self._w_count, self._w_sum / self._w_count, self._w_inflight
         self._w_start, self._w_count, self._w_sum, self._w_inflight = now, 0, 0.0, 0
         self._window(mean, count / elapsed if elapsed > 0 else 0.0, used, now)
+
+    def _cpu_busy(self, factor: float = 1.0) -> bool:
+        lag = self.loop_lag
+        return lag is not None and lag.value > factor * self.lag_target_s
+
+    def _little(self, goodput: float) -> float:
+        """The in-flight level the current throughput needs at the baseline RTT, times the headroom."""
+        return self.queue_headroom * goodput * (self.long_rtt or 0.0)
 
     def _window(self, rtt: float, goodput: float, used: int, now: float) -> None:
         self.rtt = rtt
@@ -232,11 +250,23 @@ class AdaptiveLimit:
                 # headroom (Little's law): when the queue is the daemon's own (CPU-bound, or a loaded
                 # machine), in-flight calls beyond that only add overhead, but fewer would idle the
                 # CPU whenever it gets more of the machine.
-                target = max(target, self.queue_headroom * goodput * self.long_rtt)
+                target = max(target, self._little(goodput))
             if target < limit:
                 self._set(limit + (target - limit) * 0.5, "latency")
             return
         self._congested = 0
+        if self._cpu_busy():
+            # The event loop is late: the CPU, not the provider, is the queue. No growth (slow start
+            # holds); two windows well over the target end slow start and shrink the limit, never below
+            # the Little's-law level (fewer would idle the provider).
+            self._lagging = self._lagging + 1 if self._cpu_busy(2.0) else 0
+            if self._lagging >= 2:
+                self.slow_start = False
+                target = max(limit * 0.9, self._little(goodput))
+                if target < limit:
+                    self._set(target, "event-loop lag")
+            return
+        self._lagging = 0
         if used * 2 < limit or now - self._last_cut < 2 * rtt:
             return  # app-limited (the limit was not tested), or just cut: wait for its effect
         if self.slow_start:
@@ -467,31 +497,3 @@ class ProviderGate:
         self.gate.release()
         if self.controller.limit > before:
             self.gate.wake()
-
-
-def raise_fd_limit(needed: int) -> tuple[int, int]:
-    """Raise RLIMIT_NOFILE's soft limit to the hard limit where allowed; log what was done, and warn
-    once when ``needed`` descriptors (connections for the ceiling plus some) exceed what is allowed.
-    Returns the (soft, hard) limits in force afterwards."""
-    try:
-        import resource
-    except ImportError:  # not on this platform
-        return (-1, -1)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("could not raise the open-files limit from %d to %d: %s", soft, target, exc)
-        else:
-            log.info("open-files limit raised from %d to %d (hard limit)", soft, target)
-            soft = target
-    if soft != resource.RLIM_INFINITY and needed > soft:
-        log.warning(
-            "the provider concurrency ceiling needs about %d file descriptors but only %d are allowed: "
-            "lower IDV_MAX_IN_FLIGHT or raise the hard limit (ulimit -Hn)",
-            needed,
-            soft,
-        )
-    return soft, hard

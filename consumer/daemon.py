@@ -40,7 +40,6 @@ from aiokafka.errors import KafkaError
 
 from consumer import tracing, wiring
 from consumer.commits import CommitSchedule, Committer
-from consumer.concurrency import raise_fd_limit
 from consumer.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -51,10 +50,12 @@ from consumer.errors import (
 )
 from consumer.exits import EXIT_CONFIG, EXIT_OK, EXIT_PROVIDER_AUTH
 from consumer.faults import FaultPoints
+from consumer.fdlimit import raise_fd_limit
 from consumer.fetch import Fetcher
 from consumer.flow import Flow, Partition
 from consumer.gcpolicy import collect_young_forever
 from consumer.health import PartitionProgress, readiness_report, serve_health
+from consumer.looplag import LoopLag
 from consumer.metrics import Metrics
 from consumer.model import Stats
 from consumer.progress_log import CaughtUp, run_summary
@@ -92,11 +93,14 @@ class Daemon:
         self.metrics = Metrics()
         self.progress = PartitionProgress()
         self.store = store or open_store(settings.store_url)
+        self.loop_lag = LoopLag()  # the event loop's lateness: a controller signal and a metric
+        self.metrics.watch_loop_lag(lambda: self.loop_lag.value)
         self.provider = provider or wiring.build_provider(
             settings,
             on_breaker_change=self.metrics.circuit,
             on_attempt=self._on_attempt,
             on_replay=self.metrics.provider_replay,
+            loop_lag=self.loop_lag,
         )
         self.provider.on_reconcile = self.metrics.reconciliation
         # Refuse to start when a key could be resent after the provider forgot it (names the window).
@@ -259,6 +263,7 @@ class Daemon:
                         wfs, retention = self.workflows.store, self.settings.retention_s
                         tg.start_soon(purge_forever, self.store, every, wfs, retention)
                     tg.start_soon(collect_young_forever)
+                    tg.start_soon(self.loop_lag.run_forever)
                     if self.poller is not None:
                         tg.start_soon(self.poller.run_forever)
                     await self._fetch_loop()

@@ -71,6 +71,7 @@ METRIC_NAMES = (
     "idv_store_operation_duration_seconds",
     "idv_circuit_breaker_state",
     "idv_concurrency_limit",
+    "idv_event_loop_lag_seconds",
     "idv_provider_in_flight",
 )
 
@@ -255,6 +256,12 @@ class Metrics:
             "IDV_MAX_IN_FLIGHT).",
             registry=r,
         )
+        self._loop_lag = Gauge(
+            "idv_event_loop_lag_seconds",
+            "How late a 50-ms timer fires on the daemon's event loop (smoothed): time a ready callback "
+            "waits for the CPU. Tens of milliseconds: the daemon is CPU-bound.",
+            registry=r,
+        )
         self._provider_in_flight = Gauge(
             "idv_provider_in_flight",
             "Provider attempts in flight now (holding a concurrency slot).",
@@ -324,6 +331,10 @@ class Metrics:
         """Read the concurrency limit and the attempts in flight at scrape time (no hot-path cost)."""
         self._concurrency_limit.set_function(limit)
         self._provider_in_flight.set_function(in_flight)
+
+    def watch_loop_lag(self, lag: Callable[[], float]) -> None:
+        """Read the event-loop lag at scrape time (consumer/looplag.py)."""
+        self._loop_lag.set_function(lag)
 
     # -- offsets -------------------------------------------------------------------------------------
 

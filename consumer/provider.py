@@ -52,6 +52,7 @@ from consumer.errors import (
     RetriesExhausted,
 )
 from consumer.exchange import ProviderExchange
+from consumer.looplag import LoopLag
 from consumer.providers.base import PreparedCall, ProviderAdapter, adapter_from_settings
 from consumer.providers.calls import (
     TRANSPORT_KINDS,
@@ -142,9 +143,10 @@ class ProviderClient(ProviderExchange, ReadCalls):
         on_attempt: Callable[[int | None, float], None] | None = None,
         on_replay: Callable[[], None] | None = None,
         on_reconcile: Callable[[str], None] | None = None,
+        loop_lag: LoopLag | None = None,
     ) -> ProviderClient:
         """The client the daemon and the replay tool use: settings' profile (``IDV_PROVIDER``), timeouts,
-        retries, pool and breaker."""
+        retries, pool and breaker; ``loop_lag`` feeds the adaptive concurrency controller (the daemon's)."""
         return cls(
             settings.provider_url,
             settings.provider_api_key,
@@ -159,7 +161,7 @@ class ProviderClient(ProviderExchange, ReadCalls):
             on_attempt=on_attempt,
             transport_kind=settings.provider_transport,
             retry_after_max_s=settings.provider_retry_after_max_s,
-            gate=gate_from_settings(settings),
+            gate=gate_from_settings(settings, loop_lag),
             on_replay=on_replay,
             adapter=adapter_from_settings(settings),
             on_reconcile=on_reconcile,

@@ -28,6 +28,7 @@ from aiokafka.structs import ConsumerRecord
 from consumer.breaker import BreakerState
 from consumer.errors import BrokerUnavailable, ConfigurationError, ConsumerError
 from consumer.faults import FaultPoints
+from consumer.looplag import LoopLag
 from consumer.pipeline import Processor, Stats
 from consumer.provider import ProviderClient
 from consumer.security import check_kafka_connection
@@ -67,10 +68,15 @@ def build_provider(
     on_breaker_change: Callable[[BreakerState], None] | None = None,
     on_attempt: Callable[[int | None, float], None] | None = None,
     on_replay: Callable[[], None] | None = None,
+    loop_lag: LoopLag | None = None,
 ) -> ProviderClient:
     """The provider client: the settings' timeouts, retries, connection pool and circuit breaker."""
     return ProviderClient.from_settings(
-        settings, on_breaker_change=on_breaker_change, on_attempt=on_attempt, on_replay=on_replay
+        settings,
+        on_breaker_change=on_breaker_change,
+        on_attempt=on_attempt,
+        on_replay=on_replay,
+        loop_lag=loop_lag,
     )
 
 

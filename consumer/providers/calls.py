@@ -12,6 +12,7 @@ import httpx
 
 from consumer.concurrency import AdaptiveLimit, FixedLimit, ProviderGate, TokenBucket
 from consumer.errors import ConfigurationError
+from consumer.looplag import LoopLag
 from consumer.model import Outcome
 
 if TYPE_CHECKING:
@@ -93,15 +94,17 @@ def make_transport(kind: str, limits: httpx.Limits) -> httpx.AsyncBaseTransport:
     )
 
 
-def gate_from_settings(settings: Settings) -> ProviderGate:
+def gate_from_settings(settings: Settings, loop_lag: LoopLag | None = None) -> ProviderGate:
     """``IDV_CONCURRENCY`` (adaptive between ``IDV_CONCURRENCY_MIN`` and ``IDV_MAX_IN_FLIGHT``, or
-    fixed at ``IDV_MAX_IN_FLIGHT``) and ``IDV_PROVIDER_RATE_LIMIT`` / ``_BURST`` (0 = no rate limit)."""
+    fixed at ``IDV_MAX_IN_FLIGHT``) and ``IDV_PROVIDER_RATE_LIMIT`` / ``_BURST`` (0 = no rate limit).
+    ``loop_lag``: the daemon's event-loop lag, a signal for the adaptive controller (None: not used)."""
     ceiling = settings.max_in_flight
     controller: AdaptiveLimit | FixedLimit
     if settings.concurrency == "fixed":
         controller = FixedLimit(ceiling)
     else:
-        controller = AdaptiveLimit(floor=min(settings.concurrency_min, ceiling), ceiling=ceiling)
+        floor = min(settings.concurrency_min, ceiling)
+        controller = AdaptiveLimit(floor=floor, ceiling=ceiling, loop_lag=loop_lag)
     bucket = None
     if settings.provider_rate_limit > 0:
         burst = settings.provider_rate_burst or max(1.0, settings.provider_rate_limit / 10)

@@ -8,6 +8,7 @@ tests on the real sandbox over HTTP: the limit backs off on 429 and opens up on 
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -22,9 +23,10 @@ from consumer.concurrency import (
     Pacer,
     ProviderGate,
     TokenBucket,
-    raise_fd_limit,
 )
 from consumer.errors import RetriesExhausted
+from consumer.fdlimit import raise_fd_limit
+from consumer.looplag import LoopLag
 from consumer.provider import ProviderClient, RetryPolicy, gate_from_settings
 from consumer.settings import Settings
 from producer.envelope import OPERATIONS
@@ -144,6 +146,72 @@ def test_a_stalled_ramp_ends_slow_start() -> None:
     assert c.slow_start
     t = feed(c, t, 0.27, 1)
     assert not c.slow_start
+
+
+def cpu_bound_round(c: AdaptiveLimit, t: float, rtt: float, rate: float) -> float:
+    """One round trip of a CPU-bound daemon: every slot taken, but only ``rate`` answers per second."""
+    n = max(1, int(rate * rtt))
+    for i in range(n):
+        c.sample(rtt, c.limit, t + rtt * (i + 1) / n)
+    return t + rtt
+
+
+def test_event_loop_lag_stops_growth_and_over_twice_its_target_shrinks_to_the_littles_law_level() -> None:
+    # A slow provider (500 ms) and a CPU-bound daemon (1,000 answers/s whatever the limit): the round trip
+    # stays flat, so the gradient sees nothing; the event loop is late.
+    lag = LoopLag()
+    ramp = AdaptiveLimit(floor=8, ceiling=4096, initial=64, loop_lag=lag)
+    lag.value = 0.03  # over the 25-ms target from the start: slow start holds
+    round_trip(ramp, 0.0, 0.5)
+    assert ramp.limit == 64 and ramp.slow_start
+    lag.value = 0.0
+    round_trip(ramp, 0.5, 0.5)
+    assert ramp.limit == 64 * 9  # on time: slow start as before
+
+    c = AdaptiveLimit(floor=8, ceiling=4096, initial=3000, loop_lag=lag)
+    lag.value = 0.03  # over the target: no growth
+    t = 0.0
+    for _ in range(6):
+        t = cpu_bound_round(c, t, 0.5, 1000)
+    assert c.limit == 3000 and c.slow_start
+    lag.value = 0.06  # over twice the target: slow start ends, -10 % a window, down to 2 x 1,000/s x 0.5 s
+    t = cpu_bound_round(c, t, 0.5, 1000)
+    assert c.limit == 3000  # one window is not enough
+    for _ in range(40):
+        t = cpu_bound_round(c, t, 0.5, 1000)
+    assert 990 <= c.limit <= 1100 and not c.slow_start
+    lag.value = 0.0  # the loop keeps up again: probing resumes
+    low = c.limit
+    for _ in range(5):
+        t = cpu_bound_round(c, t, 0.5, 1000)
+    assert c.limit > low
+
+    free = AdaptiveLimit(floor=8, ceiling=4096, initial=3000)  # the same answers, no lag signal
+    t = feed(free, 0.0, 0.5, 1)
+    for _ in range(10):
+        t = cpu_bound_round(free, t, 0.5, 1000)
+    assert free.limit > 3000
+
+
+def test_loop_lag_smooths_lateness_and_keeps_the_peak() -> None:
+    lag = LoopLag(interval_s=0.05, halflife_s=0.5)
+    lag.observe(0.2, 0.5)  # one half-life: half way to 200 ms
+    assert lag.value == pytest.approx(0.1)
+    lag.observe(-0.001, 0.05)  # early (clock jitter) counts as on time
+    assert 0.09 < lag.value < 0.1
+    assert lag.take_peak() == pytest.approx(0.2) and lag.take_peak() == 0.0
+
+
+@pytest.mark.anyio
+async def test_loop_lag_sees_a_blocked_event_loop() -> None:
+    lag = LoopLag(interval_s=0.01, halflife_s=0.05)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lag.run_forever)
+        await anyio.sleep(0.05)
+        time.sleep(0.3)  # noqa: ASYNC251 - the point: the loop is blocked
+        await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    assert lag.take_peak() >= 0.25
 
 
 def test_slow_start_paces_sends_and_stops_pacing_at_the_ceiling() -> None:
