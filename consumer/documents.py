@@ -44,13 +44,14 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import io
 import os
 import stat
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, TypeVarTuple, runtime_checkable
 
 import anyio
 
@@ -70,6 +71,7 @@ __all__ = [
     "LOCAL_SCHEME",
     "REFERENCE_KEY",
     "SNIFF_BYTES",
+    "THREADS",
     "Document",
     "DocumentError",
     "DocumentSource",
@@ -90,7 +92,12 @@ REFERENCE_KEY = DOCUMENT_KEY
 LOCAL_SCHEME = "local"
 #: Bytes per read: a local file is never in memory whole, only one chunk of it at a time.
 CHUNK_SIZE = 64 * 1024
+#: Worker threads one :class:`LocalDocumentSource` uses at most at once (its filesystem calls).
+THREADS = 8
 DOCUMENT_REASONS = ("document_missing", "document_unreadable", "document_too_large")
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 
 class DocumentError(ConsumerError):
@@ -207,11 +214,17 @@ class LocalDocumentSource:
 
     The path is resolved (symlinks followed) and must stay under the resolved root; the file is then
     opened without following a last symlink (``O_NOFOLLOW``), so a swap between the check and the open
-    cannot lead outside either. Reads go through a worker thread, :data:`CHUNK_SIZE` bytes at a time."""
+    cannot lead outside either. Every filesystem call (the resolve, open, stat, each read of
+    :data:`CHUNK_SIZE` bytes, close) runs in a worker thread, never on the event loop; the source's own
+    ``limiter`` (``threads`` tokens) bounds how many run at once, so thousands of messages opening documents
+    together wait for a token instead of each taking a thread."""
 
-    def __init__(self, root: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES, threads: int = THREADS
+    ) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
+        self.limiter = anyio.CapacityLimiter(threads)
 
     def _path(self, uri: str, field: str) -> Path:
         def refuse(why: str) -> DocumentError:
@@ -268,25 +281,38 @@ class LocalDocumentSource:
         finally:
             os.close(fd)
 
-    async def open(self, uri: str, field: str) -> Document:
+    def _check(self, uri: str, field: str) -> tuple[Path, int, bytes]:
+        """The blocking part of :meth:`open` (run in a worker thread): the checked path, size, first bytes."""
         path = self._path(uri, field)
-        size, head = await anyio.to_thread.run_sync(self._stat, path, field)
+        return (path, *self._stat(path, field))
+
+    def _open_file(self, path: Path) -> io.BufferedReader:
+        return open(path, "rb", opener=_nofollow)  # closed by the reader, in a worker thread too
+
+    async def _in_thread(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    async def open(self, uri: str, field: str) -> Document:
+        path, size, head = await self._in_thread(self._check, uri, field)
         kind = content_type_of(head, field)
 
         async def read() -> AsyncIterator[bytes]:
             try:
-                fh = await anyio.open_file(path, "rb", opener=_nofollow)
+                fh = await self._in_thread(self._open_file, path)
             except OSError as exc:
                 raise _local_error(exc, field) from None
-            async with fh:
+            try:
                 while True:
                     try:
-                        chunk = await fh.read(CHUNK_SIZE)
+                        chunk = await self._in_thread(fh.read, CHUNK_SIZE)
                     except OSError as exc:
                         raise _local_error(exc, field) from None
                     if not chunk:
                         return
                     yield chunk
+            finally:
+                with anyio.CancelScope(shield=True):  # a cancelled stream still closes its file
+                    await self._in_thread(fh.close)
 
         return make_document(field, kind, size, read)
 

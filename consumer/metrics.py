@@ -34,6 +34,7 @@ __all__ = [
     "METRIC_NAMES",
     "OUTCOME_STATUSES",
     "PROVIDER_LATENCY_BUCKETS",
+    "RECONCILIATIONS",
     "STORE_LATENCY_BUCKETS",
     "Metrics",
 ]
@@ -49,6 +50,8 @@ OUTCOME_STATUSES = frozenset(
     {"approved", "declined", "review", "created", "abandoned", "expired", "failed", "unknown"}
 )
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "half-open": 1, "open": 2}
+#: Results of a lookup before a resend (``idv_reconciliations``), in the order their series are created.
+RECONCILIATIONS = ("found", "not_found", "in_doubt")
 
 # Provider calls: a fast sandbox answers in ~5 ms, a slow real one in seconds, the timeout is 10-30 s.
 PROVIDER_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0)
@@ -219,8 +222,6 @@ class Metrics:
             ("result",),
             registry=r,
         )
-        for result in ("found", "not_found", "in_doubt"):
-            self._reconciliations.labels(result)
         self._in_flight = Gauge(
             "idv_messages_in_flight",
             "Messages between fetch and done, running or waiting behind their key (max IDV_MAX_BUFFERED).",
@@ -275,6 +276,9 @@ class Metrics:
         self._committed_children = _Children(self._committed, _topic_partition)
         self._lag_children = _Children(self._lag, _topic_partition)
         self._store_children = _Children(self._store_latency, lambda op: (op,))
+        self._reconciliation_children = _Children(self._reconciliations, lambda result: (result,))
+        for result in RECONCILIATIONS:  # every series from the start, at 0
+            self._reconciliation_children(result)
 
     # -- messages ------------------------------------------------------------------------------------
 
@@ -317,7 +321,9 @@ class Metrics:
         self._provider_replays.inc()
 
     def reconciliation(self, result: str) -> None:
-        self._reconciliations.labels(result if result in ("found", "not_found", "in_doubt") else _OTHER).inc()
+        """One lookup of an earlier attempt: ``found``, ``not_found`` or ``in_doubt``; anything else counts
+        as ``other`` (the cache is keyed by the counted label, so it never grows from data)."""
+        self._reconciliation_children(result if result in RECONCILIATIONS else _OTHER).inc()
 
     def circuit(self, state: int | str) -> None:
         """Circuit-breaker state: 0/'closed', 1/'half_open', 2/'open' (a ``BreakerState`` works as is,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit, urlunsplit
 
 from consumer.errors import ConfigurationError
 from consumer.store.base import Claim, ClaimStatus, DedupeStore, Outcome, Record, State
 
 __all__ = [
+    "POSTGRES_SCHEMES",
     "Claim",
     "ClaimStatus",
     "DedupeStore",
@@ -17,7 +18,19 @@ __all__ = [
     "open_store",
     "redact",
     "redact_url",
+    "sqlite_target",
 ]
+
+#: The URL schemes of a PostgreSQL store (the dedupe store's and the workflow store's).
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def sqlite_target(parts: SplitResult) -> tuple[str, str]:
+    """A ``sqlite:`` store URL's file path and ``?synchronous=`` mode (``FULL`` unless given), for the
+    dedupe store and the workflow store alike: ``sqlite:///rel.db`` is ``rel.db``, ``sqlite:////abs.db``
+    is ``/abs.db``, ``sqlite:///:memory:`` is ``:memory:``. Checks nothing: the callers do."""
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    return path, parse_qs(parts.query).get("synchronous", ["FULL"])[0]
 
 
 def redact_url(url: str) -> str:
@@ -65,17 +78,16 @@ def open_store(url: str) -> DedupeStore:
     except ValueError as exc:
         raise ConfigurationError(f"invalid store URL {redact_url(url)}: {redact(str(exc), url)}") from None
     if parts.scheme == "sqlite":
-        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        path, synchronous = sqlite_target(parts)
         if not path:
             raise ConfigurationError(f"SQLite store URL has no path: {redact_url(url)!r}")
-        query = parse_qs(parts.query)
         from consumer.store.sqlite import SqliteStore
 
         try:
-            return SqliteStore(path, synchronous=query.get("synchronous", ["FULL"])[0])
+            return SqliteStore(path, synchronous=synchronous)
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
-    if parts.scheme in ("postgresql", "postgres"):
+    if parts.scheme in POSTGRES_SCHEMES:
         try:
             from consumer.store.postgres import PostgresStore  # type: ignore[import-not-found,unused-ignore]
         except ImportError as exc:

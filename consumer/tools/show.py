@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -31,6 +31,7 @@ from consumer.errors import ReplayRefused
 from consumer.keys import idempotency_key, key_hash
 from consumer.settings import Settings
 from consumer.store import Record, open_store
+from consumer.timefmt import iso, iso_or_none
 from consumer.tools.dlq import entry_of
 from consumer.tools.report import iso_ms
 from consumer.tools.runner import _sqlite_file_missing, open_consumer
@@ -42,12 +43,6 @@ from producer.envelope import HEADER_MESSAGE_ID, OPERATIONS
 __all__ = ["Story", "show"]
 
 _MAX_DECODE_BYTES = 4 * 1024 * 1024  # a dead letter bigger than this is matched by its header only
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _header(msg: ConsumerRecord, name: str) -> str | None:
@@ -78,15 +73,15 @@ def _record_json(record: Record, generation: int) -> dict[str, Any]:
         "state": record.state.value,
         "attempts": record.attempts,
         "owner": record.owner,
-        "lease_until": _iso(record.lease_until),
+        "lease_until": iso_or_none(record.lease_until),
         "last_error": record.last_error,
         "outcome_status": outcome.status if outcome else None,
         "http_status": outcome.http_status if outcome else None,
         "provider_reference": outcome.provider_reference if outcome else None,
         "outcome_detail": outcome.detail if outcome else None,
-        "created_at": _iso(record.created_at),
-        "updated_at": _iso(record.updated_at),
-        "expires_at": _iso(record.expires_at),
+        "created_at": iso_or_none(record.created_at),
+        "updated_at": iso_or_none(record.updated_at),
+        "expires_at": iso_or_none(record.expires_at),
     }
 
 
@@ -178,7 +173,7 @@ async def _records(settings: Settings, story: Story, operations: Sequence[str]) 
                 {
                     "key_hash": key_hash(str(c["key"])),
                     "source": c.get("source"),
-                    "seen_at": _iso(seen)
+                    "seen_at": iso(seen)
                     if isinstance(seen, int | float)
                     else (seen.isoformat() if isinstance(seen, datetime) else seen),
                 }

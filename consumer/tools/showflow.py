@@ -9,7 +9,6 @@ outbox (revision, kind, status, the position whose handling wrote them). Never p
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -17,16 +16,11 @@ import orjson
 from consumer.keys import key_hash
 from consumer.settings import Settings
 from consumer.store import DedupeStore
+from consumer.timefmt import iso_or_none
 from consumer.workflows.model import FINAL_STATES, Step, generation_id, step_key
 from consumer.workflows.store import open_workflow_store
 
 __all__ = ["workflow_story", "workflow_text"]
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def workflow_story(settings: Settings, records: DedupeStore, message_id: str) -> dict[str, Any] | None:
@@ -80,25 +74,25 @@ async def workflow_story(settings: Settings, records: DedupeStore, message_id: s
         "decision_status": wf.decision_status,
         "decision_source": wf.decision_source,
         "latest_status": wf.latest_status,
-        "latest_provider_ts": _iso(wf.latest_ts),
+        "latest_provider_ts": iso_or_none(wf.latest_ts),
         "aml_status": wf.aml_status,
         "aml_reference": wf.aml_ref,
         "revision": wf.revision,
         "polls": wf.polls,
-        "next_poll": _iso(wf.due_at),
-        "deadline": _iso(wf.deadline),
-        "created_at": _iso(wf.created_at),
-        "updated_at": _iso(wf.updated_at),
+        "next_poll": iso_or_none(wf.due_at),
+        "deadline": iso_or_none(wf.deadline),
+        "created_at": iso_or_none(wf.created_at),
+        "updated_at": iso_or_none(wf.updated_at),
         "step_records": steps,
         "generations": generations,
         "events": [
             {
                 "type": e["webhook_type"],
                 "status": e["status"],
-                "provider_ts": _iso(e["provider_ts"]),
+                "provider_ts": iso_or_none(e["provider_ts"]),
                 "applied_by": e["source"],
                 "effect": e["effect"] or "pending",
-                "received_at": _iso(e["received_at"]),
+                "received_at": iso_or_none(e["received_at"]),
             }
             for e in events
         ],  # fmt: skip

@@ -11,11 +11,11 @@ publishes the same bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import orjson
 
 from consumer.keys import key_hash
+from consumer.timefmt import iso_or_none
 from consumer.workflows.model import FINAL_STATES, OPEN_STATES, Event, Workflow, WState, precedence
 
 __all__ = [
@@ -54,12 +54,6 @@ class Change:
     new: Workflow
     results: tuple[Result, ...] = ()
     effect: str = "applied"
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _newer(ev: Event, wf: Workflow) -> bool:
@@ -109,12 +103,12 @@ def result_body(wf: Workflow, revision: int, reason: str) -> bytes:
                     "status": wf.decision_status,
                     "source": wf.decision_source,
                     "latest_status": wf.latest_status,
-                    "provider_timestamp": _iso(wf.latest_ts),
+                    "provider_timestamp": iso_or_none(wf.latest_ts),
                 },
                 "aml": aml,
             },
             "polls": wf.polls,
-            "first_seen_at": _iso(wf.created_at),
+            "first_seen_at": iso_or_none(wf.created_at),
         }
     )
 
@@ -136,7 +130,7 @@ def session_result(wf: Workflow, url: str | None, source: str) -> Result:
             "session_id": wf.session_id,
             "session_url": url,
             "key_hash": key_hash(wf.session_key),
-            "first_seen_at": _iso(wf.created_at),
+            "first_seen_at": iso_or_none(wf.created_at),
         }
     )
     return Result(wf.message_id, 0, source, wf.subject_id.encode(), body)

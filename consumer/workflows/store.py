@@ -253,16 +253,17 @@ class WorkflowStore(Durable):
 def open_workflow_store(url: str) -> WorkflowStore:
     """The workflow store beside the dedupe store at ``url`` (same scheme rules as
     :func:`consumer.store.open_store`)."""
-    from urllib.parse import parse_qs, urlsplit
+    from urllib.parse import urlsplit
+
+    from consumer.store import POSTGRES_SCHEMES, sqlite_target
 
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
         from consumer.workflows.sqlite import SqliteWorkflowStore
 
-        path = parts.path[1:] if parts.path.startswith("/") else parts.path
-        sync = parse_qs(parts.query).get("synchronous", ["FULL"])[0]
+        path, sync = sqlite_target(parts)
         return SqliteWorkflowStore(path, synchronous=sync)
-    if parts.scheme in ("postgresql", "postgres"):
+    if parts.scheme in POSTGRES_SCHEMES:
         from consumer.workflows.postgres import PostgresWorkflowStore
 
         return PostgresWorkflowStore(url)

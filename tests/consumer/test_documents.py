@@ -4,10 +4,13 @@ files in a temporary directory, and an aiohttp.web document store on loopback.""
 from __future__ import annotations
 
 import base64
+import io
 import os
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import anyio
 import pytest
 from PIL import Image
 
@@ -238,6 +241,99 @@ async def test_a_document_that_changes_after_open_fails_its_stream(root: Path) -
     assert info.value.reason == "document_missing"
     path.write_bytes(data)
     assert (await read_all(doc))[0] == data
+
+
+class _ThreadProbe(LocalDocumentSource):
+    """The real local source, noting which thread runs each of its blocking parts (the checked open, the
+    file's open, every read and the close). ``hold`` (optional) is called inside the checked open."""
+
+    def __init__(self, root: Path, *, threads: int = 8, hold: Callable[[], None] | None = None) -> None:
+        super().__init__(root, threads=threads)
+        self.seen: dict[str, set[int]] = {"check": set(), "open": set(), "read": set(), "close": set()}
+        self.hold = hold
+
+    def _check(self, uri: str, field: str) -> tuple[Path, int, bytes]:
+        self.seen["check"].add(threading.get_ident())
+        if self.hold is not None:
+            self.hold()
+        return super()._check(uri, field)
+
+    def _open_file(self, path: Path) -> io.BufferedReader:
+        self.seen["open"].add(threading.get_ident())
+        probe = self
+
+        class Noted(io.BufferedReader):
+            def read(self, size: int | None = -1, /) -> bytes:
+                probe.seen["read"].add(threading.get_ident())
+                return super().read(size)
+
+            def close(self) -> None:
+                probe.seen["close"].add(threading.get_ident())
+                super().close()
+
+        return Noted(super()._open_file(path).detach())  # the source's own open, its reads noted
+
+
+async def test_local_filesystem_work_runs_in_worker_threads_not_on_the_loop(root: Path) -> None:
+    loop_thread = threading.get_ident()
+    entered, release = threading.Event(), threading.Event()
+    released: list[bool] = []
+
+    def hold() -> None:  # set by a task on the event loop: only reachable while the loop is free
+        entered.set()
+        released.append(release.wait(timeout=10))
+
+    source = _ThreadProbe(root, hold=hold)
+    opened: list[Document] = []
+
+    async def open_front() -> None:
+        opened.append(await source.open("local:front.jpg", "front_image"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(open_front)
+        with anyio.fail_after(10):
+            while not entered.is_set():
+                await anyio.sleep(0.005)
+        release.set()
+    assert released == [True]  # the loop ran this task while the open was inside its blocking part
+    data, _ = await read_all(opened[0])
+    assert sha256(data) == sha256((root / "front.jpg").read_bytes())
+    for part, threads in source.seen.items():
+        assert threads, part
+        assert loop_thread not in threads, part
+
+
+async def test_local_filesystem_work_is_bounded_by_the_sources_limiter(root: Path) -> None:
+    lock, go = threading.Lock(), threading.Event()
+    active, peak = [0], [0]
+
+    def hold() -> None:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        go.wait(timeout=10)
+        with lock:
+            active[0] -= 1
+
+    source = _ThreadProbe(root, threads=2, hold=hold)
+    kinds: list[str] = []
+
+    async def open_front() -> None:
+        kinds.append((await source.open("local:front.jpg", "front_image")).content_type)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(open_front)
+        with anyio.fail_after(10):
+            while not (
+                source.limiter.statistics().borrowed_tokens == 2
+                and source.limiter.statistics().tasks_waiting == 8
+                and active[0] == 2
+            ):
+                await anyio.sleep(0.005)
+        assert peak[0] == 2  # ten opens at once, two in threads, eight waiting for a token
+        go.set()
+    assert kinds == ["image/jpeg"] * 10 and peak[0] == 2
 
 
 # -- the HTTP source --------------------------------------------------------------------------------------

@@ -54,6 +54,26 @@ def test_unexpected_label_values_collapse_into_other_instead_of_growing_series()
     assert finished == {("idv_messages_finished_total", (("disposition", "other"), ("status", "other"))): 2.0}
 
 
+def test_reconciliations_by_result_from_zero_and_unknown_results_as_other() -> None:
+    m = Metrics()
+    for result in ("found", "not_found", "in_doubt"):  # every series exists before the first lookup
+        assert value(m, "idv_reconciliations_total", result=result) == 0
+    m.reconciliation("found")
+    m.reconciliation("found")
+    m.reconciliation("in_doubt")
+    for n in range(50):
+        m.reconciliation(f"surprise-{n}")
+    counted = {k[1]: v for k, v in samples(m).items() if k[0] == "idv_reconciliations_total"}
+    assert counted == {
+        (("result", "found"),): 2.0,
+        (("result", "not_found"),): 0.0,
+        (("result", "in_doubt"),): 1.0,
+        (("result", "other"),): 50.0,
+    }
+    # The cached children are keyed by the counted label: fifty unknown results are one child, not fifty.
+    assert sorted(m._reconciliation_children._children) == ["found", "in_doubt", "not_found", "other"]
+
+
 def test_dead_letters_by_reason() -> None:
     m = Metrics()
     m.dead_letter("too_large")

@@ -10,8 +10,14 @@ from pathlib import Path
 import anyio
 import pytest
 
+from consumer.errors import ConfigurationError
+from consumer.store import open_store
+from consumer.store.postgres import PostgresStore
+from consumer.store.sqlite import SqliteStore
 from consumer.workflows.model import Event, IllegalTransition, Workflow, WState, step_key
+from consumer.workflows.postgres import PostgresWorkflowStore
 from consumer.workflows.rules import Change, Result, finalize, on_event
+from consumer.workflows.sqlite import SqliteWorkflowStore
 from consumer.workflows.store import WorkflowStore, WriteStatus, open_workflow_store
 from tests.consumer.conftest import backend_url
 
@@ -22,6 +28,36 @@ pytestmark = pytest.mark.anyio
 async def wstore(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[WorkflowStore]:
     async with backend_url(request.param, tmp_path, "wf") as url, open_workflow_store(url) as store:
         yield store
+
+
+@pytest.mark.parametrize(
+    ("url", "path", "synchronous"),
+    [
+        ("sqlite:///run/dedupe.db", "run/dedupe.db", "FULL"),
+        ("sqlite:////var/lib/idv/dedupe.db?synchronous=NORMAL", "/var/lib/idv/dedupe.db", "NORMAL"),
+        ("sqlite:///:memory:", ":memory:", "FULL"),
+        ("sqlite:///a.db?synchronous=off&x=1", "a.db", "OFF"),
+    ],
+)
+def test_the_workflow_store_reads_a_sqlite_url_as_the_dedupe_store_does(
+    url: str, path: str, synchronous: str
+) -> None:
+    records, workflows = open_store(url), open_workflow_store(url)
+    assert isinstance(records, SqliteStore) and isinstance(workflows, SqliteWorkflowStore)
+    assert records.path == workflows.path == path
+    assert records.synchronous == workflows.synchronous == synchronous
+
+
+def test_the_workflow_store_takes_the_same_postgres_schemes_and_refuses_others() -> None:
+    for url in ("postgresql://u:p@127.0.0.1:5432/idv", "postgres://u:p@127.0.0.1:5432/idv"):
+        assert isinstance(open_store(url), PostgresStore)
+        workflows = open_workflow_store(url)
+        assert isinstance(workflows, PostgresWorkflowStore) and workflows.url == url
+    for url in ("mysql://u@h/db", "redis://h:6379/0"):
+        with pytest.raises(ConfigurationError, match="unsupported store URL scheme"):
+            open_store(url)
+        with pytest.raises(ConfigurationError, match="unsupported store URL scheme"):
+            open_workflow_store(url)
 
 
 def new_workflow(mid: str | None = None, *, steps: str = "session,decision,aml") -> Workflow:
