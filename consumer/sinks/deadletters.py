@@ -10,7 +10,6 @@ partition moves on.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka.structs import ConsumerRecord
@@ -19,10 +18,11 @@ from consumer import tracing
 from consumer.dlqcrypto import DeadLetterCipher, seal_dead_letter
 from consumer.model import DeadLetter
 from consumer.sinks.producers import Producers, Unwritable
+from consumer.timefmt import iso
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DLQ_HEADERS", "DeadLetterWriter", "dead_letter_headers", "iso"]
+__all__ = ["DLQ_HEADERS", "DeadLetterWriter", "dead_letter_headers"]
 
 H_REASON = "idv-dlq-reason"
 H_DETAIL = "idv-dlq-detail"
@@ -44,10 +44,6 @@ DLQ_HEADERS = (
     H_FIRST_FAILURE,
     H_ATTEMPTS,
 )
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def dead_letter_headers(

@@ -23,9 +23,10 @@ from aiokafka.structs import ConsumerRecord
 from consumer import tracing
 from consumer.model import DeadLetter
 from consumer.sinks import producers
-from consumer.sinks.deadletters import DeadLetterWriter, iso
+from consumer.sinks.deadletters import DeadLetterWriter
 from consumer.sinks.producers import SEQUENCE_ERRORS, Unwritable, is_retriable
 from consumer.store.base import Record
+from consumer.timefmt import iso
 
 log = logging.getLogger(__name__)
 
