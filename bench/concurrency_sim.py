@@ -39,7 +39,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from consumer.concurrency import AdaptiveLimit, FixedLimit, Pacer
+from consumer.concurrency import AdaptiveLimit, FixedLimit
+from consumer.pacing import Pacer
 
 SWEEP = (128, 512, 1024, 2048, 4096)
 PHASES = [(0.0, 500.0), (10.0, 250.0), (20.0, 500.0)]

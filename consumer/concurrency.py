@@ -45,10 +45,12 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 
 from consumer.looplag import LoopLag
+from consumer.pacing import Pacer, TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +58,9 @@ __all__ = [
     "AdaptiveLimit",
     "ConcurrencyGate",
     "FixedLimit",
+    "HasLimit",
     "LimitController",
-    "Pacer",
     "ProviderGate",
-    "TokenBucket",
     "sleep_keeping_alive",
 ]
 
@@ -320,10 +321,15 @@ class _Waiter:
     granted: bool = False
 
 
+class HasLimit(Protocol):
+    @property
+    def limit(self) -> int: ...
+
+
 class ConcurrencyGate:
     """A FIFO semaphore whose size is ``controller.limit`` (read on every release and acquire)."""
 
-    def __init__(self, controller: LimitController) -> None:
+    def __init__(self, controller: HasLimit) -> None:
         self.controller = controller
         self.in_flight = 0
         self._waiters: deque[_Waiter] = deque()
@@ -370,54 +376,6 @@ class ConcurrencyGate:
             waiter.granted = True
             self.in_flight += 1
             waiter.event.set()
-
-
-class TokenBucket:
-    """Client-side rate limit: ``rate`` attempts per second, ``burst`` at once; FIFO by reservation.
-
-    :meth:`reserve` takes a token now or books the next one (tokens may go negative), so callers are
-    served in the order they asked, whichever partition they belong to; it returns the wait.
-    """
-
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("need rate > 0 and burst >= 1")
-        self.rate = rate
-        self.burst = float(burst)
-        self.clock = clock
-        self.tokens = float(burst)
-        self._updated = clock()
-
-    def reserve(self) -> float:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self._updated) * self.rate)
-        self._updated = now
-        self.tokens -= 1.0
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
-
-    def cancel(self) -> None:
-        """A reserved token was not used (the waiter was cancelled): give it back."""
-        self.tokens = min(self.burst, self.tokens + 1.0)
-
-
-class Pacer:
-    """Spaces sends ``interval`` seconds apart, first come first served (reservations, like
-    :class:`TokenBucket`). The interval is read at each reservation; when it shrinks (the limit grew)
-    the queue already booked is re-timed to it, so that a burst of reservations made at a small limit
-    does not hold back the sends of a larger one."""
-
-    def __init__(self) -> None:
-        self._next = -math.inf
-        self._interval = 0.0
-
-    def reserve(self, now: float, interval: float) -> float:
-        """Book the next send; returns how long to wait for it."""
-        backlog = max(0.0, self._next - now)
-        if 0 < interval < self._interval:
-            backlog *= interval / self._interval
-        self._interval = interval
-        self._next = now + backlog + interval
-        return backlog
 
 
 async def sleep_keeping_alive(sleep: Sleep, delay: float, keep_alive: KeepAlive, every: float) -> None:

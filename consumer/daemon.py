@@ -39,7 +39,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from consumer import tracing, wiring
+from consumer.admission import Admission
 from consumer.commits import CommitSchedule, Committer
+from consumer.concurrency import AdaptiveLimit
 from consumer.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -156,7 +158,15 @@ class Daemon:
             self.flow, self.processor, self.sinks, self.metrics, self.progress, self.commits,
             accepting=lambda: not self._stopping and not self._abandon and self.fatal is None,
             on_fatal=self._set_fatal,
+            admission=self._admission(),
         )
+
+    def _admission(self) -> Admission | None:
+        """With an adaptive limit, at most twice the limit (+16) of the ceiling's workers hold a message."""
+        gate = self.provider.gate
+        if gate is None or not isinstance(gate.controller, AdaptiveLimit):
+            return None
+        return Admission(lambda: gate.limit)
 
     # -- lifecycle -------------------------------------------------------------------------------------
 

@@ -125,12 +125,12 @@ class Fetcher:
             missing = self.consumer.assignment() - now.keys()
         except IllegalStateError:
             return now
-        for tp in missing:
-            try:
-                with anyio.move_on_after(self.position_wait_s):
+        with anyio.move_on_after(self.position_wait_s):  # one deadline for them all
+            for tp in missing:
+                try:
                     now[tp] = await self.consumer.position(tp)
-            except IllegalStateError:  # unassigned meanwhile
-                pass
+                except IllegalStateError:  # unassigned meanwhile
+                    pass
         return now
 
     async def _last_safe_position(self, tp: TopicPartition) -> int | None:

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from consumer.concurrency import AdaptiveLimit, FixedLimit, ProviderGate, TokenBucket
+from consumer.concurrency import AdaptiveLimit, FixedLimit, ProviderGate
 from consumer.errors import ConfigurationError
 from consumer.looplag import LoopLag
 from consumer.model import Outcome
+from consumer.pacing import TokenBucket
 
 if TYPE_CHECKING:
     from consumer.settings import Settings

@@ -16,21 +16,16 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from consumer.concurrency import (
-    AdaptiveLimit,
-    ConcurrencyGate,
-    FixedLimit,
-    Pacer,
-    ProviderGate,
-    TokenBucket,
-)
+from consumer.admission import Admission
+from consumer.concurrency import AdaptiveLimit, ConcurrencyGate, FixedLimit, ProviderGate
 from consumer.errors import RetriesExhausted
 from consumer.fdlimit import raise_fd_limit
 from consumer.looplag import LoopLag
+from consumer.pacing import Pacer, TokenBucket
 from consumer.provider import ProviderClient, RetryPolicy, gate_from_settings
 from consumer.settings import Settings
 from producer.envelope import OPERATIONS
-from tests.consumer.conftest import API_KEY, Sandbox
+from tests.consumer.conftest import API_KEY, Sandbox, wait_until
 
 AML = OPERATIONS["aml_screening"]
 
@@ -512,3 +507,32 @@ async def test_decision_reads_take_tokens_from_the_calls_rate_limit(didit: Sandb
         gate.refused(0.001)
         assert controller.overloads == 1 and controller.limit < 16
         assert gate.gate.in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_admission_lets_twice_the_limit_plus_extra_workers_hold_a_message() -> None:
+    limit = [10]
+    admission = Admission(lambda: limit[0], factor=2.0, extra=4)
+    inside = 0
+    peak = 0
+    release = anyio.Event()
+
+    async def worker() -> None:
+        nonlocal inside, peak
+        await admission.acquire()
+        inside += 1
+        peak = max(peak, inside)
+        try:
+            await release.wait()
+        finally:
+            inside -= 1
+            admission.release()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(100):
+            tg.start_soon(worker)
+        await wait_until(lambda: admission.waiting == 76, "76 workers waiting", timeout=10, interval=0.01)
+        assert inside == 24 and admission.admitted == 24  # 2 x 10 + 4
+        limit[0] = 30  # the limit grew: the next releases admit up to 2 x 30 + 4
+        release.set()
+    assert peak <= 64 and inside == 0 and admission.admitted == 0
