@@ -6,7 +6,9 @@ slow provider can have thousands of calls in flight. When the adaptive limit is 
 and park at the provider gate: thousands of claimed messages waiting (their leases running, their
 memory held), and each fetch batch waking hundreds of workers in one event-loop turn. Admission lets
 ``factor`` × the limit + ``extra`` workers past the point where a worker takes its next message, enough
-to keep the gate full while the others do their store and result work, and no more.
+to keep the gate full while the others do their store and result work, and no more; workers sleeping
+between retries (``besides``: a 429's Retry-After, a back-off) do not count, or a rate-limited provider's
+refusals would take the permits the gate needs and the limit, never tested, would not grow again.
 """
 
 from __future__ import annotations
@@ -19,18 +21,25 @@ __all__ = ["Admission"]
 
 
 class Admission:
-    """A FIFO gate of ``factor`` × ``limit()`` + ``extra`` permits (the size is read on every acquire
-    and release, so it follows the controller)."""
+    """A FIFO gate of ``factor`` × ``limit()`` + ``extra`` + ``besides()`` permits (the size is read on
+    every acquire and release, so it follows the controller)."""
 
-    def __init__(self, limit: Callable[[], int], factor: float = 2.0, extra: int = 16) -> None:
+    def __init__(
+        self,
+        limit: Callable[[], int],
+        factor: float = 2.0,
+        extra: int = 16,
+        besides: Callable[[], int] = lambda: 0,
+    ) -> None:
         self._read = limit
+        self._besides = besides
         self.factor = factor
         self.extra = extra
         self._gate = ConcurrencyGate(self)
 
     @property
     def limit(self) -> int:
-        return int(self._read() * self.factor) + self.extra
+        return int(self._read() * self.factor) + self.extra + self._besides()
 
     @property
     def admitted(self) -> int:
@@ -45,3 +54,7 @@ class Admission:
 
     def release(self) -> None:
         self._gate.release()
+
+    def wake(self) -> None:
+        """Admit waiters up to the size now (after a worker began to sleep between retries)."""
+        self._gate.wake()

@@ -162,11 +162,14 @@ class Daemon:
         )
 
     def _admission(self) -> Admission | None:
-        """With an adaptive limit, at most twice the limit (+16) of the ceiling's workers hold a message."""
-        gate = self.provider.gate
+        """With an adaptive limit, at most twice the limit (+16) of the ceiling's workers hold a message,
+        besides those sleeping between retries (a 429's Retry-After must not starve the gate)."""
+        gate, provider = self.provider.gate, self.provider
         if gate is None or not isinstance(gate.controller, AdaptiveLimit):
             return None
-        return Admission(lambda: gate.limit)
+        admission = Admission(lambda: gate.limit, besides=lambda: provider.backing_off)
+        provider.on_backing_off = admission.wake
+        return admission
 
     # -- lifecycle -------------------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from consumer.answers import (
     route_missing,
 )
 from consumer.breaker import BreakerState, CircuitBreaker
-from consumer.concurrency import ProviderGate, sleep_keeping_alive
+from consumer.concurrency import AdaptiveLimit, ProviderGate, sleep_keeping_alive
 from consumer.documents import DocumentError, document_error_in
 from consumer.errors import (
     ProviderAuthError,
@@ -124,6 +124,9 @@ class ProviderClient(ProviderExchange, ReadCalls):
         self.on_replay = on_replay
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
+        self.backing_off = 0  # attempts sleeping between retries (back-off, Retry-After)
+        self._adaptive = gate is not None and isinstance(gate.controller, AdaptiveLimit)
+        self.on_backing_off: Callable[[], None] | None = None  # one more began to (the daemon's admission)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         super().__init__(
             base_url,
@@ -172,7 +175,13 @@ class ProviderClient(ProviderExchange, ReadCalls):
         return await keeping_alive(self.breaker.acquire, keep_alive, every)
 
     async def _wait(self, delay: float, keep_alive: Hook | None, every: float) -> None:
-        await sleep_keeping_alive(self._sleep, delay, keep_alive, every)
+        self.backing_off += 1  # read by the daemon's admission (consumer/admission.py)
+        if self.on_backing_off is not None:
+            self.on_backing_off()
+        try:
+            await sleep_keeping_alive(self._sleep, delay, keep_alive, every)
+        finally:
+            self.backing_off -= 1
 
     def _record(self, success: bool, probe: bool) -> None:
         if self.breaker is not None:
@@ -341,12 +350,15 @@ class ProviderClient(ProviderExchange, ReadCalls):
             else:
                 answered = response.status_code
                 kind = classify_status(answered)
-                self._record(kind != "retry", probe)
                 elapsed = time.perf_counter() - started
                 # 429, or 503 with Retry-After: "too much", refused before any work (it also shrinks the
                 # concurrency limit at once). Other retriable answers (5xx, 408/409/425) may come after the
                 # provider acted, and say nothing about load here: no RTT sample (the breaker sees them).
                 overload = answered == 429 or (answered == 503 and "retry-after" in response.headers)
+                # With an adaptive limit an overload answer is the controller's signal, not a fault: a
+                # provider that is alive and asks us to slow down must not open the breaker (a 5-s stop of
+                # every call) when the limit already shrank for it.
+                self._record(kind != "retry" or (overload and self._adaptive), probe)
                 if in_flight >= 0:
                     gate.leave(elapsed, in_flight, overload=overload, sample=kind != "retry")  # type: ignore[union-attr]
                 if self.on_attempt is not None:

@@ -17,6 +17,7 @@ import anyio.lowlevel
 import pytest
 
 from consumer.admission import Admission
+from consumer.breaker import BreakerState, CircuitBreaker
 from consumer.concurrency import AdaptiveLimit, ConcurrencyGate, FixedLimit, ProviderGate
 from consumer.errors import RetriesExhausted
 from consumer.fdlimit import raise_fd_limit
@@ -480,6 +481,38 @@ async def test_the_limit_backs_off_on_429(sb: Sandbox) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["adaptive", "fixed"])
+async def test_429s_open_the_breaker_only_without_an_adaptive_limit(sb: Sandbox, mode: str) -> None:
+    """A provider refusing most calls with 429: with the adaptive limit that is the controller's signal (it
+    cut the limit already), and the breaker stays closed; with a fixed limit the breaker is the only
+    brake and opens, as before."""
+    set_rate_limit(sb, per_second=20, burst=5)
+    sb.faults(latency_ms=5)
+    states: list[BreakerState] = []
+    statuses: list[int | None] = []
+    breaker = CircuitBreaker(window=20, failure_ratio=0.5, min_calls=10, open_s=0.5, on_change=states.append)
+    controller = AdaptiveLimit(floor=2, ceiling=256, initial=64) if mode == "adaptive" else FixedLimit(64)
+    client = ProviderClient(
+        sb.url,
+        API_KEY,
+        gate=ProviderGate(controller),
+        breaker=breaker,
+        transport_kind="aiohttp",
+        retry=RetryPolicy(max_attempts=2, base_delay_s=0.01, max_delay_s=0.02),
+        retry_after_max_s=0.05,
+        rng=random.Random(0),
+        on_attempt=lambda status, _s: statuses.append(status),
+    )
+    async with client:
+        await _hammer(client, 64, 1.5)
+    assert statuses.count(429) > 20, statuses.count(429)  # the provider did refuse, in both modes
+    if mode == "adaptive":
+        assert BreakerState.OPEN not in states, states
+    else:
+        assert BreakerState.OPEN in states, states
+
+
+@pytest.mark.anyio
 async def test_decision_reads_take_tokens_from_the_calls_rate_limit(didit: Sandbox) -> None:
     # IDV_PROVIDER_RATE_LIMIT is the provider's limit, which counts every request: a read of a decision
     # (workflows, reconciliation lookups) waits for a token of the same bucket as the calls.
@@ -536,3 +569,24 @@ async def test_admission_lets_twice_the_limit_plus_extra_workers_hold_a_message(
         limit[0] = 30  # the limit grew: the next releases admit up to 2 x 30 + 4
         release.set()
     assert peak <= 64 and inside == 0 and admission.admitted == 0
+
+
+@pytest.mark.anyio
+async def test_admission_does_not_count_workers_sleeping_between_retries() -> None:
+    sleeping = [0]
+    admission = Admission(lambda: 1, factor=1.0, extra=0, besides=lambda: sleeping[0])
+    await admission.acquire()  # the one permit, now held by a worker that goes into a back-off
+    got = anyio.Event()
+
+    async def next_worker() -> None:
+        await admission.acquire()
+        got.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(next_worker)
+        await wait_until(lambda: admission.waiting == 1, "a worker waiting", timeout=10, interval=0.01)
+        sleeping[0] = 1  # the holder sleeps out a Retry-After: its permit does not count meanwhile
+        admission.wake()
+        with anyio.fail_after(5):
+            await got.wait()
+    assert admission.admitted == 2
