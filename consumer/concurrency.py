@@ -27,7 +27,8 @@ Gradient2 with additions:
   ``refusal_step`` slots; the accepted level is remembered (CUBIC's ``W_max``) and approached slowly,
   forgotten after ``forget_s`` without a 429.
 * **event-loop lag** (:class:`~consumer.looplag.LoopLag`, when given): the daemon's own CPU queue, which
-  the round trip of a slow provider hides. Over ``lag_target_s`` the limit stops growing (slow start
+  the round trip of a slow provider hides. Over ``lag_target_s`` (or ``lag_share`` of the baseline RTT,
+  when more) the limit stops growing (slow start
   holds, no probe); two windows over twice that end slow start and shrink it by 10 % a window, down to
   the Little's-law level above: past the CPU's saturation more calls in flight make each call dearer.
 
@@ -113,6 +114,7 @@ class AdaptiveLimit:
         damped: bool = True,
         loop_lag: LoopLag | None = None,
         lag_target_s: float = 0.025,
+        lag_share: float = 0.1,
         on_change: Callable[[int], None] | None = None,
     ) -> None:
         if not 1 <= floor <= ceiling:
@@ -133,6 +135,7 @@ class AdaptiveLimit:
         self.damped = damped
         self.loop_lag = loop_lag
         self.lag_target_s = lag_target_s
+        self.lag_share = lag_share
         self._min_rtt: float | None = None
         self._stalled = 0  # consecutive windows of slow start with no growth left (damped)
         self.on_change = on_change
@@ -202,8 +205,13 @@ class AdaptiveLimit:
         self._window(mean, count / elapsed if elapsed > 0 else 0.0, used, now)
 
     def _cpu_busy(self, factor: float = 1.0) -> bool:
+        """The event loop is later than ``factor`` × the target: ``lag_target_s``, or ``lag_share`` of the
+        baseline RTT when that is more (a 60-ms wait is 3 % of a 2-s call, and the best rate there)."""
         lag = self.loop_lag
-        return lag is not None and lag.value > factor * self.lag_target_s
+        if lag is None:
+            return False
+        target = max(self.lag_target_s, self.lag_share * (self.long_rtt or 0.0))
+        return lag.value > factor * target
 
     def _little(self, goodput: float) -> float:
         """The in-flight level the current throughput needs at the baseline RTT, times the headroom."""

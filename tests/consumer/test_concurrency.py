@@ -157,7 +157,7 @@ def test_event_loop_lag_stops_growth_and_over_twice_its_target_shrinks_to_the_li
     # stays flat, so the gradient sees nothing; the event loop is late.
     lag = LoopLag()
     ramp = AdaptiveLimit(floor=8, ceiling=4096, initial=64, loop_lag=lag)
-    lag.value = 0.03  # over the 25-ms target from the start: slow start holds
+    lag.value = 0.06  # over the target (25 ms, then 10 % of the 500-ms RTT) from the start: slow start holds
     round_trip(ramp, 0.0, 0.5)
     assert ramp.limit == 64 and ramp.slow_start
     lag.value = 0.0
@@ -165,12 +165,12 @@ def test_event_loop_lag_stops_growth_and_over_twice_its_target_shrinks_to_the_li
     assert ramp.limit == 64 * 9  # on time: slow start as before
 
     c = AdaptiveLimit(floor=8, ceiling=4096, initial=3000, loop_lag=lag)
-    lag.value = 0.03  # over the target: no growth
+    lag.value = 0.06  # over the target (10 % of the 500-ms RTT): no growth
     t = 0.0
     for _ in range(6):
         t = cpu_bound_round(c, t, 0.5, 1000)
     assert c.limit == 3000 and c.slow_start
-    lag.value = 0.06  # over twice the target: slow start ends, -10 % a window, down to 2 x 1,000/s x 0.5 s
+    lag.value = 0.12  # over twice the target: slow start ends, -10 % a window, down to 2 x 1,000/s x 0.5 s
     t = cpu_bound_round(c, t, 0.5, 1000)
     assert c.limit == 3000  # one window is not enough
     for _ in range(40):
