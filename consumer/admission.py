@@ -35,26 +35,18 @@ class Admission:
         self._besides = besides
         self.factor = factor
         self.extra = extra
-        self._gate = ConcurrencyGate(self)
+        self.gate = ConcurrencyGate(self)  # its in_flight: workers admitted; waiting: those queued
 
     @property
     def limit(self) -> int:
         return int(self._read() * self.factor) + self.extra + self._besides()
 
-    @property
-    def admitted(self) -> int:
-        return self._gate.in_flight
-
-    @property
-    def waiting(self) -> int:
-        return self._gate.waiting
-
     async def acquire(self) -> None:
-        await self._gate.acquire()
+        await self.gate.acquire()
 
     def release(self) -> None:
-        self._gate.release()
+        self.gate.release()
 
     def wake(self) -> None:
         """Admit waiters up to the size now (after a worker began to sleep between retries)."""
-        self._gate.wake()
+        self.gate.wake()

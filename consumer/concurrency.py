@@ -50,7 +50,7 @@ from typing import Protocol
 
 import anyio
 
-from consumer.looplag import LoopLag
+from consumer.looplag import LagRule, LoopLag
 from consumer.pacing import Pacer, TokenBucket
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,7 @@ class AdaptiveLimit:
         self.queue_headroom = queue_headroom
         self.refusal_step = refusal_step
         self.damped = damped
-        self.loop_lag = loop_lag
-        self.lag_target_s = lag_target_s
-        self.lag_share = lag_share
+        self.lag_rule = LagRule(loop_lag, lag_target_s, lag_share) if loop_lag is not None else None
         self._min_rtt: float | None = None
         self._stalled = 0  # consecutive windows of slow start with no growth left (damped)
         self.on_change = on_change
@@ -205,13 +203,9 @@ class AdaptiveLimit:
         self._window(mean, count / elapsed if elapsed > 0 else 0.0, used, now)
 
     def _cpu_busy(self, factor: float = 1.0) -> bool:
-        """The event loop is later than ``factor`` × the target: ``lag_target_s``, or ``lag_share`` of the
-        baseline RTT when that is more (a 60-ms wait is 3 % of a 2-s call, and the best rate there)."""
-        lag = self.loop_lag
-        if lag is None:
-            return False
-        target = max(self.lag_target_s, self.lag_share * (self.long_rtt or 0.0))
-        return lag.value > factor * target
+        """The event loop is later than ``factor`` × its target (:class:`~consumer.looplag.LagRule`)."""
+        rule = self.lag_rule
+        return rule is not None and rule.over(self.long_rtt, factor)
 
     def _little(self, goodput: float) -> float:
         """The in-flight level the current throughput needs at the baseline RTT, times the headroom."""

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import anyio
 
-__all__ = ["LoopLag"]
+__all__ = ["LagRule", "LoopLag"]
 
 
 class LoopLag:
@@ -53,3 +54,17 @@ class LoopLag:
             await anyio.sleep(interval)
             elapsed = clock() - start
             self.observe(elapsed - interval, elapsed)
+
+
+@dataclass(slots=True)
+class LagRule:
+    """When the loop counts as late: over ``target_s``, or ``share`` of the baseline RTT when that is more
+    (a 60-ms wait is 3 % of a 2-s call, and the best rate there)."""
+
+    lag: LoopLag
+    target_s: float = 0.025
+    share: float = 0.1
+
+    def over(self, baseline_rtt: float | None, factor: float = 1.0) -> bool:
+        target = max(self.target_s, self.share * (baseline_rtt or 0.0))
+        return self.lag.value > factor * target

@@ -564,11 +564,11 @@ async def test_admission_lets_twice_the_limit_plus_extra_workers_hold_a_message(
     async with anyio.create_task_group() as tg:
         for _ in range(100):
             tg.start_soon(worker)
-        await wait_until(lambda: admission.waiting == 76, "76 workers waiting", timeout=10, interval=0.01)
-        assert inside == 24 and admission.admitted == 24  # 2 x 10 + 4
+        await wait_until(lambda: admission.gate.waiting == 76, "76 waiting", timeout=10, interval=0.01)
+        assert inside == 24 and admission.gate.in_flight == 24  # 2 x 10 + 4
         limit[0] = 30  # the limit grew: the next releases admit up to 2 x 30 + 4
         release.set()
-    assert peak <= 64 and inside == 0 and admission.admitted == 0
+    assert peak <= 64 and inside == 0 and admission.gate.in_flight == 0
 
 
 @pytest.mark.anyio
@@ -584,9 +584,9 @@ async def test_admission_does_not_count_workers_sleeping_between_retries() -> No
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(next_worker)
-        await wait_until(lambda: admission.waiting == 1, "a worker waiting", timeout=10, interval=0.01)
+        await wait_until(lambda: admission.gate.waiting == 1, "a worker waiting", timeout=10, interval=0.01)
         sleeping[0] = 1  # the holder sleeps out a Retry-After: its permit does not count meanwhile
         admission.wake()
         with anyio.fail_after(5):
             await got.wait()
-    assert admission.admitted == 2
+    assert admission.gate.in_flight == 2

@@ -26,7 +26,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import anyio
 import pytest
 from aiokafka import AIOKafkaProducer
 
@@ -37,13 +36,12 @@ from producer.errors import EnvelopeError
 from tests.conftest import service_missing
 from tests.consumer.conftest import (
     Sandbox,
-    committed_offsets,
     daemon_env,
-    end_offsets,
     read_all,
     start_daemon,
 )
 from tests.consumer.test_exactly_once import make_envelopes
+from tests.consumer.test_hostile_records import wait_alive_and_committed
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -180,17 +178,8 @@ async def run_fuzz(
     started = time.monotonic()
     proc = start_daemon(env, tmp / "daemon.log")
     try:
-        ends = await end_offsets(bootstrap, topic)
-        deadline = time.monotonic() + 60 + n / 20  # under pytest's 120 s at CI's 300: a stall names itself
-        while True:
-            assert proc.proc.poll() is None, f"the daemon died:\n{proc.log()[-3000:]}"
-            committed = await committed_offsets(bootstrap, group, topic)
-            if all(committed.get(p, 0) >= end for p, end in ends.items()):
-                break
-            assert time.monotonic() < deadline, (
-                f"not committed to the end: {committed} / {ends}\n{proc.log()[-2000:]}"
-            )
-            await anyio.sleep(0.5)
+        # 60 s + n/20 (under pytest's 120 s at CI's 300 records): a stall fails with its own message.
+        await wait_alive_and_committed(proc, bootstrap, group, topic, 60 + n / 20)
         elapsed = time.monotonic() - started
         proc.terminate()
         assert proc.wait(60) == 0, proc.log()[-3000:]
