@@ -15,6 +15,7 @@ read stops working.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import anyio
@@ -43,7 +44,7 @@ class Fetcher:
         max_records: int,
         backlogged: Callable[[], bool] = lambda: False,
         offset_reset: str = "earliest",
-        position_wait_s: float = 10.0,
+        position_wait_s: float = 2.0,
     ) -> None:
         self.consumer = consumer
         self.flow = flow
@@ -51,6 +52,7 @@ class Fetcher:
         self.backlogged = backlogged
         self.offset_reset = offset_reset  # the consumer's auto_offset_reset (see _last_safe_position)
         self.position_wait_s = position_wait_s
+        self._waited: dict[TopicPartition, float] = {}  # when settled_positions last waited for each
         self.on_fetch: Callable[[int], object] | None = None  # records per fetch (consumer/progress_log.py)
 
     async def run(self, stopping: Callable[[], bool]) -> None:
@@ -111,8 +113,8 @@ class Fetcher:
         return {}
 
     async def settled_positions(self) -> dict[TopicPartition, int]:
-        """:meth:`positions`, first waiting (``position_wait_s`` at most) for every assigned partition
-        without one.
+        """:meth:`positions`, first waiting (``position_wait_s`` at most, once per partition in 30 s)
+        for every assigned partition without one.
 
         Right after an assignment no partition has a fetch position: aiokafka resets them in the
         background, and the next ``getmany`` may reset a partition *and* drain it before it fails on
@@ -122,9 +124,20 @@ class Fetcher:
         """
         now = self.positions()
         try:
-            missing = self.consumer.assignment() - now.keys()
+            assigned = self.consumer.assignment()
         except IllegalStateError:
             return now
+        # At most once per partition in 30 s: a partition whose leader is away (an election) must not
+        # hold every fetch up by the deadline. Correctness does not depend on the wait: a position still
+        # unknown after it is covered by _last_safe_position.
+        clock = time.monotonic()
+        waited = self._waited
+        for tp in [tp for tp, at in waited.items() if tp not in assigned or clock - at > 30.0]:
+            del waited[tp]
+        missing = assigned - now.keys() - waited.keys()
+        if not missing:
+            return now
+        waited.update(dict.fromkeys(missing, clock))
         with anyio.move_on_after(self.position_wait_s):  # one deadline for them all
             for tp in missing:
                 try:
