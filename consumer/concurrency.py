@@ -410,6 +410,11 @@ class ProviderGate:
     def limit(self) -> int:
         return self.controller.limit
 
+    @property
+    def adaptive(self) -> bool:
+        """Whether the limit finds itself (``IDV_CONCURRENCY=adaptive``) rather than being fixed."""
+        return isinstance(self.controller, AdaptiveLimit)
+
     async def enter(self, sleep: Sleep, keep_alive: KeepAlive = None, every: float = 20.0) -> int:
         """Wait for a token, a slot and (during slow start) the pacer; returns the in-flight count
         including this attempt."""

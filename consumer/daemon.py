@@ -41,7 +41,6 @@ from aiokafka.errors import KafkaError
 from consumer import tracing, wiring
 from consumer.admission import Admission
 from consumer.commits import CommitSchedule, Committer
-from consumer.concurrency import AdaptiveLimit
 from consumer.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -61,7 +60,8 @@ from consumer.looplag import LoopLag
 from consumer.metrics import Metrics
 from consumer.model import Stats
 from consumer.progress_log import CaughtUp, run_summary
-from consumer.provider import ProviderClient, classify_status
+from consumer.provider import classify_status
+from consumer.providers.calls import gate_from_settings
 from consumer.providers.checks import check_key_retention
 from consumer.rebalance import RebalanceListener
 from consumer.retention import purge_forever
@@ -86,7 +86,6 @@ class Daemon:
         settings: Settings,
         *,
         store: DedupeStore | None = None,
-        provider: ProviderClient | None = None,
         consumer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         wiring.require_dead_letter_topic(settings)
@@ -97,19 +96,22 @@ class Daemon:
         self.store = store or open_store(settings.store_url)
         self.loop_lag = LoopLag()  # the event loop's lateness: a controller signal and a metric
         self.metrics.watch_loop_lag(lambda: self.loop_lag.value)
-        self.provider = provider or wiring.build_provider(
+        gate = gate_from_settings(settings, self.loop_lag)
+        # With an adaptive limit, at most twice the limit (+16) of the ceiling's workers hold a message,
+        # besides those sleeping between retries (a 429's Retry-After must not starve the gate).
+        admission = Admission(lambda: gate.limit) if gate.adaptive else None
+        self.provider = wiring.build_provider(
             settings,
             on_breaker_change=self.metrics.circuit,
             on_attempt=self._on_attempt,
             on_replay=self.metrics.provider_replay,
-            loop_lag=self.loop_lag,
+            on_reconcile=self.metrics.reconciliation,
+            gate=gate,
+            admission=admission,
         )
-        self.provider.on_reconcile = self.metrics.reconciliation
         # Refuse to start when a key could be resent after the provider forgot it (names the window).
         check_key_retention(settings, self.provider.adapter)
-        if self.provider.gate is not None:
-            gate = self.provider.gate
-            self.metrics.watch_concurrency(lambda: gate.limit, lambda: gate.gate.in_flight)
+        self.metrics.watch_concurrency(lambda: gate.limit, lambda: gate.gate.in_flight)
         self.owner = wiring.owner_id(settings)
         self.stats = Stats()
         self._caught_up = CaughtUp()  # "caught up" once per idle period (consumer/progress_log.py)
@@ -158,18 +160,8 @@ class Daemon:
             self.flow, self.processor, self.sinks, self.metrics, self.progress, self.commits,
             accepting=lambda: not self._stopping and not self._abandon and self.fatal is None,
             on_fatal=self._set_fatal,
-            admission=self._admission(),
+            admission=admission,
         )
-
-    def _admission(self) -> Admission | None:
-        """With an adaptive limit, at most twice the limit (+16) of the ceiling's workers hold a message,
-        besides those sleeping between retries (a 429's Retry-After must not starve the gate)."""
-        gate, provider = self.provider.gate, self.provider
-        if gate is None or not isinstance(gate.controller, AdaptiveLimit):
-            return None
-        admission = Admission(lambda: gate.limit, besides=lambda: provider.backing_off)
-        provider.on_backing_off = admission.wake
-        return admission
 
     # -- lifecycle -------------------------------------------------------------------------------------
 

@@ -28,12 +28,14 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import httpx
 import orjson
 
+from consumer.admission import Admission
 from consumer.answers import (
     KEY_REUSED_CODES,
     classify_status,
@@ -42,7 +44,7 @@ from consumer.answers import (
     route_missing,
 )
 from consumer.breaker import BreakerState, CircuitBreaker
-from consumer.concurrency import AdaptiveLimit, ProviderGate, sleep_keeping_alive
+from consumer.concurrency import ProviderGate, sleep_keeping_alive
 from consumer.documents import DocumentError, document_error_in
 from consumer.errors import (
     ProviderAuthError,
@@ -52,7 +54,6 @@ from consumer.errors import (
     RetriesExhausted,
 )
 from consumer.exchange import ProviderExchange
-from consumer.looplag import LoopLag
 from consumer.providers.base import PreparedCall, ProviderAdapter, adapter_from_settings
 from consumer.providers.calls import (
     TRANSPORT_KINDS,
@@ -107,6 +108,7 @@ class ProviderClient(ProviderExchange, ReadCalls):
         on_replay: Callable[[], None] | None = None,
         adapter: ProviderAdapter | None = None,
         on_reconcile: Callable[[str], None] | None = None,
+        admission: Admission | None = None,
     ) -> None:
         # What is sent and how answers read (consumer/providers/): the ietf profile unless told otherwise.
         self.adapter: ProviderAdapter = adapter if adapter is not None else IetfAdapter()
@@ -124,9 +126,9 @@ class ProviderClient(ProviderExchange, ReadCalls):
         self.on_replay = on_replay
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
-        self.backing_off = 0  # attempts sleeping between retries (back-off, Retry-After)
-        self._adaptive = gate is not None and isinstance(gate.controller, AdaptiveLimit)
-        self.on_backing_off: Callable[[], None] | None = None  # one more began to (the daemon's admission)
+        # The daemon's workers' admission: told when an attempt sleeps between retries (back-off,
+        # Retry-After), whose worker then does not count against it (consumer/admission.py).
+        self.admission = admission
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         super().__init__(
             base_url,
@@ -146,10 +148,12 @@ class ProviderClient(ProviderExchange, ReadCalls):
         on_attempt: Callable[[int | None, float], None] | None = None,
         on_replay: Callable[[], None] | None = None,
         on_reconcile: Callable[[str], None] | None = None,
-        loop_lag: LoopLag | None = None,
+        gate: ProviderGate | None = None,
+        admission: Admission | None = None,
     ) -> ProviderClient:
         """The client the daemon and the replay tool use: settings' profile (``IDV_PROVIDER``), timeouts,
-        retries, pool and breaker; ``loop_lag`` feeds the adaptive concurrency controller (the daemon's)."""
+        retries, pool and breaker; ``gate``: the concurrency and rate limit (default: the settings', with
+        no loop-lag signal), ``admission``: the daemon's workers' admission."""
         return cls(
             settings.provider_url,
             settings.provider_api_key,
@@ -164,10 +168,11 @@ class ProviderClient(ProviderExchange, ReadCalls):
             on_attempt=on_attempt,
             transport_kind=settings.provider_transport,
             retry_after_max_s=settings.provider_retry_after_max_s,
-            gate=gate_from_settings(settings, loop_lag),
+            gate=gate if gate is not None else gate_from_settings(settings),
             on_replay=on_replay,
             adapter=adapter_from_settings(settings),
             on_reconcile=on_reconcile,
+            admission=admission,
         )
 
     async def _acquire(self, keep_alive: Hook | None, every: float) -> bool:
@@ -175,13 +180,8 @@ class ProviderClient(ProviderExchange, ReadCalls):
         return await keeping_alive(self.breaker.acquire, keep_alive, every)
 
     async def _wait(self, delay: float, keep_alive: Hook | None, every: float) -> None:
-        self.backing_off += 1  # read by the daemon's admission (consumer/admission.py)
-        if self.on_backing_off is not None:
-            self.on_backing_off()
-        try:
+        with self.admission.backing_off() if self.admission is not None else nullcontext():
             await sleep_keeping_alive(self._sleep, delay, keep_alive, every)
-        finally:
-            self.backing_off -= 1
 
     def _record(self, success: bool, probe: bool) -> None:
         if self.breaker is not None:
@@ -358,7 +358,8 @@ class ProviderClient(ProviderExchange, ReadCalls):
                 # With an adaptive limit an overload answer is the controller's signal, not a fault: a
                 # provider that is alive and asks us to slow down must not open the breaker (a 5-s stop of
                 # every call) when the limit already shrank for it.
-                self._record(kind != "retry" or (overload and self._adaptive), probe)
+                shrunk = overload and gate is not None and gate.adaptive
+                self._record(kind != "retry" or shrunk, probe)
                 if in_flight >= 0:
                     gate.leave(elapsed, in_flight, overload=overload, sample=kind != "retry")  # type: ignore[union-attr]
                 if self.on_attempt is not None:

@@ -25,10 +25,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
+from consumer.admission import Admission
 from consumer.breaker import BreakerState
+from consumer.concurrency import ProviderGate
 from consumer.errors import BrokerUnavailable, ConfigurationError, ConsumerError
 from consumer.faults import FaultPoints
-from consumer.looplag import LoopLag
 from consumer.pipeline import Processor, Stats
 from consumer.provider import ProviderClient
 from consumer.security import check_kafka_connection
@@ -68,7 +69,9 @@ def build_provider(
     on_breaker_change: Callable[[BreakerState], None] | None = None,
     on_attempt: Callable[[int | None, float], None] | None = None,
     on_replay: Callable[[], None] | None = None,
-    loop_lag: LoopLag | None = None,
+    on_reconcile: Callable[[str], None] | None = None,
+    gate: ProviderGate | None = None,
+    admission: Admission | None = None,
 ) -> ProviderClient:
     """The provider client: the settings' timeouts, retries, connection pool and circuit breaker."""
     return ProviderClient.from_settings(
@@ -76,7 +79,9 @@ def build_provider(
         on_breaker_change=on_breaker_change,
         on_attempt=on_attempt,
         on_replay=on_replay,
-        loop_lag=loop_lag,
+        on_reconcile=on_reconcile,
+        gate=gate,
+        admission=admission,
     )
 
 

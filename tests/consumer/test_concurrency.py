@@ -573,8 +573,7 @@ async def test_admission_lets_twice_the_limit_plus_extra_workers_hold_a_message(
 
 @pytest.mark.anyio
 async def test_admission_does_not_count_workers_sleeping_between_retries() -> None:
-    sleeping = [0]
-    admission = Admission(lambda: 1, factor=1.0, extra=0, besides=lambda: sleeping[0])
+    admission = Admission(lambda: 1, factor=1.0, extra=0)
     await admission.acquire()  # the one permit, now held by a worker that goes into a back-off
     got = anyio.Event()
 
@@ -585,8 +584,8 @@ async def test_admission_does_not_count_workers_sleeping_between_retries() -> No
     async with anyio.create_task_group() as tg:
         tg.start_soon(next_worker)
         await wait_until(lambda: admission.gate.waiting == 1, "a worker waiting", timeout=10, interval=0.01)
-        sleeping[0] = 1  # the holder sleeps out a Retry-After: its permit does not count meanwhile
-        admission.wake()
-        with anyio.fail_after(5):
-            await got.wait()
-    assert admission.gate.in_flight == 2
+        with admission.backing_off():  # the holder sleeps out a Retry-After: its permit does not count
+            with anyio.fail_after(5):
+                await got.wait()
+            assert admission.gate.in_flight == 2 and admission.limit == 2
+    assert admission.limit == 1
