@@ -88,7 +88,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         # consumer/multipart.py) as the async iterable it is: aiohttp streams it, and with the request's
         # Content-Length header it sends that length instead of chunked encoding.
         stream = request.stream
-        data = (request.content or None) if isinstance(stream, httpx.ByteStream) else stream
+        # (A ByteStream iterates as its one bytes object; the provider client passes its JSON bodies so.)
+        data = (b"".join(stream) or None) if isinstance(stream, httpx.ByteStream) else stream
         try:
             async with session.request(
                 request.method,

@@ -161,3 +161,42 @@ async def test_a_garbled_answer_is_a_transport_error(transport: AiohttpTransport
     async with server:
         with pytest.raises(httpx.TransportError):
             await transport.handle_async_request(_request(url))
+
+
+@pytest.mark.parametrize("kind", ["aiohttp", "httpx"])
+@pytest.mark.parametrize(
+    ("method", "body", "length"), [("POST", b'{"a":1}', "7"), ("POST", b"", "0"), ("GET", b"", None)]
+)
+async def test_the_provider_client_sends_the_headers_httpx_would_add(
+    kind: str, method: str, body: bytes, length: str | None
+) -> None:
+    """ProviderExchange builds its bytes requests with Host and Content-Length given up front (httpx's own
+    header pass skipped): on the wire they carry what ``httpx.Request(content=body)`` would."""
+    from consumer.exchange import ProviderExchange
+
+    seen: list[tuple[bytes, bytes]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await _read_request(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    server, url = await _serve(handler)
+    exchange = ProviderExchange(
+        url, "k", timeout_s=5.0, max_connections=4, transport=None, transport_kind=kind
+    )
+    async with server, exchange:
+        response = await exchange._send(method, "/v3/aml/", [(b"x-api-key", b"k")], body)
+    assert response.status_code == 200
+    expected = httpx.Request(method, url + "/v3/aml/", headers=[(b"x-api-key", b"k")], content=body)
+    ((head, sent),) = seen
+    lines = [line for line in head.decode().split("\r\n")[1:] if line]
+    headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+    assert headers["host"] == url.removeprefix("http://")
+    assert headers.get("content-length") == length
+    names = ("host", "content-length", "x-api-key")
+    assert {k: v for k, v in headers.items() if k in names} == {
+        k.lower(): v for k, v in expected.headers.items() if k.lower() in names
+    }
+    assert sent == body
