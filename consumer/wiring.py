@@ -25,9 +25,6 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
-from consumer.admission import Admission
-from consumer.breaker import BreakerState
-from consumer.concurrency import ProviderGate
 from consumer.errors import BrokerUnavailable, ConfigurationError, ConsumerError
 from consumer.faults import FaultPoints
 from consumer.pipeline import Processor, Stats
@@ -63,26 +60,9 @@ def owner_id(settings: Settings, prefix: str | None = None) -> str:
     return f"{prefix}:{base}" if prefix else base
 
 
-def build_provider(
-    settings: Settings,
-    *,
-    on_breaker_change: Callable[[BreakerState], None] | None = None,
-    on_attempt: Callable[[int | None, float], None] | None = None,
-    on_replay: Callable[[], None] | None = None,
-    on_reconcile: Callable[[str], None] | None = None,
-    gate: ProviderGate | None = None,
-    admission: Admission | None = None,
-) -> ProviderClient:
-    """The provider client: the settings' timeouts, retries, connection pool and circuit breaker."""
-    return ProviderClient.from_settings(
-        settings,
-        on_breaker_change=on_breaker_change,
-        on_attempt=on_attempt,
-        on_replay=on_replay,
-        on_reconcile=on_reconcile,
-        gate=gate,
-        admission=admission,
-    )
+# The provider client, built exactly as the replay tool builds it: the settings' profile, timeouts,
+# retries, connection pool and circuit breaker (the keyword hooks: ProviderClient.from_settings).
+build_provider = ProviderClient.from_settings
 
 
 def build_processor(
