@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -98,8 +99,6 @@ def main() -> int:
     parser.add_argument("--settle-s", type=float, default=2.0)
     parser.add_argument("--row", nargs=2, metavar=("MODE", "CALLS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    import tempfile
-
     if args.row:
         with tempfile.TemporaryDirectory(prefix="idv-callmem-") as tmp:
             print(asyncio.run(_row(args.row[0], int(args.row[1]), args.latency_ms, args.settle_s, Path(tmp))))

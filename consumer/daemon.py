@@ -97,8 +97,7 @@ class Daemon:
         self.loop_lag = LoopLag()  # the event loop's lateness: a controller signal and a metric
         self.metrics.watch_loop_lag(lambda: self.loop_lag.value)
         gate = gate_from_settings(settings, self.loop_lag)
-        # With an adaptive limit, at most twice the limit (+16) of the ceiling's workers hold a message,
-        # besides those sleeping between retries (a 429's Retry-After must not starve the gate).
+        # With an adaptive limit, how many workers may hold a message follows it (consumer/admission.py).
         admission = Admission(lambda: gate.limit) if gate.adaptive else None
         self.provider = wiring.build_provider(
             settings,

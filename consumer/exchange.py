@@ -58,6 +58,8 @@ class ProviderExchange:
         # Per phase for httpx; "total" is read by consumer.http's aiohttp transport.
         self._timeout = {**httpx.Timeout(timeout_s).as_dict(), "total": timeout_s}
         self._urls: dict[str, httpx.URL] = {}
+        # Every path is on the one base URL: one Host header for all (see _send).
+        self._host = (b"Host", httpx.URL(self.base_url).netloc)
         self._base_headers: tuple[tuple[bytes, bytes], ...] = (
             (b"user-agent", b"idv-exactly-once/0.1"),
             (b"x-api-key", api_key.encode()),
@@ -87,7 +89,7 @@ class ProviderExchange:
             # POST/PUT/PATCH), given up front with the body as its stream: httpx then skips its own
             # header pass, which scans the header list a few times per request (~7 % of the daemon's CPU
             # at thousands of calls in flight, docs/performance.md).
-            auto = [(b"Host", url.netloc)]
+            auto = [self._host]
             if body or method in _BODY_METHODS:
                 auto.append((b"Content-Length", str(len(body)).encode("ascii")))
             request = httpx.Request(
